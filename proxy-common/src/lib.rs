@@ -1,0 +1,282 @@
+//! Map keys and values shared by the eBPF programs and the userspace agent.
+//!
+//! This crate is the one place that owns each map's layout. Every type is
+//! `#[repr(C)]` with explicit padding (the kernel compares keys byte for byte,
+//! so padding must be zeroed and never left to the compiler) and a
+//! compile-time size assert, so a layout change is a build error on both sides
+//! instead of a silent mismatch at run time.
+//!
+//! Byte order: addresses and L4 ports are kept in **network byte order**
+//! exactly as they appear in packets (the datapath compares them without
+//! swapping); everything else (ids, counts, slots, flags, timestamps) is in
+//! host byte order. Each field's doc says which.
+//!
+//! Services are split into three levels, so that one backend is written in
+//! exactly one place however many services use it:
+//!
+//! ```text
+//! SERVICES  (vip, port, proto, slot 0)  -> { count, flags, svc_id }
+//! SERVICES  (vip, port, proto, slot i)  -> { backend_id }        1 <= i <= count
+//! BACKENDS  backend_id                  -> { addr, port, proto }
+//! ```
+#![no_std]
+
+/// Names of the maps as declared by the eBPF object and pinned under the
+/// agent's bpffs directory. Kernel map names are limited to 15 bytes.
+pub mod map_names {
+    pub const SERVICES: &str = "kep_services";
+    pub const BACKENDS: &str = "kep_backends";
+    pub const CONNTRACK: &str = "kep_conntrack";
+    pub const STATS: &str = "kep_stats";
+    /// Every map the agent pins, in creation order.
+    pub const ALL: [&str; 4] = [SERVICES, BACKENDS, CONNTRACK, STATS];
+}
+
+/// Names of the eBPF programs in the object.
+pub mod program_names {
+    /// TC ingress on pod-facing interfaces.
+    pub const TC_POD_INGRESS: &str = "kep_tc_ingress";
+}
+
+/// Default capacities; the agent can override each with a flag.
+pub mod defaults {
+    pub const SERVICES_MAX: u32 = 262_144;
+    pub const BACKENDS_MAX: u32 = 131_072;
+    pub const CONNTRACK_MAX: u32 = 262_144;
+}
+
+/// IANA protocol numbers as carried in the IPv4 header.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
+}
+
+/// Key of the services map: one frontend `(vip, port, proto)` and a slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    /// Frontend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Frontend L4 port, network byte order.
+    pub port: u16,
+    /// Host byte order. 0 is the service entry itself; 1..=count are the
+    /// backend slots.
+    pub slot: u16,
+    /// IP protocol number (`proto::TCP`, `proto::UDP`).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl ServiceKey {
+    pub const fn new(addr: u32, port: u16, proto: u8, slot: u16) -> Self {
+        Self {
+            addr,
+            port,
+            slot,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The same frontend at another slot.
+    pub const fn with_slot(self, slot: u16) -> Self {
+        Self { slot, ..self }
+    }
+}
+
+/// The service entry has no usable backend and new flows are answered with
+/// ICMP unreachable (kube-proxy REJECT). Set together with `count == 0`.
+pub const SVC_FLAG_REJECT: u16 = 1 << 0;
+/// The service entry has no usable backend and new flows are silently
+/// dropped (kube-proxy DROP, e.g. internalTrafficPolicy Local with no local
+/// endpoint). Set together with `count == 0`.
+pub const SVC_FLAG_DROP: u16 = 1 << 1;
+
+/// Value of the services map.
+///
+/// At slot 0 `count`, `flags` and `svc_id` are meaningful and `backend_id`
+/// is 0; at slot i > 0 only `backend_id` is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceValue {
+    /// Host byte order. Slot > 0: key into the backends map.
+    pub backend_id: u32,
+    /// Host byte order. Slot 0: stable id of this frontend, for counters.
+    pub svc_id: u32,
+    /// Host byte order. Slot 0: number of backend slots (1..=count).
+    pub count: u16,
+    /// Host byte order. Slot 0: `SVC_FLAG_*` bits.
+    pub flags: u16,
+}
+
+impl ServiceValue {
+    pub const fn service(svc_id: u32, count: u16, flags: u16) -> Self {
+        Self {
+            backend_id: 0,
+            svc_id,
+            count,
+            flags,
+        }
+    }
+
+    pub const fn slot(backend_id: u32) -> Self {
+        Self {
+            backend_id,
+            svc_id: 0,
+            count: 0,
+            flags: 0,
+        }
+    }
+
+    pub const fn rejects(&self) -> bool {
+        self.flags & SVC_FLAG_REJECT != 0
+    }
+
+    pub const fn drops(&self) -> bool {
+        self.flags & SVC_FLAG_DROP != 0
+    }
+}
+
+/// Value of the backends map (key: backend id, `u32`, host byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    /// Endpoint IPv4 address, network byte order.
+    pub addr: u32,
+    /// Endpoint L4 port, network byte order.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Host byte order; reserved, 0.
+    pub flags: u8,
+}
+
+impl Backend {
+    pub const fn new(addr: u32, port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            flags: 0,
+        }
+    }
+}
+
+/// Conntrack key: the 5-tuple exactly as a packet carries it.
+///
+/// A translated flow has two entries: the forward one keyed by what the
+/// client sends (client -> VIP) and the reply one keyed by what the backend
+/// sends (backend -> client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtKey {
+    /// Source IPv4 address, network byte order.
+    pub saddr: u32,
+    /// Destination IPv4 address, network byte order.
+    pub daddr: u32,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKey {
+    pub const fn new(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        Self {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The entry is the reply direction (backend -> client): rewrite the source.
+/// Without it the entry is the forward direction: rewrite the destination.
+pub const CT_FLAG_REPLY: u8 = 1 << 0;
+
+/// Conntrack value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtValue {
+    /// Network byte order. Forward: backend address written as destination.
+    /// Reply: service VIP written as source.
+    pub nat_addr: u32,
+    /// Network byte order. Forward: backend port. Reply: service port.
+    pub nat_port: u16,
+    /// Host byte order. `CT_FLAG_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
+    /// Host byte order. Backend chosen for this flow; the forward path checks
+    /// it still exists before reusing the entry.
+    pub backend_id: u32,
+    /// Host byte order. Frontend id (`ServiceValue::svc_id`).
+    pub svc_id: u32,
+    /// Host byte order. `bpf_ktime_get_ns` of the last packet seen.
+    pub last_seen_ns: u64,
+}
+
+impl CtValue {
+    pub const fn is_reply(&self) -> bool {
+        self.flags & CT_FLAG_REPLY != 0
+    }
+}
+
+/// Indexes of the per-CPU `u64` counters in the stats map.
+pub mod stat {
+    /// New flows translated to a backend.
+    pub const NEW_FLOWS: u32 = 0;
+    /// Packets translated through an existing forward conntrack entry.
+    pub const FORWARD_HITS: u32 = 1;
+    /// Packets reverse-translated through a reply conntrack entry.
+    pub const REPLY_HITS: u32 = 2;
+    /// New flows to a frontend without usable backends answered with ICMP.
+    pub const REJECTS: u32 = 3;
+    /// New flows to a frontend without usable backends dropped.
+    pub const DROPS: u32 = 4;
+    /// Conntrack inserts that failed (map full or update error).
+    pub const CT_INSERT_FAILED: u32 = 5;
+    /// Service packets passed untranslated because they cannot be
+    /// translated safely (IP fragments, a backend slot pointing nowhere).
+    pub const UNTRANSLATABLE: u32 = 6;
+    /// Number of counters; the size of the stats array.
+    pub const COUNT: u32 = 8;
+    /// Names in index order, for the CLI and metrics.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "new_flows",
+        "forward_hits",
+        "reply_hits",
+        "rejects",
+        "drops",
+        "ct_insert_failed",
+        "untranslatable",
+        "reserved",
+    ];
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 12);
+    assert!(core::mem::size_of::<ServiceValue>() == 12);
+    assert!(core::mem::size_of::<Backend>() == 8);
+    assert!(core::mem::size_of::<CtKey>() == 16);
+    assert!(core::mem::size_of::<CtValue>() == 24);
+    assert!(core::mem::align_of::<CtValue>() == 8);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is repr(C), made only of integers, with all padding
+    // spelled out as named fields, so any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+}

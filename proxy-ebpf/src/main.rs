@@ -1,0 +1,304 @@
+//! kube-ebpf-proxy datapath.
+//!
+//! `kep_tc_ingress` runs at TC ingress of every pod-facing interface of a
+//! node. Because a flow's two directions enter the node from two different
+//! pod interfaces (the client's and the backend's), one ingress program sees
+//! both: it DNATs client -> VIP:port to a backend before the node routes the
+//! packet, and reverse-translates backend -> client replies back to VIP:port.
+//!
+//! What is deliberately passed untouched (documented in the README):
+//! - anything that is not IPv4 TCP/UDP, including ICMP: ICMP errors about a
+//!   translated flow are not rewritten (the embedded header still carries the
+//!   backend address), exactly like traffic that matches no service;
+//! - IP fragments (non-zero offset or more-fragments set): only the first
+//!   fragment carries ports, so translating it alone would split the datagram
+//!   between two destinations; fragmented service traffic is not supported;
+//! - packets too short for the headers they announce.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod maps;
+mod reject;
+
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::classifier,
+    programs::TcContext,
+};
+use proxy_common::{CT_FLAG_REPLY, CtKey, CtValue, ServiceKey, proto, stat};
+
+use crate::maps::{BACKENDS, CONNTRACK, SERVICES, count};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP_SRC_OFF: usize = ETH_HLEN + 12;
+const IP_DST_OFF: usize = ETH_HLEN + 16;
+/// More-fragments flag and fragment offset bits of `frag_off`.
+const IP_FRAG_MASK: u16 = 0x3fff;
+/// `BPF_F_MARK_MANGLED_0`: a zero UDP checksum means "no checksum" and must
+/// stay zero; the kernel skips the update and maps a computed 0 to 0xffff.
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+
+#[classifier]
+pub fn kep_tc_ingress(ctx: TcContext) -> i32 {
+    try_ingress(&ctx).unwrap_or(TC_ACT_OK)
+}
+
+/// The parsed 5-tuple and where its L4 header starts.
+struct Flow {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    l4_off: usize,
+}
+
+impl Flow {
+    fn key(&self) -> CtKey {
+        CtKey::new(self.saddr, self.daddr, self.sport, self.dport, self.proto)
+    }
+
+    /// Offset of the L4 checksum field.
+    fn csum_off(&self) -> usize {
+        self.l4_off + if self.proto == proto::TCP { 16 } else { 6 }
+    }
+
+    fn l4_csum_flags(&self) -> u64 {
+        if self.proto == proto::UDP {
+            BPF_F_MARK_MANGLED_0
+        } else {
+            0
+        }
+    }
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*const T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + off) as *const T)
+}
+
+/// Parses Ethernet/IPv4/TCP|UDP. `Ok(None)` means "not ours, pass".
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Result<Option<Flow>, ()> {
+    let ether_type = unsafe { *ptr_at::<u16>(ctx, 12)? };
+    if ether_type != ETH_P_IP_BE {
+        return Ok(None);
+    }
+    let ip = ptr_at::<network_types::ip::Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let (vihl, l4proto, frags, src, dst) = unsafe {
+        (
+            (*ip).vihl,
+            (*ip).proto,
+            (*ip).frags,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+        )
+    };
+    if l4proto != proto::TCP && l4proto != proto::UDP {
+        return Ok(None);
+    }
+    if u16::from_be_bytes(frags) & IP_FRAG_MASK != 0 {
+        return Ok(None);
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Ok(None);
+    }
+    let l4_off = ETH_HLEN + ihl;
+    // Ports are the first four bytes of both TCP and UDP; the whole fixed
+    // header (with the checksum) must be present before anything is
+    // rewritten.
+    let ports = ptr_at::<[u16; 2]>(ctx, l4_off)?;
+    let hdr_end = l4_off + if l4proto == proto::TCP { 20 } else { 8 };
+    if ctx.data() + hdr_end > ctx.data_end() {
+        return Err(());
+    }
+    let [sport, dport] = unsafe { *ports };
+    Ok(Some(Flow {
+        saddr: u32::from_ne_bytes(src),
+        daddr: u32::from_ne_bytes(dst),
+        sport,
+        dport,
+        proto: l4proto,
+        l4_off,
+    }))
+}
+
+fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
+    let Some(flow) = parse(ctx)? else {
+        return Ok(TC_ACT_OK);
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if let Some(entry) = CONNTRACK.get_ptr_mut(flow.key()) {
+        let ct = unsafe { *entry };
+        if ct.is_reply() {
+            unsafe { (*entry).last_seen_ns = now };
+            rewrite(
+                ctx,
+                &flow,
+                IP_SRC_OFF,
+                flow.saddr,
+                ct.nat_addr,
+                0,
+                flow.sport,
+                ct.nat_port,
+            )?;
+            count(stat::REPLY_HITS);
+            return Ok(TC_ACT_OK);
+        }
+        if backend_still_valid(&ct) {
+            unsafe { (*entry).last_seen_ns = now };
+            rewrite(
+                ctx,
+                &flow,
+                IP_DST_OFF,
+                flow.daddr,
+                ct.nat_addr,
+                2,
+                flow.dport,
+                ct.nat_port,
+            )?;
+            count(stat::FORWARD_HITS);
+            return Ok(TC_ACT_OK);
+        }
+        // The backend this flow used is gone: choose again below, as a new
+        // flow, instead of sending it to an address that no longer serves.
+    }
+
+    let svc_key = ServiceKey::new(flow.daddr, flow.dport, flow.proto, 0);
+    let Some(svc) = (unsafe { SERVICES.get(svc_key) }).copied() else {
+        return Ok(TC_ACT_OK);
+    };
+    if svc.count == 0 {
+        if svc.drops() {
+            count(stat::DROPS);
+            return Ok(TC_ACT_SHOT);
+        }
+        count(stat::REJECTS);
+        return Ok(reject::icmp_port_unreachable(ctx, flow.proto, flow.l4_off));
+    }
+
+    let slot = (unsafe { bpf_get_prandom_u32() } % svc.count as u32) as u16 + 1;
+    let Some(backend_id) = (unsafe { SERVICES.get(svc_key.with_slot(slot)) }).map(|v| v.backend_id)
+    else {
+        count(stat::UNTRANSLATABLE);
+        return Ok(TC_ACT_SHOT);
+    };
+    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }).copied() else {
+        count(stat::UNTRANSLATABLE);
+        return Ok(TC_ACT_SHOT);
+    };
+
+    // The reply entry goes in first: without it the backend's answer could not
+    // be translated back, so a flow that cannot get one is not started.
+    let reply_key = CtKey::new(
+        backend.addr,
+        flow.saddr,
+        backend.port,
+        flow.sport,
+        flow.proto,
+    );
+    let reply = CtValue {
+        nat_addr: flow.daddr,
+        nat_port: flow.dport,
+        flags: CT_FLAG_REPLY,
+        _pad: 0,
+        backend_id,
+        svc_id: svc.svc_id,
+        last_seen_ns: now,
+    };
+    if CONNTRACK.insert(reply_key, reply, 0).is_err() {
+        count(stat::CT_INSERT_FAILED);
+        return Ok(TC_ACT_SHOT);
+    }
+    let forward = CtValue {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        flags: 0,
+        ..reply
+    };
+    if CONNTRACK.insert(flow.key(), forward, 0).is_err() {
+        // Still translated: this packet is fine, a later one re-chooses.
+        count(stat::CT_INSERT_FAILED);
+    }
+    rewrite(
+        ctx,
+        &flow,
+        IP_DST_OFF,
+        flow.daddr,
+        backend.addr,
+        2,
+        flow.dport,
+        backend.port,
+    )?;
+    count(stat::NEW_FLOWS);
+    Ok(TC_ACT_OK)
+}
+
+/// A forward entry may be reused only while its backend id still names the
+/// same address and port (ids are recycled after a backend is removed).
+#[inline(always)]
+fn backend_still_valid(ct: &CtValue) -> bool {
+    match unsafe { BACKENDS.get(ct.backend_id) } {
+        Some(b) => b.addr == ct.nat_addr && b.port == ct.nat_port,
+        None => false,
+    }
+}
+
+/// Rewrites one address (at `addr_off`) and the port at `l4_off + port_rel`,
+/// updating the IPv4 header checksum and the L4 checksum (whose pseudo-header
+/// covers the address) incrementally.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    flow: &Flow,
+    addr_off: usize,
+    old_addr: u32,
+    new_addr: u32,
+    port_rel: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), ()> {
+    let csum_off = flow.csum_off();
+    let flags = flow.l4_csum_flags();
+    if old_addr != new_addr {
+        ctx.l4_csum_replace(
+            csum_off,
+            old_addr as u64,
+            new_addr as u64,
+            flags | BPF_F_PSEUDO_HDR as u64 | 4,
+        )
+        .map_err(|_| ())?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)
+            .map_err(|_| ())?;
+        ctx.store(addr_off, &new_addr, 0).map_err(|_| ())?;
+    }
+    if old_port != new_port {
+        ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, flags | 2)
+            .map_err(|_| ())?;
+        ctx.store(flow.l4_off + port_rel, &new_port, 0)
+            .map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

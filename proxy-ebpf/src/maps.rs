@@ -1,0 +1,38 @@
+//! The datapath's maps. Layouts live in `proxy-common`; capacities here are
+//! only defaults, the agent sets the real ones at load time.
+#![allow(non_upper_case_globals)]
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use proxy_common::{Backend, CtKey, CtValue, ServiceKey, ServiceValue, defaults, stat};
+
+// Static names are the pinned map names (`proxy_common::map_names`), which
+// `bpftool map dump pinned` shows; keep them in step.
+#[btf_map]
+pub static kep_services: HashMap<ServiceKey, ServiceValue, { defaults::SERVICES_MAX as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static kep_backends: HashMap<u32, Backend, { defaults::BACKENDS_MAX as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static kep_conntrack: LruHashMap<CtKey, CtValue, { defaults::CONNTRACK_MAX as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static kep_stats: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
+
+pub use kep_backends as BACKENDS;
+pub use kep_conntrack as CONNTRACK;
+pub use kep_services as SERVICES;
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(c) = kep_stats.get_ptr_mut(index) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *c += 1 };
+    }
+}

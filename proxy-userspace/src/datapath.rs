@@ -1,0 +1,361 @@
+//! The loaded eBPF object, its pinned maps, and the interfaces it is
+//! attached to. This is the only module that talks to the kernel's BPF
+//! objects; everything it writes comes from `diff::MapOp`s.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    io,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+};
+use proxy_common::{
+    Backend, CtKey, CtValue, ServiceKey, ServiceValue, defaults, map_names, program_names, stat,
+};
+use thiserror::Error;
+
+use crate::{diff::MapOp, encode::MapContents};
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time
+/// so the agent image is a single binary.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KEP_BPF_OBJECT"));
+
+/// `statfs(2)` magic of a bpffs mount.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    /// Directory under a bpffs mount where the maps are pinned.
+    pub bpffs: PathBuf,
+    pub services_max: u32,
+    pub backends_max: u32,
+    pub conntrack_max: u32,
+}
+
+impl DatapathConfig {
+    pub fn new(bpffs: impl Into<PathBuf>) -> Self {
+        Self {
+            bpffs: bpffs.into(),
+            services_max: defaults::SERVICES_MAX,
+            backends_max: defaults::BACKENDS_MAX,
+            conntrack_max: defaults::CONNTRACK_MAX,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error("bpffs at {path}: {source}")]
+    Bpffs { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object (pinned maps under {path}): {source}")]
+    Load {
+        path: PathBuf,
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: Box<MapError>,
+    },
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("attaching to interface {iface}: {source}")]
+    Attach {
+        iface: String,
+        source: Box<aya::programs::ProgramError>,
+    },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+/// A map update that failed; the op was not applied.
+#[derive(Debug)]
+pub struct FailedOp {
+    pub op: MapOp,
+    pub error: MapError,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    stats: PerCpuArray<MapData, u64>,
+    /// What the maps hold, as last read or written by this process.
+    live: MapContents,
+    attached: BTreeMap<String, SchedClassifierLinkId>,
+}
+
+impl Datapath {
+    /// Loads the embedded object, creating the maps under `cfg.bpffs` or
+    /// adopting the ones already pinned there (a restarted agent keeps the
+    /// previous contents, so it only rewrites what differs).
+    pub fn load(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+        ensure_bpffs(&cfg.bpffs)?;
+        let pins: Vec<(&'static str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|name| (*name, cfg.bpffs.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(map_names::SERVICES, cfg.services_max)
+            .map_max_entries(map_names::BACKENDS, cfg.backends_max)
+            .map_max_entries(map_names::CONNTRACK, cfg.conntrack_max);
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(BPF_OBJECT)
+            .map_err(|source| DatapathError::Load {
+                path: cfg.bpffs.clone(),
+                source: Box::new(source),
+            })?;
+        {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(program_names::TC_POD_INGRESS)
+                .ok_or(DatapathError::Program {
+                    name: program_names::TC_POD_INGRESS,
+                    source: Box::new(aya::programs::ProgramError::NotLoaded),
+                })?
+                .try_into()
+                .map_err(|e| program_err(program_names::TC_POD_INGRESS, e))?;
+            prog.load()
+                .map_err(|e| program_err(program_names::TC_POD_INGRESS, e))?;
+        }
+        let services = take_map(&mut ebpf, map_names::SERVICES)?;
+        let backends = take_map(&mut ebpf, map_names::BACKENDS)?;
+        let conntrack = take_map(&mut ebpf, map_names::CONNTRACK)?;
+        let stats = ebpf
+            .take_map(map_names::STATS)
+            .ok_or(DatapathError::MissingMap(map_names::STATS))?
+            .try_into()
+            .map_err(map_err(map_names::STATS))?;
+        let mut dp = Self {
+            ebpf,
+            services,
+            backends,
+            conntrack,
+            stats,
+            live: MapContents::default(),
+            attached: BTreeMap::new(),
+        };
+        dp.live = dp.read_contents()?;
+        Ok(dp)
+    }
+
+    /// The TC program, for attaching elsewhere or `test_run`.
+    pub fn classifier(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(program_names::TC_POD_INGRESS)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked in load")
+    }
+
+    /// Attaches the TC program at ingress of `iface` (TCX on kernels that
+    /// have it). Attaching twice is a no-op.
+    pub fn attach(&mut self, iface: &str) -> Result<(), DatapathError> {
+        if self.attached.contains_key(iface) {
+            return Ok(());
+        }
+        let link = self
+            .classifier()
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(|source| DatapathError::Attach {
+                iface: iface.to_string(),
+                source: Box::new(source),
+            })?;
+        self.attached.insert(iface.to_string(), link);
+        Ok(())
+    }
+
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.attached.keys().map(String::as_str)
+    }
+
+    /// What the maps hold, as far as this process knows.
+    pub fn live(&self) -> &MapContents {
+        &self.live
+    }
+
+    /// Reads the service and backend maps back from the kernel.
+    pub fn read_contents(&self) -> Result<MapContents, DatapathError> {
+        let mut contents = MapContents::default();
+        for item in self.services.iter() {
+            let (k, v) = item.map_err(map_err(map_names::SERVICES))?;
+            contents.services.insert(k, v);
+        }
+        for item in self.backends.iter() {
+            let (k, v) = item.map_err(map_err(map_names::BACKENDS))?;
+            contents.backends.insert(k, v);
+        }
+        Ok(contents)
+    }
+
+    /// Re-reads the maps, so the next diff is against what the kernel
+    /// really holds (someone may have edited a map by hand).
+    pub fn refresh_live(&mut self) -> Result<(), DatapathError> {
+        self.live = self.read_contents()?;
+        Ok(())
+    }
+
+    /// Applies `ops` in order. An op that fails is reported and skipped; the
+    /// rest still apply, so one bad entry (a full map) never blocks every
+    /// other service. `live` follows exactly what succeeded.
+    pub fn apply(&mut self, ops: &[MapOp]) -> Vec<FailedOp> {
+        let mut failed = Vec::new();
+        for op in ops {
+            let result = match op {
+                MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0).map(|()| {
+                    self.live.backends.insert(*id, *b);
+                }),
+                MapOp::PutService(k, v) => self.services.insert(k, v, 0).map(|()| {
+                    self.live.services.insert(*k, *v);
+                }),
+                MapOp::DeleteService(k) => ignore_missing(self.services.remove(k)).map(|()| {
+                    self.live.services.remove(k);
+                }),
+                MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(id)).map(|()| {
+                    self.live.backends.remove(id);
+                }),
+            };
+            if let Err(error) = result {
+                failed.push(FailedOp {
+                    op: op.clone(),
+                    error,
+                });
+            }
+        }
+        failed
+    }
+
+    /// Datapath counters summed over CPUs, indexed by `proxy_common::stat`.
+    pub fn stats(&self) -> Result<[u64; stat::COUNT as usize], DatapathError> {
+        let mut out = [0u64; stat::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(map_err(map_names::STATS))?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Every conntrack entry (for inspection and tests).
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
+        self.conntrack
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::CONNTRACK))
+    }
+
+    pub fn conntrack_map(&mut self) -> &mut HashMap<MapData, CtKey, CtValue> {
+        &mut self.conntrack
+    }
+}
+
+fn program_err(name: &'static str, source: aya::programs::ProgramError) -> DatapathError {
+    DatapathError::Program {
+        name,
+        source: Box::new(source),
+    }
+}
+
+fn take_map<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, DatapathError> {
+    ebpf.take_map(name)
+        .ok_or(DatapathError::MissingMap(name))?
+        .try_into()
+        .map_err(map_err(name))
+}
+
+/// Deleting what is already gone is success: the goal state is reached.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Makes sure `dir` exists on a bpffs mount, mounting bpffs on its parent
+/// when that parent is not one yet (a fresh node, or a container without the
+/// host's /sys/fs/bpf).
+pub fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    let err = |source| DatapathError::Bpffs {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    if !is_bpffs(parent).map_err(err)? {
+        std::fs::create_dir_all(parent).map_err(err)?;
+        mount_bpffs(parent).map_err(err)?;
+        tracing::info!(path = %parent.display(), "mounted bpffs");
+    }
+    std::fs::create_dir_all(dir).map_err(err)
+}
+
+fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::NotFound {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+fn mount_bpffs(path: &Path) -> io::Result<()> {
+    let target = CString::new(path.as_os_str().as_bytes())?;
+    let fstype = c"bpf";
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes every map pinned by the agent under `dir`, and `dir` itself.
+/// Idempotent: what is already gone is not an error.
+pub fn unpin_all(dir: &Path) -> io::Result<()> {
+    for name in map_names::ALL {
+        match std::fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

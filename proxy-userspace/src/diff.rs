@@ -1,0 +1,336 @@
+//! Live map contents + desired map contents -> the minimal ordered updates.
+//!
+//! The datapath keeps reading the maps while the agent applies these ops one
+//! at a time, with no transaction, so every intermediate state must be one
+//! the datapath handles correctly. The datapath reads slot 0 of a frontend,
+//! picks a slot in `1..=count`, then looks that slot's backend id up. Hence
+//! the order:
+//!
+//! 1. put backends: a slot written later can only point at an existing one;
+//! 2. put slots > 0: written before any count that covers them, and
+//!    replacing a slot's backend id swaps between two existing backends;
+//! 3. put slot-0 entries: a growing count only ever covers slots written in
+//!    step 2; a shrinking count is lowered here, before step 5 removes the
+//!    slots it no longer covers;
+//! 4. delete slot-0 entries of removed frontends: from then on the datapath
+//!    stops at slot 0 and never reads their slots;
+//! 5. delete slots > 0 that are no longer covered by any count;
+//! 6. delete backends last, once no slot points at them.
+//!
+//! If applying stops part way, the maps are still consistent, and the next
+//! diff against the re-read live contents finishes the job.
+
+use proxy_common::{Backend, ServiceKey, ServiceValue};
+
+use crate::encode::MapContents;
+
+/// One map update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutBackend(u32, Backend),
+    PutService(ServiceKey, ServiceValue),
+    DeleteService(ServiceKey),
+    DeleteBackend(u32),
+}
+
+/// The updates turning `live` into `desired`, in the order they must be
+/// applied (see the module docs). Identical contents give no op.
+pub fn diff(live: &MapContents, desired: &MapContents) -> Vec<MapOp> {
+    let mut ops = Vec::new();
+
+    for (id, backend) in &desired.backends {
+        if live.backends.get(id) != Some(backend) {
+            ops.push(MapOp::PutBackend(*id, *backend));
+        }
+    }
+    let changed_services = desired
+        .services
+        .iter()
+        .filter(|(key, value)| live.services.get(key) != Some(value));
+    let (slot0_puts, slot_puts): (Vec<_>, Vec<_>) =
+        changed_services.partition(|(key, _)| key.slot == 0);
+    ops.extend(
+        slot_puts
+            .into_iter()
+            .map(|(k, v)| MapOp::PutService(*k, *v)),
+    );
+    ops.extend(
+        slot0_puts
+            .into_iter()
+            .map(|(k, v)| MapOp::PutService(*k, *v)),
+    );
+
+    let removed_services = live
+        .services
+        .keys()
+        .filter(|key| !desired.services.contains_key(key));
+    let (slot0_deletes, slot_deletes): (Vec<&ServiceKey>, Vec<&ServiceKey>) =
+        removed_services.partition(|key| key.slot == 0);
+    ops.extend(slot0_deletes.into_iter().map(|k| MapOp::DeleteService(*k)));
+    ops.extend(slot_deletes.into_iter().map(|k| MapOp::DeleteService(*k)));
+
+    for id in live.backends.keys() {
+        if !desired.backends.contains_key(id) {
+            ops.push(MapOp::DeleteBackend(*id));
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::{Encoder, addr_to_map, port_to_map};
+    use crate::model::{DesiredState, EmptyAction, Endpoint, Frontend, FrontendState, Protocol};
+    use std::net::Ipv4Addr;
+
+    fn frontend(last: u8, port: u16) -> Frontend {
+        Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, last),
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    fn endpoints(lasts: &[u8]) -> Vec<Endpoint> {
+        let mut eps: Vec<Endpoint> = lasts
+            .iter()
+            .map(|last| Endpoint {
+                addr: Ipv4Addr::new(10, 0, 0, *last),
+                port: 8080,
+            })
+            .collect();
+        eps.sort();
+        eps.dedup();
+        eps
+    }
+
+    fn desired(entries: &[(Frontend, &[u8])]) -> DesiredState {
+        DesiredState {
+            frontends: entries
+                .iter()
+                .map(|(fe, lasts)| {
+                    let state = FrontendState {
+                        service: format!("default/svc-{}", fe.addr),
+                        endpoints: endpoints(lasts),
+                        empty_action: EmptyAction::Reject,
+                    };
+                    (*fe, state)
+                })
+                .collect(),
+        }
+    }
+
+    fn key(fe: Frontend, slot: u16) -> ServiceKey {
+        ServiceKey::new(
+            addr_to_map(fe.addr),
+            port_to_map(fe.port),
+            fe.proto.number(),
+            slot,
+        )
+    }
+
+    fn apply(contents: &mut MapContents, op: &MapOp) {
+        match op {
+            MapOp::PutBackend(id, b) => {
+                contents.backends.insert(*id, *b);
+            }
+            MapOp::PutService(k, v) => {
+                contents.services.insert(*k, *v);
+            }
+            MapOp::DeleteService(k) => {
+                contents.services.remove(k);
+            }
+            MapOp::DeleteBackend(id) => {
+                contents.backends.remove(id);
+            }
+        }
+    }
+
+    /// What the datapath relies on: every slot a count covers exists, and
+    /// every slot that exists points at an existing backend.
+    fn check_consistent(contents: &MapContents) -> Result<(), String> {
+        for (key, value) in &contents.services {
+            if key.slot == 0 {
+                for slot in 1..=value.count {
+                    if !contents.services.contains_key(&key.with_slot(slot)) {
+                        return Err(format!(
+                            "{key:?} count {} but slot {slot} missing",
+                            value.count
+                        ));
+                    }
+                }
+            } else if !contents.backends.contains_key(&value.backend_id) {
+                return Err(format!(
+                    "{key:?} points at missing backend {}",
+                    value.backend_id
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `diff(live, desired)` op by op, checking consistency after
+    /// each op, and returns the ops.
+    fn apply_checked(live: &MapContents, desired: &MapContents) -> Vec<MapOp> {
+        check_consistent(live).expect("starting state is consistent");
+        let ops = diff(live, desired);
+        let mut state = live.clone();
+        for (i, op) in ops.iter().enumerate() {
+            apply(&mut state, op);
+            if let Err(e) = check_consistent(&state) {
+                panic!("after op {i} {op:?}: {e}\nops: {ops:#?}");
+            }
+        }
+        assert_eq!(&state, desired);
+        ops
+    }
+
+    #[test]
+    fn identical_contents_give_no_op() {
+        let mut encoder = Encoder::new();
+        let contents = encoder.encode(&desired(&[(frontend(10, 80), &[1, 2])]));
+        assert_eq!(diff(&contents, &contents), []);
+        assert_eq!(diff(&MapContents::default(), &MapContents::default()), []);
+    }
+
+    #[test]
+    fn one_endpoint_added_is_three_ops() {
+        let web = frontend(10, 80);
+        let api = frontend(11, 80);
+        let mut encoder = Encoder::new();
+        let live = encoder.encode(&desired(&[(web, &[1]), (api, &[5])]));
+        let next = encoder.encode(&desired(&[(web, &[1, 2]), (api, &[5])]));
+        let svc_id = live.services[&key(web, 0)].svc_id;
+        let new_backend = Backend::new(
+            addr_to_map(Ipv4Addr::new(10, 0, 0, 2)),
+            port_to_map(8080),
+            6,
+        );
+        assert_eq!(
+            apply_checked(&live, &next),
+            [
+                MapOp::PutBackend(3, new_backend),
+                MapOp::PutService(key(web, 2), ServiceValue::slot(3)),
+                MapOp::PutService(key(web, 0), ServiceValue::service(svc_id, 2, 0)),
+            ]
+        );
+    }
+
+    #[test]
+    fn one_endpoint_removed_is_three_ops() {
+        let web = frontend(10, 80);
+        let mut encoder = Encoder::new();
+        let live = encoder.encode(&desired(&[(web, &[1, 2])]));
+        let next = encoder.encode(&desired(&[(web, &[1])]));
+        let svc_id = live.services[&key(web, 0)].svc_id;
+        assert_eq!(
+            apply_checked(&live, &next),
+            [
+                MapOp::PutService(key(web, 0), ServiceValue::service(svc_id, 1, 0)),
+                MapOp::DeleteService(key(web, 2)),
+                MapOp::DeleteBackend(2),
+            ]
+        );
+    }
+
+    #[test]
+    fn first_endpoint_removed_shifts_slots_safely() {
+        let web = frontend(10, 80);
+        let mut encoder = Encoder::new();
+        let live = encoder.encode(&desired(&[(web, &[1, 2, 3])]));
+        let next = encoder.encode(&desired(&[(web, &[2, 3])]));
+        let ops = apply_checked(&live, &next);
+        assert_eq!(ops.len(), 5, "{ops:#?}");
+    }
+
+    #[test]
+    fn frontend_removed_and_emptied() {
+        let web = frontend(10, 80);
+        let api = frontend(11, 80);
+        let mut encoder = Encoder::new();
+        let live = encoder.encode(&desired(&[(web, &[1, 2]), (api, &[2, 3])]));
+        let next = encoder.encode(&desired(&[(api, &[])]));
+        let ops = apply_checked(&live, &next);
+        assert!(matches!(ops[0], MapOp::PutService(k, v) if k == key(api, 0) && v.rejects()));
+        assert_eq!(ops[1], MapOp::DeleteService(key(web, 0)));
+        assert_eq!(ops.len(), 2 + 4 + 3);
+    }
+
+    #[test]
+    fn from_empty_and_back() {
+        let mut encoder = Encoder::new();
+        let full = encoder.encode(&desired(&[
+            (frontend(10, 80), &[1, 2]),
+            (frontend(11, 53), &[]),
+        ]));
+        let ops = apply_checked(&MapContents::default(), &full);
+        assert_eq!(ops.len(), full.services.len() + full.backends.len());
+        let empty = encoder.encode(&DesiredState::default());
+        let ops = apply_checked(&full, &empty);
+        assert_eq!(ops.len(), full.services.len() + full.backends.len());
+    }
+
+    #[test]
+    fn changed_backend_value_is_rewritten() {
+        let web = frontend(10, 80);
+        let mut live = Encoder::new().encode(&desired(&[(web, &[1])]));
+        let desired = live.clone();
+        live.backends.get_mut(&1).expect("backend 1").port = 0;
+        assert_eq!(
+            diff(&live, &desired),
+            [MapOp::PutBackend(1, desired.backends[&1])]
+        );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Small frontend and endpoint spaces so consecutive states overlap.
+        fn arb_desired() -> impl Strategy<Value = DesiredState> {
+            prop::collection::btree_map(
+                (0u8..4, prop::sample::select(vec![53u16, 80])),
+                prop::collection::vec(0u8..8, 0..6),
+                0..4,
+            )
+            .prop_map(|entries| {
+                let entries: Vec<(Frontend, Vec<u8>)> = entries
+                    .into_iter()
+                    .map(|((last, port), eps)| (frontend(last, port), eps))
+                    .collect();
+                let refs: Vec<(Frontend, &[u8])> = entries
+                    .iter()
+                    .map(|(fe, eps)| (*fe, eps.as_slice()))
+                    .collect();
+                desired(&refs)
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 200,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn every_intermediate_state_is_consistent(
+                states in prop::collection::vec(arb_desired(), 1..6),
+            ) {
+                let mut encoder = Encoder::new();
+                let mut live = MapContents::default();
+                for state in &states {
+                    let next = encoder.encode(state);
+                    let ops = apply_checked(&live, &next);
+                    let changed = next.services.iter().filter(|(k, v)| live.services.get(k) != Some(v)).count()
+                        + live.services.keys().filter(|k| !next.services.contains_key(k)).count()
+                        + next.backends.iter().filter(|(k, v)| live.backends.get(k) != Some(v)).count()
+                        + live.backends.keys().filter(|k| !next.backends.contains_key(k)).count();
+                    prop_assert_eq!(ops.len(), changed);
+                    live = next;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,535 @@
+//! Desired state -> the exact contents of the services and backends maps.
+//!
+//! The [`Encoder`] owns the id allocators and lives as long as the agent, so
+//! a frontend keeps its `svc_id` and an `(addr, port, proto)` keeps its
+//! backend id for as long as they exist. Stable ids are what make updates
+//! small: an endpoint added to one Service changes one slot and one backend,
+//! not every entry after it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use proxy_common::{Backend, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey, ServiceValue};
+
+use crate::model::{DesiredState, EmptyAction, Frontend, Protocol};
+
+/// Map form of an IPv4 address: the `u32` whose in-memory bytes are the
+/// address's wire bytes, which is what the datapath compares against packets.
+pub fn addr_to_map(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// Inverse of [`addr_to_map`].
+pub fn addr_from_map(addr: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr.to_ne_bytes())
+}
+
+/// Map form of an L4 port: network byte order, like [`addr_to_map`].
+pub fn port_to_map(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// Inverse of [`port_to_map`].
+pub fn port_from_map(port: u16) -> u16 {
+    u16::from_be(port)
+}
+
+/// Everything the agent writes into the services and backends maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+}
+
+/// What a backend id stands for: the frontend's protocol is part of it
+/// because the datapath's backend entry carries one.
+type BackendKey = (Ipv4Addr, u16, Protocol);
+
+/// Hands out the lowest free id >= 1 (0 means "none" in the maps) per key.
+#[derive(Debug)]
+struct Ids<K> {
+    by_key: BTreeMap<K, u32>,
+    /// Ids not available for allocation: owned by a key, or still present in
+    /// the live maps without an owner (see [`Encoder::seed_from`]).
+    taken: BTreeSet<u32>,
+    /// Released ids below `next`.
+    free: BTreeSet<u32>,
+    /// Lowest id never handed out; `u64` so exhausting `u32` is not an
+    /// overflow.
+    next: u64,
+    /// Ids reserved by seeding without an owner, released after the next
+    /// round.
+    orphans: BTreeSet<u32>,
+}
+
+impl<K: Ord + Clone> Ids<K> {
+    fn new() -> Self {
+        Self {
+            by_key: BTreeMap::new(),
+            taken: BTreeSet::new(),
+            free: BTreeSet::new(),
+            next: 1,
+            orphans: BTreeSet::new(),
+        }
+    }
+
+    fn get_or_alloc(&mut self, key: &K) -> Option<u32> {
+        if let Some(id) = self.by_key.get(key) {
+            return Some(*id);
+        }
+        let id = self.alloc()?;
+        self.by_key.insert(key.clone(), id);
+        Some(id)
+    }
+
+    fn alloc(&mut self) -> Option<u32> {
+        let id = match self.free.pop_first() {
+            Some(id) => id,
+            None => {
+                // Seeded ids may sit anywhere above `next`; step over them.
+                while u32::try_from(self.next).is_ok_and(|id| self.taken.contains(&id)) {
+                    self.next += 1;
+                }
+                let id = u32::try_from(self.next).ok()?;
+                self.next += 1;
+                id
+            }
+        };
+        self.taken.insert(id);
+        Some(id)
+    }
+
+    fn release(&mut self, id: u32) {
+        if self.taken.remove(&id) && u64::from(id) < self.next {
+            self.free.insert(id);
+        }
+    }
+
+    /// Adopts `id` for `key` if both are unclaimed; otherwise keeps the id
+    /// out of circulation until the next round, because the live maps still
+    /// hold it and reusing it at once would repoint entries not yet deleted.
+    fn seed(&mut self, key: Option<K>, id: u32) {
+        if id == 0 || self.taken.contains(&id) {
+            return;
+        }
+        self.free.remove(&id);
+        self.taken.insert(id);
+        match key {
+            Some(key) if !self.by_key.contains_key(&key) => {
+                self.by_key.insert(key, id);
+            }
+            _ => {
+                self.orphans.insert(id);
+            }
+        }
+    }
+
+    /// Ends a round: frees the ids of keys not used in it and of orphans.
+    fn retain(&mut self, used: &BTreeSet<K>) {
+        let gone: Vec<(K, u32)> = self
+            .by_key
+            .iter()
+            .filter(|(key, _)| !used.contains(key))
+            .map(|(key, id)| (key.clone(), *id))
+            .collect();
+        for (key, id) in gone {
+            self.by_key.remove(&key);
+            self.release(id);
+        }
+        for id in std::mem::take(&mut self.orphans) {
+            self.release(id);
+        }
+    }
+}
+
+/// Turns desired states into map contents with ids stable across calls.
+#[derive(Debug)]
+pub struct Encoder {
+    svc_ids: Ids<Frontend>,
+    backend_ids: Ids<BackendKey>,
+}
+
+impl Default for Encoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Encoder {
+    pub fn new() -> Self {
+        Self {
+            svc_ids: Ids::new(),
+            backend_ids: Ids::new(),
+        }
+    }
+
+    /// Adopt ids already present in live maps (agent restart): the same
+    /// (addr, port, proto) keeps its backend id and the same frontend keeps
+    /// its svc_id, so a restart rewrites nothing and established flows keep
+    /// matching their conntrack entries. Meant to be called before the first
+    /// [`Encoder::encode`]; ids already owned are never taken over.
+    pub fn seed_from(&mut self, live: &MapContents) {
+        for (id, backend) in &live.backends {
+            let key = Protocol::from_number(backend.proto).map(|proto| {
+                (
+                    addr_from_map(backend.addr),
+                    port_from_map(backend.port),
+                    proto,
+                )
+            });
+            self.backend_ids.seed(key, *id);
+        }
+        for (key, value) in live.services.iter().filter(|(key, _)| key.slot == 0) {
+            let frontend = Protocol::from_number(key.proto).map(|proto| Frontend {
+                addr: addr_from_map(key.addr),
+                port: port_from_map(key.port),
+                proto,
+            });
+            self.svc_ids.seed(frontend, value.svc_id);
+        }
+    }
+
+    /// The exact map contents for `desired`. Ids of frontends and backends
+    /// absent from `desired` are released only after this call, so an id is
+    /// never reused within the update that removes its previous owner.
+    pub fn encode(&mut self, desired: &DesiredState) -> MapContents {
+        let mut out = MapContents::default();
+        let mut used_frontends = BTreeSet::new();
+        let mut used_backends = BTreeSet::new();
+
+        for (frontend, state) in &desired.frontends {
+            let Some(svc_id) = self.svc_ids.get_or_alloc(frontend) else {
+                tracing::error!(
+                    "{}: no service id left, frontend {frontend} skipped",
+                    state.service
+                );
+                continue;
+            };
+            used_frontends.insert(*frontend);
+            let key = ServiceKey::new(
+                addr_to_map(frontend.addr),
+                port_to_map(frontend.port),
+                frontend.proto.number(),
+                0,
+            );
+            if state.endpoints.len() > usize::from(u16::MAX) {
+                tracing::warn!(
+                    "{}: {} endpoints, only the first {} are used",
+                    state.service,
+                    state.endpoints.len(),
+                    u16::MAX
+                );
+            }
+            let mut count: u16 = 0;
+            for endpoint in state.endpoints.iter().take(usize::from(u16::MAX)) {
+                let backend_key = (endpoint.addr, endpoint.port, frontend.proto);
+                let Some(id) = self.backend_ids.get_or_alloc(&backend_key) else {
+                    tracing::error!(
+                        "{}: no backend id left, endpoint {}:{} skipped",
+                        state.service,
+                        endpoint.addr,
+                        endpoint.port
+                    );
+                    continue;
+                };
+                used_backends.insert(backend_key);
+                count += 1;
+                out.services
+                    .insert(key.with_slot(count), ServiceValue::slot(id));
+                out.backends.insert(
+                    id,
+                    Backend::new(
+                        addr_to_map(endpoint.addr),
+                        port_to_map(endpoint.port),
+                        frontend.proto.number(),
+                    ),
+                );
+            }
+            let flags = match (count, state.empty_action) {
+                (0, EmptyAction::Reject) => SVC_FLAG_REJECT,
+                (0, EmptyAction::Drop) => SVC_FLAG_DROP,
+                _ => 0,
+            };
+            out.services
+                .insert(key, ServiceValue::service(svc_id, count, flags));
+        }
+
+        self.svc_ids.retain(&used_frontends);
+        self.backend_ids.retain(&used_backends);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, FrontendState};
+
+    fn frontend(addr: &str, port: u16) -> Frontend {
+        Frontend {
+            addr: addr.parse().unwrap(),
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    fn state(endpoints: &[(&str, u16)]) -> FrontendState {
+        FrontendState {
+            service: "default/web:http".into(),
+            endpoints: endpoints
+                .iter()
+                .map(|(addr, port)| Endpoint {
+                    addr: addr.parse().unwrap(),
+                    port: *port,
+                })
+                .collect(),
+            empty_action: EmptyAction::Reject,
+        }
+    }
+
+    fn desired(entries: &[(Frontend, FrontendState)]) -> DesiredState {
+        DesiredState {
+            frontends: entries.iter().cloned().collect(),
+        }
+    }
+
+    fn key(frontend: Frontend, slot: u16) -> ServiceKey {
+        ServiceKey::new(
+            addr_to_map(frontend.addr),
+            port_to_map(frontend.port),
+            frontend.proto.number(),
+            slot,
+        )
+    }
+
+    /// Backend id of the endpoint at `slot` of `frontend`.
+    fn slot_id(contents: &MapContents, frontend: Frontend, slot: u16) -> u32 {
+        contents.services[&key(frontend, slot)].backend_id
+    }
+
+    fn backend_of(contents: &MapContents, id: u32) -> (Ipv4Addr, u16) {
+        let b = contents.backends[&id];
+        (addr_from_map(b.addr), port_from_map(b.port))
+    }
+
+    #[test]
+    fn byte_order_is_wire_order() {
+        let addr: Ipv4Addr = "10.1.2.3".parse().unwrap();
+        assert_eq!(addr_to_map(addr).to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(addr_from_map(addr_to_map(addr)), addr);
+        assert_eq!(port_to_map(0x1f90).to_ne_bytes(), [0x1f, 0x90]);
+        assert_eq!(port_from_map(port_to_map(8080)), 8080);
+    }
+
+    #[test]
+    fn layout_of_one_frontend() {
+        let web = frontend("10.96.0.10", 80);
+        let out = Encoder::new().encode(&desired(&[(
+            web,
+            state(&[("10.0.0.1", 8080), ("10.0.0.2", 8080)]),
+        )]));
+        assert_eq!(out.services.len(), 3);
+        assert_eq!(out.services[&key(web, 0)], ServiceValue::service(1, 2, 0));
+        assert_eq!(
+            backend_of(&out, slot_id(&out, web, 1)),
+            ("10.0.0.1".parse().unwrap(), 8080)
+        );
+        assert_eq!(
+            backend_of(&out, slot_id(&out, web, 2)),
+            ("10.0.0.2".parse().unwrap(), 8080)
+        );
+        assert_eq!(out.backends.len(), 2);
+        assert!(
+            out.backends
+                .values()
+                .all(|b| b.proto == proxy_common::proto::TCP)
+        );
+    }
+
+    #[test]
+    fn empty_frontend_gets_flag_and_count_zero() {
+        let web = frontend("10.96.0.10", 80);
+        let mut dropping = state(&[]);
+        dropping.empty_action = EmptyAction::Drop;
+        let dns = frontend("10.96.0.53", 53);
+        let out = Encoder::new().encode(&desired(&[(web, state(&[])), (dns, dropping)]));
+        let web_entry = out.services[&key(web, 0)];
+        assert_eq!((web_entry.count, web_entry.flags), (0, SVC_FLAG_REJECT));
+        assert!(web_entry.rejects());
+        let dns_entry = out.services[&key(dns, 0)];
+        assert_eq!((dns_entry.count, dns_entry.flags), (0, SVC_FLAG_DROP));
+        assert_eq!(out.services.len(), 2);
+        assert!(out.backends.is_empty());
+    }
+
+    #[test]
+    fn ids_stable_across_reencode() {
+        let web = frontend("10.96.0.10", 80);
+        let api = frontend("10.96.0.11", 80);
+        let mut encoder = Encoder::new();
+        let first = encoder.encode(&desired(&[
+            (api, state(&[("10.0.0.5", 9000)])),
+            (web, state(&[("10.0.0.2", 8080)])),
+        ]));
+        // A new endpoint sorting first shifts slots but not ids.
+        let second = encoder.encode(&desired(&[
+            (api, state(&[("10.0.0.5", 9000)])),
+            (web, state(&[("10.0.0.1", 8080), ("10.0.0.2", 8080)])),
+        ]));
+        assert_eq!(
+            second.services[&key(web, 0)].svc_id,
+            first.services[&key(web, 0)].svc_id
+        );
+        assert_eq!(
+            second.services[&key(api, 0)].svc_id,
+            first.services[&key(api, 0)].svc_id
+        );
+        assert_eq!(slot_id(&second, web, 2), slot_id(&first, web, 1));
+        assert_eq!(slot_id(&second, api, 1), slot_id(&first, api, 1));
+        assert_eq!(
+            encoder.encode(&desired(&[
+                (api, state(&[("10.0.0.5", 9000)])),
+                (web, state(&[("10.0.0.1", 8080), ("10.0.0.2", 8080)])),
+            ])),
+            second
+        );
+    }
+
+    #[test]
+    fn shared_backend_has_one_id_per_protocol() {
+        let tcp = frontend("10.96.0.53", 53);
+        let udp = Frontend {
+            proto: Protocol::Udp,
+            ..tcp
+        };
+        let other = frontend("10.96.0.54", 53);
+        let out = Encoder::new().encode(&desired(&[
+            (tcp, state(&[("10.0.0.5", 53)])),
+            (udp, state(&[("10.0.0.5", 53)])),
+            (other, state(&[("10.0.0.5", 53)])),
+        ]));
+        assert_eq!(slot_id(&out, tcp, 1), slot_id(&out, other, 1));
+        assert_ne!(slot_id(&out, tcp, 1), slot_id(&out, udp, 1));
+        assert_eq!(out.backends.len(), 2);
+    }
+
+    #[test]
+    fn ids_reused_after_release_not_before() {
+        let web = frontend("10.96.0.10", 80);
+        let mut encoder = Encoder::new();
+        let first = encoder.encode(&desired(&[(
+            web,
+            state(&[("10.0.0.1", 80), ("10.0.0.2", 80)]),
+        )]));
+        assert_eq!(first.backends.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        // 10.0.0.1 leaves while 10.0.0.3 arrives: 1 is still live in the
+        // maps during this update, so the newcomer must not get it.
+        let second = encoder.encode(&desired(&[(
+            web,
+            state(&[("10.0.0.2", 80), ("10.0.0.3", 80)]),
+        )]));
+        assert_eq!(second.backends.keys().copied().collect::<Vec<_>>(), [2, 3]);
+        let third = encoder.encode(&desired(&[(
+            web,
+            state(&[("10.0.0.2", 80), ("10.0.0.3", 80), ("10.0.0.4", 80)]),
+        )]));
+        assert_eq!(backend_of(&third, 1), ("10.0.0.4".parse().unwrap(), 80));
+
+        let api = frontend("10.96.0.11", 80);
+        encoder.encode(&desired(&[(api, state(&[]))]));
+        let again = encoder.encode(&desired(&[(api, state(&[])), (web, state(&[]))]));
+        assert_eq!(again.services[&key(api, 0)].svc_id, 2);
+        assert_eq!(again.services[&key(web, 0)].svc_id, 1);
+    }
+
+    #[test]
+    fn seed_from_keeps_ids() {
+        let web = frontend("10.96.0.10", 80);
+        let api = frontend("10.96.0.11", 80);
+        let wanted = desired(&[
+            (web, state(&[("10.0.0.1", 80), ("10.0.0.2", 80)])),
+            (api, state(&[("10.0.0.3", 80)])),
+        ]);
+        let mut old = Encoder::new();
+        // Churn first so ids are not simply 1, 2, 3 in sort order.
+        old.encode(&desired(&[(
+            api,
+            state(&[("10.0.0.9", 1), ("10.0.0.3", 80)]),
+        )]));
+        let live = old.encode(&wanted);
+
+        let mut restarted = Encoder::new();
+        restarted.seed_from(&live);
+        assert_eq!(restarted.encode(&wanted), live);
+        // New keys after seeding get ids nobody holds.
+        let grown = restarted.encode(&desired(&[
+            (
+                web,
+                state(&[("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.7", 80)]),
+            ),
+            (api, state(&[("10.0.0.3", 80)])),
+        ]));
+        assert_eq!(grown.backends.len(), 4);
+    }
+
+    #[test]
+    fn seed_from_does_not_reuse_live_orphans_at_once() {
+        let web = frontend("10.96.0.10", 80);
+        let dup = Backend::new(addr_to_map("10.0.0.1".parse().unwrap()), port_to_map(80), 6);
+        let live = MapContents {
+            services: [
+                (key(web, 0), ServiceValue::service(1, 2, 0)),
+                (key(web, 1), ServiceValue::slot(1)),
+                (key(web, 2), ServiceValue::slot(2)),
+            ]
+            .into_iter()
+            .collect(),
+            // Id 2 duplicates id 1's endpoint: adopted by nobody, but live.
+            backends: [(1, dup), (2, dup)].into_iter().collect(),
+        };
+        let mut encoder = Encoder::new();
+        encoder.seed_from(&live);
+        let out = encoder.encode(&desired(&[(
+            web,
+            state(&[("10.0.0.1", 80), ("10.0.0.5", 80)]),
+        )]));
+        assert_eq!(slot_id(&out, web, 1), 1);
+        assert_eq!(slot_id(&out, web, 2), 3);
+        let next = encoder.encode(&desired(&[(
+            web,
+            state(&[("10.0.0.1", 80), ("10.0.0.5", 80), ("10.0.0.6", 80)]),
+        )]));
+        assert_eq!(slot_id(&next, web, 3), 2);
+    }
+
+    #[test]
+    fn backends_are_exactly_the_referenced_ones() {
+        let web = frontend("10.96.0.10", 80);
+        let mut encoder = Encoder::new();
+        encoder.encode(&desired(&[(
+            web,
+            state(&[("10.0.0.1", 80), ("10.0.0.2", 80)]),
+        )]));
+        let out = encoder.encode(&desired(&[(web, state(&[("10.0.0.2", 80)]))]));
+        let referenced: BTreeSet<u32> = out
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot > 0)
+            .map(|(_, v)| v.backend_id)
+            .collect();
+        assert_eq!(
+            out.backends.keys().copied().collect::<BTreeSet<_>>(),
+            referenced
+        );
+    }
+
+    #[test]
+    fn id_allocator_exhaustion_returns_none() {
+        let mut ids: Ids<u8> = Ids::new();
+        ids.next = u64::from(u32::MAX);
+        assert_eq!(ids.get_or_alloc(&1), Some(u32::MAX));
+        assert_eq!(ids.get_or_alloc(&2), None);
+        ids.retain(&BTreeSet::new());
+        assert_eq!(ids.get_or_alloc(&2), Some(u32::MAX));
+    }
+}

@@ -1,0 +1,97 @@
+//! Which of the node's interfaces the TC program belongs on: names or glob
+//! patterns (`veth*`, `lxc?0`) as an operator writes them for kube-proxy's
+//! peers.
+
+use std::{ffi::CStr, io};
+
+/// Splits `veth*,eth0` into patterns, ignoring empty items.
+pub fn parse_patterns(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Glob match with `*` (any run) and `?` (one character).
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni) = (0, 0);
+    // Position after the last `*` and the name position it was tried at, so
+    // a mismatch can retry with the star eating one more character.
+    let mut backtrack: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            backtrack = Some((pi + 1, ni));
+            pi += 1;
+        } else if let Some((bp, bn)) = backtrack {
+            pi = bp;
+            ni = bn + 1;
+            backtrack = Some((bp, bn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+pub fn matches_any(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|p| glob_match(p, name))
+}
+
+/// Interface names of the current network namespace. `if_nameindex` asks
+/// the kernel through a socket, so it is right even where /sys belongs to
+/// another namespace.
+pub fn list() -> io::Result<Vec<String>> {
+    let head = unsafe { libc::if_nameindex() };
+    if head.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    let mut names = Vec::new();
+    let mut cur = head;
+    unsafe {
+        while (*cur).if_index != 0 && !(*cur).if_name.is_null() {
+            names.push(
+                CStr::from_ptr((*cur).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            cur = cur.add(1);
+        }
+        libc::if_freenameindex(head);
+    }
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("veth*", "veth-b0"));
+        assert!(glob_match("veth*", "veth"));
+        assert!(!glob_match("veth*", "eth0"));
+        assert!(glob_match("eth0", "eth0"));
+        assert!(!glob_match("eth0", "eth01"));
+        assert!(glob_match("l?c*0", "lxc1230"));
+        assert!(!glob_match("l?c*0", "lxc1231"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("*-b*", "veth-b12"));
+    }
+
+    #[test]
+    fn patterns() {
+        assert_eq!(parse_patterns(" veth*, ,eth0,"), vec!["veth*", "eth0"]);
+        assert!(matches_any(&parse_patterns("cali*,veth-*"), "veth-c0"));
+        assert!(!matches_any(&parse_patterns("cali*"), "veth-c0"));
+    }
+
+    #[test]
+    fn lists_loopback() {
+        assert!(list().unwrap().iter().any(|n| n == "lo"));
+    }
+}

@@ -1,0 +1,11 @@
+//! kube-ebpf-proxy agent library: the pure model (Services + EndpointSlices ->
+//! desired map contents), its encoding and diffing, the manifest source, and
+//! the datapath that owns the loaded eBPF object and its pinned maps.
+
+pub mod agent;
+pub mod datapath;
+pub mod diff;
+pub mod encode;
+pub mod interfaces;
+pub mod manifests;
+pub mod model;

@@ -1,0 +1,640 @@
+//! The static source: Services and EndpointSlices read from a directory of
+//! manifests, as `kubectl apply -f DIR` would read them.
+//!
+//! Only syntax and shape are checked here. A value that parses but is
+//! invalid (a bad IP, port 0) is passed on, so that [`crate::model::compute`]
+//! reports it the same way whichever source the object came from.
+//!
+//! A file that does not parse contributes nothing at all rather than the
+//! documents before the error: half a file is more surprising than none.
+
+use std::collections::hash_map::DefaultHasher;
+use std::ffi::OsString;
+use std::fmt;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use k8s_openapi::Metadata;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+use serde_yaml::Value;
+use thiserror::Error;
+
+use crate::model::DEFAULT_NAMESPACE;
+
+/// The objects found in a directory.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+}
+
+/// Something in a file that was skipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceWarning {
+    pub file: PathBuf,
+    /// `Kind namespace/name` when the problem is one object's.
+    pub object: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for SourceWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.object {
+            Some(object) => write!(f, "{}: {}: {}", self.file.display(), object, self.reason),
+            None => write!(f, "{}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
+/// Why a file or document was skipped; rendered into
+/// [`SourceWarning::reason`].
+#[derive(Debug, Error)]
+enum Problem {
+    #[error("cannot list directory: {0}")]
+    ListDir(std::io::Error),
+    #[error("cannot read: {0}")]
+    Read(std::io::Error),
+    #[error("invalid YAML: {0}")]
+    Yaml(serde_yaml::Error),
+    #[error("invalid JSON: {0}")]
+    Json(serde_json::Error),
+    #[error("document is not a mapping")]
+    NotAMapping,
+    #[error("document has no kind")]
+    NoKind,
+    #[error("apiVersion {api_version:?} is not supported for {kind} (expected {expected})")]
+    ApiVersion {
+        api_version: String,
+        kind: String,
+        expected: &'static str,
+    },
+    #[error("items is not a list")]
+    BadItems,
+    #[error("lists nested in lists are not supported")]
+    NestedList,
+    #[error("{0}")]
+    Decode(serde_yaml::Error),
+}
+
+const SERVICE_API_VERSION: &str = "v1";
+const SLICE_API_VERSION: &str = "discovery.k8s.io/v1";
+
+/// Loads every Service and EndpointSlice from the `*.yaml`, `*.yml` and
+/// `*.json` files directly in `dir`, in file name order. Problems are
+/// returned as warnings; whatever could be read is returned regardless.
+pub fn load_dir(dir: &Path) -> (Objects, Vec<SourceWarning>) {
+    let mut loader = Loader::default();
+    match manifest_files(dir) {
+        Ok(files) => {
+            for file in files {
+                loader.load_file(&file);
+            }
+        }
+        Err(e) => loader.warn(dir, None, Problem::ListDir(e)),
+    }
+    (loader.objects, loader.warnings)
+}
+
+/// Manifest files in `dir`, sorted. Hidden files are skipped: editors'
+/// temporaries and the `..data` links of a mounted ConfigMap start with a
+/// dot. Symlinks are followed, since a mounted ConfigMap's files are links.
+fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let is_manifest = Path::new(name)
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| {
+                ["yaml", "yml", "json"]
+                    .iter()
+                    .any(|m| e.eq_ignore_ascii_case(m))
+            });
+        if name.starts_with('.') || !is_manifest || !path.is_file() {
+            continue;
+        }
+        files.push(path);
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn is_json(file: &Path) -> bool {
+    file.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+#[derive(Default)]
+struct Loader {
+    objects: Objects,
+    warnings: Vec<SourceWarning>,
+}
+
+impl Loader {
+    fn warn(&mut self, file: &Path, object: Option<String>, problem: Problem) {
+        self.warnings.push(SourceWarning {
+            file: file.to_path_buf(),
+            object,
+            // Parser messages may span lines; a warning is one log line.
+            reason: problem.to_string().replace('\n', " "),
+        });
+    }
+
+    fn load_file(&mut self, file: &Path) {
+        let text = match fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) => return self.warn(file, None, Problem::Read(e)),
+        };
+        match parse_documents(&text, is_json(file)) {
+            Ok(documents) => {
+                for document in documents {
+                    self.load_document(file, document, false);
+                }
+            }
+            Err(problem) => self.warn(file, None, problem),
+        }
+    }
+
+    /// `in_list` bounds recursion: a List's items are objects, not Lists.
+    fn load_document(&mut self, file: &Path, document: Value, in_list: bool) {
+        if document.is_null() {
+            return; // an empty document, e.g. after a trailing `---`
+        }
+        if !document.is_mapping() {
+            return self.warn(file, None, Problem::NotAMapping);
+        }
+        let kind = text_field(&document, "kind");
+        let api_version = text_field(&document, "apiVersion");
+        let object = Some(describe(&document, kind.as_deref()));
+        let Some(kind) = kind else {
+            return self.warn(file, object, Problem::NoKind);
+        };
+        match kind.as_str() {
+            "Service" => {
+                if let Some(service) = self.decode::<Service>(
+                    file,
+                    object,
+                    document,
+                    &api_version,
+                    SERVICE_API_VERSION,
+                ) {
+                    self.objects.services.push(with_default_namespace(service));
+                }
+            }
+            "EndpointSlice" => {
+                if let Some(slice) = self.decode::<EndpointSlice>(
+                    file,
+                    object,
+                    document,
+                    &api_version,
+                    SLICE_API_VERSION,
+                ) {
+                    self.objects.slices.push(with_default_namespace(slice));
+                }
+            }
+            "List" | "ServiceList" | "EndpointSliceList" if in_list => {
+                self.warn(file, object, Problem::NestedList)
+            }
+            "List" | "ServiceList" | "EndpointSliceList" => {
+                self.load_list(file, object, &kind, document)
+            }
+            other => tracing::debug!("{}: ignoring kind {other}", file.display()),
+        }
+    }
+
+    fn load_list(&mut self, file: &Path, object: Option<String>, kind: &str, mut list: Value) {
+        let items = match list.get_mut("items").map(std::mem::take) {
+            None | Some(Value::Null) => return,
+            Some(Value::Sequence(items)) => items,
+            Some(_) => return self.warn(file, object, Problem::BadItems),
+        };
+        // Typed lists, as the API returns them, leave kind out of each item.
+        let implied = match kind {
+            "ServiceList" => Some((SERVICE_API_VERSION, "Service")),
+            "EndpointSliceList" => Some((SLICE_API_VERSION, "EndpointSlice")),
+            _ => None,
+        };
+        for mut item in items {
+            if let (Some((api_version, kind)), Value::Mapping(map)) = (implied, &mut item) {
+                map.entry("apiVersion".into())
+                    .or_insert_with(|| api_version.into());
+                map.entry("kind".into()).or_insert_with(|| kind.into());
+            }
+            self.load_document(file, item, true);
+        }
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(
+        &mut self,
+        file: &Path,
+        object: Option<String>,
+        document: Value,
+        api_version: &Option<String>,
+        expected: &'static str,
+    ) -> Option<T> {
+        if api_version.as_deref() != Some(expected) {
+            let kind = text_field(&document, "kind").unwrap_or_default();
+            let problem = Problem::ApiVersion {
+                api_version: api_version.clone().unwrap_or_default(),
+                kind,
+                expected,
+            };
+            self.warn(file, object, problem);
+            return None;
+        }
+        match serde_yaml::from_value(document) {
+            Ok(decoded) => Some(decoded),
+            Err(e) => {
+                self.warn(file, object, Problem::Decode(e));
+                None
+            }
+        }
+    }
+}
+
+/// Parses every document of a file, or fails as a whole.
+fn parse_documents(text: &str, json: bool) -> Result<Vec<Value>, Problem> {
+    if json {
+        // YAML parsers are not fully JSON-compatible (tabs, some escapes),
+        // so JSON goes through a JSON parser into the same value type.
+        return serde_json::from_str::<Value>(text)
+            .map(|value| vec![value])
+            .map_err(Problem::Json);
+    }
+    let mut documents = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let mut value = Value::deserialize(document).map_err(Problem::Yaml)?;
+        // kubectl honours `<<` merge keys; serde_yaml leaves them to us.
+        value.apply_merge().map_err(Problem::Yaml)?;
+        documents.push(value);
+    }
+    Ok(documents)
+}
+
+fn text_field(document: &Value, field: &str) -> Option<String> {
+    document
+        .get(field)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+/// `Kind namespace/name` for warnings, read leniently from the raw document
+/// so it can name objects that fail to decode.
+fn describe(document: &Value, kind: Option<&str>) -> String {
+    let metadata = document.get("metadata");
+    let field = |name: &str| metadata.and_then(|m| m.get(name)).and_then(Value::as_str);
+    let namespace = field("namespace")
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or(DEFAULT_NAMESPACE);
+    let name = field("name").unwrap_or("<unnamed>");
+    format!("{} {namespace}/{name}", kind.unwrap_or("<no kind>"))
+}
+
+fn with_default_namespace<T: Metadata<Ty = ObjectMeta>>(mut object: T) -> T {
+    let meta = object.metadata_mut();
+    if meta.namespace.as_deref().is_none_or(str::is_empty) {
+        meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
+    }
+    object
+}
+
+/// One manifest file's identity for change detection.
+#[derive(Debug, PartialEq, Eq)]
+struct FileStamp {
+    name: OsString,
+    len: u64,
+    modified: Option<SystemTime>,
+    /// Catches edits that keep the size within the mtime granularity.
+    content: Option<u64>,
+}
+
+/// Polling change detector for a manifest directory, cheap enough to call
+/// every second: one directory listing plus reading the (small) manifests.
+#[derive(Debug)]
+pub struct DirWatcher {
+    dir: PathBuf,
+    /// `None` until the first call; `Some(Err)` while the directory cannot
+    /// be listed, so only transitions report a change.
+    last: Option<Result<Vec<FileStamp>, std::io::ErrorKind>>,
+}
+
+impl DirWatcher {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            last: None,
+        }
+    }
+
+    /// True the first time and whenever a manifest was added, removed or
+    /// changed since the previous call.
+    pub fn changed(&mut self) -> bool {
+        let current = Some(fingerprint(&self.dir));
+        if current == self.last {
+            return false;
+        }
+        self.last = current;
+        true
+    }
+}
+
+fn fingerprint(dir: &Path) -> Result<Vec<FileStamp>, std::io::ErrorKind> {
+    let files = manifest_files(dir).map_err(|e| e.kind())?;
+    Ok(files
+        .into_iter()
+        .map(|path| {
+            let metadata = fs::metadata(&path).ok();
+            FileStamp {
+                name: path.file_name().map(OsString::from).unwrap_or_default(),
+                len: metadata.as_ref().map_or(0, fs::Metadata::len),
+                modified: metadata.and_then(|m| m.modified().ok()),
+                content: fs::read(&path).ok().map(|bytes| {
+                    let mut hasher = DefaultHasher::new();
+                    bytes.hash(&mut hasher);
+                    hasher.finish()
+                }),
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let nanos = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let path = std::env::temp_dir().join(format!(
+                "kep-manifests-{}-{}-{nanos}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::create_dir_all(&path).expect("create temp dir");
+            Self(path)
+        }
+
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let path = self.0.join(name);
+            fs::write(&path, text).expect("write manifest");
+            path
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - name: http
+    port: 80
+    targetPort: http
+";
+
+    const SLICE: &str = "\
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-a
+  namespace: prod
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv4
+ports:
+- name: http
+  port: 8080
+endpoints:
+- addresses: [10.0.0.1]
+";
+
+    fn names(objects: &Objects) -> (Vec<String>, Vec<String>) {
+        let name = |m: &ObjectMeta| {
+            format!(
+                "{}/{}",
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default()
+            )
+        };
+        (
+            objects.services.iter().map(|s| name(&s.metadata)).collect(),
+            objects.slices.iter().map(|s| name(&s.metadata)).collect(),
+        )
+    }
+
+    #[test]
+    fn multi_document_file() {
+        let dir = TempDir::new();
+        dir.write(
+            "web.yaml",
+            &format!("---\n{SERVICE}---\n{SLICE}---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: x\n---\n"),
+        );
+        let (objects, warnings) = load_dir(&dir.0);
+        assert_eq!(warnings, []);
+        assert_eq!(
+            names(&objects),
+            (vec!["default/web".into()], vec!["prod/web-a".into()])
+        );
+        let spec = objects.services[0].spec.as_ref().expect("spec");
+        assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"));
+        assert_eq!(objects.slices[0].endpoints[0].addresses, ["10.0.0.1"]);
+    }
+
+    #[test]
+    fn bad_yaml_file_does_not_stop_other_files() {
+        let dir = TempDir::new();
+        let bad = dir.write("a-bad.yaml", &format!("{SERVICE}---\nkind: [unclosed\n"));
+        dir.write("b-good.yml", SLICE);
+        dir.write("notes.txt", "kind: [ignored, not a manifest");
+        let (objects, warnings) = load_dir(&dir.0);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].file, bad);
+        assert_eq!(warnings[0].object, None);
+        // The good document before the error is dropped with its file.
+        assert_eq!(names(&objects), (vec![], vec!["prod/web-a".into()]));
+    }
+
+    #[test]
+    fn undecodable_document_names_object() {
+        let dir = TempDir::new();
+        let file = dir.write(
+            "svc.yaml",
+            &format!("{SERVICE}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: broken\n  namespace: ns\nspec:\n  ports:\n  - port: eighty\n"),
+        );
+        let (objects, warnings) = load_dir(&dir.0);
+        assert_eq!(objects.services.len(), 1);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].object.as_deref(), Some("Service ns/broken"));
+        let line = warnings[0].to_string();
+        assert!(
+            line.starts_with(&format!("{}: Service ns/broken: ", file.display())),
+            "{line}"
+        );
+        assert!(!line.contains('\n'), "{line}");
+    }
+
+    #[test]
+    fn wrong_api_version_and_missing_kind_warn() {
+        let dir = TempDir::new();
+        dir.write(
+            "old.yaml",
+            &format!(
+                "{}---\nmetadata:\n  name: nokind\n",
+                SLICE.replace("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1")
+            ),
+        );
+        let (objects, warnings) = load_dir(&dir.0);
+        assert!(objects.slices.is_empty());
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].reason.contains("v1beta1"), "{}", warnings[0]);
+        assert_eq!(
+            warnings[1].object.as_deref(),
+            Some("<no kind> default/nokind")
+        );
+    }
+
+    #[test]
+    fn merge_keys_are_applied() {
+        let dir = TempDir::new();
+        dir.write(
+            "merge.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - &http {name: http, port: 80}\n  - <<: *http\n    name: alt\n",
+        );
+        let (objects, warnings) = load_dir(&dir.0);
+        assert_eq!(warnings, []);
+        let ports = objects.services[0]
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.clone())
+            .unwrap_or_default();
+        let ports: Vec<_> = ports
+            .iter()
+            .map(|p| (p.name.clone().unwrap_or_default(), p.port))
+            .collect();
+        assert_eq!(ports, [("http".to_string(), 80), ("alt".to_string(), 80)]);
+    }
+
+    #[test]
+    fn invalid_values_pass_through() {
+        let dir = TempDir::new();
+        dir.write(
+            "svc.yaml",
+            &SERVICE
+                .replace("10.96.0.10", "10.96.0.300")
+                .replace("port: 80", "port: 0"),
+        );
+        let (objects, warnings) = load_dir(&dir.0);
+        assert_eq!(warnings, []);
+        assert_eq!(objects.services.len(), 1);
+    }
+
+    #[test]
+    fn list_kinds() {
+        let dir = TempDir::new();
+        dir.write(
+            "list.yaml",
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: a}\n  spec: {clusterIP: 10.96.0.1}\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {name: c}\n",
+        );
+        dir.write(
+            "slices.json",
+            r#"{"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
+	"items": [{"metadata": {"name": "a-1", "labels": {"kubernetes.io/service-name": "a"}},
+	           "addressType": "IPv4", "endpoints": []}]}"#,
+        );
+        dir.write(
+            "nested.yaml",
+            "kind: List\nitems:\n- kind: List\n  items: []\n",
+        );
+        let (objects, warnings) = load_dir(&dir.0);
+        assert_eq!(
+            names(&objects),
+            (vec!["default/a".into()], vec!["default/a-1".into()])
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].file.ends_with("nested.yaml"));
+    }
+
+    #[test]
+    fn objects_come_out_through_model() {
+        let dir = TempDir::new();
+        dir.write(
+            "all.yaml",
+            &format!(
+                "{SERVICE}---\n{}",
+                SLICE.replace("namespace: prod", "namespace: default")
+            ),
+        );
+        let (objects, _) = load_dir(&dir.0);
+        let (state, warnings) = crate::model::compute(&objects.services, &objects.slices);
+        assert_eq!(warnings, []);
+        let endpoints: Vec<_> = state
+            .frontends
+            .values()
+            .flat_map(|s| s.endpoints.clone())
+            .collect();
+        assert_eq!(endpoints.len(), 1);
+        assert_eq!(endpoints[0].port, 8080);
+    }
+
+    #[test]
+    fn missing_dir_is_one_warning() {
+        let dir = TempDir::new();
+        let gone = dir.0.join("absent");
+        let (objects, warnings) = load_dir(&gone);
+        assert_eq!(objects, Objects::default());
+        assert_eq!(warnings.len(), 1);
+        assert_eq!(warnings[0].file, gone);
+    }
+
+    #[test]
+    fn watcher_detects_edit_add_remove() {
+        let dir = TempDir::new();
+        let web = dir.write("web.yaml", SERVICE);
+        let mut watcher = DirWatcher::new(&dir.0);
+        assert!(watcher.changed(), "first call");
+        assert!(!watcher.changed(), "nothing happened");
+
+        // Same length, written immediately: only the content hash can tell.
+        fs::write(&web, SERVICE.replace("10.96.0.10", "10.96.0.11")).expect("edit");
+        assert!(watcher.changed(), "edit");
+        assert!(!watcher.changed());
+
+        dir.write("other.yml", SLICE);
+        assert!(watcher.changed(), "add");
+        dir.write("ignored.txt", "x");
+        dir.write(".hidden.yaml", "x");
+        assert!(!watcher.changed(), "non-manifests are not watched");
+
+        fs::remove_file(&web).expect("remove");
+        assert!(watcher.changed(), "remove");
+        assert!(!watcher.changed());
+
+        fs::remove_dir_all(&dir.0).expect("remove dir");
+        assert!(watcher.changed(), "directory gone");
+        assert!(!watcher.changed());
+    }
+}

@@ -1,0 +1,284 @@
+//! Echo-name servers run in every backend namespace.
+//!
+//! TCP: each connection gets `<name>\n` for every line it sends (and for any
+//! data without a newline once the client pauses for 100 ms), until EOF, so
+//! long-lived connections keep working. UDP: every datagram is answered with
+//! `<name>\n` to its sender. The sockets are created inside the backend's
+//! namespace; the threads that serve them run in the root namespace, which
+//! does not matter since a socket keeps the namespace it was made in.
+//!
+//! Every blocking call wakes up at least every 100 ms to look at the stop
+//! flag, so [`Servers::stop`] returns promptly.
+
+use std::collections::BTreeSet;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::netns::Netns;
+
+const TICK: Duration = Duration::from_millis(100);
+
+/// What one backend's servers have seen so far.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// TCP connections accepted.
+    pub tcp_connections: AtomicU64,
+    /// TCP replies written (one per request line).
+    pub tcp_replies: AtomicU64,
+    /// UDP datagrams answered.
+    pub udp_datagrams: AtomicU64,
+    /// Source addresses of TCP connections and UDP datagrams (so a test can
+    /// check the client address is preserved, i.e. no SNAT).
+    pub peers: Mutex<BTreeSet<IpAddr>>,
+}
+
+/// A plain copy of [`ServerStats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub tcp_connections: u64,
+    pub tcp_replies: u64,
+    pub udp_datagrams: u64,
+    pub peers: BTreeSet<IpAddr>,
+}
+
+impl ServerStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            tcp_connections: self.tcp_connections.load(Ordering::Relaxed),
+            tcp_replies: self.tcp_replies.load(Ordering::Relaxed),
+            udp_datagrams: self.udp_datagrams.load(Ordering::Relaxed),
+            peers: self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+
+    fn saw(&self, peer: SocketAddr) {
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer.ip());
+    }
+}
+
+/// All servers of a lab. Stopped (threads joined) on drop.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    stats: Vec<Arc<ServerStats>>,
+}
+
+impl Servers {
+    pub fn new() -> Servers {
+        Servers {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            conns: Arc::new(Mutex::new(Vec::new())),
+            stats: Vec::new(),
+        }
+    }
+
+    /// Starts a TCP and a UDP server answering `name` inside `ns`, both on
+    /// 0.0.0.0. Returns the index of its stats.
+    pub fn start(&mut self, ns: &Netns, name: &str, tcp_port: u16, udp_port: u16) -> Result<usize> {
+        let any = Ipv4Addr::UNSPECIFIED;
+        let (listener, udp) = ns
+            .try_run(move || -> Result<(TcpListener, UdpSocket)> {
+                let l = TcpListener::bind((any, tcp_port))
+                    .with_context(|| format!("bind TCP {any}:{tcp_port}"))?;
+                let u = UdpSocket::bind((any, udp_port))
+                    .with_context(|| format!("bind UDP {any}:{udp_port}"))?;
+                Ok((l, u))
+            })?
+            .with_context(|| format!("servers for {name} in {}", ns.name()))?;
+        listener.set_nonblocking(true)?;
+        udp.set_read_timeout(Some(TICK))?;
+
+        let stats = Arc::new(ServerStats::default());
+        let reply: Arc<[u8]> = format!("{name}\n").into_bytes().into();
+
+        let (stop, conns, st, rep) = (
+            self.stop.clone(),
+            self.conns.clone(),
+            stats.clone(),
+            reply.clone(),
+        );
+        self.threads.push(
+            std::thread::Builder::new()
+                .name(format!("{name}-tcp"))
+                .spawn(move || tcp_accept_loop(listener, stop, conns, st, rep))?,
+        );
+        let (stop, st) = (self.stop.clone(), stats.clone());
+        self.threads.push(
+            std::thread::Builder::new()
+                .name(format!("{name}-udp"))
+                .spawn(move || udp_loop(udp, stop, st, reply))?,
+        );
+        self.stats.push(stats);
+        Ok(self.stats.len() - 1)
+    }
+
+    pub fn stats(&self, index: usize) -> Option<&ServerStats> {
+        self.stats.get(index).map(|s| &**s)
+    }
+
+    /// Stops every server and joins every thread. Idempotent.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                eprintln!("lab: a server thread panicked");
+            }
+        }
+        let conns: Vec<_> = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for t in conns {
+            if t.join().is_err() {
+                eprintln!("lab: a connection thread panicked");
+            }
+        }
+    }
+}
+
+impl Default for Servers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn wait_readable(fd: i32, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; errors (EINTR) just mean we look again.
+    unsafe {
+        libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int);
+    }
+}
+
+fn tcp_accept_loop(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    stats: Arc<ServerStats>,
+    reply: Arc<[u8]>,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                stats.tcp_connections.fetch_add(1, Ordering::Relaxed);
+                stats.saw(peer);
+                let (stop, stats, reply) = (stop.clone(), stats.clone(), reply.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("lab-conn".into())
+                    .spawn(move || serve_conn(stream, stop, stats, reply));
+                let mut list = conns.lock().unwrap_or_else(|e| e.into_inner());
+                list.retain(|h| !h.is_finished());
+                match spawned {
+                    Ok(h) => list.push(h),
+                    Err(e) => eprintln!("lab: cannot spawn connection thread: {e}"),
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                wait_readable(listener.as_raw_fd(), TICK);
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                // ECONNABORTED and friends: the client is gone; go on.
+                eprintln!("lab: accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn serve_conn(
+    mut stream: TcpStream,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ServerStats>,
+    reply: Arc<[u8]>,
+) {
+    if stream.set_nonblocking(false).is_err()
+        || stream.set_read_timeout(Some(TICK)).is_err()
+        || stream
+            .set_write_timeout(Some(Duration::from_secs(1)))
+            .is_err()
+    {
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::SeqCst) {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                pending.extend_from_slice(&buf[..n]);
+                let lines = pending.iter().filter(|&&b| b == b'\n').count();
+                if lines > 0 {
+                    let keep =
+                        pending.len() - 1 - pending.iter().rposition(|&b| b == b'\n').unwrap();
+                    pending.drain(..pending.len() - keep);
+                    for _ in 0..lines {
+                        if stream.write_all(&reply).is_err() {
+                            return;
+                        }
+                        stats.tcp_replies.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                // The client paused with a partial request: answer it.
+                if !pending.is_empty() {
+                    pending.clear();
+                    if stream.write_all(&reply).is_err() {
+                        return;
+                    }
+                    stats.tcp_replies.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+}
+
+fn udp_loop(sock: UdpSocket, stop: Arc<AtomicBool>, stats: Arc<ServerStats>, reply: Arc<[u8]>) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::SeqCst) {
+        match sock.recv_from(&mut buf) {
+            Ok((_, peer)) => {
+                stats.saw(peer);
+                if sock.send_to(&reply, peer).is_ok() {
+                    stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            // ICMP errors from earlier sends surface here (e.g. ECONNREFUSED);
+            // they concern a past peer, not this socket.
+            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}

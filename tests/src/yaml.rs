@@ -1,0 +1,125 @@
+//! Manifest text for lab tests, the same shape as `manifests/examples/demo.yaml`.
+
+use std::fmt::Write;
+use std::net::Ipv4Addr;
+
+use crate::{addr, backend_name};
+
+/// One service port: `(name, port, protocol, targetPort)`; `targetPort` is
+/// written verbatim (a number or a port name).
+pub type ServicePort<'a> = (&'a str, u16, &'a str, &'a str);
+
+/// A `v1/Service` of type ClusterIP in namespace `default`.
+pub fn service(
+    name: &str,
+    cluster_ip: &str,
+    ports: &[ServicePort<'_>],
+    selector_app: &str,
+) -> String {
+    let mut s = format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  type: ClusterIP
+  clusterIP: {cluster_ip}
+  selector:
+    app: {selector_app}
+  ports:
+"
+    );
+    for (pname, port, proto, target) in ports {
+        let _ = writeln!(
+            s,
+            "  - name: {pname}\n    port: {port}\n    protocol: {proto}\n    targetPort: {target}"
+        );
+    }
+    s
+}
+
+/// A `discovery.k8s.io/v1/EndpointSlice` for `service` in namespace
+/// `default`. `ports` are `(name, port, protocol)`; `endpoints` are
+/// `(address, pod name, ready)`.
+pub fn endpoint_slice(
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[(Ipv4Addr, String, bool)],
+) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}
+  namespace: default
+  labels:
+    kubernetes.io/service-name: {service}
+addressType: IPv4
+ports:
+"
+    );
+    for (pname, port, proto) in ports {
+        let _ = writeln!(s, "- name: {pname}\n  port: {port}\n  protocol: {proto}");
+    }
+    if endpoints.is_empty() {
+        s.push_str("endpoints: []\n");
+    } else {
+        s.push_str("endpoints:\n");
+    }
+    for (ip, pod, ready) in endpoints {
+        let _ = writeln!(
+            s,
+            "- addresses: [\"{ip}\"]
+  conditions:
+    ready: {ready}
+  nodeName: lab-node
+  targetRef:
+    kind: Pod
+    namespace: default
+    name: {pod}"
+        );
+    }
+    s
+}
+
+/// Service `demo` (10.96.0.10: http 80/TCP -> `http`, dns 53/UDP -> `dns`)
+/// with EndpointSlice `demo-lab` listing the given backends (ready, pod
+/// ports 8080/TCP and 5353/UDP).
+pub fn demo(backends: &[usize]) -> String {
+    demo_with_ports(backends, 8080, 5353)
+}
+
+/// [`demo`] with other backend ports.
+pub fn demo_with_ports(backends: &[usize], tcp_port: u16, udp_port: u16) -> String {
+    let vip = addr::DEMO_VIP.to_string();
+    let svc = service(
+        "demo",
+        &vip,
+        &[("http", 80, "TCP", "http"), ("dns", 53, "UDP", "dns")],
+        "demo",
+    );
+    let eps: Vec<_> = backends
+        .iter()
+        .map(|&i| (addr::backend_ip(i), backend_name(i), true))
+        .collect();
+    let slice = endpoint_slice(
+        "demo-lab",
+        "demo",
+        &[("http", tcp_port, "TCP"), ("dns", udp_port, "UDP")],
+        &eps,
+    );
+    format!("{svc}---\n{slice}")
+}
+
+/// Service `empty` (10.96.0.11: 80/TCP -> 8080, 53/UDP -> 5353) with no
+/// EndpointSlice: new connections are rejected.
+pub fn empty() -> String {
+    service(
+        "empty",
+        &addr::EMPTY_VIP.to_string(),
+        &[("http", 80, "TCP", "8080"), ("dns", 53, "UDP", "5353")],
+        "nothing",
+    )
+}

@@ -1,0 +1,672 @@
+//! The TC program fed crafted packets through BPF_PROG_TEST_RUN: every
+//! output byte is checked, checksums are recomputed from scratch, and a fuzz
+//! loop holds every output to "unchanged, or exactly a correct translation".
+//!
+//! Needs root (CAP_BPF + CAP_NET_ADMIN) and bpffs; fails loudly without.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use proxy_common::{
+    Backend, CtKey, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey, ServiceValue, proto, stat,
+};
+use proxy_userspace::{
+    datapath::{Datapath, DatapathConfig, unpin_all},
+    diff::MapOp,
+    encode::{addr_to_map, port_to_map},
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const VIP_DROP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const BACKENDS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 244, 10, 2),
+    Ipv4Addr::new(10, 244, 11, 2),
+    Ipv4Addr::new(10, 244, 12, 2),
+];
+const SVC_PORT: u16 = 80;
+const BACKEND_PORT: u16 = 8080;
+
+const ETH: usize = 14;
+const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
+const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbb];
+
+/// A loaded datapath pinned under a directory of its own, unpinned on drop.
+struct Fixture {
+    dp: Datapath,
+    pin_dir: PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Err(e) = unpin_all(&self.pin_dir) {
+            eprintln!("unpinning {}: {e}", self.pin_dir.display());
+        }
+    }
+}
+
+impl Fixture {
+    /// Services: VIP:80 over TCP and UDP -> the three backends; VIP_EMPTY:80
+    /// with no endpoints (REJECT); VIP_DROP:80 with no endpoints (DROP).
+    fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/kep-testrun-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let cfg = DatapathConfig {
+            conntrack_max: 4096,
+            ..DatapathConfig::new(&pin_dir)
+        };
+        let dp = Datapath::load(&cfg).unwrap_or_else(|e| {
+            panic!("cannot load the eBPF datapath (this test needs root and bpffs): {e:#}")
+        });
+        let mut fx = Self { dp, pin_dir };
+        let mut ops = Vec::new();
+        for (i, addr) in BACKENDS.iter().enumerate() {
+            for (j, p) in [proto::TCP, proto::UDP].into_iter().enumerate() {
+                let id = (i * 2 + j + 1) as u32;
+                ops.push(MapOp::PutBackend(
+                    id,
+                    Backend::new(addr_to_map(*addr), port_to_map(BACKEND_PORT), p),
+                ));
+            }
+        }
+        for (j, p) in [proto::TCP, proto::UDP].into_iter().enumerate() {
+            let key = ServiceKey::new(addr_to_map(VIP), port_to_map(SVC_PORT), p, 0);
+            for i in 0..BACKENDS.len() {
+                let id = (i * 2 + j + 1) as u32;
+                ops.push(MapOp::PutService(
+                    key.with_slot(i as u16 + 1),
+                    ServiceValue::slot(id),
+                ));
+            }
+            ops.push(MapOp::PutService(
+                key,
+                ServiceValue::service(j as u32 + 1, BACKENDS.len() as u16, 0),
+            ));
+            ops.push(MapOp::PutService(
+                ServiceKey::new(addr_to_map(VIP_EMPTY), port_to_map(SVC_PORT), p, 0),
+                ServiceValue::service(10 + j as u32, 0, SVC_FLAG_REJECT),
+            ));
+            ops.push(MapOp::PutService(
+                ServiceKey::new(addr_to_map(VIP_DROP), port_to_map(SVC_PORT), p, 0),
+                ServiceValue::service(20 + j as u32, 0, SVC_FLAG_DROP),
+            ));
+        }
+        let failed = fx.dp.apply(&ops);
+        assert!(failed.is_empty(), "map writes failed: {failed:?}");
+        fx
+    }
+
+    fn run(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; 4096];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
+        let res = self
+            .dp
+            .classifier()
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed for {packet:02x?}: {e:?}"));
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+}
+
+// ---- packet crafting and checking ---------------------------------------------------------
+
+fn sum16(data: &[u8]) -> u32 {
+    let mut sum = 0u32;
+    for chunk in data.chunks(2) {
+        let w = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        sum += w as u32;
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    !fold(sum16(data))
+}
+
+fn pseudo_sum(src: &[u8], dst: &[u8], proto: u8, len: usize) -> u32 {
+    sum16(src) + sum16(dst) + proto as u32 + len as u32
+}
+
+/// Builds Ethernet + IPv4 (no options) + TCP/UDP with valid checksums.
+fn packet(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    l4: u8,
+    tcp_flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let l4_len = if l4 == proto::TCP { 20 } else { 8 } + payload.len();
+    let mut p = Vec::with_capacity(ETH + 20 + l4_len);
+    p.extend_from_slice(&MAC_B);
+    p.extend_from_slice(&MAC_A);
+    p.extend_from_slice(&0x0800u16.to_be_bytes());
+    p.extend_from_slice(&[0x45, 0]);
+    p.extend_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+    p.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, l4, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let ipc = checksum(&p[ETH..ETH + 20]);
+    p[ETH + 10..ETH + 12].copy_from_slice(&ipc.to_be_bytes());
+    let l4_off = p.len();
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    if l4 == proto::TCP {
+        p.extend_from_slice(&[
+            0, 0, 0, 1, 0, 0, 0, 0, 0x50, tcp_flags, 0xff, 0xff, 0, 0, 0, 0,
+        ]);
+    } else {
+        p.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+    }
+    p.extend_from_slice(payload);
+    let csum_off = l4_off + if l4 == proto::TCP { 16 } else { 6 };
+    let c = !fold(pseudo_sum(&src.octets(), &dst.octets(), l4, l4_len) + sum16(&p[l4_off..]));
+    // UDP transmits a computed 0 as 0xffff; 0 means "no checksum".
+    let c = if l4 == proto::UDP && c == 0 {
+        0xffff
+    } else {
+        c
+    };
+    p[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    packet(src, dst, sport, dport, proto::TCP, flags, b"hello\n")
+}
+
+fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    packet(src, dst, sport, dport, proto::UDP, 0, b"query")
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn ip_src(p: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(p[26], p[27], p[28], p[29])
+}
+fn ip_dst(p: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(p[30], p[31], p[32], p[33])
+}
+fn ihl(p: &[u8]) -> usize {
+    (p[ETH] & 0x0f) as usize * 4
+}
+fn sport(p: &[u8]) -> u16 {
+    let o = ETH + ihl(p);
+    u16::from_be_bytes([p[o], p[o + 1]])
+}
+fn dport(p: &[u8]) -> u16 {
+    let o = ETH + ihl(p);
+    u16::from_be_bytes([p[o + 2], p[o + 3]])
+}
+
+fn ip_csum_ok(p: &[u8]) -> bool {
+    let h = ihl(p);
+    p.len() >= ETH + h && fold(sum16(&p[ETH..ETH + h])) == 0xffff
+}
+
+/// L4 checksum over the bytes actually present after the IP header. A zero
+/// UDP checksum means "none" and counts as valid.
+fn l4_csum_ok(p: &[u8]) -> bool {
+    let off = ETH + ihl(p);
+    let l4 = p[ETH + 9];
+    let seg = &p[off..];
+    if l4 == proto::UDP && seg.len() >= 8 && seg[6] == 0 && seg[7] == 0 {
+        return true;
+    }
+    fold(pseudo_sum(&p[26..30], &p[30..34], l4, seg.len()) + sum16(seg)) == 0xffff
+}
+
+fn assert_checksums(p: &[u8]) {
+    assert!(ip_csum_ok(p), "bad IPv4 header checksum: {p:02x?}");
+    assert!(l4_csum_ok(p), "bad L4 checksum: {p:02x?}");
+}
+
+/// Bytes where `a` and `b` differ.
+fn changed(a: &[u8], b: &[u8]) -> Vec<usize> {
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+fn ct_entries(fx: &Fixture) -> Vec<(CtKey, proxy_common::CtValue)> {
+    fx.dp.conntrack().expect("reading conntrack")
+}
+
+// ---- tests ---------------------------------------------------------------------------------
+
+#[test]
+fn tcp_dnat_rewrites_destination_and_checksums() {
+    let mut fx = Fixture::new();
+    let input = tcp(CLIENT, VIP, 40000, SVC_PORT, SYN);
+    let (ret, out) = fx.run(&input);
+    assert_eq!(ret, TC_ACT_OK);
+    assert_eq!(out.len(), input.len());
+    assert!(BACKENDS.contains(&ip_dst(&out)), "dst {}", ip_dst(&out));
+    assert_eq!(dport(&out), BACKEND_PORT);
+    assert_eq!(ip_src(&out), CLIENT);
+    assert_eq!(sport(&out), 40000);
+    assert_checksums(&out);
+    // Only destination address, destination port and the two checksums move.
+    let allowed = [24, 25, 30, 31, 32, 33, 36, 37, 50, 51];
+    for i in changed(&input, &out) {
+        assert!(allowed.contains(&i), "byte {i} changed");
+    }
+
+    // Both directions are in conntrack, naming the same backend.
+    let ct = ct_entries(&fx);
+    assert_eq!(ct.len(), 2, "{ct:?}");
+    let fwd = ct
+        .iter()
+        .find(|(k, _)| k.daddr == addr_to_map(VIP))
+        .expect("forward entry");
+    let rev = ct.iter().find(|(_, v)| v.is_reply()).expect("reply entry");
+    assert_eq!(fwd.1.nat_addr, addr_to_map(ip_dst(&out)));
+    assert_eq!(rev.0.saddr, addr_to_map(ip_dst(&out)));
+    assert_eq!(rev.1.nat_addr, addr_to_map(VIP));
+    assert_eq!(rev.1.nat_port, port_to_map(SVC_PORT));
+
+    // Later packets of the flow keep the backend.
+    for _ in 0..20 {
+        let (ret, again) = fx.run(&tcp(CLIENT, VIP, 40000, SVC_PORT, ACK));
+        assert_eq!(ret, TC_ACT_OK);
+        assert_eq!(ip_dst(&again), ip_dst(&out));
+        assert_checksums(&again);
+    }
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::NEW_FLOWS as usize], 1);
+    assert_eq!(stats[stat::FORWARD_HITS as usize], 20);
+}
+
+#[test]
+fn reply_is_reverse_translated_to_the_vip() {
+    let mut fx = Fixture::new();
+    let (_, out) = fx.run(&tcp(CLIENT, VIP, 41000, SVC_PORT, SYN));
+    let backend = ip_dst(&out);
+    let reply = tcp(backend, CLIENT, BACKEND_PORT, 41000, SYN | ACK);
+    let (ret, rout) = fx.run(&reply);
+    assert_eq!(ret, TC_ACT_OK);
+    assert_eq!(ip_src(&rout), VIP);
+    assert_eq!(sport(&rout), SVC_PORT);
+    assert_eq!(ip_dst(&rout), CLIENT);
+    assert_eq!(dport(&rout), 41000);
+    assert_checksums(&rout);
+    let allowed = [24, 25, 26, 27, 28, 29, 34, 35, 50, 51];
+    for i in changed(&reply, &rout) {
+        assert!(allowed.contains(&i), "byte {i} changed");
+    }
+    assert_eq!(fx.dp.stats().unwrap()[stat::REPLY_HITS as usize], 1);
+}
+
+#[test]
+fn udp_dnat_with_and_without_checksum() {
+    let mut fx = Fixture::new();
+    let input = udp(CLIENT, VIP, 5000, SVC_PORT);
+    let (ret, out) = fx.run(&input);
+    assert_eq!(ret, TC_ACT_OK);
+    assert!(BACKENDS.contains(&ip_dst(&out)));
+    assert_eq!(dport(&out), BACKEND_PORT);
+    assert_checksums(&out);
+    assert_ne!(
+        &out[40..42],
+        &[0, 0],
+        "a present UDP checksum stays present"
+    );
+
+    // "No checksum" (0) must stay 0 rather than become a wrong value.
+    let mut nocsum = udp(CLIENT, VIP, 5001, SVC_PORT);
+    nocsum[40] = 0;
+    nocsum[41] = 0;
+    let (ret, out) = fx.run(&nocsum);
+    assert_eq!(ret, TC_ACT_OK);
+    assert!(BACKENDS.contains(&ip_dst(&out)));
+    assert_eq!(&out[40..42], &[0, 0]);
+    assert!(ip_csum_ok(&out));
+
+    let (_, out) = fx.run(&udp(CLIENT, VIP, 5002, SVC_PORT));
+    let reply = udp(ip_dst(&out), CLIENT, BACKEND_PORT, 5002);
+    let (ret, rout) = fx.run(&reply);
+    assert_eq!(ret, TC_ACT_OK);
+    assert_eq!((ip_src(&rout), sport(&rout)), (VIP, SVC_PORT));
+    assert_checksums(&rout);
+}
+
+#[test]
+fn non_service_packets_are_unchanged() {
+    let mut fx = Fixture::new();
+    let cases = [
+        tcp(CLIENT, BACKENDS[0], 40000, BACKEND_PORT, SYN),
+        tcp(CLIENT, VIP, 40000, 81, SYN),
+        udp(CLIENT, Ipv4Addr::new(8, 8, 8, 8), 5000, 53),
+        // A TCP-only frontend does not match UDP and vice versa: here port
+        // 80 exists for both, so use another VIP to check protocol matching.
+        packet(CLIENT, VIP, 40000, SVC_PORT, 99, 0, b"other protocol"),
+    ];
+    for input in cases {
+        let (ret, out) = fx.run(&input);
+        assert_eq!(ret, TC_ACT_OK);
+        assert_eq!(out, input);
+    }
+    // Non-IPv4 frames.
+    let mut arp = tcp(CLIENT, VIP, 1, SVC_PORT, SYN);
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let (ret, out) = fx.run(&arp);
+    assert_eq!((ret, out), (TC_ACT_OK, arp));
+    assert!(ct_entries(&fx).is_empty());
+}
+
+#[test]
+fn fragments_and_icmp_pass_untouched() {
+    let mut fx = Fixture::new();
+    for frag in [[0x20u8, 0x00], [0x00, 0x10], [0x20, 0x10]] {
+        let mut p = udp(CLIENT, VIP, 6000, SVC_PORT);
+        p[ETH + 6..ETH + 8].copy_from_slice(&frag);
+        let (ret, out) = fx.run(&p);
+        assert_eq!((ret, &out), (TC_ACT_OK, &p), "fragment {frag:?}");
+    }
+    let icmp = packet(CLIENT, VIP, 0x0800, 0, proto::ICMP, 0, b"ping");
+    let (ret, out) = fx.run(&icmp);
+    assert_eq!((ret, out), (TC_ACT_OK, icmp));
+    assert!(ct_entries(&fx).is_empty());
+}
+
+#[test]
+fn truncated_packets_pass_safely() {
+    let mut fx = Fixture::new();
+    for (full, l4_hdr) in [
+        (tcp(CLIENT, VIP, 42000, SVC_PORT, SYN), 20),
+        (udp(CLIENT, VIP, 42001, SVC_PORT), 8),
+        (tcp(CLIENT, VIP_EMPTY, 42002, SVC_PORT, SYN), 20),
+        (udp(CLIENT, VIP_EMPTY, 42003, SVC_PORT), 8),
+    ] {
+        // BPF_PROG_TEST_RUN itself refuses an IPv4 frame shorter than the
+        // Ethernet + IPv4 headers, so truncation is tested from there up to
+        // one byte short of a complete L4 header.
+        for len in ETH + 20..ETH + 20 + l4_hdr {
+            let cut = &full[..len];
+            let (ret, out) = fx.run(cut);
+            assert_eq!(ret, TC_ACT_OK, "len {len}");
+            assert_eq!(out, cut, "len {len} modified");
+        }
+    }
+    assert!(ct_entries(&fx).is_empty());
+}
+
+/// The ICMP port unreachable the datapath sends for a frontend without
+/// endpoints, checked field by field.
+fn assert_port_unreachable(input: &[u8], out: &[u8]) {
+    // The IPv4 header and the whole fixed L4 header are quoted.
+    let quote = 20 + if input[ETH + 9] == proto::TCP { 20 } else { 8 };
+    assert_eq!(out.len(), ETH + 20 + 8 + quote);
+    assert_eq!(&out[0..6], &input[6..12], "back to the sender's MAC");
+    assert_eq!(&out[6..12], &input[0..6]);
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    assert_eq!(out[ETH], 0x45);
+    assert_eq!(u16::from_be_bytes([out[16], out[17]]) as usize, 28 + quote);
+    assert_eq!(out[ETH + 9], proto::ICMP);
+    assert_eq!(ip_src(out), ip_dst(input), "sent by the frontend address");
+    assert_eq!(ip_dst(out), ip_src(input));
+    assert!(ip_csum_ok(out), "ICMP IPv4 header checksum");
+    let icmp = &out[ETH + 20..];
+    assert_eq!((icmp[0], icmp[1]), (3, 3), "destination/port unreachable");
+    assert_eq!(fold(sum16(icmp)), 0xffff, "ICMP checksum");
+    assert_eq!(&icmp[8..], &input[ETH..ETH + quote], "quotes the request");
+}
+
+#[test]
+fn no_endpoints_reject_with_icmp_port_unreachable() {
+    let mut fx = Fixture::new();
+    for input in [
+        tcp(CLIENT, VIP_EMPTY, 43000, SVC_PORT, SYN),
+        udp(CLIENT, VIP_EMPTY, 43001, SVC_PORT),
+    ] {
+        let (ret, out) = fx.run(&input);
+        assert_eq!(
+            ret, TC_ACT_REDIRECT,
+            "sent back out of the ingress interface"
+        );
+        assert_port_unreachable(&input, &out);
+    }
+    assert_eq!(fx.dp.stats().unwrap()[stat::REJECTS as usize], 2);
+    assert!(
+        ct_entries(&fx).is_empty(),
+        "a rejected flow leaves no state"
+    );
+}
+
+#[test]
+fn drop_flag_drops_silently() {
+    let mut fx = Fixture::new();
+    let (ret, _) = fx.run(&tcp(CLIENT, VIP_DROP, 44000, SVC_PORT, SYN));
+    assert_eq!(ret, TC_ACT_SHOT);
+    assert_eq!(fx.dp.stats().unwrap()[stat::DROPS as usize], 1);
+}
+
+#[test]
+fn removed_backend_is_not_reused_by_an_old_flow() {
+    let mut fx = Fixture::new();
+    let (_, out) = fx.run(&tcp(CLIENT, VIP, 45000, SVC_PORT, SYN));
+    let chosen = ip_dst(&out);
+    // Remove the chosen backend everywhere, as the agent's diff would.
+    let idx = BACKENDS.iter().position(|b| *b == chosen).unwrap();
+    let key = ServiceKey::new(addr_to_map(VIP), port_to_map(SVC_PORT), proto::TCP, 0);
+    let live = fx.dp.live().clone();
+    let remaining: Vec<u32> = (1..=3u16)
+        .map(|s| live.services[&key.with_slot(s)].backend_id)
+        .filter(|id| live.backends[id].addr != addr_to_map(chosen))
+        .collect();
+    let removed_id = (idx * 2 + 1) as u32;
+    let ops = vec![
+        MapOp::PutService(key.with_slot(1), ServiceValue::slot(remaining[0])),
+        MapOp::PutService(key.with_slot(2), ServiceValue::slot(remaining[1])),
+        MapOp::PutService(key, ServiceValue::service(1, 2, 0)),
+        MapOp::DeleteService(key.with_slot(3)),
+        MapOp::DeleteBackend(removed_id),
+    ];
+    assert!(fx.dp.apply(&ops).is_empty());
+    for _ in 0..20 {
+        let (ret, again) = fx.run(&tcp(CLIENT, VIP, 45000, SVC_PORT, ACK));
+        assert_eq!(ret, TC_ACT_OK);
+        assert_ne!(
+            ip_dst(&again),
+            chosen,
+            "flow still sent to a removed backend"
+        );
+        assert_checksums(&again);
+    }
+}
+
+// ---- fuzz ----------------------------------------------------------------------------------
+
+/// What a correct datapath may do to one input.
+fn check_fuzz_output(input: &[u8], ret: u32, out: &[u8]) -> Result<(), String> {
+    if ret == TC_ACT_REDIRECT {
+        // Only a frontend without endpoints answers, and only well-formed.
+        if ip_dst(input) != VIP_EMPTY || ihl(input) != 20 {
+            return Err("unexpected redirect".into());
+        }
+        assert_port_unreachable(input, out);
+        return Ok(());
+    }
+    if ret != TC_ACT_OK && ret != TC_ACT_SHOT {
+        return Err(format!("unexpected verdict {ret}"));
+    }
+    if out == input {
+        return Ok(());
+    }
+    if out.len() != input.len() {
+        return Err("length changed".into());
+    }
+    let off = ETH + ihl(input);
+    let l4 = input[ETH + 9];
+    let csum = off + if l4 == proto::TCP { 16 } else { 6 };
+    let diffs = changed(input, out);
+    let dnat = [24, 25, 30, 31, 32, 33, off + 2, off + 3, csum, csum + 1];
+    let snat = [24, 25, 26, 27, 28, 29, off, off + 1, csum, csum + 1];
+    if diffs.iter().all(|i| dnat.contains(i)) {
+        if ip_dst(input) != VIP || dport(input) != SVC_PORT {
+            return Err("DNAT of a packet not addressed to the service".into());
+        }
+        if !BACKENDS.contains(&ip_dst(out)) || dport(out) != BACKEND_PORT {
+            return Err(format!("DNAT to {}:{}", ip_dst(out), dport(out)));
+        }
+    } else if diffs.iter().all(|i| snat.contains(i)) {
+        if !BACKENDS.contains(&ip_src(input)) || sport(input) != BACKEND_PORT {
+            return Err("reverse NAT of a packet not from a backend".into());
+        }
+        if ip_src(out) != VIP || sport(out) != SVC_PORT {
+            return Err(format!("reverse NAT to {}:{}", ip_src(out), sport(out)));
+        }
+    } else {
+        return Err(format!("bytes {diffs:?} changed"));
+    }
+    if ip_csum_ok(input) && !ip_csum_ok(out) {
+        return Err("IPv4 checksum broken".into());
+    }
+    if l4_csum_ok(input) && !l4_csum_ok(out) {
+        return Err("L4 checksum broken".into());
+    }
+    if l4 == proto::UDP && input[csum..csum + 2] == [0, 0] && out[csum..csum + 2] != [0, 0] {
+        return Err("zero UDP checksum changed".into());
+    }
+    Ok(())
+}
+
+fn random_packet(rng: &mut StdRng) -> Vec<u8> {
+    let l4 = if rng.random_bool(0.5) {
+        proto::TCP
+    } else {
+        proto::UDP
+    };
+    let payload: Vec<u8> = (0..rng.random_range(0..64)).map(|_| rng.random()).collect();
+    let (src, dst, sp, dp) = match rng.random_range(0..5) {
+        0 | 1 => (CLIENT, VIP, rng.random_range(1024..1100), SVC_PORT),
+        2 => (
+            BACKENDS[rng.random_range(0..3)],
+            CLIENT,
+            BACKEND_PORT,
+            rng.random_range(1024..1100),
+        ),
+        3 => (CLIENT, VIP_EMPTY, rng.random(), SVC_PORT),
+        _ => (
+            Ipv4Addr::from(rng.random::<u32>()),
+            Ipv4Addr::from(rng.random::<u32>()),
+            rng.random(),
+            rng.random(),
+        ),
+    };
+    packet(src, dst, sp, dp, l4, rng.random(), &payload)
+}
+
+fn mutate(rng: &mut StdRng, p: &mut Vec<u8>) {
+    for _ in 0..rng.random_range(1..4) {
+        match rng.random_range(0..6) {
+            0 => {
+                let i = rng.random_range(0..p.len());
+                p[i] = rng.random();
+            }
+            1 => {
+                let len = rng.random_range(ETH..=p.len());
+                p.truncate(len);
+            }
+            // Header fields the parser decides on.
+            2 if p.len() > ETH => p[ETH] = 0x40 | rng.random_range(0..16u8),
+            3 if p.len() > ETH + 6 => p[ETH + 6] = rng.random(),
+            4 if p.len() > ETH + 9 => {
+                p[ETH + 9] =
+                    [proto::TCP, proto::UDP, proto::ICMP, rng.random()][rng.random_range(0..4)]
+            }
+            5 => p.extend((0..rng.random_range(0..8)).map(|_| rng.random::<u8>())),
+            _ => {}
+        }
+    }
+}
+
+/// BPF_PROG_TEST_RUN refuses frames shorter than the Ethernet header plus
+/// the minimal network header their ethertype announces; such input never
+/// reaches the program, so it is padded instead of skipped.
+fn pad_to_test_run_minimum(p: &mut Vec<u8>) {
+    let min = match p.get(12..14) {
+        Some([0x08, 0x00]) => ETH + 20,
+        Some([0x86, 0xdd]) => ETH + 40,
+        _ => ETH,
+    };
+    if p.len() < min {
+        p.resize(min, 0);
+    }
+}
+
+#[test]
+fn fuzz_every_output_is_unchanged_or_a_correct_translation() {
+    let mut fx = Fixture::new();
+    let seed: u64 = std::env::var("KEP_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x6b65_7000);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let iterations = 100_000;
+    let (mut translated, mut rejected) = (0u32, 0u32);
+    for n in 0..iterations {
+        let mut p = match rng.random_range(0..10) {
+            0 => (0..rng.random_range(ETH..128))
+                .map(|_| rng.random::<u8>())
+                .collect(),
+            1..=4 => random_packet(&mut rng),
+            _ => {
+                let mut p = random_packet(&mut rng);
+                mutate(&mut rng, &mut p);
+                p
+            }
+        };
+        pad_to_test_run_minimum(&mut p);
+        let (ret, out) = fx.run(&p);
+        if let Err(why) = check_fuzz_output(&p, ret, &out) {
+            panic!(
+                "fuzz case {n} (seed {seed}): {why}\n in:  {p:02x?}\n out: {out:02x?} verdict {ret}"
+            );
+        }
+        if ret == TC_ACT_REDIRECT {
+            rejected += 1;
+        } else if out != p {
+            translated += 1;
+        }
+    }
+    // The generator must really exercise the translation paths.
+    assert!(translated > iterations / 10, "only {translated} translated");
+    assert!(rejected > iterations / 50, "only {rejected} rejected");
+}
