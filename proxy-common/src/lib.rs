@@ -28,8 +28,9 @@ pub mod map_names {
     pub const BACKENDS: &str = "kep_backends";
     pub const CONNTRACK: &str = "kep_conntrack";
     pub const STATS: &str = "kep_stats";
+    pub const CONFIG: &str = "kep_config";
     /// Every map the agent pins, in creation order.
-    pub const ALL: [&str; 4] = [SERVICES, BACKENDS, CONNTRACK, STATS];
+    pub const ALL: [&str; 5] = [SERVICES, BACKENDS, CONNTRACK, STATS, CONFIG];
 }
 
 /// Names of the eBPF programs in the object.
@@ -78,6 +79,14 @@ impl ServiceKey {
             proto,
             _pad: [0; 3],
         }
+    }
+
+    /// The cluster-IP entry of `addr`: present when `addr` is a cluster IP,
+    /// so traffic to it on a port or protocol no Service serves is rejected
+    /// (kube-proxy REJECTs it) instead of leaving the node. Real frontends
+    /// never have port 0.
+    pub const fn cluster_ip(addr: u32) -> Self {
+        Self::new(addr, 0, 0, 0)
     }
 
     /// The same frontend at another slot.
@@ -202,6 +211,12 @@ impl CtKey {
 /// Without it the entry is the forward direction: rewrite the destination.
 pub const CT_FLAG_REPLY: u8 = 1 << 0;
 
+/// The flow is a hairpin (a pod reaching itself through a Service): its
+/// source is also rewritten, to `Config::hairpin_addr`, so the pod does not
+/// receive a packet from its own address. On the reply entry, the
+/// destination is restored to the pod's address (its own source).
+pub const CT_FLAG_HAIRPIN: u8 = 1 << 1;
+
 /// Conntrack value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -227,6 +242,41 @@ impl CtValue {
     pub const fn is_reply(&self) -> bool {
         self.flags & CT_FLAG_REPLY != 0
     }
+
+    pub const fn is_hairpin(&self) -> bool {
+        self.flags & CT_FLAG_HAIRPIN != 0
+    }
+}
+
+/// An IPv4 prefix: address and mask, both network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: u32,
+    pub mask: u32,
+}
+
+impl Cidr {
+    pub const fn contains(&self, addr: u32) -> bool {
+        addr & self.mask == self.addr
+    }
+}
+
+/// Most service CIDRs the datapath checks (a cluster has one or two).
+pub const MAX_SERVICE_CIDRS: usize = 4;
+
+/// Datapath settings, the single entry (index 0) of the config array,
+/// written by the agent when it starts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Service CIDRs; the first `service_cidr_count` are used. Traffic to an
+    /// address inside them that is no cluster IP is dropped.
+    pub service_cidrs: [Cidr; MAX_SERVICE_CIDRS],
+    /// Host byte order.
+    pub service_cidr_count: u32,
+    /// Network byte order. Source address of hairpin flows.
+    pub hairpin_addr: u32,
 }
 
 /// Indexes of the per-CPU `u64` counters in the stats map.
@@ -243,9 +293,11 @@ pub mod stat {
     pub const DROPS: u32 = 4;
     /// Conntrack inserts that failed (map full or update error).
     pub const CT_INSERT_FAILED: u32 = 5;
-    /// Service packets passed untranslated because they cannot be
-    /// translated safely (IP fragments, a backend slot pointing nowhere).
+    /// New service flows dropped because a backend slot pointed nowhere
+    /// (never expected: the agent writes backends before slots).
     pub const UNTRANSLATABLE: u32 = 6;
+    /// Packets to a service-CIDR address that is no cluster IP, dropped.
+    pub const UNALLOCATED_DROPS: u32 = 7;
     /// Number of counters; the size of the stats array.
     pub const COUNT: u32 = 8;
     /// Names in index order, for the CLI and metrics.
@@ -257,7 +309,7 @@ pub mod stat {
         "drops",
         "ct_insert_failed",
         "untranslatable",
-        "reserved",
+        "unallocated_drops",
     ];
 }
 
@@ -268,6 +320,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 24);
     assert!(core::mem::align_of::<CtValue>() == 8);
+    assert!(core::mem::size_of::<Config>() == 8 * MAX_SERVICE_CIDRS + 8);
 };
 
 #[cfg(feature = "user")]
@@ -279,4 +332,5 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::Config {}
 }

@@ -27,9 +27,11 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{CT_FLAG_REPLY, CtKey, CtValue, ServiceKey, proto, stat};
+use proxy_common::{
+    CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CtKey, CtValue, MAX_SERVICE_CIDRS, ServiceKey, proto, stat,
+};
 
-use crate::maps::{BACKENDS, CONNTRACK, SERVICES, count};
+use crate::maps::{BACKENDS, CONNTRACK, SERVICES, config, count};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -143,31 +145,18 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         let ct = unsafe { *entry };
         if ct.is_reply() {
             unsafe { (*entry).last_seen_ns = now };
-            rewrite(
-                ctx,
-                &flow,
-                IP_SRC_OFF,
-                flow.saddr,
-                ct.nat_addr,
-                0,
-                flow.sport,
-                ct.nat_port,
-            )?;
+            rewrite(ctx, &flow, IP_SRC_OFF, flow.saddr, ct.nat_addr, 0, flow.sport, ct.nat_port)?;
+            if ct.is_hairpin() {
+                // The pod is talking to itself: its reply goes back to its
+                // own address, which the forward direction hid.
+                rewrite(ctx, &flow, IP_DST_OFF, flow.daddr, flow.saddr, 2, flow.dport, flow.dport)?;
+            }
             count(stat::REPLY_HITS);
             return Ok(TC_ACT_OK);
         }
         if backend_still_valid(&ct) {
             unsafe { (*entry).last_seen_ns = now };
-            rewrite(
-                ctx,
-                &flow,
-                IP_DST_OFF,
-                flow.daddr,
-                ct.nat_addr,
-                2,
-                flow.dport,
-                ct.nat_port,
-            )?;
+            dnat(ctx, &flow, ct.nat_addr, ct.nat_port, ct.is_hairpin())?;
             count(stat::FORWARD_HITS);
             return Ok(TC_ACT_OK);
         }
@@ -176,17 +165,24 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     }
 
     let svc_key = ServiceKey::new(flow.daddr, flow.dport, flow.proto, 0);
-    let Some(svc) = (unsafe { SERVICES.get(svc_key) }).copied() else {
-        return Ok(TC_ACT_OK);
-    };
-    if svc.count == 0 {
-        if svc.drops() {
+    let svc = match unsafe { SERVICES.get(svc_key) } {
+        Some(svc) if svc.count > 0 => *svc,
+        Some(svc) if svc.drops() => {
             count(stat::DROPS);
             return Ok(TC_ACT_SHOT);
         }
-        count(stat::REJECTS);
-        return Ok(reject::icmp_port_unreachable(ctx, flow.proto, flow.l4_off));
-    }
+        Some(_) => return Ok(reject(ctx, &flow)),
+        None => {
+            return Ok(match not_a_frontend(&flow) {
+                Miss::Pass => TC_ACT_OK,
+                Miss::Reject => reject(ctx, &flow),
+                Miss::Drop => {
+                    count(stat::UNALLOCATED_DROPS);
+                    TC_ACT_SHOT
+                }
+            });
+        }
+    };
 
     let slot = (unsafe { bpf_get_prandom_u32() } % svc.count as u32) as u16 + 1;
     let Some(backend_id) = (unsafe { SERVICES.get(svc_key.with_slot(slot)) }).map(|v| v.backend_id)
@@ -199,19 +195,24 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_SHOT);
     };
 
+    // A pod that picked itself gets a source it does not own, so its reply
+    // comes back through this node instead of being a martian to itself
+    // (kube-proxy masquerades hairpin traffic for the same reason).
+    let hairpin_addr = match config() {
+        Some(c) if backend.addr == flow.saddr && c.hairpin_addr != 0 => c.hairpin_addr,
+        _ => 0,
+    };
+    let hairpin = hairpin_addr != 0;
+    let flags = if hairpin { CT_FLAG_HAIRPIN } else { 0 };
+
     // The reply entry goes in first: without it the backend's answer could not
     // be translated back, so a flow that cannot get one is not started.
-    let reply_key = CtKey::new(
-        backend.addr,
-        flow.saddr,
-        backend.port,
-        flow.sport,
-        flow.proto,
-    );
+    let reply_dst = if hairpin { hairpin_addr } else { flow.saddr };
+    let reply_key = CtKey::new(backend.addr, reply_dst, backend.port, flow.sport, flow.proto);
     let reply = CtValue {
         nat_addr: flow.daddr,
         nat_port: flow.dport,
-        flags: CT_FLAG_REPLY,
+        flags: CT_FLAG_REPLY | flags,
         _pad: 0,
         backend_id,
         svc_id: svc.svc_id,
@@ -224,25 +225,71 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let forward = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
-        flags: 0,
+        flags,
         ..reply
     };
     if CONNTRACK.insert(flow.key(), forward, 0).is_err() {
         // Still translated: this packet is fine, a later one re-chooses.
         count(stat::CT_INSERT_FAILED);
     }
-    rewrite(
-        ctx,
-        &flow,
-        IP_DST_OFF,
-        flow.daddr,
-        backend.addr,
-        2,
-        flow.dport,
-        backend.port,
-    )?;
+    dnat(ctx, &flow, backend.addr, backend.port, hairpin)?;
     count(stat::NEW_FLOWS);
     Ok(TC_ACT_OK)
+}
+
+/// Destination to the backend; for a hairpin flow also the source to the
+/// hairpin address.
+#[inline(always)]
+fn dnat(ctx: &TcContext, flow: &Flow, addr: u32, port: u16, hairpin: bool) -> Result<(), ()> {
+    rewrite(ctx, flow, IP_DST_OFF, flow.daddr, addr, 2, flow.dport, port)?;
+    if hairpin {
+        let snat = config().map(|c| c.hairpin_addr).unwrap_or(0);
+        if snat == 0 {
+            return Err(());
+        }
+        rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, snat, 0, flow.sport, flow.sport)?;
+    }
+    Ok(())
+}
+
+/// What happens to a packet no frontend matched.
+enum Miss {
+    Pass,
+    Reject,
+    Drop,
+}
+
+/// Inside the service CIDR, kube-proxy rejects traffic to a cluster IP on a
+/// port or protocol it does not serve, and drops traffic to addresses no
+/// Service has; everything else is not ours.
+#[inline(always)]
+fn not_a_frontend(flow: &Flow) -> Miss {
+    let Some(cfg) = config() else {
+        return Miss::Pass;
+    };
+    let mut inside = false;
+    let mut i = 0;
+    while i < MAX_SERVICE_CIDRS {
+        if (i as u32) < cfg.service_cidr_count && cfg.service_cidrs[i].contains(flow.daddr) {
+            inside = true;
+        }
+        i += 1;
+    }
+    if !inside {
+        Miss::Pass
+    } else if unsafe { SERVICES.get(ServiceKey::cluster_ip(flow.daddr)) }.is_some() {
+        Miss::Reject
+    } else {
+        Miss::Drop
+    }
+}
+
+/// The one place REJECT is sent from, so the answer's buffers are on the
+/// stack once.
+#[inline(never)]
+fn reject(ctx: &TcContext, flow: &Flow) -> i32 {
+    count(stat::REJECTS);
+    reject::icmp_port_unreachable(ctx, flow.proto, flow.l4_off)
 }
 
 /// A forward entry may be reused only while its backend id still names the

@@ -3,10 +3,10 @@
 #![allow(non_upper_case_globals)]
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use proxy_common::{Backend, CtKey, CtValue, ServiceKey, ServiceValue, defaults, stat};
+use proxy_common::{Backend, Config, CtKey, CtValue, ServiceKey, ServiceValue, defaults, stat};
 
 // Static names are the pinned map names (`proxy_common::map_names`), which
 // `bpftool map dump pinned` shows; keep them in step.
@@ -25,6 +25,9 @@ pub static kep_conntrack: LruHashMap<CtKey, CtValue, { defaults::CONNTRACK_MAX a
 #[btf_map]
 pub static kep_stats: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
 
+#[btf_map]
+pub static kep_config: Array<Config, 1> = Array::new();
+
 pub use kep_backends as BACKENDS;
 pub use kep_conntrack as CONNTRACK;
 pub use kep_services as SERVICES;
@@ -35,4 +38,11 @@ pub fn count(index: u32) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *c += 1 };
     }
+}
+
+/// The agent's settings; all zero (no service CIDR, no hairpin address)
+/// until it writes them.
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    kep_config.get(0)
 }

@@ -14,12 +14,13 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    cty::c_void,
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
 use proxy_common::proto;
 
-use crate::{ETH_HLEN, csum::checksum};
+use crate::{ETH_HLEN, csum};
 
 const IP_HLEN: usize = 20;
 const ICMP_HLEN: usize = 8;
@@ -38,27 +39,47 @@ pub fn icmp_port_unreachable(ctx: &TcContext, l4_proto: u8, l4_off: usize) -> i3
     if l4_off != ETH_HLEN + IP_HLEN {
         return TC_ACT_SHOT;
     }
-    let built = if l4_proto == proto::TCP {
-        build::<TCP_QUOTE, { ICMP_HLEN + TCP_QUOTE }>(ctx)
+    let quote_len = if l4_proto == proto::TCP {
+        TCP_QUOTE
     } else {
-        build::<UDP_QUOTE, { ICMP_HLEN + UDP_QUOTE }>(ctx)
+        UDP_QUOTE
     };
-    if built.is_err() {
+    if build(ctx, quote_len).is_err() {
         return TC_ACT_SHOT;
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     unsafe { bpf_redirect(ifindex, 0) as i32 }
 }
 
-/// `Q` bytes are quoted; `M` is the ICMP message length (`ICMP_HLEN + Q`).
+/// Quotes `quote_len` (`TCP_QUOTE` or `UDP_QUOTE`) bytes. One buffer serves
+/// both lengths (its unused tail stays zero, which adds nothing to a
+/// checksum) so the answer fits the verifier's stack budget once.
 #[inline(always)]
-fn build<const Q: usize, const M: usize>(ctx: &TcContext) -> Result<(), ()> {
+fn build(ctx: &TcContext, quote_len: usize) -> Result<(), ()> {
     let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
-    let quote: [u8; Q] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    let mut quote = [0u8; TCP_QUOTE];
+    // The raw helper with a constant length per branch: the verifier must
+    // see a non-zero size (aya's load_bytes clamps it to the packet).
+    let len = if quote_len == TCP_QUOTE {
+        TCP_QUOTE
+    } else {
+        UDP_QUOTE
+    } as u32;
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            ETH_HLEN as u32,
+            quote.as_mut_ptr() as *mut c_void,
+            len,
+        )
+    };
+    if loaded != 0 {
+        return Err(());
+    }
 
     ctx.adjust_room(ADDED as i32, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| ())?;
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + ADDED + Q) as u32, 0) } != 0 {
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + ADDED + quote_len) as u32, 0) } != 0 {
         return Err(());
     }
 
@@ -69,26 +90,22 @@ fn build<const Q: usize, const M: usize>(ctx: &TcContext) -> Result<(), ()> {
     head[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     // IPv4: from the frontend the client addressed, to the client.
     let ip = ETH_HLEN;
+    head[ip] = 0x45;
+    head[ip + 2..ip + 4].copy_from_slice(&((ADDED + quote_len) as u16).to_be_bytes());
+    head[ip + 8] = 64;
+    head[ip + 9] = proto::ICMP;
+    head[ip + 12..ip + 16].copy_from_slice(&quote[16..20]);
+    head[ip + 16..ip + 20].copy_from_slice(&quote[12..16]);
     let mut ip_hdr = [0u8; IP_HLEN];
-    ip_hdr[0] = 0x45;
-    ip_hdr[2..4].copy_from_slice(&((ADDED + Q) as u16).to_be_bytes());
-    ip_hdr[8] = 64;
-    ip_hdr[9] = proto::ICMP;
-    ip_hdr[12..16].copy_from_slice(&quote[16..20]);
-    ip_hdr[16..20].copy_from_slice(&quote[12..16]);
-    let ip_csum = checksum(&ip_hdr);
-    ip_hdr[10..12].copy_from_slice(&ip_csum);
-    head[ip..ip + IP_HLEN].copy_from_slice(&ip_hdr);
-    // ICMP header, checksummed together with the quoted bytes.
-    let mut icmp_msg = [0u8; M];
-    icmp_msg[0] = ICMP_DEST_UNREACH;
-    icmp_msg[1] = ICMP_PORT_UNREACH;
-    icmp_msg[ICMP_HLEN..].copy_from_slice(&quote);
-    let icmp_csum = checksum(&icmp_msg);
+    ip_hdr.copy_from_slice(&head[ip..ip + IP_HLEN]);
+    head[ip + 10..ip + 12].copy_from_slice(&csum::finish(csum::sum(&ip_hdr)));
+    // ICMP header (type, code, checksum, 4 unused bytes), checksummed
+    // together with the quoted bytes.
     let icmp = ip + IP_HLEN;
     head[icmp] = ICMP_DEST_UNREACH;
     head[icmp + 1] = ICMP_PORT_UNREACH;
-    head[icmp + 2..icmp + 4].copy_from_slice(&icmp_csum);
+    let icmp_sum = (((ICMP_DEST_UNREACH as u32) << 8) | ICMP_PORT_UNREACH as u32) + csum::sum(&quote);
+    head[icmp + 2..icmp + 4].copy_from_slice(&csum::finish(icmp_sum));
 
     ctx.store(0, &head, 0).map_err(|_| ())
 }

@@ -19,11 +19,12 @@ use crate::{
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    /// This node's name as Kubernetes knows it (endpoints' `nodeName`).
+    pub node_name: String,
     /// Interface names or glob patterns to attach the TC program to.
     pub interfaces: Vec<String>,
     pub datapath: DatapathConfig,
-    /// How often the manifest directory and the interface list are checked.
+    /// How often the interface list is checked.
     pub poll_interval: Duration,
     /// Full re-derivation from the source and re-read of the maps, so an
     /// entry changed behind the agent's back is put right.
@@ -97,6 +98,49 @@ impl Syncer {
     }
 }
 
+/// Where objects come from: a manifests directory, or the API server.
+///
+/// Both futures must be cancel-safe: the agent drops them whenever another
+/// event (a signal, the resync timer) wins.
+pub trait Source {
+    /// Resolves when the source may hold something new since the last
+    /// snapshot. The first call resolves only once the source has its
+    /// complete initial state, so nothing is written before that.
+    fn changed(&mut self) -> impl Future<Output = ()>;
+    /// Everything the source holds now, and what it had to skip.
+    fn snapshot(&mut self) -> (manifests::Objects, Vec<String>);
+}
+
+/// A directory of YAML files, polled.
+pub struct ManifestSource {
+    dir: PathBuf,
+    watcher: manifests::DirWatcher,
+    poll_interval: Duration,
+}
+
+impl ManifestSource {
+    pub fn new(dir: PathBuf, poll_interval: Duration) -> Self {
+        Self {
+            watcher: manifests::DirWatcher::new(&dir),
+            dir,
+            poll_interval,
+        }
+    }
+}
+
+impl Source for ManifestSource {
+    async fn changed(&mut self) {
+        while !self.watcher.changed() {
+            tokio::time::sleep(self.poll_interval).await;
+        }
+    }
+
+    fn snapshot(&mut self) -> (manifests::Objects, Vec<String>) {
+        let (objects, warnings) = manifests::load_dir(&self.dir);
+        (objects, warnings.iter().map(ToString::to_string).collect())
+    }
+}
+
 /// Attaches to every present interface matching `patterns` that is not
 /// attached yet. Failures are logged and retried on the next scan.
 fn attach_matching(datapath: &mut Datapath, patterns: &[String]) {
@@ -118,51 +162,57 @@ fn attach_matching(datapath: &mut Datapath, patterns: &[String]) {
     }
 }
 
-/// Runs the agent with a manifests directory as its source until SIGTERM or
-/// SIGINT.
-pub async fn run_manifests(cfg: RunConfig) -> anyhow::Result<()> {
+/// Runs the agent on `source` until SIGTERM or SIGINT.
+pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> {
     let datapath = Datapath::load(&cfg.datapath).context("loading the datapath")?;
     tracing::info!(
         bpffs = %cfg.datapath.bpffs.display(),
-        adopted_frontends = datapath.live().services.len(),
+        adopted_entries = datapath.live().services.len(),
         "datapath loaded"
     );
     let mut syncer = Syncer::new(datapath);
     attach_matching(syncer.datapath_mut(), &cfg.interfaces);
 
-    let mut watcher = manifests::DirWatcher::new(&cfg.manifests);
-    let mut last_resync = Instant::now();
+    let mut iface_scan = tokio::time::interval(cfg.poll_interval);
+    let mut resync = tokio::time::interval(cfg.resync_interval);
+    // The first tick of an interval is immediate; the initial sync is the
+    // source's first change instead.
+    resync.tick().await;
     let mut generation: u64 = 0;
+    let mut synced = false;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
-        let resync = last_resync.elapsed() >= cfg.resync_interval;
-        if watcher.changed() || resync {
-            if resync {
-                last_resync = Instant::now();
-                if let Err(e) = syncer.datapath_mut().refresh_live() {
-                    tracing::error!(error = %e, "re-reading maps");
-                }
-            }
-            let started = Instant::now();
-            let (objects, warnings) = manifests::load_dir(&cfg.manifests);
-            let out = syncer.sync(&objects, warnings.iter().map(ToString::to_string).collect());
-            generation += 1;
-            tracing::info!(
-                "datapath programmed generation={generation} frontends={} backends={} ops={} failed={} took_us={}",
-                out.frontends,
-                out.backends,
-                out.ops,
-                out.failed,
-                started.elapsed().as_micros()
-            );
-        }
-        attach_matching(syncer.datapath_mut(), &cfg.interfaces);
-        tokio::select! {
+        let full = tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = tokio::time::sleep(cfg.poll_interval) => {}
+            _ = source.changed() => false,
+            _ = resync.tick(), if synced => true,
+            _ = iface_scan.tick() => {
+                attach_matching(syncer.datapath_mut(), &cfg.interfaces);
+                continue;
+            }
+        };
+        if full {
+            // Someone may have edited a map by hand: diff against what the
+            // kernel really holds, not against memory.
+            if let Err(e) = syncer.datapath_mut().refresh_live() {
+                tracing::error!(error = %e, "re-reading maps");
+            }
         }
+        let started = Instant::now();
+        let (objects, warnings) = source.snapshot();
+        let out = syncer.sync(&objects, warnings);
+        synced = true;
+        generation += 1;
+        tracing::info!(
+            "datapath programmed generation={generation} frontends={} backends={} ops={} failed={} took_us={}",
+            out.frontends,
+            out.backends,
+            out.ops,
+            out.failed,
+            started.elapsed().as_micros()
+        );
     }
     tracing::info!(
         "stopping; pinned maps stay under {}",

@@ -6,21 +6,26 @@ use std::{
     collections::BTreeMap,
     ffi::CString,
     io,
+    net::Ipv4Addr,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
 use proxy_common::{
-    Backend, CtKey, CtValue, ServiceKey, ServiceValue, defaults, map_names, program_names, stat,
+    Backend, Cidr, Config, CtKey, CtValue, MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, defaults,
+    map_names, program_names, stat,
 };
 use thiserror::Error;
 
-use crate::{diff::MapOp, encode::MapContents};
+use crate::{
+    diff::MapOp,
+    encode::{MapContents, addr_to_map},
+};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time
 /// so the agent image is a single binary.
@@ -36,7 +41,18 @@ pub struct DatapathConfig {
     pub services_max: u32,
     pub backends_max: u32,
     pub conntrack_max: u32,
+    /// Service CIDRs (address, prefix length): traffic to an address inside
+    /// that is no cluster IP is dropped; at most `MAX_SERVICE_CIDRS`.
+    pub service_cidrs: Vec<(Ipv4Addr, u8)>,
+    /// Source address given to hairpin flows (a pod reaching itself through
+    /// a Service); `None` leaves them untranslated, which breaks them.
+    pub hairpin_addr: Option<Ipv4Addr>,
 }
+
+/// kubeadm's default service CIDR, also kube-apiserver's.
+pub const DEFAULT_SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 12);
+/// Link-local, so no pod or node can own it; Cilium uses the same.
+pub const DEFAULT_HAIRPIN_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 
 impl DatapathConfig {
     pub fn new(bpffs: impl Into<PathBuf>) -> Self {
@@ -45,7 +61,37 @@ impl DatapathConfig {
             services_max: defaults::SERVICES_MAX,
             backends_max: defaults::BACKENDS_MAX,
             conntrack_max: defaults::CONNTRACK_MAX,
+            service_cidrs: vec![DEFAULT_SERVICE_CIDR],
+            hairpin_addr: Some(DEFAULT_HAIRPIN_ADDR),
         }
+    }
+
+    /// The config map entry for these settings.
+    pub fn to_map(&self) -> Result<Config, DatapathError> {
+        if self.service_cidrs.len() > MAX_SERVICE_CIDRS {
+            return Err(DatapathError::Settings(format!(
+                "{} service CIDRs given, at most {MAX_SERVICE_CIDRS} are supported",
+                self.service_cidrs.len()
+            )));
+        }
+        let mut cfg = Config::default();
+        for (slot, (addr, len)) in cfg.service_cidrs.iter_mut().zip(&self.service_cidrs) {
+            if *len > 32 {
+                return Err(DatapathError::Settings(format!(
+                    "service CIDR {addr}/{len}: prefix longer than 32"
+                )));
+            }
+            let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+            let mask = Ipv4Addr::from(mask);
+            let net = Ipv4Addr::from(u32::from(*addr) & u32::from(mask));
+            *slot = Cidr {
+                addr: addr_to_map(net),
+                mask: addr_to_map(mask),
+            };
+        }
+        cfg.service_cidr_count = self.service_cidrs.len() as u32;
+        cfg.hairpin_addr = self.hairpin_addr.map(addr_to_map).unwrap_or(0);
+        Ok(cfg)
     }
 }
 
@@ -68,6 +114,8 @@ pub enum DatapathError {
         name: &'static str,
         source: Box<MapError>,
     },
+    #[error("invalid setting: {0}")]
+    Settings(String),
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("attaching to interface {iface}: {source}")]
@@ -107,6 +155,7 @@ impl Datapath {
     /// adopting the ones already pinned there (a restarted agent keeps the
     /// previous contents, so it only rewrites what differs).
     pub fn load(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+        let settings = cfg.to_map()?;
         ensure_bpffs(&cfg.bpffs)?;
         let pins: Vec<(&'static str, PathBuf)> = map_names::ALL
             .iter()
@@ -146,6 +195,14 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap(map_names::STATS))?
             .try_into()
             .map_err(map_err(map_names::STATS))?;
+        let mut config: Array<MapData, Config> = ebpf
+            .take_map(map_names::CONFIG)
+            .ok_or(DatapathError::MissingMap(map_names::CONFIG))?
+            .try_into()
+            .map_err(map_err(map_names::CONFIG))?;
+        config
+            .set(0, settings, 0)
+            .map_err(map_err(map_names::CONFIG))?;
         let mut dp = Self {
             ebpf,
             services,

@@ -253,8 +253,12 @@ mod tests {
         let next = encoder.encode(&desired(&[(api, &[])]));
         let ops = apply_checked(&live, &next);
         assert!(matches!(ops[0], MapOp::PutService(k, v) if k == key(api, 0) && v.rejects()));
-        assert_eq!(ops[1], MapOp::DeleteService(key(web, 0)));
-        assert_eq!(ops.len(), 2 + 4 + 3);
+        // web's slot 0 and its cluster IP's port-less entry go before its
+        // slots and backends.
+        let cluster_ip = ServiceKey::cluster_ip(addr_to_map(web.addr));
+        assert!(ops[1..3].contains(&MapOp::DeleteService(key(web, 0))));
+        assert!(ops[1..3].contains(&MapOp::DeleteService(cluster_ip)));
+        assert_eq!(ops.len(), 3 + 4 + 3);
     }
 
     #[test]

@@ -254,6 +254,16 @@ impl Encoder {
                 .insert(key, ServiceValue::service(svc_id, count, flags));
         }
 
+        // Every cluster IP also gets its port-less entry, so the datapath can
+        // tell "a cluster IP, but no such port" (REJECT) from "no cluster IP
+        // at all" (DROP inside the service CIDR).
+        for frontend in &used_frontends {
+            out.services.insert(
+                ServiceKey::cluster_ip(addr_to_map(frontend.addr)),
+                ServiceValue::service(0, 0, SVC_FLAG_REJECT),
+            );
+        }
+
         self.svc_ids.retain(&used_frontends);
         self.backend_ids.retain(&used_backends);
         out
@@ -328,8 +338,14 @@ mod tests {
             web,
             state(&[("10.0.0.1", 8080), ("10.0.0.2", 8080)]),
         )]));
-        assert_eq!(out.services.len(), 3);
+        // Slot 0, two slots, and the cluster IP's port-less entry.
+        assert_eq!(out.services.len(), 4);
         assert_eq!(out.services[&key(web, 0)], ServiceValue::service(1, 2, 0));
+        let cluster_ip = ServiceKey::cluster_ip(addr_to_map(web.addr));
+        assert_eq!(
+            out.services[&cluster_ip],
+            ServiceValue::service(0, 0, SVC_FLAG_REJECT)
+        );
         assert_eq!(
             backend_of(&out, slot_id(&out, web, 1)),
             ("10.0.0.1".parse().unwrap(), 8080)
@@ -358,7 +374,8 @@ mod tests {
         assert!(web_entry.rejects());
         let dns_entry = out.services[&key(dns, 0)];
         assert_eq!((dns_entry.count, dns_entry.flags), (0, SVC_FLAG_DROP));
-        assert_eq!(out.services.len(), 2);
+        // Two slot-0 entries and the two cluster IPs' port-less entries.
+        assert_eq!(out.services.len(), 4);
         assert!(out.backends.is_empty());
     }
 

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use proxy_common::defaults;
 use proxy_userspace::{
-    agent::{self, RunConfig},
+    agent::{self, ManifestSource, RunConfig},
     datapath::{self, DatapathConfig},
     interfaces,
 };
@@ -39,6 +39,10 @@ struct RunArgs {
     /// watched for changes.
     #[arg(long, env = "KEP_MANIFESTS")]
     manifests: PathBuf,
+    /// This node's name in Kubernetes (set it from the downward API's
+    /// spec.nodeName); defaults to the host name, as kubelet's does.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     /// Pod-facing interfaces to attach to: names or glob patterns, comma
     /// separated (e.g. `veth*,cali*,lxc*`).
     #[arg(long, env = "KEP_INTERFACES")]
@@ -47,6 +51,15 @@ struct RunArgs {
     /// parent if it is not mounted yet.
     #[arg(long, env = "KEP_BPFFS", default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
     bpffs: PathBuf,
+    /// Service CIDRs, comma separated (kube-apiserver's
+    /// --service-cluster-ip-range): an address inside that is no cluster IP
+    /// is dropped, as kube-proxy does.
+    #[arg(long, env = "KEP_SERVICE_CIDR", default_value = "10.96.0.0/12", value_parser = parse_cidrs)]
+    service_cidr: Cidrs,
+    /// Source address for hairpin flows (a pod reaching itself through its
+    /// Service). Link-local, so no pod or node owns it.
+    #[arg(long, env = "KEP_HAIRPIN_SNAT_IP", default_value_t = datapath::DEFAULT_HAIRPIN_ADDR)]
+    hairpin_snat_ip: std::net::Ipv4Addr,
     /// Capacity of the services map (frontends plus backend slots).
     #[arg(long, env = "KEP_SERVICES_MAX", default_value_t = defaults::SERVICES_MAX)]
     services_max: u32,
@@ -71,25 +84,37 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: logs usually go to a collector.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Run(args) => {
+            let poll_interval = Duration::from_millis(args.poll_interval_ms);
+            let node_name = match args.node_name {
+                Some(n) => n,
+                None => {
+                    hostname().context("--node-name is unset and the host name is unreadable")?
+                }
+            };
             let cfg = RunConfig {
-                manifests: args.manifests,
+                node_name,
                 interfaces: interfaces::parse_patterns(&args.interfaces),
                 datapath: DatapathConfig {
                     bpffs: args.bpffs,
                     services_max: args.services_max,
                     backends_max: args.backends_max,
                     conntrack_max: args.conntrack_max,
+                    service_cidrs: args.service_cidr.0,
+                    hairpin_addr: Some(args.hairpin_snat_ip),
                 },
-                poll_interval: Duration::from_millis(args.poll_interval_ms),
+                poll_interval,
                 resync_interval: Duration::from_secs(args.resync_interval_s),
             };
+            let source = ManifestSource::new(args.manifests, poll_interval);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(agent::run_manifests(cfg))
+                .block_on(agent::run(cfg, source))
         }
         Command::Cleanup { bpffs } => {
             datapath::unpin_all(&bpffs)
@@ -98,4 +123,36 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn hostname() -> std::io::Result<String> {
+    let mut buf = [0u8; 256];
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
+}
+
+/// `--service-cidr` values: IPv4 prefixes.
+#[derive(Clone, Debug)]
+struct Cidrs(Vec<(std::net::Ipv4Addr, u8)>);
+
+fn parse_cidrs(list: &str) -> Result<Cidrs, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|cidr| {
+            let (addr, len) = cidr
+                .split_once('/')
+                .ok_or_else(|| format!("{cidr}: expected ADDRESS/PREFIX"))?;
+            let addr = addr.parse().map_err(|e| format!("{cidr}: address: {e}"))?;
+            let len: u8 = len.parse().map_err(|e| format!("{cidr}: prefix: {e}"))?;
+            if len > 32 {
+                return Err(format!("{cidr}: prefix longer than 32"));
+            }
+            Ok((addr, len))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Cidrs)
 }

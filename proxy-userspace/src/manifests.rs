@@ -26,11 +26,13 @@ use thiserror::Error;
 
 use crate::model::DEFAULT_NAMESPACE;
 
-/// The objects found in a directory.
+/// The objects a source holds: what the model is computed from.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// Node objects (the agent's own node gives its topology labels).
+    pub nodes: Vec<k8s_openapi::api::core::v1::Node>,
 }
 
 /// Something in a file that was skipped.

@@ -34,6 +34,9 @@ const BACKENDS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 244, 11, 2),
     Ipv4Addr::new(10, 244, 12, 2),
 ];
+/// Inside the default service CIDR 10.96.0.0/12 but no Service's.
+const UNALLOCATED: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 7);
+const HAIRPIN: Ipv4Addr = proxy_userspace::datapath::DEFAULT_HAIRPIN_ADDR;
 const SVC_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
 
@@ -58,6 +61,7 @@ impl Drop for Fixture {
 impl Fixture {
     /// Services: VIP:80 over TCP and UDP -> the three backends; VIP_EMPTY:80
     /// with no endpoints (REJECT); VIP_DROP:80 with no endpoints (DROP).
+    /// The service CIDR and hairpin address are the defaults.
     fn new() -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
         let pin_dir = PathBuf::from(format!(
@@ -82,6 +86,12 @@ impl Fixture {
                     Backend::new(addr_to_map(*addr), port_to_map(BACKEND_PORT), p),
                 ));
             }
+        }
+        for vip in [VIP, VIP_EMPTY, VIP_DROP] {
+            ops.push(MapOp::PutService(
+                ServiceKey::cluster_ip(addr_to_map(vip)),
+                ServiceValue::service(0, 0, SVC_FLAG_REJECT),
+            ));
         }
         for (j, p) in [proto::TCP, proto::UDP].into_iter().enumerate() {
             let key = ServiceKey::new(addr_to_map(VIP), port_to_map(SVC_PORT), p, 0);
@@ -371,10 +381,10 @@ fn non_service_packets_are_unchanged() {
     let mut fx = Fixture::new();
     let cases = [
         tcp(CLIENT, BACKENDS[0], 40000, BACKEND_PORT, SYN),
-        tcp(CLIENT, VIP, 40000, 81, SYN),
         udp(CLIENT, Ipv4Addr::new(8, 8, 8, 8), 5000, 53),
-        // A TCP-only frontend does not match UDP and vice versa: here port
-        // 80 exists for both, so use another VIP to check protocol matching.
+        // Just outside 10.96.0.0/12.
+        tcp(CLIENT, Ipv4Addr::new(10, 112, 0, 10), 40000, SVC_PORT, SYN),
+        // Neither TCP nor UDP: not ours, even to a cluster IP.
         packet(CLIENT, VIP, 40000, SVC_PORT, 99, 0, b"other protocol"),
     ];
     for input in cases {
@@ -470,6 +480,58 @@ fn no_endpoints_reject_with_icmp_port_unreachable() {
 }
 
 #[test]
+fn cluster_ip_without_such_port_rejects_and_unallocated_drops() {
+    let mut fx = Fixture::new();
+    // A cluster IP on a port (or protocol) none of its Services serves.
+    for input in [
+        tcp(CLIENT, VIP, 46000, 81, SYN),
+        udp(CLIENT, VIP, 46001, 443),
+        udp(CLIENT, VIP_EMPTY, 46002, 81),
+    ] {
+        let (ret, out) = fx.run(&input);
+        assert_eq!(ret, TC_ACT_REDIRECT);
+        assert_port_unreachable(&input, &out);
+    }
+    // An address in the service CIDR that is nobody's cluster IP.
+    for input in [
+        tcp(CLIENT, UNALLOCATED, 46003, SVC_PORT, SYN),
+        udp(CLIENT, UNALLOCATED, 46004, 53),
+    ] {
+        let (ret, _) = fx.run(&input);
+        assert_eq!(ret, TC_ACT_SHOT);
+    }
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::REJECTS as usize], 3);
+    assert_eq!(stats[stat::UNALLOCATED_DROPS as usize], 2);
+    assert!(ct_entries(&fx).is_empty());
+}
+
+#[test]
+fn hairpin_is_source_translated_both_ways() {
+    let mut fx = Fixture::new();
+    let me = BACKENDS[1];
+    // The choice is random: try new flows until this backend picks itself.
+    let (client_port, out) = (47000..47200)
+        .map(|port| (port, fx.run(&tcp(me, VIP, port, SVC_PORT, SYN)).1))
+        .find(|(_, out)| ip_dst(out) == me)
+        .expect("a backend never picked itself in 200 flows");
+    assert_eq!(dport(&out), BACKEND_PORT);
+    assert_eq!(ip_src(&out), HAIRPIN, "hairpin source is translated");
+    assert_eq!(sport(&out), client_port);
+    assert_checksums(&out);
+    let reply = tcp(me, HAIRPIN, BACKEND_PORT, client_port, SYN | ACK);
+    let (ret, rout) = fx.run(&reply);
+    assert_eq!(ret, TC_ACT_OK);
+    assert_eq!((ip_src(&rout), sport(&rout)), (VIP, SVC_PORT));
+    assert_eq!((ip_dst(&rout), dport(&rout)), (me, client_port));
+    assert_checksums(&rout);
+    // Later packets of the flow keep both translations.
+    let (_, again) = fx.run(&tcp(me, VIP, client_port, SVC_PORT, ACK));
+    assert_eq!((ip_src(&again), ip_dst(&again)), (HAIRPIN, me));
+    assert_checksums(&again);
+}
+
+#[test]
 fn drop_flag_drops_silently() {
     let mut fx = Fixture::new();
     let (ret, _) = fx.run(&tcp(CLIENT, VIP_DROP, 44000, SVC_PORT, SYN));
@@ -513,11 +575,24 @@ fn removed_backend_is_not_reused_by_an_old_flow() {
 
 // ---- fuzz ----------------------------------------------------------------------------------
 
+/// Whether the datapath must answer `input` with ICMP port unreachable: a
+/// new flow to a frontend without endpoints, or to a cluster IP on a port
+/// or protocol it does not serve.
+fn expects_reject(input: &[u8]) -> bool {
+    let l4 = input[ETH + 9];
+    let dst = ip_dst(input);
+    let served = dst == VIP && dport(input) == SVC_PORT;
+    let empty = dst == VIP_EMPTY && dport(input) == SVC_PORT;
+    let cluster_ip = [VIP, VIP_EMPTY, VIP_DROP].contains(&dst);
+    ihl(input) == 20
+        && (l4 == proto::TCP || l4 == proto::UDP)
+        && (empty || (cluster_ip && !served && !(dst == VIP_DROP && dport(input) == SVC_PORT)))
+}
+
 /// What a correct datapath may do to one input.
 fn check_fuzz_output(input: &[u8], ret: u32, out: &[u8]) -> Result<(), String> {
     if ret == TC_ACT_REDIRECT {
-        // Only a frontend without endpoints answers, and only well-formed.
-        if ip_dst(input) != VIP_EMPTY || ihl(input) != 20 {
+        if !expects_reject(input) {
             return Err("unexpected redirect".into());
         }
         assert_port_unreachable(input, out);
@@ -535,25 +610,48 @@ fn check_fuzz_output(input: &[u8], ret: u32, out: &[u8]) -> Result<(), String> {
     let off = ETH + ihl(input);
     let l4 = input[ETH + 9];
     let csum = off + if l4 == proto::TCP { 16 } else { 6 };
-    let diffs = changed(input, out);
-    let dnat = [24, 25, 30, 31, 32, 33, off + 2, off + 3, csum, csum + 1];
-    let snat = [24, 25, 26, 27, 28, 29, off, off + 1, csum, csum + 1];
-    if diffs.iter().all(|i| dnat.contains(i)) {
-        if ip_dst(input) != VIP || dport(input) != SVC_PORT {
-            return Err("DNAT of a packet not addressed to the service".into());
-        }
-        if !BACKENDS.contains(&ip_dst(out)) || dport(out) != BACKEND_PORT {
-            return Err(format!("DNAT to {}:{}", ip_dst(out), dport(out)));
-        }
-    } else if diffs.iter().all(|i| snat.contains(i)) {
-        if !BACKENDS.contains(&ip_src(input)) || sport(input) != BACKEND_PORT {
-            return Err("reverse NAT of a packet not from a backend".into());
-        }
-        if ip_src(out) != VIP || sport(out) != SVC_PORT {
-            return Err(format!("reverse NAT to {}:{}", ip_src(out), sport(out)));
-        }
-    } else {
-        return Err(format!("bytes {diffs:?} changed"));
+    // Only checksums, addresses and ports may move.
+    let header_fields = [
+        24,
+        25,
+        26,
+        27,
+        28,
+        29,
+        30,
+        31,
+        32,
+        33,
+        off,
+        off + 1,
+        off + 2,
+        off + 3,
+        csum,
+        csum + 1,
+    ];
+    if let Some(i) = changed(input, out)
+        .into_iter()
+        .find(|i| !header_fields.contains(i))
+    {
+        return Err(format!("byte {i} changed"));
+    }
+    let (src, sp, dst, dp) = (ip_src(input), sport(input), ip_dst(input), dport(input));
+    let after = (ip_src(out), sport(out), ip_dst(out), dport(out));
+    let to_backend = BACKENDS.contains(&after.2) && after.3 == BACKEND_PORT && after.1 == sp;
+    let dnat = dst == VIP && dp == SVC_PORT && to_backend && after.0 == src;
+    let hairpin =
+        dst == VIP && dp == SVC_PORT && to_backend && after.2 == src && after.0 == HAIRPIN;
+    let from_backend = BACKENDS.contains(&src)
+        && sp == BACKEND_PORT
+        && after.0 == VIP
+        && after.1 == SVC_PORT
+        && after.3 == dp;
+    let reverse = from_backend && after.2 == dst;
+    let hairpin_reverse = from_backend && dst == HAIRPIN && after.2 == src;
+    if !(dnat || hairpin || reverse || hairpin_reverse) {
+        return Err(format!(
+            "not a translation: {src}:{sp} -> {dst}:{dp} became {after:?}"
+        ));
     }
     if ip_csum_ok(input) && !ip_csum_ok(out) {
         return Err("IPv4 checksum broken".into());
@@ -574,8 +672,26 @@ fn random_packet(rng: &mut StdRng) -> Vec<u8> {
         proto::UDP
     };
     let payload: Vec<u8> = (0..rng.random_range(0..64)).map(|_| rng.random()).collect();
-    let (src, dst, sp, dp) = match rng.random_range(0..5) {
+    let (src, dst, sp, dp) = match rng.random_range(0..8) {
         0 | 1 => (CLIENT, VIP, rng.random_range(1024..1100), SVC_PORT),
+        5 => (
+            BACKENDS[rng.random_range(0..3)],
+            VIP,
+            rng.random_range(1024..1100),
+            SVC_PORT,
+        ),
+        6 => (
+            BACKENDS[rng.random_range(0..3)],
+            HAIRPIN,
+            BACKEND_PORT,
+            rng.random_range(1024..1100),
+        ),
+        7 => (
+            CLIENT,
+            [VIP, UNALLOCATED][rng.random_range(0..2)],
+            rng.random(),
+            rng.random_range(79..82),
+        ),
         2 => (
             BACKENDS[rng.random_range(0..3)],
             CLIENT,
