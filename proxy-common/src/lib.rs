@@ -29,14 +29,29 @@ pub mod map_names {
     pub const CONNTRACK: &str = "kep_conntrack";
     pub const STATS: &str = "kep_stats";
     pub const CONFIG: &str = "kep_config";
+    pub const SOCK_REVNAT: &str = "kep_sock_rnat";
+    pub const AFFINITY: &str = "kep_affinity";
     /// Every map the agent pins, in creation order.
-    pub const ALL: [&str; 5] = [SERVICES, BACKENDS, CONNTRACK, STATS, CONFIG];
+    pub const ALL: [&str; 7] = [
+        SERVICES,
+        BACKENDS,
+        CONNTRACK,
+        STATS,
+        CONFIG,
+        SOCK_REVNAT,
+        AFFINITY,
+    ];
 }
 
 /// Names of the eBPF programs in the object.
 pub mod program_names {
     /// TC ingress on pod-facing interfaces.
     pub const TC_POD_INGRESS: &str = "kep_tc_ingress";
+    /// cgroup socket hooks for the node's own processes.
+    pub const SOCK_CONNECT4: &str = "kep_connect4";
+    pub const SOCK_SENDMSG4: &str = "kep_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "kep_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "kep_getpeername4";
 }
 
 /// Default capacities; the agent can override each with a flag.
@@ -44,6 +59,8 @@ pub mod defaults {
     pub const SERVICES_MAX: u32 = 262_144;
     pub const BACKENDS_MAX: u32 = 131_072;
     pub const CONNTRACK_MAX: u32 = 262_144;
+    pub const SOCK_REVNAT_MAX: u32 = 65_536;
+    pub const AFFINITY_MAX: u32 = 65_536;
 }
 
 /// IANA protocol numbers as carried in the IPv4 header.
@@ -105,8 +122,8 @@ pub const SVC_FLAG_DROP: u16 = 1 << 1;
 
 /// Value of the services map.
 ///
-/// At slot 0 `count`, `flags` and `svc_id` are meaningful and `backend_id`
-/// is 0; at slot i > 0 only `backend_id` is.
+/// At slot 0 `count`, `flags`, `svc_id` and `affinity_timeout_s` are
+/// meaningful and `backend_id` is 0; at slot i > 0 only `backend_id` is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceValue {
@@ -118,6 +135,9 @@ pub struct ServiceValue {
     pub count: u16,
     /// Host byte order. Slot 0: `SVC_FLAG_*` bits.
     pub flags: u16,
+    /// Host byte order. Slot 0: sessionAffinity ClientIP timeout in
+    /// seconds; 0 means no affinity.
+    pub affinity_timeout_s: u32,
 }
 
 impl ServiceValue {
@@ -127,6 +147,7 @@ impl ServiceValue {
             svc_id,
             count,
             flags,
+            affinity_timeout_s: 0,
         }
     }
 
@@ -136,6 +157,15 @@ impl ServiceValue {
             svc_id: 0,
             count: 0,
             flags: 0,
+            affinity_timeout_s: 0,
+        }
+    }
+
+    /// The same service entry with ClientIP session affinity.
+    pub const fn with_affinity(self, timeout_s: u32) -> Self {
+        Self {
+            affinity_timeout_s: timeout_s,
+            ..self
         }
     }
 
@@ -216,6 +246,10 @@ pub const CT_FLAG_REPLY: u8 = 1 << 0;
 /// receive a packet from its own address. On the reply entry, the
 /// destination is restored to the pod's address (its own source).
 pub const CT_FLAG_HAIRPIN: u8 = 1 << 1;
+/// A FIN or RST was seen in either direction: the flow expires after the
+/// short closing timeout instead of the established one. Set on both
+/// entries of the flow.
+pub const CT_FLAG_CLOSING: u8 = 1 << 2;
 
 /// Conntrack value.
 #[repr(C)]
@@ -245,6 +279,28 @@ impl CtValue {
 
     pub const fn is_hairpin(&self) -> bool {
         self.flags & CT_FLAG_HAIRPIN != 0
+    }
+
+    pub const fn is_closing(&self) -> bool {
+        self.flags & CT_FLAG_CLOSING != 0
+    }
+
+    /// How long this entry may stay idle, by protocol and state.
+    pub const fn timeout_ns(&self, key: &CtKey, cfg: &Config) -> u64 {
+        if key.proto == proto::TCP {
+            if self.is_closing() {
+                cfg.ct_tcp_closing_ns
+            } else {
+                cfg.ct_tcp_established_ns
+            }
+        } else {
+            cfg.ct_udp_ns
+        }
+    }
+
+    /// Idle for longer than its timeout at `now_ns` (monotonic clock).
+    pub const fn expired(&self, key: &CtKey, cfg: &Config, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) > self.timeout_ns(key, cfg)
     }
 }
 
@@ -277,6 +333,63 @@ pub struct Config {
     pub service_cidr_count: u32,
     /// Network byte order. Source address of hairpin flows.
     pub hairpin_addr: u32,
+    /// Host byte order. The socket hooks translate only sockets of this
+    /// network namespace (the agent's: the node's), never a pod's or a
+    /// test's neighbour; 0 means no socket is translated.
+    pub netns_cookie: u64,
+    /// Host byte order, nanoseconds. Idle timeouts of conntrack entries: an
+    /// expired entry is never reused (the flow is chosen anew) and the
+    /// agent's garbage collection deletes it. 0 expires at once.
+    pub ct_tcp_established_ns: u64,
+    pub ct_tcp_closing_ns: u64,
+    pub ct_udp_ns: u64,
+}
+
+/// Key of the session-affinity map: one client of one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityKey {
+    /// Host byte order. `ServiceValue::svc_id` of the frontend.
+    pub svc_id: u32,
+    /// Client IPv4 address, network byte order (0 for the node's own
+    /// sockets, which share the node's address).
+    pub client: u32,
+}
+
+/// The endpoint a client is kept on, and when it last opened a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityValue {
+    /// Host byte order.
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// Host byte order. `bpf_ktime_get_ns` of the last new flow.
+    pub last_used_ns: u64,
+}
+
+/// Key of the socket reverse-NAT map: which backend a socket was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SockRevNatKey {
+    /// Host byte order. `bpf_get_socket_cookie` of the socket.
+    pub cookie: u64,
+    /// Backend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The frontend a socket really addressed, shown back to the application
+/// (getpeername, recvmsg source) instead of the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SockRevNat {
+    /// Frontend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
 }
 
 /// Indexes of the per-CPU `u64` counters in the stats map.
@@ -298,8 +411,10 @@ pub mod stat {
     pub const UNTRANSLATABLE: u32 = 6;
     /// Packets to a service-CIDR address that is no cluster IP, dropped.
     pub const UNALLOCATED_DROPS: u32 = 7;
+    /// Sockets of the node's own processes translated at connect/sendmsg.
+    pub const SOCK_TRANSLATED: u32 = 8;
     /// Number of counters; the size of the stats array.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
     /// Names in index order, for the CLI and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flows",
@@ -310,17 +425,22 @@ pub mod stat {
         "ct_insert_failed",
         "untranslatable",
         "unallocated_drops",
+        "sock_translated",
     ];
 }
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 12);
-    assert!(core::mem::size_of::<ServiceValue>() == 12);
+    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 24);
     assert!(core::mem::align_of::<CtValue>() == 8);
-    assert!(core::mem::size_of::<Config>() == 8 * MAX_SERVICE_CIDRS + 8);
+    assert!(core::mem::size_of::<Config>() == 8 * MAX_SERVICE_CIDRS + 40);
+    assert!(core::mem::size_of::<SockRevNatKey>() == 16);
+    assert!(core::mem::size_of::<SockRevNat>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -333,4 +453,8 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::SockRevNatKey {}
+    unsafe impl aya::Pod for super::SockRevNat {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
 }

@@ -18,26 +18,30 @@
 #![no_main]
 
 mod csum;
+mod lb;
 mod maps;
 mod reject;
+mod sock;
 
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     macros::classifier,
     programs::TcContext,
 };
 use proxy_common::{
-    CT_FLAG_HAIRPIN, CT_FLAG_REPLY, CtKey, CtValue, MAX_SERVICE_CIDRS, ServiceKey, proto, stat,
+    CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, Config, CtKey, CtValue, proto, stat,
 };
 
-use crate::maps::{BACKENDS, CONNTRACK, SERVICES, config, count};
+use crate::maps::{BACKENDS, CONNTRACK, config, count};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
 /// More-fragments flag and fragment offset bits of `frag_off`.
 const IP_FRAG_MASK: u16 = 0x3fff;
 /// `BPF_F_MARK_MANGLED_0`: a zero UDP checksum means "no checksum" and must
@@ -56,6 +60,8 @@ struct Flow {
     sport: u16,
     dport: u16,
     proto: u8,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ...); 0 for UDP.
+    tcp_flags: u8,
     l4_off: usize,
 }
 
@@ -125,12 +131,18 @@ fn parse(ctx: &TcContext) -> Result<Option<Flow>, ()> {
         return Err(());
     }
     let [sport, dport] = unsafe { *ports };
+    let tcp_flags = if l4proto == proto::TCP {
+        unsafe { *ptr_at::<u8>(ctx, l4_off + 13)? }
+    } else {
+        0
+    };
     Ok(Some(Flow {
         saddr: u32::from_ne_bytes(src),
         daddr: u32::from_ne_bytes(dst),
         sport,
         dport,
         proto: l4proto,
+        tcp_flags,
         l4_off,
     }))
 }
@@ -141,64 +153,43 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     };
     let now = unsafe { bpf_ktime_get_ns() };
 
+    let cfg = config();
     if let Some(entry) = CONNTRACK.get_ptr_mut(flow.key()) {
         let ct = unsafe { *entry };
-        if ct.is_reply() {
-            unsafe { (*entry).last_seen_ns = now };
-            rewrite(ctx, &flow, IP_SRC_OFF, flow.saddr, ct.nat_addr, 0, flow.sport, ct.nat_port)?;
-            if ct.is_hairpin() {
-                // The pod is talking to itself: its reply goes back to its
-                // own address, which the forward direction hid.
-                rewrite(ctx, &flow, IP_DST_OFF, flow.daddr, flow.saddr, 2, flow.dport, flow.dport)?;
+        let expired = match cfg {
+            Some(c) => ct.expired(&flow.key(), c, now),
+            None => false,
+        };
+        if expired {
+            // An idle flow is over: a new one on the same tuple is chosen
+            // anew, and a late reply is not translated.
+        } else {
+            if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !ct.is_closing() {
+                mark_closing(entry, &ct, &flow, cfg);
             }
-            count(stat::REPLY_HITS);
-            return Ok(TC_ACT_OK);
+            if let Some(verdict) = established(ctx, &flow, entry, &ct, now)? {
+                return Ok(verdict);
+            }
+            // The backend this flow used is gone: choose again below, as a
+            // new flow, instead of sending it to an address that no longer
+            // serves.
         }
-        if backend_still_valid(&ct) {
-            unsafe { (*entry).last_seen_ns = now };
-            dnat(ctx, &flow, ct.nat_addr, ct.nat_port, ct.is_hairpin())?;
-            count(stat::FORWARD_HITS);
-            return Ok(TC_ACT_OK);
-        }
-        // The backend this flow used is gone: choose again below, as a new
-        // flow, instead of sending it to an address that no longer serves.
     }
-
-    let svc_key = ServiceKey::new(flow.daddr, flow.dport, flow.proto, 0);
-    let svc = match unsafe { SERVICES.get(svc_key) } {
-        Some(svc) if svc.count > 0 => *svc,
-        Some(svc) if svc.drops() => {
-            count(stat::DROPS);
-            return Ok(TC_ACT_SHOT);
-        }
-        Some(_) => return Ok(reject(ctx, &flow)),
-        None => {
-            return Ok(match not_a_frontend(&flow) {
-                Miss::Pass => TC_ACT_OK,
-                Miss::Reject => reject(ctx, &flow),
-                Miss::Drop => {
-                    count(stat::UNALLOCATED_DROPS);
-                    TC_ACT_SHOT
-                }
-            });
-        }
-    };
-
-    let slot = (unsafe { bpf_get_prandom_u32() } % svc.count as u32) as u16 + 1;
-    let Some(backend_id) = (unsafe { SERVICES.get(svc_key.with_slot(slot)) }).map(|v| v.backend_id)
-    else {
-        count(stat::UNTRANSLATABLE);
-        return Ok(TC_ACT_SHOT);
-    };
-    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }).copied() else {
-        count(stat::UNTRANSLATABLE);
-        return Ok(TC_ACT_SHOT);
+    let (backend_id, backend, svc_id) = match lb::choose(flow.daddr, flow.dport, flow.proto, flow.saddr) {
+        lb::Choice::Backend {
+            id,
+            backend,
+            svc_id,
+        } => (id, backend, svc_id),
+        lb::Choice::Pass => return Ok(TC_ACT_OK),
+        lb::Choice::Drop => return Ok(TC_ACT_SHOT),
+        lb::Choice::Reject => return Ok(reject(ctx, &flow)),
     };
 
     // A pod that picked itself gets a source it does not own, so its reply
     // comes back through this node instead of being a martian to itself
     // (kube-proxy masquerades hairpin traffic for the same reason).
-    let hairpin_addr = match config() {
+    let hairpin_addr = match cfg {
         Some(c) if backend.addr == flow.saddr && c.hairpin_addr != 0 => c.hairpin_addr,
         _ => 0,
     };
@@ -215,7 +206,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         flags: CT_FLAG_REPLY | flags,
         _pad: 0,
         backend_id,
-        svc_id: svc.svc_id,
+        svc_id,
         last_seen_ns: now,
     };
     if CONNTRACK.insert(reply_key, reply, 0).is_err() {
@@ -237,6 +228,57 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     Ok(TC_ACT_OK)
 }
 
+/// A packet of a known flow: reverse-translate a reply, or translate
+/// forward to the flow's backend while it exists (`None` otherwise).
+#[inline(always)]
+fn established(
+    ctx: &TcContext,
+    flow: &Flow,
+    entry: *mut CtValue,
+    ct: &CtValue,
+    now: u64,
+) -> Result<Option<i32>, ()> {
+    if ct.is_reply() {
+        unsafe { (*entry).last_seen_ns = now };
+        rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, ct.nat_addr, 0, flow.sport, ct.nat_port)?;
+        if ct.is_hairpin() {
+            // The pod is talking to itself: its reply goes back to its own
+            // address, which the forward direction hid.
+            rewrite(ctx, flow, IP_DST_OFF, flow.daddr, flow.saddr, 2, flow.dport, flow.dport)?;
+        }
+        count(stat::REPLY_HITS);
+        return Ok(Some(TC_ACT_OK));
+    }
+    if backend_still_valid(ct) {
+        unsafe { (*entry).last_seen_ns = now };
+        dnat(ctx, flow, ct.nat_addr, ct.nat_port, ct.is_hairpin())?;
+        count(stat::FORWARD_HITS);
+        return Ok(Some(TC_ACT_OK));
+    }
+    Ok(None)
+}
+
+/// FIN or RST: both entries of the flow switch to the closing timeout, so a
+/// closed connection's state goes soon instead of after a day.
+#[inline(always)]
+fn mark_closing(entry: *mut CtValue, ct: &CtValue, flow: &Flow, cfg: Option<&Config>) {
+    unsafe { (*entry).flags |= CT_FLAG_CLOSING };
+    let twin = if ct.is_reply() {
+        // backend -> client (or hairpin address) reverses to client -> VIP.
+        let client = if ct.is_hairpin() { flow.saddr } else { flow.daddr };
+        CtKey::new(client, ct.nat_addr, flow.dport, ct.nat_port, flow.proto)
+    } else {
+        let reply_dst = match cfg {
+            Some(c) if ct.is_hairpin() => c.hairpin_addr,
+            _ => flow.saddr,
+        };
+        CtKey::new(ct.nat_addr, reply_dst, ct.nat_port, flow.sport, flow.proto)
+    };
+    if let Some(other) = CONNTRACK.get_ptr_mut(twin) {
+        unsafe { (*other).flags |= CT_FLAG_CLOSING };
+    }
+}
+
 /// Destination to the backend; for a hairpin flow also the source to the
 /// hairpin address.
 #[inline(always)]
@@ -250,38 +292,6 @@ fn dnat(ctx: &TcContext, flow: &Flow, addr: u32, port: u16, hairpin: bool) -> Re
         rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, snat, 0, flow.sport, flow.sport)?;
     }
     Ok(())
-}
-
-/// What happens to a packet no frontend matched.
-enum Miss {
-    Pass,
-    Reject,
-    Drop,
-}
-
-/// Inside the service CIDR, kube-proxy rejects traffic to a cluster IP on a
-/// port or protocol it does not serve, and drops traffic to addresses no
-/// Service has; everything else is not ours.
-#[inline(always)]
-fn not_a_frontend(flow: &Flow) -> Miss {
-    let Some(cfg) = config() else {
-        return Miss::Pass;
-    };
-    let mut inside = false;
-    let mut i = 0;
-    while i < MAX_SERVICE_CIDRS {
-        if (i as u32) < cfg.service_cidr_count && cfg.service_cidrs[i].contains(flow.daddr) {
-            inside = true;
-        }
-        i += 1;
-    }
-    if !inside {
-        Miss::Pass
-    } else if unsafe { SERVICES.get(ServiceKey::cluster_ip(flow.daddr)) }.is_some() {
-        Miss::Reject
-    } else {
-        Miss::Drop
-    }
 }
 
 /// The one place REJECT is sent from, so the answer's buffers are on the

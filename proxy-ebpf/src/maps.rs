@@ -6,7 +6,10 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use proxy_common::{Backend, Config, CtKey, CtValue, ServiceKey, ServiceValue, defaults, stat};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, ServiceKey, ServiceValue,
+    SockRevNat, SockRevNatKey, defaults, stat,
+};
 
 // Static names are the pinned map names (`proxy_common::map_names`), which
 // `bpftool map dump pinned` shows; keep them in step.
@@ -28,9 +31,22 @@ pub static kep_stats: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::
 #[btf_map]
 pub static kep_config: Array<Config, 1> = Array::new();
 
+#[btf_map]
+pub static kep_sock_rnat: LruHashMap<
+    SockRevNatKey,
+    SockRevNat,
+    { defaults::SOCK_REVNAT_MAX as usize },
+> = LruHashMap::new();
+
+#[btf_map]
+pub static kep_affinity: LruHashMap<AffinityKey, AffinityValue, { defaults::AFFINITY_MAX as usize }> =
+    LruHashMap::new();
+
+pub use kep_affinity as AFFINITY;
 pub use kep_backends as BACKENDS;
 pub use kep_conntrack as CONNTRACK;
 pub use kep_services as SERVICES;
+pub use kep_sock_rnat as SOCK_REVNAT;
 
 #[inline(always)]
 pub fn count(index: u32) {

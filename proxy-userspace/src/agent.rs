@@ -10,9 +10,11 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
+use proxy_common::Backend;
+
 use crate::{
     datapath::{Datapath, DatapathConfig},
-    diff::diff,
+    diff::{MapOp, diff},
     encode::Encoder,
     interfaces, manifests, model,
 };
@@ -24,8 +26,13 @@ pub struct RunConfig {
     /// Interface names or glob patterns to attach the TC program to.
     pub interfaces: Vec<String>,
     pub datapath: DatapathConfig,
+    /// cgroup v2 directory to attach the socket hooks to (the node's cgroup
+    /// root in production); `None` leaves host processes untranslated.
+    pub socket_lb_cgroup: Option<PathBuf>,
     /// How often the interface list is checked.
     pub poll_interval: Duration,
+    /// How often expired conntrack entries are deleted.
+    pub conntrack_gc_interval: Duration,
     /// Full re-derivation from the source and re-read of the maps, so an
     /// entry changed behind the agent's back is put right.
     pub resync_interval: Duration,
@@ -44,12 +51,14 @@ pub struct SyncOutcome {
 pub struct Syncer {
     datapath: Datapath,
     encoder: Encoder,
+    /// This node's name, for `internalTrafficPolicy: Local` and topology.
+    node_name: String,
     /// Warnings already logged, so a periodic resync does not repeat them.
     reported: BTreeSet<String>,
 }
 
 impl Syncer {
-    pub fn new(datapath: Datapath) -> Self {
+    pub fn new(datapath: Datapath, node_name: String) -> Self {
         let mut encoder = Encoder::new();
         // A restarted agent keeps the ids already in the pinned maps, so its
         // first sync rewrites nothing that is already right.
@@ -57,6 +66,7 @@ impl Syncer {
         Self {
             datapath,
             encoder,
+            node_name,
             reported: BTreeSet::new(),
         }
     }
@@ -73,7 +83,8 @@ impl Syncer {
         objects: &manifests::Objects,
         source_warnings: Vec<String>,
     ) -> SyncOutcome {
-        let (desired, model_warnings) = model::compute(&objects.services, &objects.slices);
+        let node = model::NodeInfo::from_objects(&self.node_name, &objects.nodes);
+        let (desired, model_warnings) = model::compute(&objects.services, &objects.slices, &node);
         let warnings: BTreeSet<String> = source_warnings
             .into_iter()
             .chain(model_warnings.iter().map(ToString::to_string))
@@ -85,9 +96,24 @@ impl Syncer {
 
         let contents = self.encoder.encode(&desired);
         let ops = diff(self.datapath.live(), &contents);
+        let removed: Vec<Backend> = ops
+            .iter()
+            .filter_map(|op| match op {
+                MapOp::DeleteBackend(id) => self.datapath.live().backends.get(id).copied(),
+                _ => None,
+            })
+            .collect();
         let failed = self.datapath.apply(&ops);
         for f in &failed {
             tracing::error!(op = ?f.op, error = %f.error, "map update failed");
+        }
+        if let Err(e) = self.datapath.prune_affinity() {
+            tracing::error!(error = %e, "pruning session affinity");
+        }
+        match self.datapath.forget_udp_backends(&removed) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(entries = n, "deleted UDP flows of removed endpoints"),
+            Err(e) => tracing::error!(error = %e, "deleting UDP flows of removed endpoints"),
         }
         SyncOutcome {
             frontends: desired.frontends.len(),
@@ -164,16 +190,23 @@ fn attach_matching(datapath: &mut Datapath, patterns: &[String]) {
 
 /// Runs the agent on `source` until SIGTERM or SIGINT.
 pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> {
-    let datapath = Datapath::load(&cfg.datapath).context("loading the datapath")?;
+    let mut datapath = Datapath::load(&cfg.datapath).context("loading the datapath")?;
     tracing::info!(
         bpffs = %cfg.datapath.bpffs.display(),
         adopted_entries = datapath.live().services.len(),
         "datapath loaded"
     );
-    let mut syncer = Syncer::new(datapath);
+    if let Some(cgroup) = &cfg.socket_lb_cgroup {
+        datapath
+            .attach_cgroup(cgroup)
+            .context("socket-level load balancing")?;
+        tracing::info!(cgroup = %cgroup.display(), "attached socket hooks");
+    }
+    let mut syncer = Syncer::new(datapath, cfg.node_name.clone());
     attach_matching(syncer.datapath_mut(), &cfg.interfaces);
 
     let mut iface_scan = tokio::time::interval(cfg.poll_interval);
+    let mut conntrack_gc = tokio::time::interval(cfg.conntrack_gc_interval);
     let mut resync = tokio::time::interval(cfg.resync_interval);
     // The first tick of an interval is immediate; the initial sync is the
     // source's first change instead.
@@ -190,6 +223,13 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             _ = resync.tick(), if synced => true,
             _ = iface_scan.tick() => {
                 attach_matching(syncer.datapath_mut(), &cfg.interfaces);
+                continue;
+            }
+            _ = conntrack_gc.tick() => {
+                match syncer.datapath_mut().collect_conntrack() {
+                    Ok(n) => tracing::debug!(entries = n, "conntrack garbage collected"),
+                    Err(e) => tracing::error!(error = %e, "conntrack garbage collection"),
+                }
                 continue;
             }
         };

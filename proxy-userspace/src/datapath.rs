@@ -9,16 +9,19 @@ use std::{
     net::Ipv4Addr,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId,
+    },
 };
 use proxy_common::{
-    Backend, Cidr, Config, CtKey, CtValue, MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, defaults,
-    map_names, program_names, stat,
+    AffinityKey, AffinityValue, Backend, Cidr, Config, CtKey, CtValue, MAX_SERVICE_CIDRS,
+    ServiceKey, ServiceValue, defaults, map_names, program_names, stat,
 };
 use thiserror::Error;
 
@@ -30,6 +33,14 @@ use crate::{
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time
 /// so the agent image is a single binary.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KEP_BPF_OBJECT"));
+
+/// The cgroup socket hooks, all loaded with the object.
+const SOCK_PROGRAMS: [&str; 4] = [
+    program_names::SOCK_CONNECT4,
+    program_names::SOCK_SENDMSG4,
+    program_names::SOCK_RECVMSG4,
+    program_names::SOCK_GETPEERNAME4,
+];
 
 /// `statfs(2)` magic of a bpffs mount.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -47,6 +58,28 @@ pub struct DatapathConfig {
     /// Source address given to hairpin flows (a pod reaching itself through
     /// a Service); `None` leaves them untranslated, which breaks them.
     pub hairpin_addr: Option<Ipv4Addr>,
+    pub timeouts: CtTimeouts,
+}
+
+/// Idle timeouts of conntrack entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtTimeouts {
+    /// kube-proxy's --conntrack-tcp-timeout-established default.
+    pub tcp_established: Duration,
+    /// After a FIN or RST in either direction.
+    pub tcp_closing: Duration,
+    /// The kernel's nf_conntrack_udp_timeout.
+    pub udp: Duration,
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        Self {
+            tcp_established: Duration::from_secs(24 * 3600),
+            tcp_closing: Duration::from_secs(10),
+            udp: Duration::from_secs(30),
+        }
+    }
 }
 
 /// kubeadm's default service CIDR, also kube-apiserver's.
@@ -63,11 +96,13 @@ impl DatapathConfig {
             conntrack_max: defaults::CONNTRACK_MAX,
             service_cidrs: vec![DEFAULT_SERVICE_CIDR],
             hairpin_addr: Some(DEFAULT_HAIRPIN_ADDR),
+            timeouts: CtTimeouts::default(),
         }
     }
 
-    /// The config map entry for these settings.
-    pub fn to_map(&self) -> Result<Config, DatapathError> {
+    /// The config map entry for these settings; the socket hooks will
+    /// translate sockets of the network namespace `netns_cookie` names.
+    pub fn to_map(&self, netns_cookie: u64) -> Result<Config, DatapathError> {
         if self.service_cidrs.len() > MAX_SERVICE_CIDRS {
             return Err(DatapathError::Settings(format!(
                 "{} service CIDRs given, at most {MAX_SERVICE_CIDRS} are supported",
@@ -91,6 +126,11 @@ impl DatapathConfig {
         }
         cfg.service_cidr_count = self.service_cidrs.len() as u32;
         cfg.hairpin_addr = self.hairpin_addr.map(addr_to_map).unwrap_or(0);
+        cfg.netns_cookie = netns_cookie;
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        cfg.ct_tcp_established_ns = ns(self.timeouts.tcp_established);
+        cfg.ct_tcp_closing_ns = ns(self.timeouts.tcp_closing);
+        cfg.ct_udp_ns = ns(self.timeouts.udp);
         Ok(cfg)
     }
 }
@@ -118,6 +158,11 @@ pub enum DatapathError {
     Settings(String),
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("attaching the socket hooks to cgroup {path}: {source}")]
+    AttachCgroup {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("attaching to interface {iface}: {source}")]
     Attach {
         iface: String,
@@ -144,7 +189,10 @@ pub struct Datapath {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     stats: PerCpuArray<MapData, u64>,
+    /// The settings written to the config map, for conntrack expiry.
+    settings: Config,
     /// What the maps hold, as last read or written by this process.
     live: MapContents,
     attached: BTreeMap<String, SchedClassifierLinkId>,
@@ -155,7 +203,10 @@ impl Datapath {
     /// adopting the ones already pinned there (a restarted agent keeps the
     /// previous contents, so it only rewrites what differs).
     pub fn load(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
-        let settings = cfg.to_map()?;
+        let netns_cookie = current_netns_cookie().map_err(|source| {
+            DatapathError::Settings(format!("reading this network namespace's cookie: {source}"))
+        })?;
+        let settings = cfg.to_map(netns_cookie)?;
         ensure_bpffs(&cfg.bpffs)?;
         let pins: Vec<(&'static str, PathBuf)> = map_names::ALL
             .iter()
@@ -187,9 +238,21 @@ impl Datapath {
             prog.load()
                 .map_err(|e| program_err(program_names::TC_POD_INGRESS, e))?;
         }
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Program {
+                    name,
+                    source: Box::new(aya::programs::ProgramError::NotLoaded),
+                })?
+                .try_into()
+                .map_err(|e| program_err(name, e))?;
+            prog.load().map_err(|e| program_err(name, e))?;
+        }
         let services = take_map(&mut ebpf, map_names::SERVICES)?;
         let backends = take_map(&mut ebpf, map_names::BACKENDS)?;
         let conntrack = take_map(&mut ebpf, map_names::CONNTRACK)?;
+        let affinity = take_map(&mut ebpf, map_names::AFFINITY)?;
         let stats = ebpf
             .take_map(map_names::STATS)
             .ok_or(DatapathError::MissingMap(map_names::STATS))?
@@ -204,10 +267,12 @@ impl Datapath {
             .set(0, settings, 0)
             .map_err(map_err(map_names::CONFIG))?;
         let mut dp = Self {
+            settings,
             ebpf,
             services,
             backends,
             conntrack,
+            affinity,
             stats,
             live: MapContents::default(),
             attached: BTreeMap::new(),
@@ -238,6 +303,30 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         self.attached.insert(iface.to_string(), link);
+        Ok(())
+    }
+
+    /// Attaches the socket hooks to the cgroup v2 directory `path`: every
+    /// process below it, in this network namespace, reaches Services by
+    /// socket-level translation.
+    pub fn attach_cgroup(&mut self, path: &Path) -> Result<(), DatapathError> {
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::AttachCgroup {
+            path: path.to_path_buf(),
+            source,
+        };
+        let cgroup = std::fs::File::open(path).map_err(|e| err(Box::new(e)))?;
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .expect("checked in load");
+            // aya attaches through a BPF link where the kernel has them; a
+            // link takes no attach flags (EINVAL otherwise) and never evicts
+            // other programs (a CNI's) from the cgroup.
+            prog.attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| err(Box::new(e)))?;
+        }
         Ok(())
     }
 
@@ -303,15 +392,7 @@ impl Datapath {
 
     /// Datapath counters summed over CPUs, indexed by `proxy_common::stat`.
     pub fn stats(&self) -> Result<[u64; stat::COUNT as usize], DatapathError> {
-        let mut out = [0u64; stat::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let per_cpu = self
-                .stats
-                .get(&(i as u32), 0)
-                .map_err(map_err(map_names::STATS))?;
-            *slot = per_cpu.iter().sum();
-        }
-        Ok(out)
+        sum_stats(&self.stats)
     }
 
     /// Every conntrack entry (for inspection and tests).
@@ -322,9 +403,118 @@ impl Datapath {
             .map_err(map_err(map_names::CONNTRACK))
     }
 
-    pub fn conntrack_map(&mut self) -> &mut HashMap<MapData, CtKey, CtValue> {
-        &mut self.conntrack
+    /// Deletes conntrack entries idle past their timeout (the datapath
+    /// already ignores them; this frees their space). Returns how many.
+    pub fn collect_conntrack(&mut self) -> Result<usize, DatapathError> {
+        let now = monotonic_ns();
+        let settings = self.settings;
+        self.delete_conntrack(|k, v| v.expired(k, &settings, now))
     }
+
+    /// Deletes at once the UDP flows of backends that were removed, so a
+    /// client's next datagram is balanced to a live endpoint (kube-proxy's
+    /// UDP stale-flow cleanup; stale UDP state is what black-holes DNS).
+    /// TCP flows are left to end or expire. Returns how many entries.
+    pub fn forget_udp_backends(&mut self, gone: &[Backend]) -> Result<usize, DatapathError> {
+        let gone: Vec<&Backend> = gone
+            .iter()
+            .filter(|b| b.proto == proxy_common::proto::UDP)
+            .collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        self.delete_conntrack(|k, v| {
+            gone.iter().any(|b| {
+                k.proto == b.proto
+                    && if v.is_reply() {
+                        k.saddr == b.addr && k.sport == b.port
+                    } else {
+                        v.nat_addr == b.addr && v.nat_port == b.port
+                    }
+            })
+        })
+    }
+
+    /// Deletes session-affinity entries that no longer hold: the frontend
+    /// is gone or lost its affinity, or the endpoint left it (the datapath
+    /// only checks that the backend still exists somewhere). Returns how
+    /// many.
+    pub fn prune_affinity(&mut self) -> Result<usize, DatapathError> {
+        let mut valid: std::collections::HashMap<u32, std::collections::HashSet<u32>> =
+            std::collections::HashMap::new();
+        for (key, value) in &self.live.services {
+            if key.slot == 0 && value.affinity_timeout_s != 0 {
+                let backends = (1..=value.count)
+                    .filter_map(|slot| self.live.services.get(&key.with_slot(slot)))
+                    .map(|v| v.backend_id)
+                    .collect();
+                valid.insert(value.svc_id, backends);
+            }
+        }
+        let doomed: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                !valid
+                    .get(&k.svc_id)
+                    .is_some_and(|b| b.contains(&v.backend_id))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let mut deleted = 0;
+        for key in &doomed {
+            if ignore_missing(self.affinity.remove(key)).is_ok() {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    fn delete_conntrack(
+        &mut self,
+        doomed: impl Fn(&CtKey, &CtValue) -> bool,
+    ) -> Result<usize, DatapathError> {
+        let keys: Vec<CtKey> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| doomed(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        let mut deleted = 0;
+        for key in &keys {
+            // Gone already (LRU eviction, the other direction's delete): fine.
+            if ignore_missing(self.conntrack.remove(key)).is_ok() {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+/// The counters of the agent whose maps are pinned under `bpffs`, read
+/// without loading anything (for operators' tools and tests).
+pub fn pinned_stats(bpffs: &Path) -> Result<[u64; stat::COUNT as usize], DatapathError> {
+    let data =
+        MapData::from_pin(bpffs.join(map_names::STATS)).map_err(map_err(map_names::STATS))?;
+    let stats: PerCpuArray<MapData, u64> = aya::maps::Map::PerCpuArray(data)
+        .try_into()
+        .map_err(map_err(map_names::STATS))?;
+    sum_stats(&stats)
+}
+
+fn sum_stats(
+    stats: &PerCpuArray<MapData, u64>,
+) -> Result<[u64; stat::COUNT as usize], DatapathError> {
+    let mut out = [0u64; stat::COUNT as usize];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let per_cpu = stats
+            .get(&(i as u32), 0)
+            .map_err(map_err(map_names::STATS))?;
+        *slot = per_cpu.iter().sum();
+    }
+    Ok(out)
 }
 
 fn program_err(name: &'static str, source: aya::programs::ProgramError) -> DatapathError {
@@ -415,4 +605,54 @@ pub fn unpin_all(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14): the cookie `bpf_get_netns_cookie` returns
+/// for sockets of the caller's network namespace.
+fn current_netns_cookie() -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    let result = if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    };
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Every conntrack entry of the agent whose maps are pinned under `bpffs`.
+pub fn pinned_conntrack(bpffs: &Path) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
+    let data = MapData::from_pin(bpffs.join(map_names::CONNTRACK))
+        .map_err(map_err(map_names::CONNTRACK))?;
+    let map: HashMap<MapData, CtKey, CtValue> = aya::maps::Map::LruHashMap(data)
+        .try_into()
+        .map_err(map_err(map_names::CONNTRACK))?;
+    map.iter()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(map_names::CONNTRACK))
 }

@@ -114,6 +114,7 @@ mod tests {
                         service: format!("default/svc-{}", fe.addr),
                         endpoints: endpoints(lasts),
                         empty_action: EmptyAction::Reject,
+                        affinity_timeout_s: None,
                     };
                     (*fe, state)
                 })

@@ -250,8 +250,9 @@ impl Encoder {
                 (0, EmptyAction::Drop) => SVC_FLAG_DROP,
                 _ => 0,
             };
-            out.services
-                .insert(key, ServiceValue::service(svc_id, count, flags));
+            let entry = ServiceValue::service(svc_id, count, flags)
+                .with_affinity(state.affinity_timeout_s.unwrap_or(0));
+            out.services.insert(key, entry);
         }
 
         // Every cluster IP also gets its port-less entry, so the datapath can
@@ -294,6 +295,7 @@ mod tests {
                 })
                 .collect(),
             empty_action: EmptyAction::Reject,
+            affinity_timeout_s: None,
         }
     }
 
@@ -360,6 +362,17 @@ mod tests {
                 .values()
                 .all(|b| b.proto == proxy_common::proto::TCP)
         );
+    }
+
+    #[test]
+    fn affinity_timeout_is_on_the_service_entry() {
+        let web = frontend("10.96.0.10", 80);
+        let mut sticky = state(&[("10.0.0.1", 8080)]);
+        sticky.affinity_timeout_s = Some(30);
+        let out = Encoder::new().encode(&desired(&[(web, sticky)]));
+        assert_eq!(out.services[&key(web, 0)].affinity_timeout_s, 30);
+        let plain = Encoder::new().encode(&desired(&[(web, state(&[("10.0.0.1", 8080)]))]));
+        assert_eq!(plain.services[&key(web, 0)].affinity_timeout_s, 0);
     }
 
     #[test]

@@ -7,5 +7,6 @@ pub mod datapath;
 pub mod diff;
 pub mod encode;
 pub mod interfaces;
+pub mod kube_source;
 pub mod manifests;
 pub mod model;

@@ -9,6 +9,7 @@ use proxy_userspace::{
     agent::{self, ManifestSource, RunConfig},
     datapath::{self, DatapathConfig},
     interfaces,
+    kube_source::KubeSource,
 };
 
 #[derive(Parser)]
@@ -25,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: program the datapath from Services and EndpointSlices.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove every map the agent pinned (like `kube-proxy --cleanup`).
     Cleanup {
         #[arg(long, env = "KEP_BPFFS", default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
@@ -36,9 +37,14 @@ enum Command {
 #[derive(Args)]
 struct RunArgs {
     /// Directory of Service and EndpointSlice YAML files (multi-document),
-    /// watched for changes.
-    #[arg(long, env = "KEP_MANIFESTS")]
-    manifests: PathBuf,
+    /// watched for changes, instead of the API server.
+    #[arg(long, env = "KEP_MANIFESTS", conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig to reach the API server with. Without it (and without
+    /// --manifests): $KUBECONFIG, ~/.kube/config, or the in-cluster service
+    /// account, in that order.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// This node's name in Kubernetes (set it from the downward API's
     /// spec.nodeName); defaults to the host name, as kubelet's does.
     #[arg(long, env = "NODE_NAME")]
@@ -60,6 +66,25 @@ struct RunArgs {
     /// Service). Link-local, so no pod or node owns it.
     #[arg(long, env = "KEP_HAIRPIN_SNAT_IP", default_value_t = datapath::DEFAULT_HAIRPIN_ADDR)]
     hairpin_snat_ip: std::net::Ipv4Addr,
+    /// cgroup v2 directory whose processes (in this network namespace) reach
+    /// Services by socket-level translation: the node's cgroup root
+    /// (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts) in
+    /// production, so kubelet probes and hostNetwork pods work. Unset: host
+    /// processes are not translated.
+    #[arg(long, env = "KEP_SOCKET_LB_CGROUP")]
+    socket_lb_cgroup: Option<PathBuf>,
+    /// Idle timeout of established TCP flows (e.g. 24h, 90m, 30s).
+    #[arg(long, env = "KEP_CONNTRACK_TCP_TIMEOUT_ESTABLISHED", default_value = "24h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_established: Duration,
+    /// Idle timeout of TCP flows after a FIN or RST.
+    #[arg(long, env = "KEP_CONNTRACK_TCP_TIMEOUT_CLOSING", default_value = "10s", value_parser = parse_duration)]
+    conntrack_tcp_timeout_closing: Duration,
+    /// Idle timeout of UDP flows.
+    #[arg(long, env = "KEP_CONNTRACK_UDP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    conntrack_udp_timeout: Duration,
+    /// How often expired conntrack entries are deleted.
+    #[arg(long, env = "KEP_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    conntrack_gc_interval: Duration,
     /// Capacity of the services map (frontends plus backend slots).
     #[arg(long, env = "KEP_SERVICES_MAX", default_value_t = defaults::SERVICES_MAX)]
     services_max: u32,
@@ -106,15 +131,30 @@ fn main() -> anyhow::Result<()> {
                     conntrack_max: args.conntrack_max,
                     service_cidrs: args.service_cidr.0,
                     hairpin_addr: Some(args.hairpin_snat_ip),
+                    timeouts: datapath::CtTimeouts {
+                        tcp_established: args.conntrack_tcp_timeout_established,
+                        tcp_closing: args.conntrack_tcp_timeout_closing,
+                        udp: args.conntrack_udp_timeout,
+                    },
                 },
+                socket_lb_cgroup: args.socket_lb_cgroup,
                 poll_interval,
+                conntrack_gc_interval: args.conntrack_gc_interval,
                 resync_interval: Duration::from_secs(args.resync_interval_s),
             };
-            let source = ManifestSource::new(args.manifests, poll_interval);
-            tokio::runtime::Builder::new_current_thread()
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()?
-                .block_on(agent::run(cfg, source))
+                .build()?;
+            match args.manifests {
+                Some(dir) => {
+                    runtime.block_on(agent::run(cfg, ManifestSource::new(dir, poll_interval)))
+                }
+                None => runtime.block_on(async {
+                    let client = kube_client(args.kubeconfig.as_deref()).await?;
+                    let source = KubeSource::new(client, &cfg.node_name);
+                    agent::run(cfg, source).await
+                }),
+            }
         }
         Command::Cleanup { bpffs } => {
             datapath::unpin_all(&bpffs)
@@ -123,6 +163,28 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A client from `--kubeconfig PATH`, else from the environment
+/// (`$KUBECONFIG`, `~/.kube/config`, in-cluster). Only reading the
+/// configuration can fail here: connecting happens (and is retried) in the
+/// reflectors.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no --manifests and no Kubernetes configuration found \
+             (--kubeconfig, $KUBECONFIG, ~/.kube/config or in-cluster)",
+        )?,
+    };
+    tracing::info!(server = %config.cluster_url, "API server source");
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 fn hostname() -> std::io::Result<String> {
@@ -155,4 +217,26 @@ fn parse_cidrs(list: &str) -> Result<Cidrs, String> {
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Cidrs)
+}
+
+/// `500ms`, `30s`, `90m`, `24h`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text}: missing unit (ms, s, m, h)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|e| format!("{text}: {e}"))?;
+    let secs = |mult: u64| {
+        n.checked_mul(mult)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{text}: too long"))
+    };
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        _ => Err(format!("{text}: unknown unit {unit:?} (ms, s, m, h)")),
+    }
 }

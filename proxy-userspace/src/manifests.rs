@@ -1,5 +1,6 @@
-//! The static source: Services and EndpointSlices read from a directory of
-//! manifests, as `kubectl apply -f DIR` would read them.
+//! The static source: Services, EndpointSlices and Nodes read from a
+//! directory of manifests, as `kubectl apply -f DIR` would read them. (A lab
+//! gives its node topology labels with a Node manifest.)
 //!
 //! Only syntax and shape are checked here. A value that parses but is
 //! invalid (a bad IP, port 0) is passed on, so that [`crate::model::compute`]
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use k8s_openapi::Metadata;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
@@ -32,7 +33,7 @@ pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     /// Node objects (the agent's own node gives its topology labels).
-    pub nodes: Vec<k8s_openapi::api::core::v1::Node>,
+    pub nodes: Vec<Node>,
 }
 
 /// Something in a file that was skipped.
@@ -84,9 +85,10 @@ enum Problem {
 }
 
 const SERVICE_API_VERSION: &str = "v1";
+const NODE_API_VERSION: &str = "v1";
 const SLICE_API_VERSION: &str = "discovery.k8s.io/v1";
 
-/// Loads every Service and EndpointSlice from the `*.yaml`, `*.yml` and
+/// Loads every Service, EndpointSlice and Node from the `*.yaml`, `*.yml` and
 /// `*.json` files directly in `dir`, in file name order. Problems are
 /// returned as warnings; whatever could be read is returned regardless.
 pub fn load_dir(dir: &Path) -> (Objects, Vec<SourceWarning>) {
@@ -203,10 +205,18 @@ impl Loader {
                     self.objects.slices.push(with_default_namespace(slice));
                 }
             }
-            "List" | "ServiceList" | "EndpointSliceList" if in_list => {
+            "Node" => {
+                if let Some(node) =
+                    self.decode::<Node>(file, object, document, &api_version, NODE_API_VERSION)
+                {
+                    // Cluster-scoped: no namespace to default.
+                    self.objects.nodes.push(node);
+                }
+            }
+            "List" | "ServiceList" | "EndpointSliceList" | "NodeList" if in_list => {
                 self.warn(file, object, Problem::NestedList)
             }
-            "List" | "ServiceList" | "EndpointSliceList" => {
+            "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
                 self.load_list(file, object, &kind, document)
             }
             other => tracing::debug!("{}: ignoring kind {other}", file.display()),
@@ -223,6 +233,7 @@ impl Loader {
         let implied = match kind {
             "ServiceList" => Some((SERVICE_API_VERSION, "Service")),
             "EndpointSliceList" => Some((SLICE_API_VERSION, "EndpointSlice")),
+            "NodeList" => Some((NODE_API_VERSION, "Node")),
             _ => None,
         };
         for mut item in items {
@@ -298,7 +309,11 @@ fn describe(document: &Value, kind: Option<&str>) -> String {
         .filter(|ns| !ns.is_empty())
         .unwrap_or(DEFAULT_NAMESPACE);
     let name = field("name").unwrap_or("<unnamed>");
-    format!("{} {namespace}/{name}", kind.unwrap_or("<no kind>"))
+    match kind {
+        // Cluster-scoped.
+        Some("Node") => format!("Node {name}"),
+        _ => format!("{} {namespace}/{name}", kind.unwrap_or("<no kind>")),
+    }
 }
 
 fn with_default_namespace<T: Metadata<Ty = ObjectMeta>>(mut object: T) -> T {
@@ -591,7 +606,8 @@ endpoints:
             ),
         );
         let (objects, _) = load_dir(&dir.0);
-        let (state, warnings) = crate::model::compute(&objects.services, &objects.slices);
+        let node = crate::model::NodeInfo::default();
+        let (state, warnings) = crate::model::compute(&objects.services, &objects.slices, &node);
         assert_eq!(warnings, []);
         let endpoints: Vec<_> = state
             .frontends
@@ -600,6 +616,71 @@ endpoints:
             .collect();
         assert_eq!(endpoints.len(), 1);
         assert_eq!(endpoints[0].port, 8080);
+    }
+
+    const NODE: &str = "\
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-a
+  labels:
+    topology.kubernetes.io/zone: zone-a
+";
+
+    fn node_names(objects: &Objects) -> Vec<String> {
+        objects
+            .nodes
+            .iter()
+            .map(|n| n.metadata.name.clone().unwrap_or_default())
+            .collect()
+    }
+
+    #[test]
+    fn nodes_are_loaded_with_their_labels() {
+        let dir = TempDir::new();
+        dir.write("node.yaml", &format!("{SERVICE}---\n{NODE}"));
+        let (objects, warnings) = load_dir(&dir.0);
+        assert_eq!(warnings, []);
+        assert_eq!(node_names(&objects), ["node-a"]);
+        // Cluster-scoped: no namespace is made up for it.
+        assert_eq!(objects.nodes[0].metadata.namespace, None);
+        let node = crate::model::NodeInfo::from_objects("node-a", &objects.nodes);
+        assert_eq!(
+            node.labels
+                .get("topology.kubernetes.io/zone")
+                .map(String::as_str),
+            Some("zone-a")
+        );
+    }
+
+    #[test]
+    fn nodes_in_lists() {
+        let dir = TempDir::new();
+        dir.write(
+            "list.yaml",
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Node\n  metadata: {name: node-a}\n",
+        );
+        dir.write(
+            "nodes.json",
+            r#"{"apiVersion": "v1", "kind": "NodeList",
+                "items": [{"metadata": {"name": "node-b", "labels": {"x": "y"}}}]}"#,
+        );
+        let (objects, warnings) = load_dir(&dir.0);
+        assert_eq!(warnings, []);
+        assert_eq!(node_names(&objects), ["node-a", "node-b"]);
+    }
+
+    #[test]
+    fn node_with_wrong_api_version_warns() {
+        let dir = TempDir::new();
+        dir.write(
+            "node.yaml",
+            &NODE.replace("apiVersion: v1", "apiVersion: v2"),
+        );
+        let (objects, warnings) = load_dir(&dir.0);
+        assert!(objects.nodes.is_empty());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].object.as_deref(), Some("Node node-a"));
     }
 
     #[test]

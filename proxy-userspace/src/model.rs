@@ -16,15 +16,40 @@
 //!   named target ports per pod, so two slices may legitimately carry two
 //!   different numbers for the same port name;
 //! - an endpoint with `ready` unset is ready (the API documents nil as
-//!   "unknown, interpret as ready"), and only its first address is used.
+//!   "unknown, interpret as ready"), and only its first address is used;
+//!   `serving` unset means the same as `ready` (the API: "defer to the ready
+//!   condition") and `terminating` unset means not terminating.
+//!
+//! Which endpoints a frontend uses is decided once, in `select_endpoints`,
+//! for ClusterIP traffic only, following kube-proxy's `CategorizeEndpoints`
+//! (pkg/proxy/topology.go) and the proxiers' filter rules:
+//! - the usable endpoints are the ready ones; only when none is ready are the
+//!   serving *and* terminating ones used, so a Service whose pods are all
+//!   shutting down keeps answering while they drain;
+//! - `internalTrafficPolicy: Local` keeps only endpoints whose `nodeName` is
+//!   this node: the ready local ones, else the serving-terminating local ones.
+//!   With none left while the Service has usable endpoints elsewhere, new
+//!   flows are dropped (kube-proxy's DROP "has no local endpoints"); with no
+//!   usable endpoint anywhere they are rejected, whatever the policy;
+//! - topology, only under the Cluster policy and only among ready endpoints
+//!   (the terminating fallback ignores it, as kube-proxy's does): when the
+//!   Service asks for `trafficDistribution: PreferSameNode`, every ready
+//!   endpoint carries `hints.forNodes` and one names this node, only the
+//!   endpoints hinted for this node are used; otherwise, when every ready
+//!   endpoint carries `hints.forZones`, this node has a
+//!   `topology.kubernetes.io/zone` label and one endpoint is hinted for that
+//!   zone, only the endpoints hinted for it; otherwise all. Topology never
+//!   filters down to nothing, and, like kube-proxy, only the hints count: the
+//!   `service.kubernetes.io/topology-mode` annotation is the EndpointSlice
+//!   controller's business, not the proxy's.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint as ApiEndpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use proxy_common::proto;
 use thiserror::Error;
@@ -39,6 +64,8 @@ pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 
 /// Namespace of objects that do not name one, as the API server defaults it.
 pub const DEFAULT_NAMESPACE: &str = "default";
+/// Node label naming the node's zone, matched against `hints.forZones`.
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 
 /// L4 protocols a Service port may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -139,11 +166,55 @@ pub struct FrontendState {
     /// Sorted and deduplicated.
     pub endpoints: Vec<Endpoint>,
     pub empty_action: EmptyAction,
+    /// `sessionAffinity: ClientIP` timeout in seconds; `None` without
+    /// affinity.
+    pub affinity_timeout_s: Option<u32>,
 }
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// API validation's upper bound for it.
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<Frontend, FrontendState>,
+}
+
+/// The node the state is computed for: endpoints' `nodeName` and
+/// `hints.forNodes` are matched against its name, `hints.forZones` against
+/// its zone label.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl NodeInfo {
+    /// The node called `name`, with the labels of the Node object of that
+    /// name in `nodes` (none if there is no such object: no topology then).
+    pub fn from_objects(name: &str, nodes: &[Node]) -> Self {
+        // Two copies of one Node can only come from a broken static source;
+        // the smallest label set wins so the outcome does not depend on order.
+        let labels = nodes
+            .iter()
+            .filter(|node| !name.is_empty() && node.metadata.name.as_deref() == Some(name))
+            .map(|node| node.metadata.labels.clone().unwrap_or_default())
+            .min()
+            .unwrap_or_default();
+        Self {
+            name: name.to_string(),
+            labels,
+        }
+    }
+
+    /// The zone label, if set and not empty.
+    fn zone(&self) -> Option<&str> {
+        self.labels
+            .get(LABEL_TOPOLOGY_ZONE)
+            .map(String::as_str)
+            .filter(|zone| !zone.is_empty())
+    }
 }
 
 /// Something in the input that was skipped, for the operator.
@@ -193,6 +264,12 @@ enum Problem {
         name: String,
         source: UnsupportedProtocol,
     },
+    #[error("sessionAffinity {0:?} is not None or ClientIP; served without affinity")]
+    AffinityKind(String),
+    #[error(
+        "sessionAffinityConfig.clientIP.timeoutSeconds {0} is outside 1..=86400; served without affinity"
+    )]
+    AffinityTimeout(i32),
     #[error("endpoint {index}: no address")]
     NoAddress { index: usize },
     #[error("endpoint {index}: address {addr:?} is not an IPv4 address")]
@@ -206,11 +283,16 @@ fn warn(warnings: &mut Vec<Warning>, object: &str, problem: Problem) {
     });
 }
 
-/// Computes the frontends to program and the warnings about what was skipped.
+/// Computes the frontends to program on `node` and the warnings about what
+/// was skipped.
 ///
 /// The result does not depend on the order of either input: objects are
 /// processed in (namespace, name) order and warnings are returned sorted.
-pub fn compute(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState, Vec<Warning>) {
+pub fn compute(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeInfo,
+) -> (DesiredState, Vec<Warning>) {
     let mut warnings = Vec::new();
     let slices = index_slices(slices, &mut warnings);
     let mut desired = DesiredState::default();
@@ -247,6 +329,16 @@ pub fn compute(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState,
             .get(&(namespace.to_string(), name.to_string()))
             .map(Vec::as_slice)
             .unwrap_or_default();
+        let policy = TrafficPolicy::of(spec);
+        let affinity_timeout_s = match session_affinity(spec) {
+            Ok(timeout) => timeout,
+            Err(problem) => {
+                // Without affinity the Service still works; only stickiness
+                // is lost, which is better than dropping the Service.
+                warn(&mut warnings, &object, problem);
+                None
+            }
+        };
         for port in spec.ports.iter().flatten() {
             let port_name = port.name.as_deref().unwrap_or("");
             let (number, protocol) = match service_port(port) {
@@ -256,10 +348,13 @@ pub fn compute(services: &[Service], slices: &[EndpointSlice]) -> (DesiredState,
                     continue;
                 }
             };
+            let candidates = candidates_for(service_slices, port_name, protocol);
+            let (endpoints, empty_action) = select_endpoints(&candidates, policy, node);
             let state = FrontendState {
                 service: service_port_name(namespace, name, port_name),
-                endpoints: endpoints_for(service_slices, port_name, protocol),
-                empty_action: EmptyAction::Reject,
+                endpoints,
+                empty_action,
+                affinity_timeout_s,
             };
             for addr in &addrs {
                 let frontend = Frontend {
@@ -332,6 +427,27 @@ fn is_ours(meta: &ObjectMeta) -> bool {
         .is_none_or(|labels| !labels.contains_key(LABEL_SERVICE_PROXY_NAME))
 }
 
+/// `sessionAffinity: ClientIP` and its timeout (default 10800 s), as
+/// kube-proxy reads them; `None` (the default) is no affinity.
+fn session_affinity(spec: &ServiceSpec) -> Result<Option<u32>, Problem> {
+    match spec.session_affinity.as_deref() {
+        None | Some("") | Some("None") => Ok(None),
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT_S)),
+                Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S as i32).contains(&t) => Ok(Some(t as u32)),
+                Some(t) => Err(Problem::AffinityTimeout(t)),
+            }
+        }
+        Some(other) => Err(Problem::AffinityKind(other.to_string())),
+    }
+}
+
 /// The IPv4 cluster IPs, `None` for Services kube-proxy does not proxy.
 fn cluster_ips(spec: &ServiceSpec, object: &str) -> Result<Option<BTreeSet<Ipv4Addr>>, Problem> {
     if spec.type_.as_deref() == Some("ExternalName") {
@@ -386,8 +502,60 @@ fn port_number(port: i32) -> Option<u16> {
 struct SliceEndpoints {
     /// (name, protocol, number)
     ports: Vec<(String, Protocol, u16)>,
-    /// Ready endpoints' first address.
-    ready: Vec<Ipv4Addr>,
+    /// The endpoints that may ever be used: ready, or serving and
+    /// terminating.
+    endpoints: Vec<EndpointInfo>,
+}
+
+/// What the endpoint selection needs to know of one endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct EndpointInfo {
+    /// The first address.
+    addr: Ipv4Addr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node_name: Option<String>,
+    /// `hints.forZones` names; empty when there is no hint.
+    zone_hints: BTreeSet<String>,
+    /// `hints.forNodes` names; empty when there is no hint.
+    node_hints: BTreeSet<String>,
+}
+
+impl EndpointInfo {
+    fn from_api(addr: Ipv4Addr, endpoint: &ApiEndpoint) -> Self {
+        let conditions = endpoint.conditions.as_ref();
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let hints = endpoint.hints.as_ref();
+        Self {
+            addr,
+            ready,
+            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: endpoint.node_name.clone(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|zone| zone.name.clone())
+                .collect(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|node| node.name.clone())
+                .collect(),
+        }
+    }
+
+    /// Usable when no endpoint is ready (kube-proxy's terminating fallback).
+    fn serving_terminating(&self) -> bool {
+        self.serving && self.terminating
+    }
+
+    fn is_on(&self, node: &NodeInfo) -> bool {
+        !node.name.is_empty() && self.node_name.as_deref() == Some(node.name.as_str())
+    }
 }
 
 type SliceIndex = BTreeMap<(String, String), Vec<SliceEndpoints>>;
@@ -419,7 +587,7 @@ fn index_slices(slices: &[EndpointSlice], warnings: &mut Vec<Warning>) -> SliceI
                 &object,
                 warnings,
             ),
-            ready: ready_addresses(slice, &object, warnings),
+            endpoints: usable_endpoints(slice, &object, warnings),
         };
         index
             .entry((namespace.to_string(), service.clone()))
@@ -463,12 +631,15 @@ fn slice_ports(
     valid
 }
 
-fn ready_addresses(
+/// The endpoints of a slice that may ever be used; endpoints that are
+/// neither ready nor serving-terminating are never used, nor do their hints
+/// count, so they are left out here.
+fn usable_endpoints(
     slice: &EndpointSlice,
     object: &str,
     warnings: &mut Vec<Warning>,
-) -> Vec<Ipv4Addr> {
-    let mut ready = Vec::new();
+) -> Vec<EndpointInfo> {
+    let mut usable = Vec::new();
     for (index, endpoint) in slice.endpoints.iter().enumerate() {
         let Some(first) = endpoint.addresses.first() else {
             warn(warnings, object, Problem::NoAddress { index });
@@ -482,22 +653,51 @@ fn ready_addresses(
             warn(warnings, object, problem);
             continue;
         };
-        let is_ready = endpoint
-            .conditions
-            .as_ref()
-            .and_then(|conditions| conditions.ready)
-            .unwrap_or(true);
-        if is_ready {
-            ready.push(addr);
+        let info = EndpointInfo::from_api(addr, endpoint);
+        if info.ready || info.serving_terminating() {
+            usable.push(info);
         }
     }
-    ready
+    usable
 }
 
-/// The endpoints of one Service port: every ready address of every slice,
-/// with the number that slice gives the port's (name, protocol).
-fn endpoints_for(slices: &[SliceEndpoints], name: &str, protocol: Protocol) -> Vec<Endpoint> {
-    let mut endpoints = BTreeSet::new();
+/// How a Service's ClusterIP traffic may choose endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TrafficPolicy {
+    /// `internalTrafficPolicy: Local`; anything else is Cluster.
+    local: bool,
+    /// `trafficDistribution: PreferSameNode`: `hints.forNodes` count.
+    prefer_same_node: bool,
+}
+
+impl TrafficPolicy {
+    fn of(spec: &ServiceSpec) -> Self {
+        Self {
+            local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            prefer_same_node: spec.traffic_distribution.as_deref() == Some("PreferSameNode"),
+        }
+    }
+}
+
+/// One endpoint of one Service port: the destination, and what decides
+/// whether it is used.
+#[derive(Clone, Copy, Debug)]
+struct Candidate<'a> {
+    endpoint: Endpoint,
+    info: &'a EndpointInfo,
+}
+
+/// The candidate endpoints of one Service port: every usable endpoint of
+/// every slice, with the number that slice gives the port's (name, protocol).
+/// An address in several slices is a candidate once per copy; the selection
+/// only asks "any" and "all" questions, so copies cannot make it depend on
+/// slice order.
+fn candidates_for<'a>(
+    slices: &'a [SliceEndpoints],
+    name: &str,
+    protocol: Protocol,
+) -> Vec<Candidate<'a>> {
+    let mut candidates = Vec::new();
     for slice in slices {
         let numbers = slice
             .ports
@@ -505,15 +705,98 @@ fn endpoints_for(slices: &[SliceEndpoints], name: &str, protocol: Protocol) -> V
             .filter(|(n, p, _)| n == name && *p == protocol)
             .map(|(_, _, number)| *number);
         for port in numbers {
-            endpoints.extend(
-                slice
-                    .ready
-                    .iter()
-                    .map(|addr| Endpoint { addr: *addr, port }),
-            );
+            candidates.extend(slice.endpoints.iter().map(|info| Candidate {
+                endpoint: Endpoint {
+                    addr: info.addr,
+                    port,
+                },
+                info,
+            }));
         }
     }
-    endpoints.into_iter().collect()
+    candidates
+}
+
+/// The endpoints one frontend uses, sorted and deduplicated, and what it
+/// does with new flows when there are none: the whole per-frontend decision
+/// (see the module documentation for the rules and their sources).
+fn select_endpoints(
+    candidates: &[Candidate<'_>],
+    policy: TrafficPolicy,
+    node: &NodeInfo,
+) -> (Vec<Endpoint>, EmptyAction) {
+    let ready: Vec<Candidate<'_>> = candidates
+        .iter()
+        .copied()
+        .filter(|c| c.info.ready)
+        .collect();
+    let serving_terminating = |keep: &dyn Fn(&Candidate<'_>) -> bool| -> Vec<Candidate<'_>> {
+        candidates
+            .iter()
+            .copied()
+            .filter(|c| c.info.serving_terminating() && keep(c))
+            .collect()
+    };
+    let chosen = if policy.local {
+        let local: Vec<Candidate<'_>> = ready
+            .iter()
+            .copied()
+            .filter(|c| c.info.is_on(node))
+            .collect();
+        if local.is_empty() {
+            serving_terminating(&|c| c.info.is_on(node))
+        } else {
+            local
+        }
+    } else if ready.is_empty() {
+        serving_terminating(&|_| true)
+    } else {
+        prefer_topology(ready.clone(), policy, node)
+    };
+    let anywhere = !ready.is_empty() || candidates.iter().any(|c| c.info.serving_terminating());
+    // kube-proxy rejects when the Service has no usable endpoint at all, and
+    // drops when only the Local policy left this node without one.
+    let empty_action = if policy.local && anywhere {
+        EmptyAction::Drop
+    } else {
+        EmptyAction::Reject
+    };
+    let endpoints: BTreeSet<Endpoint> = chosen.iter().map(|c| c.endpoint).collect();
+    (endpoints.into_iter().collect(), empty_action)
+}
+
+/// kube-proxy's topology modes: narrows the ready endpoints to the ones
+/// hinted for this node, else for this node's zone, when every ready endpoint
+/// carries that kind of hint and at least one is hinted for us; otherwise
+/// keeps them all, so it never narrows to nothing.
+fn prefer_topology<'a>(
+    ready: Vec<Candidate<'a>>,
+    policy: TrafficPolicy,
+    node: &NodeInfo,
+) -> Vec<Candidate<'a>> {
+    let narrowed = |hints: fn(&EndpointInfo) -> &BTreeSet<String>, name: &str| {
+        if !ready.iter().all(|c| !hints(c.info).is_empty()) {
+            return None;
+        }
+        let same: Vec<Candidate<'a>> = ready
+            .iter()
+            .copied()
+            .filter(|c| hints(c.info).contains(name))
+            .collect();
+        (!same.is_empty()).then_some(same)
+    };
+    if policy.prefer_same_node
+        && !node.name.is_empty()
+        && let Some(same_node) = narrowed(|info| &info.node_hints, &node.name)
+    {
+        return same_node;
+    }
+    if let Some(zone) = node.zone()
+        && let Some(same_zone) = narrowed(|info| &info.zone_hints, zone)
+    {
+        return same_zone;
+    }
+    ready
 }
 
 #[cfg(test)]
@@ -582,7 +865,7 @@ pub(crate) mod fixtures {
 mod tests {
     use super::fixtures::{from, service, slice};
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn fe(addr: &str, port: u16, proto: Protocol) -> Frontend {
         Frontend {
@@ -625,7 +908,7 @@ mod tests {
                 &[("10.0.0.2", None)],
             ),
         ];
-        let (state, warnings) = compute(&[web()], &slices);
+        let (state, warnings) = compute(&[web()], &slices, &NodeInfo::default());
         assert_eq!(warnings, []);
         assert_eq!(
             endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
@@ -650,7 +933,7 @@ mod tests {
             &[("http", 8080, "TCP"), ("https", 8443, "TCP")],
             &[("10.0.0.1", Some(true))],
         )];
-        let (state, warnings) = compute(&[svc], &slices);
+        let (state, warnings) = compute(&[svc], &slices, &NodeInfo::default());
         assert_eq!(warnings, []);
         assert_eq!(state.frontends.len(), 2);
         assert_eq!(
@@ -660,6 +943,47 @@ mod tests {
         assert_eq!(
             endpoints_of(&state, fe("10.96.0.10", 443, Protocol::Tcp)),
             [ep("10.0.0.1", 8443)]
+        );
+    }
+
+    #[test]
+    fn session_affinity_client_ip_and_its_timeout() {
+        let with = |affinity: serde_json::Value| {
+            let mut svc = service("web", "10.96.0.10", &[("http", 80, "TCP")]);
+            let spec = svc.spec.as_mut().unwrap();
+            let patch: ServiceSpec = serde_json::from_value(affinity).unwrap();
+            spec.session_affinity = patch.session_affinity;
+            spec.session_affinity_config = patch.session_affinity_config;
+            let (state, warnings) = compute(&[svc], &[], &NodeInfo::default());
+            let timeout = state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].affinity_timeout_s;
+            (timeout, warnings.len())
+        };
+        assert_eq!(with(serde_json::json!({})), (None, 0));
+        assert_eq!(
+            with(serde_json::json!({"sessionAffinity": "None"})),
+            (None, 0)
+        );
+        assert_eq!(
+            with(serde_json::json!({"sessionAffinity": "ClientIP"})),
+            (Some(DEFAULT_AFFINITY_TIMEOUT_S), 0)
+        );
+        assert_eq!(
+            with(serde_json::json!({"sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 2}}})),
+            (Some(2), 0)
+        );
+        // Invalid values: the Service is still served, without affinity.
+        for bad in [0, 86_401, -5] {
+            assert_eq!(
+                with(serde_json::json!({"sessionAffinity": "ClientIP",
+                    "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": bad}}})),
+                (None, 1),
+                "timeout {bad}"
+            );
+        }
+        assert_eq!(
+            with(serde_json::json!({"sessionAffinity": "Sticky"})),
+            (None, 1)
         );
     }
 
@@ -676,7 +1000,7 @@ mod tests {
             &[("dns", 1053, "UDP"), ("dns-tcp", 2053, "TCP")],
             &[("10.0.0.5", None)],
         )];
-        let (state, warnings) = compute(&[svc], &slices);
+        let (state, warnings) = compute(&[svc], &slices, &NodeInfo::default());
         assert_eq!(warnings, []);
         assert_eq!(
             endpoints_of(&state, fe("10.96.0.53", 53, Protocol::Udp)),
@@ -696,7 +1020,7 @@ mod tests {
             &[("http", 8080, "UDP")],
             &[("10.0.0.1", None)],
         )];
-        let (state, _) = compute(&[web()], &slices);
+        let (state, _) = compute(&[web()], &slices, &NodeInfo::default());
         assert_eq!(
             endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
             []
@@ -715,7 +1039,7 @@ mod tests {
             "ports": [{"port": 8080}],
             "endpoints": [{"addresses": ["10.0.0.1"]}],
         }));
-        let (state, warnings) = compute(&[svc], &[slc]);
+        let (state, warnings) = compute(&[svc], &[slc], &NodeInfo::default());
         assert_eq!(warnings, []);
         let frontend = fe("10.96.0.10", 80, Protocol::Tcp);
         assert_eq!(endpoints_of(&state, frontend), [ep("10.0.0.1", 8080)]);
@@ -734,7 +1058,7 @@ mod tests {
                 ("10.0.0.3", Some(true)),
             ],
         )];
-        let (state, warnings) = compute(&[web()], &slices);
+        let (state, warnings) = compute(&[web()], &slices, &NodeInfo::default());
         assert_eq!(warnings, []);
         assert_eq!(
             endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
@@ -758,17 +1082,21 @@ mod tests {
         )];
         let frontend = fe("10.96.0.10", 80, Protocol::Tcp);
         assert_eq!(
-            endpoints_of(&compute(&[web()], &before).0, frontend).len(),
+            endpoints_of(
+                &compute(&[web()], &before, &NodeInfo::default()).0,
+                frontend
+            )
+            .len(),
             2
         );
-        let (state, _) = compute(&[web()], &after);
+        let (state, _) = compute(&[web()], &after, &NodeInfo::default());
         assert_eq!(endpoints_of(&state, frontend), [ep("10.0.0.2", 8080)]);
         assert_eq!(state.frontends[&frontend].empty_action, EmptyAction::Reject);
     }
 
     #[test]
     fn service_without_endpoints_rejects() {
-        let (state, warnings) = compute(&[web()], &[]);
+        let (state, warnings) = compute(&[web()], &[], &NodeInfo::default());
         assert_eq!(warnings, []);
         let st = &state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)];
         assert_eq!(st.endpoints, []);
@@ -783,7 +1111,7 @@ mod tests {
             &[("http", 8080, "TCP")],
             &[("10.0.0.1", None)],
         )];
-        let (state, warnings) = compute(&[], &slices);
+        let (state, warnings) = compute(&[], &slices, &NodeInfo::default());
         assert_eq!(warnings, []);
         assert!(state.frontends.is_empty());
     }
@@ -803,7 +1131,7 @@ mod tests {
             &[("http", 8080, "TCP")],
             &[("10.0.0.8", None)],
         );
-        let (state, _) = compute(&[web()], &[other_ns, other_svc]);
+        let (state, _) = compute(&[web()], &[other_ns, other_svc], &NodeInfo::default());
         assert_eq!(
             endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
             []
@@ -819,7 +1147,7 @@ mod tests {
             "ports": [{"name": "http", "port": 8080}],
             "endpoints": [{"addresses": ["fd00::1"]}],
         }));
-        let (state, warnings) = compute(&[web()], &[v6]);
+        let (state, warnings) = compute(&[web()], &[v6], &NodeInfo::default());
         assert_eq!(warnings, []);
         assert_eq!(
             endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
@@ -835,7 +1163,7 @@ mod tests {
             "spec": {"type": "ExternalName", "externalName": "example.com",
                      "ports": [{"port": 80}]},
         }));
-        let (state, warnings) = compute(&[headless, external], &[]);
+        let (state, warnings) = compute(&[headless, external], &[], &NodeInfo::default());
         assert!(state.frontends.is_empty());
         assert_eq!(warnings, []);
     }
@@ -847,7 +1175,7 @@ mod tests {
                          "labels": {"service.kubernetes.io/service-proxy-name": "other"}},
             "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
         }));
-        let (state, warnings) = compute(&[svc], &[]);
+        let (state, warnings) = compute(&[svc], &[], &NodeInfo::default());
         assert!(state.frontends.is_empty());
         assert_eq!(warnings, []);
     }
@@ -859,7 +1187,7 @@ mod tests {
             "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
                      "ports": [{"name": "http", "port": 80}]},
         }));
-        let (state, warnings) = compute(&[svc], &[]);
+        let (state, warnings) = compute(&[svc], &[], &NodeInfo::default());
         assert_eq!(warnings, []);
         assert_eq!(
             state.frontends.keys().copied().collect::<Vec<_>>(),
@@ -883,7 +1211,7 @@ mod tests {
                 &[("10.0.0.1", Some(true)), ("10.0.0.2", None)],
             ),
         ];
-        let (state, _) = compute(&[web()], &slices);
+        let (state, _) = compute(&[web()], &slices, &NodeInfo::default());
         assert_eq!(
             endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
             [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]
@@ -901,7 +1229,7 @@ mod tests {
             &[("http", 8080, "TCP")],
             &[("10.0.0.1", None)],
         ));
-        let (state, warnings) = compute(&services, &slices);
+        let (state, warnings) = compute(&services, &slices, &NodeInfo::default());
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert_eq!(warnings[0].object, object);
         assert_eq!(
@@ -935,7 +1263,7 @@ mod tests {
         let mut services = vec![bad.clone()];
         assert_one_warning(&services, &[], "Service default/bad");
         services.push(web());
-        let (state, _) = compute(&services, &[]);
+        let (state, _) = compute(&services, &[], &NodeInfo::default());
         assert!(
             state
                 .frontends
@@ -954,7 +1282,11 @@ mod tests {
     fn unknown_protocol_warns() {
         let bad = service("bad", "10.96.0.11", &[("foo", 80, "FOO")]);
         assert_one_warning(&[bad], &[], "Service default/bad");
-        let (_, warnings) = compute(&[service("bad", "10.96.0.11", &[("foo", 80, "FOO")])], &[]);
+        let (_, warnings) = compute(
+            &[service("bad", "10.96.0.11", &[("foo", 80, "FOO")])],
+            &[],
+            &NodeInfo::default(),
+        );
         assert!(warnings[0].reason.contains("\"foo\""), "{}", warnings[0]);
         assert!(warnings[0].reason.contains("FOO"), "{}", warnings[0]);
     }
@@ -977,7 +1309,7 @@ mod tests {
             std::slice::from_ref(&bad),
             "EndpointSlice default/bad-a",
         );
-        let (state, _) = compute(&[bad_svc], &[bad]);
+        let (state, _) = compute(&[bad_svc], &[bad], &NodeInfo::default());
         assert_eq!(
             endpoints_of(&state, fe("10.96.0.11", 80, Protocol::Tcp)),
             [ep("10.0.0.7", 8080)]
@@ -1001,7 +1333,7 @@ mod tests {
     fn conflicting_frontends_keep_first_in_name_order() {
         let a = service("a", "10.96.0.10", &[("http", 80, "TCP")]);
         let b = service("b", "10.96.0.10", &[("http", 80, "TCP")]);
-        let (state, warnings) = compute(&[b.clone(), a.clone()], &[]);
+        let (state, warnings) = compute(&[b.clone(), a.clone()], &[], &NodeInfo::default());
         assert_eq!(warnings.len(), 1);
         assert_eq!(warnings[0].object, "Service default/b");
         assert_eq!(
@@ -1014,8 +1346,8 @@ mod tests {
     fn duplicate_service_uses_one_copy_whatever_the_order() {
         let a = service("web", "10.96.0.10", &[("http", 80, "TCP")]);
         let b = service("web", "10.96.0.20", &[("http", 80, "TCP")]);
-        let one = compute(&[a.clone(), b.clone()], &[]);
-        let two = compute(&[b, a], &[]);
+        let one = compute(&[a.clone(), b.clone()], &[], &NodeInfo::default());
+        let two = compute(&[b, a], &[], &NodeInfo::default());
         assert_eq!(one, two);
         assert_eq!(one.0.frontends.len(), 1);
         assert_eq!(one.1.len(), 1);
@@ -1052,17 +1384,430 @@ mod tests {
                 &[("10.0.1.1", None)],
             ),
         ];
-        let forward = compute(&services, &slices);
+        let forward = compute(&services, &slices, &NodeInfo::default());
         let mut rs = services.clone();
         rs.reverse();
         let mut rl = slices.clone();
         rl.reverse();
-        assert_eq!(compute(&rs, &rl), forward);
+        assert_eq!(compute(&rs, &rl, &NodeInfo::default()), forward);
         assert_eq!(forward.1.len(), 2);
         let web_eps = endpoints_of(&forward.0, fe("10.96.0.10", 80, Protocol::Tcp));
         let mut sorted = web_eps.clone();
         sorted.sort();
         assert_eq!(web_eps, sorted);
+    }
+
+    // Endpoint selection: conditions, internalTrafficPolicy, topology.
+
+    /// (ready, serving, terminating)
+    type Conditions = (bool, bool, bool);
+    const READY: Conditions = (true, true, false);
+    const TERMINATING: Conditions = (false, true, true);
+    const GONE: Conditions = (false, false, true);
+
+    /// An endpoint on `node` with explicit conditions.
+    fn on(addr: &str, node: &str, (ready, serving, terminating): Conditions) -> Value {
+        json!({"addresses": [addr], "nodeName": node,
+               "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
+    }
+
+    /// A ready endpoint with `hints.forZones` and `hints.forNodes` (an empty
+    /// list leaves that hint out).
+    fn hinted(addr: &str, zones: &[&str], nodes: &[&str]) -> Value {
+        let names =
+            |names: &[&str]| -> Value { names.iter().map(|name| json!({"name": name})).collect() };
+        let mut hints = json!({});
+        if !zones.is_empty() {
+            hints["forZones"] = names(zones);
+        }
+        if !nodes.is_empty() {
+            hints["forNodes"] = names(nodes);
+        }
+        json!({"addresses": [addr], "conditions": {"ready": true}, "hints": hints})
+    }
+
+    /// A slice of `web` (http -> 8080) with raw endpoint objects.
+    fn web_slice(name: &str, endpoints: &[Value]) -> EndpointSlice {
+        from(json!({
+            "metadata": {"name": name, "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }))
+    }
+
+    fn web_local() -> Service {
+        let mut svc = web();
+        svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+        svc
+    }
+
+    fn web_prefer_same_node() -> Service {
+        let mut svc = web();
+        svc.spec.as_mut().unwrap().traffic_distribution = Some("PreferSameNode".into());
+        svc
+    }
+
+    fn node(name: &str, zone: Option<&str>) -> NodeInfo {
+        NodeInfo {
+            name: name.to_string(),
+            labels: zone
+                .map(|zone| (LABEL_TOPOLOGY_ZONE.to_string(), zone.to_string()))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// The addresses `web`'s frontend uses on `node`, and its empty action.
+    fn web_on(
+        service: Service,
+        slices: &[EndpointSlice],
+        node: &NodeInfo,
+    ) -> (Vec<String>, EmptyAction) {
+        let (state, warnings) = compute(&[service], slices, node);
+        assert_eq!(warnings, []);
+        let st = &state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert!(st.endpoints.iter().all(|e| e.port == 8080));
+        let addrs = st.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        (addrs, st.empty_action)
+    }
+
+    #[test]
+    fn terminating_endpoints_used_only_when_none_is_ready() {
+        let a = node("node-a", None);
+        let mixed = web_slice(
+            "web-a",
+            &[
+                on("10.0.0.1", "node-b", READY),
+                on("10.0.0.2", "node-b", TERMINATING),
+            ],
+        );
+        assert_eq!(web_on(web(), &[mixed], &a).0, ["10.0.0.1"]);
+        // The ready endpoint may be in another slice: the fallback is per
+        // Service port, not per slice.
+        let draining = web_slice("web-a", &[on("10.0.0.2", "node-b", TERMINATING)]);
+        let ready = web_slice("web-b", &[on("10.0.0.1", "node-b", READY)]);
+        assert_eq!(
+            web_on(web(), &[draining.clone(), ready], &a).0,
+            ["10.0.0.1"]
+        );
+        assert_eq!(
+            web_on(web(), &[draining], &a),
+            (vec!["10.0.0.2".to_string()], EmptyAction::Reject)
+        );
+    }
+
+    #[test]
+    fn terminating_endpoints_that_are_not_serving_are_never_used() {
+        let slices = [web_slice(
+            "web-a",
+            &[
+                on("10.0.0.1", "node-a", GONE),
+                // serving unset defers to ready (false).
+                json!({"addresses": ["10.0.0.2"],
+                       "conditions": {"ready": false, "terminating": true}}),
+                // Not ready, not terminating: neither set.
+                on("10.0.0.3", "node-a", (false, true, false)),
+            ],
+        )];
+        assert_eq!(
+            web_on(web(), &slices, &node("node-a", None)),
+            (vec![], EmptyAction::Reject)
+        );
+        assert_eq!(
+            web_on(web_local(), &slices, &node("node-a", None)),
+            (vec![], EmptyAction::Reject),
+            "nothing usable anywhere rejects even under the Local policy"
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_local_endpoints() {
+        let slices = [web_slice(
+            "web-a",
+            &[
+                on("10.0.0.1", "node-a", READY),
+                on("10.0.0.2", "node-b", READY),
+                on("10.0.0.3", "node-a", TERMINATING),
+                json!({"addresses": ["10.0.0.4"]}), // no nodeName
+            ],
+        )];
+        assert_eq!(
+            web_on(web_local(), &slices, &node("node-a", None)).0,
+            ["10.0.0.1"]
+        );
+        assert_eq!(
+            web_on(web_local(), &slices, &node("node-b", None)).0,
+            ["10.0.0.2"]
+        );
+        // Cluster (the default) uses every ready endpoint wherever it is.
+        assert_eq!(
+            web_on(web(), &slices, &node("node-a", None)).0,
+            ["10.0.0.1", "10.0.0.2", "10.0.0.4"]
+        );
+        // An agent that does not know its name has no local endpoints, even
+        // for endpoints that carry no nodeName either.
+        assert_eq!(
+            web_on(web_local(), &slices, &NodeInfo::default()),
+            (vec![], EmptyAction::Drop)
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_without_local_endpoints_drops() {
+        let slices = [web_slice("web-a", &[on("10.0.0.2", "node-b", READY)])];
+        assert_eq!(
+            web_on(web_local(), &slices, &node("node-a", None)),
+            (vec![], EmptyAction::Drop)
+        );
+        // No endpoint anywhere: kube-proxy's "has no endpoints" REJECT.
+        assert_eq!(
+            web_on(web_local(), &[], &node("node-a", None)),
+            (vec![], EmptyAction::Reject)
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_falls_back_to_local_terminating() {
+        // The only local endpoint is terminating; a remote one is ready, but
+        // Local never leaves the node.
+        let slices = [web_slice(
+            "web-a",
+            &[
+                on("10.0.0.1", "node-a", TERMINATING),
+                on("10.0.0.2", "node-b", READY),
+                on("10.0.0.3", "node-a", GONE),
+            ],
+        )];
+        assert_eq!(
+            web_on(web_local(), &slices, &node("node-a", None)).0,
+            ["10.0.0.1"]
+        );
+    }
+
+    #[test]
+    fn zone_hints_used_when_every_endpoint_has_one() {
+        let slices = [web_slice(
+            "web-a",
+            &[
+                hinted("10.0.0.1", &["zone-a"], &[]),
+                hinted("10.0.0.2", &["zone-b"], &[]),
+                hinted("10.0.0.3", &["zone-b", "zone-a"], &[]),
+            ],
+        )];
+        assert_eq!(
+            web_on(web(), &slices, &node("node-a", Some("zone-a"))).0,
+            ["10.0.0.1", "10.0.0.3"]
+        );
+        assert_eq!(
+            web_on(web(), &slices, &node("node-a", Some("zone-b"))).0,
+            ["10.0.0.2", "10.0.0.3"]
+        );
+    }
+
+    #[test]
+    fn zone_hints_ignored_when_one_endpoint_lacks_them() {
+        let slices = [
+            web_slice("web-a", &[hinted("10.0.0.1", &["zone-a"], &[])]),
+            web_slice("web-b", &[hinted("10.0.0.2", &[], &[])]),
+        ];
+        assert_eq!(
+            web_on(web(), &slices, &node("node-a", Some("zone-a"))).0,
+            ["10.0.0.1", "10.0.0.2"]
+        );
+        // Unready endpoints do not count, hinted or not.
+        let slices = [web_slice(
+            "web-a",
+            &[
+                hinted("10.0.0.1", &["zone-a"], &[]),
+                hinted("10.0.0.2", &["zone-b"], &[]),
+                on("10.0.0.3", "node-a", (false, false, false)),
+            ],
+        )];
+        assert_eq!(
+            web_on(web(), &slices, &node("node-a", Some("zone-a"))).0,
+            ["10.0.0.1"]
+        );
+    }
+
+    #[test]
+    fn zone_hints_ignored_without_a_zone_label() {
+        let slices = [web_slice(
+            "web-a",
+            &[
+                hinted("10.0.0.1", &["zone-a"], &[]),
+                hinted("10.0.0.2", &["zone-b"], &[]),
+            ],
+        )];
+        let all = ["10.0.0.1", "10.0.0.2"];
+        assert_eq!(web_on(web(), &slices, &node("node-a", None)).0, all);
+        assert_eq!(web_on(web(), &slices, &node("node-a", Some(""))).0, all);
+        assert_eq!(web_on(web(), &slices, &NodeInfo::default()).0, all);
+    }
+
+    #[test]
+    fn zone_hints_ignored_when_none_is_for_this_zone() {
+        let slices = [web_slice(
+            "web-a",
+            &[
+                hinted("10.0.0.1", &["zone-a"], &[]),
+                hinted("10.0.0.2", &["zone-b"], &[]),
+            ],
+        )];
+        assert_eq!(
+            web_on(web(), &slices, &node("node-a", Some("zone-c"))).0,
+            ["10.0.0.1", "10.0.0.2"]
+        );
+    }
+
+    #[test]
+    fn topology_ignored_under_local_policy_and_for_terminating_fallback() {
+        let mut local = hinted("10.0.0.1", &["zone-b"], &[]);
+        local["nodeName"] = json!("node-a");
+        let slices = [web_slice(
+            "web-a",
+            &[local, hinted("10.0.0.2", &["zone-a"], &[])],
+        )];
+        assert_eq!(
+            web_on(web_local(), &slices, &node("node-a", Some("zone-a"))).0,
+            ["10.0.0.1"]
+        );
+        let terminating = |addr: &str, zone: &str| {
+            let mut endpoint = hinted(addr, &[zone], &[]);
+            endpoint["conditions"] = json!({"ready": false, "serving": true, "terminating": true});
+            endpoint
+        };
+        let slices = [web_slice(
+            "web-a",
+            &[
+                terminating("10.0.0.1", "zone-a"),
+                terminating("10.0.0.2", "zone-b"),
+            ],
+        )];
+        assert_eq!(
+            web_on(web(), &slices, &node("node-a", Some("zone-a"))).0,
+            ["10.0.0.1", "10.0.0.2"]
+        );
+    }
+
+    #[test]
+    fn prefer_same_node_uses_node_hints() {
+        let slices = [web_slice(
+            "web-a",
+            &[
+                hinted("10.0.0.1", &["zone-a"], &["node-a"]),
+                hinted("10.0.0.2", &["zone-a"], &["node-b"]),
+                hinted("10.0.0.3", &["zone-b"], &["node-c"]),
+            ],
+        )];
+        let a = node("node-a", Some("zone-a"));
+        assert_eq!(web_on(web_prefer_same_node(), &slices, &a).0, ["10.0.0.1"]);
+        // Without PreferSameNode only the zone hints count.
+        assert_eq!(web_on(web(), &slices, &a).0, ["10.0.0.1", "10.0.0.2"]);
+        // No endpoint for this node: zone hints next.
+        let d = node("node-d", Some("zone-a"));
+        assert_eq!(
+            web_on(web_prefer_same_node(), &slices, &d).0,
+            ["10.0.0.1", "10.0.0.2"]
+        );
+        // An endpoint without a node hint: zone hints next.
+        let mut partial = slices.to_vec();
+        partial.push(web_slice("web-b", &[hinted("10.0.0.4", &["zone-a"], &[])]));
+        assert_eq!(
+            web_on(web_prefer_same_node(), &partial, &a).0,
+            ["10.0.0.1", "10.0.0.2", "10.0.0.4"]
+        );
+    }
+
+    #[test]
+    fn topology_mode_annotation_does_not_matter() {
+        let annotated = |mode: &str| {
+            let mut svc = web();
+            svc.metadata.annotations = Some(
+                [(
+                    "service.kubernetes.io/topology-mode".to_string(),
+                    mode.to_string(),
+                )]
+                .into(),
+            );
+            svc
+        };
+        let hinted_slices = [web_slice(
+            "web-a",
+            &[
+                hinted("10.0.0.1", &["zone-a"], &[]),
+                hinted("10.0.0.2", &["zone-b"], &[]),
+            ],
+        )];
+        let plain = [slice(
+            "web-a",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[("10.0.0.1", None), ("10.0.0.2", None)],
+        )];
+        let a = node("node-a", Some("zone-a"));
+        for svc in [web(), annotated("Auto"), annotated("Disabled")] {
+            assert_eq!(web_on(svc.clone(), &hinted_slices, &a).0, ["10.0.0.1"]);
+            assert_eq!(web_on(svc, &plain, &a).0, ["10.0.0.1", "10.0.0.2"]);
+        }
+    }
+
+    #[test]
+    fn selection_independent_of_order_and_duplicates() {
+        // 10.0.0.2 appears in two slices, hinted in one only: the copy
+        // without hints turns zone hints off whichever slice comes first.
+        let slices = vec![
+            web_slice(
+                "web-a",
+                &[
+                    hinted("10.0.0.1", &["zone-a"], &[]),
+                    hinted("10.0.0.2", &["zone-b"], &[]),
+                ],
+            ),
+            web_slice(
+                "web-b",
+                &[
+                    on("10.0.0.2", "node-a", READY),
+                    on("10.0.0.3", "node-b", TERMINATING),
+                ],
+            ),
+        ];
+        let a = node("node-a", Some("zone-a"));
+        for service in [web(), web_local(), web_prefer_same_node()] {
+            let forward = compute(std::slice::from_ref(&service), &slices, &a);
+            let mut reversed: Vec<EndpointSlice> = slices.iter().rev().cloned().collect();
+            for slice in &mut reversed {
+                slice.endpoints.reverse();
+            }
+            assert_eq!(compute(&[service], &reversed, &a), forward);
+        }
+        assert_eq!(web_on(web(), &slices, &a).0, ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(web_on(web_local(), &slices, &a).0, ["10.0.0.2"]);
+    }
+
+    #[test]
+    fn node_info_from_objects() {
+        let nodes: Vec<Node> = vec![
+            from(json!({"metadata": {"name": "node-b",
+                                     "labels": {LABEL_TOPOLOGY_ZONE: "zone-b"}}})),
+            from(json!({"metadata": {"name": "node-a",
+                                     "labels": {LABEL_TOPOLOGY_ZONE: "zone-a"}}})),
+        ];
+        let a = NodeInfo::from_objects("node-a", &nodes);
+        assert_eq!(a, node("node-a", Some("zone-a")));
+        assert_eq!(a.zone(), Some("zone-a"));
+        assert_eq!(
+            NodeInfo::from_objects("node-c", &nodes),
+            node("node-c", None)
+        );
+        assert_eq!(NodeInfo::from_objects("", &nodes), NodeInfo::default());
+        // A duplicate (broken static source) resolves the same either way.
+        let mut dup = nodes.clone();
+        dup.push(from(json!({"metadata": {"name": "node-a"}})));
+        let one = NodeInfo::from_objects("node-a", &dup);
+        dup.reverse();
+        assert_eq!(NodeInfo::from_objects("node-a", &dup), one);
     }
 
     #[test]
@@ -1174,18 +1919,28 @@ mod properties {
             ],
             prop::collection::vec(port_entry(), 0..4),
             prop::bool::weighted(0.1),
+            prop::sample::select(vec![Value::Null, json!("Cluster"), json!("Local")]),
+            prop::sample::select(vec![
+                Value::Null,
+                json!("PreferClose"),
+                json!("PreferSameNode"),
+            ]),
         )
-            .prop_map(|(name, ns, ip, ips, ty, ports, proxy_name)| {
-                let labels = if proxy_name {
-                    json!({"service.kubernetes.io/service-proxy-name": "x"})
-                } else {
-                    Value::Null
-                };
-                json!({
-                    "metadata": {"name": name, "namespace": ns, "labels": labels},
-                    "spec": {"clusterIP": ip, "clusterIPs": ips, "type": ty, "ports": ports},
-                })
-            })
+            .prop_map(
+                |(name, ns, ip, ips, ty, ports, proxy_name, policy, distribution)| {
+                    let labels = if proxy_name {
+                        json!({"service.kubernetes.io/service-proxy-name": "x"})
+                    } else {
+                        Value::Null
+                    };
+                    json!({
+                        "metadata": {"name": name, "namespace": ns, "labels": labels},
+                        "spec": {"clusterIP": ip, "clusterIPs": ips, "type": ty, "ports": ports,
+                                 "internalTrafficPolicy": policy,
+                                 "trafficDistribution": distribution},
+                    })
+                },
+            )
     }
 
     fn labels_like() -> impl Strategy<Value = Value> {
@@ -1198,16 +1953,57 @@ mod properties {
         ]
     }
 
+    fn condition() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            2 => Just(Value::Null),
+            2 => Just(json!(true)),
+            1 => Just(json!(false)),
+        ]
+    }
+
+    /// Absent, or a list of names from a pool that meets the node's.
+    fn hint_names(pool: &'static [&'static str]) -> impl Strategy<Value = Value> {
+        prop_oneof![
+            2 => Just(Value::Null),
+            3 => prop::sample::subsequence(pool.to_vec(), 1..=pool.len()).prop_map(
+                |names| names.iter().map(|name| json!({"name": name})).collect()
+            ),
+        ]
+    }
+
     fn endpoint_entry() -> impl Strategy<Value = Value> {
         (
             prop::collection::vec(ip_like(), 1..3),
-            prop_oneof![
-                2 => Just(Value::Null),
-                2 => Just(json!(true)),
-                1 => Just(json!(false)),
-            ],
+            (condition(), condition(), condition()),
+            prop::sample::select(vec![Value::Null, json!("node-a"), json!("node-b")]),
+            hint_names(&["zone-a", "zone-b"]),
+            hint_names(&["node-a", "node-b"]),
         )
-            .prop_map(|(addresses, ready)| json!({"addresses": addresses, "conditions": {"ready": ready}}))
+            .prop_map(
+                |(addresses, (ready, serving, terminating), node, zones, nodes)| {
+                    json!({
+                        "addresses": addresses,
+                        "conditions": {"ready": ready, "serving": serving,
+                                       "terminating": terminating},
+                        "nodeName": node,
+                        "hints": {"forZones": zones, "forNodes": nodes},
+                    })
+                },
+            )
+    }
+
+    fn node_info() -> impl Strategy<Value = NodeInfo> {
+        (
+            prop::sample::select(vec!["", "node-a", "node-b"]),
+            prop::sample::select(vec![None, Some("zone-a"), Some("zone-b")]),
+        )
+            .prop_map(|(name, zone)| NodeInfo {
+                name: name.to_string(),
+                labels: zone
+                    .map(|zone| (LABEL_TOPOLOGY_ZONE.to_string(), zone.to_string()))
+                    .into_iter()
+                    .collect(),
+            })
     }
 
     fn slice_json() -> impl Strategy<Value = Value> {
@@ -1247,10 +2043,11 @@ mod properties {
         fn compute_never_panics_and_ignores_order(
             services in prop::collection::vec(service_json(), 0..8),
             slices in prop::collection::vec(slice_json(), 0..8),
+            node in node_info(),
         ) {
             let services: Vec<Service> = decoded(services);
             let slices: Vec<EndpointSlice> = decoded(slices);
-            let (state, warnings) = compute(&services, &slices);
+            let (state, warnings) = compute(&services, &slices, &node);
             for (frontend, st) in &state.frontends {
                 prop_assert!(frontend.port != 0);
                 prop_assert!(st.endpoints.windows(2).all(|w| w[0] < w[1]));
@@ -1260,7 +2057,7 @@ mod properties {
             rs.reverse();
             let mut rl = slices.clone();
             rl.reverse();
-            prop_assert_eq!(compute(&rs, &rl), (state, warnings));
+            prop_assert_eq!(compute(&rs, &rl, &node), (state, warnings));
         }
     }
 }

@@ -79,10 +79,12 @@ pub struct Agent<'lab> {
 }
 
 impl<'lab> Agent<'lab> {
+    /// `args` choose the source (`--manifests DIR`, `--kubeconfig PATH`)
+    /// and add any flag a test needs.
     pub(crate) fn spawn(
         lab: &'lab Lab,
         bin: &Path,
-        manifests: &Path,
+        args: &[std::ffi::OsString],
         bpffs: &Path,
         log_path: &Path,
     ) -> Result<Agent<'lab>> {
@@ -96,12 +98,13 @@ impl<'lab> Agent<'lab> {
 
         let mut cmd = Command::new(bin);
         cmd.arg("run")
-            .arg("--manifests")
-            .arg(manifests)
+            .args(args)
             .args(["--interfaces", "veth-*"])
             .arg("--bpffs")
             .arg(bpffs)
             .env("RUST_LOG", "info")
+            // The lab's EndpointSlices put their pods on this node.
+            .env("NODE_NAME", crate::LAB_NODE)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -122,10 +125,14 @@ impl<'lab> Agent<'lab> {
                 Ok(())
             });
         }
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         let line = format!(
-            "{} run --manifests {} --interfaces veth-* --bpffs {}",
+            "{} run {} --interfaces veth-* --bpffs {}",
             bin.display(),
-            manifests.display(),
+            shown.join(" "),
             bpffs.display()
         );
         eprintln!("lab: starting agent in {}: {line}", lab.node().name());

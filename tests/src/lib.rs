@@ -18,6 +18,8 @@
 //! | backend i | `kep-<id>-b<i>` | `eth0` | 10.244.(10+i).2/24, default via 10.244.(10+i).1 |
 
 pub mod agent;
+pub mod cgroup;
+pub mod fake_apiserver;
 pub mod loadgen;
 pub mod netns;
 pub mod servers;
@@ -57,6 +59,10 @@ pub mod addr {
         Ipv4Addr::new(10, 244, 10 + i as u8, 1)
     }
 }
+
+/// The node name the lab's agent runs as (`NODE_NAME`), and the `nodeName`
+/// of the lab's endpoints.
+pub const LAB_NODE: &str = "lab-node";
 
 /// Name of backend `i` (what its servers answer).
 pub fn backend_name(i: usize) -> String {
@@ -303,16 +309,28 @@ impl Lab {
     /// with `RUST_LOG=info`. Its output is captured and also written to
     /// `agent.log` in the lab's temp dir.
     pub fn start_agent(&self, manifests_dir: &Path) -> Result<Agent<'_>> {
+        self.start_agent_args(&["--manifests".into(), manifests_dir.into()])
+    }
+
+    /// Starts the agent with `args` choosing its source (`--manifests DIR`,
+    /// `--kubeconfig PATH`) plus any flags a test needs; the interfaces,
+    /// bpffs directory and node name are the lab's, as for
+    /// [`Lab::start_agent`].
+    pub fn start_agent_args(&self, args: &[std::ffi::OsString]) -> Result<Agent<'_>> {
         let bin = agent::agent_bin()?;
-        self.start_agent_bin(&bin, manifests_dir)
+        self.start_agent_bin_args(&bin, args)
     }
 
     /// [`Lab::start_agent`] with an explicit binary.
     pub fn start_agent_bin(&self, bin: &Path, manifests_dir: &Path) -> Result<Agent<'_>> {
+        self.start_agent_bin_args(bin, &["--manifests".into(), manifests_dir.into()])
+    }
+
+    fn start_agent_bin_args(&self, bin: &Path, args: &[std::ffi::OsString]) -> Result<Agent<'_>> {
         Agent::spawn(
             self,
             bin,
-            manifests_dir,
+            args,
             &self.bpffs_dir(),
             &self.dir.0.join("agent.log"),
         )

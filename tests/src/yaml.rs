@@ -74,11 +74,12 @@ ports:
             "- addresses: [\"{ip}\"]
   conditions:
     ready: {ready}
-  nodeName: lab-node
+  nodeName: {node}
   targetRef:
     kind: Pod
     namespace: default
-    name: {pod}"
+    name: {pod}",
+            node = crate::LAB_NODE
         );
     }
     s

@@ -15,7 +15,7 @@ use proxy_common::{
     Backend, CtKey, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey, ServiceValue, proto, stat,
 };
 use proxy_userspace::{
-    datapath::{Datapath, DatapathConfig, unpin_all},
+    datapath::{CtTimeouts, Datapath, DatapathConfig, unpin_all},
     diff::MapOp,
     encode::{addr_to_map, port_to_map},
 };
@@ -28,6 +28,8 @@ const TC_ACT_REDIRECT: u32 = 7;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const VIP_DROP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+/// The three backends with ClientIP session affinity (1 s timeout).
+const VIP_STICKY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const BACKENDS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 244, 10, 2),
@@ -63,6 +65,10 @@ impl Fixture {
     /// with no endpoints (REJECT); VIP_DROP:80 with no endpoints (DROP).
     /// The service CIDR and hairpin address are the defaults.
     fn new() -> Self {
+        Self::with_timeouts(CtTimeouts::default())
+    }
+
+    fn with_timeouts(timeouts: CtTimeouts) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/kep-testrun-{}-{}",
@@ -71,6 +77,7 @@ impl Fixture {
         ));
         let cfg = DatapathConfig {
             conntrack_max: 4096,
+            timeouts,
             ..DatapathConfig::new(&pin_dir)
         };
         let dp = Datapath::load(&cfg).unwrap_or_else(|e| {
@@ -87,7 +94,23 @@ impl Fixture {
                 ));
             }
         }
-        for vip in [VIP, VIP_EMPTY, VIP_DROP] {
+        let sticky = ServiceKey::new(
+            addr_to_map(VIP_STICKY),
+            port_to_map(SVC_PORT),
+            proto::TCP,
+            0,
+        );
+        for i in 0..BACKENDS.len() {
+            ops.push(MapOp::PutService(
+                sticky.with_slot(i as u16 + 1),
+                ServiceValue::slot((i * 2 + 1) as u32),
+            ));
+        }
+        ops.push(MapOp::PutService(
+            sticky,
+            ServiceValue::service(30, BACKENDS.len() as u16, 0).with_affinity(1),
+        ));
+        for vip in [VIP, VIP_EMPTY, VIP_DROP, VIP_STICKY] {
             ops.push(MapOp::PutService(
                 ServiceKey::cluster_ip(addr_to_map(vip)),
                 ServiceValue::service(0, 0, SVC_FLAG_REJECT),
@@ -571,6 +594,157 @@ fn removed_backend_is_not_reused_by_an_old_flow() {
         );
         assert_checksums(&again);
     }
+}
+
+#[test]
+fn fin_or_rst_marks_both_directions_closing() {
+    const FIN: u8 = 0x01;
+    const RST: u8 = 0x04;
+    let mut fx = Fixture::new();
+    for (port, flags, from_backend) in [(48000, FIN | ACK, false), (48001, RST, true)] {
+        let (_, out) = fx.run(&tcp(CLIENT, VIP, port, SVC_PORT, SYN));
+        let backend = ip_dst(&out);
+        let closing = |fx: &Fixture| {
+            ct_entries(fx)
+                .into_iter()
+                .filter(|(k, v)| {
+                    (k.sport == port_to_map(port) || k.dport == port_to_map(port)) && v.is_closing()
+                })
+                .count()
+        };
+        assert_eq!(closing(&fx), 0);
+        let packet = if from_backend {
+            tcp(backend, CLIENT, BACKEND_PORT, port, flags)
+        } else {
+            tcp(CLIENT, VIP, port, SVC_PORT, flags)
+        };
+        let (ret, out) = fx.run(&packet);
+        assert_eq!(ret, TC_ACT_OK);
+        assert_checksums(&out);
+        assert_eq!(
+            closing(&fx),
+            2,
+            "both entries of flow {port} must be closing"
+        );
+    }
+}
+
+#[test]
+fn expired_flows_are_chosen_anew_and_collected() {
+    // UDP entries expire at once; TCP ones last.
+    let mut fx = Fixture::with_timeouts(CtTimeouts {
+        udp: std::time::Duration::ZERO,
+        ..CtTimeouts::default()
+    });
+    fx.run(&udp(CLIENT, VIP, 49000, SVC_PORT));
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    fx.run(&udp(CLIENT, VIP, 49000, SVC_PORT));
+    fx.run(&tcp(CLIENT, VIP, 49001, SVC_PORT, SYN));
+    fx.run(&tcp(CLIENT, VIP, 49001, SVC_PORT, ACK));
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(
+        stats[stat::NEW_FLOWS as usize],
+        3,
+        "the idle UDP flow was chosen anew"
+    );
+    assert_eq!(stats[stat::FORWARD_HITS as usize], 1);
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    // The forward entry and one reply entry per backend the flow had.
+    let udp_entries = ct_entries(&fx)
+        .iter()
+        .filter(|(k, _)| k.proto == proto::UDP)
+        .count();
+    assert!(udp_entries >= 2);
+    let deleted = fx.dp.collect_conntrack().unwrap();
+    assert_eq!(deleted, udp_entries, "every expired UDP entry");
+    let left = ct_entries(&fx);
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().all(|(k, _)| k.proto == proto::TCP));
+}
+
+#[test]
+fn removed_udp_backend_loses_its_flows_at_once() {
+    let mut fx = Fixture::new();
+    let mut chosen = Vec::new();
+    for port in 50000..50030 {
+        let (_, out) = fx.run(&udp(CLIENT, VIP, port, SVC_PORT));
+        chosen.push(ip_dst(&out));
+        fx.run(&tcp(CLIENT, VIP, port, SVC_PORT, SYN));
+    }
+    let victim = BACKENDS[0];
+    let on_victim = chosen.iter().filter(|b| **b == victim).count();
+    assert!(on_victim > 0);
+    let before = ct_entries(&fx).len();
+    let udp_backend = Backend::new(addr_to_map(victim), port_to_map(BACKEND_PORT), proto::UDP);
+    let deleted = fx.dp.forget_udp_backends(&[udp_backend]).unwrap();
+    assert_eq!(
+        deleted,
+        on_victim * 2,
+        "forward and reply entry of each flow"
+    );
+    let left = ct_entries(&fx);
+    assert_eq!(left.len(), before - deleted);
+    assert!(
+        !left.iter().any(|(k, v)| k.proto == proto::UDP
+            && (v.nat_addr == addr_to_map(victim) || k.saddr == addr_to_map(victim))),
+        "UDP state of the removed backend is left"
+    );
+    // TCP flows to it are left alone (they end or expire on their own).
+    let tcp_backend = Backend::new(addr_to_map(victim), port_to_map(BACKEND_PORT), proto::TCP);
+    assert_eq!(fx.dp.forget_udp_backends(&[tcp_backend]).unwrap(), 0);
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_client_until_idle_timeout() {
+    let mut fx = Fixture::new();
+    let other_client = Ipv4Addr::new(10, 244, 2, 2);
+    let mut first_port = 51000;
+    let mut backend_of = |fx: &mut Fixture, client: Ipv4Addr| {
+        first_port += 1;
+        ip_dst(
+            &fx.run(&tcp(client, VIP_STICKY, first_port, SVC_PORT, SYN))
+                .1,
+        )
+    };
+    let kept = backend_of(&mut fx, CLIENT);
+    for _ in 0..100 {
+        assert_eq!(
+            backend_of(&mut fx, CLIENT),
+            kept,
+            "a new flow left the affine endpoint"
+        );
+    }
+    // Another client has its own choice, and keeps it too.
+    let theirs = backend_of(&mut fx, other_client);
+    for _ in 0..20 {
+        assert_eq!(backend_of(&mut fx, other_client), theirs);
+    }
+    // After the timeout passes without new flows, the choice is free again:
+    // over ten idle periods, a fresh random choice must differ at least once.
+    let mut changed = false;
+    let mut current = kept;
+    for _ in 0..10 {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let next = backend_of(&mut fx, CLIENT);
+        changed |= next != current;
+        current = next;
+        assert_eq!(
+            backend_of(&mut fx, CLIENT),
+            current,
+            "kept again after the new choice"
+        );
+    }
+    assert!(changed, "the affinity never expired");
+    // An endpoint that is gone is not kept: remove the current one.
+    let gone = BACKENDS.iter().position(|b| *b == current).unwrap();
+    assert!(
+        fx.dp
+            .apply(&[MapOp::DeleteBackend((gone * 2 + 1) as u32)])
+            .is_empty()
+    );
+    let after = backend_of(&mut fx, CLIENT);
+    assert_ne!(after, current, "kept on a removed endpoint");
+    assert_eq!(backend_of(&mut fx, CLIENT), after);
 }
 
 // ---- fuzz ----------------------------------------------------------------------------------

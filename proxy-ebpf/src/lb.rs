@@ -1,0 +1,120 @@
+//! Frontend lookup and backend choice, shared by the packet path (TC) and
+//! the socket path (cgroup hooks) so both apply the same Service rules.
+
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, stat,
+};
+
+use crate::maps::{AFFINITY, BACKENDS, SERVICES, config, count};
+
+/// What a new flow to `(addr, port, proto)` gets.
+pub enum Choice {
+    /// Translate to this backend.
+    Backend { id: u32, backend: Backend, svc_id: u32 },
+    /// No usable endpoint, or a cluster IP on a port it does not serve:
+    /// kube-proxy REJECT.
+    Reject,
+    /// kube-proxy DROP (no local endpoint for a Local policy, or an
+    /// unallocated address in the service CIDR).
+    Drop,
+    /// Not a Service address: leave it alone.
+    Pass,
+}
+
+/// `client` is the source address, for ClientIP session affinity.
+#[inline(always)]
+pub fn choose(addr: u32, port: u16, proto: u8, client: u32) -> Choice {
+    let key = ServiceKey::new(addr, port, proto, 0);
+    let svc = match unsafe { SERVICES.get(key) } {
+        Some(svc) if svc.count > 0 => *svc,
+        Some(svc) if svc.drops() => {
+            count(stat::DROPS);
+            return Choice::Drop;
+        }
+        Some(_) => return Choice::Reject,
+        None => return not_a_frontend(addr),
+    };
+    if svc.affinity_timeout_s == 0 {
+        return pick(key, &svc);
+    }
+    // ClientIP affinity: the endpoint this client used last, while its
+    // entry is fresh and the endpoint still exists.
+    let akey = AffinityKey {
+        svc_id: svc.svc_id,
+        client,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = svc.affinity_timeout_s as u64 * 1_000_000_000;
+    if let Some(entry) = AFFINITY.get_ptr_mut(akey) {
+        let kept = unsafe { *entry };
+        if now.saturating_sub(kept.last_used_ns) <= timeout_ns {
+            if let Some(backend) = unsafe { BACKENDS.get(kept.backend_id) } {
+                unsafe { (*entry).last_used_ns = now };
+                return Choice::Backend {
+                    id: kept.backend_id,
+                    backend: *backend,
+                    svc_id: svc.svc_id,
+                };
+            }
+        }
+    }
+    let choice = pick(key, &svc);
+    if let Choice::Backend { id, .. } = choice {
+        let value = AffinityValue {
+            backend_id: id,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        // Without the entry the next flow is simply balanced afresh.
+        let _ = AFFINITY.insert(akey, value, 0);
+    }
+    choice
+}
+
+/// A random backend slot of the frontend at `key` (slot 0).
+#[inline(always)]
+fn pick(key: ServiceKey, svc: &ServiceValue) -> Choice {
+    let slot = (unsafe { bpf_get_prandom_u32() } % svc.count as u32) as u16 + 1;
+    let Some(id) = (unsafe { SERVICES.get(key.with_slot(slot)) }).map(|v| v.backend_id) else {
+        count(stat::UNTRANSLATABLE);
+        return Choice::Drop;
+    };
+    match unsafe { BACKENDS.get(id) } {
+        Some(backend) => Choice::Backend {
+            id,
+            backend: *backend,
+            svc_id: svc.svc_id,
+        },
+        None => {
+            count(stat::UNTRANSLATABLE);
+            Choice::Drop
+        }
+    }
+}
+
+/// Inside the service CIDR, kube-proxy rejects traffic to a cluster IP on a
+/// port or protocol it does not serve, and drops traffic to addresses no
+/// Service has; everything else is not ours.
+#[inline(always)]
+fn not_a_frontend(addr: u32) -> Choice {
+    let Some(cfg) = config() else {
+        return Choice::Pass;
+    };
+    let mut inside = false;
+    let mut i = 0;
+    while i < MAX_SERVICE_CIDRS {
+        if (i as u32) < cfg.service_cidr_count && cfg.service_cidrs[i].contains(addr) {
+            inside = true;
+        }
+        i += 1;
+    }
+    if !inside {
+        Choice::Pass
+    } else if unsafe { SERVICES.get(ServiceKey::cluster_ip(addr)) }.is_some() {
+        Choice::Reject
+    } else {
+        count(stat::UNALLOCATED_DROPS);
+        Choice::Drop
+    }
+}

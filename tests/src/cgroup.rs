@@ -1,0 +1,74 @@
+//! A cgroup v2 directory a test creates for itself, so socket hooks attach
+//! only there and no other process on the machine is affected. Removed on
+//! drop (once its processes are gone).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub struct TestCgroup {
+    path: PathBuf,
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .context("no cgroup2 mount in /proc/self/mounts")
+}
+
+impl TestCgroup {
+    pub fn new() -> Result<TestCgroup> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = cgroup2_mount()?.join(format!(
+            "kep-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&path).with_context(|| format!("create cgroup {}", path.display()))?;
+        Ok(TestCgroup { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file a process writes `0` to, to move itself into this cgroup.
+    pub fn procs(&self) -> PathBuf {
+        self.path.join("cgroup.procs")
+    }
+
+    fn remove(&self) -> Result<()> {
+        // A process that just exited may still be listed for a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match std::fs::remove_dir(&self.path) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => bail!("remove cgroup {}: {e}", self.path.display()),
+            }
+        }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            eprintln!("lab: {e:#}");
+        }
+    }
+}
