@@ -115,6 +115,7 @@ mod tests {
                         endpoints: endpoints(lasts),
                         empty_action: EmptyAction::Reject,
                         affinity_timeout_s: None,
+                        lingering: Vec::new(),
                     };
                     (*fe, state)
                 })

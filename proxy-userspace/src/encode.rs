@@ -245,6 +245,24 @@ impl Encoder {
                     ),
                 );
             }
+            // Endpoints no longer chosen but still present keep their
+            // backend entry (no slot): the datapath keeps serving the flows
+            // they already have, and never picks them for a new one.
+            for endpoint in &state.lingering {
+                let backend_key = (endpoint.addr, endpoint.port, frontend.proto);
+                let Some(id) = self.backend_ids.get_or_alloc(&backend_key) else {
+                    continue;
+                };
+                used_backends.insert(backend_key);
+                out.backends.insert(
+                    id,
+                    Backend::new(
+                        addr_to_map(endpoint.addr),
+                        port_to_map(endpoint.port),
+                        frontend.proto.number(),
+                    ),
+                );
+            }
             let flags = match (count, state.empty_action) {
                 (0, EmptyAction::Reject) => SVC_FLAG_REJECT,
                 (0, EmptyAction::Drop) => SVC_FLAG_DROP,
@@ -296,6 +314,7 @@ mod tests {
                 .collect(),
             empty_action: EmptyAction::Reject,
             affinity_timeout_s: None,
+            lingering: Vec::new(),
         }
     }
 
@@ -361,6 +380,39 @@ mod tests {
             out.backends
                 .values()
                 .all(|b| b.proto == proxy_common::proto::TCP)
+        );
+    }
+
+    #[test]
+    fn lingering_endpoints_keep_a_backend_but_no_slot() {
+        let web = frontend("10.96.0.10", 80);
+        let mut encoder = Encoder::new();
+        let both = encoder.encode(&desired(&[(
+            web,
+            state(&[("10.0.0.1", 8080), ("10.0.0.2", 8080)]),
+        )]));
+        let mut one = state(&[("10.0.0.1", 8080)]);
+        one.lingering = vec![Endpoint {
+            addr: "10.0.0.2".parse().unwrap(),
+            port: 8080,
+        }];
+        let out = encoder.encode(&desired(&[(web, one)]));
+        assert_eq!(out.services[&key(web, 0)].count, 1);
+        assert_eq!(
+            out.backends.len(),
+            2,
+            "the lingering endpoint keeps its backend"
+        );
+        // ...under the same id, so flows that named it still find it.
+        assert_eq!(
+            out.backends
+                .iter()
+                .find(|(_, b)| b.addr == addr_to_map("10.0.0.2".parse().unwrap()))
+                .map(|(id, _)| *id),
+            both.backends
+                .iter()
+                .find(|(_, b)| b.addr == addr_to_map("10.0.0.2".parse().unwrap()))
+                .map(|(id, _)| *id)
         );
     }
 

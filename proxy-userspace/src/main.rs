@@ -8,7 +8,7 @@ use proxy_common::defaults;
 use proxy_userspace::{
     agent::{self, ManifestSource, RunConfig},
     datapath::{self, DatapathConfig},
-    interfaces,
+    inspect, interfaces,
     kube_source::KubeSource,
 };
 
@@ -27,11 +27,34 @@ struct Cli {
 enum Command {
     /// Run the agent: program the datapath from Services and EndpointSlices.
     Run(Box<RunArgs>),
+    /// Map fill and datapath counters of a running agent (its pinned maps).
+    Status {
+        #[arg(long, env = "KEP_BPFFS", default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
+        bpffs: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one of a running agent's maps as a table (or JSON).
+    Dump {
+        what: DumpWhat,
+        #[arg(long, env = "KEP_BPFFS", default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
+        bpffs: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove every map the agent pinned (like `kube-proxy --cleanup`).
     Cleanup {
         #[arg(long, env = "KEP_BPFFS", default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
         bpffs: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DumpWhat {
+    Services,
+    Backends,
+    Conntrack,
+    Affinity,
 }
 
 #[derive(Args)]
@@ -156,6 +179,36 @@ fn main() -> anyhow::Result<()> {
                 }),
             }
         }
+        Command::Status { bpffs, json } => {
+            let pinned = read_pinned(&bpffs)?;
+            let view = inspect::status(&pinned);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                println!("frontends: {}", view.frontends);
+                let mut rows = vec![vec!["map".into(), "entries".into(), "capacity".into()]];
+                rows.extend(view.maps.iter().map(|(name, fill)| {
+                    vec![
+                        name.to_string(),
+                        fill.entries.to_string(),
+                        fill.capacity.to_string(),
+                    ]
+                }));
+                print!("{}", inspect::table(&rows));
+                let mut rows = vec![vec!["counter".into(), "packets".into()]];
+                rows.extend(
+                    view.counters
+                        .iter()
+                        .map(|(n, v)| vec![n.to_string(), v.to_string()]),
+                );
+                print!("{}", inspect::table(&rows));
+            }
+            Ok(())
+        }
+        Command::Dump { what, bpffs, json } => {
+            let pinned = read_pinned(&bpffs)?;
+            dump(&pinned, what, json)
+        }
         Command::Cleanup { bpffs } => {
             datapath::unpin_all(&bpffs)
                 .with_context(|| format!("removing pinned maps under {}", bpffs.display()))?;
@@ -239,4 +292,91 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => secs(3600),
         _ => Err(format!("{text}: unknown unit {unit:?} (ms, s, m, h)")),
     }
+}
+
+fn read_pinned(bpffs: &std::path::Path) -> anyhow::Result<inspect::Pinned> {
+    inspect::Pinned::read(bpffs).with_context(|| {
+        format!(
+            "reading the agent's maps under {} (is it running there? see --bpffs)",
+            bpffs.display()
+        )
+    })
+}
+
+fn dump(pinned: &inspect::Pinned, what: DumpWhat, json: bool) -> anyhow::Result<()> {
+    let s = |v: &dyn ToString| v.to_string();
+    let (value, rows): (serde_json::Value, Vec<Vec<String>>) = match what {
+        DumpWhat::Services => {
+            let v = inspect::services(pinned);
+            let mut rows = vec![
+                ["frontend", "svc", "affinity_s", "no endpoints", "backends"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            rows.extend(v.iter().map(|x| {
+                vec![
+                    x.frontend.clone(),
+                    s(&x.svc_id),
+                    s(&x.affinity_timeout_s),
+                    x.empty.clone(),
+                    x.backends.join(","),
+                ]
+            }));
+            (serde_json::to_value(&v)?, rows)
+        }
+        DumpWhat::Backends => {
+            let v = inspect::backends(pinned);
+            let mut rows = vec![["id", "endpoint", "proto"].map(String::from).to_vec()];
+            rows.extend(
+                v.iter()
+                    .map(|x| vec![s(&x.id), x.endpoint.clone(), x.proto.clone()]),
+            );
+            (serde_json::to_value(&v)?, rows)
+        }
+        DumpWhat::Conntrack => {
+            let v = inspect::conntrack(pinned);
+            let mut rows = vec![
+                [
+                    "tuple", "dir", "nat", "backend", "closing", "hairpin", "idle_s",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ];
+            rows.extend(v.iter().map(|x| {
+                vec![
+                    x.tuple.clone(),
+                    x.direction.clone(),
+                    x.nat.clone(),
+                    s(&x.backend_id),
+                    s(&x.closing),
+                    s(&x.hairpin),
+                    s(&x.idle_s),
+                ]
+            }));
+            (serde_json::to_value(&v)?, rows)
+        }
+        DumpWhat::Affinity => {
+            let v = inspect::affinity(pinned);
+            let mut rows = vec![
+                ["svc", "client", "backend", "idle_s"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            rows.extend(v.iter().map(|x| {
+                vec![
+                    s(&x.svc_id),
+                    x.client.clone(),
+                    s(&x.backend_id),
+                    s(&x.idle_s),
+                ]
+            }));
+            (serde_json::to_value(&v)?, rows)
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print!("{}", inspect::table(&rows));
+    }
+    Ok(())
 }

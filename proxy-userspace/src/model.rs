@@ -169,6 +169,12 @@ pub struct FrontendState {
     /// `sessionAffinity: ClientIP` timeout in seconds; `None` without
     /// affinity.
     pub affinity_timeout_s: Option<u32>,
+    /// Endpoints still in the EndpointSlices but not chosen for new flows
+    /// (not ready, terminating, filtered out by policy or topology): their
+    /// backends stay in the datapath so connections they already serve
+    /// continue until they end, as kube-proxy's conntrack keeps them.
+    /// Sorted, deduplicated, disjoint from `endpoints`.
+    pub lingering: Vec<Endpoint>,
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -349,12 +355,13 @@ pub fn compute(
                 }
             };
             let candidates = candidates_for(service_slices, port_name, protocol);
-            let (endpoints, empty_action) = select_endpoints(&candidates, policy, node);
+            let (endpoints, empty_action, lingering) = select_endpoints(&candidates, policy, node);
             let state = FrontendState {
                 service: service_port_name(namespace, name, port_name),
                 endpoints,
                 empty_action,
                 affinity_timeout_s,
+                lingering,
             };
             for addr in &addrs {
                 let frontend = Frontend {
@@ -631,9 +638,9 @@ fn slice_ports(
     valid
 }
 
-/// The endpoints of a slice that may ever be used; endpoints that are
-/// neither ready nor serving-terminating are never used, nor do their hints
-/// count, so they are left out here.
+/// Every endpoint of a slice with a parseable address. Selection
+/// (`select_endpoints`) decides which ones new flows may use; the others
+/// still exist, so flows they already serve are kept.
 fn usable_endpoints(
     slice: &EndpointSlice,
     object: &str,
@@ -653,10 +660,7 @@ fn usable_endpoints(
             warn(warnings, object, problem);
             continue;
         };
-        let info = EndpointInfo::from_api(addr, endpoint);
-        if info.ready || info.serving_terminating() {
-            usable.push(info);
-        }
+        usable.push(EndpointInfo::from_api(addr, endpoint));
     }
     usable
 }
@@ -724,7 +728,7 @@ fn select_endpoints(
     candidates: &[Candidate<'_>],
     policy: TrafficPolicy,
     node: &NodeInfo,
-) -> (Vec<Endpoint>, EmptyAction) {
+) -> (Vec<Endpoint>, EmptyAction, Vec<Endpoint>) {
     let ready: Vec<Candidate<'_>> = candidates
         .iter()
         .copied()
@@ -762,7 +766,16 @@ fn select_endpoints(
         EmptyAction::Reject
     };
     let endpoints: BTreeSet<Endpoint> = chosen.iter().map(|c| c.endpoint).collect();
-    (endpoints.into_iter().collect(), empty_action)
+    let lingering: BTreeSet<Endpoint> = candidates
+        .iter()
+        .map(|c| c.endpoint)
+        .filter(|e| !endpoints.contains(e))
+        .collect();
+    (
+        endpoints.into_iter().collect(),
+        empty_action,
+        lingering.into_iter().collect(),
+    )
 }
 
 /// kube-proxy's topology modes: narrows the ready endpoints to the ones
@@ -944,6 +957,26 @@ mod tests {
             endpoints_of(&state, fe("10.96.0.10", 443, Protocol::Tcp)),
             [ep("10.0.0.1", 8443)]
         );
+    }
+
+    #[test]
+    fn unchosen_endpoints_linger_for_their_existing_flows() {
+        let svc = service("web", "10.96.0.10", &[("http", 80, "TCP")]);
+        let slices = [slice(
+            "web-a",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[("10.0.0.1", Some(true)), ("10.0.0.2", Some(false))],
+        )];
+        let (state, warnings) = compute(&[svc], &slices, &NodeInfo::default());
+        assert_eq!(warnings, []);
+        let st = &state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(
+            st.endpoints,
+            [ep("10.0.0.1", 8080)],
+            "new flows: ready only"
+        );
+        assert_eq!(st.lingering, [ep("10.0.0.2", 8080)], "still present: kept");
     }
 
     #[test]

@@ -42,7 +42,7 @@ fn closed_connections_leave_conntrack_and_open_ones_stay() {
         &lab,
         &[
             "--conntrack-tcp-timeout-closing",
-            "1s",
+            "2s",
             "--conntrack-gc-interval",
             "1s",
         ],
@@ -59,7 +59,7 @@ fn closed_connections_leave_conntrack_and_open_ones_stay() {
     assert_eq!(r.error_count(), 0, "{r}");
     assert_eq!(tcp_entries(&lab), 2 * 21, "two entries per connection");
 
-    let deadline = Instant::now() + Duration::from_secs(6);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while tcp_entries(&lab) > 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }

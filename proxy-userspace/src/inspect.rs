@@ -1,0 +1,390 @@
+//! What operators reach for first: the pinned maps of a running agent, read
+//! without loading anything or talking to the API server, as tables or
+//! JSON. Reading is in [`Pinned`]; the views are pure functions of what was
+//! read, so they are tested without root.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceValue, map_names,
+    proto, stat,
+};
+use serde::Serialize;
+
+use crate::{
+    datapath::{DatapathError, monotonic_ns},
+    encode::{addr_from_map, port_from_map},
+};
+
+/// Everything read from the pinned maps at one moment.
+pub struct Pinned {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub backends: Vec<(u32, Backend)>,
+    pub conntrack: Vec<(CtKey, CtValue)>,
+    pub affinity: Vec<(AffinityKey, AffinityValue)>,
+    pub stats: [u64; stat::COUNT as usize],
+    /// Map name -> (entries, capacity).
+    pub capacity: BTreeMap<&'static str, (usize, u32)>,
+    pub now_ns: u64,
+}
+
+fn open(bpffs: &Path, name: &'static str) -> Result<MapData, DatapathError> {
+    MapData::from_pin(bpffs.join(name)).map_err(|source| DatapathError::Map {
+        name,
+        source: Box::new(source),
+    })
+}
+
+fn read_hash<K: aya::Pod, V: aya::Pod>(
+    bpffs: &Path,
+    name: &'static str,
+    lru: bool,
+) -> Result<(Vec<(K, V)>, u32), DatapathError> {
+    let data = open(bpffs, name)?;
+    let err = |source| DatapathError::Map {
+        name,
+        source: Box::new(source),
+    };
+    let max = data.info().map_err(err)?.max_entries();
+    let map = if lru {
+        Map::LruHashMap(data)
+    } else {
+        Map::HashMap(data)
+    };
+    let map: HashMap<MapData, K, V> = map.try_into().map_err(err)?;
+    let entries = map.iter().collect::<Result<_, _>>().map_err(err)?;
+    Ok((entries, max))
+}
+
+impl Pinned {
+    pub fn read(bpffs: &Path) -> Result<Self, DatapathError> {
+        let (services, svc_max) = read_hash(bpffs, map_names::SERVICES, false)?;
+        let (backends, be_max) = read_hash(bpffs, map_names::BACKENDS, false)?;
+        let (conntrack, ct_max) = read_hash(bpffs, map_names::CONNTRACK, true)?;
+        let (affinity, aff_max) = read_hash(bpffs, map_names::AFFINITY, true)?;
+        let stats_map: PerCpuArray<MapData, u64> = Map::PerCpuArray(open(bpffs, map_names::STATS)?)
+            .try_into()
+            .map_err(|source| DatapathError::Map {
+                name: map_names::STATS,
+                source: Box::new(source),
+            })?;
+        let mut stats = [0u64; stat::COUNT as usize];
+        for (i, slot) in stats.iter_mut().enumerate() {
+            if let Ok(per_cpu) = stats_map.get(&(i as u32), 0) {
+                *slot = per_cpu.iter().sum();
+            }
+        }
+        let capacity = BTreeMap::from([
+            (map_names::SERVICES, (services.len(), svc_max)),
+            (map_names::BACKENDS, (backends.len(), be_max)),
+            (map_names::CONNTRACK, (conntrack.len(), ct_max)),
+            (map_names::AFFINITY, (affinity.len(), aff_max)),
+        ]);
+        Ok(Self {
+            services,
+            backends,
+            conntrack,
+            affinity,
+            stats,
+            capacity,
+            now_ns: monotonic_ns(),
+        })
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        proto::TCP => "TCP".into(),
+        proto::UDP => "UDP".into(),
+        proto::SCTP => "SCTP".into(),
+        other => other.to_string(),
+    }
+}
+
+fn endpoint(addr: u32, port: u16) -> String {
+    format!("{}:{}", addr_from_map(addr), port_from_map(port))
+}
+
+/// One frontend as operators think of it: VIP:port/proto -> backends.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ServiceView {
+    pub frontend: String,
+    pub svc_id: u32,
+    /// `reject`/`drop` when it has no endpoint; empty otherwise.
+    pub empty: String,
+    pub affinity_timeout_s: u32,
+    pub backends: Vec<String>,
+}
+
+pub fn services(p: &Pinned) -> Vec<ServiceView> {
+    let slots: BTreeMap<ServiceKey, u32> = p
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot != 0)
+        .map(|(k, v)| (*k, v.backend_id))
+        .collect();
+    let backends: BTreeMap<u32, Backend> = p.backends.iter().copied().collect();
+    let mut out: Vec<ServiceView> = p
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot == 0 && k.port != 0)
+        .map(|(k, v)| ServiceView {
+            frontend: format!("{}/{}", endpoint(k.addr, k.port), proto_name(k.proto)),
+            svc_id: v.svc_id,
+            empty: if v.count > 0 {
+                String::new()
+            } else if v.drops() {
+                "drop".into()
+            } else {
+                "reject".into()
+            },
+            affinity_timeout_s: v.affinity_timeout_s,
+            backends: (1..=v.count)
+                .map(|slot| {
+                    match slots
+                        .get(&k.with_slot(slot))
+                        .and_then(|id| backends.get(id))
+                    {
+                        Some(b) => endpoint(b.addr, b.port),
+                        None => format!("<slot {slot} missing>"),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.frontend.cmp(&b.frontend));
+    out
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct BackendView {
+    pub id: u32,
+    pub endpoint: String,
+    pub proto: String,
+}
+
+pub fn backends(p: &Pinned) -> Vec<BackendView> {
+    let mut out: Vec<BackendView> = p
+        .backends
+        .iter()
+        .map(|(id, b)| BackendView {
+            id: *id,
+            endpoint: endpoint(b.addr, b.port),
+            proto: proto_name(b.proto),
+        })
+        .collect();
+    out.sort_by_key(|b| b.id);
+    out
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct FlowView {
+    /// The 5-tuple as packets carry it.
+    pub tuple: String,
+    /// `forward` (client -> VIP) or `reply` (backend -> client).
+    pub direction: String,
+    /// What the tuple is translated to.
+    pub nat: String,
+    pub backend_id: u32,
+    pub closing: bool,
+    pub hairpin: bool,
+    pub idle_s: u64,
+}
+
+pub fn conntrack(p: &Pinned) -> Vec<FlowView> {
+    let mut out: Vec<FlowView> = p
+        .conntrack
+        .iter()
+        .map(|(k, v)| FlowView {
+            tuple: format!(
+                "{} -> {}/{}",
+                endpoint(k.saddr, k.sport),
+                endpoint(k.daddr, k.dport),
+                proto_name(k.proto)
+            ),
+            direction: if v.is_reply() { "reply" } else { "forward" }.into(),
+            nat: endpoint(v.nat_addr, v.nat_port),
+            backend_id: v.backend_id,
+            closing: v.is_closing(),
+            hairpin: v.is_hairpin(),
+            idle_s: p.now_ns.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+        })
+        .collect();
+    out.sort_by(|a, b| a.tuple.cmp(&b.tuple));
+    out
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct AffinityView {
+    pub svc_id: u32,
+    pub client: String,
+    pub backend_id: u32,
+    pub idle_s: u64,
+}
+
+pub fn affinity(p: &Pinned) -> Vec<AffinityView> {
+    let mut out: Vec<AffinityView> = p
+        .affinity
+        .iter()
+        .map(|(k, v)| AffinityView {
+            svc_id: k.svc_id,
+            client: Ipv4Addr::from(k.client.to_ne_bytes()).to_string(),
+            backend_id: v.backend_id,
+            idle_s: p.now_ns.saturating_sub(v.last_used_ns) / 1_000_000_000,
+        })
+        .collect();
+    out.sort_by(|a, b| (a.svc_id, &a.client).cmp(&(b.svc_id, &b.client)));
+    out
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    pub frontends: usize,
+    pub maps: BTreeMap<&'static str, MapFill>,
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MapFill {
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+pub fn status(p: &Pinned) -> StatusView {
+    StatusView {
+        frontends: services(p).len(),
+        maps: p
+            .capacity
+            .iter()
+            .map(|(name, (entries, capacity))| {
+                (
+                    *name,
+                    MapFill {
+                        entries: *entries,
+                        capacity: *capacity,
+                    },
+                )
+            })
+            .collect(),
+        counters: stat::NAMES.iter().copied().zip(p.stats).collect(),
+    }
+}
+
+/// Aligned columns; the first row is the header.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| format!("{cell:<w$}", w = widths[c]))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::{addr_to_map, port_to_map};
+
+    fn pinned() -> Pinned {
+        let vip = addr_to_map("10.96.0.10".parse().unwrap());
+        let key = ServiceKey::new(vip, port_to_map(80), proto::TCP, 0);
+        let be = Backend::new(
+            addr_to_map("10.244.10.2".parse().unwrap()),
+            port_to_map(8080),
+            proto::TCP,
+        );
+        Pinned {
+            services: vec![
+                (key, ServiceValue::service(7, 1, 0).with_affinity(30)),
+                (key.with_slot(1), ServiceValue::slot(3)),
+                (
+                    ServiceKey::cluster_ip(vip),
+                    ServiceValue::service(0, 0, proxy_common::SVC_FLAG_REJECT),
+                ),
+                (
+                    ServiceKey::new(vip, port_to_map(53), proto::UDP, 0),
+                    ServiceValue::service(8, 0, proxy_common::SVC_FLAG_REJECT),
+                ),
+            ],
+            backends: vec![(3, be)],
+            conntrack: vec![],
+            affinity: vec![(
+                AffinityKey {
+                    svc_id: 7,
+                    client: addr_to_map("10.244.1.2".parse().unwrap()),
+                },
+                AffinityValue {
+                    backend_id: 3,
+                    _pad: 0,
+                    last_used_ns: 1_000_000_000,
+                },
+            )],
+            stats: [0; stat::COUNT as usize],
+            capacity: BTreeMap::new(),
+            now_ns: 6_000_000_000,
+        }
+    }
+
+    #[test]
+    fn services_read_as_frontends_with_backends() {
+        let views = services(&pinned());
+        assert_eq!(
+            views,
+            [
+                ServiceView {
+                    frontend: "10.96.0.10:53/UDP".into(),
+                    svc_id: 8,
+                    empty: "reject".into(),
+                    affinity_timeout_s: 0,
+                    backends: vec![],
+                },
+                ServiceView {
+                    frontend: "10.96.0.10:80/TCP".into(),
+                    svc_id: 7,
+                    empty: String::new(),
+                    affinity_timeout_s: 30,
+                    backends: vec!["10.244.10.2:8080".into()],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn affinity_and_backends_views() {
+        let p = pinned();
+        assert_eq!(
+            affinity(&p),
+            [AffinityView {
+                svc_id: 7,
+                client: "10.244.1.2".into(),
+                backend_id: 3,
+                idle_s: 5
+            }]
+        );
+        assert_eq!(backends(&p)[0].endpoint, "10.244.10.2:8080");
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(&[
+            vec!["A".into(), "BB".into()],
+            vec!["ccc".into(), "d".into()],
+        ]);
+        assert_eq!(t, "A    BB\nccc  d\n");
+    }
+}
