@@ -21,6 +21,12 @@
 //! ```
 #![no_std]
 
+/// Version of every layout in this crate. Bump it with any change to a map
+/// key, value or the set of maps: a new agent then pins a fresh set of maps
+/// beside the old one and switches the attached programs over, instead of
+/// reading old bytes with new types.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Names of the maps as declared by the eBPF object and pinned under the
 /// agent's bpffs directory. Kernel map names are limited to 15 bytes.
 pub mod map_names {

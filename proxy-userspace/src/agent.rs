@@ -3,7 +3,9 @@
 
 use std::{
     collections::BTreeSet,
+    net::SocketAddr,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,7 +18,7 @@ use crate::{
     datapath::{Datapath, DatapathConfig},
     diff::{MapOp, diff},
     encode::Encoder,
-    interfaces, manifests, model,
+    interfaces, manifests, metrics, model,
 };
 
 #[derive(Debug, Clone)]
@@ -36,6 +38,9 @@ pub struct RunConfig {
     /// Full re-derivation from the source and re-read of the maps, so an
     /// entry changed behind the agent's back is put right.
     pub resync_interval: Duration,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not
+    /// served.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// What one sync did, for the log line tests and operators read.
@@ -73,6 +78,11 @@ impl Syncer {
 
     pub fn datapath_mut(&mut self) -> &mut Datapath {
         &mut self.datapath
+    }
+
+    /// How many warnings (skipped objects) the last sync had.
+    pub fn warning_count(&self) -> usize {
+        self.reported.len()
     }
 
     /// Computes the desired maps from `objects` and applies the difference.
@@ -204,7 +214,23 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
     }
     let mut syncer = Syncer::new(datapath, cfg.node_name.clone());
     attach_matching(syncer.datapath_mut(), &cfg.interfaces);
+    // Every attached program now reads this layout's maps; older layouts
+    // (an agent of an earlier version) can go.
+    match syncer.datapath_mut().retire_old_layouts() {
+        Ok(retired) if !retired.is_empty() => {
+            tracing::info!(?retired, "removed maps of older layouts");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "removing maps of older layouts"),
+    }
 
+    let metrics = Arc::new(metrics::Metrics::new(&cfg.datapath, cfg.resync_interval));
+    if let Some(addr) = cfg.metrics_addr {
+        tokio::spawn(metrics::serve(addr, metrics.clone()));
+    }
+    let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
+    // When the source reported the change the next sync is for.
+    let mut noticed = None;
     let mut iface_scan = tokio::time::interval(cfg.poll_interval);
     let mut conntrack_gc = tokio::time::interval(cfg.conntrack_gc_interval);
     let mut resync = tokio::time::interval(cfg.resync_interval);
@@ -219,7 +245,10 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         let full = tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = source.changed() => false,
+            _ = source.changed() => {
+                noticed = Some(Instant::now());
+                false
+            }
             _ = resync.tick(), if synced => true,
             _ = iface_scan.tick() => {
                 attach_matching(syncer.datapath_mut(), &cfg.interfaces);
@@ -229,6 +258,16 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
                 match syncer.datapath_mut().collect_conntrack() {
                     Ok(n) => tracing::debug!(entries = n, "conntrack garbage collected"),
                     Err(e) => tracing::error!(error = %e, "conntrack garbage collection"),
+                }
+                if let Ok(entries) = syncer.datapath_mut().conntrack() {
+                    metrics.set_map_entries(proxy_common::map_names::CONNTRACK, entries.len());
+                }
+                continue;
+            }
+            _ = metrics_tick.tick() => {
+                match syncer.datapath_mut().stats() {
+                    Ok(stats) => metrics.observe_datapath(&stats),
+                    Err(e) => tracing::debug!(error = %e, "reading datapath counters"),
                 }
                 continue;
             }
@@ -243,6 +282,15 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         let started = Instant::now();
         let (objects, warnings) = source.snapshot();
         let out = syncer.sync(&objects, warnings);
+        let skipped = syncer.warning_count();
+        metrics.record_sync(
+            &objects,
+            syncer.datapath_mut().live(),
+            &out,
+            skipped,
+            started.elapsed(),
+            noticed.take().filter(|_| !full),
+        );
         synced = true;
         generation += 1;
         tracing::info!(

@@ -3,11 +3,11 @@
 //! objects; everything it writes comes from `diff::MapOp`s.
 
 use std::{
-    collections::BTreeMap,
+    collections::BTreeSet,
     ffi::CString,
     io,
     net::Ipv4Addr,
-    os::unix::ffi::OsStrExt,
+    os::{fd::AsFd, unix::ffi::OsStrExt},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -15,13 +15,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId,
-    },
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Cidr, Config, CtKey, CtValue, MAX_SERVICE_CIDRS,
-    ServiceKey, ServiceValue, defaults, map_names, program_names, stat,
+    AffinityKey, AffinityValue, Backend, Cidr, Config, CtKey, CtValue, LAYOUT_VERSION,
+    MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, defaults, map_names, program_names, stat,
 };
 use thiserror::Error;
 
@@ -166,7 +164,7 @@ pub enum DatapathError {
     #[error("attaching to interface {iface}: {source}")]
     Attach {
         iface: String,
-        source: Box<aya::programs::ProgramError>,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -195,7 +193,20 @@ pub struct Datapath {
     settings: Config,
     /// What the maps hold, as last read or written by this process.
     live: MapContents,
-    attached: BTreeMap<String, SchedClassifierLinkId>,
+    /// Interfaces whose pinned TC link runs this process's program.
+    attached: BTreeSet<String>,
+    bpffs: PathBuf,
+}
+
+/// Where this layout's maps are pinned under the agent's bpffs directory.
+pub fn maps_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join(format!("maps-v{LAYOUT_VERSION}"))
+}
+
+/// Where the agent pins its links, so the programs stay attached (and the
+/// datapath keeps serving) while no agent runs.
+pub fn links_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("links")
 }
 
 impl Datapath {
@@ -208,9 +219,16 @@ impl Datapath {
         })?;
         let settings = cfg.to_map(netns_cookie)?;
         ensure_bpffs(&cfg.bpffs)?;
+        let maps = maps_dir(&cfg.bpffs);
+        for dir in [&maps, &links_dir(&cfg.bpffs)] {
+            std::fs::create_dir_all(dir).map_err(|source| DatapathError::Bpffs {
+                path: dir.clone(),
+                source,
+            })?;
+        }
         let pins: Vec<(&'static str, PathBuf)> = map_names::ALL
             .iter()
-            .map(|name| (*name, cfg.bpffs.join(name)))
+            .map(|name| (*name, maps.join(name)))
             .collect();
         let mut loader = EbpfLoader::new();
         loader
@@ -275,7 +293,8 @@ impl Datapath {
             affinity,
             stats,
             live: MapContents::default(),
-            attached: BTreeMap::new(),
+            attached: BTreeSet::new(),
+            bpffs: cfg.bpffs.clone(),
         };
         dp.live = dp.read_contents()?;
         Ok(dp)
@@ -289,20 +308,33 @@ impl Datapath {
             .expect("checked in load")
     }
 
-    /// Attaches the TC program at ingress of `iface` (TCX on kernels that
-    /// have it). Attaching twice is a no-op.
+    /// Attaches the TC program at ingress of `iface` through a pinned TCX
+    /// link. A link pinned by an earlier agent is adopted: its program is
+    /// swapped for this one atomically, so traffic never sees a gap.
+    /// Attaching twice is a no-op.
     pub fn attach(&mut self, iface: &str) -> Result<(), DatapathError> {
-        if self.attached.contains_key(iface) {
+        if self.attached.contains(iface) {
             return Ok(());
         }
-        let link = self
-            .classifier()
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(|source| DatapathError::Attach {
-                iface: iface.to_string(),
-                source: Box::new(source),
-            })?;
-        self.attached.insert(iface.to_string(), link);
+        let pin = links_dir(&self.bpffs).join(format!("tc-ingress-{iface}"));
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+            iface: iface.to_string(),
+            source,
+        };
+        let prog = self.classifier();
+        let adopted = adopt_link(&pin, prog.fd().map_err(|e| err(Box::new(e)))?.as_fd());
+        if !adopted {
+            let id = prog
+                .attach(iface, TcAttachType::Ingress)
+                .map_err(|e| err(Box::new(e)))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| err(Box::new(e)))?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| err(Box::new(e)))?;
+            link.pin(&pin).map_err(|e| err(Box::new(e)))?;
+        }
+        self.attached.insert(iface.to_string());
         Ok(())
     }
 
@@ -315,23 +347,62 @@ impl Datapath {
             source,
         };
         let cgroup = std::fs::File::open(path).map_err(|e| err(Box::new(e)))?;
+        // One pin per program and cgroup: a different cgroup next time is
+        // attached afresh, not confused with this one.
+        let tag: String = path
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let links = links_dir(&self.bpffs);
         for name in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
                 .and_then(|p| p.try_into().ok())
                 .expect("checked in load");
+            let pin = links.join(format!("cgroup-{name}-{tag}"));
+            if adopt_link(&pin, prog.fd().map_err(|e| err(Box::new(e)))?.as_fd()) {
+                continue;
+            }
             // aya attaches through a BPF link where the kernel has them; a
             // link takes no attach flags (EINVAL otherwise) and never evicts
             // other programs (a CNI's) from the cgroup.
-            prog.attach(&cgroup, CgroupAttachMode::Single)
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|e| err(Box::new(e)))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| err(Box::new(e)))?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| err(Box::new(e)))?;
+            link.pin(&pin).map_err(|e| err(Box::new(e)))?;
         }
         Ok(())
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.attached.keys().map(String::as_str)
+        self.attached.iter().map(String::as_str)
+    }
+
+    /// Removes the maps of older layout versions. Call once this agent's
+    /// programs are attached everywhere: until then, old programs still
+    /// read them.
+    pub fn retire_old_layouts(&self) -> io::Result<Vec<PathBuf>> {
+        let current = maps_dir(&self.bpffs);
+        let mut retired = Vec::new();
+        for entry in std::fs::read_dir(&self.bpffs)? {
+            let path = entry?.path();
+            let is_layout = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("maps-v"));
+            if is_layout && path != current {
+                remove_pins(&path)?;
+                retired.push(path);
+            }
+        }
+        Ok(retired)
     }
 
     /// What the maps hold, as far as this process knows.
@@ -493,17 +564,6 @@ impl Datapath {
     }
 }
 
-/// The counters of the agent whose maps are pinned under `bpffs`, read
-/// without loading anything (for operators' tools and tests).
-pub fn pinned_stats(bpffs: &Path) -> Result<[u64; stat::COUNT as usize], DatapathError> {
-    let data =
-        MapData::from_pin(bpffs.join(map_names::STATS)).map_err(map_err(map_names::STATS))?;
-    let stats: PerCpuArray<MapData, u64> = aya::maps::Map::PerCpuArray(data)
-        .try_into()
-        .map_err(map_err(map_names::STATS))?;
-    sum_stats(&stats)
-}
-
 fn sum_stats(
     stats: &PerCpuArray<MapData, u64>,
 ) -> Result<[u64; stat::COUNT as usize], DatapathError> {
@@ -592,19 +652,132 @@ fn mount_bpffs(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Removes every map pinned by the agent under `dir`, and `dir` itself.
-/// Idempotent: what is already gone is not an error.
+/// Removes everything the agent pinned under `dir` (links first, so the
+/// programs detach, then every layout's maps), and `dir` itself once empty.
+/// Only names the agent creates are touched, so a `--bpffs` pointing at a
+/// shared directory loses nothing else. Idempotent.
 pub fn unpin_all(dir: &Path) -> io::Result<()> {
-    for name in map_names::ALL {
-        match std::fs::remove_file(dir.join(name)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut layouts = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        match path.file_name().and_then(|n| n.to_str()) {
+            Some(n) if n.starts_with("maps-v") => layouts.push(path),
             _ => {}
+        }
+    }
+    remove_pins(&links_dir(dir))?;
+    for layout in layouts {
+        remove_pins(&layout)?;
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Unpins the agent's objects in one of its directories (links, or one
+/// layout's maps), then removes the directory.
+fn remove_pins(dir: &Path) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let ours = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            n.starts_with("tc-ingress-") || n.starts_with("cgroup-") || map_names::ALL.contains(&n)
+        });
+        if ours {
+            std::fs::remove_file(&path)?;
         }
     }
     match std::fs::remove_dir(dir) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
+}
+
+/// Adopts the link pinned at `pin` by pointing it at `prog` (the kernel's
+/// BPF_LINK_UPDATE swaps the program atomically, so packets never see a
+/// moment without one). `false` when there is nothing to adopt: no pin, or a
+/// pin whose link is defunct (its interface is gone), which is removed so a
+/// fresh attach can take its place.
+fn adopt_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> bool {
+    if !pin.exists() {
+        return false;
+    }
+    match update_pinned_link(pin, prog) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(pin = %pin.display(), error = %e, "pinned link not adoptable; attaching afresh");
+            let _ = std::fs::remove_file(pin);
+            false
+        }
+    }
+}
+
+fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    // The leading fields of `union bpf_attr` for each command; the kernel
+    // zero-fills the rest.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let path = CString::new(pin.as_os_str().as_bytes())?;
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let update = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &update as *const LinkUpdate,
+            std::mem::size_of::<LinkUpdate>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14): the cookie `bpf_get_netns_cookie` returns
@@ -643,16 +816,4 @@ pub fn monotonic_ns() -> u64 {
     };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Every conntrack entry of the agent whose maps are pinned under `bpffs`.
-pub fn pinned_conntrack(bpffs: &Path) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
-    let data = MapData::from_pin(bpffs.join(map_names::CONNTRACK))
-        .map_err(map_err(map_names::CONNTRACK))?;
-    let map: HashMap<MapData, CtKey, CtValue> = aya::maps::Map::LruHashMap(data)
-        .try_into()
-        .map_err(map_err(map_names::CONNTRACK))?;
-    map.iter()
-        .collect::<Result<_, _>>()
-        .map_err(map_err(map_names::CONNTRACK))
 }

@@ -13,7 +13,7 @@ use proxy_common::{
 use serde::Serialize;
 
 use crate::{
-    datapath::{DatapathError, monotonic_ns},
+    datapath::{DatapathError, maps_dir, monotonic_ns},
     encode::{addr_from_map, port_from_map},
 };
 
@@ -30,7 +30,7 @@ pub struct Pinned {
 }
 
 fn open(bpffs: &Path, name: &'static str) -> Result<MapData, DatapathError> {
-    MapData::from_pin(bpffs.join(name)).map_err(|source| DatapathError::Map {
+    MapData::from_pin(maps_dir(bpffs).join(name)).map_err(|source| DatapathError::Map {
         name,
         source: Box::new(source),
     })

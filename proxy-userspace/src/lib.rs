@@ -10,4 +10,5 @@ pub mod inspect;
 pub mod interfaces;
 pub mod kube_source;
 pub mod manifests;
+pub mod metrics;
 pub mod model;

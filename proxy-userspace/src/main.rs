@@ -123,6 +123,11 @@ struct RunArgs {
     /// Full resync period in seconds.
     #[arg(long, env = "KEP_RESYNC_INTERVAL_S", default_value_t = 60)]
     resync_interval_s: u64,
+    /// Address to serve Prometheus `/metrics`, `/healthz` and `/readyz` on
+    /// (kube-proxy's metrics port). `/healthz` fails once no sync completed
+    /// for 2 x the resync interval.
+    #[arg(long, env = "KEP_METRICS_ADDR", default_value = "0.0.0.0:10249")]
+    metrics_addr: std::net::SocketAddr,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -164,6 +169,7 @@ fn main() -> anyhow::Result<()> {
                 poll_interval,
                 conntrack_gc_interval: args.conntrack_gc_interval,
                 resync_interval: Duration::from_secs(args.resync_interval_s),
+                metrics_addr: Some(args.metrics_addr),
             };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

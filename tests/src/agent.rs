@@ -75,6 +75,8 @@ pub struct Agent<'lab> {
     readers: Vec<JoinHandle<()>>,
     bpffs: PathBuf,
     log_path: PathBuf,
+    /// Set by [`Agent::kill_keeping_pins`]: the pinned datapath outlives it.
+    keep_pins: bool,
     _lab: PhantomData<&'lab Lab>,
 }
 
@@ -165,6 +167,7 @@ impl<'lab> Agent<'lab> {
             readers,
             bpffs: bpffs.to_path_buf(),
             log_path: log_path.to_path_buf(),
+            keep_pins: false,
             _lab: PhantomData,
         })
     }
@@ -301,6 +304,17 @@ impl<'lab> Agent<'lab> {
     }
 }
 
+impl Agent<'_> {
+    /// SIGKILL, as an OOM kill or a node problem would, leaving the pinned
+    /// maps and links in place for the next agent to adopt (the lab removes
+    /// them when it is dropped).
+    pub fn kill_keeping_pins(mut self) {
+        self.keep_pins = true;
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+        // Drop reaps it (stop() on a dead process returns at once).
+    }
+}
+
 impl Drop for Agent<'_> {
     fn drop(&mut self) {
         match self.stop() {
@@ -317,6 +331,9 @@ impl Drop for Agent<'_> {
             if r.is_finished() {
                 let _ = r.join();
             }
+        }
+        if self.keep_pins {
+            return;
         }
         match std::fs::remove_dir_all(&self.bpffs) {
             Ok(()) => {}

@@ -18,6 +18,7 @@
 //! | backend i | `kep-<id>-b<i>` | `eth0` | 10.244.(10+i).2/24, default via 10.244.(10+i).1 |
 
 pub mod agent;
+pub mod bench;
 pub mod cgroup;
 pub mod fake_apiserver;
 pub mod loadgen;
@@ -347,6 +348,12 @@ impl Drop for Lab {
         // Stop the servers explicitly first (their sockets hold references
         // to the backend namespaces); the fields then drop in order.
         self.servers.stop();
+        // An agent killed on purpose leaves its pinned datapath behind.
+        match std::fs::remove_dir_all(self.bpffs_dir()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("lab: cannot remove {}: {e}", self.bpffs_dir().display()),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use lab::addr::{DEMO_VIP, DNS_PORT, HTTP_PORT};
 use lab::loadgen::{self, TcpSession};
 use lab::{Agent, Lab, yaml};
 use proxy_common::proto;
-use proxy_userspace::datapath::pinned_conntrack;
+use proxy_userspace::inspect::Pinned;
 
 fn start<'l>(lab: &'l Lab, extra: &[&str]) -> Agent<'l> {
     lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
@@ -28,8 +28,9 @@ fn start<'l>(lab: &'l Lab, extra: &[&str]) -> Agent<'l> {
 }
 
 fn tcp_entries(lab: &Lab) -> usize {
-    pinned_conntrack(&lab.bpffs_dir())
+    Pinned::read(&lab.bpffs_dir())
         .unwrap()
+        .conntrack
         .iter()
         .filter(|(k, _)| k.proto == proto::TCP)
         .count()

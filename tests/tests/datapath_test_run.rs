@@ -49,13 +49,17 @@ const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbb];
 /// A loaded datapath pinned under a directory of its own, unpinned on drop.
 struct Fixture {
     dp: Datapath,
-    pin_dir: PathBuf,
+    _pins: PinDir,
 }
 
-impl Drop for Fixture {
+/// Unpins on drop, also when loading failed half way (maps pinned, program
+/// refused by the verifier).
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
     fn drop(&mut self) {
-        if let Err(e) = unpin_all(&self.pin_dir) {
-            eprintln!("unpinning {}: {e}", self.pin_dir.display());
+        if let Err(e) = unpin_all(&self.0) {
+            eprintln!("unpinning {}: {e}", self.0.display());
         }
     }
 }
@@ -80,10 +84,11 @@ impl Fixture {
             timeouts,
             ..DatapathConfig::new(&pin_dir)
         };
+        let pins = PinDir(pin_dir);
         let dp = Datapath::load(&cfg).unwrap_or_else(|e| {
             panic!("cannot load the eBPF datapath (this test needs root and bpffs): {e:#}")
         });
-        let mut fx = Self { dp, pin_dir };
+        let mut fx = Self { dp, _pins: pins };
         let mut ops = Vec::new();
         for (i, addr) in BACKENDS.iter().enumerate() {
             for (j, p) in [proto::TCP, proto::UDP].into_iter().enumerate() {

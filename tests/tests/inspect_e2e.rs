@@ -113,7 +113,7 @@ fn status_and_dump_show_the_known_services() {
     // bpftool prints the maps' fields by name (BTF).
     let out = Command::new("bpftool")
         .args(["map", "dump", "pinned"])
-        .arg(lab.bpffs_dir().join("kep_services"))
+        .arg(proxy_userspace::datapath::maps_dir(&lab.bpffs_dir()).join("kep_services"))
         .output()
         .expect("run bpftool");
     assert!(out.status.success(), "{out:?}");

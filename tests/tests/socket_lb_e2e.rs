@@ -159,8 +159,9 @@ fn sockets_of_other_network_namespaces_are_left_to_the_packet_path() {
     let cgroup = TestCgroup::new().unwrap();
     let _agent = start(&lab, &cgroup);
     let translated = || {
-        proxy_userspace::datapath::pinned_stats(&lab.bpffs_dir()).unwrap()
-            [proxy_common::stat::SOCK_TRANSLATED as usize]
+        proxy_userspace::inspect::Pinned::read(&lab.bpffs_dir())
+            .unwrap()
+            .stats[proxy_common::stat::SOCK_TRANSLATED as usize]
     };
     let http = format!("{DEMO_VIP}:{HTTP_PORT}");
     let before = translated();

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench`.
 //!
 //! Every child command is echoed before it runs; the first failure stops the
 //! task with a non-zero exit.
@@ -27,10 +27,23 @@ enum Task {
     Test,
     /// setup, build-ebpf, release build, then the lab demo (needs root).
     Demo,
+    /// setup, build-ebpf, release build, then the benchmark (needs root):
+    /// writes bench/results/latest.{md,json,svg}.
+    Bench {
+        /// N = 1 and 1,000, 2 rounds, 500 connections (< 3 minutes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
-const DEBIAN_PACKAGES: [&str; 6] = [
-    "bpftool", "iproute2", "iptables", "nftables", "iperf3", "tcpdump",
+const DEBIAN_PACKAGES: [&str; 7] = [
+    "bpftool",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "iperf3",
+    "tcpdump",
+    "conntrack",
 ];
 
 fn main() {
@@ -40,6 +53,7 @@ fn main() {
         Task::BuildEbpf => build_ebpf().map(|_| ()),
         Task::Test => test(),
         Task::Demo => demo(),
+        Task::Bench { quick } => bench(quick),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -333,4 +347,29 @@ fn demo() -> Result<()> {
     run(Command::new(release.join("lab-demo"))
         .current_dir(&ws)
         .env("KEP_AGENT_BIN", release.join("kube-ebpf-proxy")))
+}
+
+fn bench(quick: bool) -> Result<()> {
+    require_root("`cargo xtask bench` (network namespaces, eBPF)")?;
+    setup()?;
+    build_ebpf()?;
+    let ws = workspace();
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "proxy-userspace",
+        "-p",
+        "kube-ebpf-proxy-lab",
+    ]))?;
+    let release = target_dir().join("release");
+    let mut cmd = Command::new(release.join("lab-bench"));
+    cmd.current_dir(&ws)
+        .env("KEP_AGENT_BIN", release.join("kube-ebpf-proxy"))
+        .arg("--out")
+        .arg(ws.join("bench/results"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
 }

@@ -1,0 +1,218 @@
+//! `/metrics`, `/healthz` and `/readyz` of the real agent in a lab: scraped
+//! from inside the node namespace, where the agent listens.
+//!
+//! Needs root and the agent binary (`KEP_AGENT_BIN` or
+//! `target/debug/kube-ebpf-proxy`): without them it fails, it never skips.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use lab::addr::{DEMO_VIP, HTTP_PORT};
+use lab::{Agent, Lab, loadgen, yaml};
+
+const PROGRAMMED: &str = "datapath programmed";
+const AGENT_READY: Duration = Duration::from_secs(30);
+const NEW_FLOWS: &str = "kep_datapath_packets_total{counter=\"new_flows\"}";
+
+/// A status code and body.
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    body: String,
+}
+
+/// One HTTP/1.1 GET to the agent, from a thread in the lab's node namespace.
+fn get(lab: &Lab, addr: SocketAddr, path: &str) -> Response {
+    lab.node()
+        .run(move || -> std::io::Result<Response> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut raw = String::new();
+            s.read_to_string(&mut raw)?;
+            let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no status line in {raw:?}"));
+            Ok(Response {
+                status,
+                body: body.to_string(),
+            })
+        })
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path} in the node namespace: {e}"))
+}
+
+/// The value of the sample whose name and labels are exactly `series`.
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+fn must(text: &str, series: &str) -> f64 {
+    value(text, series).unwrap_or_else(|| panic!("no sample {series} in /metrics:\n{text}"))
+}
+
+fn scrape(lab: &Lab, addr: SocketAddr) -> String {
+    let r = get(lab, addr, "/metrics");
+    assert_eq!(r.status, 200, "/metrics: {r:?}");
+    r.body
+}
+
+/// Scrapes until `ok` holds for the metrics text, or panics after `timeout`
+/// with the last scrape and the agent's output.
+fn scrape_until(
+    lab: &Lab,
+    agent: &Agent<'_>,
+    addr: SocketAddr,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = scrape(lab, addr);
+        if ok(&text) {
+            return text;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "{what}: not within {timeout:?}; last /metrics:\n{text}\nagent output:\n{}",
+                agent.log_tail(30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A port free in the node namespace (a fresh namespace: nearly any is).
+fn free_port(lab: &Lab) -> u16 {
+    lab.node().run(|| {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind a probe port in the node namespace")
+            .port()
+    })
+}
+
+#[test]
+fn metrics_health_and_readiness() {
+    let lab = Lab::new().expect("lab setup (needs root)");
+    lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
+        .unwrap();
+    lab.write_manifest("empty.yaml", &yaml::empty()).unwrap();
+    // demo and empty.
+    let services_written = 2.0;
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port(&lab)));
+    let args: Vec<OsString> = vec![
+        "--manifests".into(),
+        lab.manifest_dir().into(),
+        "--metrics-addr".into(),
+        addr.to_string().into(),
+    ];
+    let agent = lab.start_agent_args(&args).expect("start the agent");
+    agent
+        .wait_for_log(PROGRAMMED, AGENT_READY)
+        .expect("agent programs the datapath");
+    // The server may bind a moment after the first sync was logged.
+    agent
+        .wait_for_log("serving /metrics", AGENT_READY)
+        .expect("agent serves metrics");
+
+    let ready = get(&lab, addr, "/readyz");
+    assert_eq!(ready.status, 200, "/readyz after the first sync: {ready:?}");
+    let health = get(&lab, addr, "/healthz");
+    assert_eq!(health.status, 200, "/healthz: {health:?}");
+    assert!(
+        health.body.contains("\"lastUpdated\"") && health.body.contains("\"currentTime\""),
+        "/healthz body: {}",
+        health.body
+    );
+    assert_eq!(get(&lab, addr, "/nope").status, 404);
+
+    let before = scrape(&lab, addr);
+    println!("{before}");
+    assert!(
+        must(&before, "kep_map_entries{map=\"kep_services\"}") > 0.0,
+        "{before}"
+    );
+    assert!(must(&before, "kep_map_entries{map=\"kep_backends\"}") >= 3.0);
+    assert!(must(&before, "kep_map_capacity{map=\"kep_services\"}") > 0.0);
+    assert_eq!(
+        must(&before, "kep_objects{kind=\"service\"}"),
+        services_written
+    );
+    assert_eq!(must(&before, "kep_map_update_errors_total"), 0.0);
+    assert!(must(&before, "kep_sync_duration_seconds_count") >= 1.0);
+    // The first sync comes from the source's first change.
+    assert!(must(&before, "kep_network_programming_duration_seconds_count") >= 1.0);
+    let flows_before = must(&before, NEW_FLOWS);
+
+    // 50 connections through the ClusterIP: 50 new flows. The counters are
+    // copied once a second.
+    let target = SocketAddrV4::new(DEMO_VIP, HTTP_PORT);
+    let report = lab.client().run(move || {
+        loadgen::tcp_requests(target, 50, Duration::from_secs(2), Duration::from_secs(60))
+    });
+    println!("{report}");
+    assert_eq!(report.ok, 50, "{report}\nagent:\n{}", agent.log_tail(30));
+    let after_traffic = scrape_until(
+        &lab,
+        &agent,
+        addr,
+        "new_flows up by 50",
+        Duration::from_secs(10),
+        |t| value(t, NEW_FLOWS).is_some_and(|v| v >= flows_before + 50.0),
+    );
+    println!(
+        "new_flows {flows_before} -> {}",
+        must(&after_traffic, NEW_FLOWS)
+    );
+
+    // An EndpointSlice change (backend-2 removed): a sync and a network
+    // programming sample more.
+    let syncs = must(&after_traffic, "kep_sync_duration_seconds_count");
+    let programmed = must(
+        &after_traffic,
+        "kep_network_programming_duration_seconds_count",
+    );
+    let backends = must(&after_traffic, "kep_map_entries{map=\"kep_backends\"}");
+    let mark = agent.log_mark();
+    lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1]))
+        .unwrap();
+    agent
+        .wait_for_log_since(mark, PROGRAMMED, AGENT_READY)
+        .expect("agent re-programs after the EndpointSlice change");
+    let after_edit = scrape_until(
+        &lab,
+        &agent,
+        addr,
+        "sync and programming counts up after the edit",
+        Duration::from_secs(10),
+        |t| {
+            value(t, "kep_sync_duration_seconds_count").is_some_and(|v| v > syncs)
+                && value(t, "kep_network_programming_duration_seconds_count")
+                    .is_some_and(|v| v > programmed)
+        },
+    );
+    println!("{after_edit}");
+    assert_eq!(
+        must(&after_edit, "kep_objects{kind=\"service\"}"),
+        services_written
+    );
+    assert!(
+        must(&after_edit, "kep_map_entries{map=\"kep_backends\"}") < backends,
+        "a removed endpoint leaves the backends map\n{after_edit}"
+    );
+    assert_eq!(must(&after_edit, "kep_objects_skipped"), 0.0);
+    assert_eq!(get(&lab, addr, "/healthz").status, 200);
+    assert!(agent.is_running(), "{}", agent.log_tail(30));
+}
