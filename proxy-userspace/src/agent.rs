@@ -187,11 +187,14 @@ fn attach_matching(datapath: &mut Datapath, patterns: &[String]) {
             return;
         }
     };
-    for name in names {
-        if !interfaces::matches_any(patterns, &name) || datapath.attached().any(|a| a == name) {
+    for gone in datapath.forget_missing(&names) {
+        tracing::info!(iface = %gone, "interface gone or replaced");
+    }
+    for (name, index) in names {
+        if !interfaces::matches_any(patterns, &name) || datapath.is_attached(&name, index) {
             continue;
         }
-        match datapath.attach(&name) {
+        match datapath.attach(&name, index) {
             Ok(()) => tracing::info!(iface = %name, "attached TC ingress"),
             Err(e) => tracing::error!(iface = %name, error = %e, "attach failed"),
         }

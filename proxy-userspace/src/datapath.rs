@@ -3,7 +3,7 @@
 //! objects; everything it writes comes from `diff::MapOp`s.
 
 use std::{
-    collections::BTreeSet,
+    collections::BTreeMap,
     ffi::CString,
     io,
     net::Ipv4Addr,
@@ -193,8 +193,9 @@ pub struct Datapath {
     settings: Config,
     /// What the maps hold, as last read or written by this process.
     live: MapContents,
-    /// Interfaces whose pinned TC link runs this process's program.
-    attached: BTreeSet<String>,
+    /// Interfaces (name -> ifindex) whose pinned TC link runs this
+    /// process's program.
+    attached: BTreeMap<String, u32>,
     bpffs: PathBuf,
 }
 
@@ -293,7 +294,7 @@ impl Datapath {
             affinity,
             stats,
             live: MapContents::default(),
-            attached: BTreeSet::new(),
+            attached: BTreeMap::new(),
             bpffs: cfg.bpffs.clone(),
         };
         dp.live = dp.read_contents()?;
@@ -308,12 +309,12 @@ impl Datapath {
             .expect("checked in load")
     }
 
-    /// Attaches the TC program at ingress of `iface` through a pinned TCX
-    /// link. A link pinned by an earlier agent is adopted: its program is
-    /// swapped for this one atomically, so traffic never sees a gap.
-    /// Attaching twice is a no-op.
-    pub fn attach(&mut self, iface: &str) -> Result<(), DatapathError> {
-        if self.attached.contains(iface) {
+    /// Attaches the TC program at ingress of `iface` (index `ifindex`)
+    /// through a pinned TCX link. A link pinned by an earlier agent is
+    /// adopted: its program is swapped for this one atomically, so traffic
+    /// never sees a gap. Attaching twice is a no-op.
+    pub fn attach(&mut self, iface: &str, ifindex: u32) -> Result<(), DatapathError> {
+        if self.attached.get(iface) == Some(&ifindex) {
             return Ok(());
         }
         let pin = links_dir(&self.bpffs).join(format!("tc-ingress-{iface}"));
@@ -334,7 +335,7 @@ impl Datapath {
                 .map_err(|e: aya::programs::links::LinkError| err(Box::new(e)))?;
             link.pin(&pin).map_err(|e| err(Box::new(e)))?;
         }
-        self.attached.insert(iface.to_string());
+        self.attached.insert(iface.to_string(), ifindex);
         Ok(())
     }
 
@@ -381,8 +382,32 @@ impl Datapath {
         Ok(())
     }
 
-    pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.attached.iter().map(String::as_str)
+    /// Whether `iface` with index `ifindex` runs this process's program.
+    pub fn is_attached(&self, iface: &str, ifindex: u32) -> bool {
+        self.attached.get(iface) == Some(&ifindex)
+    }
+
+    /// Forgets interfaces that no longer exist, or exist under a new index
+    /// (a pod went away, maybe another came under the same name): their TCX
+    /// links died with them, and their pins are removed, so the new
+    /// interface is attached afresh.
+    pub fn forget_missing(&mut self, present: &[(String, u32)]) -> Vec<String> {
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(name, index)| !present.iter().any(|(n, i)| n == *name && i == *index))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for iface in &gone {
+            self.attached.remove(iface);
+            let pin = links_dir(&self.bpffs).join(format!("tc-ingress-{iface}"));
+            if let Err(e) = std::fs::remove_file(&pin)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(pin = %pin.display(), error = %e, "removing a dead link's pin");
+            }
+        }
+        gone
     }
 
     /// Removes the maps of older layout versions. Call once this agent's
@@ -747,17 +772,7 @@ fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> io::Resu
         bpf_fd: 0,
         file_flags: 0,
     };
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &get as *const ObjGet,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = bpf_syscall(BPF_OBJ_GET, &get)?;
     // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let update = LinkUpdate {
@@ -766,18 +781,24 @@ fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> io::Resu
         flags: 0,
         old_prog_fd: 0,
     };
+    bpf_syscall(BPF_LINK_UPDATE, &update).map(|_| ())
+}
+
+/// `bpf(cmd, attr, sizeof attr)`; `attr` is the leading part of the
+/// command's `union bpf_attr` (the kernel zero-fills the rest).
+fn bpf_syscall<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &update as *const LinkUpdate,
-            std::mem::size_of::<LinkUpdate>(),
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
         )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc)
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14): the cookie `bpf_get_netns_cookie` returns

@@ -42,10 +42,11 @@ pub fn matches_any(patterns: &[String], name: &str) -> bool {
     patterns.iter().any(|p| glob_match(p, name))
 }
 
-/// Interface names of the current network namespace. `if_nameindex` asks
-/// the kernel through a socket, so it is right even where /sys belongs to
-/// another namespace.
-pub fn list() -> io::Result<Vec<String>> {
+/// Interface names and indexes of the current network namespace.
+/// `if_nameindex` asks the kernel through a socket, so it is right even where
+/// /sys belongs to another namespace. The index tells a re-created interface
+/// (a new pod's veth under a reused name) from the one it replaced.
+pub fn list() -> io::Result<Vec<(String, u32)>> {
     let head = unsafe { libc::if_nameindex() };
     if head.is_null() {
         return Err(io::Error::last_os_error());
@@ -54,11 +55,10 @@ pub fn list() -> io::Result<Vec<String>> {
     let mut cur = head;
     unsafe {
         while (*cur).if_index != 0 && !(*cur).if_name.is_null() {
-            names.push(
-                CStr::from_ptr((*cur).if_name)
-                    .to_string_lossy()
-                    .into_owned(),
-            );
+            let name = CStr::from_ptr((*cur).if_name)
+                .to_string_lossy()
+                .into_owned();
+            names.push((name, (*cur).if_index));
             cur = cur.add(1);
         }
         libc::if_freenameindex(head);
@@ -92,6 +92,6 @@ mod tests {
 
     #[test]
     fn lists_loopback() {
-        assert!(list().unwrap().iter().any(|n| n == "lo"));
+        assert!(list().unwrap().iter().any(|(n, i)| n == "lo" && *i > 0));
     }
 }

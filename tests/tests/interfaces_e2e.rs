@@ -1,0 +1,81 @@
+//! Pod interfaces come and go while the agent runs (the CNI makes one veth
+//! per pod): a pod whose veth is deleted and made again under the same name
+//! is served again within 2 s, replies and all.
+//!
+//! Needs root and the agent binary; fails loudly without them.
+
+use std::net::SocketAddrV4;
+use std::time::{Duration, Instant};
+
+use lab::addr::{DEMO_VIP, HTTP_PORT, backend_gw, backend_ip};
+use lab::loadgen;
+use lab::{Lab, yaml};
+
+#[test]
+fn a_recreated_pod_interface_is_attached_again() {
+    let lab = Lab::new().unwrap();
+    lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
+        .unwrap();
+    let agent = lab.start_agent(&lab.manifest_dir()).unwrap();
+    agent
+        .wait_for_log("datapath programmed", Duration::from_secs(30))
+        .unwrap();
+
+    // The pod's network is torn down and rebuilt, as a CNI does.
+    let pod = lab.backend(2);
+    let node = lab.node();
+    node.ip(&["link", "del", "veth-b2"]).unwrap();
+    let mark = agent.log_mark();
+    node.ip(&[
+        "link",
+        "add",
+        "veth-b2",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod.name(),
+    ])
+    .unwrap();
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", backend_gw(2)),
+        "dev",
+        "veth-b2",
+    ])
+    .unwrap();
+    node.ip(&["link", "set", "veth-b2", "up"]).unwrap();
+    pod.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", backend_ip(2)),
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    pod.ip(&["link", "set", "eth0", "up"]).unwrap();
+    pod.ip(&["route", "add", "default", "via", &backend_gw(2).to_string()])
+        .unwrap();
+    let rebuilt = Instant::now();
+
+    agent
+        .wait_for_log_since(
+            mark,
+            "attached TC ingress iface=veth-b2",
+            Duration::from_secs(2),
+        )
+        .expect("the new veth-b2 is attached within 2 s");
+    assert!(rebuilt.elapsed() < Duration::from_secs(2));
+    let target = SocketAddrV4::new(DEMO_VIP, HTTP_PORT);
+    let r = lab.client().run(move || {
+        loadgen::tcp_requests(target, 150, Duration::from_secs(2), Duration::from_secs(20))
+    });
+    assert_eq!(r.error_count(), 0, "{r}\n{}", agent.log_tail(20));
+    assert!(
+        r.count("backend-2") > 0,
+        "backend-2 unreachable after its interface came back: {r}"
+    );
+}
