@@ -330,11 +330,12 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-fn demo() -> Result<()> {
-    require_root("`cargo xtask demo` (network namespaces, eBPF)")?;
+/// setup, build-ebpf and a release build of the agent and the lab, for the
+/// lab binaries (`what` runs as root); returns the release directory.
+fn release_lab_build(what: &str) -> Result<PathBuf> {
+    require_root(what)?;
     setup()?;
     build_ebpf()?;
-    let ws = workspace();
     run(cargo().args([
         "build",
         "--release",
@@ -343,26 +344,20 @@ fn demo() -> Result<()> {
         "-p",
         "kube-ebpf-proxy-lab",
     ]))?;
-    let release = target_dir().join("release");
+    Ok(target_dir().join("release"))
+}
+
+fn demo() -> Result<()> {
+    let release = release_lab_build("`cargo xtask demo` (network namespaces, eBPF)")?;
+    let ws = workspace();
     run(Command::new(release.join("lab-demo"))
         .current_dir(&ws)
         .env("KEP_AGENT_BIN", release.join("kube-ebpf-proxy")))
 }
 
 fn bench(quick: bool) -> Result<()> {
-    require_root("`cargo xtask bench` (network namespaces, eBPF)")?;
-    setup()?;
-    build_ebpf()?;
+    let release = release_lab_build("`cargo xtask bench` (network namespaces, eBPF)")?;
     let ws = workspace();
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "proxy-userspace",
-        "-p",
-        "kube-ebpf-proxy-lab",
-    ]))?;
-    let release = target_dir().join("release");
     let mut cmd = Command::new(release.join("lab-bench"));
     cmd.current_dir(&ws)
         .env("KEP_AGENT_BIN", release.join("kube-ebpf-proxy"))
