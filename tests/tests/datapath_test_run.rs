@@ -740,13 +740,27 @@ fn client_ip_affinity_keeps_a_client_until_idle_timeout() {
         );
     }
     assert!(changed, "the affinity never expired");
-    // An endpoint that is gone is not kept: remove the current one.
+    // An endpoint that is gone is not kept: remove the current one, as the
+    // agent's diff does (slots rewritten first, then the backend deleted).
     let gone = BACKENDS.iter().position(|b| *b == current).unwrap();
-    assert!(
-        fx.dp
-            .apply(&[MapOp::DeleteBackend((gone * 2 + 1) as u32)])
-            .is_empty()
+    let sticky = ServiceKey::new(
+        addr_to_map(VIP_STICKY),
+        port_to_map(SVC_PORT),
+        proto::TCP,
+        0,
     );
+    let remaining: Vec<u32> = (0..BACKENDS.len())
+        .filter(|i| *i != gone)
+        .map(|i| (i * 2 + 1) as u32)
+        .collect();
+    let ops = [
+        MapOp::PutService(sticky.with_slot(1), ServiceValue::slot(remaining[0])),
+        MapOp::PutService(sticky.with_slot(2), ServiceValue::slot(remaining[1])),
+        MapOp::PutService(sticky, ServiceValue::service(30, 2, 0).with_affinity(1)),
+        MapOp::DeleteService(sticky.with_slot(3)),
+        MapOp::DeleteBackend((gone * 2 + 1) as u32),
+    ];
+    assert!(fx.dp.apply(&ops).is_empty());
     let after = backend_of(&mut fx, CLIENT);
     assert_ne!(after, current, "kept on a removed endpoint");
     assert_eq!(backend_of(&mut fx, CLIENT), after);
