@@ -547,46 +547,36 @@ impl Datapath {
                 valid.insert(value.svc_id, backends);
             }
         }
-        let doomed: Vec<AffinityKey> = self
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                !valid
-                    .get(&k.svc_id)
-                    .is_some_and(|b| b.contains(&v.backend_id))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        let mut deleted = 0;
-        for key in &doomed {
-            if ignore_missing(self.affinity.remove(key)).is_ok() {
-                deleted += 1;
-            }
-        }
-        Ok(deleted)
+        Ok(delete_where(&mut self.affinity, |k, v| {
+            !valid
+                .get(&k.svc_id)
+                .is_some_and(|b| b.contains(&v.backend_id))
+        }))
     }
 
     fn delete_conntrack(
         &mut self,
         doomed: impl Fn(&CtKey, &CtValue) -> bool,
     ) -> Result<usize, DatapathError> {
-        let keys: Vec<CtKey> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| doomed(k, v))
-            .map(|(k, _)| k)
-            .collect();
-        let mut deleted = 0;
-        for key in &keys {
-            // Gone already (LRU eviction, the other direction's delete): fine.
-            if ignore_missing(self.conntrack.remove(key)).is_ok() {
-                deleted += 1;
-            }
-        }
-        Ok(deleted)
+        Ok(delete_where(&mut self.conntrack, doomed))
     }
+}
+
+/// Deletes the entries of `map` that `doomed` picks; returns how many went.
+/// An entry already gone (LRU eviction, a concurrent delete) is fine.
+fn delete_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    doomed: impl Fn(&K, &V) -> bool,
+) -> usize {
+    let keys: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| doomed(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    keys.iter()
+        .filter(|key| ignore_missing(map.remove(key)).is_ok())
+        .count()
 }
 
 fn sum_stats(
