@@ -21,10 +21,11 @@
 //! ```
 #![no_std]
 
-/// Version of every layout in this crate. Bump it with any change to a map
-/// key, value or the set of maps: a new agent then pins a fresh set of maps
-/// beside the old one and switches the attached programs over, instead of
-/// reading old bytes with new types.
+/// Version of every layout in this crate. Bump it with any change to an
+/// existing map's key, value or type: a new agent then pins a fresh set of
+/// maps beside the old one and switches the attached programs over, instead
+/// of reading old bytes with new types. A new map needs no bump (it is
+/// simply created beside the pinned ones).
 pub const LAYOUT_VERSION: u32 = 1;
 
 /// Names of the maps as declared by the eBPF object and pinned under the
@@ -37,8 +38,10 @@ pub mod map_names {
     pub const CONFIG: &str = "kep_config";
     pub const SOCK_REVNAT: &str = "kep_sock_rnat";
     pub const AFFINITY: &str = "kep_affinity";
+    pub const SVC_TRAFFIC: &str = "kep_svc_traffic";
+    pub const BACKEND_TRAFFIC: &str = "kep_be_traffic";
     /// Every map the agent pins, in creation order.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 9] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -46,6 +49,8 @@ pub mod map_names {
         CONFIG,
         SOCK_REVNAT,
         AFFINITY,
+        SVC_TRAFFIC,
+        BACKEND_TRAFFIC,
     ];
 }
 
@@ -67,6 +72,7 @@ pub mod defaults {
     pub const CONNTRACK_MAX: u32 = 262_144;
     pub const SOCK_REVNAT_MAX: u32 = 65_536;
     pub const AFFINITY_MAX: u32 = 65_536;
+    pub const TRAFFIC_MAX: u32 = 65_536;
 }
 
 /// IANA protocol numbers as carried in the IPv4 header.
@@ -373,6 +379,16 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
 }
 
+/// Packets and bytes through one frontend (key: svc id) or to and from one
+/// backend (key: backend id), per CPU; both directions of translated flows
+/// count. Host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// Key of the socket reverse-NAT map: which backend a socket was sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -439,6 +455,7 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 12);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<Traffic>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
@@ -463,4 +480,5 @@ mod pod {
     unsafe impl aya::Pod for super::SockRevNat {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::Traffic {}
 }

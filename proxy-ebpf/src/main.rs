@@ -33,7 +33,7 @@ use proxy_common::{
     CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, Config, CtKey, CtValue, proto, stat,
 };
 
-use crate::maps::{BACKENDS, CONNTRACK, config, count};
+use crate::maps::{BACKENDS, CONNTRACK, account, config, count};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -225,6 +225,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     }
     dnat(ctx, &flow, backend.addr, backend.port, hairpin)?;
     count(stat::NEW_FLOWS);
+    account(svc_id, backend_id, ctx.len());
     Ok(TC_ACT_OK)
 }
 
@@ -247,12 +248,14 @@ fn established(
             rewrite(ctx, flow, IP_DST_OFF, flow.daddr, flow.saddr, 2, flow.dport, flow.dport)?;
         }
         count(stat::REPLY_HITS);
+        account(ct.svc_id, ct.backend_id, ctx.len());
         return Ok(Some(TC_ACT_OK));
     }
     if backend_still_valid(ct) {
         unsafe { (*entry).last_seen_ns = now };
         dnat(ctx, flow, ct.nat_addr, ct.nat_port, ct.is_hairpin())?;
         count(stat::FORWARD_HITS);
+        account(ct.svc_id, ct.backend_id, ctx.len());
         return Ok(Some(TC_ACT_OK));
     }
     Ok(None)

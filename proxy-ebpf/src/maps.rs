@@ -3,12 +3,12 @@
 #![allow(non_upper_case_globals)]
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, ServiceKey, ServiceValue,
-    SockRevNat, SockRevNatKey, defaults, stat,
+    SockRevNat, SockRevNatKey, Traffic, defaults, stat,
 };
 
 // Static names are the pinned map names (`proxy_common::map_names`), which
@@ -42,6 +42,14 @@ pub static kep_sock_rnat: LruHashMap<
 pub static kep_affinity: LruHashMap<AffinityKey, AffinityValue, { defaults::AFFINITY_MAX as usize }> =
     LruHashMap::new();
 
+#[btf_map]
+pub static kep_svc_traffic: LruPerCpuHashMap<u32, Traffic, { defaults::TRAFFIC_MAX as usize }> =
+    LruPerCpuHashMap::new();
+
+#[btf_map]
+pub static kep_be_traffic: LruPerCpuHashMap<u32, Traffic, { defaults::TRAFFIC_MAX as usize }> =
+    LruPerCpuHashMap::new();
+
 pub use kep_affinity as AFFINITY;
 pub use kep_backends as BACKENDS;
 pub use kep_conntrack as CONNTRACK;
@@ -61,4 +69,35 @@ pub fn count(index: u32) {
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {
     kep_config.get(0)
+}
+
+/// Counts one translated packet of `bytes` for its frontend and backend.
+#[inline(always)]
+pub fn account(svc_id: u32, backend_id: u32, bytes: u32) {
+    bump(&kep_svc_traffic, svc_id, bytes);
+    bump(&kep_be_traffic, backend_id, bytes);
+}
+
+#[inline(always)]
+fn bump(
+    map: &LruPerCpuHashMap<u32, Traffic, { defaults::TRAFFIC_MAX as usize }>,
+    key: u32,
+    bytes: u32,
+) {
+    match map.get_ptr_mut(key) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        Some(t) => unsafe {
+            (*t).packets += 1;
+            (*t).bytes += bytes as u64;
+        },
+        None => {
+            let first = Traffic {
+                packets: 1,
+                bytes: bytes as u64,
+            };
+            // Losing one count to a racing first insert on another CPU is
+            // accepted; the flow itself is unaffected.
+            let _ = map.insert(key, first, 0);
+        }
+    }
 }

@@ -14,12 +14,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink},
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, Cidr, Config, CtKey, CtValue, LAYOUT_VERSION,
-    MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, defaults, map_names, program_names, stat,
+    MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, Traffic, defaults, map_names, program_names, stat,
 };
 use thiserror::Error;
 
@@ -188,6 +188,8 @@ pub struct Datapath {
     backends: HashMap<MapData, u32, Backend>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    svc_traffic: PerCpuHashMap<MapData, u32, Traffic>,
+    backend_traffic: PerCpuHashMap<MapData, u32, Traffic>,
     stats: PerCpuArray<MapData, u64>,
     /// The settings written to the config map, for conntrack expiry.
     settings: Config,
@@ -272,6 +274,8 @@ impl Datapath {
         let backends = take_map(&mut ebpf, map_names::BACKENDS)?;
         let conntrack = take_map(&mut ebpf, map_names::CONNTRACK)?;
         let affinity = take_map(&mut ebpf, map_names::AFFINITY)?;
+        let svc_traffic = take_traffic(&mut ebpf, map_names::SVC_TRAFFIC)?;
+        let backend_traffic = take_traffic(&mut ebpf, map_names::BACKEND_TRAFFIC)?;
         let stats = ebpf
             .take_map(map_names::STATS)
             .ok_or(DatapathError::MissingMap(map_names::STATS))?
@@ -292,6 +296,8 @@ impl Datapath {
             backends,
             conntrack,
             affinity,
+            svc_traffic,
+            backend_traffic,
             stats,
             live: MapContents::default(),
             attached: BTreeMap::new(),
@@ -470,10 +476,18 @@ impl Datapath {
                     self.live.services.insert(*k, *v);
                 }),
                 MapOp::DeleteService(k) => ignore_missing(self.services.remove(k)).map(|()| {
-                    self.live.services.remove(k);
+                    if let Some(gone) = self.live.services.remove(k)
+                        && k.slot == 0
+                        && gone.svc_id != 0
+                    {
+                        // Its id may be handed to another frontend: its
+                        // counters must not carry over.
+                        let _ = self.svc_traffic.remove(&gone.svc_id);
+                    }
                 }),
                 MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(id)).map(|()| {
                     self.live.backends.remove(id);
+                    let _ = self.backend_traffic.remove(id);
                 }),
             };
             if let Err(error) = result {
@@ -489,6 +503,15 @@ impl Datapath {
     /// Datapath counters summed over CPUs, indexed by `proxy_common::stat`.
     pub fn stats(&self) -> Result<[u64; stat::COUNT as usize], DatapathError> {
         sum_stats(&self.stats)
+    }
+
+    /// Packets and bytes per frontend (svc id) and per backend id, summed
+    /// over CPUs.
+    pub fn traffic(&self) -> (BTreeMap<u32, Traffic>, BTreeMap<u32, Traffic>) {
+        (
+            sum_traffic(&self.svc_traffic),
+            sum_traffic(&self.backend_traffic),
+        )
     }
 
     /// Every conntrack entry (for inspection and tests).
@@ -577,6 +600,30 @@ fn delete_where<K: aya::Pod, V: aya::Pod>(
     keys.iter()
         .filter(|key| ignore_missing(map.remove(key)).is_ok())
         .count()
+}
+
+/// A per-CPU traffic map's entries, summed over CPUs.
+pub fn sum_traffic(map: &PerCpuHashMap<MapData, u32, Traffic>) -> BTreeMap<u32, Traffic> {
+    map.iter()
+        .filter_map(Result::ok)
+        .map(|(id, per_cpu)| {
+            let total = per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
+                packets: a.packets + t.packets,
+                bytes: a.bytes + t.bytes,
+            });
+            (id, total)
+        })
+        .collect()
+}
+
+fn take_traffic(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<PerCpuHashMap<MapData, u32, Traffic>, DatapathError> {
+    ebpf.take_map(name)
+        .ok_or(DatapathError::MissingMap(name))?
+        .try_into()
+        .map_err(map_err(name))
 }
 
 fn sum_stats(

@@ -5,15 +5,15 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceValue, map_names,
-    proto, stat,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceValue, Traffic,
+    map_names, proto, stat,
 };
 use serde::Serialize;
 
 use crate::{
-    datapath::{DatapathError, maps_dir, monotonic_ns},
+    datapath::{DatapathError, maps_dir, monotonic_ns, sum_traffic},
     encode::{addr_from_map, port_from_map},
 };
 
@@ -23,6 +23,9 @@ pub struct Pinned {
     pub backends: Vec<(u32, Backend)>,
     pub conntrack: Vec<(CtKey, CtValue)>,
     pub affinity: Vec<(AffinityKey, AffinityValue)>,
+    /// Per frontend (svc id) and per backend id.
+    pub svc_traffic: BTreeMap<u32, Traffic>,
+    pub backend_traffic: BTreeMap<u32, Traffic>,
     pub stats: [u64; stat::COUNT as usize],
     /// Map name -> (entries, capacity).
     pub capacity: BTreeMap<&'static str, (usize, u32)>,
@@ -69,6 +72,18 @@ impl Pinned {
                 name: map_names::STATS,
                 source: Box::new(source),
             })?;
+        let traffic = |name: &'static str| -> Result<BTreeMap<u32, Traffic>, DatapathError> {
+            let map: PerCpuHashMap<MapData, u32, Traffic> =
+                Map::PerCpuLruHashMap(open(bpffs, name)?)
+                    .try_into()
+                    .map_err(|source| DatapathError::Map {
+                        name,
+                        source: Box::new(source),
+                    })?;
+            Ok(sum_traffic(&map))
+        };
+        let svc_traffic = traffic(map_names::SVC_TRAFFIC)?;
+        let backend_traffic = traffic(map_names::BACKEND_TRAFFIC)?;
         let mut stats = [0u64; stat::COUNT as usize];
         for (i, slot) in stats.iter_mut().enumerate() {
             if let Ok(per_cpu) = stats_map.get(&(i as u32), 0) {
@@ -86,6 +101,8 @@ impl Pinned {
             backends,
             conntrack,
             affinity,
+            svc_traffic,
+            backend_traffic,
             stats,
             capacity,
             now_ns: monotonic_ns(),
@@ -115,6 +132,9 @@ pub struct ServiceView {
     pub empty: String,
     pub affinity_timeout_s: u32,
     pub backends: Vec<String>,
+    /// Both directions of its translated flows.
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 pub fn services(p: &Pinned) -> Vec<ServiceView> {
@@ -151,6 +171,8 @@ pub fn services(p: &Pinned) -> Vec<ServiceView> {
                     }
                 })
                 .collect(),
+            packets: p.svc_traffic.get(&v.svc_id).map_or(0, |t| t.packets),
+            bytes: p.svc_traffic.get(&v.svc_id).map_or(0, |t| t.bytes),
         })
         .collect();
     out.sort_by(|a, b| a.frontend.cmp(&b.frontend));
@@ -162,6 +184,8 @@ pub struct BackendView {
     pub id: u32,
     pub endpoint: String,
     pub proto: String,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 pub fn backends(p: &Pinned) -> Vec<BackendView> {
@@ -172,6 +196,8 @@ pub fn backends(p: &Pinned) -> Vec<BackendView> {
             id: *id,
             endpoint: endpoint(b.addr, b.port),
             proto: proto_name(b.proto),
+            packets: p.backend_traffic.get(id).map_or(0, |t| t.packets),
+            bytes: p.backend_traffic.get(id).map_or(0, |t| t.bytes),
         })
         .collect();
     out.sort_by_key(|b| b.id);
@@ -334,6 +360,14 @@ mod tests {
                     last_used_ns: 1_000_000_000,
                 },
             )],
+            svc_traffic: BTreeMap::from([(
+                7,
+                Traffic {
+                    packets: 10,
+                    bytes: 1000,
+                },
+            )]),
+            backend_traffic: BTreeMap::new(),
             stats: [0; stat::COUNT as usize],
             capacity: BTreeMap::new(),
             now_ns: 6_000_000_000,
@@ -352,6 +386,8 @@ mod tests {
                     empty: "reject".into(),
                     affinity_timeout_s: 0,
                     backends: vec![],
+                    packets: 0,
+                    bytes: 0,
                 },
                 ServiceView {
                     frontend: "10.96.0.10:80/TCP".into(),
@@ -359,6 +395,8 @@ mod tests {
                     empty: String::new(),
                     affinity_timeout_s: 30,
                     backends: vec!["10.244.10.2:8080".into()],
+                    packets: 10,
+                    bytes: 1000,
                 },
             ]
         );

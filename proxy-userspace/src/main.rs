@@ -315,9 +315,17 @@ fn dump(pinned: &inspect::Pinned, what: DumpWhat, json: bool) -> anyhow::Result<
         DumpWhat::Services => {
             let v = inspect::services(pinned);
             let mut rows = vec![
-                ["frontend", "svc", "affinity_s", "no endpoints", "backends"]
-                    .map(String::from)
-                    .to_vec(),
+                [
+                    "frontend",
+                    "svc",
+                    "affinity_s",
+                    "no endpoints",
+                    "packets",
+                    "bytes",
+                    "backends",
+                ]
+                .map(String::from)
+                .to_vec(),
             ];
             rows.extend(v.iter().map(|x| {
                 vec![
@@ -325,6 +333,8 @@ fn dump(pinned: &inspect::Pinned, what: DumpWhat, json: bool) -> anyhow::Result<
                     s(&x.svc_id),
                     s(&x.affinity_timeout_s),
                     x.empty.clone(),
+                    s(&x.packets),
+                    s(&x.bytes),
                     x.backends.join(","),
                 ]
             }));
@@ -332,11 +342,20 @@ fn dump(pinned: &inspect::Pinned, what: DumpWhat, json: bool) -> anyhow::Result<
         }
         DumpWhat::Backends => {
             let v = inspect::backends(pinned);
-            let mut rows = vec![["id", "endpoint", "proto"].map(String::from).to_vec()];
-            rows.extend(
-                v.iter()
-                    .map(|x| vec![s(&x.id), x.endpoint.clone(), x.proto.clone()]),
-            );
+            let mut rows = vec![
+                ["id", "endpoint", "proto", "packets", "bytes"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            rows.extend(v.iter().map(|x| {
+                vec![
+                    s(&x.id),
+                    x.endpoint.clone(),
+                    x.proto.clone(),
+                    s(&x.packets),
+                    s(&x.bytes),
+                ]
+            }));
             (serde_json::to_value(&v)?, rows)
         }
         DumpWhat::Conntrack => {

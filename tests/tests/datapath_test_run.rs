@@ -349,6 +349,28 @@ fn tcp_dnat_rewrites_destination_and_checksums() {
     let stats = fx.dp.stats().unwrap();
     assert_eq!(stats[stat::NEW_FLOWS as usize], 1);
     assert_eq!(stats[stat::FORWARD_HITS as usize], 20);
+
+    // Per-frontend and per-backend traffic: 21 packets of the same size.
+    let (per_svc, per_backend) = fx.dp.traffic();
+    let expected = proxy_common::Traffic {
+        packets: 21,
+        bytes: 21 * input.len() as u64,
+    };
+    assert_eq!(per_svc.get(&fwd.1.svc_id), Some(&expected), "{per_svc:?}");
+    assert_eq!(
+        per_backend.get(&fwd.1.backend_id),
+        Some(&expected),
+        "{per_backend:?}"
+    );
+    assert_eq!(per_svc.len(), 1);
+    assert_eq!(per_backend.len(), 1);
+    // A deleted backend's counters go with it (its id may be reused).
+    assert!(
+        fx.dp
+            .apply(&[MapOp::DeleteBackend(fwd.1.backend_id)])
+            .is_empty()
+    );
+    assert!(fx.dp.traffic().1.is_empty());
 }
 
 #[test]

@@ -57,6 +57,21 @@ fn status_and_dump_show_the_known_services() {
             .clone()
     };
     let demo = find("10.96.0.10:80/TCP");
+    // 30 connections, each several packets in each direction.
+    assert!(demo["packets"].as_u64().unwrap() >= 30 * 4, "{demo:#}");
+    assert!(demo["bytes"].as_u64().unwrap() > demo["packets"].as_u64().unwrap() * 40);
+    let per_backend = json(&lab, &["dump", "backends"]);
+    let counted: u64 = per_backend
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        counted,
+        demo["packets"].as_u64().unwrap(),
+        "every packet counted once per side"
+    );
     let mut backends: Vec<String> = demo["backends"]
         .as_array()
         .unwrap()
