@@ -190,6 +190,9 @@ fn attach_matching(datapath: &mut Datapath, patterns: &[String]) {
     for gone in datapath.forget_missing(&names) {
         tracing::info!(iface = %gone, "interface gone or replaced");
     }
+    for detached in datapath.forget_detached() {
+        tracing::warn!(iface = %detached, "TC program was detached by someone else; re-attaching");
+    }
     for (name, index) in names {
         if !interfaces::matches_any(patterns, &name) || datapath.is_attached(&name, index) {
             continue;

@@ -393,6 +393,27 @@ impl Datapath {
         self.attached.get(iface) == Some(&ifindex)
     }
 
+    /// Forgets interfaces whose pinned link was detached behind the agent's
+    /// back (`bpftool link detach`, another tool), so the next scan attaches
+    /// them again. Returns their names.
+    pub fn forget_detached(&mut self) -> Vec<String> {
+        let links = links_dir(&self.bpffs);
+        let dead: Vec<String> = self
+            .attached
+            .keys()
+            .filter(|iface| {
+                let pin = links.join(format!("tc-ingress-{iface}"));
+                !matches!(tcx_link_ifindex(&pin), Ok(Some(_)))
+            })
+            .cloned()
+            .collect();
+        for iface in &dead {
+            self.attached.remove(iface);
+            let _ = std::fs::remove_file(links.join(format!("tc-ingress-{iface}")));
+        }
+        dead
+    }
+
     /// Forgets interfaces that no longer exist, or exist under a new index
     /// (a pod went away, maybe another came under the same name): their TCX
     /// links died with them, and their pins are removed, so the new
@@ -784,24 +805,20 @@ fn adopt_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> bool {
     }
 }
 
-fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-    // The leading fields of `union bpf_attr` for each command; the kernel
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// The link pinned at `pin`, opened.
+fn open_pinned_link(pin: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // The leading fields of `union bpf_attr` for BPF_OBJ_GET; the kernel
     // zero-fills the rest.
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
-    }
-    #[repr(C)]
-    struct LinkUpdate {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
     }
     let path = CString::new(pin.as_os_str().as_bytes())?;
     let get = ObjGet {
@@ -811,7 +828,43 @@ fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> io::Resu
     };
     let fd = bpf_syscall(BPF_OBJ_GET, &get)?;
     // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
-    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The interface a pinned TCX link is attached to; `None` once it has been
+/// detached (the kernel reports ifindex 0 for a defunct link).
+fn tcx_link_ifindex(pin: &Path) -> io::Result<Option<u32>> {
+    use std::os::fd::AsRawFd;
+    let link = open_pinned_link(pin)?;
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the
+    // per-type union, whose tcx member starts with the ifindex.
+    let mut info = [0u64; 16];
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoByFd {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    let ifindex = (info[2] & 0xffff_ffff) as u32;
+    Ok((ifindex != 0).then_some(ifindex))
+}
+
+fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let link = open_pinned_link(pin)?;
     let update = LinkUpdate {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: prog.as_raw_fd() as u32,

@@ -79,3 +79,107 @@ fn a_recreated_pod_interface_is_attached_again() {
         "backend-2 unreachable after its interface came back: {r}"
     );
 }
+
+#[test]
+fn a_program_detached_behind_the_agents_back_is_attached_again() {
+    let lab = Lab::new().unwrap();
+    lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
+        .unwrap();
+    let agent = lab.start_agent(&lab.manifest_dir()).unwrap();
+    agent
+        .wait_for_log("datapath programmed", Duration::from_secs(30))
+        .unwrap();
+
+    // Detach the client's TC program the way an operator or another tool
+    // could: through its (pinned) link.
+    let pin = lab.bpffs_dir().join("links/tc-ingress-veth-c0");
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(&pin)
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success(), "{out:?}");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = info["id"].as_u64().expect("link id").to_string();
+    let mark = agent.log_mark();
+    let status = std::process::Command::new("bpftool")
+        .args(["link", "detach", "id", &id])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    agent
+        .wait_for_log_since(
+            mark,
+            "attached TC ingress iface=veth-c0",
+            Duration::from_secs(2),
+        )
+        .expect("re-attached within 2 s");
+    let target = SocketAddrV4::new(DEMO_VIP, HTTP_PORT);
+    let r = lab.client().run(move || {
+        loadgen::tcp_requests(target, 100, Duration::from_secs(2), Duration::from_secs(20))
+    });
+    assert_eq!(r.error_count(), 0, "{r}\n{}", agent.log_tail(20));
+}
+
+#[test]
+fn a_client_pod_created_after_the_agent_started_is_translated() {
+    let lab = Lab::new().unwrap();
+    lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
+        .unwrap();
+    let agent = lab.start_agent(&lab.manifest_dir()).unwrap();
+    agent
+        .wait_for_log("datapath programmed", Duration::from_secs(30))
+        .unwrap();
+
+    // A new pod, as a CNI would wire it: its own namespace and a veth whose
+    // node end matches the agent's `veth-*` pattern. The guard deletes the
+    // namespace (and so the veth pair) when the test ends.
+    let pod = lab::Netns::create(&format!("{}c9", lab.netns_prefix())).unwrap();
+    let node = lab.node();
+    node.ip(&[
+        "link",
+        "add",
+        "veth-c9",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod.name(),
+    ])
+    .unwrap();
+    node.ip(&["addr", "add", "10.244.9.1/24", "dev", "veth-c9"])
+        .unwrap();
+    node.ip(&["link", "set", "veth-c9", "up"]).unwrap();
+    pod.ip(&["link", "set", "lo", "up"]).unwrap();
+    pod.ip(&["addr", "add", "10.244.9.2/24", "dev", "eth0"])
+        .unwrap();
+    pod.ip(&["link", "set", "eth0", "up"]).unwrap();
+    pod.ip(&["route", "add", "default", "via", "10.244.9.1"])
+        .unwrap();
+    let created = Instant::now();
+
+    // The ClusterIP exists only in the datapath: any answer proves the new
+    // pod's traffic is translated.
+    let target = SocketAddrV4::new(DEMO_VIP, HTTP_PORT);
+    let mut served = false;
+    while created.elapsed() < Duration::from_secs(2) {
+        let p = pod.run(move || loadgen::tcp_probe(target, Duration::from_millis(200)));
+        if p.result.is_ok() {
+            served = true;
+            break;
+        }
+    }
+    assert!(
+        served,
+        "new pod not translated within 2 s:\n{}",
+        agent.log_tail(10)
+    );
+    let r = pod.run(move || {
+        loadgen::tcp_requests(target, 100, Duration::from_secs(2), Duration::from_secs(20))
+    });
+    assert_eq!(r.error_count(), 0, "{r}");
+    assert_eq!(r.per_backend.len(), 3, "{r}");
+}
