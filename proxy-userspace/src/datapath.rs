@@ -334,12 +334,8 @@ impl Datapath {
             let id = prog
                 .attach(iface, TcAttachType::Ingress)
                 .map_err(|e| err(Box::new(e)))?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(|e| err(Box::new(e)))?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| err(Box::new(e)))?;
-            link.pin(&pin).map_err(|e| err(Box::new(e)))?;
+            let link = prog.take_link(id).map_err(|e| err(Box::new(e)))?;
+            pin_link(link, &pin).map_err(err)?;
         }
         self.attached.insert(iface.to_string(), ifindex);
         Ok(())
@@ -378,12 +374,8 @@ impl Datapath {
             let id = prog
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|e| err(Box::new(e)))?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(|e| err(Box::new(e)))?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| err(Box::new(e)))?;
-            link.pin(&pin).map_err(|e| err(Box::new(e)))?;
+            let link = prog.take_link(id).map_err(|e| err(Box::new(e)))?;
+            pin_link(link, &pin).map_err(err)?;
         }
         Ok(())
     }
@@ -784,6 +776,17 @@ fn remove_pins(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
+}
+
+/// Pins a link just made (a TCX or cgroup link) at `pin`, so it outlives this
+/// process and the next agent can adopt it.
+fn pin_link<L>(link: L, pin: &Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    let link = FdLink::try_from(link)?;
+    link.pin(pin)?;
+    Ok(())
 }
 
 /// Adopts the link pinned at `pin` by pointing it at `prog` (the kernel's
