@@ -322,6 +322,20 @@ impl Lab {
         self.start_agent_bin_args(&bin, args)
     }
 
+    /// [`Lab::start_agent_args`], returning once the agent has programmed
+    /// the datapath for the first time (it prints `datapath programmed`),
+    /// or failing with its output if it does not within 30 s.
+    pub fn start_agent_programmed(&self, args: &[std::ffi::OsString]) -> Result<Agent<'_>> {
+        let agent = self.start_agent_args(args)?;
+        agent.wait_for_log("datapath programmed", std::time::Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
+    /// [`Lab::start_agent_programmed`] with the lab's manifest directory.
+    pub fn start_manifest_agent(&self) -> Result<Agent<'_>> {
+        self.start_agent_programmed(&["--manifests".into(), self.manifest_dir().into()])
+    }
+
     /// [`Lab::start_agent`] with an explicit binary.
     pub fn start_agent_bin(&self, bin: &Path, manifests_dir: &Path) -> Result<Agent<'_>> {
         self.start_agent_bin_args(bin, &["--manifests".into(), manifests_dir.into()])

@@ -69,10 +69,9 @@ fn client_ip_affinity_end_to_end() {
     let lab = Lab::new().unwrap();
     lab.write_manifest("sticky.yaml", &manifests(&[0, 1, 2]))
         .unwrap();
-    let agent = lab.start_agent(&lab.manifest_dir()).unwrap();
-    agent
-        .wait_for_log("datapath programmed", Duration::from_secs(30))
-        .unwrap();
+    let agent = lab
+        .start_manifest_agent()
+        .expect("agent programs the datapath");
 
     // 200 connections from one client: one endpoint.
     let kept = only_backend(&connections(lab.client(), 200), &agent);

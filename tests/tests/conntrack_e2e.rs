@@ -20,11 +20,8 @@ fn start<'l>(lab: &'l Lab, extra: &[&str]) -> Agent<'l> {
         .unwrap();
     let mut args: Vec<OsString> = vec!["--manifests".into(), lab.manifest_dir().into()];
     args.extend(extra.iter().map(OsString::from));
-    let agent = lab.start_agent_args(&args).expect("start agent");
-    agent
-        .wait_for_log("datapath programmed", Duration::from_secs(30))
-        .expect("agent programs the datapath");
-    agent
+    lab.start_agent_programmed(&args)
+        .expect("agent programs the datapath")
 }
 
 fn tcp_entries(lab: &Lab) -> usize {

@@ -86,10 +86,9 @@ fn long_lived_connections_survive_scale_up_and_down() {
     .unwrap();
     lab.write_manifest("web.yaml", &manifests(&[0, 1, 2], &[]))
         .unwrap();
-    let agent = lab.start_agent(&lab.manifest_dir()).unwrap();
-    agent
-        .wait_for_log("datapath programmed", Duration::from_secs(30))
-        .unwrap();
+    let agent = lab
+        .start_manifest_agent()
+        .expect("agent programs the datapath");
     let target = SocketAddrV4::new(VIP, 80);
     let mut sessions: Vec<(TcpSession, String)> = lab.client().run(move || {
         (0..20)

@@ -36,10 +36,9 @@ fn status_and_dump_show_the_known_services() {
     lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
         .unwrap();
     lab.write_manifest("empty.yaml", &yaml::empty()).unwrap();
-    let agent = lab.start_agent(&lab.manifest_dir()).unwrap();
-    agent
-        .wait_for_log("datapath programmed", Duration::from_secs(30))
-        .unwrap();
+    let _agent = lab
+        .start_manifest_agent()
+        .expect("agent programs the datapath");
     let target = SocketAddrV4::new(DEMO_VIP, HTTP_PORT);
     let r = lab.client().run(move || {
         loadgen::tcp_requests(target, 30, Duration::from_secs(2), Duration::from_secs(20))

@@ -16,10 +16,9 @@ fn a_recreated_pod_interface_is_attached_again() {
     let lab = Lab::new().unwrap();
     lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
         .unwrap();
-    let agent = lab.start_agent(&lab.manifest_dir()).unwrap();
-    agent
-        .wait_for_log("datapath programmed", Duration::from_secs(30))
-        .unwrap();
+    let agent = lab
+        .start_manifest_agent()
+        .expect("agent programs the datapath");
 
     // The pod's network is torn down and rebuilt, as a CNI does.
     let pod = lab.backend(2);
@@ -85,10 +84,9 @@ fn a_program_detached_behind_the_agents_back_is_attached_again() {
     let lab = Lab::new().unwrap();
     lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
         .unwrap();
-    let agent = lab.start_agent(&lab.manifest_dir()).unwrap();
-    agent
-        .wait_for_log("datapath programmed", Duration::from_secs(30))
-        .unwrap();
+    let agent = lab
+        .start_manifest_agent()
+        .expect("agent programs the datapath");
 
     // Detach the client's TC program the way an operator or another tool
     // could: through its (pinned) link.
@@ -127,10 +125,9 @@ fn a_client_pod_created_after_the_agent_started_is_translated() {
     let lab = Lab::new().unwrap();
     lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
         .unwrap();
-    let agent = lab.start_agent(&lab.manifest_dir()).unwrap();
-    agent
-        .wait_for_log("datapath programmed", Duration::from_secs(30))
-        .unwrap();
+    let agent = lab
+        .start_manifest_agent()
+        .expect("agent programs the datapath");
 
     // A new pod, as a CNI would wire it: its own namespace and a veth whose
     // node end matches the agent's `veth-*` pattern. The guard deletes the

@@ -13,22 +13,16 @@ use std::time::Duration;
 
 use lab::addr::{DEMO_VIP, HTTP_PORT};
 use lab::loadgen::{self, TcpSession};
-use lab::{Agent, Lab, yaml};
-
-fn start(lab: &Lab) -> Agent<'_> {
-    let agent = lab.start_agent(&lab.manifest_dir()).expect("start agent");
-    agent
-        .wait_for_log("datapath programmed", Duration::from_secs(30))
-        .expect("agent programs the datapath");
-    agent
-}
+use lab::{Lab, yaml};
 
 #[test]
 fn sigkill_and_restart_three_times_without_a_failure() {
     let lab = Lab::new().unwrap();
     lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
         .unwrap();
-    let mut agent = start(&lab);
+    let mut agent = lab
+        .start_manifest_agent()
+        .expect("agent programs the datapath");
     let target = SocketAddrV4::new(DEMO_VIP, HTTP_PORT);
 
     let mut session = lab
@@ -71,7 +65,9 @@ fn sigkill_and_restart_three_times_without_a_failure() {
             Some(backend.as_str()),
             "round {round}: {got:?}"
         );
-        agent = start(&lab);
+        agent = lab
+            .start_manifest_agent()
+            .expect("agent programs the datapath");
         let logs = agent.logs();
         let first = logs
             .lines()

@@ -98,9 +98,8 @@ fn start<'l>(lab: &'l Lab, cgroup: &TestCgroup) -> Agent<'l> {
         "--socket-lb-cgroup".into(),
         cgroup.path().into(),
     ];
-    let agent = lab.start_agent_args(&args).expect("start agent");
-    agent
-        .wait_for_log("datapath programmed", Duration::from_secs(30))
+    let agent = lab
+        .start_agent_programmed(&args)
         .expect("agent programs the datapath");
     agent
         .wait_for_log("attached socket hooks", Duration::from_secs(5))
