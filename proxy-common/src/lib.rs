@@ -40,8 +40,10 @@ pub mod map_names {
     pub const AFFINITY: &str = "kep_affinity";
     pub const SVC_TRAFFIC: &str = "kep_svc_traffic";
     pub const BACKEND_TRAFFIC: &str = "kep_be_traffic";
+    /// Maglev lookup tables: svc id -> inner array (see [`crate::maglev`]).
+    pub const MAGLEV: &str = "kep_maglev";
     /// Every map the agent pins, in creation order.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -51,6 +53,7 @@ pub mod map_names {
         AFFINITY,
         SVC_TRAFFIC,
         BACKEND_TRAFFIC,
+        MAGLEV,
     ];
 }
 
@@ -73,6 +76,8 @@ pub mod defaults {
     pub const SOCK_REVNAT_MAX: u32 = 65_536;
     pub const AFFINITY_MAX: u32 = 65_536;
     pub const TRAFFIC_MAX: u32 = 65_536;
+    /// Frontends that can have a Maglev table at once.
+    pub const MAGLEV_MAX: u32 = 65_536;
 }
 
 /// IANA protocol numbers as carried in the IPv4 header.
@@ -131,6 +136,11 @@ pub const SVC_FLAG_REJECT: u16 = 1 << 0;
 /// dropped (kube-proxy DROP, e.g. internalTrafficPolicy Local with no local
 /// endpoint). Set together with `count == 0`.
 pub const SVC_FLAG_DROP: u16 = 1 << 1;
+/// New flows pick their backend from the frontend's Maglev table (keyed by
+/// `svc_id` in the maglev map) rather than a random slot. Set only once the
+/// table is written; a frontend whose table is missing falls back to its
+/// slots, which list the same backends.
+pub const SVC_FLAG_MAGLEV: u16 = 1 << 2;
 
 /// Value of the services map.
 ///
@@ -187,6 +197,10 @@ impl ServiceValue {
 
     pub const fn drops(&self) -> bool {
         self.flags & SVC_FLAG_DROP != 0
+    }
+
+    pub const fn uses_maglev(&self) -> bool {
+        self.flags & SVC_FLAG_MAGLEV != 0
     }
 }
 
@@ -412,6 +426,59 @@ pub struct SockRevNat {
     /// Frontend port, network byte order.
     pub port: u16,
     pub _pad: u16,
+}
+
+/// Maglev consistent hashing (Eisenbud et al., NSDI 2016).
+///
+/// Each frontend with a table has an entry `svc_id -> inner array` in the
+/// maglev map (a hash of maps). The inner array (`u32 -> u32`, created with
+/// `BPF_F_INNER_MAP` so tables of any size fit the same outer map) holds a
+/// header and then the table:
+///
+/// ```text
+/// [SIZE]            table size M (prime)
+/// [FINGERPRINT_LO]  low 32 bits of the fingerprint of what the table was built from
+/// [FINGERPRINT_HI]  high 32 bits
+/// [HEADER_LEN + i]  backend id of table position i, 0 <= i < M
+/// ```
+///
+/// A new table is always a new inner array, filled completely and then
+/// swapped in with one update of the outer entry, so a packet sees either
+/// the whole old table or the whole new one, never a mix.
+pub mod maglev {
+    pub const SIZE: u32 = 0;
+    pub const FINGERPRINT_LO: u32 = 1;
+    pub const FINGERPRINT_HI: u32 = 2;
+    pub const HEADER_LEN: u32 = 3;
+    /// Default table size: prime, and large enough that a few hundred
+    /// endpoints still each get within a percent of their share.
+    pub const DEFAULT_SIZE: u32 = 16_381;
+    /// `BPF_F_INNER_MAP`: inner arrays of one outer map may differ in size.
+    pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+    /// One round of a 32-bit finaliser (murmur3's fmix32): every input bit
+    /// affects every output bit.
+    #[inline(always)]
+    pub const fn mix32(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^= h >> 16;
+        h
+    }
+
+    /// Hash of a flow's 5-tuple (fields in map byte order, as packets carry
+    /// them) that picks its table position. The datapath and the agent's
+    /// tests share it; it is fixed (no per-boot seed) so every node picks the
+    /// same position for the same flow.
+    #[inline(always)]
+    pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+        let mut h = mix32(saddr ^ 0x9e37_79b9);
+        h = mix32(h ^ daddr);
+        h = mix32(h ^ ((sport as u32) << 16 | dport as u32));
+        mix32(h ^ proto as u32)
+    }
 }
 
 /// Indexes of the per-CPU `u64` counters in the stats map.

@@ -3,15 +3,19 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, stat,
+    AffinityKey, AffinityValue, Backend, MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, maglev, stat,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, SERVICES, config, count};
+use crate::maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, config, count};
 
 /// What a new flow to `(addr, port, proto)` gets.
 pub enum Choice {
     /// Translate to this backend.
-    Backend { id: u32, backend: Backend, svc_id: u32 },
+    Backend {
+        id: u32,
+        backend: Backend,
+        svc_id: u32,
+    },
     /// No usable endpoint, or a cluster IP on a port it does not serve:
     /// kube-proxy REJECT.
     Reject,
@@ -22,9 +26,11 @@ pub enum Choice {
     Pass,
 }
 
-/// `client` is the source address, for ClientIP session affinity.
+/// `client` is the source address, for ClientIP session affinity;
+/// `flow_hash` picks the Maglev table position (`maglev::flow_hash` of the
+/// packet's 5-tuple, or any well-spread value where there is none).
 #[inline(always)]
-pub fn choose(addr: u32, port: u16, proto: u8, client: u32) -> Choice {
+pub fn choose(addr: u32, port: u16, proto: u8, client: u32, flow_hash: u32) -> Choice {
     let key = ServiceKey::new(addr, port, proto, 0);
     let svc = match unsafe { SERVICES.get(key) } {
         Some(svc) if svc.count > 0 => *svc,
@@ -36,7 +42,7 @@ pub fn choose(addr: u32, port: u16, proto: u8, client: u32) -> Choice {
         None => return not_a_frontend(addr),
     };
     if svc.affinity_timeout_s == 0 {
-        return pick(key, &svc);
+        return pick(key, &svc, flow_hash);
     }
     // ClientIP affinity: the endpoint this client used last, while its
     // entry is fresh and the endpoint still exists.
@@ -59,7 +65,11 @@ pub fn choose(addr: u32, port: u16, proto: u8, client: u32) -> Choice {
             }
         }
     }
-    let choice = pick(key, &svc);
+    // The flow's own hash, not the client's: once the affinity times out the
+    // client must be able to land elsewhere (Kubernetes' conformance test
+    // waits for a different endpoint; a client-keyed position would always
+    // give the same one).
+    let choice = pick(key, &svc, flow_hash);
     if let Choice::Backend { id, .. } = choice {
         let value = AffinityValue {
             backend_id: id,
@@ -72,13 +82,26 @@ pub fn choose(addr: u32, port: u16, proto: u8, client: u32) -> Choice {
     choice
 }
 
-/// A random backend slot of the frontend at `key` (slot 0).
+/// The backend of the frontend at `key` (slot 0): its Maglev table's entry
+/// for `hash`, or a random slot (the algorithm chosen, or no table).
 #[inline(always)]
-fn pick(key: ServiceKey, svc: &ServiceValue) -> Choice {
-    let slot = (unsafe { bpf_get_prandom_u32() } % svc.count as u32) as u16 + 1;
-    let Some(id) = (unsafe { SERVICES.get(key.with_slot(slot)) }).map(|v| v.backend_id) else {
-        count(stat::UNTRANSLATABLE);
-        return Choice::Drop;
+fn pick(key: ServiceKey, svc: &ServiceValue, hash: u32) -> Choice {
+    let from_table = if svc.uses_maglev() {
+        maglev_entry(svc.svc_id, hash)
+    } else {
+        None
+    };
+    let id = match from_table {
+        Some(id) => id,
+        None => {
+            let slot = (unsafe { bpf_get_prandom_u32() } % svc.count as u32) as u16 + 1;
+            let Some(id) = (unsafe { SERVICES.get(key.with_slot(slot)) }).map(|v| v.backend_id)
+            else {
+                count(stat::UNTRANSLATABLE);
+                return Choice::Drop;
+            };
+            id
+        }
     };
     match unsafe { BACKENDS.get(id) } {
         Some(backend) => Choice::Backend {
@@ -91,6 +114,16 @@ fn pick(key: ServiceKey, svc: &ServiceValue) -> Choice {
             Choice::Drop
         }
     }
+}
+
+#[inline(always)]
+fn maglev_entry(svc_id: u32, hash: u32) -> Option<u32> {
+    let table = unsafe { MAGLEV.get(&svc_id) }?;
+    let size = *table.get(maglev::SIZE)?;
+    if size == 0 {
+        return None;
+    }
+    table.get(maglev::HEADER_LEN + hash % size).copied()
 }
 
 /// Inside the service CIDR, kube-proxy rejects traffic to a cluster IP on a

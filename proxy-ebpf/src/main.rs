@@ -30,7 +30,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, Config, CtKey, CtValue, proto, stat,
+    CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, Config, CtKey, CtValue, maglev, proto, stat,
 };
 
 use crate::maps::{BACKENDS, CONNTRACK, account, config, count};
@@ -175,7 +175,13 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
             // serves.
         }
     }
-    let (backend_id, backend, svc_id) = match lb::choose(flow.daddr, flow.dport, flow.proto, flow.saddr) {
+    let (backend_id, backend, svc_id) = match lb::choose(
+        flow.daddr,
+        flow.dport,
+        flow.proto,
+        flow.saddr,
+        maglev::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto),
+    ) {
         lb::Choice::Backend {
             id,
             backend,
@@ -199,7 +205,13 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     // The reply entry goes in first: without it the backend's answer could not
     // be translated back, so a flow that cannot get one is not started.
     let reply_dst = if hairpin { hairpin_addr } else { flow.saddr };
-    let reply_key = CtKey::new(backend.addr, reply_dst, backend.port, flow.sport, flow.proto);
+    let reply_key = CtKey::new(
+        backend.addr,
+        reply_dst,
+        backend.port,
+        flow.sport,
+        flow.proto,
+    );
     let reply = CtValue {
         nat_addr: flow.daddr,
         nat_port: flow.dport,
@@ -241,11 +253,22 @@ fn established(
 ) -> Result<Option<i32>, ()> {
     if ct.is_reply() {
         unsafe { (*entry).last_seen_ns = now };
-        rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, ct.nat_addr, 0, flow.sport, ct.nat_port)?;
+        rewrite(
+            ctx,
+            flow,
+            IP_SRC_OFF,
+            flow.saddr,
+            ct.nat_addr,
+            0,
+            flow.sport,
+            ct.nat_port,
+        )?;
         if ct.is_hairpin() {
             // The pod is talking to itself: its reply goes back to its own
             // address, which the forward direction hid.
-            rewrite(ctx, flow, IP_DST_OFF, flow.daddr, flow.saddr, 2, flow.dport, flow.dport)?;
+            rewrite(
+                ctx, flow, IP_DST_OFF, flow.daddr, flow.saddr, 2, flow.dport, flow.dport,
+            )?;
         }
         count(stat::REPLY_HITS);
         account(ct.svc_id, ct.backend_id, ctx.len());
@@ -268,7 +291,11 @@ fn mark_closing(entry: *mut CtValue, ct: &CtValue, flow: &Flow, cfg: Option<&Con
     unsafe { (*entry).flags |= CT_FLAG_CLOSING };
     let twin = if ct.is_reply() {
         // backend -> client (or hairpin address) reverses to client -> VIP.
-        let client = if ct.is_hairpin() { flow.saddr } else { flow.daddr };
+        let client = if ct.is_hairpin() {
+            flow.saddr
+        } else {
+            flow.daddr
+        };
         CtKey::new(client, ct.nat_addr, flow.dport, ct.nat_port, flow.proto)
     } else {
         let reply_dst = match cfg {
@@ -292,7 +319,9 @@ fn dnat(ctx: &TcContext, flow: &Flow, addr: u32, port: u16, hairpin: bool) -> Re
         if snat == 0 {
             return Err(());
         }
-        rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, snat, 0, flow.sport, flow.sport)?;
+        rewrite(
+            ctx, flow, IP_SRC_OFF, flow.saddr, snat, 0, flow.sport, flow.sport,
+        )?;
     }
     Ok(())
 }

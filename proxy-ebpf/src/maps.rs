@@ -3,12 +3,12 @@
 #![allow(non_upper_case_globals)]
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, ServiceKey, ServiceValue,
-    SockRevNat, SockRevNatKey, Traffic, defaults, stat,
+    SockRevNat, SockRevNatKey, Traffic, defaults, maglev, stat,
 };
 
 // Static names are the pinned map names (`proxy_common::map_names`), which
@@ -39,8 +39,11 @@ pub static kep_sock_rnat: LruHashMap<
 > = LruHashMap::new();
 
 #[btf_map]
-pub static kep_affinity: LruHashMap<AffinityKey, AffinityValue, { defaults::AFFINITY_MAX as usize }> =
-    LruHashMap::new();
+pub static kep_affinity: LruHashMap<
+    AffinityKey,
+    AffinityValue,
+    { defaults::AFFINITY_MAX as usize },
+> = LruHashMap::new();
 
 #[btf_map]
 pub static kep_svc_traffic: LruPerCpuHashMap<u32, Traffic, { defaults::TRAFFIC_MAX as usize }> =
@@ -50,9 +53,19 @@ pub static kep_svc_traffic: LruPerCpuHashMap<u32, Traffic, { defaults::TRAFFIC_M
 pub static kep_be_traffic: LruPerCpuHashMap<u32, Traffic, { defaults::TRAFFIC_MAX as usize }> =
     LruPerCpuHashMap::new();
 
+/// Inner arrays are created by the agent, each sized to its table
+/// (`BPF_F_INNER_MAP`); this template only fixes their type.
+pub type MaglevTable =
+    Array<u32, { maglev::HEADER_LEN as usize }, { maglev::BPF_F_INNER_MAP as usize }>;
+
+#[btf_map]
+pub static kep_maglev: HashOfMaps<u32, MaglevTable, { defaults::MAGLEV_MAX as usize }> =
+    HashOfMaps::new();
+
 pub use kep_affinity as AFFINITY;
 pub use kep_backends as BACKENDS;
 pub use kep_conntrack as CONNTRACK;
+pub use kep_maglev as MAGLEV;
 pub use kep_services as SERVICES;
 pub use kep_sock_rnat as SOCK_REVNAT;
 

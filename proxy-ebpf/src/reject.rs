@@ -104,7 +104,8 @@ fn build(ctx: &TcContext, quote_len: usize) -> Result<(), ()> {
     let icmp = ip + IP_HLEN;
     head[icmp] = ICMP_DEST_UNREACH;
     head[icmp + 1] = ICMP_PORT_UNREACH;
-    let icmp_sum = (((ICMP_DEST_UNREACH as u32) << 8) | ICMP_PORT_UNREACH as u32) + csum::sum(&quote);
+    let icmp_sum =
+        (((ICMP_DEST_UNREACH as u32) << 8) | ICMP_PORT_UNREACH as u32) + csum::sum(&quote);
     head[icmp + 2..icmp + 4].copy_from_slice(&csum::finish(icmp_sum));
 
     ctx.store(0, &head, 0).map_err(|_| ())

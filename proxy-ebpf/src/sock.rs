@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -75,7 +75,10 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     let addr = unsafe { (*sa).user_ip4 };
     let port = unsafe { (*sa).user_port } as u16;
     // The node's own sockets share the node's address: one affinity client.
-    match lb::choose(addr, port, l4, 0) {
+    // A socket has no 5-tuple yet (its port may be unbound), so the Maglev
+    // position is random: the same spread, per connect or datagram.
+    let hash = unsafe { bpf_get_prandom_u32() };
+    match lb::choose(addr, port, l4, 0, hash) {
         Choice::Backend { backend, .. } => {
             let key = SockRevNatKey {
                 cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },

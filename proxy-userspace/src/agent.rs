@@ -17,7 +17,7 @@ use proxy_common::Backend;
 use crate::{
     datapath::{Datapath, DatapathConfig},
     diff::{MapOp, diff},
-    encode::Encoder,
+    encode::{Encoder, LbAlgorithm},
     interfaces, manifests, metrics, model,
 };
 
@@ -28,6 +28,8 @@ pub struct RunConfig {
     /// Interface names or glob patterns to attach the TC program to.
     pub interfaces: Vec<String>,
     pub datapath: DatapathConfig,
+    /// How new flows choose among a frontend's endpoints.
+    pub lb_algorithm: LbAlgorithm,
     /// cgroup v2 directory to attach the socket hooks to (the node's cgroup
     /// root in production); `None` leaves host processes untranslated.
     pub socket_lb_cgroup: Option<PathBuf>,
@@ -63,8 +65,8 @@ pub struct Syncer {
 }
 
 impl Syncer {
-    pub fn new(datapath: Datapath, node_name: String) -> Self {
-        let mut encoder = Encoder::new();
+    pub fn new(datapath: Datapath, node_name: String, algorithm: LbAlgorithm) -> Self {
+        let mut encoder = Encoder::with_algorithm(algorithm);
         // A restarted agent keeps the ids already in the pinned maps, so its
         // first sync rewrites nothing that is already right.
         encoder.seed_from(datapath.live());
@@ -218,7 +220,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             .context("socket-level load balancing")?;
         tracing::info!(cgroup = %cgroup.display(), "attached socket hooks");
     }
-    let mut syncer = Syncer::new(datapath, cfg.node_name.clone());
+    let mut syncer = Syncer::new(datapath, cfg.node_name.clone(), cfg.lb_algorithm);
     attach_matching(syncer.datapath_mut(), &cfg.interfaces);
     // Every attached program now reads this layout's maps; older layouts
     // (an agent of an earlier version) can go.

@@ -26,6 +26,8 @@ use thiserror::Error;
 use crate::{
     diff::MapOp,
     encode::{MapContents, addr_to_map},
+    maglev::TableSpec,
+    tables::MaglevTables,
 };
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time
@@ -50,6 +52,8 @@ pub struct DatapathConfig {
     pub services_max: u32,
     pub backends_max: u32,
     pub conntrack_max: u32,
+    /// Frontends that can have a Maglev table.
+    pub maglev_max: u32,
     /// Service CIDRs (address, prefix length): traffic to an address inside
     /// that is no cluster IP is dropped; at most `MAX_SERVICE_CIDRS`.
     pub service_cidrs: Vec<(Ipv4Addr, u8)>,
@@ -92,6 +96,7 @@ impl DatapathConfig {
             services_max: defaults::SERVICES_MAX,
             backends_max: defaults::BACKENDS_MAX,
             conntrack_max: defaults::CONNTRACK_MAX,
+            maglev_max: defaults::MAGLEV_MAX,
             service_cidrs: vec![DEFAULT_SERVICE_CIDR],
             hairpin_addr: Some(DEFAULT_HAIRPIN_ADDR),
             timeouts: CtTimeouts::default(),
@@ -191,6 +196,7 @@ pub struct Datapath {
     svc_traffic: PerCpuHashMap<MapData, u32, Traffic>,
     backend_traffic: PerCpuHashMap<MapData, u32, Traffic>,
     stats: PerCpuArray<MapData, u64>,
+    tables: MaglevTables,
     /// The settings written to the config map, for conntrack expiry.
     settings: Config,
     /// What the maps hold, as last read or written by this process.
@@ -237,7 +243,8 @@ impl Datapath {
         loader
             .map_max_entries(map_names::SERVICES, cfg.services_max)
             .map_max_entries(map_names::BACKENDS, cfg.backends_max)
-            .map_max_entries(map_names::CONNTRACK, cfg.conntrack_max);
+            .map_max_entries(map_names::CONNTRACK, cfg.conntrack_max)
+            .map_max_entries(map_names::MAGLEV, cfg.maglev_max);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -276,6 +283,12 @@ impl Datapath {
         let affinity = take_map(&mut ebpf, map_names::AFFINITY)?;
         let svc_traffic = take_traffic(&mut ebpf, map_names::SVC_TRAFFIC)?;
         let backend_traffic = take_traffic(&mut ebpf, map_names::BACKEND_TRAFFIC)?;
+        let tables = MaglevTables::new(
+            ebpf.take_map(map_names::MAGLEV)
+                .ok_or(DatapathError::MissingMap(map_names::MAGLEV))?
+                .try_into()
+                .map_err(map_err(map_names::MAGLEV))?,
+        );
         let stats = ebpf
             .take_map(map_names::STATS)
             .ok_or(DatapathError::MissingMap(map_names::STATS))?
@@ -299,6 +312,7 @@ impl Datapath {
             svc_traffic,
             backend_traffic,
             stats,
+            tables,
             live: MapContents::default(),
             attached: BTreeMap::new(),
             bpffs: cfg.bpffs.clone(),
@@ -449,6 +463,14 @@ impl Datapath {
         Ok(retired)
     }
 
+    /// `svc_id`'s Maglev table as the datapath has it (backend id by
+    /// position), `None` without one.
+    pub fn maglev_table(&self, svc_id: u32) -> Result<Option<Vec<u32>>, DatapathError> {
+        self.tables
+            .table(svc_id)
+            .map_err(map_err(map_names::MAGLEV))
+    }
+
     /// What the maps hold, as far as this process knows.
     pub fn live(&self) -> &MapContents {
         &self.live
@@ -465,6 +487,7 @@ impl Datapath {
             let (k, v) = item.map_err(map_err(map_names::BACKENDS))?;
             contents.backends.insert(k, v);
         }
+        contents.tables = self.tables.read_all().map_err(map_err(map_names::MAGLEV))?;
         Ok(contents)
     }
 
@@ -480,7 +503,22 @@ impl Datapath {
     /// other service. `live` follows exactly what succeeded.
     pub fn apply(&mut self, ops: &[MapOp]) -> Vec<FailedOp> {
         let mut failed = Vec::new();
-        for op in ops {
+        // Tables of a run of PutTable ops are built a chunk at a time on all
+        // cores; a chunk bounds the memory they take (64 KiB each).
+        const TABLE_CHUNK: usize = 64;
+        let mut built: std::collections::VecDeque<Vec<u32>> = Default::default();
+        for (i, op) in ops.iter().enumerate() {
+            if matches!(op, MapOp::PutTable(..)) && built.is_empty() {
+                let specs: Vec<&TableSpec> = ops[i..]
+                    .iter()
+                    .map_while(|op| match op {
+                        MapOp::PutTable(_, spec) => Some(spec),
+                        _ => None,
+                    })
+                    .take(TABLE_CHUNK)
+                    .collect();
+                built.extend(crate::maglev::build_all(&specs));
+            }
             let result = match op {
                 MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0).map(|()| {
                     self.live.backends.insert(*id, *b);
@@ -501,6 +539,15 @@ impl Datapath {
                 MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(id)).map(|()| {
                     self.live.backends.remove(id);
                     let _ = self.backend_traffic.remove(id);
+                }),
+                MapOp::PutTable(svc_id, spec) => {
+                    let table = built.pop_front().unwrap_or_else(|| spec.build());
+                    self.tables.put(*svc_id, spec, &table).map(|()| {
+                        self.live.tables.insert(*svc_id, spec.clone());
+                    })
+                }
+                MapOp::DeleteTable(svc_id) => self.tables.delete(*svc_id).map(|()| {
+                    self.live.tables.remove(svc_id);
                 }),
             };
             if let Err(error) = result {
@@ -588,6 +635,12 @@ impl Datapath {
                 .get(&k.svc_id)
                 .is_some_and(|b| b.contains(&v.backend_id))
         }))
+    }
+
+    /// Deletes every conntrack entry: established flows are chosen anew at
+    /// their next packet (for tests and benchmarks that need a clean table).
+    pub fn flush_conntrack(&mut self) -> Result<usize, DatapathError> {
+        self.delete_conntrack(|_, _| true)
     }
 
     fn delete_conntrack(
@@ -879,7 +932,7 @@ fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> io::Resu
 
 /// `bpf(cmd, attr, sizeof attr)`; `attr` is the leading part of the
 /// command's `union bpf_attr` (the kernel zero-fills the rest).
-fn bpf_syscall<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+pub(crate) fn bpf_syscall<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,

@@ -9,13 +9,16 @@
 //! 1. put backends: a slot written later can only point at an existing one;
 //! 2. put slots > 0: written before any count that covers them, and
 //!    replacing a slot's backend id swaps between two existing backends;
-//! 3. put slot-0 entries: a growing count only ever covers slots written in
-//!    step 2; a shrinking count is lowered here, before step 5 removes the
-//!    slots it no longer covers;
-//! 4. delete slot-0 entries of removed frontends: from then on the datapath
-//!    stops at slot 0 and never reads their slots;
-//! 5. delete slots > 0 that are no longer covered by any count;
-//! 6. delete backends last, once no slot points at them.
+//! 3. put Maglev tables: each is a whole new table swapped in at once, and
+//!    points only at backends from step 1;
+//! 4. put slot-0 entries: a growing count only ever covers slots written in
+//!    step 2, and the Maglev flag is set only once step 3 wrote the table; a
+//!    shrinking count is lowered here, before step 6 removes the slots it no
+//!    longer covers;
+//! 5. delete slot-0 entries of removed frontends: from then on the datapath
+//!    stops at slot 0 and never reads their slots or table;
+//! 6. delete tables and slots > 0 that nothing uses any more;
+//! 7. delete backends last, once no slot or table points at them.
 //!
 //! If applying stops part way, the maps are still consistent, and the next
 //! diff against the re-read live contents finishes the job.
@@ -23,6 +26,7 @@
 use proxy_common::{Backend, ServiceKey, ServiceValue};
 
 use crate::encode::MapContents;
+use crate::maglev::TableSpec;
 
 /// One map update.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +35,9 @@ pub enum MapOp {
     PutService(ServiceKey, ServiceValue),
     DeleteService(ServiceKey),
     DeleteBackend(u32),
+    /// Build the Maglev table of this svc id and swap it in.
+    PutTable(u32, TableSpec),
+    DeleteTable(u32),
 }
 
 /// The updates turning `live` into `desired`, in the order they must be
@@ -54,6 +61,11 @@ pub fn diff(live: &MapContents, desired: &MapContents) -> Vec<MapOp> {
             .into_iter()
             .map(|(k, v)| MapOp::PutService(*k, *v)),
     );
+    for (svc_id, table) in &desired.tables {
+        if live.tables.get(svc_id) != Some(table) {
+            ops.push(MapOp::PutTable(*svc_id, table.clone()));
+        }
+    }
     ops.extend(
         slot0_puts
             .into_iter()
@@ -67,6 +79,11 @@ pub fn diff(live: &MapContents, desired: &MapContents) -> Vec<MapOp> {
     let (slot0_deletes, slot_deletes): (Vec<&ServiceKey>, Vec<&ServiceKey>) =
         removed_services.partition(|key| key.slot == 0);
     ops.extend(slot0_deletes.into_iter().map(|k| MapOp::DeleteService(*k)));
+    for svc_id in live.tables.keys() {
+        if !desired.tables.contains_key(svc_id) {
+            ops.push(MapOp::DeleteTable(*svc_id));
+        }
+    }
     ops.extend(slot_deletes.into_iter().map(|k| MapOp::DeleteService(*k)));
 
     for id in live.backends.keys() {
@@ -80,7 +97,7 @@ pub fn diff(live: &MapContents, desired: &MapContents) -> Vec<MapOp> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encode::{Encoder, addr_to_map, port_to_map};
+    use crate::encode::{Encoder, LbAlgorithm, addr_to_map, port_to_map};
     use crate::model::{DesiredState, EmptyAction, Endpoint, Frontend, FrontendState, Protocol};
     use std::net::Ipv4Addr;
 
@@ -146,13 +163,34 @@ mod tests {
             MapOp::DeleteBackend(id) => {
                 contents.backends.remove(id);
             }
+            MapOp::PutTable(svc_id, table) => {
+                contents.tables.insert(*svc_id, table.clone());
+            }
+            MapOp::DeleteTable(svc_id) => {
+                contents.tables.remove(svc_id);
+            }
         }
     }
 
-    /// What the datapath relies on: every slot a count covers exists, and
-    /// every slot that exists points at an existing backend.
+    /// What the datapath relies on: every slot a count covers exists, every
+    /// slot that exists points at an existing backend, a frontend flagged
+    /// Maglev has its table, and tables point at existing backends.
     fn check_consistent(contents: &MapContents) -> Result<(), String> {
+        for (svc_id, table) in &contents.tables {
+            if let Some(id) = table
+                .backends()
+                .iter()
+                .map(|b| b.id)
+                .find(|id| !contents.backends.contains_key(id))
+            {
+                return Err(format!("table of {svc_id} points at missing backend {id}"));
+            }
+        }
         for (key, value) in &contents.services {
+            if key.slot == 0 && value.uses_maglev() && !contents.tables.contains_key(&value.svc_id)
+            {
+                return Err(format!("{key:?} uses Maglev but has no table"));
+            }
             if key.slot == 0 {
                 for slot in 1..=value.count {
                     if !contents.services.contains_key(&key.with_slot(slot)) {
@@ -323,8 +361,13 @@ mod tests {
             #[test]
             fn every_intermediate_state_is_consistent(
                 states in prop::collection::vec(arb_desired(), 1..6),
+                maglev in any::<bool>(),
             ) {
-                let mut encoder = Encoder::new();
+                let mut encoder = if maglev {
+                    Encoder::with_algorithm(LbAlgorithm::Maglev { table_size: 251 })
+                } else {
+                    Encoder::new()
+                };
                 let mut live = MapContents::default();
                 for state in &states {
                     let next = encoder.encode(state);
@@ -332,7 +375,9 @@ mod tests {
                     let changed = next.services.iter().filter(|(k, v)| live.services.get(k) != Some(v)).count()
                         + live.services.keys().filter(|k| !next.services.contains_key(k)).count()
                         + next.backends.iter().filter(|(k, v)| live.backends.get(k) != Some(v)).count()
-                        + live.backends.keys().filter(|k| !next.backends.contains_key(k)).count();
+                        + live.backends.keys().filter(|k| !next.backends.contains_key(k)).count()
+                        + next.tables.iter().filter(|(k, v)| live.tables.get(k) != Some(v)).count()
+                        + live.tables.keys().filter(|k| !next.tables.contains_key(k)).count();
                     prop_assert_eq!(ops.len(), changed);
                     live = next;
                 }

@@ -9,8 +9,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use proxy_common::{Backend, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey, ServiceValue};
+use proxy_common::{
+    Backend, SVC_FLAG_DROP, SVC_FLAG_MAGLEV, SVC_FLAG_REJECT, ServiceKey, ServiceValue,
+};
 
+use crate::maglev::{TableBackend, TableSpec};
 use crate::model::{DesiredState, EmptyAction, Frontend, Protocol};
 
 /// Map form of an IPv4 address: the `u32` whose in-memory bytes are the
@@ -34,11 +37,24 @@ pub fn port_from_map(port: u16) -> u16 {
     u16::from_be(port)
 }
 
-/// Everything the agent writes into the services and backends maps.
+/// Everything the agent writes into the services, backends and maglev maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
+    /// Maglev tables by svc id.
+    pub tables: BTreeMap<u32, TableSpec>,
+}
+
+/// How new flows pick among a frontend's endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbAlgorithm {
+    /// A random slot per new flow.
+    Random,
+    /// The frontend's Maglev table of this (prime) size, indexed by the
+    /// flow's hash: the same flow reaches the same endpoint on every node,
+    /// and an endpoint change moves few flows.
+    Maglev { table_size: u32 },
 }
 
 /// What a backend id stands for: the frontend's protocol is part of it
@@ -147,6 +163,7 @@ impl<K: Ord + Clone> Ids<K> {
 pub struct Encoder {
     svc_ids: Ids<Frontend>,
     backend_ids: Ids<BackendKey>,
+    algorithm: LbAlgorithm,
 }
 
 impl Default for Encoder {
@@ -156,10 +173,17 @@ impl Default for Encoder {
 }
 
 impl Encoder {
+    /// Random selection (no tables); the agent picks with
+    /// [`Encoder::with_algorithm`].
     pub fn new() -> Self {
+        Self::with_algorithm(LbAlgorithm::Random)
+    }
+
+    pub fn with_algorithm(algorithm: LbAlgorithm) -> Self {
         Self {
             svc_ids: Ids::new(),
             backend_ids: Ids::new(),
+            algorithm,
         }
     }
 
@@ -221,6 +245,7 @@ impl Encoder {
                 );
             }
             let mut count: u16 = 0;
+            let mut table_backends = Vec::new();
             for endpoint in state.endpoints.iter().take(usize::from(u16::MAX)) {
                 let backend_key = (endpoint.addr, endpoint.port, frontend.proto);
                 let Some(id) = self.backend_ids.get_or_alloc(&backend_key) else {
@@ -234,6 +259,11 @@ impl Encoder {
                 };
                 used_backends.insert(backend_key);
                 count += 1;
+                table_backends.push(TableBackend {
+                    addr: endpoint.addr,
+                    port: endpoint.port,
+                    id,
+                });
                 out.services
                     .insert(key.with_slot(count), ServiceValue::slot(id));
                 out.backends.insert(
@@ -263,11 +293,18 @@ impl Encoder {
                     ),
                 );
             }
-            let flags = match (count, state.empty_action) {
+            let mut flags = match (count, state.empty_action) {
                 (0, EmptyAction::Reject) => SVC_FLAG_REJECT,
                 (0, EmptyAction::Drop) => SVC_FLAG_DROP,
                 _ => 0,
             };
+            if let LbAlgorithm::Maglev { table_size } = self.algorithm
+                && count > 0
+            {
+                out.tables
+                    .insert(svc_id, TableSpec::new(table_size, table_backends));
+                flags |= SVC_FLAG_MAGLEV;
+            }
             let entry = ServiceValue::service(svc_id, count, flags)
                 .with_affinity(state.affinity_timeout_s.unwrap_or(0));
             out.services.insert(key, entry);
@@ -414,6 +451,35 @@ mod tests {
                 .find(|(_, b)| b.addr == addr_to_map("10.0.0.2".parse().unwrap()))
                 .map(|(id, _)| *id)
         );
+    }
+
+    #[test]
+    fn maglev_tables_for_frontends_with_endpoints_only() {
+        let web = frontend("10.96.0.10", 80);
+        let empty = frontend("10.96.0.11", 80);
+        let mut encoder = Encoder::with_algorithm(LbAlgorithm::Maglev { table_size: 251 });
+        let out = encoder.encode(&desired(&[
+            (web, state(&[("10.0.0.2", 8080), ("10.0.0.1", 8080)])),
+            (empty, state(&[])),
+        ]));
+        let entry = out.services[&key(web, 0)];
+        assert!(entry.uses_maglev());
+        assert_eq!(
+            entry.count, 2,
+            "slots stay: the fallback and what dump shows"
+        );
+        let table = &out.tables[&entry.svc_id];
+        assert_eq!(table.size(), 251);
+        let ids: BTreeSet<u32> = table.build().into_iter().collect();
+        let slot_ids: BTreeSet<u32> = (1..=2).map(|s| slot_id(&out, web, s)).collect();
+        assert_eq!(ids, slot_ids, "the table uses exactly the slots' backends");
+        let empty_entry = out.services[&key(empty, 0)];
+        assert!(!empty_entry.uses_maglev() && empty_entry.rejects());
+        assert_eq!(out.tables.len(), 1);
+
+        let random = Encoder::new().encode(&desired(&[(web, state(&[("10.0.0.1", 8080)]))]));
+        assert!(random.tables.is_empty());
+        assert!(!random.services[&key(web, 0)].uses_maglev());
     }
 
     #[test]
@@ -568,6 +634,7 @@ mod tests {
             .collect(),
             // Id 2 duplicates id 1's endpoint: adopted by nobody, but live.
             backends: [(1, dup), (2, dup)].into_iter().collect(),
+            tables: BTreeMap::new(),
         };
         let mut encoder = Encoder::new();
         encoder.seed_from(&live);

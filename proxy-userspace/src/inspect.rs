@@ -130,6 +130,8 @@ pub struct ServiceView {
     pub svc_id: u32,
     /// `reject`/`drop` when it has no endpoint; empty otherwise.
     pub empty: String,
+    /// How new flows pick a backend: `maglev` (its table) or `random`.
+    pub selection: String,
     pub affinity_timeout_s: u32,
     pub backends: Vec<String>,
     /// Both directions of its translated flows.
@@ -159,6 +161,7 @@ pub fn services(p: &Pinned) -> Vec<ServiceView> {
             } else {
                 "reject".into()
             },
+            selection: if v.uses_maglev() { "maglev" } else { "random" }.into(),
             affinity_timeout_s: v.affinity_timeout_s,
             backends: (1..=v.count)
                 .map(|slot| {
@@ -384,6 +387,7 @@ mod tests {
                     frontend: "10.96.0.10:53/UDP".into(),
                     svc_id: 8,
                     empty: "reject".into(),
+                    selection: "random".into(),
                     affinity_timeout_s: 0,
                     backends: vec![],
                     packets: 0,
@@ -393,6 +397,7 @@ mod tests {
                     frontend: "10.96.0.10:80/TCP".into(),
                     svc_id: 7,
                     empty: String::new(),
+                    selection: "random".into(),
                     affinity_timeout_s: 30,
                     backends: vec!["10.244.10.2:8080".into()],
                     packets: 10,

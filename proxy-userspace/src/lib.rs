@@ -9,6 +9,8 @@ pub mod encode;
 pub mod inspect;
 pub mod interfaces;
 pub mod kube_source;
+pub mod maglev;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod tables;

@@ -8,8 +8,10 @@ use proxy_common::defaults;
 use proxy_userspace::{
     agent::{self, ManifestSource, RunConfig},
     datapath::{self, DatapathConfig},
+    encode::LbAlgorithm,
     inspect, interfaces,
     kube_source::KubeSource,
+    maglev,
 };
 
 #[derive(Parser)]
@@ -117,6 +119,19 @@ struct RunArgs {
     /// Capacity of the conntrack map (two entries per flow).
     #[arg(long, env = "KEP_CONNTRACK_MAX", default_value_t = defaults::CONNTRACK_MAX)]
     conntrack_max: u32,
+    /// How new flows pick an endpoint: `maglev` (consistent hashing: a flow
+    /// reaches the same endpoint on every node, an endpoint change moves few
+    /// flows) or `random`.
+    #[arg(long, env = "KEP_LB_ALGORITHM", default_value = "maglev", value_parser = ["maglev", "random"])]
+    lb_algorithm: String,
+    /// Maglev table size per frontend (prime, 251..=131071). Memory is 4
+    /// bytes x size per frontend with endpoints (64 KiB at the default);
+    /// larger tables move fewer flows when one of many endpoints changes.
+    #[arg(long, env = "KEP_MAGLEV_TABLE_SIZE", default_value_t = maglev::DEFAULT_SIZE, value_parser = parse_maglev_size)]
+    maglev_table_size: u32,
+    /// Capacity of the Maglev map (frontends with a table).
+    #[arg(long, env = "KEP_MAGLEV_MAX", default_value_t = defaults::MAGLEV_MAX)]
+    maglev_max: u32,
     /// How often the manifest directory and interfaces are checked, in ms.
     #[arg(long, env = "KEP_POLL_INTERVAL_MS", default_value_t = 200)]
     poll_interval_ms: u64,
@@ -157,12 +172,19 @@ fn main() -> anyhow::Result<()> {
                     services_max: args.services_max,
                     backends_max: args.backends_max,
                     conntrack_max: args.conntrack_max,
+                    maglev_max: args.maglev_max,
                     service_cidrs: args.service_cidr.0,
                     hairpin_addr: Some(args.hairpin_snat_ip),
                     timeouts: datapath::CtTimeouts {
                         tcp_established: args.conntrack_tcp_timeout_established,
                         tcp_closing: args.conntrack_tcp_timeout_closing,
                         udp: args.conntrack_udp_timeout,
+                    },
+                },
+                lb_algorithm: match args.lb_algorithm.as_str() {
+                    "random" => LbAlgorithm::Random,
+                    _ => LbAlgorithm::Maglev {
+                        table_size: args.maglev_table_size,
                     },
                 },
                 socket_lb_cgroup: args.socket_lb_cgroup,
@@ -318,6 +340,7 @@ fn dump(pinned: &inspect::Pinned, what: DumpWhat, json: bool) -> anyhow::Result<
                 [
                     "frontend",
                     "svc",
+                    "selection",
                     "affinity_s",
                     "no endpoints",
                     "packets",
@@ -331,6 +354,7 @@ fn dump(pinned: &inspect::Pinned, what: DumpWhat, json: bool) -> anyhow::Result<
                 vec![
                     x.frontend.clone(),
                     s(&x.svc_id),
+                    x.selection.clone(),
                     s(&x.affinity_timeout_s),
                     x.empty.clone(),
                     s(&x.packets),
@@ -404,4 +428,9 @@ fn dump(pinned: &inspect::Pinned, what: DumpWhat, json: bool) -> anyhow::Result<
         print!("{}", inspect::table(&rows));
     }
     Ok(())
+}
+
+fn parse_maglev_size(text: &str) -> Result<u32, String> {
+    let size: u32 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    maglev::check_size(size).map_err(|e| e.to_string())
 }

@@ -12,12 +12,15 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use proxy_common::{
-    Backend, CtKey, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey, ServiceValue, proto, stat,
+    Backend, CtKey, SVC_FLAG_DROP, SVC_FLAG_MAGLEV, SVC_FLAG_REJECT, ServiceKey, ServiceValue,
+    maglev::flow_hash, proto, stat,
 };
 use proxy_userspace::{
-    datapath::{CtTimeouts, Datapath, DatapathConfig, unpin_all},
+    datapath::{CtTimeouts, Datapath, DatapathConfig, maps_dir, unpin_all},
     diff::MapOp,
     encode::{addr_to_map, port_to_map},
+    maglev::{TableBackend, TableSpec},
+    tables::MaglevTables,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -786,6 +789,143 @@ fn client_ip_affinity_keeps_a_client_until_idle_timeout() {
     let after = backend_of(&mut fx, CLIENT);
     assert_ne!(after, current, "kept on a removed endpoint");
     assert_eq!(backend_of(&mut fx, CLIENT), after);
+}
+
+// ---- Maglev ---------------------------------------------------------------------------------
+
+/// A table over the TCP backends of VIP:80 at `indexes` (ids 2i+1).
+fn vip_table(size: u32, indexes: &[usize]) -> TableSpec {
+    let backends = indexes
+        .iter()
+        .map(|i| TableBackend {
+            addr: BACKENDS[*i],
+            port: BACKEND_PORT,
+            id: (*i * 2 + 1) as u32,
+        })
+        .collect();
+    TableSpec::new(size, backends)
+}
+
+/// The backend address `table` gives a TCP flow from CLIENT:`sport` to VIP:80.
+fn table_choice(table: &[u32], sport: u16) -> Ipv4Addr {
+    let hash = flow_hash(
+        addr_to_map(CLIENT),
+        addr_to_map(VIP),
+        port_to_map(sport),
+        port_to_map(SVC_PORT),
+        proto::TCP,
+    );
+    let id = table[(hash % table.len() as u32) as usize];
+    BACKENDS[(id as usize - 1) / 2]
+}
+
+/// Switches VIP:80/TCP (svc id 1) to Maglev with `spec`.
+fn use_table(fx: &mut Fixture, spec: &TableSpec) {
+    let key = ServiceKey::new(addr_to_map(VIP), port_to_map(SVC_PORT), proto::TCP, 0);
+    let ops = [
+        MapOp::PutTable(1, spec.clone()),
+        MapOp::PutService(key, ServiceValue::service(1, 3, SVC_FLAG_MAGLEV)),
+    ];
+    let failed = fx.dp.apply(&ops);
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
+#[test]
+fn maglev_table_decides_the_backend_of_each_new_flow() {
+    let mut fx = Fixture::new();
+    let spec = vip_table(251, &[0, 1, 2]);
+    use_table(&mut fx, &spec);
+    let table = spec.build();
+    assert_eq!(fx.dp.maglev_table(1).unwrap(), Some(table.clone()));
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 40_000..40_300 {
+        let (ret, out) = fx.run(&tcp(CLIENT, VIP, sport, SVC_PORT, SYN));
+        assert_eq!(ret, TC_ACT_OK);
+        assert_eq!(ip_dst(&out), table_choice(&table, sport), "sport {sport}");
+        assert_checksums(&out);
+        seen.insert(ip_dst(&out));
+    }
+    assert_eq!(seen.len(), 3, "every backend owns part of the table");
+    // Conntrack gone (agent restart across a layout change, another node):
+    // the same flow still reaches the same backend.
+    assert!(fx.dp.flush_conntrack().unwrap() > 0);
+    for sport in 40_000..40_050 {
+        let (_, out) = fx.run(&tcp(CLIENT, VIP, sport, SVC_PORT, SYN));
+        assert_eq!(ip_dst(&out), table_choice(&table, sport));
+    }
+    // Without a table the frontend falls back to its slots.
+    assert!(fx.dp.apply(&[MapOp::DeleteTable(1)]).is_empty());
+    assert_eq!(fx.dp.maglev_table(1).unwrap(), None);
+    let (ret, out) = fx.run(&tcp(CLIENT, VIP, 40_999, SVC_PORT, SYN));
+    assert_eq!(ret, TC_ACT_OK);
+    assert!(BACKENDS.contains(&ip_dst(&out)));
+}
+
+/// Tables of different sizes and backends are swapped while packets flow:
+/// every new flow must get exactly what the old or the new table says. A
+/// table rewritten in place would show a new size over old entries (or the
+/// reverse) and send flows where neither table does.
+#[test]
+fn maglev_table_swaps_atomically_under_traffic() {
+    let mut fx = Fixture::new();
+    let a = vip_table(251, &[0, 1]);
+    let b = vip_table(509, &[1, 2]);
+    use_table(&mut fx, &a);
+    let (table_a, table_b) = (a.build(), b.build());
+    let pin = maps_dir(&fx._pins.0).join(proxy_common::map_names::MAGLEV);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let stop = stop.clone();
+        let (a, b) = (a.clone(), b.clone());
+        std::thread::spawn(move || {
+            let data = aya::maps::MapData::from_pin(&pin).expect("open the pinned maglev map");
+            let outer = aya::maps::Map::HashOfMaps(data)
+                .try_into()
+                .expect("hash of maps");
+            let mut tables = MaglevTables::new(outer);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let mut swaps = 0u32;
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                let spec = if swaps.is_multiple_of(2) { &b } else { &a };
+                tables.put(1, spec, &spec.build()).expect("swap table");
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let (mut from_a, mut from_b) = (0u32, 0u32);
+    let mut sport = 1024u16;
+    for round in 0..20_000u32 {
+        // A fresh flow every time; the client address varies too once the
+        // source ports wrap.
+        sport = if sport == u16::MAX { 1024 } else { sport + 1 };
+        let client = Ipv4Addr::from(u32::from(CLIENT) + (round >> 16));
+        let (ret, out) = fx.run(&tcp(client, VIP, sport, SVC_PORT, SYN));
+        assert_eq!(ret, TC_ACT_OK);
+        let got = ip_dst(&out);
+        let hash = flow_hash(
+            addr_to_map(client),
+            addr_to_map(VIP),
+            port_to_map(sport),
+            port_to_map(SVC_PORT),
+            proto::TCP,
+        );
+        let want_a = BACKENDS[(table_a[(hash % 251) as usize] as usize - 1) / 2];
+        let want_b = BACKENDS[(table_b[(hash % 509) as usize] as usize - 1) / 2];
+        assert!(
+            got == want_a || got == want_b,
+            "round {round}: flow got {got}, table A says {want_a}, table B {want_b}"
+        );
+        from_a += u32::from(got == want_a && got != want_b);
+        from_b += u32::from(got == want_b && got != want_a);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.join().expect("swapper thread");
+    assert!(swaps > 10, "only {swaps} swaps happened");
+    assert!(
+        from_a > 0 && from_b > 0,
+        "both tables must have served flows (A {from_a}, B {from_b}, {swaps} swaps)"
+    );
 }
 
 // ---- fuzz ----------------------------------------------------------------------------------
