@@ -239,7 +239,8 @@ impl Drop for TempDir {
     }
 }
 
-/// One node: its namespace and pods.
+/// One node: its namespace and pods. Fields drop in declaration order, so
+/// the pods go before the node's namespace.
 #[derive(Debug)]
 pub struct Node {
     pub name: String,
@@ -523,6 +524,17 @@ impl Cluster {
         )
     }
 
+    /// [`Cluster::start_agent`], returning once the agent has programmed its
+    /// datapath (printed `datapath programmed`), or failing with its output
+    /// if it does not within 30 s.
+    pub fn start_agent_programmed(&self, k: usize, extra: &[OsString]) -> Result<Agent<'_>> {
+        let agent = self.start_agent(k, extra)?;
+        agent
+            .wait_for_log("datapath programmed", Duration::from_secs(30))
+            .with_context(|| format!("agent of {}", node_name(k)))?;
+        Ok(agent)
+    }
+
     /// Starts both agents (`extra[k]` for node k) and returns once each has
     /// programmed its datapath (printed `datapath programmed`), or fails
     /// with the output of the one that did not within 30 s.
@@ -551,14 +563,6 @@ impl Drop for Cluster {
                 Err(e) => eprintln!("cluster: cannot remove {}: {e}", dir.display()),
             }
         }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        // Pods before their node (fields would drop the node's netns first).
-        self.backends.clear();
-        self.client = None;
     }
 }
 
