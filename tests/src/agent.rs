@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::Lab;
+use crate::netns::Netns;
 
 /// Magic number of bpffs in `statfs.f_type`.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -65,8 +66,8 @@ fn is_bpffs(path: &Path) -> Result<bool> {
 /// Lines the agent printed (stdout and stderr, ANSI colours stripped).
 type Lines = Arc<Mutex<Vec<String>>>;
 
-/// A running agent. Borrowing the lab makes the compiler drop the agent
-/// before the lab. On drop: SIGTERM, SIGKILL after 2 s, reap, then remove the
+/// A running agent. Borrowing the lab (or cluster) makes the compiler drop
+/// the agent before it. On drop: SIGTERM, SIGKILL after 2 s, reap, then remove the
 /// agent's bpffs directory.
 pub struct Agent<'lab> {
     child: Mutex<Child>,
@@ -77,7 +78,7 @@ pub struct Agent<'lab> {
     log_path: PathBuf,
     /// Set by [`Agent::kill_keeping_pins`]: the pinned datapath outlives it.
     keep_pins: bool,
-    _lab: PhantomData<&'lab Lab>,
+    _lab: PhantomData<&'lab ()>,
 }
 
 impl<'lab> Agent<'lab> {
@@ -90,9 +91,24 @@ impl<'lab> Agent<'lab> {
         bpffs: &Path,
         log_path: &Path,
     ) -> Result<Agent<'lab>> {
+        Agent::spawn_in(lab.node(), crate::LAB_NODE, bin, args, bpffs, log_path)
+    }
+
+    /// Starts the agent inside `node` with `NODE_NAME=node_name` (the
+    /// `nodeName` of the endpoints local to it); otherwise as
+    /// [`Agent::spawn`]. The agent borrows `node`, so it stops before the
+    /// namespace goes.
+    pub(crate) fn spawn_in(
+        node: &'lab Netns,
+        node_name: &str,
+        bin: &Path,
+        args: &[std::ffi::OsString],
+        bpffs: &Path,
+        log_path: &Path,
+    ) -> Result<Agent<'lab>> {
         ensure_bpffs()?;
-        let netns = File::open(lab.node().path())
-            .with_context(|| format!("open {}", lab.node().path().display()))?;
+        let netns =
+            File::open(node.path()).with_context(|| format!("open {}", node.path().display()))?;
         let netns_fd = netns.as_raw_fd();
         let log = Arc::new(Mutex::new(
             File::create(log_path).with_context(|| format!("create {}", log_path.display()))?,
@@ -105,8 +121,8 @@ impl<'lab> Agent<'lab> {
             .arg("--bpffs")
             .arg(bpffs)
             .env("RUST_LOG", "info")
-            // The lab's EndpointSlices put their pods on this node.
-            .env("NODE_NAME", crate::LAB_NODE)
+            // The manifests' EndpointSlices put their pods on this node.
+            .env("NODE_NAME", node_name)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -137,7 +153,7 @@ impl<'lab> Agent<'lab> {
             shown.join(" "),
             bpffs.display()
         );
-        eprintln!("lab: starting agent in {}: {line}", lab.node().name());
+        eprintln!("lab: starting agent in {}: {line}", node.name());
         let mut child = cmd.spawn().with_context(|| format!("spawn `{line}`"))?;
         drop(netns);
 

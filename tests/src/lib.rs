@@ -20,6 +20,7 @@
 pub mod agent;
 pub mod bench;
 pub mod cgroup;
+pub mod cluster;
 pub mod fake_apiserver;
 pub mod loadgen;
 pub mod netns;

@@ -3,7 +3,10 @@
 //! TCP: each connection gets `<name>\n` for every line it sends (and for any
 //! data without a newline once the client pauses for 100 ms), until EOF, so
 //! long-lived connections keep working. UDP: every datagram is answered with
-//! `<name>\n` to its sender. The sockets are created inside the backend's
+//! `<name>\n` to its sender. The request `whoami` (a TCP line, or a UDP
+//! datagram, with or without `\n`) is answered `<name> <peer-ip>:<port>\n`
+//! instead: the source address the server saw, so a test can tell SNAT from a
+//! preserved client address per request (see [`parse_whoami`]). The sockets are created inside the backend's
 //! namespace; the threads that serve them run in the root namespace, which
 //! does not matter since a socket keeps the namespace it was made in.
 //!
@@ -24,6 +27,28 @@ use anyhow::{Context, Result};
 use crate::netns::Netns;
 
 const TICK: Duration = Duration::from_millis(100);
+
+/// The request answered with the peer address (see the module docs).
+pub const WHOAMI: &str = "whoami";
+
+fn is_whoami(request: &[u8]) -> bool {
+    let mut r = request;
+    while let [rest @ .., b'\n' | b'\r' | b' '] = r {
+        r = rest;
+    }
+    r == WHOAMI.as_bytes()
+}
+
+fn whoami_reply(name: &str, peer: SocketAddr) -> Vec<u8> {
+    format!("{name} {peer}\n").into_bytes()
+}
+
+/// Splits a `whoami` reply line (`<name> <peer-ip>:<port>`, trailing newline
+/// optional) into the server's name and the peer it saw.
+pub fn parse_whoami(line: &str) -> Option<(String, SocketAddr)> {
+    let (name, peer) = line.trim_end().rsplit_once(' ')?;
+    Some((name.to_string(), peer.parse().ok()?))
+}
 
 /// What one backend's servers have seen so far.
 #[derive(Debug, Default)]
@@ -101,24 +126,24 @@ impl Servers {
         udp.set_read_timeout(Some(TICK))?;
 
         let stats = Arc::new(ServerStats::default());
-        let reply: Arc<[u8]> = format!("{name}\n").into_bytes().into();
+        let who: Arc<str> = name.into();
 
-        let (stop, conns, st, rep) = (
+        let (stop, conns, st, w) = (
             self.stop.clone(),
             self.conns.clone(),
             stats.clone(),
-            reply.clone(),
+            who.clone(),
         );
         self.threads.push(
             std::thread::Builder::new()
                 .name(format!("{name}-tcp"))
-                .spawn(move || tcp_accept_loop(listener, stop, conns, st, rep))?,
+                .spawn(move || tcp_accept_loop(listener, stop, conns, st, w))?,
         );
         let (stop, st) = (self.stop.clone(), stats.clone());
         self.threads.push(
             std::thread::Builder::new()
                 .name(format!("{name}-udp"))
-                .spawn(move || udp_loop(udp, stop, st, reply))?,
+                .spawn(move || udp_loop(udp, stop, st, who))?,
         );
         self.stats.push(stats);
         Ok(self.stats.len() - 1)
@@ -179,17 +204,17 @@ fn tcp_accept_loop(
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     stats: Arc<ServerStats>,
-    reply: Arc<[u8]>,
+    name: Arc<str>,
 ) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, peer)) => {
                 stats.tcp_connections.fetch_add(1, Ordering::Relaxed);
                 stats.saw(peer);
-                let (stop, stats, reply) = (stop.clone(), stats.clone(), reply.clone());
+                let (stop, stats, name) = (stop.clone(), stats.clone(), name.clone());
                 let spawned = std::thread::Builder::new()
                     .name("lab-conn".into())
-                    .spawn(move || serve_conn(stream, stop, stats, reply));
+                    .spawn(move || serve_conn(stream, peer, stop, stats, &name));
                 let mut list = conns.lock().unwrap_or_else(|e| e.into_inner());
                 list.retain(|h| !h.is_finished());
                 match spawned {
@@ -212,10 +237,16 @@ fn tcp_accept_loop(
 
 fn serve_conn(
     mut stream: TcpStream,
+    peer: SocketAddr,
     stop: Arc<AtomicBool>,
     stats: Arc<ServerStats>,
-    reply: Arc<[u8]>,
+    name: &str,
 ) {
+    let reply = format!("{name}\n").into_bytes();
+    let whoami = whoami_reply(name, peer);
+    let answer = |request: &[u8]| {
+        if is_whoami(request) { &whoami } else { &reply }
+    };
     if stream.set_nonblocking(false).is_err()
         || stream.set_read_timeout(Some(TICK)).is_err()
         || stream
@@ -232,24 +263,25 @@ fn serve_conn(
             Ok(0) => break,
             Ok(n) => {
                 pending.extend_from_slice(&buf[..n]);
-                let lines = pending.iter().filter(|&&b| b == b'\n').count();
-                if lines > 0 {
-                    let keep =
-                        pending.len() - 1 - pending.iter().rposition(|&b| b == b'\n').unwrap();
-                    pending.drain(..pending.len() - keep);
-                    for _ in 0..lines {
-                        if stream.write_all(&reply).is_err() {
-                            return;
-                        }
-                        stats.tcp_replies.fetch_add(1, Ordering::Relaxed);
+                let mut start = 0;
+                while let Some(len) = pending[start..].iter().position(|&b| b == b'\n') {
+                    if stream
+                        .write_all(answer(&pending[start..start + len]))
+                        .is_err()
+                    {
+                        return;
                     }
+                    stats.tcp_replies.fetch_add(1, Ordering::Relaxed);
+                    start += len + 1;
                 }
+                pending.drain(..start);
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 // The client paused with a partial request: answer it.
                 if !pending.is_empty() {
+                    let failed = stream.write_all(answer(&pending)).is_err();
                     pending.clear();
-                    if stream.write_all(&reply).is_err() {
+                    if failed {
                         return;
                     }
                     stats.tcp_replies.fetch_add(1, Ordering::Relaxed);
@@ -261,13 +293,19 @@ fn serve_conn(
     }
 }
 
-fn udp_loop(sock: UdpSocket, stop: Arc<AtomicBool>, stats: Arc<ServerStats>, reply: Arc<[u8]>) {
+fn udp_loop(sock: UdpSocket, stop: Arc<AtomicBool>, stats: Arc<ServerStats>, name: Arc<str>) {
+    let reply = format!("{name}\n").into_bytes();
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::SeqCst) {
         match sock.recv_from(&mut buf) {
-            Ok((_, peer)) => {
+            Ok((n, peer)) => {
                 stats.saw(peer);
-                if sock.send_to(&reply, peer).is_ok() {
+                let sent = if is_whoami(&buf[..n]) {
+                    sock.send_to(&whoami_reply(&name, peer), peer)
+                } else {
+                    sock.send_to(&reply, peer)
+                };
+                if sent.is_ok() {
                     stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -280,5 +318,33 @@ fn udp_loop(sock: UdpSocket, stop: Arc<AtomicBool>, stats: Arc<ServerStats>, rep
             // they concern a past peer, not this socket.
             Err(_) => std::thread::sleep(Duration::from_millis(1)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whoami_requests_are_recognised() {
+        for r in ["whoami", "whoami\n", "whoami\r\n", "whoami \n"] {
+            assert!(is_whoami(r.as_bytes()), "{r:?}");
+        }
+        for r in ["", "hello", "hello\n", "whoami?", "xwhoami", "who ami"] {
+            assert!(!is_whoami(r.as_bytes()), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn whoami_replies_round_trip() {
+        let peer: SocketAddr = "10.244.128.2:40000".parse().unwrap();
+        let reply = String::from_utf8(whoami_reply("n0-backend-0", peer)).unwrap();
+        assert_eq!(reply, "n0-backend-0 10.244.128.2:40000\n");
+        assert_eq!(
+            parse_whoami(&reply),
+            Some(("n0-backend-0".to_string(), peer))
+        );
+        assert_eq!(parse_whoami("n0-backend-0"), None);
+        assert_eq!(parse_whoami("n0-backend-0 nonsense"), None);
     }
 }

@@ -48,6 +48,35 @@ pub fn endpoint_slice(
     ports: &[(&str, u16, &str)],
     endpoints: &[(Ipv4Addr, String, bool)],
 ) -> String {
+    let on_lab_node: Vec<NodeEndpoint> = endpoints
+        .iter()
+        .map(|(ip, pod, ready)| NodeEndpoint {
+            ip: *ip,
+            pod: pod.clone(),
+            ready: *ready,
+            node: crate::LAB_NODE.to_string(),
+        })
+        .collect();
+    endpoint_slice_on_nodes(name, service, ports, &on_lab_node)
+}
+
+/// An endpoint on a named node (its `nodeName`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEndpoint {
+    pub ip: Ipv4Addr,
+    pub pod: String,
+    pub ready: bool,
+    pub node: String,
+}
+
+/// [`endpoint_slice`] whose endpoints each name their own node (for the
+/// two-node [`crate::cluster::Cluster`]).
+pub fn endpoint_slice_on_nodes(
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[NodeEndpoint],
+) -> String {
     let mut s = format!(
         "apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -68,7 +97,13 @@ ports:
     } else {
         s.push_str("endpoints:\n");
     }
-    for (ip, pod, ready) in endpoints {
+    for NodeEndpoint {
+        ip,
+        pod,
+        ready,
+        node,
+    } in endpoints
+    {
         let _ = writeln!(
             s,
             "- addresses: [\"{ip}\"]
@@ -78,8 +113,7 @@ ports:
   targetRef:
     kind: Pod
     namespace: default
-    name: {pod}",
-            node = crate::LAB_NODE
+    name: {pod}"
         );
     }
     s
