@@ -158,23 +158,149 @@ pub enum EmptyAction {
     Drop,
 }
 
+/// Which Service field a frontend comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    /// `spec.clusterIP(s)` on the service port.
+    ClusterIp,
+    /// `spec.ports[].nodePort` on one of [`NodeInfo::addresses`].
+    NodePort,
+    /// `status.loadBalancer.ingress[].ip` (VIP mode) on the service port.
+    LoadBalancer,
+    /// `spec.externalIPs[]` on the service port.
+    ExternalIp,
+}
+
+/// One frontend's traffic and what it gets.
+///
+/// The backends the datapath must hold for a frontend are
+/// `endpoints` ∪ `external.endpoints` ∪ `lingering`: `lingering` is disjoint
+/// from both, and an endpoint only external traffic may use (a local
+/// terminating one under `externalTrafficPolicy: Local`, say) is in
+/// `external.endpoints` only.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendState {
     /// kube-proxy's service port name: `namespace/name:port`, or
     /// `namespace/name` for an unnamed port, so logs read the same as its.
     pub service: String,
-    /// Sorted and deduplicated.
+    pub kind: FrontendKind,
+    /// What traffic from inside the cluster (pods, the host) gets: the
+    /// internalTrafficPolicy-filtered endpoints on a cluster IP; on the
+    /// other kinds the cluster-wide endpoints whatever either policy says,
+    /// as kube-proxy short-circuits in-cluster traffic to external
+    /// destinations to its "Cluster" chain. Sorted and deduplicated.
     pub endpoints: Vec<Endpoint>,
     pub empty_action: EmptyAction,
     /// `sessionAffinity: ClientIP` timeout in seconds; `None` without
-    /// affinity.
+    /// affinity. Applies to internal and external traffic alike.
     pub affinity_timeout_s: Option<u32>,
     /// Endpoints still in the EndpointSlices but not chosen for new flows
     /// (not ready, terminating, filtered out by policy or topology): their
     /// backends stay in the datapath so connections they already serve
     /// continue until they end, as kube-proxy's conntrack keeps them.
-    /// Sorted, deduplicated, disjoint from `endpoints`.
+    /// Sorted, deduplicated, disjoint from `endpoints` and from
+    /// `external.endpoints`.
     pub lingering: Vec<Endpoint>,
+    /// `None` for cluster IPs; what traffic from outside the cluster gets on
+    /// the other kinds.
+    pub external: Option<ExternalTraffic>,
+}
+
+/// What traffic from outside the cluster (arriving on a node interface)
+/// gets on a NodePort, load-balancer IP or external IP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalTraffic {
+    /// `externalTrafficPolicy: Cluster`: the cluster-wide endpoints (ready,
+    /// topology applied; else serving-terminating). `Local`: this node's
+    /// ready endpoints, else its serving-terminating ones. Sorted and
+    /// deduplicated.
+    pub endpoints: Vec<Endpoint>,
+    /// `Reject` when the Service has no usable endpoint anywhere; `Drop`
+    /// when only the Local policy left this node without one.
+    pub empty_action: EmptyAction,
+    /// `externalTrafficPolicy: Cluster`: SNAT to the node IP, since the
+    /// endpoint may be on another node. `Local`: the client IP is kept.
+    pub masquerade: bool,
+    /// `loadBalancerSourceRanges` (IPv4 ones), on load-balancer frontends
+    /// only: NodePorts and external IPs bypass them, as kube-proxy's. Empty
+    /// allows everyone. Sorted and deduplicated.
+    pub source_ranges: Vec<Ipv4Cidr>,
+}
+
+/// An IPv4 prefix. The address is stored with its host bits cleared, so
+/// `10.1.2.3/8` reads back as `10.0.0.0/8`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CidrError {
+    #[error("{0:?}: expected ADDRESS/PREFIX")]
+    NoPrefix(String),
+    #[error("{0:?}: not an IPv4 address")]
+    Address(String),
+    #[error("{0:?}: prefix length is not a number in 0..=32")]
+    PrefixLen(String),
+}
+
+impl Ipv4Cidr {
+    /// `addr/prefix_len`, host bits cleared; `None` if `prefix_len > 32`.
+    pub fn new(addr: Ipv4Addr, prefix_len: u8) -> Option<Self> {
+        (prefix_len <= 32).then(|| Self {
+            addr: Ipv4Addr::from(u32::from(addr) & Self::mask(prefix_len)),
+            prefix_len,
+        })
+    }
+
+    fn mask(prefix_len: u8) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(prefix_len))
+            .unwrap_or(0)
+    }
+
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        u32::from(addr) & Self::mask(self.prefix_len) == u32::from(self.addr)
+    }
+}
+
+impl std::str::FromStr for Ipv4Cidr {
+    type Err = CidrError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = text
+            .split_once('/')
+            .ok_or_else(|| CidrError::NoPrefix(text.to_string()))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| CidrError::Address(text.to_string()))?;
+        // Digits only: `u8::from_str` would take a leading `+`.
+        let len = Some(len)
+            .filter(|len| !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|len| len.parse::<u8>().ok())
+            .ok_or_else(|| CidrError::PrefixLen(text.to_string()))?;
+        Self::new(addr, len).ok_or_else(|| CidrError::PrefixLen(text.to_string()))
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// The `healthCheckNodePort` server of one Service: a LoadBalancer with
+/// `externalTrafficPolicy: Local`, whose load balancer asks each node
+/// whether it has endpoints to send to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Distinct addresses of this node's ready endpoints over all the
+    /// Service's ports (terminating ones do not count, so the load balancer
+    /// stops sending while they drain), as kube-proxy reports it.
+    pub local_endpoints: usize,
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -185,6 +311,8 @@ pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<Frontend, FrontendState>,
+    /// By `healthCheckNodePort`.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 /// The node the state is computed for: endpoints' `nodeName` and
@@ -194,6 +322,9 @@ pub struct DesiredState {
 pub struct NodeInfo {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// The node IPs NodePorts answer on, already filtered by
+    /// `--nodeport-addresses`. Order and duplicates do not matter.
+    pub addresses: Vec<Ipv4Addr>,
 }
 
 impl NodeInfo {
@@ -211,7 +342,14 @@ impl NodeInfo {
         Self {
             name: name.to_string(),
             labels,
+            addresses: Vec::new(),
         }
+    }
+
+    /// The same node, with NodePorts answering on `addresses`.
+    pub fn with_addresses(mut self, addresses: impl IntoIterator<Item = Ipv4Addr>) -> Self {
+        self.addresses = addresses.into_iter().collect();
+        self
     }
 
     /// The zone label, if set and not empty.
@@ -261,6 +399,22 @@ enum Problem {
         frontend: Frontend,
         owner: String,
     },
+    #[error("port {name:?}: nodePort {port} is outside 1..=65535; no NodePort for it")]
+    NodePortRange { name: String, port: i32 },
+    #[error("externalIPs: {0:?} is not an IP address")]
+    BadExternalIp(String),
+    #[error("status.loadBalancer.ingress: ip {0:?} is not an IP address")]
+    BadIngressIp(String),
+    #[error("loadBalancerSourceRanges: {0}; range ignored")]
+    BadSourceRange(CidrError),
+    #[error(
+        "externalTrafficPolicy Local LoadBalancer without a healthCheckNodePort; no health check served"
+    )]
+    NoHealthCheckPort,
+    #[error("healthCheckNodePort {0} is outside 1..=65535; no health check served")]
+    HealthCheckPortRange(i32),
+    #[error("healthCheckNodePort {port} already belongs to {owner}; no health check served")]
+    HealthCheckPortTaken { port: u16, owner: String },
     #[error("port {name:?}: no port number")]
     SlicePortMissing { name: String },
     #[error("port {name:?}: port {port} is outside 1..=65535")]
@@ -345,6 +499,29 @@ pub fn compute(
                 None
             }
         };
+        let exposure = Exposure::of(service, spec, &mut |problem| {
+            warn(&mut warnings, &object, problem)
+        });
+        if let Some(port) = exposure.health_check_port {
+            let check = HealthCheck {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                local_endpoints: local_ready_addresses(service_slices, node),
+            };
+            match desired.health_checks.get(&port) {
+                Some(owner) => {
+                    let problem = Problem::HealthCheckPortTaken {
+                        port,
+                        owner: format!("{}/{}", owner.namespace, owner.name),
+                    };
+                    warn(&mut warnings, &object, problem);
+                }
+                None => {
+                    desired.health_checks.insert(port, check);
+                }
+            }
+        }
+        let node_addresses: BTreeSet<Ipv4Addr> = node.addresses.iter().copied().collect();
         for port in spec.ports.iter().flatten() {
             let port_name = port.name.as_deref().unwrap_or("");
             let (number, protocol) = match service_port(port) {
@@ -354,26 +531,72 @@ pub fn compute(
                     continue;
                 }
             };
-            let candidates = candidates_for(service_slices, port_name, protocol);
-            let (endpoints, empty_action, lingering) = select_endpoints(&candidates, policy, node);
-            let state = FrontendState {
-                service: service_port_name(namespace, name, port_name),
-                endpoints,
-                empty_action,
-                affinity_timeout_s,
-                lingering,
+            let node_port = if exposure.node_ports {
+                match node_port(port) {
+                    Ok(node_port) => node_port,
+                    Err(problem) => {
+                        warn(&mut warnings, &object, problem);
+                        None
+                    }
+                }
+            } else {
+                None
             };
-            for addr in &addrs {
-                let frontend = Frontend {
-                    addr: *addr,
-                    port: number,
-                    proto: protocol,
-                };
+            let candidates = candidates_for(service_slices, port_name, protocol);
+            let sets = categorize(&candidates, policy, node);
+            let service = service_port_name(namespace, name, port_name);
+            let state =
+                |kind: FrontendKind| sets.state(&service, kind, &exposure, affinity_timeout_s);
+            let mut claims: Vec<(Frontend, FrontendKind)> = Vec::new();
+            let on = |addr: Ipv4Addr, port: u16| Frontend {
+                addr,
+                port,
+                proto: protocol,
+            };
+            claims.extend(
+                addrs
+                    .iter()
+                    .map(|a| (on(*a, number), FrontendKind::ClusterIp)),
+            );
+            if let Some(node_port) = node_port {
+                claims.extend(
+                    node_addresses
+                        .iter()
+                        .map(|a| (on(*a, node_port), FrontendKind::NodePort)),
+                );
+            }
+            claims.extend(
+                exposure
+                    .load_balancer_ips
+                    .iter()
+                    .map(|a| (on(*a, number), FrontendKind::LoadBalancer)),
+            );
+            claims.extend(
+                exposure
+                    .external_ips
+                    .iter()
+                    .map(|a| (on(*a, number), FrontendKind::ExternalIp)),
+            );
+            for (frontend, kind) in claims {
                 if let Some(owner) = desired.frontends.get(&frontend) {
+                    if owner.service == service {
+                        // One Service naming one address twice (an external
+                        // IP that is also its load-balancer IP): the first
+                        // kind in ClusterIp, NodePort, LoadBalancer,
+                        // ExternalIp order keeps it, so an LB IP keeps its
+                        // source ranges, as kube-proxy's firewall applies
+                        // them to any traffic to the LB IP.
+                        tracing::debug!(
+                            "{object}: {frontend} is both {:?} and {kind:?}",
+                            owner.kind
+                        );
+                        continue;
+                    }
                     // Only reachable with invalid input (the API server
-                    // rejects duplicate ports and cluster IPs) or a stale
-                    // view of a reused cluster IP; the first owner in sorted
-                    // order keeps it so the outcome does not depend on order.
+                    // rejects duplicate ports and cluster IPs; external and
+                    // LB IPs are not checked across Services) or a stale
+                    // view of a reused IP; the first owner in sorted order
+                    // keeps it so the outcome does not depend on order.
                     let problem = Problem::FrontendTaken {
                         name: port_name.to_string(),
                         frontend,
@@ -382,7 +605,7 @@ pub fn compute(
                     warn(&mut warnings, &object, problem);
                     continue;
                 }
-                desired.frontends.insert(frontend, state.clone());
+                desired.frontends.insert(frontend, state(kind));
             }
         }
     }
@@ -498,6 +721,144 @@ fn service_port(port: &ServicePort) -> Result<(u16, Protocol), Problem> {
         port: port.port,
     })?;
     Ok((number, protocol))
+}
+
+/// The port's `nodePort`; unset and 0 (what `allocateLoadBalancerNodePorts:
+/// false` leaves) mean none.
+fn node_port(port: &ServicePort) -> Result<Option<u16>, Problem> {
+    match port.node_port {
+        None | Some(0) => Ok(None),
+        Some(number) => port_number(number)
+            .map(Some)
+            .ok_or_else(|| Problem::NodePortRange {
+                name: port.name.clone().unwrap_or_default(),
+                port: number,
+            }),
+    }
+}
+
+/// What a Service exposes beyond its cluster IPs, read as kube-proxy's
+/// service change tracker reads it.
+struct Exposure {
+    /// Type NodePort or LoadBalancer: its ports' `nodePort`s are served. (The
+    /// API server only allows them on those types; kube-proxy itself does
+    /// not look at the type, which only matters for static manifests.)
+    node_ports: bool,
+    /// `externalTrafficPolicy: Local`, which only means something on the
+    /// NodePort and LoadBalancer types (kube-proxy's `ExternalPolicyLocal`):
+    /// the external IPs of a ClusterIP Service always use Cluster.
+    external_local: bool,
+    /// VIP-mode IPv4 ingress IPs, whatever the type, as kube-proxy.
+    load_balancer_ips: BTreeSet<Ipv4Addr>,
+    external_ips: BTreeSet<Ipv4Addr>,
+    source_ranges: Vec<Ipv4Cidr>,
+    health_check_port: Option<u16>,
+}
+
+impl Exposure {
+    fn of(service: &Service, spec: &ServiceSpec, warn: &mut dyn FnMut(Problem)) -> Self {
+        let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+        let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
+        let external_local = node_ports && spec.external_traffic_policy.as_deref() == Some("Local");
+
+        let mut external_ips = BTreeSet::new();
+        for ip in spec.external_ips.iter().flatten() {
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(addr)) => {
+                    external_ips.insert(addr);
+                }
+                // The other family of a dual-stack Service.
+                Ok(IpAddr::V6(_)) => {}
+                Err(_) => warn(Problem::BadExternalIp(ip.clone())),
+            }
+        }
+
+        let mut load_balancer_ips = BTreeSet::new();
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|status| status.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for entry in ingress.into_iter().flatten() {
+            // `ipMode: Proxy` load balancers deliver to the node with the
+            // node as destination, so no rule may capture the LB IP (its
+            // traffic would skip the load balancer's proxying). Unset is VIP.
+            if entry.ip_mode.as_deref().is_some_and(|mode| mode != "VIP") {
+                continue;
+            }
+            // Hostname-only ingress entries have no IP to serve.
+            let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+                continue;
+            };
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(addr)) => {
+                    load_balancer_ips.insert(addr);
+                }
+                Ok(IpAddr::V6(_)) => {}
+                Err(_) => warn(Problem::BadIngressIp(ip.to_string())),
+            }
+        }
+
+        let mut source_ranges = BTreeSet::new();
+        for range in spec.load_balancer_source_ranges.iter().flatten() {
+            // API validation lets whitespace padding through; kube-proxy
+            // trims it.
+            let range = range.trim();
+            match range.parse::<Ipv4Cidr>() {
+                Ok(cidr) => {
+                    source_ranges.insert(cidr);
+                }
+                Err(_) if is_ipv6_cidr(range) => {}
+                Err(e) => warn(Problem::BadSourceRange(e)),
+            }
+        }
+
+        let health_check_port = if type_ == "LoadBalancer" && external_local {
+            match spec.health_check_node_port {
+                None | Some(0) => {
+                    warn(Problem::NoHealthCheckPort);
+                    None
+                }
+                Some(port) => {
+                    let number = port_number(port);
+                    if number.is_none() {
+                        warn(Problem::HealthCheckPortRange(port));
+                    }
+                    number
+                }
+            }
+        } else {
+            None
+        };
+
+        Self {
+            node_ports,
+            external_local,
+            load_balancer_ips,
+            external_ips,
+            source_ranges: source_ranges.into_iter().collect(),
+            health_check_port,
+        }
+    }
+}
+
+fn is_ipv6_cidr(text: &str) -> bool {
+    text.split_once('/').is_some_and(|(addr, len)| {
+        addr.parse::<std::net::Ipv6Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 128)
+    })
+}
+
+/// kube-proxy's health check count: distinct addresses of this node's ready
+/// endpoints over every port of the Service's slices.
+fn local_ready_addresses(slices: &[SliceEndpoints], node: &NodeInfo) -> usize {
+    slices
+        .iter()
+        .filter(|slice| !slice.ports.is_empty())
+        .flat_map(|slice| &slice.endpoints)
+        .filter(|info| info.ready && info.is_on(node))
+        .map(|info| info.addr)
+        .collect::<BTreeSet<_>>()
+        .len()
 }
 
 fn port_number(port: i32) -> Option<u16> {
@@ -721,61 +1082,128 @@ fn candidates_for<'a>(
     candidates
 }
 
-/// The endpoints one frontend uses, sorted and deduplicated, and what it
-/// does with new flows when there are none: the whole per-frontend decision
-/// (see the module documentation for the rules and their sources).
-fn select_endpoints(
+/// The endpoint sets of one Service port (kube-proxy's
+/// `CategorizeEndpoints`); every frontend of the port picks from them.
+struct EndpointSets {
+    /// Ready endpoints narrowed by topology, else the serving-terminating
+    /// ones: what the Cluster policies use.
+    cluster: BTreeSet<Endpoint>,
+    /// This node's ready endpoints, else its serving-terminating ones: what
+    /// the Local policies use.
+    local: BTreeSet<Endpoint>,
+    /// Whether any endpoint is usable anywhere: without one, new flows are
+    /// rejected whatever the policy; with one, a Local policy that left
+    /// nothing drops them.
+    any: bool,
+    /// Every candidate, for `lingering`.
+    all: BTreeSet<Endpoint>,
+    internal_local: bool,
+}
+
+fn categorize(
     candidates: &[Candidate<'_>],
     policy: TrafficPolicy,
     node: &NodeInfo,
-) -> (Vec<Endpoint>, EmptyAction, Vec<Endpoint>) {
+) -> EndpointSets {
     let ready: Vec<Candidate<'_>> = candidates
         .iter()
         .copied()
         .filter(|c| c.info.ready)
         .collect();
-    let serving_terminating = |keep: &dyn Fn(&Candidate<'_>) -> bool| -> Vec<Candidate<'_>> {
+    let serving_terminating = |keep: &dyn Fn(&Candidate<'_>) -> bool| -> BTreeSet<Endpoint> {
         candidates
             .iter()
-            .copied()
             .filter(|c| c.info.serving_terminating() && keep(c))
+            .map(|c| c.endpoint)
             .collect()
     };
-    let chosen = if policy.local {
-        let local: Vec<Candidate<'_>> = ready
-            .iter()
-            .copied()
-            .filter(|c| c.info.is_on(node))
-            .collect();
-        if local.is_empty() {
-            serving_terminating(&|c| c.info.is_on(node))
-        } else {
-            local
-        }
-    } else if ready.is_empty() {
+    let cluster: BTreeSet<Endpoint> = if ready.is_empty() {
         serving_terminating(&|_| true)
     } else {
         prefer_topology(ready.clone(), policy, node)
+            .iter()
+            .map(|c| c.endpoint)
+            .collect()
     };
-    let anywhere = !ready.is_empty() || candidates.iter().any(|c| c.info.serving_terminating());
-    // kube-proxy rejects when the Service has no usable endpoint at all, and
-    // drops when only the Local policy left this node without one.
-    let empty_action = if policy.local && anywhere {
-        EmptyAction::Drop
-    } else {
-        EmptyAction::Reject
-    };
-    let endpoints: BTreeSet<Endpoint> = chosen.iter().map(|c| c.endpoint).collect();
-    let lingering: BTreeSet<Endpoint> = candidates
+    let local_ready: BTreeSet<Endpoint> = ready
         .iter()
+        .filter(|c| c.info.is_on(node))
         .map(|c| c.endpoint)
-        .filter(|e| !endpoints.contains(e))
         .collect();
-    (
-        endpoints.into_iter().collect(),
-        empty_action,
-        lingering.into_iter().collect(),
-    )
+    let local = if local_ready.is_empty() {
+        serving_terminating(&|c| c.info.is_on(node))
+    } else {
+        local_ready
+    };
+    EndpointSets {
+        any: !cluster.is_empty(),
+        cluster,
+        local,
+        all: candidates.iter().map(|c| c.endpoint).collect(),
+        internal_local: policy.local,
+    }
+}
+
+impl EndpointSets {
+    /// The state of one frontend of `kind` (see the module documentation
+    /// for the rules and their sources).
+    fn state(
+        &self,
+        service: &str,
+        kind: FrontendKind,
+        exposure: &Exposure,
+        affinity_timeout_s: Option<u32>,
+    ) -> FrontendState {
+        let choose = |local: bool| {
+            if local {
+                let action = if self.any {
+                    EmptyAction::Drop
+                } else {
+                    EmptyAction::Reject
+                };
+                (&self.local, action)
+            } else {
+                (&self.cluster, EmptyAction::Reject)
+            }
+        };
+        // Internal traffic policy only governs cluster IPs; in-cluster
+        // traffic to the other kinds uses the cluster-wide endpoints.
+        let (endpoints, empty_action) =
+            choose(kind == FrontendKind::ClusterIp && self.internal_local);
+        let external = (kind != FrontendKind::ClusterIp).then(|| {
+            let (endpoints, empty_action) = choose(exposure.external_local);
+            ExternalTraffic {
+                endpoints: endpoints.iter().copied().collect(),
+                empty_action,
+                masquerade: !exposure.external_local,
+                source_ranges: if kind == FrontendKind::LoadBalancer {
+                    exposure.source_ranges.clone()
+                } else {
+                    Vec::new()
+                },
+            }
+        });
+        let lingering = self
+            .all
+            .iter()
+            .filter(|e| {
+                !endpoints.contains(e)
+                    && !external
+                        .as_ref()
+                        .is_some_and(|x| x.endpoints.binary_search(e).is_ok())
+            })
+            .copied()
+            .collect();
+        FrontendState {
+            service: service.to_string(),
+            kind,
+            endpoints: endpoints.iter().copied().collect(),
+            empty_action,
+            affinity_timeout_s,
+            lingering,
+            external,
+        }
+    }
 }
 
 /// kube-proxy's topology modes: narrows the ready endpoints to the ones
@@ -1489,6 +1917,7 @@ mod tests {
                 .map(|zone| (LABEL_TOPOLOGY_ZONE.to_string(), zone.to_string()))
                 .into_iter()
                 .collect(),
+            addresses: Vec::new(),
         }
     }
 
@@ -2036,6 +2465,7 @@ mod properties {
                     .map(|zone| (LABEL_TOPOLOGY_ZONE.to_string(), zone.to_string()))
                     .into_iter()
                     .collect(),
+                addresses: vec![Ipv4Addr::new(192, 168, 0, 1)],
             })
     }
 
