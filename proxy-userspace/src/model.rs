@@ -20,9 +20,33 @@
 //!   `serving` unset means the same as `ready` (the API: "defer to the ready
 //!   condition") and `terminating` unset means not terminating.
 //!
-//! Which endpoints a frontend uses is decided once, in `select_endpoints`,
-//! for ClusterIP traffic only, following kube-proxy's `CategorizeEndpoints`
-//! (pkg/proxy/topology.go) and the proxiers' filter rules:
+//! Frontends per Service port, as kube-proxy's proxiers program them:
+//! - each cluster IP on the port ([`FrontendKind::ClusterIp`]);
+//! - for types NodePort and LoadBalancer, the port's `nodePort` (unset or 0,
+//!   as `allocateLoadBalancerNodePorts: false` leaves it, means none) on each
+//!   of [`NodeInfo::addresses`];
+//! - each IPv4 `status.loadBalancer.ingress[].ip` whose `ipMode` is unset or
+//!   `VIP`, and each IPv4 `spec.externalIPs` entry, on the port, whatever the
+//!   type (as kube-proxy: the API server keeps those fields to the types
+//!   they make sense for).
+//!
+//! Which endpoints a frontend uses is decided once per Service port, in
+//! `categorize`, following kube-proxy's `CategorizeEndpoints`
+//! (pkg/proxy/topology.go) and the proxiers' filter rules; every frontend
+//! of the port then picks the cluster-wide or the local set:
+//! - traffic from inside the cluster to a cluster IP follows
+//!   `internalTrafficPolicy`; to any other kind it always uses the
+//!   cluster-wide set (kube-proxy short-circuits pod and host traffic to
+//!   external destinations to its Cluster chain);
+//! - traffic from outside follows `externalTrafficPolicy` (meaningful on
+//!   types NodePort and LoadBalancer only): Cluster uses the cluster-wide set
+//!   and masquerades, Local the local set with the client IP kept, dropping
+//!   new flows when this node has none but others do;
+//!   `loadBalancerSourceRanges` apply to load-balancer IPs only;
+//! - an eTP-Local LoadBalancer with a `healthCheckNodePort` gets a
+//!   [`HealthCheck`] reporting this node's ready endpoints.
+//!
+//! The sets:
 //! - the usable endpoints are the ready ones; only when none is ready are the
 //!   serving *and* terminating ones used, so a Service whose pods are all
 //!   shutting down keeps answering while they drain;
@@ -1188,9 +1212,9 @@ impl EndpointSets {
             .iter()
             .filter(|e| {
                 !endpoints.contains(e)
-                    && !external
+                    && external
                         .as_ref()
-                        .is_some_and(|x| x.endpoints.binary_search(e).is_ok())
+                        .is_none_or(|x| x.endpoints.binary_search(e).is_err())
             })
             .copied()
             .collect();
@@ -2282,6 +2306,529 @@ mod tests {
         assert_eq!(Protocol::from_api(None), Ok(Protocol::Tcp));
         assert!(Protocol::from_api(Some("tcp")).is_err());
     }
+
+    // NodePort, LoadBalancer and external IPs.
+
+    const NODE_IP: &str = "192.168.0.1";
+    const NODE_IP2: &str = "172.16.0.1";
+    const LB_IP: &str = "203.0.113.1";
+    const EXT_IP: &str = "198.51.100.7";
+
+    fn ip(addr: &str) -> Ipv4Addr {
+        addr.parse().unwrap()
+    }
+
+    /// `web` (10.96.0.10, port http 80 -> nodePort 30080) with `spec`
+    /// fields overriding, and `status`.
+    fn exposed(spec: Value, status: Value) -> Service {
+        exposed_named("web", "10.96.0.10", spec, status)
+    }
+
+    fn exposed_named(name: &str, cluster_ip: &str, spec: Value, status: Value) -> Service {
+        let mut svc = json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": cluster_ip,
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]},
+            "status": status,
+        });
+        for (key, value) in spec.as_object().unwrap() {
+            svc["spec"][key] = value.clone();
+        }
+        from(svc)
+    }
+
+    fn lb_status(ips: &[&str]) -> Value {
+        let ingress: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+        json!({"loadBalancer": {"ingress": ingress}})
+    }
+
+    fn node_a() -> NodeInfo {
+        node("node-a", None).with_addresses([ip(NODE_IP), ip(NODE_IP2), ip(NODE_IP)])
+    }
+
+    /// Ready on node-a, ready on node-b, terminating on node-a.
+    fn mixed_slices() -> Vec<EndpointSlice> {
+        vec![web_slice(
+            "web-a",
+            &[
+                on("10.0.0.1", "node-a", READY),
+                on("10.0.0.2", "node-b", READY),
+                on("10.0.0.3", "node-a", TERMINATING),
+            ],
+        )]
+    }
+
+    fn kinds(state: &DesiredState) -> Vec<(Frontend, FrontendKind)> {
+        state.frontends.iter().map(|(f, s)| (*f, s.kind)).collect()
+    }
+
+    fn external(state: &DesiredState, frontend: Frontend) -> &ExternalTraffic {
+        state.frontends[&frontend]
+            .external
+            .as_ref()
+            .expect("external frontend")
+    }
+
+    #[test]
+    fn node_port_answers_on_every_node_address() {
+        let svc = exposed(json!({"type": "NodePort"}), Value::Null);
+        let (state, warnings) = compute(std::slice::from_ref(&svc), &mixed_slices(), &node_a());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            kinds(&state),
+            [
+                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
+                (fe(NODE_IP2, 30080, Protocol::Tcp), FrontendKind::NodePort),
+                (fe(NODE_IP, 30080, Protocol::Tcp), FrontendKind::NodePort),
+            ]
+        );
+        assert_eq!(
+            state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].external,
+            None
+        );
+        let np = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
+        assert_eq!(np.service, "default/web:http");
+        assert_eq!(np.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        assert_eq!(
+            np.external,
+            Some(ExternalTraffic {
+                endpoints: vec![ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)],
+                empty_action: EmptyAction::Reject,
+                masquerade: true,
+                source_ranges: vec![],
+            })
+        );
+        assert_eq!(np.lingering, [ep("10.0.0.3", 8080)]);
+        // A node without NodePort addresses serves none.
+        let (state, _) = compute(&[svc], &[], &node("node-a", None));
+        assert_eq!(state.frontends.len(), 1);
+        // nodePort on a ClusterIP Service (only a static manifest can say
+        // that): not served.
+        let cluster_ip = exposed(json!({}), Value::Null);
+        let (state, _) = compute(&[cluster_ip], &[], &node_a());
+        assert_eq!(
+            kinds(&state),
+            [(fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp)]
+        );
+    }
+
+    #[test]
+    fn node_port_out_of_range_warns_and_keeps_the_rest() {
+        let svc = exposed(
+            json!({"type": "NodePort",
+                   "ports": [{"name": "http", "port": 80, "nodePort": 70000}]}),
+            Value::Null,
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].reason.contains("nodePort 70000"),
+            "{}",
+            warnings[0]
+        );
+        assert_eq!(
+            kinds(&state),
+            [(fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp)]
+        );
+    }
+
+    #[test]
+    fn load_balancer_ingress_ips_in_vip_mode() {
+        let status = json!({"loadBalancer": {"ingress": [
+            {"ip": LB_IP},
+            {"ip": "203.0.113.2", "ipMode": "VIP"},
+            {"ip": "203.0.113.3", "ipMode": "Proxy"},
+            {"hostname": "lb.example.com"},
+            {"ip": "2001:db8::1"},
+        ]}});
+        let svc = exposed(json!({"type": "LoadBalancer"}), status);
+        let (state, warnings) = compute(&[svc], &mixed_slices(), &node_a());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            kinds(&state),
+            [
+                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
+                (fe(NODE_IP2, 30080, Protocol::Tcp), FrontendKind::NodePort),
+                (fe(NODE_IP, 30080, Protocol::Tcp), FrontendKind::NodePort),
+                (fe(LB_IP, 80, Protocol::Tcp), FrontendKind::LoadBalancer),
+                (
+                    fe("203.0.113.2", 80, Protocol::Tcp),
+                    FrontendKind::LoadBalancer
+                ),
+            ]
+        );
+        let lb = external(&state, fe(LB_IP, 80, Protocol::Tcp));
+        assert_eq!(lb.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        assert!(lb.masquerade);
+    }
+
+    #[test]
+    fn no_node_port_frontend_without_allocated_node_ports() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
+                   "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}),
+            lb_status(&[LB_IP]),
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            kinds(&state),
+            [
+                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
+                (fe(LB_IP, 80, Protocol::Tcp), FrontendKind::LoadBalancer),
+            ]
+        );
+    }
+
+    #[test]
+    fn external_ips_on_any_service_type_and_cluster_policy_on_cluster_ip() {
+        // externalTrafficPolicy only means something on NodePort and
+        // LoadBalancer Services, so Local is ignored here.
+        let svc = exposed(
+            json!({"externalIPs": [EXT_IP, "fd00::7"], "externalTrafficPolicy": "Local"}),
+            Value::Null,
+        );
+        let (state, warnings) = compute(&[svc], &mixed_slices(), &node("node-b", None));
+        assert_eq!(warnings, []);
+        assert_eq!(
+            kinds(&state),
+            [
+                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
+                (fe(EXT_IP, 80, Protocol::Tcp), FrontendKind::ExternalIp),
+            ]
+        );
+        let ext = external(&state, fe(EXT_IP, 80, Protocol::Tcp));
+        assert_eq!(ext.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        assert!(ext.masquerade);
+        assert_eq!(ext.empty_action, EmptyAction::Reject);
+    }
+
+    #[test]
+    fn external_traffic_policy_local_uses_local_endpoints_and_keeps_the_client() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                   "healthCheckNodePort": 32000, "externalIPs": [EXT_IP]}),
+            lb_status(&[LB_IP]),
+        );
+        let (state, warnings) = compute(std::slice::from_ref(&svc), &mixed_slices(), &node_a());
+        assert_eq!(warnings, []);
+        for frontend in [
+            fe(NODE_IP, 30080, Protocol::Tcp),
+            fe(LB_IP, 80, Protocol::Tcp),
+            fe(EXT_IP, 80, Protocol::Tcp),
+        ] {
+            let st = &state.frontends[&frontend];
+            // In-cluster traffic is not subject to the external policy.
+            assert_eq!(st.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+            assert_eq!(st.empty_action, EmptyAction::Reject);
+            let ext = st.external.as_ref().unwrap();
+            assert_eq!(ext.endpoints, [ep("10.0.0.1", 8080)], "{frontend}");
+            assert_eq!(ext.empty_action, EmptyAction::Drop);
+            assert!(!ext.masquerade);
+            assert_eq!(st.lingering, [ep("10.0.0.3", 8080)]);
+        }
+        // The cluster IP is untouched by the external policy.
+        let cip = &state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(cip.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+
+        // A node without local endpoints drops external traffic.
+        let c = node("node-c", None).with_addresses([ip(NODE_IP)]);
+        let (state, _) = compute(std::slice::from_ref(&svc), &mixed_slices(), &c);
+        let st = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
+        let ext = st.external.as_ref().unwrap();
+        assert_eq!(ext.endpoints, []);
+        assert_eq!(ext.empty_action, EmptyAction::Drop);
+        assert_eq!(st.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+
+        // No usable endpoint anywhere: rejected, whatever the policy.
+        let (state, _) = compute(std::slice::from_ref(&svc), &[], &node_a());
+        let ext = external(&state, fe(LB_IP, 80, Protocol::Tcp));
+        assert_eq!(ext.empty_action, EmptyAction::Reject);
+
+        // Only a terminating endpoint here: external traffic uses it while
+        // in-cluster traffic goes to the ready remote one; it is in the
+        // external set, so it is not lingering.
+        let draining = [web_slice(
+            "web-a",
+            &[
+                on("10.0.0.2", "node-b", READY),
+                on("10.0.0.3", "node-a", TERMINATING),
+            ],
+        )];
+        let (state, _) = compute(&[svc], &draining, &node_a());
+        let st = &state.frontends[&fe(LB_IP, 80, Protocol::Tcp)];
+        assert_eq!(st.endpoints, [ep("10.0.0.2", 8080)]);
+        assert_eq!(
+            st.external.as_ref().unwrap().endpoints,
+            [ep("10.0.0.3", 8080)]
+        );
+        assert_eq!(st.lingering, []);
+    }
+
+    #[test]
+    fn external_traffic_policy_cluster_uses_topology_like_cluster_ips() {
+        let svc = exposed(json!({"type": "NodePort"}), Value::Null);
+        let slices = [web_slice(
+            "web-a",
+            &[
+                hinted("10.0.0.1", &["zone-a"], &[]),
+                hinted("10.0.0.2", &["zone-b"], &[]),
+            ],
+        )];
+        let a = node("node-a", Some("zone-a")).with_addresses([ip(NODE_IP)]);
+        let (state, _) = compute(&[svc], &slices, &a);
+        let st = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
+        assert_eq!(st.endpoints, [ep("10.0.0.1", 8080)]);
+        assert_eq!(
+            st.external.as_ref().unwrap().endpoints,
+            [ep("10.0.0.1", 8080)]
+        );
+        assert_eq!(st.lingering, [ep("10.0.0.2", 8080)]);
+    }
+
+    #[test]
+    fn internal_local_and_external_cluster_combined() {
+        let svc = exposed(
+            json!({"type": "NodePort", "internalTrafficPolicy": "Local",
+                   "externalTrafficPolicy": "Cluster"}),
+            Value::Null,
+        );
+        let (state, warnings) = compute(
+            &[svc],
+            &mixed_slices(),
+            &node("node-b", None).with_addresses([ip(NODE_IP)]),
+        );
+        assert_eq!(warnings, []);
+        let cip = &state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(
+            cip.endpoints,
+            [ep("10.0.0.2", 8080)],
+            "iTP Local: this node's"
+        );
+        assert_eq!(cip.external, None);
+        let np = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
+        // iTP governs cluster IPs only.
+        assert_eq!(np.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        let ext = np.external.as_ref().unwrap();
+        assert_eq!(ext.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        assert!(ext.masquerade);
+        assert_eq!(ext.empty_action, EmptyAction::Reject);
+    }
+
+    #[test]
+    fn source_ranges_apply_to_load_balancer_frontends_only() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "externalIPs": [EXT_IP],
+                   "loadBalancerSourceRanges":
+                       [" 10.0.0.0/8 ", "192.168.1.7/24", "10.0.0.0/8", "2001:db8::/32", "bogus", "1.2.3.4/33"]}),
+            lb_status(&[LB_IP]),
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings.iter().all(|w| w.object == "Service default/web"));
+        assert!(
+            warnings.iter().any(|w| w.reason.contains("bogus")),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings.iter().any(|w| w.reason.contains("1.2.3.4/33")),
+            "{warnings:?}"
+        );
+        let cidr = |text: &str| text.parse::<Ipv4Cidr>().unwrap();
+        assert_eq!(
+            external(&state, fe(LB_IP, 80, Protocol::Tcp)).source_ranges,
+            [cidr("10.0.0.0/8"), cidr("192.168.1.0/24")]
+        );
+        assert_eq!(
+            external(&state, fe(NODE_IP, 30080, Protocol::Tcp)).source_ranges,
+            []
+        );
+        assert_eq!(
+            external(&state, fe(EXT_IP, 80, Protocol::Tcp)).source_ranges,
+            []
+        );
+    }
+
+    #[test]
+    fn health_check_counts_local_ready_endpoint_addresses() {
+        let two_ports = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 32000,
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080},
+                      {"name": "https", "port": 443, "nodePort": 30443}]});
+        let svc = exposed(two_ports.clone(), lb_status(&[LB_IP]));
+        let slices: Vec<EndpointSlice> = vec![from(json!({
+            "metadata": {"name": "web-a", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}, {"name": "https", "port": 8443}],
+            "endpoints": [
+                on("10.0.0.1", "node-a", READY),
+                on("10.0.0.2", "node-a", READY),
+                on("10.0.0.3", "node-a", TERMINATING),
+                on("10.0.0.4", "node-b", READY),
+                on("10.0.0.5", "node-a", (false, false, false)),
+            ],
+        }))];
+        let (state, warnings) = compute(std::slice::from_ref(&svc), &slices, &node_a());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            state.health_checks,
+            BTreeMap::from([(
+                32000,
+                HealthCheck {
+                    namespace: "default".into(),
+                    name: "web".into(),
+                    local_endpoints: 2,
+                }
+            )])
+        );
+        let (state, _) = compute(std::slice::from_ref(&svc), &slices, &node("node-c", None));
+        assert_eq!(state.health_checks[&32000].local_endpoints, 0);
+        let (state, _) = compute(std::slice::from_ref(&svc), &[], &node_a());
+        assert_eq!(state.health_checks[&32000].local_endpoints, 0);
+
+        // Only eTP Local LoadBalancers have one.
+        for spec in [
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Cluster",
+                   "healthCheckNodePort": 32000}),
+            json!({"type": "NodePort", "externalTrafficPolicy": "Local",
+                   "healthCheckNodePort": 32000}),
+        ] {
+            let (state, warnings) = compute(&[exposed(spec, Value::Null)], &slices, &node_a());
+            assert_eq!(warnings, []);
+            assert!(state.health_checks.is_empty());
+        }
+        // Missing port: a warning, the Service still served.
+        let (state, warnings) = compute(
+            &[exposed(
+                json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local"}),
+                lb_status(&[LB_IP]),
+            )],
+            &slices,
+            &node_a(),
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(state.health_checks.is_empty());
+        assert!(state.frontends.contains_key(&fe(LB_IP, 80, Protocol::Tcp)));
+        // Two Services on one port: the first in name order keeps it.
+        let other = exposed_named("api", "10.96.0.11", two_ports, Value::Null);
+        let (state, warnings) = compute(&[svc, other], &slices, &node_a());
+        assert_eq!(state.health_checks[&32000].name, "api");
+        assert_eq!(
+            warnings.len(),
+            5,
+            "hc port, two nodePorts on two addresses: {warnings:?}"
+        );
+        assert!(warnings.iter().all(|w| w.object == "Service default/web"));
+    }
+
+    #[test]
+    fn external_ip_colliding_with_another_services_lb_ip_warns() {
+        let a = exposed_named(
+            "a",
+            "10.96.0.11",
+            json!({"externalIPs": [LB_IP]}),
+            Value::Null,
+        );
+        let b = exposed_named(
+            "b",
+            "10.96.0.12",
+            json!({"type": "LoadBalancer",
+                   "ports": [{"name": "http", "port": 80, "nodePort": 30081}]}),
+            lb_status(&[LB_IP]),
+        );
+        let one = compute(&[b.clone(), a.clone()], &[], &node_a());
+        assert_eq!(one, compute(&[a, b], &[], &node_a()));
+        let (state, warnings) = one;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].object, "Service default/b");
+        assert!(
+            warnings[0].reason.contains("default/a:http"),
+            "{}",
+            warnings[0]
+        );
+        let st = &state.frontends[&fe(LB_IP, 80, Protocol::Tcp)];
+        assert_eq!(
+            (st.service.as_str(), st.kind),
+            ("default/a:http", FrontendKind::ExternalIp)
+        );
+        // b keeps its other frontends.
+        assert!(
+            state
+                .frontends
+                .contains_key(&fe(NODE_IP, 30081, Protocol::Tcp))
+        );
+    }
+
+    #[test]
+    fn external_ip_equal_to_own_lb_ip_is_one_lb_frontend() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "externalIPs": [LB_IP],
+                   "loadBalancerSourceRanges": ["10.0.0.0/8"]}),
+            lb_status(&[LB_IP]),
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings, []);
+        let st = &state.frontends[&fe(LB_IP, 80, Protocol::Tcp)];
+        assert_eq!(st.kind, FrontendKind::LoadBalancer);
+        assert_eq!(st.external.as_ref().unwrap().source_ranges.len(), 1);
+    }
+
+    #[test]
+    fn malformed_external_and_ingress_ips_warn_and_are_skipped() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "externalIPs": ["300.1.1.1", EXT_IP]}),
+            lb_status(&["not-an-ip", LB_IP]),
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings.iter().all(|w| w.object == "Service default/web"));
+        assert!(warnings.iter().any(|w| w.reason.contains("300.1.1.1")));
+        assert!(warnings.iter().any(|w| w.reason.contains("not-an-ip")));
+        assert!(state.frontends.contains_key(&fe(EXT_IP, 80, Protocol::Tcp)));
+        assert!(state.frontends.contains_key(&fe(LB_IP, 80, Protocol::Tcp)));
+        assert!(
+            state
+                .frontends
+                .contains_key(&fe(NODE_IP, 30080, Protocol::Tcp))
+        );
+    }
+
+    #[test]
+    fn ipv4_cidr_parse_and_contains() {
+        let c: Ipv4Cidr = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(
+            c,
+            Ipv4Cidr {
+                addr: ip("10.0.0.0"),
+                prefix_len: 8
+            }
+        );
+        assert_eq!(c.to_string(), "10.0.0.0/8");
+        assert!(c.contains(ip("10.255.0.1")));
+        assert!(!c.contains(ip("11.0.0.1")));
+        let all: Ipv4Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(ip("255.255.255.255")));
+        let host: Ipv4Cidr = "192.168.0.1/32".parse().unwrap();
+        assert!(host.contains(ip(NODE_IP)) && !host.contains(ip("192.168.0.2")));
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "x/8",
+            "fd00::/8",
+        ] {
+            assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_info_with_addresses() {
+        let n = NodeInfo::from_objects("node-a", &[]).with_addresses([ip(NODE_IP)]);
+        assert_eq!(n.addresses, [ip(NODE_IP)]);
+        assert_eq!(n.name, "node-a");
+    }
 }
 
 #[cfg(test)]
@@ -2362,9 +2909,50 @@ mod properties {
     }
 
     fn port_entry() -> impl Strategy<Value = Value> {
-        (name_like(), port_like(), protocol_like()).prop_map(
-            |(name, port, protocol)| json!({"name": name, "port": port, "protocol": protocol}),
+        (
+            name_like(),
+            port_like(),
+            protocol_like(),
+            prop_oneof![3 => Just(Value::Null), 1 => port_like()],
         )
+            .prop_map(|(name, port, protocol, node_port)| {
+                json!({"name": name, "port": port, "protocol": protocol, "nodePort": node_port})
+            })
+    }
+
+    fn cidr_like() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            4 => (0u8..8, 0u8..=33).prop_map(|(d, len)| json!(format!("10.0.0.{d}/{len}"))),
+            1 => Just(json!(" 192.168.0.0/16 ")),
+            1 => Just(json!("fd00::/8")),
+            1 => "[0-9./]{0,12}".prop_map(Value::from),
+        ]
+    }
+
+    /// Everything beyond cluster IPs: (externalIPs, eTP, health check port,
+    /// source ranges, status).
+    fn exposure_json() -> impl Strategy<Value = (Value, Value, Value, Value, Value)> {
+        let ingress = (
+            ip_like(),
+            prop::sample::select(vec![Value::Null, json!("VIP"), json!("Proxy")]),
+        )
+            .prop_map(|(ip, mode)| json!({"ip": ip, "ipMode": mode}));
+        (
+            prop::collection::vec(ip_like(), 0..3),
+            prop::sample::select(vec![Value::Null, json!("Cluster"), json!("Local")]),
+            prop_oneof![Just(Value::Null), port_like()],
+            prop::collection::vec(cidr_like(), 0..3),
+            prop::collection::vec(ingress, 0..3),
+        )
+            .prop_map(|(ext, etp, hc, ranges, ingress)| {
+                (
+                    Value::from(ext),
+                    etp,
+                    hc,
+                    Value::from(ranges),
+                    json!({"loadBalancer": {"ingress": ingress}}),
+                )
+            })
     }
 
     fn service_json() -> impl Strategy<Value = Value> {
@@ -2374,8 +2962,9 @@ mod properties {
             ip_like(),
             prop::collection::vec(ip_like(), 0..2),
             prop_oneof![
-                8 => Just("ClusterIP"),
-                1 => Just("NodePort"),
+                6 => Just("ClusterIP"),
+                2 => Just("NodePort"),
+                2 => Just("LoadBalancer"),
                 1 => Just("ExternalName"),
                 1 => Just(""),
             ],
@@ -2387,9 +2976,21 @@ mod properties {
                 json!("PreferClose"),
                 json!("PreferSameNode"),
             ]),
+            exposure_json(),
         )
             .prop_map(
-                |(name, ns, ip, ips, ty, ports, proxy_name, policy, distribution)| {
+                |(
+                    name,
+                    ns,
+                    ip,
+                    ips,
+                    ty,
+                    ports,
+                    proxy_name,
+                    policy,
+                    distribution,
+                    (external_ips, etp, hc, ranges, status),
+                )| {
                     let labels = if proxy_name {
                         json!({"service.kubernetes.io/service-proxy-name": "x"})
                     } else {
@@ -2399,7 +3000,12 @@ mod properties {
                         "metadata": {"name": name, "namespace": ns, "labels": labels},
                         "spec": {"clusterIP": ip, "clusterIPs": ips, "type": ty, "ports": ports,
                                  "internalTrafficPolicy": policy,
-                                 "trafficDistribution": distribution},
+                                 "trafficDistribution": distribution,
+                                 "externalIPs": external_ips,
+                                 "externalTrafficPolicy": etp,
+                                 "healthCheckNodePort": hc,
+                                 "loadBalancerSourceRanges": ranges},
+                        "status": status,
                     })
                 },
             )
@@ -2515,6 +3121,10 @@ mod properties {
                 prop_assert!(frontend.port != 0);
                 prop_assert!(st.endpoints.windows(2).all(|w| w[0] < w[1]));
                 prop_assert!(st.endpoints.iter().all(|e| e.port != 0));
+                let external = st.external.as_ref().map(|x| x.endpoints.as_slice()).unwrap_or_default();
+                prop_assert!(external.windows(2).all(|w| w[0] < w[1]));
+                prop_assert!(st.lingering.iter().all(|e| !st.endpoints.contains(e) && !external.contains(e)));
+                prop_assert_eq!(st.external.is_none(), st.kind == FrontendKind::ClusterIp);
             }
             let mut rs = services.clone();
             rs.reverse();
