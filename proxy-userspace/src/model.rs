@@ -526,26 +526,8 @@ pub fn compute(
         let exposure = Exposure::of(service, spec, &mut |problem| {
             warn(&mut warnings, &object, problem)
         });
-        if let Some(port) = exposure.health_check_port {
-            let check = HealthCheck {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-                local_endpoints: local_ready_addresses(service_slices, node),
-            };
-            match desired.health_checks.get(&port) {
-                Some(owner) => {
-                    let problem = Problem::HealthCheckPortTaken {
-                        port,
-                        owner: format!("{}/{}", owner.namespace, owner.name),
-                    };
-                    warn(&mut warnings, &object, problem);
-                }
-                None => {
-                    desired.health_checks.insert(port, check);
-                }
-            }
-        }
         let node_addresses: BTreeSet<Ipv4Addr> = node.addresses.iter().copied().collect();
+        let mut any_port = false;
         for port in spec.ports.iter().flatten() {
             let port_name = port.name.as_deref().unwrap_or("");
             let (number, protocol) = match service_port(port) {
@@ -555,6 +537,7 @@ pub fn compute(
                     continue;
                 }
             };
+            any_port = true;
             let node_port = if exposure.node_ports {
                 match node_port(port) {
                     Ok(node_port) => node_port,
@@ -630,6 +613,27 @@ pub fn compute(
                     continue;
                 }
                 desired.frontends.insert(frontend, state(kind));
+            }
+        }
+        // kube-proxy keeps health checks per service port, so a Service
+        // without a usable port has none.
+        if let Some(port) = exposure.health_check_port.filter(|_| any_port) {
+            let check = HealthCheck {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                local_endpoints: local_ready_addresses(service_slices, node),
+            };
+            match desired.health_checks.get(&port) {
+                Some(owner) => {
+                    let problem = Problem::HealthCheckPortTaken {
+                        port,
+                        owner: format!("{}/{}", owner.namespace, owner.name),
+                    };
+                    warn(&mut warnings, &object, problem);
+                }
+                None => {
+                    desired.health_checks.insert(port, check);
+                }
             }
         }
     }
@@ -2710,6 +2714,14 @@ mod tests {
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(state.health_checks.is_empty());
         assert!(state.frontends.contains_key(&fe(LB_IP, 80, Protocol::Tcp)));
+        // No usable port, no health check (kube-proxy keeps them per port).
+        let portless = exposed(
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                   "healthCheckNodePort": 32000, "ports": []}),
+            Value::Null,
+        );
+        let (state, _) = compute(&[portless], &slices, &node_a());
+        assert!(state.health_checks.is_empty());
         // Two Services on one port: the first in name order keeps it.
         let other = exposed_named("api", "10.96.0.11", two_ports, Value::Null);
         let (state, warnings) = compute(&[svc, other], &slices, &node_a());
