@@ -129,14 +129,17 @@ mod tests {
                 .map(|(fe, lasts)| {
                     let state = FrontendState {
                         service: format!("default/svc-{}", fe.addr),
+                        kind: crate::model::FrontendKind::ClusterIp,
                         endpoints: endpoints(lasts),
                         empty_action: EmptyAction::Reject,
                         affinity_timeout_s: None,
                         lingering: Vec::new(),
+                        external: None,
                     };
                     (*fe, state)
                 })
                 .collect(),
+            health_checks: Default::default(),
         }
     }
 

@@ -342,6 +342,7 @@ mod tests {
     fn state(endpoints: &[(&str, u16)]) -> FrontendState {
         FrontendState {
             service: "default/web:http".into(),
+            kind: crate::model::FrontendKind::ClusterIp,
             endpoints: endpoints
                 .iter()
                 .map(|(addr, port)| Endpoint {
@@ -352,12 +353,14 @@ mod tests {
             empty_action: EmptyAction::Reject,
             affinity_timeout_s: None,
             lingering: Vec::new(),
+            external: None,
         }
     }
 
     fn desired(entries: &[(Frontend, FrontendState)]) -> DesiredState {
         DesiredState {
             frontends: entries.iter().cloned().collect(),
+            health_checks: Default::default(),
         }
     }
 

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod datapath;
 pub mod diff;
 pub mod encode;
+pub mod healthcheck;
 pub mod inspect;
 pub mod interfaces;
 pub mod kube_source;

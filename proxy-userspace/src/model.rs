@@ -20,9 +20,33 @@
 //!   `serving` unset means the same as `ready` (the API: "defer to the ready
 //!   condition") and `terminating` unset means not terminating.
 //!
-//! Which endpoints a frontend uses is decided once, in `select_endpoints`,
-//! for ClusterIP traffic only, following kube-proxy's `CategorizeEndpoints`
-//! (pkg/proxy/topology.go) and the proxiers' filter rules:
+//! Frontends per Service port, as kube-proxy's proxiers program them:
+//! - each cluster IP on the port ([`FrontendKind::ClusterIp`]);
+//! - for types NodePort and LoadBalancer, the port's `nodePort` (unset or 0,
+//!   as `allocateLoadBalancerNodePorts: false` leaves it, means none) on each
+//!   of [`NodeInfo::addresses`];
+//! - each IPv4 `status.loadBalancer.ingress[].ip` whose `ipMode` is unset or
+//!   `VIP`, and each IPv4 `spec.externalIPs` entry, on the port, whatever the
+//!   type (as kube-proxy: the API server keeps those fields to the types
+//!   they make sense for).
+//!
+//! Which endpoints a frontend uses is decided once per Service port, in
+//! `categorize`, following kube-proxy's `CategorizeEndpoints`
+//! (pkg/proxy/topology.go) and the proxiers' filter rules; every frontend
+//! of the port then picks the cluster-wide or the local set:
+//! - traffic from inside the cluster to a cluster IP follows
+//!   `internalTrafficPolicy`; to any other kind it always uses the
+//!   cluster-wide set (kube-proxy short-circuits pod and host traffic to
+//!   external destinations to its Cluster chain);
+//! - traffic from outside follows `externalTrafficPolicy` (meaningful on
+//!   types NodePort and LoadBalancer only): Cluster uses the cluster-wide set
+//!   and masquerades, Local the local set with the client IP kept, dropping
+//!   new flows when this node has none but others do;
+//!   `loadBalancerSourceRanges` apply to load-balancer IPs only;
+//! - an eTP-Local LoadBalancer with a `healthCheckNodePort` gets a
+//!   [`HealthCheck`] reporting this node's ready endpoints.
+//!
+//! The sets:
 //! - the usable endpoints are the ready ones; only when none is ready are the
 //!   serving *and* terminating ones used, so a Service whose pods are all
 //!   shutting down keeps answering while they drain;
@@ -158,23 +182,149 @@ pub enum EmptyAction {
     Drop,
 }
 
+/// Which Service field a frontend comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    /// `spec.clusterIP(s)` on the service port.
+    ClusterIp,
+    /// `spec.ports[].nodePort` on one of [`NodeInfo::addresses`].
+    NodePort,
+    /// `status.loadBalancer.ingress[].ip` (VIP mode) on the service port.
+    LoadBalancer,
+    /// `spec.externalIPs[]` on the service port.
+    ExternalIp,
+}
+
+/// One frontend's traffic and what it gets.
+///
+/// The backends the datapath must hold for a frontend are
+/// `endpoints` ∪ `external.endpoints` ∪ `lingering`: `lingering` is disjoint
+/// from both, and an endpoint only external traffic may use (a local
+/// terminating one under `externalTrafficPolicy: Local`, say) is in
+/// `external.endpoints` only.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendState {
     /// kube-proxy's service port name: `namespace/name:port`, or
     /// `namespace/name` for an unnamed port, so logs read the same as its.
     pub service: String,
-    /// Sorted and deduplicated.
+    pub kind: FrontendKind,
+    /// What traffic from inside the cluster (pods, the host) gets: the
+    /// internalTrafficPolicy-filtered endpoints on a cluster IP; on the
+    /// other kinds the cluster-wide endpoints whatever either policy says,
+    /// as kube-proxy short-circuits in-cluster traffic to external
+    /// destinations to its "Cluster" chain. Sorted and deduplicated.
     pub endpoints: Vec<Endpoint>,
     pub empty_action: EmptyAction,
     /// `sessionAffinity: ClientIP` timeout in seconds; `None` without
-    /// affinity.
+    /// affinity. Applies to internal and external traffic alike.
     pub affinity_timeout_s: Option<u32>,
     /// Endpoints still in the EndpointSlices but not chosen for new flows
     /// (not ready, terminating, filtered out by policy or topology): their
     /// backends stay in the datapath so connections they already serve
     /// continue until they end, as kube-proxy's conntrack keeps them.
-    /// Sorted, deduplicated, disjoint from `endpoints`.
+    /// Sorted, deduplicated, disjoint from `endpoints` and from
+    /// `external.endpoints`.
     pub lingering: Vec<Endpoint>,
+    /// `None` for cluster IPs; what traffic from outside the cluster gets on
+    /// the other kinds.
+    pub external: Option<ExternalTraffic>,
+}
+
+/// What traffic from outside the cluster (arriving on a node interface)
+/// gets on a NodePort, load-balancer IP or external IP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalTraffic {
+    /// `externalTrafficPolicy: Cluster`: the cluster-wide endpoints (ready,
+    /// topology applied; else serving-terminating). `Local`: this node's
+    /// ready endpoints, else its serving-terminating ones. Sorted and
+    /// deduplicated.
+    pub endpoints: Vec<Endpoint>,
+    /// `Reject` when the Service has no usable endpoint anywhere; `Drop`
+    /// when only the Local policy left this node without one.
+    pub empty_action: EmptyAction,
+    /// `externalTrafficPolicy: Cluster`: SNAT to the node IP, since the
+    /// endpoint may be on another node. `Local`: the client IP is kept.
+    pub masquerade: bool,
+    /// `loadBalancerSourceRanges` (IPv4 ones), on load-balancer frontends
+    /// only: NodePorts and external IPs bypass them, as kube-proxy's. Empty
+    /// allows everyone. Sorted and deduplicated.
+    pub source_ranges: Vec<Ipv4Cidr>,
+}
+
+/// An IPv4 prefix. The address is stored with its host bits cleared, so
+/// `10.1.2.3/8` reads back as `10.0.0.0/8`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CidrError {
+    #[error("{0:?}: expected ADDRESS/PREFIX")]
+    NoPrefix(String),
+    #[error("{0:?}: not an IPv4 address")]
+    Address(String),
+    #[error("{0:?}: prefix length is not a number in 0..=32")]
+    PrefixLen(String),
+}
+
+impl Ipv4Cidr {
+    /// `addr/prefix_len`, host bits cleared; `None` if `prefix_len > 32`.
+    pub fn new(addr: Ipv4Addr, prefix_len: u8) -> Option<Self> {
+        (prefix_len <= 32).then(|| Self {
+            addr: Ipv4Addr::from(u32::from(addr) & Self::mask(prefix_len)),
+            prefix_len,
+        })
+    }
+
+    fn mask(prefix_len: u8) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(prefix_len))
+            .unwrap_or(0)
+    }
+
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        u32::from(addr) & Self::mask(self.prefix_len) == u32::from(self.addr)
+    }
+}
+
+impl std::str::FromStr for Ipv4Cidr {
+    type Err = CidrError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = text
+            .split_once('/')
+            .ok_or_else(|| CidrError::NoPrefix(text.to_string()))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| CidrError::Address(text.to_string()))?;
+        // Digits only: `u8::from_str` would take a leading `+`.
+        let len = Some(len)
+            .filter(|len| !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|len| len.parse::<u8>().ok())
+            .ok_or_else(|| CidrError::PrefixLen(text.to_string()))?;
+        Self::new(addr, len).ok_or_else(|| CidrError::PrefixLen(text.to_string()))
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// The `healthCheckNodePort` server of one Service: a LoadBalancer with
+/// `externalTrafficPolicy: Local`, whose load balancer asks each node
+/// whether it has endpoints to send to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Distinct addresses of this node's ready endpoints over all the
+    /// Service's ports (terminating ones do not count, so the load balancer
+    /// stops sending while they drain), as kube-proxy reports it.
+    pub local_endpoints: usize,
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -185,6 +335,8 @@ pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<Frontend, FrontendState>,
+    /// By `healthCheckNodePort`.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 /// The node the state is computed for: endpoints' `nodeName` and
@@ -194,6 +346,9 @@ pub struct DesiredState {
 pub struct NodeInfo {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// The node IPs NodePorts answer on, already filtered by
+    /// `--nodeport-addresses`. Order and duplicates do not matter.
+    pub addresses: Vec<Ipv4Addr>,
 }
 
 impl NodeInfo {
@@ -211,7 +366,14 @@ impl NodeInfo {
         Self {
             name: name.to_string(),
             labels,
+            addresses: Vec::new(),
         }
+    }
+
+    /// The same node, with NodePorts answering on `addresses`.
+    pub fn with_addresses(mut self, addresses: impl IntoIterator<Item = Ipv4Addr>) -> Self {
+        self.addresses = addresses.into_iter().collect();
+        self
     }
 
     /// The zone label, if set and not empty.
@@ -261,6 +423,22 @@ enum Problem {
         frontend: Frontend,
         owner: String,
     },
+    #[error("port {name:?}: nodePort {port} is outside 1..=65535; no NodePort for it")]
+    NodePortRange { name: String, port: i32 },
+    #[error("externalIPs: {0:?} is not an IP address")]
+    BadExternalIp(String),
+    #[error("status.loadBalancer.ingress: ip {0:?} is not an IP address")]
+    BadIngressIp(String),
+    #[error("loadBalancerSourceRanges: {0}; range ignored")]
+    BadSourceRange(CidrError),
+    #[error(
+        "externalTrafficPolicy Local LoadBalancer without a healthCheckNodePort; no health check served"
+    )]
+    NoHealthCheckPort,
+    #[error("healthCheckNodePort {0} is outside 1..=65535; no health check served")]
+    HealthCheckPortRange(i32),
+    #[error("healthCheckNodePort {port} already belongs to {owner}; no health check served")]
+    HealthCheckPortTaken { port: u16, owner: String },
     #[error("port {name:?}: no port number")]
     SlicePortMissing { name: String },
     #[error("port {name:?}: port {port} is outside 1..=65535")]
@@ -345,6 +523,11 @@ pub fn compute(
                 None
             }
         };
+        let exposure = Exposure::of(service, spec, &mut |problem| {
+            warn(&mut warnings, &object, problem)
+        });
+        let node_addresses: BTreeSet<Ipv4Addr> = node.addresses.iter().copied().collect();
+        let mut any_port = false;
         for port in spec.ports.iter().flatten() {
             let port_name = port.name.as_deref().unwrap_or("");
             let (number, protocol) = match service_port(port) {
@@ -354,26 +537,73 @@ pub fn compute(
                     continue;
                 }
             };
-            let candidates = candidates_for(service_slices, port_name, protocol);
-            let (endpoints, empty_action, lingering) = select_endpoints(&candidates, policy, node);
-            let state = FrontendState {
-                service: service_port_name(namespace, name, port_name),
-                endpoints,
-                empty_action,
-                affinity_timeout_s,
-                lingering,
+            any_port = true;
+            let node_port = if exposure.node_ports {
+                match node_port(port) {
+                    Ok(node_port) => node_port,
+                    Err(problem) => {
+                        warn(&mut warnings, &object, problem);
+                        None
+                    }
+                }
+            } else {
+                None
             };
-            for addr in &addrs {
-                let frontend = Frontend {
-                    addr: *addr,
-                    port: number,
-                    proto: protocol,
-                };
+            let candidates = candidates_for(service_slices, port_name, protocol);
+            let sets = categorize(&candidates, policy, node);
+            let service = service_port_name(namespace, name, port_name);
+            let state =
+                |kind: FrontendKind| sets.state(&service, kind, &exposure, affinity_timeout_s);
+            let mut claims: Vec<(Frontend, FrontendKind)> = Vec::new();
+            let on = |addr: Ipv4Addr, port: u16| Frontend {
+                addr,
+                port,
+                proto: protocol,
+            };
+            claims.extend(
+                addrs
+                    .iter()
+                    .map(|a| (on(*a, number), FrontendKind::ClusterIp)),
+            );
+            if let Some(node_port) = node_port {
+                claims.extend(
+                    node_addresses
+                        .iter()
+                        .map(|a| (on(*a, node_port), FrontendKind::NodePort)),
+                );
+            }
+            claims.extend(
+                exposure
+                    .load_balancer_ips
+                    .iter()
+                    .map(|a| (on(*a, number), FrontendKind::LoadBalancer)),
+            );
+            claims.extend(
+                exposure
+                    .external_ips
+                    .iter()
+                    .map(|a| (on(*a, number), FrontendKind::ExternalIp)),
+            );
+            for (frontend, kind) in claims {
                 if let Some(owner) = desired.frontends.get(&frontend) {
+                    if owner.service == service {
+                        // One Service naming one address twice (an external
+                        // IP that is also its load-balancer IP): the first
+                        // kind in ClusterIp, NodePort, LoadBalancer,
+                        // ExternalIp order keeps it, so an LB IP keeps its
+                        // source ranges, as kube-proxy's firewall applies
+                        // them to any traffic to the LB IP.
+                        tracing::debug!(
+                            "{object}: {frontend} is both {:?} and {kind:?}",
+                            owner.kind
+                        );
+                        continue;
+                    }
                     // Only reachable with invalid input (the API server
-                    // rejects duplicate ports and cluster IPs) or a stale
-                    // view of a reused cluster IP; the first owner in sorted
-                    // order keeps it so the outcome does not depend on order.
+                    // rejects duplicate ports and cluster IPs; external and
+                    // LB IPs are not checked across Services) or a stale
+                    // view of a reused IP; the first owner in sorted order
+                    // keeps it so the outcome does not depend on order.
                     let problem = Problem::FrontendTaken {
                         name: port_name.to_string(),
                         frontend,
@@ -382,7 +612,28 @@ pub fn compute(
                     warn(&mut warnings, &object, problem);
                     continue;
                 }
-                desired.frontends.insert(frontend, state.clone());
+                desired.frontends.insert(frontend, state(kind));
+            }
+        }
+        // kube-proxy keeps health checks per service port, so a Service
+        // without a usable port has none.
+        if let Some(port) = exposure.health_check_port.filter(|_| any_port) {
+            let check = HealthCheck {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                local_endpoints: local_ready_addresses(service_slices, node),
+            };
+            match desired.health_checks.get(&port) {
+                Some(owner) => {
+                    let problem = Problem::HealthCheckPortTaken {
+                        port,
+                        owner: format!("{}/{}", owner.namespace, owner.name),
+                    };
+                    warn(&mut warnings, &object, problem);
+                }
+                None => {
+                    desired.health_checks.insert(port, check);
+                }
             }
         }
     }
@@ -498,6 +749,144 @@ fn service_port(port: &ServicePort) -> Result<(u16, Protocol), Problem> {
         port: port.port,
     })?;
     Ok((number, protocol))
+}
+
+/// The port's `nodePort`; unset and 0 (what `allocateLoadBalancerNodePorts:
+/// false` leaves) mean none.
+fn node_port(port: &ServicePort) -> Result<Option<u16>, Problem> {
+    match port.node_port {
+        None | Some(0) => Ok(None),
+        Some(number) => port_number(number)
+            .map(Some)
+            .ok_or_else(|| Problem::NodePortRange {
+                name: port.name.clone().unwrap_or_default(),
+                port: number,
+            }),
+    }
+}
+
+/// What a Service exposes beyond its cluster IPs, read as kube-proxy's
+/// service change tracker reads it.
+struct Exposure {
+    /// Type NodePort or LoadBalancer: its ports' `nodePort`s are served. (The
+    /// API server only allows them on those types; kube-proxy itself does
+    /// not look at the type, which only matters for static manifests.)
+    node_ports: bool,
+    /// `externalTrafficPolicy: Local`, which only means something on the
+    /// NodePort and LoadBalancer types (kube-proxy's `ExternalPolicyLocal`):
+    /// the external IPs of a ClusterIP Service always use Cluster.
+    external_local: bool,
+    /// VIP-mode IPv4 ingress IPs, whatever the type, as kube-proxy.
+    load_balancer_ips: BTreeSet<Ipv4Addr>,
+    external_ips: BTreeSet<Ipv4Addr>,
+    source_ranges: Vec<Ipv4Cidr>,
+    health_check_port: Option<u16>,
+}
+
+impl Exposure {
+    fn of(service: &Service, spec: &ServiceSpec, warn: &mut dyn FnMut(Problem)) -> Self {
+        let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+        let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
+        let external_local = node_ports && spec.external_traffic_policy.as_deref() == Some("Local");
+
+        let mut external_ips = BTreeSet::new();
+        for ip in spec.external_ips.iter().flatten() {
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(addr)) => {
+                    external_ips.insert(addr);
+                }
+                // The other family of a dual-stack Service.
+                Ok(IpAddr::V6(_)) => {}
+                Err(_) => warn(Problem::BadExternalIp(ip.clone())),
+            }
+        }
+
+        let mut load_balancer_ips = BTreeSet::new();
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|status| status.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for entry in ingress.into_iter().flatten() {
+            // `ipMode: Proxy` load balancers deliver to the node with the
+            // node as destination, so no rule may capture the LB IP (its
+            // traffic would skip the load balancer's proxying). Unset is VIP.
+            if entry.ip_mode.as_deref().is_some_and(|mode| mode != "VIP") {
+                continue;
+            }
+            // Hostname-only ingress entries have no IP to serve.
+            let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+                continue;
+            };
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(addr)) => {
+                    load_balancer_ips.insert(addr);
+                }
+                Ok(IpAddr::V6(_)) => {}
+                Err(_) => warn(Problem::BadIngressIp(ip.to_string())),
+            }
+        }
+
+        let mut source_ranges = BTreeSet::new();
+        for range in spec.load_balancer_source_ranges.iter().flatten() {
+            // API validation lets whitespace padding through; kube-proxy
+            // trims it.
+            let range = range.trim();
+            match range.parse::<Ipv4Cidr>() {
+                Ok(cidr) => {
+                    source_ranges.insert(cidr);
+                }
+                Err(_) if is_ipv6_cidr(range) => {}
+                Err(e) => warn(Problem::BadSourceRange(e)),
+            }
+        }
+
+        let health_check_port = if type_ == "LoadBalancer" && external_local {
+            match spec.health_check_node_port {
+                None | Some(0) => {
+                    warn(Problem::NoHealthCheckPort);
+                    None
+                }
+                Some(port) => {
+                    let number = port_number(port);
+                    if number.is_none() {
+                        warn(Problem::HealthCheckPortRange(port));
+                    }
+                    number
+                }
+            }
+        } else {
+            None
+        };
+
+        Self {
+            node_ports,
+            external_local,
+            load_balancer_ips,
+            external_ips,
+            source_ranges: source_ranges.into_iter().collect(),
+            health_check_port,
+        }
+    }
+}
+
+fn is_ipv6_cidr(text: &str) -> bool {
+    text.split_once('/').is_some_and(|(addr, len)| {
+        addr.parse::<std::net::Ipv6Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 128)
+    })
+}
+
+/// kube-proxy's health check count: distinct addresses of this node's ready
+/// endpoints over every port of the Service's slices.
+fn local_ready_addresses(slices: &[SliceEndpoints], node: &NodeInfo) -> usize {
+    slices
+        .iter()
+        .filter(|slice| !slice.ports.is_empty())
+        .flat_map(|slice| &slice.endpoints)
+        .filter(|info| info.ready && info.is_on(node))
+        .map(|info| info.addr)
+        .collect::<BTreeSet<_>>()
+        .len()
 }
 
 fn port_number(port: i32) -> Option<u16> {
@@ -721,61 +1110,128 @@ fn candidates_for<'a>(
     candidates
 }
 
-/// The endpoints one frontend uses, sorted and deduplicated, and what it
-/// does with new flows when there are none: the whole per-frontend decision
-/// (see the module documentation for the rules and their sources).
-fn select_endpoints(
+/// The endpoint sets of one Service port (kube-proxy's
+/// `CategorizeEndpoints`); every frontend of the port picks from them.
+struct EndpointSets {
+    /// Ready endpoints narrowed by topology, else the serving-terminating
+    /// ones: what the Cluster policies use.
+    cluster: BTreeSet<Endpoint>,
+    /// This node's ready endpoints, else its serving-terminating ones: what
+    /// the Local policies use.
+    local: BTreeSet<Endpoint>,
+    /// Whether any endpoint is usable anywhere: without one, new flows are
+    /// rejected whatever the policy; with one, a Local policy that left
+    /// nothing drops them.
+    any: bool,
+    /// Every candidate, for `lingering`.
+    all: BTreeSet<Endpoint>,
+    internal_local: bool,
+}
+
+fn categorize(
     candidates: &[Candidate<'_>],
     policy: TrafficPolicy,
     node: &NodeInfo,
-) -> (Vec<Endpoint>, EmptyAction, Vec<Endpoint>) {
+) -> EndpointSets {
     let ready: Vec<Candidate<'_>> = candidates
         .iter()
         .copied()
         .filter(|c| c.info.ready)
         .collect();
-    let serving_terminating = |keep: &dyn Fn(&Candidate<'_>) -> bool| -> Vec<Candidate<'_>> {
+    let serving_terminating = |keep: &dyn Fn(&Candidate<'_>) -> bool| -> BTreeSet<Endpoint> {
         candidates
             .iter()
-            .copied()
             .filter(|c| c.info.serving_terminating() && keep(c))
+            .map(|c| c.endpoint)
             .collect()
     };
-    let chosen = if policy.local {
-        let local: Vec<Candidate<'_>> = ready
-            .iter()
-            .copied()
-            .filter(|c| c.info.is_on(node))
-            .collect();
-        if local.is_empty() {
-            serving_terminating(&|c| c.info.is_on(node))
-        } else {
-            local
-        }
-    } else if ready.is_empty() {
+    let cluster: BTreeSet<Endpoint> = if ready.is_empty() {
         serving_terminating(&|_| true)
     } else {
         prefer_topology(ready.clone(), policy, node)
+            .iter()
+            .map(|c| c.endpoint)
+            .collect()
     };
-    let anywhere = !ready.is_empty() || candidates.iter().any(|c| c.info.serving_terminating());
-    // kube-proxy rejects when the Service has no usable endpoint at all, and
-    // drops when only the Local policy left this node without one.
-    let empty_action = if policy.local && anywhere {
-        EmptyAction::Drop
-    } else {
-        EmptyAction::Reject
-    };
-    let endpoints: BTreeSet<Endpoint> = chosen.iter().map(|c| c.endpoint).collect();
-    let lingering: BTreeSet<Endpoint> = candidates
+    let local_ready: BTreeSet<Endpoint> = ready
         .iter()
+        .filter(|c| c.info.is_on(node))
         .map(|c| c.endpoint)
-        .filter(|e| !endpoints.contains(e))
         .collect();
-    (
-        endpoints.into_iter().collect(),
-        empty_action,
-        lingering.into_iter().collect(),
-    )
+    let local = if local_ready.is_empty() {
+        serving_terminating(&|c| c.info.is_on(node))
+    } else {
+        local_ready
+    };
+    EndpointSets {
+        any: !cluster.is_empty(),
+        cluster,
+        local,
+        all: candidates.iter().map(|c| c.endpoint).collect(),
+        internal_local: policy.local,
+    }
+}
+
+impl EndpointSets {
+    /// The state of one frontend of `kind` (see the module documentation
+    /// for the rules and their sources).
+    fn state(
+        &self,
+        service: &str,
+        kind: FrontendKind,
+        exposure: &Exposure,
+        affinity_timeout_s: Option<u32>,
+    ) -> FrontendState {
+        let choose = |local: bool| {
+            if local {
+                let action = if self.any {
+                    EmptyAction::Drop
+                } else {
+                    EmptyAction::Reject
+                };
+                (&self.local, action)
+            } else {
+                (&self.cluster, EmptyAction::Reject)
+            }
+        };
+        // Internal traffic policy only governs cluster IPs; in-cluster
+        // traffic to the other kinds uses the cluster-wide endpoints.
+        let (endpoints, empty_action) =
+            choose(kind == FrontendKind::ClusterIp && self.internal_local);
+        let external = (kind != FrontendKind::ClusterIp).then(|| {
+            let (endpoints, empty_action) = choose(exposure.external_local);
+            ExternalTraffic {
+                endpoints: endpoints.iter().copied().collect(),
+                empty_action,
+                masquerade: !exposure.external_local,
+                source_ranges: if kind == FrontendKind::LoadBalancer {
+                    exposure.source_ranges.clone()
+                } else {
+                    Vec::new()
+                },
+            }
+        });
+        let lingering = self
+            .all
+            .iter()
+            .filter(|e| {
+                !endpoints.contains(e)
+                    && external
+                        .as_ref()
+                        .is_none_or(|x| x.endpoints.binary_search(e).is_err())
+            })
+            .copied()
+            .collect();
+        FrontendState {
+            service: service.to_string(),
+            kind,
+            endpoints: endpoints.iter().copied().collect(),
+            empty_action,
+            affinity_timeout_s,
+            lingering,
+            external,
+        }
+    }
 }
 
 /// kube-proxy's topology modes: narrows the ready endpoints to the ones
@@ -1489,6 +1945,7 @@ mod tests {
                 .map(|zone| (LABEL_TOPOLOGY_ZONE.to_string(), zone.to_string()))
                 .into_iter()
                 .collect(),
+            addresses: Vec::new(),
         }
     }
 
@@ -1853,6 +2310,537 @@ mod tests {
         assert_eq!(Protocol::from_api(None), Ok(Protocol::Tcp));
         assert!(Protocol::from_api(Some("tcp")).is_err());
     }
+
+    // NodePort, LoadBalancer and external IPs.
+
+    const NODE_IP: &str = "192.168.0.1";
+    const NODE_IP2: &str = "172.16.0.1";
+    const LB_IP: &str = "203.0.113.1";
+    const EXT_IP: &str = "198.51.100.7";
+
+    fn ip(addr: &str) -> Ipv4Addr {
+        addr.parse().unwrap()
+    }
+
+    /// `web` (10.96.0.10, port http 80 -> nodePort 30080) with `spec`
+    /// fields overriding, and `status`.
+    fn exposed(spec: Value, status: Value) -> Service {
+        exposed_named("web", "10.96.0.10", spec, status)
+    }
+
+    fn exposed_named(name: &str, cluster_ip: &str, spec: Value, status: Value) -> Service {
+        let mut svc = json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": cluster_ip,
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]},
+            "status": status,
+        });
+        for (key, value) in spec.as_object().unwrap() {
+            svc["spec"][key] = value.clone();
+        }
+        from(svc)
+    }
+
+    fn lb_status(ips: &[&str]) -> Value {
+        let ingress: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+        json!({"loadBalancer": {"ingress": ingress}})
+    }
+
+    fn node_a() -> NodeInfo {
+        node("node-a", None).with_addresses([ip(NODE_IP), ip(NODE_IP2), ip(NODE_IP)])
+    }
+
+    /// Ready on node-a, ready on node-b, terminating on node-a.
+    fn mixed_slices() -> Vec<EndpointSlice> {
+        vec![web_slice(
+            "web-a",
+            &[
+                on("10.0.0.1", "node-a", READY),
+                on("10.0.0.2", "node-b", READY),
+                on("10.0.0.3", "node-a", TERMINATING),
+            ],
+        )]
+    }
+
+    fn kinds(state: &DesiredState) -> Vec<(Frontend, FrontendKind)> {
+        state.frontends.iter().map(|(f, s)| (*f, s.kind)).collect()
+    }
+
+    fn external(state: &DesiredState, frontend: Frontend) -> &ExternalTraffic {
+        state.frontends[&frontend]
+            .external
+            .as_ref()
+            .expect("external frontend")
+    }
+
+    #[test]
+    fn node_port_answers_on_every_node_address() {
+        let svc = exposed(json!({"type": "NodePort"}), Value::Null);
+        let (state, warnings) = compute(std::slice::from_ref(&svc), &mixed_slices(), &node_a());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            kinds(&state),
+            [
+                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
+                (fe(NODE_IP2, 30080, Protocol::Tcp), FrontendKind::NodePort),
+                (fe(NODE_IP, 30080, Protocol::Tcp), FrontendKind::NodePort),
+            ]
+        );
+        assert_eq!(
+            state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].external,
+            None
+        );
+        let np = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
+        assert_eq!(np.service, "default/web:http");
+        assert_eq!(np.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        assert_eq!(
+            np.external,
+            Some(ExternalTraffic {
+                endpoints: vec![ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)],
+                empty_action: EmptyAction::Reject,
+                masquerade: true,
+                source_ranges: vec![],
+            })
+        );
+        assert_eq!(np.lingering, [ep("10.0.0.3", 8080)]);
+        // A node without NodePort addresses serves none.
+        let (state, _) = compute(&[svc], &[], &node("node-a", None));
+        assert_eq!(state.frontends.len(), 1);
+        // nodePort on a ClusterIP Service (only a static manifest can say
+        // that): not served.
+        let cluster_ip = exposed(json!({}), Value::Null);
+        let (state, _) = compute(&[cluster_ip], &[], &node_a());
+        assert_eq!(
+            kinds(&state),
+            [(fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp)]
+        );
+    }
+
+    #[test]
+    fn node_port_out_of_range_warns_and_keeps_the_rest() {
+        let svc = exposed(
+            json!({"type": "NodePort",
+                   "ports": [{"name": "http", "port": 80, "nodePort": 70000}]}),
+            Value::Null,
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].reason.contains("nodePort 70000"),
+            "{}",
+            warnings[0]
+        );
+        assert_eq!(
+            kinds(&state),
+            [(fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp)]
+        );
+    }
+
+    #[test]
+    fn load_balancer_ingress_ips_in_vip_mode() {
+        let status = json!({"loadBalancer": {"ingress": [
+            {"ip": LB_IP},
+            {"ip": "203.0.113.2", "ipMode": "VIP"},
+            {"ip": "203.0.113.3", "ipMode": "Proxy"},
+            {"hostname": "lb.example.com"},
+            {"ip": "2001:db8::1"},
+        ]}});
+        let svc = exposed(json!({"type": "LoadBalancer"}), status);
+        let (state, warnings) = compute(&[svc], &mixed_slices(), &node_a());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            kinds(&state),
+            [
+                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
+                (fe(NODE_IP2, 30080, Protocol::Tcp), FrontendKind::NodePort),
+                (fe(NODE_IP, 30080, Protocol::Tcp), FrontendKind::NodePort),
+                (fe(LB_IP, 80, Protocol::Tcp), FrontendKind::LoadBalancer),
+                (
+                    fe("203.0.113.2", 80, Protocol::Tcp),
+                    FrontendKind::LoadBalancer
+                ),
+            ]
+        );
+        let lb = external(&state, fe(LB_IP, 80, Protocol::Tcp));
+        assert_eq!(lb.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        assert!(lb.masquerade);
+    }
+
+    #[test]
+    fn no_node_port_frontend_without_allocated_node_ports() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
+                   "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}),
+            lb_status(&[LB_IP]),
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            kinds(&state),
+            [
+                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
+                (fe(LB_IP, 80, Protocol::Tcp), FrontendKind::LoadBalancer),
+            ]
+        );
+    }
+
+    #[test]
+    fn external_ips_on_any_service_type_and_cluster_policy_on_cluster_ip() {
+        // externalTrafficPolicy only means something on NodePort and
+        // LoadBalancer Services, so Local is ignored here.
+        let svc = exposed(
+            json!({"externalIPs": [EXT_IP, "fd00::7"], "externalTrafficPolicy": "Local"}),
+            Value::Null,
+        );
+        let (state, warnings) = compute(&[svc], &mixed_slices(), &node("node-b", None));
+        assert_eq!(warnings, []);
+        assert_eq!(
+            kinds(&state),
+            [
+                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
+                (fe(EXT_IP, 80, Protocol::Tcp), FrontendKind::ExternalIp),
+            ]
+        );
+        let ext = external(&state, fe(EXT_IP, 80, Protocol::Tcp));
+        assert_eq!(ext.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        assert!(ext.masquerade);
+        assert_eq!(ext.empty_action, EmptyAction::Reject);
+    }
+
+    #[test]
+    fn external_traffic_policy_local_uses_local_endpoints_and_keeps_the_client() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                   "healthCheckNodePort": 32000, "externalIPs": [EXT_IP]}),
+            lb_status(&[LB_IP]),
+        );
+        let (state, warnings) = compute(std::slice::from_ref(&svc), &mixed_slices(), &node_a());
+        assert_eq!(warnings, []);
+        for frontend in [
+            fe(NODE_IP, 30080, Protocol::Tcp),
+            fe(LB_IP, 80, Protocol::Tcp),
+            fe(EXT_IP, 80, Protocol::Tcp),
+        ] {
+            let st = &state.frontends[&frontend];
+            // In-cluster traffic is not subject to the external policy.
+            assert_eq!(st.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+            assert_eq!(st.empty_action, EmptyAction::Reject);
+            let ext = st.external.as_ref().unwrap();
+            assert_eq!(ext.endpoints, [ep("10.0.0.1", 8080)], "{frontend}");
+            assert_eq!(ext.empty_action, EmptyAction::Drop);
+            assert!(!ext.masquerade);
+            assert_eq!(st.lingering, [ep("10.0.0.3", 8080)]);
+        }
+        // The cluster IP is untouched by the external policy.
+        let cip = &state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(cip.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+
+        // A node without local endpoints drops external traffic.
+        let c = node("node-c", None).with_addresses([ip(NODE_IP)]);
+        let (state, _) = compute(std::slice::from_ref(&svc), &mixed_slices(), &c);
+        let st = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
+        let ext = st.external.as_ref().unwrap();
+        assert_eq!(ext.endpoints, []);
+        assert_eq!(ext.empty_action, EmptyAction::Drop);
+        assert_eq!(st.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+
+        // No usable endpoint anywhere: rejected, whatever the policy.
+        let (state, _) = compute(std::slice::from_ref(&svc), &[], &node_a());
+        let ext = external(&state, fe(LB_IP, 80, Protocol::Tcp));
+        assert_eq!(ext.empty_action, EmptyAction::Reject);
+
+        // Only a terminating endpoint here: external traffic uses it while
+        // in-cluster traffic goes to the ready remote one; it is in the
+        // external set, so it is not lingering.
+        let draining = [web_slice(
+            "web-a",
+            &[
+                on("10.0.0.2", "node-b", READY),
+                on("10.0.0.3", "node-a", TERMINATING),
+            ],
+        )];
+        let (state, _) = compute(&[svc], &draining, &node_a());
+        let st = &state.frontends[&fe(LB_IP, 80, Protocol::Tcp)];
+        assert_eq!(st.endpoints, [ep("10.0.0.2", 8080)]);
+        assert_eq!(
+            st.external.as_ref().unwrap().endpoints,
+            [ep("10.0.0.3", 8080)]
+        );
+        assert_eq!(st.lingering, []);
+    }
+
+    #[test]
+    fn external_traffic_policy_cluster_uses_topology_like_cluster_ips() {
+        let svc = exposed(json!({"type": "NodePort"}), Value::Null);
+        let slices = [web_slice(
+            "web-a",
+            &[
+                hinted("10.0.0.1", &["zone-a"], &[]),
+                hinted("10.0.0.2", &["zone-b"], &[]),
+            ],
+        )];
+        let a = node("node-a", Some("zone-a")).with_addresses([ip(NODE_IP)]);
+        let (state, _) = compute(&[svc], &slices, &a);
+        let st = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
+        assert_eq!(st.endpoints, [ep("10.0.0.1", 8080)]);
+        assert_eq!(
+            st.external.as_ref().unwrap().endpoints,
+            [ep("10.0.0.1", 8080)]
+        );
+        assert_eq!(st.lingering, [ep("10.0.0.2", 8080)]);
+    }
+
+    #[test]
+    fn internal_local_and_external_cluster_combined() {
+        let svc = exposed(
+            json!({"type": "NodePort", "internalTrafficPolicy": "Local",
+                   "externalTrafficPolicy": "Cluster"}),
+            Value::Null,
+        );
+        let (state, warnings) = compute(
+            &[svc],
+            &mixed_slices(),
+            &node("node-b", None).with_addresses([ip(NODE_IP)]),
+        );
+        assert_eq!(warnings, []);
+        let cip = &state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(
+            cip.endpoints,
+            [ep("10.0.0.2", 8080)],
+            "iTP Local: this node's"
+        );
+        assert_eq!(cip.external, None);
+        let np = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
+        // iTP governs cluster IPs only.
+        assert_eq!(np.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        let ext = np.external.as_ref().unwrap();
+        assert_eq!(ext.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        assert!(ext.masquerade);
+        assert_eq!(ext.empty_action, EmptyAction::Reject);
+    }
+
+    #[test]
+    fn source_ranges_apply_to_load_balancer_frontends_only() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "externalIPs": [EXT_IP],
+                   "loadBalancerSourceRanges":
+                       [" 10.0.0.0/8 ", "192.168.1.7/24", "10.0.0.0/8", "2001:db8::/32", "bogus", "1.2.3.4/33"]}),
+            lb_status(&[LB_IP]),
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings.iter().all(|w| w.object == "Service default/web"));
+        assert!(
+            warnings.iter().any(|w| w.reason.contains("bogus")),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings.iter().any(|w| w.reason.contains("1.2.3.4/33")),
+            "{warnings:?}"
+        );
+        let cidr = |text: &str| text.parse::<Ipv4Cidr>().unwrap();
+        assert_eq!(
+            external(&state, fe(LB_IP, 80, Protocol::Tcp)).source_ranges,
+            [cidr("10.0.0.0/8"), cidr("192.168.1.0/24")]
+        );
+        assert_eq!(
+            external(&state, fe(NODE_IP, 30080, Protocol::Tcp)).source_ranges,
+            []
+        );
+        assert_eq!(
+            external(&state, fe(EXT_IP, 80, Protocol::Tcp)).source_ranges,
+            []
+        );
+    }
+
+    #[test]
+    fn health_check_counts_local_ready_endpoint_addresses() {
+        let two_ports = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 32000,
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080},
+                      {"name": "https", "port": 443, "nodePort": 30443}]});
+        let svc = exposed(two_ports.clone(), lb_status(&[LB_IP]));
+        let slices: Vec<EndpointSlice> = vec![from(json!({
+            "metadata": {"name": "web-a", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}, {"name": "https", "port": 8443}],
+            "endpoints": [
+                on("10.0.0.1", "node-a", READY),
+                on("10.0.0.2", "node-a", READY),
+                on("10.0.0.3", "node-a", TERMINATING),
+                on("10.0.0.4", "node-b", READY),
+                on("10.0.0.5", "node-a", (false, false, false)),
+            ],
+        }))];
+        let (state, warnings) = compute(std::slice::from_ref(&svc), &slices, &node_a());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            state.health_checks,
+            BTreeMap::from([(
+                32000,
+                HealthCheck {
+                    namespace: "default".into(),
+                    name: "web".into(),
+                    local_endpoints: 2,
+                }
+            )])
+        );
+        let (state, _) = compute(std::slice::from_ref(&svc), &slices, &node("node-c", None));
+        assert_eq!(state.health_checks[&32000].local_endpoints, 0);
+        let (state, _) = compute(std::slice::from_ref(&svc), &[], &node_a());
+        assert_eq!(state.health_checks[&32000].local_endpoints, 0);
+
+        // Only eTP Local LoadBalancers have one.
+        for spec in [
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Cluster",
+                   "healthCheckNodePort": 32000}),
+            json!({"type": "NodePort", "externalTrafficPolicy": "Local",
+                   "healthCheckNodePort": 32000}),
+        ] {
+            let (state, warnings) = compute(&[exposed(spec, Value::Null)], &slices, &node_a());
+            assert_eq!(warnings, []);
+            assert!(state.health_checks.is_empty());
+        }
+        // Missing port: a warning, the Service still served.
+        let (state, warnings) = compute(
+            &[exposed(
+                json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local"}),
+                lb_status(&[LB_IP]),
+            )],
+            &slices,
+            &node_a(),
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(state.health_checks.is_empty());
+        assert!(state.frontends.contains_key(&fe(LB_IP, 80, Protocol::Tcp)));
+        // No usable port, no health check (kube-proxy keeps them per port).
+        let portless = exposed(
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                   "healthCheckNodePort": 32000, "ports": []}),
+            Value::Null,
+        );
+        let (state, _) = compute(&[portless], &slices, &node_a());
+        assert!(state.health_checks.is_empty());
+        // Two Services on one port: the first in name order keeps it.
+        let other = exposed_named("api", "10.96.0.11", two_ports, Value::Null);
+        let (state, warnings) = compute(&[svc, other], &slices, &node_a());
+        assert_eq!(state.health_checks[&32000].name, "api");
+        assert_eq!(
+            warnings.len(),
+            5,
+            "hc port, two nodePorts on two addresses: {warnings:?}"
+        );
+        assert!(warnings.iter().all(|w| w.object == "Service default/web"));
+    }
+
+    #[test]
+    fn external_ip_colliding_with_another_services_lb_ip_warns() {
+        let a = exposed_named(
+            "a",
+            "10.96.0.11",
+            json!({"externalIPs": [LB_IP]}),
+            Value::Null,
+        );
+        let b = exposed_named(
+            "b",
+            "10.96.0.12",
+            json!({"type": "LoadBalancer",
+                   "ports": [{"name": "http", "port": 80, "nodePort": 30081}]}),
+            lb_status(&[LB_IP]),
+        );
+        let one = compute(&[b.clone(), a.clone()], &[], &node_a());
+        assert_eq!(one, compute(&[a, b], &[], &node_a()));
+        let (state, warnings) = one;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].object, "Service default/b");
+        assert!(
+            warnings[0].reason.contains("default/a:http"),
+            "{}",
+            warnings[0]
+        );
+        let st = &state.frontends[&fe(LB_IP, 80, Protocol::Tcp)];
+        assert_eq!(
+            (st.service.as_str(), st.kind),
+            ("default/a:http", FrontendKind::ExternalIp)
+        );
+        // b keeps its other frontends.
+        assert!(
+            state
+                .frontends
+                .contains_key(&fe(NODE_IP, 30081, Protocol::Tcp))
+        );
+    }
+
+    #[test]
+    fn external_ip_equal_to_own_lb_ip_is_one_lb_frontend() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "externalIPs": [LB_IP],
+                   "loadBalancerSourceRanges": ["10.0.0.0/8"]}),
+            lb_status(&[LB_IP]),
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings, []);
+        let st = &state.frontends[&fe(LB_IP, 80, Protocol::Tcp)];
+        assert_eq!(st.kind, FrontendKind::LoadBalancer);
+        assert_eq!(st.external.as_ref().unwrap().source_ranges.len(), 1);
+    }
+
+    #[test]
+    fn malformed_external_and_ingress_ips_warn_and_are_skipped() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "externalIPs": ["300.1.1.1", EXT_IP]}),
+            lb_status(&["not-an-ip", LB_IP]),
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings.iter().all(|w| w.object == "Service default/web"));
+        assert!(warnings.iter().any(|w| w.reason.contains("300.1.1.1")));
+        assert!(warnings.iter().any(|w| w.reason.contains("not-an-ip")));
+        assert!(state.frontends.contains_key(&fe(EXT_IP, 80, Protocol::Tcp)));
+        assert!(state.frontends.contains_key(&fe(LB_IP, 80, Protocol::Tcp)));
+        assert!(
+            state
+                .frontends
+                .contains_key(&fe(NODE_IP, 30080, Protocol::Tcp))
+        );
+    }
+
+    #[test]
+    fn ipv4_cidr_parse_and_contains() {
+        let c: Ipv4Cidr = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(
+            c,
+            Ipv4Cidr {
+                addr: ip("10.0.0.0"),
+                prefix_len: 8
+            }
+        );
+        assert_eq!(c.to_string(), "10.0.0.0/8");
+        assert!(c.contains(ip("10.255.0.1")));
+        assert!(!c.contains(ip("11.0.0.1")));
+        let all: Ipv4Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(ip("255.255.255.255")));
+        let host: Ipv4Cidr = "192.168.0.1/32".parse().unwrap();
+        assert!(host.contains(ip(NODE_IP)) && !host.contains(ip("192.168.0.2")));
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "x/8",
+            "fd00::/8",
+        ] {
+            assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_info_with_addresses() {
+        let n = NodeInfo::from_objects("node-a", &[]).with_addresses([ip(NODE_IP)]);
+        assert_eq!(n.addresses, [ip(NODE_IP)]);
+        assert_eq!(n.name, "node-a");
+    }
 }
 
 #[cfg(test)]
@@ -1933,9 +2921,50 @@ mod properties {
     }
 
     fn port_entry() -> impl Strategy<Value = Value> {
-        (name_like(), port_like(), protocol_like()).prop_map(
-            |(name, port, protocol)| json!({"name": name, "port": port, "protocol": protocol}),
+        (
+            name_like(),
+            port_like(),
+            protocol_like(),
+            prop_oneof![3 => Just(Value::Null), 1 => port_like()],
         )
+            .prop_map(|(name, port, protocol, node_port)| {
+                json!({"name": name, "port": port, "protocol": protocol, "nodePort": node_port})
+            })
+    }
+
+    fn cidr_like() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            4 => (0u8..8, 0u8..=33).prop_map(|(d, len)| json!(format!("10.0.0.{d}/{len}"))),
+            1 => Just(json!(" 192.168.0.0/16 ")),
+            1 => Just(json!("fd00::/8")),
+            1 => "[0-9./]{0,12}".prop_map(Value::from),
+        ]
+    }
+
+    /// Everything beyond cluster IPs: (externalIPs, eTP, health check port,
+    /// source ranges, status).
+    fn exposure_json() -> impl Strategy<Value = (Value, Value, Value, Value, Value)> {
+        let ingress = (
+            ip_like(),
+            prop::sample::select(vec![Value::Null, json!("VIP"), json!("Proxy")]),
+        )
+            .prop_map(|(ip, mode)| json!({"ip": ip, "ipMode": mode}));
+        (
+            prop::collection::vec(ip_like(), 0..3),
+            prop::sample::select(vec![Value::Null, json!("Cluster"), json!("Local")]),
+            prop_oneof![Just(Value::Null), port_like()],
+            prop::collection::vec(cidr_like(), 0..3),
+            prop::collection::vec(ingress, 0..3),
+        )
+            .prop_map(|(ext, etp, hc, ranges, ingress)| {
+                (
+                    Value::from(ext),
+                    etp,
+                    hc,
+                    Value::from(ranges),
+                    json!({"loadBalancer": {"ingress": ingress}}),
+                )
+            })
     }
 
     fn service_json() -> impl Strategy<Value = Value> {
@@ -1945,8 +2974,9 @@ mod properties {
             ip_like(),
             prop::collection::vec(ip_like(), 0..2),
             prop_oneof![
-                8 => Just("ClusterIP"),
-                1 => Just("NodePort"),
+                6 => Just("ClusterIP"),
+                2 => Just("NodePort"),
+                2 => Just("LoadBalancer"),
                 1 => Just("ExternalName"),
                 1 => Just(""),
             ],
@@ -1958,9 +2988,21 @@ mod properties {
                 json!("PreferClose"),
                 json!("PreferSameNode"),
             ]),
+            exposure_json(),
         )
             .prop_map(
-                |(name, ns, ip, ips, ty, ports, proxy_name, policy, distribution)| {
+                |(
+                    name,
+                    ns,
+                    ip,
+                    ips,
+                    ty,
+                    ports,
+                    proxy_name,
+                    policy,
+                    distribution,
+                    (external_ips, etp, hc, ranges, status),
+                )| {
                     let labels = if proxy_name {
                         json!({"service.kubernetes.io/service-proxy-name": "x"})
                     } else {
@@ -1970,7 +3012,12 @@ mod properties {
                         "metadata": {"name": name, "namespace": ns, "labels": labels},
                         "spec": {"clusterIP": ip, "clusterIPs": ips, "type": ty, "ports": ports,
                                  "internalTrafficPolicy": policy,
-                                 "trafficDistribution": distribution},
+                                 "trafficDistribution": distribution,
+                                 "externalIPs": external_ips,
+                                 "externalTrafficPolicy": etp,
+                                 "healthCheckNodePort": hc,
+                                 "loadBalancerSourceRanges": ranges},
+                        "status": status,
                     })
                 },
             )
@@ -2036,6 +3083,7 @@ mod properties {
                     .map(|zone| (LABEL_TOPOLOGY_ZONE.to_string(), zone.to_string()))
                     .into_iter()
                     .collect(),
+                addresses: vec![Ipv4Addr::new(192, 168, 0, 1)],
             })
     }
 
@@ -2085,6 +3133,10 @@ mod properties {
                 prop_assert!(frontend.port != 0);
                 prop_assert!(st.endpoints.windows(2).all(|w| w[0] < w[1]));
                 prop_assert!(st.endpoints.iter().all(|e| e.port != 0));
+                let external = st.external.as_ref().map(|x| x.endpoints.as_slice()).unwrap_or_default();
+                prop_assert!(external.windows(2).all(|w| w[0] < w[1]));
+                prop_assert!(st.lingering.iter().all(|e| !st.endpoints.contains(e) && !external.contains(e)));
+                prop_assert_eq!(st.external.is_none(), st.kind == FrontendKind::ClusterIp);
             }
             let mut rs = services.clone();
             rs.reverse();
