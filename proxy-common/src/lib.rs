@@ -26,7 +26,7 @@
 /// maps beside the old one and switches the attached programs over, instead
 /// of reading old bytes with new types. A new map needs no bump (it is
 /// simply created beside the pinned ones).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps as declared by the eBPF object and pinned under the
 /// agent's bpffs directory. Kernel map names are limited to 15 bytes.
@@ -42,8 +42,10 @@ pub mod map_names {
     pub const BACKEND_TRAFFIC: &str = "kep_be_traffic";
     /// Maglev lookup tables: svc id -> inner array (see [`crate::maglev`]).
     pub const MAGLEV: &str = "kep_maglev";
+    /// `loadBalancerSourceRanges`: (svc id, client prefix) LPM trie.
+    pub const SOURCE_RANGES: &str = "kep_src_ranges";
     /// Every map the agent pins, in creation order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -54,6 +56,7 @@ pub mod map_names {
         SVC_TRAFFIC,
         BACKEND_TRAFFIC,
         MAGLEV,
+        SOURCE_RANGES,
     ];
 }
 
@@ -61,6 +64,10 @@ pub mod map_names {
 pub mod program_names {
     /// TC ingress on pod-facing interfaces.
     pub const TC_POD_INGRESS: &str = "kep_tc_ingress";
+    /// TC ingress on the node's own interfaces (traffic from outside the
+    /// node: NodePort, LoadBalancer and external IPs, replies of flows
+    /// translated elsewhere).
+    pub const TC_NODE_INGRESS: &str = "kep_tc_node";
     /// cgroup socket hooks for the node's own processes.
     pub const SOCK_CONNECT4: &str = "kep_connect4";
     pub const SOCK_SENDMSG4: &str = "kep_sendmsg4";
@@ -78,6 +85,7 @@ pub mod defaults {
     pub const TRAFFIC_MAX: u32 = 65_536;
     /// Frontends that can have a Maglev table at once.
     pub const MAGLEV_MAX: u32 = 65_536;
+    pub const SOURCE_RANGES_MAX: u32 = 16_384;
 }
 
 /// IANA protocol numbers as carried in the IPv4 header.
@@ -88,7 +96,19 @@ pub mod proto {
     pub const SCTP: u8 = 132;
 }
 
-/// Key of the services map: one frontend `(vip, port, proto)` and a slot.
+/// Which traffic a services-map entry serves.
+pub mod scope {
+    /// Everyone: pods, the node's processes, and (unless the frontend also
+    /// has an [`EXTERNAL`] entry) traffic from outside the node.
+    pub const ALL: u8 = 0;
+    /// Traffic arriving on a node interface, for frontends whose external
+    /// traffic is handled differently (externalTrafficPolicy, masquerade,
+    /// source ranges). Its slot-0 entry has its own svc id and slots.
+    pub const EXTERNAL: u8 = 1;
+}
+
+/// Key of the services map: one frontend `(vip, port, proto)` in one
+/// scope, and a slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
@@ -101,7 +121,9 @@ pub struct ServiceKey {
     pub slot: u16,
     /// IP protocol number (`proto::TCP`, `proto::UDP`).
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// `scope::*`.
+    pub scope: u8,
+    pub _pad: [u8; 2],
 }
 
 impl ServiceKey {
@@ -111,8 +133,14 @@ impl ServiceKey {
             port,
             slot,
             proto,
-            _pad: [0; 3],
+            scope: scope::ALL,
+            _pad: [0; 2],
         }
+    }
+
+    /// The same frontend's entry for another scope.
+    pub const fn with_scope(self, scope: u8) -> Self {
+        Self { scope, ..self }
     }
 
     /// The cluster-IP entry of `addr`: present when `addr` is a cluster IP,
@@ -141,6 +169,20 @@ pub const SVC_FLAG_DROP: u16 = 1 << 1;
 /// table is written; a frontend whose table is missing falls back to its
 /// slots, which list the same backends.
 pub const SVC_FLAG_MAGLEV: u16 = 1 << 2;
+/// (Scope ALL entry.) The frontend has a `scope::EXTERNAL` entry that
+/// traffic from outside the node uses instead of this one.
+pub const SVC_FLAG_EXTERNAL_SCOPE: u16 = 1 << 3;
+/// (Scope EXTERNAL entry.) New flows are also source-translated to the
+/// node's address (`Config::node_addr`): externalTrafficPolicy Cluster,
+/// whose endpoint may be on another node and must answer through this one.
+pub const SVC_FLAG_MASQUERADE: u16 = 1 << 4;
+/// (Scope EXTERNAL entry.) Only clients inside the frontend's
+/// `loadBalancerSourceRanges` (source-ranges map, by svc id) get in; the
+/// rest is dropped.
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 5;
+/// The frontend address is one of this node's own (a NodePort): replies
+/// leave with the node's address as source.
+pub const SVC_FLAG_NODE_ADDRESS: u16 = 1 << 6;
 
 /// Value of the services map.
 ///
@@ -201,6 +243,22 @@ impl ServiceValue {
 
     pub const fn uses_maglev(&self) -> bool {
         self.flags & SVC_FLAG_MAGLEV != 0
+    }
+
+    pub const fn has_external_scope(&self) -> bool {
+        self.flags & SVC_FLAG_EXTERNAL_SCOPE != 0
+    }
+
+    pub const fn masquerades(&self) -> bool {
+        self.flags & SVC_FLAG_MASQUERADE != 0
+    }
+
+    pub const fn checks_source_ranges(&self) -> bool {
+        self.flags & SVC_FLAG_SOURCE_RANGES != 0
+    }
+
+    pub const fn on_node_address(&self) -> bool {
+        self.flags & SVC_FLAG_NODE_ADDRESS != 0
     }
 }
 
@@ -267,15 +325,23 @@ impl CtKey {
 /// Without it the entry is the forward direction: rewrite the destination.
 pub const CT_FLAG_REPLY: u8 = 1 << 0;
 
-/// The flow is a hairpin (a pod reaching itself through a Service): its
-/// source is also rewritten, to `Config::hairpin_addr`, so the pod does not
-/// receive a packet from its own address. On the reply entry, the
-/// destination is restored to the pod's address (its own source).
-pub const CT_FLAG_HAIRPIN: u8 = 1 << 1;
+/// The flow's source is translated too (`snat_addr:snat_port`): a hairpin
+/// (a pod reaching itself through a Service gets `Config::hairpin_addr`, so
+/// it never receives a packet from its own address) or a masqueraded
+/// external flow (the node's address, so the endpoint answers through this
+/// node). On the forward entry `snat_*` is the source written; on the reply
+/// entry it is the client's original address and port, written back as the
+/// destination.
+pub const CT_FLAG_SNAT: u8 = 1 << 1;
 /// A FIN or RST was seen in either direction: the flow expires after the
 /// short closing timeout instead of the established one. Set on both
 /// entries of the flow.
 pub const CT_FLAG_CLOSING: u8 = 1 << 2;
+/// After translation the flow's packets carry one of the node's own
+/// addresses as source (a NodePort's reply, a masqueraded request), which
+/// the node's stack would drop as a martian: they are sent out directly,
+/// by a FIB lookup and redirect. Set on both entries.
+pub const CT_FLAG_REDIRECT: u8 = 1 << 3;
 
 /// Conntrack value.
 #[repr(C)]
@@ -294,6 +360,13 @@ pub struct CtValue {
     pub backend_id: u32,
     /// Host byte order. Frontend id (`ServiceValue::svc_id`).
     pub svc_id: u32,
+    /// Network byte order; with `CT_FLAG_SNAT` only. Forward: the source
+    /// address written. Reply: the client's address, written back as the
+    /// destination.
+    pub snat_addr: u32,
+    /// Network byte order; with `CT_FLAG_SNAT` only, like `snat_addr`.
+    pub snat_port: u16,
+    pub _pad2: u16,
     /// Host byte order. `bpf_ktime_get_ns` of the last packet seen.
     pub last_seen_ns: u64,
 }
@@ -303,8 +376,12 @@ impl CtValue {
         self.flags & CT_FLAG_REPLY != 0
     }
 
-    pub const fn is_hairpin(&self) -> bool {
-        self.flags & CT_FLAG_HAIRPIN != 0
+    pub const fn is_snat(&self) -> bool {
+        self.flags & CT_FLAG_SNAT != 0
+    }
+
+    pub const fn redirects(&self) -> bool {
+        self.flags & CT_FLAG_REDIRECT != 0
     }
 
     pub const fn is_closing(&self) -> bool {
@@ -363,12 +440,35 @@ pub struct Config {
     /// network namespace (the agent's: the node's), never a pod's or a
     /// test's neighbour; 0 means no socket is translated.
     pub netns_cookie: u64,
+    /// Network byte order. Source given to masqueraded external flows (the
+    /// node's primary address); 0: none, such flows are dropped.
+    pub node_addr: u32,
+    pub _pad: u32,
     /// Host byte order, nanoseconds. Idle timeouts of conntrack entries: an
     /// expired entry is never reused (the flow is chosen anew) and the
     /// agent's garbage collection deletes it. 0 expires at once.
     pub ct_tcp_established_ns: u64,
     pub ct_tcp_closing_ns: u64,
     pub ct_udp_ns: u64,
+}
+
+/// Data of a source-ranges LPM trie key (the trie's key is this behind a
+/// `prefix_len`): a frontend (svc id of its external entry) and a client
+/// prefix. The trie matches `prefix_len` leading bits of `svc_id_be` then
+/// `addr`, so ranges are written with `prefix_len` = 32 + their length and
+/// looked up with 64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    /// The svc id, big-endian (the trie compares bytes in order).
+    pub svc_id_be: u32,
+    /// Client address or prefix, network byte order.
+    pub addr: u32,
+}
+
+impl SourceRange {
+    /// Bits of `svc_id_be`, always matched whole.
+    pub const SVC_BITS: u32 = 32;
 }
 
 /// Key of the session-affinity map: one client of one frontend.
@@ -502,8 +602,13 @@ pub mod stat {
     pub const UNALLOCATED_DROPS: u32 = 7;
     /// Sockets of the node's own processes translated at connect/sendmsg.
     pub const SOCK_TRANSLATED: u32 = 8;
+    /// New external flows dropped by loadBalancerSourceRanges.
+    pub const SOURCE_RANGE_DROPS: u32 = 9;
+    /// New external flows that needed masquerading but found no free
+    /// source port (or no node address).
+    pub const SNAT_FAILED: u32 = 10;
     /// Number of counters; the size of the stats array.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 11;
     /// Names in index order, for the CLI and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flows",
@@ -515,6 +620,8 @@ pub mod stat {
         "untranslatable",
         "unallocated_drops",
         "sock_translated",
+        "source_range_drops",
+        "snat_failed",
     ];
 }
 
@@ -526,9 +633,10 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtValue>() == 24);
+    assert!(core::mem::size_of::<CtValue>() == 32);
+    assert!(core::mem::size_of::<SourceRange>() == 8);
     assert!(core::mem::align_of::<CtValue>() == 8);
-    assert!(core::mem::size_of::<Config>() == 8 * MAX_SERVICE_CIDRS + 40);
+    assert!(core::mem::size_of::<Config>() == 8 * MAX_SERVICE_CIDRS + 48);
     assert!(core::mem::size_of::<SockRevNatKey>() == 16);
     assert!(core::mem::size_of::<SockRevNat>() == 8);
 };
@@ -548,4 +656,5 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::SourceRange {}
 }

@@ -1,20 +1,29 @@
 //! Frontend lookup and backend choice, shared by the packet path (TC) and
 //! the socket path (cgroup hooks) so both apply the same Service rules.
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::{
+    btf_maps::lpm_trie::Key,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, maglev, stat,
+    AffinityKey, AffinityValue, Backend, MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, SourceRange,
+    maglev, scope, stat,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, config, count};
+use crate::maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES, config, count};
 
 /// What a new flow to `(addr, port, proto)` gets.
 pub enum Choice {
-    /// Translate to this backend.
+    /// Translate to this backend; `masquerade`: also translate the source
+    /// to the node's address (external traffic, externalTrafficPolicy
+    /// Cluster); `node_address`: the frontend is one of the node's own
+    /// addresses.
     Backend {
         id: u32,
         backend: Backend,
         svc_id: u32,
+        masquerade: bool,
+        node_address: bool,
     },
     /// No usable endpoint, or a cluster IP on a port it does not serve:
     /// kube-proxy REJECT.
@@ -26,23 +35,47 @@ pub enum Choice {
     Pass,
 }
 
-/// `client` is the source address, for ClientIP session affinity;
-/// `flow_hash` picks the Maglev table position (`maglev::flow_hash` of the
-/// packet's 5-tuple, or any well-spread value where there is none).
+/// `client` is the source address, for ClientIP session affinity and
+/// source ranges; `flow_hash` picks the Maglev table position
+/// (`maglev::flow_hash` of the packet's 5-tuple, or any well-spread value
+/// where there is none); `external`: the packet arrived on a node interface,
+/// so a frontend's external entry applies.
 #[inline(always)]
-pub fn choose(addr: u32, port: u16, proto: u8, client: u32, flow_hash: u32) -> Choice {
-    let key = ServiceKey::new(addr, port, proto, 0);
-    let svc = match unsafe { SERVICES.get(key) } {
-        Some(svc) if svc.count > 0 => *svc,
-        Some(svc) if svc.drops() => {
+pub fn choose(
+    addr: u32,
+    port: u16,
+    proto: u8,
+    client: u32,
+    flow_hash: u32,
+    external: bool,
+) -> Choice {
+    let mut key = ServiceKey::new(addr, port, proto, 0);
+    let Some(found) = (unsafe { SERVICES.get(key) }) else {
+        return not_a_frontend(addr);
+    };
+    let mut svc = *found;
+    if external && svc.has_external_scope() {
+        let ext = key.with_scope(scope::EXTERNAL);
+        // Without it (not written yet) the entry for everyone serves.
+        if let Some(found) = unsafe { SERVICES.get(ext) } {
+            key = ext;
+            svc = *found;
+        }
+    }
+    if svc.checks_source_ranges() && !source_allowed(svc.svc_id, client) {
+        count(stat::SOURCE_RANGE_DROPS);
+        return Choice::Drop;
+    }
+    if svc.count == 0 {
+        if svc.drops() {
             count(stat::DROPS);
             return Choice::Drop;
         }
-        Some(_) => return Choice::Reject,
-        None => return not_a_frontend(addr),
-    };
+        return Choice::Reject;
+    }
+    let masquerade = external && svc.masquerades();
     if svc.affinity_timeout_s == 0 {
-        return pick(key, &svc, flow_hash);
+        return pick(key, &svc, flow_hash, masquerade);
     }
     // ClientIP affinity: the endpoint this client used last, while its
     // entry is fresh and the endpoint still exists.
@@ -61,6 +94,8 @@ pub fn choose(addr: u32, port: u16, proto: u8, client: u32, flow_hash: u32) -> C
                     id: kept.backend_id,
                     backend: *backend,
                     svc_id: svc.svc_id,
+                    masquerade,
+                    node_address: svc.on_node_address(),
                 };
             }
         }
@@ -69,7 +104,7 @@ pub fn choose(addr: u32, port: u16, proto: u8, client: u32, flow_hash: u32) -> C
     // client must be able to land elsewhere (Kubernetes' conformance test
     // waits for a different endpoint; a client-keyed position would always
     // give the same one).
-    let choice = pick(key, &svc, flow_hash);
+    let choice = pick(key, &svc, flow_hash, masquerade);
     if let Choice::Backend { id, .. } = choice {
         let value = AffinityValue {
             backend_id: id,
@@ -85,7 +120,7 @@ pub fn choose(addr: u32, port: u16, proto: u8, client: u32, flow_hash: u32) -> C
 /// The backend of the frontend at `key` (slot 0): its Maglev table's entry
 /// for `hash`, or a random slot (the algorithm chosen, or no table).
 #[inline(always)]
-fn pick(key: ServiceKey, svc: &ServiceValue, hash: u32) -> Choice {
+fn pick(key: ServiceKey, svc: &ServiceValue, hash: u32, masquerade: bool) -> Choice {
     let from_table = if svc.uses_maglev() {
         maglev_entry(svc.svc_id, hash)
     } else {
@@ -108,12 +143,27 @@ fn pick(key: ServiceKey, svc: &ServiceValue, hash: u32) -> Choice {
             id,
             backend: *backend,
             svc_id: svc.svc_id,
+            masquerade,
+            node_address: svc.on_node_address(),
         },
         None => {
             count(stat::UNTRANSLATABLE);
             Choice::Drop
         }
     }
+}
+
+/// Whether `client` is inside one of the frontend's source ranges.
+#[inline(always)]
+fn source_allowed(svc_id: u32, client: u32) -> bool {
+    let key = Key::new(
+        SourceRange::SVC_BITS + 32,
+        SourceRange {
+            svc_id_be: svc_id.to_be(),
+            addr: client,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
 }
 
 #[inline(always)]

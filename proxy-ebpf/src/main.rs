@@ -1,10 +1,15 @@
 //! kube-ebpf-proxy datapath.
 //!
 //! `kep_tc_ingress` runs at TC ingress of every pod-facing interface of a
-//! node. Because a flow's two directions enter the node from two different
-//! pod interfaces (the client's and the backend's), one ingress program sees
-//! both: it DNATs client -> VIP:port to a backend before the node routes the
-//! packet, and reverse-translates backend -> client replies back to VIP:port.
+//! node, `kep_tc_node` at TC ingress of the node's own interfaces. Every
+//! packet enters the node through one of them, so together they see both
+//! directions of every flow: they DNAT client -> VIP:port to a backend
+//! before the node routes the packet, and reverse-translate backend ->
+//! client replies back to VIP:port, whichever interface those come in on
+//! (a reply from an endpoint on another node arrives on a node interface).
+//! Traffic from a node interface uses a frontend's external entry: only
+//! local endpoints for externalTrafficPolicy Local, masquerade to the node's
+//! address for Cluster, loadBalancerSourceRanges.
 //!
 //! What is deliberately passed untouched (documented in the README):
 //! - anything that is not IPv4 TCP/UDP, including ICMP: ICMP errors about a
@@ -24,18 +29,24 @@ mod reject;
 mod sock;
 
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    EbpfContext,
+    bindings::{
+        BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+        TC_ACT_SHOT, bpf_fib_lookup,
+    },
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
 };
 use proxy_common::{
-    CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_REPLY, Config, CtKey, CtValue, maglev, proto, stat,
+    CT_FLAG_CLOSING, CT_FLAG_REDIRECT, CT_FLAG_REPLY, CT_FLAG_SNAT, CtKey, CtValue, maglev, proto,
+    stat,
 };
 
 use crate::maps::{BACKENDS, CONNTRACK, account, config, count};
 
 const ETH_HLEN: usize = 14;
+const AF_INET: u8 = 2;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
@@ -48,10 +59,47 @@ const IP_FRAG_MASK: u16 = 0x3fff;
 /// stay zero; the kernel skips the update and maps a computed 0 to 0xffff.
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
+/// Where a packet entered the node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// From a pod (its veth).
+    Pod,
+    /// From outside the node (a node interface).
+    Node,
+}
+
 #[classifier]
 pub fn kep_tc_ingress(ctx: TcContext) -> i32 {
-    try_ingress(&ctx).unwrap_or(TC_ACT_OK)
+    run(&ctx, Origin::Pod)
 }
+
+#[classifier]
+pub fn kep_tc_node(ctx: TcContext) -> i32 {
+    run(&ctx, Origin::Node)
+}
+
+/// What to do with a packet once [`try_ingress`] has returned: REJECT is
+/// sent from here, outside its stack frame, so the two frames never add up
+/// past the verifier's 512 bytes.
+enum Verdict {
+    Act(i32),
+    Reject { proto: u8, l4_off: usize },
+}
+
+#[inline(always)]
+fn run(ctx: &TcContext, origin: Origin) -> i32 {
+    match try_ingress(ctx, origin) {
+        Ok(Verdict::Act(verdict)) => verdict,
+        Ok(Verdict::Reject { proto, l4_off }) => reject(ctx, proto, l4_off),
+        Err(()) => TC_ACT_OK,
+    }
+}
+
+/// Source ports tried for a masqueraded flow whose own port is taken on the
+/// node address (another client used it towards the same endpoint).
+const SNAT_PORT_TRIES: u32 = 4;
+const SNAT_PORT_MIN: u32 = 32_768;
+const SNAT_PORT_SPAN: u32 = 28_000;
 
 /// The parsed 5-tuple and where its L4 header starts.
 struct Flow {
@@ -147,9 +195,10 @@ fn parse(ctx: &TcContext) -> Result<Option<Flow>, ()> {
     }))
 }
 
-fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
+#[inline(never)]
+fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
     let Some(flow) = parse(ctx)? else {
-        return Ok(TC_ACT_OK);
+        return Ok(Verdict::Act(TC_ACT_OK));
     };
     let now = unsafe { bpf_ktime_get_ns() };
 
@@ -165,53 +214,83 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
             // anew, and a late reply is not translated.
         } else {
             if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !ct.is_closing() {
-                mark_closing(entry, &ct, &flow, cfg);
+                mark_closing(entry, &ct, &flow);
             }
             if let Some(verdict) = established(ctx, &flow, entry, &ct, now)? {
-                return Ok(verdict);
+                return Ok(Verdict::Act(verdict));
             }
             // The backend this flow used is gone: choose again below, as a
             // new flow, instead of sending it to an address that no longer
             // serves.
         }
     }
-    let (backend_id, backend, svc_id) = match lb::choose(
+    let hash = maglev::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    let (backend_id, backend, svc_id, masquerade, node_address) = match lb::choose(
         flow.daddr,
         flow.dport,
         flow.proto,
         flow.saddr,
-        maglev::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto),
+        hash,
+        origin == Origin::Node,
     ) {
         lb::Choice::Backend {
             id,
             backend,
             svc_id,
-        } => (id, backend, svc_id),
-        lb::Choice::Pass => return Ok(TC_ACT_OK),
-        lb::Choice::Drop => return Ok(TC_ACT_SHOT),
-        lb::Choice::Reject => return Ok(reject(ctx, &flow)),
+            masquerade,
+            node_address,
+        } => (id, backend, svc_id, masquerade, node_address),
+        lb::Choice::Pass => return Ok(Verdict::Act(TC_ACT_OK)),
+        lb::Choice::Drop => return Ok(Verdict::Act(TC_ACT_SHOT)),
+        lb::Choice::Reject => {
+            return Ok(Verdict::Reject {
+                proto: flow.proto,
+                l4_off: flow.l4_off,
+            });
+        }
     };
 
     // A pod that picked itself gets a source it does not own, so its reply
     // comes back through this node instead of being a martian to itself
-    // (kube-proxy masquerades hairpin traffic for the same reason).
-    let hairpin_addr = match cfg {
-        Some(c) if backend.addr == flow.saddr && c.hairpin_addr != 0 => c.hairpin_addr,
+    // (kube-proxy masquerades hairpin traffic for the same reason). An
+    // external client of a Cluster-policy frontend gets the node's address,
+    // so an endpoint on another node answers through this one.
+    let snat_addr = match cfg {
+        Some(c) if backend.addr == flow.saddr => c.hairpin_addr,
+        Some(c) if masquerade => c.node_addr,
         _ => 0,
     };
-    let hairpin = hairpin_addr != 0;
-    let flags = if hairpin { CT_FLAG_HAIRPIN } else { 0 };
+    if masquerade && snat_addr == 0 {
+        count(stat::SNAT_FAILED);
+        return Ok(Verdict::Act(TC_ACT_SHOT));
+    }
+    let snat = snat_addr != 0;
+    let mut flags = if snat { CT_FLAG_SNAT } else { 0 };
+    if masquerade || node_address {
+        flags |= CT_FLAG_REDIRECT;
+    }
 
     // The reply entry goes in first: without it the backend's answer could not
     // be translated back, so a flow that cannot get one is not started.
-    let reply_dst = if hairpin { hairpin_addr } else { flow.saddr };
-    let reply_key = CtKey::new(
-        backend.addr,
-        reply_dst,
-        backend.port,
-        flow.sport,
-        flow.proto,
-    );
+    let reply_dst = if snat { snat_addr } else { flow.saddr };
+    let mut snat_port = flow.sport;
+    let mut reply_key = CtKey::new(backend.addr, reply_dst, backend.port, snat_port, flow.proto);
+    if snat {
+        // The translated source is shared (the node's or the hairpin
+        // address): keep the client's port unless another flow to the same
+        // endpoint holds it, then try a few others.
+        let mut tries = 0;
+        while unsafe { CONNTRACK.get(reply_key) }.is_some() {
+            if tries == SNAT_PORT_TRIES {
+                count(stat::SNAT_FAILED);
+                return Ok(Verdict::Act(TC_ACT_SHOT));
+            }
+            let port = SNAT_PORT_MIN + (hash >> (tries * 4)) % SNAT_PORT_SPAN;
+            snat_port = (port as u16).to_be();
+            reply_key.dport = snat_port;
+            tries += 1;
+        }
+    }
     let reply = CtValue {
         nat_addr: flow.daddr,
         nat_port: flow.dport,
@@ -219,26 +298,31 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         _pad: 0,
         backend_id,
         svc_id,
+        snat_addr: if snat { flow.saddr } else { 0 },
+        snat_port: if snat { flow.sport } else { 0 },
+        _pad2: 0,
         last_seen_ns: now,
     };
     if CONNTRACK.insert(reply_key, reply, 0).is_err() {
         count(stat::CT_INSERT_FAILED);
-        return Ok(TC_ACT_SHOT);
+        return Ok(Verdict::Act(TC_ACT_SHOT));
     }
     let forward = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
         flags,
+        snat_addr,
+        snat_port: if snat { snat_port } else { 0 },
         ..reply
     };
     if CONNTRACK.insert(flow.key(), forward, 0).is_err() {
         // Still translated: this packet is fine, a later one re-chooses.
         count(stat::CT_INSERT_FAILED);
     }
-    dnat(ctx, &flow, backend.addr, backend.port, hairpin)?;
+    dnat(ctx, &flow, &forward)?;
     count(stat::NEW_FLOWS);
     account(svc_id, backend_id, ctx.len());
-    Ok(TC_ACT_OK)
+    Ok(Verdict::Act(out(ctx, &forward)))
 }
 
 /// A packet of a known flow: reverse-translate a reply, or translate
@@ -263,23 +347,30 @@ fn established(
             flow.sport,
             ct.nat_port,
         )?;
-        if ct.is_hairpin() {
-            // The pod is talking to itself: its reply goes back to its own
-            // address, which the forward direction hid.
+        if ct.is_snat() {
+            // The client's own address and port, which the forward
+            // direction hid.
             rewrite(
-                ctx, flow, IP_DST_OFF, flow.daddr, flow.saddr, 2, flow.dport, flow.dport,
+                ctx,
+                flow,
+                IP_DST_OFF,
+                flow.daddr,
+                ct.snat_addr,
+                2,
+                flow.dport,
+                ct.snat_port,
             )?;
         }
         count(stat::REPLY_HITS);
         account(ct.svc_id, ct.backend_id, ctx.len());
-        return Ok(Some(TC_ACT_OK));
+        return Ok(Some(out(ctx, ct)));
     }
     if backend_still_valid(ct) {
         unsafe { (*entry).last_seen_ns = now };
-        dnat(ctx, flow, ct.nat_addr, ct.nat_port, ct.is_hairpin())?;
+        dnat(ctx, flow, ct)?;
         count(stat::FORWARD_HITS);
         account(ct.svc_id, ct.backend_id, ctx.len());
-        return Ok(Some(TC_ACT_OK));
+        return Ok(Some(out(ctx, ct)));
     }
     Ok(None)
 }
@@ -287,51 +378,114 @@ fn established(
 /// FIN or RST: both entries of the flow switch to the closing timeout, so a
 /// closed connection's state goes soon instead of after a day.
 #[inline(always)]
-fn mark_closing(entry: *mut CtValue, ct: &CtValue, flow: &Flow, cfg: Option<&Config>) {
+fn mark_closing(entry: *mut CtValue, ct: &CtValue, flow: &Flow) {
     unsafe { (*entry).flags |= CT_FLAG_CLOSING };
     let twin = if ct.is_reply() {
-        // backend -> client (or hairpin address) reverses to client -> VIP.
-        let client = if ct.is_hairpin() {
-            flow.saddr
+        // backend -> client (or its translated source) reverses to
+        // client -> VIP.
+        let (client, client_port) = if ct.is_snat() {
+            (ct.snat_addr, ct.snat_port)
         } else {
-            flow.daddr
+            (flow.daddr, flow.dport)
         };
-        CtKey::new(client, ct.nat_addr, flow.dport, ct.nat_port, flow.proto)
+        CtKey::new(client, ct.nat_addr, client_port, ct.nat_port, flow.proto)
     } else {
-        let reply_dst = match cfg {
-            Some(c) if ct.is_hairpin() => c.hairpin_addr,
-            _ => flow.saddr,
+        let (reply_dst, reply_port) = if ct.is_snat() {
+            (ct.snat_addr, ct.snat_port)
+        } else {
+            (flow.saddr, flow.sport)
         };
-        CtKey::new(ct.nat_addr, reply_dst, ct.nat_port, flow.sport, flow.proto)
+        CtKey::new(ct.nat_addr, reply_dst, ct.nat_port, reply_port, flow.proto)
     };
     if let Some(other) = CONNTRACK.get_ptr_mut(twin) {
         unsafe { (*other).flags |= CT_FLAG_CLOSING };
     }
 }
 
-/// Destination to the backend; for a hairpin flow also the source to the
-/// hairpin address.
+/// Destination to the forward entry's backend; with `CT_FLAG_SNAT` also the
+/// source to its translated address and port.
 #[inline(always)]
-fn dnat(ctx: &TcContext, flow: &Flow, addr: u32, port: u16, hairpin: bool) -> Result<(), ()> {
-    rewrite(ctx, flow, IP_DST_OFF, flow.daddr, addr, 2, flow.dport, port)?;
-    if hairpin {
-        let snat = config().map(|c| c.hairpin_addr).unwrap_or(0);
-        if snat == 0 {
-            return Err(());
-        }
+fn dnat(ctx: &TcContext, flow: &Flow, ct: &CtValue) -> Result<(), ()> {
+    rewrite(
+        ctx,
+        flow,
+        IP_DST_OFF,
+        flow.daddr,
+        ct.nat_addr,
+        2,
+        flow.dport,
+        ct.nat_port,
+    )?;
+    if ct.is_snat() {
         rewrite(
-            ctx, flow, IP_SRC_OFF, flow.saddr, snat, 0, flow.sport, flow.sport,
+            ctx,
+            flow,
+            IP_SRC_OFF,
+            flow.saddr,
+            ct.snat_addr,
+            0,
+            flow.sport,
+            ct.snat_port,
         )?;
     }
     Ok(())
 }
 
-/// The one place REJECT is sent from, so the answer's buffers are on the
-/// stack once.
+/// The verdict for a translated packet of the flow `ct`: on to the stack,
+/// or out directly where the stack would drop it.
+#[inline(always)]
+fn out(ctx: &TcContext, ct: &CtValue) -> i32 {
+    if ct.redirects() {
+        fib_redirect(ctx)
+    } else {
+        TC_ACT_OK
+    }
+}
+
+/// Sends the (translated) packet out of the interface the FIB picks for its
+/// destination, with that next hop's MAC addresses, skipping the stack's
+/// source validation. Where the FIB cannot say, the stack gets the packet.
 #[inline(never)]
-fn reject(ctx: &TcContext, flow: &Flow) -> i32 {
+fn fib_redirect(ctx: &TcContext) -> i32 {
+    let Ok(ip) = ptr_at::<network_types::ip::Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return TC_ACT_OK;
+    };
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    unsafe {
+        params.family = AF_INET;
+        params.l4_protocol = (*ip).proto;
+        params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
+        params.ifindex = (*ctx.skb.skb).ingress_ifindex;
+    }
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        if ctx.store(0, &params.dmac, 0).is_err() || ctx.store(6, &params.smac, 0).is_err() {
+            return TC_ACT_SHOT;
+        }
+        return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // The kernel resolves the neighbour and sends it on.
+        return unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    }
+    TC_ACT_OK
+}
+
+/// The one place REJECT is sent from, so the answer's buffers are on the
+/// stack once (and never above [`try_ingress`]'s frame).
+#[inline(never)]
+fn reject(ctx: &TcContext, proto: u8, l4_off: usize) -> i32 {
     count(stat::REJECTS);
-    reject::icmp_port_unreachable(ctx, flow.proto, flow.l4_off)
+    reject::icmp_port_unreachable(ctx, proto, l4_off)
 }
 
 /// A forward entry may be reused only while its backend id still names the

@@ -3,12 +3,12 @@
 #![allow(non_upper_case_globals)]
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, ServiceKey, ServiceValue,
-    SockRevNat, SockRevNatKey, Traffic, defaults, maglev, stat,
+    SockRevNat, SockRevNatKey, SourceRange, Traffic, defaults, maglev, stat,
 };
 
 // Static names are the pinned map names (`proxy_common::map_names`), which
@@ -62,12 +62,18 @@ pub type MaglevTable =
 pub static kep_maglev: HashOfMaps<u32, MaglevTable, { defaults::MAGLEV_MAX as usize }> =
     HashOfMaps::new();
 
+/// Value 1 for every allowed (frontend, client prefix).
+#[btf_map]
+pub static kep_src_ranges: LpmTrie<SourceRange, u8, { defaults::SOURCE_RANGES_MAX as usize }> =
+    LpmTrie::new();
+
 pub use kep_affinity as AFFINITY;
 pub use kep_backends as BACKENDS;
 pub use kep_conntrack as CONNTRACK;
 pub use kep_maglev as MAGLEV;
 pub use kep_services as SERVICES;
 pub use kep_sock_rnat as SOCK_REVNAT;
+pub use kep_src_ranges as SOURCE_RANGES;
 
 #[inline(always)]
 pub fn count(index: u32) {

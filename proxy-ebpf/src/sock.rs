@@ -78,7 +78,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     // A socket has no 5-tuple yet (its port may be unbound), so the Maglev
     // position is random: the same spread, per connect or datagram.
     let hash = unsafe { bpf_get_prandom_u32() };
-    match lb::choose(addr, port, l4, 0, hash) {
+    match lb::choose(addr, port, l4, 0, hash, false) {
         Choice::Backend { backend, .. } => {
             let key = SockRevNatKey {
                 cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },

@@ -2,8 +2,8 @@
 //! contents -> diff against the live maps -> apply.
 
 use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -15,18 +15,26 @@ use tokio::signal::unix::{SignalKind, signal};
 use proxy_common::Backend;
 
 use crate::{
-    datapath::{Datapath, DatapathConfig},
+    datapath::{Datapath, DatapathConfig, Hook},
     diff::{MapOp, diff},
     encode::{Encoder, LbAlgorithm},
+    healthcheck::HealthServers,
     interfaces, manifests, metrics, model,
+    model::{HealthCheck, Ipv4Cidr},
 };
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     /// This node's name as Kubernetes knows it (endpoints' `nodeName`).
     pub node_name: String,
-    /// Interface names or glob patterns to attach the TC program to.
+    /// Pod-facing interface names or glob patterns (TC pod program).
     pub interfaces: Vec<String>,
+    /// The node's own interfaces (TC node program: traffic from outside the
+    /// node). Their IPv4 addresses are the node's addresses.
+    pub node_interfaces: Vec<String>,
+    /// NodePorts answer only on node addresses inside these; empty: on all
+    /// of them (kube-proxy's `--nodeport-addresses`).
+    pub nodeport_addresses: Vec<Ipv4Cidr>,
     pub datapath: DatapathConfig,
     /// How new flows choose among a frontend's endpoints.
     pub lb_algorithm: LbAlgorithm,
@@ -60,6 +68,10 @@ pub struct Syncer {
     encoder: Encoder,
     /// This node's name, for `internalTrafficPolicy: Local` and topology.
     node_name: String,
+    /// Where NodePorts answer.
+    nodeport_addresses: Vec<Ipv4Addr>,
+    /// healthCheckNodePorts of the last sync.
+    health_checks: BTreeMap<u16, HealthCheck>,
     /// Warnings already logged, so a periodic resync does not repeat them.
     reported: BTreeSet<String>,
 }
@@ -74,8 +86,25 @@ impl Syncer {
             datapath,
             encoder,
             node_name,
+            nodeport_addresses: Vec::new(),
+            health_checks: BTreeMap::new(),
             reported: BTreeSet::new(),
         }
+    }
+
+    /// Sets the node addresses NodePorts answer on; whether they changed
+    /// (a sync is then due).
+    pub fn set_nodeport_addresses(&mut self, addresses: Vec<Ipv4Addr>) -> bool {
+        if self.nodeport_addresses == addresses {
+            return false;
+        }
+        self.nodeport_addresses = addresses;
+        true
+    }
+
+    /// The health-check servers the last sync asked for.
+    pub fn health_checks(&self) -> &BTreeMap<u16, HealthCheck> {
+        &self.health_checks
     }
 
     pub fn datapath_mut(&mut self) -> &mut Datapath {
@@ -95,7 +124,8 @@ impl Syncer {
         objects: &manifests::Objects,
         source_warnings: Vec<String>,
     ) -> SyncOutcome {
-        let node = model::NodeInfo::from_objects(&self.node_name, &objects.nodes);
+        let node = model::NodeInfo::from_objects(&self.node_name, &objects.nodes)
+            .with_addresses(self.nodeport_addresses.iter().copied());
         let (desired, model_warnings) = model::compute(&objects.services, &objects.slices, &node);
         let warnings: BTreeSet<String> = source_warnings
             .into_iter()
@@ -127,6 +157,7 @@ impl Syncer {
             Ok(n) => tracing::info!(entries = n, "deleted UDP flows of removed endpoints"),
             Err(e) => tracing::error!(error = %e, "deleting UDP flows of removed endpoints"),
         }
+        self.health_checks = desired.health_checks.clone();
         SyncOutcome {
             frontends: desired.frontends.len(),
             backends: contents.backends.len(),
@@ -179,9 +210,10 @@ impl Source for ManifestSource {
     }
 }
 
-/// Attaches to every present interface matching `patterns` that is not
-/// attached yet. Failures are logged and retried on the next scan.
-fn attach_matching(datapath: &mut Datapath, patterns: &[String]) {
+/// Attaches to every present interface matching `pods` (pod program) or
+/// `nodes` (node program; it wins where both match) that is not attached
+/// yet. Failures are logged and retried on the next scan.
+fn attach_matching(datapath: &mut Datapath, pods: &[String], nodes: &[String]) {
     let names = match interfaces::list() {
         Ok(n) => n,
         Err(e) => {
@@ -196,14 +228,55 @@ fn attach_matching(datapath: &mut Datapath, patterns: &[String]) {
         tracing::warn!(iface = %detached, "TC program was detached by someone else; re-attaching");
     }
     for (name, index) in names {
-        if !interfaces::matches_any(patterns, &name) || datapath.is_attached(&name, index) {
+        let hook = if interfaces::matches_any(nodes, &name) {
+            Hook::Node
+        } else if interfaces::matches_any(pods, &name) {
+            Hook::Pod
+        } else {
+            continue;
+        };
+        if datapath.is_attached(&name, index, hook) {
             continue;
         }
-        match datapath.attach(&name, index) {
-            Ok(()) => tracing::info!(iface = %name, "attached TC ingress"),
+        match datapath.attach(&name, index, hook) {
+            Ok(()) => tracing::info!(iface = %name, ?hook, "attached TC ingress"),
             Err(e) => tracing::error!(iface = %name, error = %e, "attach failed"),
         }
     }
+}
+
+/// Reads the node interfaces' addresses: the first is the masquerade source
+/// of external flows, those inside `cfg.nodeport_addresses` carry NodePorts.
+/// Whether the NodePort addresses changed.
+fn refresh_node_addresses(syncer: &mut Syncer, cfg: &RunConfig) -> bool {
+    let all: Vec<Ipv4Addr> = match interfaces::ipv4_addresses() {
+        Ok(list) => list
+            .into_iter()
+            .filter(|(name, _)| interfaces::matches_any(&cfg.node_interfaces, name))
+            .map(|(_, addr)| addr)
+            .collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "listing node addresses");
+            return false;
+        }
+    };
+    if let Err(e) = syncer.datapath_mut().set_node_addr(all.first().copied()) {
+        tracing::error!(error = %e, "setting the masquerade address");
+    }
+    let mut nodeports: Vec<Ipv4Addr> = all
+        .into_iter()
+        .filter(|a| {
+            cfg.nodeport_addresses.is_empty()
+                || cfg.nodeport_addresses.iter().any(|c| c.contains(*a))
+        })
+        .collect();
+    nodeports.sort();
+    nodeports.dedup();
+    let changed = syncer.set_nodeport_addresses(nodeports.clone());
+    if changed {
+        tracing::info!(addresses = ?nodeports, "NodePort addresses");
+    }
+    changed
 }
 
 /// Runs the agent on `source` until SIGTERM or SIGINT.
@@ -221,7 +294,8 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         tracing::info!(cgroup = %cgroup.display(), "attached socket hooks");
     }
     let mut syncer = Syncer::new(datapath, cfg.node_name.clone(), cfg.lb_algorithm);
-    attach_matching(syncer.datapath_mut(), &cfg.interfaces);
+    attach_matching(syncer.datapath_mut(), &cfg.interfaces, &cfg.node_interfaces);
+    refresh_node_addresses(&mut syncer, &cfg);
     // Every attached program now reads this layout's maps; older layouts
     // (an agent of an earlier version) can go.
     match syncer.datapath_mut().retire_old_layouts() {
@@ -237,6 +311,11 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         tokio::spawn(metrics::serve(addr, metrics.clone()));
     }
     let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
+    let proxy_healthy = {
+        let metrics = metrics.clone();
+        Arc::new(move || metrics.healthz().status == 200)
+    };
+    let mut health = HealthServers::new(vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)], proxy_healthy);
     // When the source reported the change the next sync is for.
     let mut noticed = None;
     let mut iface_scan = tokio::time::interval(cfg.poll_interval);
@@ -259,8 +338,13 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             }
             _ = resync.tick(), if synced => true,
             _ = iface_scan.tick() => {
-                attach_matching(syncer.datapath_mut(), &cfg.interfaces);
-                continue;
+                attach_matching(syncer.datapath_mut(), &cfg.interfaces, &cfg.node_interfaces);
+                // New node addresses change the NodePort frontends; before
+                // the first sync they are simply used by it.
+                if !(refresh_node_addresses(&mut syncer, &cfg) && synced) {
+                    continue;
+                }
+                false
             }
             _ = conntrack_gc.tick() => {
                 match syncer.datapath_mut().collect_conntrack() {
@@ -290,6 +374,8 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         let started = Instant::now();
         let (objects, warnings) = source.snapshot();
         let out = syncer.sync(&objects, warnings);
+        // Failures are logged by the servers and retried at the next sync.
+        health.update(syncer.health_checks()).await;
         let skipped = syncer.warning_count();
         metrics.record_sync(
             &objects,

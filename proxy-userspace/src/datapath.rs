@@ -14,18 +14,19 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie},
     programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink},
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, Cidr, Config, CtKey, CtValue, LAYOUT_VERSION,
-    MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, Traffic, defaults, map_names, program_names, stat,
+    MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, SourceRange, Traffic, defaults, map_names,
+    program_names, stat,
 };
 use thiserror::Error;
 
 use crate::{
     diff::MapOp,
-    encode::{MapContents, addr_to_map},
+    encode::{MapContents, RangeEntry, addr_from_map, addr_to_map},
     maglev::TableSpec,
     tables::MaglevTables,
 };
@@ -187,6 +188,31 @@ pub struct FailedOp {
     pub error: MapError,
 }
 
+/// Which TC program an interface gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// A pod's veth: traffic from pods.
+    Pod,
+    /// The node's own interface: traffic from outside the node.
+    Node,
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Hook::Pod => program_names::TC_POD_INGRESS,
+            Hook::Node => program_names::TC_NODE_INGRESS,
+        }
+    }
+
+    fn pin_name(self, iface: &str) -> String {
+        match self {
+            Hook::Pod => format!("tc-ingress-{iface}"),
+            Hook::Node => format!("tc-node-{iface}"),
+        }
+    }
+}
+
 pub struct Datapath {
     ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -197,13 +223,15 @@ pub struct Datapath {
     backend_traffic: PerCpuHashMap<MapData, u32, Traffic>,
     stats: PerCpuArray<MapData, u64>,
     tables: MaglevTables,
+    source_ranges: LpmTrie<MapData, SourceRange, u8>,
     /// The settings written to the config map, for conntrack expiry.
     settings: Config,
     /// What the maps hold, as last read or written by this process.
     live: MapContents,
-    /// Interfaces (name -> ifindex) whose pinned TC link runs this
+    /// Interfaces (name -> ifindex, hook) whose pinned TC link runs this
     /// process's program.
-    attached: BTreeMap<String, u32>,
+    attached: BTreeMap<String, (u32, Hook)>,
+    config: Array<MapData, Config>,
     bpffs: PathBuf,
 }
 
@@ -254,17 +282,19 @@ impl Datapath {
                 path: cfg.bpffs.clone(),
                 source: Box::new(source),
             })?;
-        {
+        for name in [
+            program_names::TC_POD_INGRESS,
+            program_names::TC_NODE_INGRESS,
+        ] {
             let prog: &mut SchedClassifier = ebpf
-                .program_mut(program_names::TC_POD_INGRESS)
+                .program_mut(name)
                 .ok_or(DatapathError::Program {
-                    name: program_names::TC_POD_INGRESS,
+                    name,
                     source: Box::new(aya::programs::ProgramError::NotLoaded),
                 })?
                 .try_into()
-                .map_err(|e| program_err(program_names::TC_POD_INGRESS, e))?;
-            prog.load()
-                .map_err(|e| program_err(program_names::TC_POD_INGRESS, e))?;
+                .map_err(|e| program_err(name, e))?;
+            prog.load().map_err(|e| program_err(name, e))?;
         }
         for name in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
@@ -289,6 +319,11 @@ impl Datapath {
                 .try_into()
                 .map_err(map_err(map_names::MAGLEV))?,
         );
+        let source_ranges = ebpf
+            .take_map(map_names::SOURCE_RANGES)
+            .ok_or(DatapathError::MissingMap(map_names::SOURCE_RANGES))?
+            .try_into()
+            .map_err(map_err(map_names::SOURCE_RANGES))?;
         let stats = ebpf
             .take_map(map_names::STATS)
             .ok_or(DatapathError::MissingMap(map_names::STATS))?
@@ -313,36 +348,61 @@ impl Datapath {
             backend_traffic,
             stats,
             tables,
+            source_ranges,
             live: MapContents::default(),
             attached: BTreeMap::new(),
+            config,
             bpffs: cfg.bpffs.clone(),
         };
         dp.live = dp.read_contents()?;
         Ok(dp)
     }
 
-    /// The TC program, for attaching elsewhere or `test_run`.
+    /// The pod-side TC program, for attaching elsewhere or `test_run`.
     pub fn classifier(&mut self) -> &mut SchedClassifier {
+        self.hook_program(Hook::Pod)
+    }
+
+    /// The TC program of `hook`.
+    pub fn hook_program(&mut self, hook: Hook) -> &mut SchedClassifier {
         self.ebpf
-            .program_mut(program_names::TC_POD_INGRESS)
+            .program_mut(hook.program())
             .and_then(|p| p.try_into().ok())
             .expect("checked in load")
     }
 
-    /// Attaches the TC program at ingress of `iface` (index `ifindex`)
-    /// through a pinned TCX link. A link pinned by an earlier agent is
-    /// adopted: its program is swapped for this one atomically, so traffic
-    /// never sees a gap. Attaching twice is a no-op.
-    pub fn attach(&mut self, iface: &str, ifindex: u32) -> Result<(), DatapathError> {
-        if self.attached.get(iface) == Some(&ifindex) {
+    /// Sets the source address masqueraded external flows get (the node's
+    /// primary address); `None` makes such flows fail (counted).
+    pub fn set_node_addr(&mut self, addr: Option<Ipv4Addr>) -> Result<(), DatapathError> {
+        let node_addr = addr.map(addr_to_map).unwrap_or(0);
+        if self.settings.node_addr == node_addr {
             return Ok(());
         }
-        let pin = links_dir(&self.bpffs).join(format!("tc-ingress-{iface}"));
+        let settings = Config {
+            node_addr,
+            ..self.settings
+        };
+        self.config
+            .set(0, settings, 0)
+            .map_err(map_err(map_names::CONFIG))?;
+        self.settings = settings;
+        Ok(())
+    }
+
+    /// Attaches the TC program of `hook` at ingress of `iface` (index
+    /// `ifindex`) through a pinned TCX link. A link pinned by an earlier
+    /// agent is adopted: its program is swapped for this one atomically, so
+    /// traffic never sees a gap. Attaching twice is a no-op.
+    pub fn attach(&mut self, iface: &str, ifindex: u32, hook: Hook) -> Result<(), DatapathError> {
+        if self.attached.get(iface) == Some(&(ifindex, hook)) {
+            return Ok(());
+        }
+        let pin = links_dir(&self.bpffs).join(hook.pin_name(iface));
         let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
             iface: iface.to_string(),
             source,
         };
-        let prog = self.classifier();
+        let prog = self.hook_program(hook);
         let adopted = adopt_link(&pin, prog.fd().map_err(|e| err(Box::new(e)))?.as_fd());
         if !adopted {
             let id = prog
@@ -351,7 +411,7 @@ impl Datapath {
             let link = prog.take_link(id).map_err(|e| err(Box::new(e)))?;
             pin_link(link, &pin).map_err(err)?;
         }
-        self.attached.insert(iface.to_string(), ifindex);
+        self.attached.insert(iface.to_string(), (ifindex, hook));
         Ok(())
     }
 
@@ -394,9 +454,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Whether `iface` with index `ifindex` runs this process's program.
-    pub fn is_attached(&self, iface: &str, ifindex: u32) -> bool {
-        self.attached.get(iface) == Some(&ifindex)
+    /// Whether `iface` with index `ifindex` runs this process's program of
+    /// `hook`.
+    pub fn is_attached(&self, iface: &str, ifindex: u32, hook: Hook) -> bool {
+        self.attached.get(iface) == Some(&(ifindex, hook))
     }
 
     /// Forgets interfaces whose pinned link was detached behind the agent's
@@ -404,20 +465,20 @@ impl Datapath {
     /// them again. Returns their names.
     pub fn forget_detached(&mut self) -> Vec<String> {
         let links = links_dir(&self.bpffs);
-        let dead: Vec<String> = self
+        let dead: Vec<(String, Hook)> = self
             .attached
-            .keys()
-            .filter(|iface| {
-                let pin = links.join(format!("tc-ingress-{iface}"));
+            .iter()
+            .filter(|(iface, (_, hook))| {
+                let pin = links.join(hook.pin_name(iface));
                 !matches!(tcx_link_ifindex(&pin), Ok(Some(_)))
             })
-            .cloned()
+            .map(|(iface, (_, hook))| (iface.clone(), *hook))
             .collect();
-        for iface in &dead {
+        for (iface, hook) in &dead {
             self.attached.remove(iface);
-            let _ = std::fs::remove_file(links.join(format!("tc-ingress-{iface}")));
+            let _ = std::fs::remove_file(links.join(hook.pin_name(iface)));
         }
-        dead
+        dead.into_iter().map(|(iface, _)| iface).collect()
     }
 
     /// Forgets interfaces that no longer exist, or exist under a new index
@@ -425,22 +486,22 @@ impl Datapath {
     /// links died with them, and their pins are removed, so the new
     /// interface is attached afresh.
     pub fn forget_missing(&mut self, present: &[(String, u32)]) -> Vec<String> {
-        let gone: Vec<String> = self
+        let gone: Vec<(String, Hook)> = self
             .attached
             .iter()
-            .filter(|(name, index)| !present.iter().any(|(n, i)| n == *name && i == *index))
-            .map(|(name, _)| name.clone())
+            .filter(|(name, (index, _))| !present.iter().any(|(n, i)| n == *name && i == index))
+            .map(|(name, (_, hook))| (name.clone(), *hook))
             .collect();
-        for iface in &gone {
+        for (iface, hook) in &gone {
             self.attached.remove(iface);
-            let pin = links_dir(&self.bpffs).join(format!("tc-ingress-{iface}"));
+            let pin = links_dir(&self.bpffs).join(hook.pin_name(iface));
             if let Err(e) = std::fs::remove_file(&pin)
                 && e.kind() != io::ErrorKind::NotFound
             {
                 tracing::warn!(pin = %pin.display(), error = %e, "removing a dead link's pin");
             }
         }
-        gone
+        gone.into_iter().map(|(iface, _)| iface).collect()
     }
 
     /// Removes the maps of older layout versions. Call once this agent's
@@ -488,6 +549,15 @@ impl Datapath {
             contents.backends.insert(k, v);
         }
         contents.tables = self.tables.read_all().map_err(map_err(map_names::MAGLEV))?;
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(map_err(map_names::SOURCE_RANGES))?;
+            let data = key.data();
+            contents.source_ranges.insert(RangeEntry {
+                svc_id: u32::from_be(data.svc_id_be),
+                addr: addr_from_map(data.addr),
+                prefix_len: key.prefix_len().saturating_sub(SourceRange::SVC_BITS) as u8,
+            });
+        }
         Ok(contents)
     }
 
@@ -549,6 +619,16 @@ impl Datapath {
                 MapOp::DeleteTable(svc_id) => self.tables.delete(*svc_id).map(|()| {
                     self.live.tables.remove(svc_id);
                 }),
+                MapOp::PutSourceRange(r) => {
+                    self.source_ranges.insert(&range_key(r), 1, 0).map(|()| {
+                        self.live.source_ranges.insert(*r);
+                    })
+                }
+                MapOp::DeleteSourceRange(r) => {
+                    ignore_missing(self.source_ranges.remove(&range_key(r))).map(|()| {
+                        self.live.source_ranges.remove(r);
+                    })
+                }
             };
             if let Err(error) = result {
                 failed.push(FailedOp {
@@ -649,6 +729,18 @@ impl Datapath {
     ) -> Result<usize, DatapathError> {
         Ok(delete_where(&mut self.conntrack, doomed))
     }
+}
+
+/// The trie key of one allowed prefix: the svc id matched whole, then the
+/// prefix's own length of the address.
+fn range_key(r: &RangeEntry) -> lpm_trie::Key<SourceRange> {
+    lpm_trie::Key::new(
+        SourceRange::SVC_BITS + u32::from(r.prefix_len),
+        SourceRange {
+            svc_id_be: r.svc_id.to_be(),
+            addr: addr_to_map(r.addr),
+        },
+    )
 }
 
 /// Deletes the entries of `map` that `doomed` picks; returns how many went.

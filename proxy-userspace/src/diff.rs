@@ -9,15 +9,17 @@
 //! 1. put backends: a slot written later can only point at an existing one;
 //! 2. put slots > 0: written before any count that covers them, and
 //!    replacing a slot's backend id swaps between two existing backends;
-//! 3. put Maglev tables: each is a whole new table swapped in at once, and
-//!    points only at backends from step 1;
+//! 3. put Maglev tables (each a whole new table swapped in at once, pointing
+//!    only at backends from step 1) and source ranges (so a frontend is
+//!    never told to check ranges that are not there yet);
 //! 4. put slot-0 entries: a growing count only ever covers slots written in
 //!    step 2, and the Maglev flag is set only once step 3 wrote the table; a
 //!    shrinking count is lowered here, before step 6 removes the slots it no
 //!    longer covers;
 //! 5. delete slot-0 entries of removed frontends: from then on the datapath
 //!    stops at slot 0 and never reads their slots or table;
-//! 6. delete tables and slots > 0 that nothing uses any more;
+//! 6. delete tables, source ranges and slots > 0 that nothing uses any
+//!    more;
 //! 7. delete backends last, once no slot or table points at them.
 //!
 //! If applying stops part way, the maps are still consistent, and the next
@@ -25,7 +27,7 @@
 
 use proxy_common::{Backend, ServiceKey, ServiceValue};
 
-use crate::encode::MapContents;
+use crate::encode::{MapContents, RangeEntry};
 use crate::maglev::TableSpec;
 
 /// One map update.
@@ -38,6 +40,8 @@ pub enum MapOp {
     /// Build the Maglev table of this svc id and swap it in.
     PutTable(u32, TableSpec),
     DeleteTable(u32),
+    PutSourceRange(RangeEntry),
+    DeleteSourceRange(RangeEntry),
 }
 
 /// The updates turning `live` into `desired`, in the order they must be
@@ -66,6 +70,9 @@ pub fn diff(live: &MapContents, desired: &MapContents) -> Vec<MapOp> {
             ops.push(MapOp::PutTable(*svc_id, table.clone()));
         }
     }
+    for range in desired.source_ranges.difference(&live.source_ranges) {
+        ops.push(MapOp::PutSourceRange(*range));
+    }
     ops.extend(
         slot0_puts
             .into_iter()
@@ -83,6 +90,9 @@ pub fn diff(live: &MapContents, desired: &MapContents) -> Vec<MapOp> {
         if !desired.tables.contains_key(svc_id) {
             ops.push(MapOp::DeleteTable(*svc_id));
         }
+    }
+    for range in live.source_ranges.difference(&desired.source_ranges) {
+        ops.push(MapOp::DeleteSourceRange(*range));
     }
     ops.extend(slot_deletes.into_iter().map(|k| MapOp::DeleteService(*k)));
 
@@ -171,6 +181,12 @@ mod tests {
             }
             MapOp::DeleteTable(svc_id) => {
                 contents.tables.remove(svc_id);
+            }
+            MapOp::PutSourceRange(r) => {
+                contents.source_ranges.insert(*r);
+            }
+            MapOp::DeleteSourceRange(r) => {
+                contents.source_ranges.remove(r);
             }
         }
     }

@@ -10,11 +10,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use proxy_common::{
-    Backend, SVC_FLAG_DROP, SVC_FLAG_MAGLEV, SVC_FLAG_REJECT, ServiceKey, ServiceValue,
+    Backend, SVC_FLAG_DROP, SVC_FLAG_EXTERNAL_SCOPE, SVC_FLAG_MAGLEV, SVC_FLAG_MASQUERADE,
+    SVC_FLAG_NODE_ADDRESS, SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
+    scope,
 };
 
 use crate::maglev::{TableBackend, TableSpec};
-use crate::model::{DesiredState, EmptyAction, Frontend, Protocol};
+use crate::model::{DesiredState, EmptyAction, Endpoint, Frontend, FrontendKind, Protocol};
 
 /// Map form of an IPv4 address: the `u32` whose in-memory bytes are the
 /// address's wire bytes, which is what the datapath compares against packets.
@@ -44,6 +46,16 @@ pub struct MapContents {
     pub backends: BTreeMap<u32, Backend>,
     /// Maglev tables by svc id.
     pub tables: BTreeMap<u32, TableSpec>,
+    /// loadBalancerSourceRanges of external entries.
+    pub source_ranges: BTreeSet<RangeEntry>,
+}
+
+/// One allowed client prefix of one frontend (svc id of its external entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RangeEntry {
+    pub svc_id: u32,
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
 }
 
 /// How new flows pick among a frontend's endpoints.
@@ -161,7 +173,8 @@ impl<K: Ord + Clone> Ids<K> {
 /// Turns desired states into map contents with ids stable across calls.
 #[derive(Debug)]
 pub struct Encoder {
-    svc_ids: Ids<Frontend>,
+    /// Per frontend and scope (`proxy_common::scope`).
+    svc_ids: Ids<(Frontend, u8)>,
     backend_ids: Ids<BackendKey>,
     algorithm: LbAlgorithm,
 }
@@ -204,10 +217,13 @@ impl Encoder {
             self.backend_ids.seed(key, *id);
         }
         for (key, value) in live.services.iter().filter(|(key, _)| key.slot == 0) {
-            let frontend = Protocol::from_number(key.proto).map(|proto| Frontend {
-                addr: addr_from_map(key.addr),
-                port: port_from_map(key.port),
-                proto,
+            let frontend = Protocol::from_number(key.proto).map(|proto| {
+                let frontend = Frontend {
+                    addr: addr_from_map(key.addr),
+                    port: port_from_map(key.port),
+                    proto,
+                };
+                (frontend, key.scope)
             });
             self.svc_ids.seed(frontend, value.svc_id);
         }
@@ -217,113 +233,183 @@ impl Encoder {
     /// absent from `desired` are released only after this call, so an id is
     /// never reused within the update that removes its previous owner.
     pub fn encode(&mut self, desired: &DesiredState) -> MapContents {
-        let mut out = MapContents::default();
-        let mut used_frontends = BTreeSet::new();
-        let mut used_backends = BTreeSet::new();
-
+        let mut round = Round::default();
         for (frontend, state) in &desired.frontends {
-            let Some(svc_id) = self.svc_ids.get_or_alloc(frontend) else {
-                tracing::error!(
-                    "{}: no service id left, frontend {frontend} skipped",
-                    state.service
-                );
-                continue;
-            };
-            used_frontends.insert(*frontend);
             let key = ServiceKey::new(
                 addr_to_map(frontend.addr),
                 port_to_map(frontend.port),
                 frontend.proto.number(),
                 0,
             );
-            if state.endpoints.len() > usize::from(u16::MAX) {
-                tracing::warn!(
-                    "{}: {} endpoints, only the first {} are used",
-                    state.service,
-                    state.endpoints.len(),
-                    u16::MAX
-                );
-            }
-            let mut count: u16 = 0;
-            let mut table_backends = Vec::new();
-            for endpoint in state.endpoints.iter().take(usize::from(u16::MAX)) {
-                let backend_key = (endpoint.addr, endpoint.port, frontend.proto);
-                let Some(id) = self.backend_ids.get_or_alloc(&backend_key) else {
-                    tracing::error!(
-                        "{}: no backend id left, endpoint {}:{} skipped",
-                        state.service,
-                        endpoint.addr,
-                        endpoint.port
-                    );
-                    continue;
-                };
-                used_backends.insert(backend_key);
-                count += 1;
-                table_backends.push(TableBackend {
-                    addr: endpoint.addr,
-                    port: endpoint.port,
-                    id,
-                });
-                out.services
-                    .insert(key.with_slot(count), ServiceValue::slot(id));
-                out.backends.insert(
-                    id,
-                    Backend::new(
-                        addr_to_map(endpoint.addr),
-                        port_to_map(endpoint.port),
-                        frontend.proto.number(),
-                    ),
-                );
-            }
+            let Some(mut entry) = self.entry(
+                &mut round,
+                *frontend,
+                key,
+                &state.service,
+                &state.endpoints,
+                state.empty_action,
+            ) else {
+                continue;
+            };
             // Endpoints no longer chosen but still present keep their
             // backend entry (no slot): the datapath keeps serving the flows
             // they already have, and never picks them for a new one.
             for endpoint in &state.lingering {
-                let backend_key = (endpoint.addr, endpoint.port, frontend.proto);
-                let Some(id) = self.backend_ids.get_or_alloc(&backend_key) else {
-                    continue;
-                };
-                used_backends.insert(backend_key);
-                out.backends.insert(
-                    id,
-                    Backend::new(
-                        addr_to_map(endpoint.addr),
-                        port_to_map(endpoint.port),
-                        frontend.proto.number(),
-                    ),
-                );
+                self.backend(&mut round, *frontend, *endpoint);
             }
-            let mut flags = match (count, state.empty_action) {
-                (0, EmptyAction::Reject) => SVC_FLAG_REJECT,
-                (0, EmptyAction::Drop) => SVC_FLAG_DROP,
-                _ => 0,
-            };
-            if let LbAlgorithm::Maglev { table_size } = self.algorithm
-                && count > 0
-            {
-                out.tables
-                    .insert(svc_id, TableSpec::new(table_size, table_backends));
-                flags |= SVC_FLAG_MAGLEV;
+            let affinity = state.affinity_timeout_s.unwrap_or(0);
+            if let Some(external) = &state.external {
+                let ext_key = key.with_scope(scope::EXTERNAL);
+                if let Some(mut ext) = self.entry(
+                    &mut round,
+                    *frontend,
+                    ext_key,
+                    &state.service,
+                    &external.endpoints,
+                    external.empty_action,
+                ) {
+                    if external.masquerade {
+                        ext.flags |= SVC_FLAG_MASQUERADE;
+                    }
+                    if !external.source_ranges.is_empty() {
+                        ext.flags |= SVC_FLAG_SOURCE_RANGES;
+                        for cidr in &external.source_ranges {
+                            round.out.source_ranges.insert(RangeEntry {
+                                svc_id: ext.svc_id,
+                                addr: cidr.addr,
+                                prefix_len: cidr.prefix_len,
+                            });
+                        }
+                    }
+                    if state.kind == FrontendKind::NodePort {
+                        ext.flags |= SVC_FLAG_NODE_ADDRESS;
+                    }
+                    round
+                        .out
+                        .services
+                        .insert(ext_key, ext.with_affinity(affinity));
+                    entry.flags |= SVC_FLAG_EXTERNAL_SCOPE;
+                }
             }
-            let entry = ServiceValue::service(svc_id, count, flags)
-                .with_affinity(state.affinity_timeout_s.unwrap_or(0));
-            out.services.insert(key, entry);
+            if state.kind == FrontendKind::NodePort {
+                entry.flags |= SVC_FLAG_NODE_ADDRESS;
+            }
+            round
+                .out
+                .services
+                .insert(key, entry.with_affinity(affinity));
+            if state.kind == FrontendKind::ClusterIp {
+                round.cluster_ips.insert(frontend.addr);
+            }
         }
 
         // Every cluster IP also gets its port-less entry, so the datapath can
         // tell "a cluster IP, but no such port" (REJECT) from "no cluster IP
         // at all" (DROP inside the service CIDR).
-        for frontend in &used_frontends {
-            out.services.insert(
-                ServiceKey::cluster_ip(addr_to_map(frontend.addr)),
+        for addr in &round.cluster_ips {
+            round.out.services.insert(
+                ServiceKey::cluster_ip(addr_to_map(*addr)),
                 ServiceValue::service(0, 0, SVC_FLAG_REJECT),
             );
         }
 
-        self.svc_ids.retain(&used_frontends);
-        self.backend_ids.retain(&used_backends);
-        out
+        self.svc_ids.retain(&round.used_frontends);
+        self.backend_ids.retain(&round.used_backends);
+        round.out
     }
+
+    /// Writes the slots (and Maglev table) of one services-map entry for
+    /// `endpoints` and returns its slot-0 value, without affinity; `None`
+    /// when no svc id is left.
+    fn entry(
+        &mut self,
+        round: &mut Round,
+        frontend: Frontend,
+        key: ServiceKey,
+        service: &str,
+        endpoints: &[Endpoint],
+        empty_action: EmptyAction,
+    ) -> Option<ServiceValue> {
+        let Some(svc_id) = self.svc_ids.get_or_alloc(&(frontend, key.scope)) else {
+            tracing::error!("{service}: no service id left, frontend {frontend} skipped");
+            return None;
+        };
+        round.used_frontends.insert((frontend, key.scope));
+        if endpoints.len() > usize::from(u16::MAX) {
+            tracing::warn!(
+                "{service}: {} endpoints, only the first {} are used",
+                endpoints.len(),
+                u16::MAX
+            );
+        }
+        let mut count: u16 = 0;
+        let mut table_backends = Vec::new();
+        for endpoint in endpoints.iter().take(usize::from(u16::MAX)) {
+            let Some(id) = self.backend(round, frontend, *endpoint) else {
+                tracing::error!(
+                    "{service}: no backend id left, endpoint {}:{} skipped",
+                    endpoint.addr,
+                    endpoint.port
+                );
+                continue;
+            };
+            count += 1;
+            table_backends.push(TableBackend {
+                addr: endpoint.addr,
+                port: endpoint.port,
+                id,
+            });
+            round
+                .out
+                .services
+                .insert(key.with_slot(count), ServiceValue::slot(id));
+        }
+        let mut flags = match (count, empty_action) {
+            (0, EmptyAction::Reject) => SVC_FLAG_REJECT,
+            (0, EmptyAction::Drop) => SVC_FLAG_DROP,
+            _ => 0,
+        };
+        if let LbAlgorithm::Maglev { table_size } = self.algorithm
+            && count > 0
+        {
+            round
+                .out
+                .tables
+                .insert(svc_id, TableSpec::new(table_size, table_backends));
+            flags |= SVC_FLAG_MAGLEV;
+        }
+        Some(ServiceValue::service(svc_id, count, flags))
+    }
+
+    /// The backend entry of `endpoint` under `frontend`'s protocol.
+    fn backend(
+        &mut self,
+        round: &mut Round,
+        frontend: Frontend,
+        endpoint: Endpoint,
+    ) -> Option<u32> {
+        let backend_key = (endpoint.addr, endpoint.port, frontend.proto);
+        let id = self.backend_ids.get_or_alloc(&backend_key)?;
+        round.used_backends.insert(backend_key);
+        round.out.backends.insert(
+            id,
+            Backend::new(
+                addr_to_map(endpoint.addr),
+                port_to_map(endpoint.port),
+                frontend.proto.number(),
+            ),
+        );
+        Some(id)
+    }
+}
+
+/// What one [`Encoder::encode`] call builds up.
+#[derive(Default)]
+struct Round {
+    out: MapContents,
+    used_frontends: BTreeSet<(Frontend, u8)>,
+    used_backends: BTreeSet<BackendKey>,
+    cluster_ips: BTreeSet<Ipv4Addr>,
 }
 
 #[cfg(test)]
@@ -638,6 +724,7 @@ mod tests {
             // Id 2 duplicates id 1's endpoint: adopted by nobody, but live.
             backends: [(1, dup), (2, dup)].into_iter().collect(),
             tables: BTreeMap::new(),
+            source_ranges: BTreeSet::new(),
         };
         let mut encoder = Encoder::new();
         encoder.seed_from(&live);

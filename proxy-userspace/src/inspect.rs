@@ -217,7 +217,10 @@ pub struct FlowView {
     pub nat: String,
     pub backend_id: u32,
     pub closing: bool,
-    pub hairpin: bool,
+    /// Source translation too (hairpin or masquerade): forward, the source
+    /// written; reply, the client written back as destination. Empty
+    /// without.
+    pub snat: String,
     pub idle_s: u64,
 }
 
@@ -236,7 +239,11 @@ pub fn conntrack(p: &Pinned) -> Vec<FlowView> {
             nat: endpoint(v.nat_addr, v.nat_port),
             backend_id: v.backend_id,
             closing: v.is_closing(),
-            hairpin: v.is_hairpin(),
+            snat: if v.is_snat() {
+                endpoint(v.snat_addr, v.snat_port)
+            } else {
+                String::new()
+            },
             idle_s: p.now_ns.saturating_sub(v.last_seen_ns) / 1_000_000_000,
         })
         .collect();

@@ -66,6 +66,35 @@ pub fn list() -> io::Result<Vec<(String, u32)>> {
     Ok(names)
 }
 
+/// IPv4 addresses of this network namespace's interfaces, as
+/// (interface name, address), in the kernel's order.
+pub fn ipv4_addresses() -> io::Result<Vec<(String, std::net::Ipv4Addr)>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: getifaddrs returned a valid list, freed below.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null()
+            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
+        {
+            // SAFETY: AF_INET addresses are sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            let addr = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+                .to_string_lossy()
+                .into_owned();
+            out.push((name, addr));
+        }
+        cur = ifa.ifa_next;
+    }
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

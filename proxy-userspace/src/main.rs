@@ -12,6 +12,7 @@ use proxy_userspace::{
     inspect, interfaces,
     kube_source::KubeSource,
     maglev,
+    model::Ipv4Cidr,
 };
 
 #[derive(Parser)]
@@ -78,6 +79,16 @@ struct RunArgs {
     /// separated (e.g. `veth*,cali*,lxc*`).
     #[arg(long, env = "KEP_INTERFACES")]
     interfaces: String,
+    /// The node's own interfaces (traffic from outside the node: NodePort,
+    /// LoadBalancer and external IPs, replies of flows translated on other
+    /// nodes), names or globs, comma separated (e.g. `eth0,ens*`). Their
+    /// IPv4 addresses are the node's; the first is the masquerade source.
+    #[arg(long, env = "KEP_NODE_INTERFACES", default_value = "")]
+    node_interfaces: String,
+    /// NodePorts answer only on node addresses inside these CIDRs (comma
+    /// separated); unset: on every node address.
+    #[arg(long, env = "KEP_NODEPORT_ADDRESSES", default_value = "", value_parser = parse_cidr_list)]
+    nodeport_addresses: CidrList,
     /// Directory on bpffs where maps are pinned; bpffs is mounted on its
     /// parent if it is not mounted yet.
     #[arg(long, env = "KEP_BPFFS", default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
@@ -167,6 +178,8 @@ fn main() -> anyhow::Result<()> {
             let cfg = RunConfig {
                 node_name,
                 interfaces: interfaces::parse_patterns(&args.interfaces),
+                node_interfaces: interfaces::parse_patterns(&args.node_interfaces),
+                nodeport_addresses: args.nodeport_addresses.0,
                 datapath: DatapathConfig {
                     bpffs: args.bpffs,
                     services_max: args.services_max,
@@ -282,22 +295,23 @@ fn hostname() -> std::io::Result<String> {
 struct Cidrs(Vec<(std::net::Ipv4Addr, u8)>);
 
 fn parse_cidrs(list: &str) -> Result<Cidrs, String> {
+    let cidrs = parse_cidr_list(list)?.0;
+    Ok(Cidrs(
+        cidrs.into_iter().map(|c| (c.addr, c.prefix_len)).collect(),
+    ))
+}
+
+/// Comma-separated IPv4 CIDRs.
+#[derive(Debug, Clone)]
+struct CidrList(Vec<Ipv4Cidr>);
+
+fn parse_cidr_list(list: &str) -> Result<CidrList, String> {
     list.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|cidr| {
-            let (addr, len) = cidr
-                .split_once('/')
-                .ok_or_else(|| format!("{cidr}: expected ADDRESS/PREFIX"))?;
-            let addr = addr.parse().map_err(|e| format!("{cidr}: address: {e}"))?;
-            let len: u8 = len.parse().map_err(|e| format!("{cidr}: prefix: {e}"))?;
-            if len > 32 {
-                return Err(format!("{cidr}: prefix longer than 32"));
-            }
-            Ok((addr, len))
-        })
+        .map(|cidr| cidr.parse::<Ipv4Cidr>().map_err(|e| format!("{cidr}: {e}")))
         .collect::<Result<Vec<_>, _>>()
-        .map(Cidrs)
+        .map(CidrList)
 }
 
 /// `500ms`, `30s`, `90m`, `24h`.
@@ -386,7 +400,7 @@ fn dump(pinned: &inspect::Pinned, what: DumpWhat, json: bool) -> anyhow::Result<
             let v = inspect::conntrack(pinned);
             let mut rows = vec![
                 [
-                    "tuple", "dir", "nat", "backend", "closing", "hairpin", "idle_s",
+                    "tuple", "dir", "nat", "backend", "closing", "snat", "idle_s",
                 ]
                 .map(String::from)
                 .to_vec(),
@@ -398,7 +412,7 @@ fn dump(pinned: &inspect::Pinned, what: DumpWhat, json: bool) -> anyhow::Result<
                     x.nat.clone(),
                     s(&x.backend_id),
                     s(&x.closing),
-                    s(&x.hairpin),
+                    x.snat.clone(),
                     s(&x.idle_s),
                 ]
             }));

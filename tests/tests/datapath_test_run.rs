@@ -874,8 +874,10 @@ fn maglev_table_swaps_atomically_under_traffic() {
     let (table_a, table_b) = (a.build(), b.build());
     let pin = maps_dir(&fx._pins.0).join(proxy_common::map_names::MAGLEV);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapped = std::sync::Arc::new(AtomicU32::new(0));
     let swapper = {
         let stop = stop.clone();
+        let swapped = swapped.clone();
         let (a, b) = (a.clone(), b.clone());
         std::thread::spawn(move || {
             let data = aya::maps::MapData::from_pin(&pin).expect("open the pinned maglev map");
@@ -883,19 +885,27 @@ fn maglev_table_swaps_atomically_under_traffic() {
                 .try_into()
                 .expect("hash of maps");
             let mut tables = MaglevTables::new(outer);
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(25);
             let mut swaps = 0u32;
             while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
                 let spec = if swaps.is_multiple_of(2) { &b } else { &a };
                 tables.put(1, spec, &spec.build()).expect("swap table");
                 swaps += 1;
+                swapped.store(swaps, Ordering::Relaxed);
             }
             swaps
         })
     };
     let (mut from_a, mut from_b) = (0u32, 0u32);
     let mut sport = 1024u16;
-    for round in 0..20_000u32 {
+    // At least 20,000 flows and 20 swaps (the swapper may start late on a
+    // loaded machine), within 20 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut round = 0u32;
+    while (round < 20_000 || swapped.load(Ordering::Relaxed) < 20)
+        && std::time::Instant::now() < deadline
+    {
+        round += 1;
         // A fresh flow every time; the client address varies too once the
         // source ports wrap.
         sport = if sport == u16::MAX { 1024 } else { sport + 1 };
