@@ -87,10 +87,10 @@ fn panel(
             left + PANEL_W,
             left - 4.0,
             yy + 4.0,
-            if max < 10.0 {
-                format!("{v:.1}")
-            } else {
+            if v.fract().abs() < 1e-9 {
                 format!("{v:.0}")
+            } else {
+                format!("{v:.1}")
             }
         );
     }

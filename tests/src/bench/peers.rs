@@ -128,7 +128,10 @@ pub struct Trial {
     pub p50_us: f64,
     pub p99_us: f64,
     pub elapsed_ms: f64,
-    /// Latency of every request, µs.
+    pub p90_us: f64,
+    pub max_us: f64,
+    /// Latency of every connection, µs ([`Kind::TcpConnect`] only: the
+    /// request/response kinds make too many to keep in the JSON).
     pub latencies_us: Vec<f64>,
     /// `rate / direct rate` in the same round (filled in afterwards).
     pub ratio_to_direct: Option<f64>,
@@ -219,8 +222,14 @@ fn trial_from(kind: Kind, peer: Peer, n: usize, round: usize, report: &Report) -
         rate: report.rate(),
         p50_us: us(report.p50()),
         p99_us: us(report.p99()),
+        p90_us: us(report.p90()),
+        max_us: us(report.max()),
         elapsed_ms: report.elapsed.as_secs_f64() * 1e3,
-        latencies_us: report.latencies.iter().map(|d| us(*d)).collect(),
+        latencies_us: if kind == Kind::TcpConnect {
+            report.latencies.iter().map(|d| us(*d)).collect()
+        } else {
+            Vec::new()
+        },
         ratio_to_direct: None,
     }
 }

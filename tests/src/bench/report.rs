@@ -401,7 +401,7 @@ pub fn markdown(r: &Results) -> String {
     out.push_str(
         "\n`program all N`: ours = agent process start until its first `datapath programmed` \
          line (`agent took_us` = the sync itself); iptables = one `iptables-restore`; nftables = \
-         one `nft -f`. `one endpoint change` (largest N only): ours = manifest rewrite until the \
+         one `nft -f`. `one endpoint change` (one endpoint removed, at each peer's largest N): ours = manifest rewrite until the \
          next `datapath programmed` line (includes the poll interval); iptables/nftables = \
          re-applying the full ruleset, as kube-proxy's sync does.\n\n",
     );

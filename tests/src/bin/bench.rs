@@ -1,7 +1,7 @@
-//! `lab-bench [--quick] [--services N,N,...] [--out DIR]`: runs the benchmark (see `lab::bench`)
+//! `lab-bench [--quick] [--services N,N,...] [--nft-max-services N] [--out DIR]`: runs the benchmark (see `lab::bench`)
 //! in one lab and writes `latest.md`, `latest.json` and `latest.svg` to DIR
 //! (default `<workspace>/bench/results`); `quick.*` with `--quick`,
-//! `partial.*` with `--services`. Needs root; the agent binary comes
+//! `partial.*` with `--services` or `--nft-max-services`. Needs root; the agent binary comes
 //! from `KEP_AGENT_BIN` (default `target/debug/kube-ebpf-proxy`).
 
 use std::path::PathBuf;
@@ -24,6 +24,7 @@ fn run() -> Result<()> {
     let mut settings = Settings::full();
     let mut out = lab::workspace_root().join("bench/results");
     let mut services = None;
+    let mut nft_max = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -34,25 +35,34 @@ fn run() -> Result<()> {
                 Some(list) => services = Some(parse_services(&list)?),
                 None => bail!("--services needs a comma-separated list"),
             },
+            // nftables is not run above this N (`0`: no limit).
+            "--nft-max-services" => match args.next().map(|v| v.parse::<usize>()) {
+                Some(Ok(n)) => nft_max = Some((n > 0).then_some(n)),
+                _ => bail!("--nft-max-services needs a number"),
+            },
             "--out" => match args.next() {
                 Some(d) => out = PathBuf::from(d),
                 None => bail!("--out needs a directory"),
             },
             other => bail!(
-                "unknown argument {other:?} (usage: lab-bench [--quick] [--services N,N,...] [--out DIR])"
+                "unknown argument {other:?} (usage: lab-bench [--quick] [--services N,N,...] \
+                 [--nft-max-services N] [--out DIR])"
             ),
         }
     }
     // A quick or partial run never overwrites the published full results.
-    let stem = if settings.mode == "quick" {
-        "quick"
-    } else if services.is_some() {
+    let stem = if services.is_some() || nft_max.is_some() {
         "partial"
+    } else if settings.mode == "quick" {
+        "quick"
     } else {
         "latest"
     };
     if let Some(list) = services {
         settings.service_counts = list;
+    }
+    if let Some(max) = nft_max {
+        settings.nft_max_services = max;
     }
     let removed = lab::cleanup_stale()?;
     if !removed.is_empty() {
