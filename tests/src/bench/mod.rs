@@ -227,13 +227,15 @@ pub fn run(settings: Settings) -> Result<Results> {
     };
     for &n in &settings.service_counts {
         if !runs_at(Peer::Nftables, n) {
+            let changes = match largest_for(Peer::Nftables) {
+                Some(m) => format!("its endpoint changes are measured at N={m}"),
+                None => "it is not measured at any N in this run".into(),
+            };
             let msg = format!(
                 "nftables not run at N={n} (nft_max_services = {:?}): its `nft -f` load took 32 s \
-                 and a full re-sync 98 s at N=10,000 and grows faster than linearly, so five rounds \
-                 plus the re-syncs at N={n} would not fit the run; its endpoint changes are \
-                 measured at N={}",
-                settings.nft_max_services,
-                largest_for(Peer::Nftables).unwrap_or(0)
+                 and a full re-sync 98 s at N=10,000 in an earlier full run, growing faster than \
+                 linearly, so {} rounds plus the re-syncs at N={n} would not fit the run; {changes}",
+                settings.nft_max_services, settings.rounds,
             );
             println!("bench: {msg}");
             results.skipped.push(msg);
