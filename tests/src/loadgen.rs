@@ -528,14 +528,17 @@ pub struct SwitchProbes {
     /// Answers from other backends after `first_wanted` (a switch that is
     /// not clean shows here).
     pub unwanted_after_first: u64,
+    /// When the first answer of the final run of wanted answers arrived
+    /// (no other backend answered from then on).
+    pub settled: Option<Instant>,
     pub error_samples: Vec<String>,
 }
 
 /// Probes `target` with one TCP request (new connection) every `interval`
-/// (sequentially: a slow probe delays the next) until `confirm` answers
-/// from backends for which `wanted(name)` holds have arrived, or `max`
-/// has passed. For measuring how soon a changed endpoint set serves new
-/// connections.
+/// (sequentially: a slow probe delays the next) until `confirm`
+/// consecutive answers came from backends for which `wanted(name)` holds,
+/// or `max` has passed. For measuring how soon a changed endpoint set
+/// serves new connections.
 pub fn switch_prober(
     target: SocketAddrV4,
     interval: Duration,
@@ -546,9 +549,9 @@ pub fn switch_prober(
 ) -> SwitchProbes {
     let mut p = SwitchProbes::default();
     let start = Instant::now();
-    let mut wanted_seen = 0;
+    let mut in_a_row = 0;
     let mut next = start;
-    while wanted_seen < confirm && start.elapsed() < max {
+    while in_a_row < confirm && start.elapsed() < max {
         let now = Instant::now();
         if now < next {
             std::thread::sleep(next - now);
@@ -560,15 +563,22 @@ pub fn switch_prober(
                 let at = Instant::now();
                 p.answered += 1;
                 if wanted(&name) {
-                    wanted_seen += 1;
+                    in_a_row += 1;
                     p.first_wanted.get_or_insert(at);
-                } else if p.first_wanted.is_some() {
-                    p.unwanted_after_first += 1;
+                    p.settled.get_or_insert(at);
+                } else {
+                    in_a_row = 0;
+                    p.settled = None;
+                    if p.first_wanted.is_some() {
+                        p.unwanted_after_first += 1;
+                    }
                 }
                 *p.per_backend.entry(name).or_default() += 1;
             }
             Err(e) => {
                 p.failed += 1;
+                in_a_row = 0;
+                p.settled = None;
                 if p.error_samples.len() < MAX_SAMPLES {
                     p.error_samples.push(format!("{}: {e}", ErrorKind::of(&e)));
                 }

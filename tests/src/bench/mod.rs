@@ -79,7 +79,7 @@ impl Settings {
                 probe_interval_us: 1_000,
                 probe_timeout_ms: 1_000,
                 max_s: 60,
-                confirm: 5,
+                confirm: 20,
             },
             nft_max_services: None,
             testrun_repeat: 100_000,
@@ -115,7 +115,7 @@ impl Settings {
                 probe_timeout_ms: 1_000,
                 // nft's full re-sync took ~100 s at N = 10,000.
                 max_s: 600,
-                confirm: 5,
+                confirm: 20,
             },
             // `nft -f` took 32 s to load and 98 s to re-sync 10,000
             // services (growing faster than linearly); at 30,000 five
@@ -182,10 +182,12 @@ fn print_turn(n: usize, round: usize, peer: Peer, turn: &peers::Turn) {
     }
     for w in &turn.switches {
         println!(
-            "N={n:<6} round {round} {peer:<9} switch {} to {:?}: first new answer {} ms, programmed {:.1} ms, probes {}/{} answered",
+            "N={n:<6} round {round} {peer:<9} switch {} to {:?}: first new answer {} ms, only new from {} ms, programmed {:.1} ms, probes {}/{} answered",
             w.repetition,
             w.to,
             w.change_to_first_new_ms
+                .map_or("never".into(), |v| format!("{v:.1}")),
+            w.change_to_settled_ms
                 .map_or("never".into(), |v| format!("{v:.1}")),
             w.programmed_ms,
             w.probes_answered,

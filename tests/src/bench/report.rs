@@ -270,6 +270,8 @@ pub struct SwitchSummary {
     pub switched: usize,
     pub first_new_median_ms: Option<f64>,
     pub first_new_p99_ms: Option<f64>,
+    pub settled_median_ms: Option<f64>,
+    pub settled_p99_ms: Option<f64>,
     pub programmed_median_ms: Option<f64>,
     pub probes_failed: u64,
     pub old_after_first_new: u64,
@@ -288,6 +290,8 @@ pub fn switch_summaries(r: &Results) -> Vec<SwitchSummary> {
             switched: times().count(),
             first_new_median_ms: median(times()),
             first_new_p99_ms: quantile(times(), 0.99),
+            settled_median_ms: median(all.iter().filter_map(|w| w.change_to_settled_ms)),
+            settled_p99_ms: quantile(all.iter().filter_map(|w| w.change_to_settled_ms), 0.99),
             programmed_median_ms: median(all.iter().map(|w| w.programmed_ms)),
             probes_failed: all.iter().map(|w| w.probes_failed).sum(),
             old_after_first_new: all.iter().map(|w| w.old_after_first_new).sum(),
@@ -544,32 +548,39 @@ fn switch_table(r: &Results) -> String {
     }
     let mut out = String::from(
         "## Endpoint switch seen by a client\n\n\
-         | peer | N | switches | first answer from a new backend: median | p99 | peer done (median) | probes failed | old answers after first new |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+         | peer | N | switches | first answer from a new backend: median | p99 | only new backends from: median | p99 | peer done (median) | probes failed | old answers after first new |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for x in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {}/{} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} |",
             x.peer,
             x.services,
             x.switched,
             x.switches,
             opt(x.first_new_median_ms, duration_ms),
             opt(x.first_new_p99_ms, duration_ms),
+            opt(x.settled_median_ms, duration_ms),
+            opt(x.settled_p99_ms, duration_ms),
             opt(x.programmed_median_ms, duration_ms),
             x.probes_failed,
             x.old_after_first_new,
         );
     }
-    out.push_str(
+    let _ = write!(
+        out,
         "\nA prober in the client makes one TCP request on a new connection to the service every \
          ~1 ms while the target service's endpoints are replaced by backends it did not have \
          (alternately the spare backend alone and the original three). Time from the change \
          (ours: the manifest write, so including the agent's poll interval; iptables/nftables: the \
          start of the full `iptables-restore` / `nft -f` re-sync) to the first reply from a new \
-         backend. `peer done`: until the agent's `datapath programmed` line, or the command \
-         returned. `switches` = switched / attempted.\n\n",
+         backend, and to the first answer after which only new backends answered (the prober \
+         stops after {} of those in a row). The two differ when connections still reach old \
+         backends after the change, e.g. a new connection from a reused source port that matches \
+         a stale conntrack entry. `peer done`: until the agent's `datapath programmed` line, or \
+         the command returned. `switches` = switched / attempted.\n\n",
+        r.settings.switch.confirm
     );
     out
 }

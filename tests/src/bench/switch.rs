@@ -26,7 +26,8 @@ pub struct SwitchSettings {
     /// The prober gives up after this long (bounds a peer that never
     /// switches; must exceed the slowest re-sync).
     pub max_s: u64,
-    /// Answers from new backends the prober waits for before stopping.
+    /// Consecutive answers from new backends the prober waits for before
+    /// stopping.
     pub confirm: u64,
 }
 
@@ -41,6 +42,12 @@ pub struct Switch {
     /// Change until the first answer from one of `to`; `None` if none came
     /// within `max_s`.
     pub change_to_first_new_ms: Option<f64>,
+    /// Change until the first answer after which only new backends
+    /// answered (`confirm` in a row until the prober stopped). Differs from
+    /// the first new answer when some connections still reached old
+    /// backends after it (e.g. a reused source port matching a stale
+    /// conntrack entry).
+    pub change_to_settled_ms: Option<f64>,
     /// Change until the peer reported done (ours: the `datapath
     /// programmed` line; iptables / nftables: the command returned).
     pub programmed_ms: f64,
@@ -99,14 +106,14 @@ impl Prober {
     ) -> Switch {
         let p = self.thread.join();
         debug_assert!(self.started <= changed);
+        let since = |t: Instant| t.saturating_duration_since(changed).as_secs_f64() * 1e3;
         Switch {
             peer,
             services,
             repetition,
             to,
-            change_to_first_new_ms: p
-                .first_wanted
-                .map(|t| t.saturating_duration_since(changed).as_secs_f64() * 1e3),
+            change_to_first_new_ms: p.first_wanted.map(since),
+            change_to_settled_ms: p.settled.map(since),
             programmed_ms: programmed.as_secs_f64() * 1e3,
             probes_sent: p.sent,
             probes_answered: p.answered,
