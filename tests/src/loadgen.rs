@@ -3,7 +3,8 @@
 //! failure is counted by kind in the [`Report`].
 //!
 //! Every request uses a new socket (so a new source port, so a new flow for
-//! the datapath's conntrack): N requests spread over the backends.
+//! the datapath's conntrack): N requests spread over the backends — except
+//! the `*_session_requests` generators, which reuse one flow.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
@@ -417,4 +418,172 @@ impl TcpSession {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.stream.local_addr()
     }
+}
+
+/// Counts the exchanges the deadline left unstarted.
+fn deadline_passed(r: &mut Report, count: usize, i: usize, deadline: Duration) {
+    let left = (count - i) as u64;
+    *r.errors.entry(ErrorKind::Deadline).or_default() += left;
+    r.error_samples.push(format!(
+        "deadline: {left} requests not started after {deadline:?}"
+    ));
+}
+
+/// `count` request/response exchanges (`hello\n` -> reply line) on one
+/// persistent TCP connection to `target`; the connect is not timed. A
+/// failed exchange is counted and the next one reconnects. Stops starting
+/// exchanges after `overall_deadline` ([`ErrorKind::Deadline`]).
+pub fn tcp_session_requests(
+    target: SocketAddrV4,
+    count: usize,
+    timeout: Duration,
+    overall_deadline: Duration,
+) -> Report {
+    let mut r = Report::new(format!("TCP session {target}"), count as u64);
+    let start = Instant::now();
+    let mut session: Option<TcpSession> = None;
+    for i in 0..count {
+        if start.elapsed() >= overall_deadline {
+            deadline_passed(&mut r, count, i, overall_deadline);
+            break;
+        }
+        let mut s = match session.take() {
+            Some(s) => s,
+            None => match TcpSession::connect(target, timeout) {
+                Ok(s) => s,
+                Err(e) => {
+                    r.failure(ErrorKind::of(&e), format!("connect: {e}"));
+                    continue;
+                }
+            },
+        };
+        let t = Instant::now();
+        match s.request() {
+            Ok(name) => {
+                let peer = s.peer_addr().ok();
+                r.success(name, peer, t.elapsed());
+                session = Some(s);
+            }
+            Err(e) => r.failure(ErrorKind::of(&e), e),
+        }
+    }
+    r.elapsed = start.elapsed();
+    r
+}
+
+/// `count` UDP request/response exchanges on one connected socket (one
+/// flow), each waiting up to `timeout` for its reply. A lost datagram is a
+/// timeout error (a reply arriving later would be taken for the next
+/// request's, but the trial is already incomplete then).
+pub fn udp_session_requests(
+    target: SocketAddrV4,
+    count: usize,
+    timeout: Duration,
+    overall_deadline: Duration,
+) -> Report {
+    let mut r = Report::new(format!("UDP session {target}"), count as u64);
+    let start = Instant::now();
+    let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|s| s.connect(target).map(|_| s))
+        .and_then(|s| s.set_read_timeout(Some(timeout)).map(|_| s))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            r.failure(ErrorKind::of(&e), format!("socket: {e}"));
+            r.elapsed = start.elapsed();
+            return r;
+        }
+    };
+    let peer = sock.peer_addr().ok();
+    let mut buf = [0u8; 1500];
+    for i in 0..count {
+        if start.elapsed() >= overall_deadline {
+            deadline_passed(&mut r, count, i, overall_deadline);
+            break;
+        }
+        let t = Instant::now();
+        let result = sock.send(b"hello\n").and_then(|_| sock.recv(&mut buf));
+        match result {
+            Ok(n) => r.success(parse_name(&buf[..n]), peer, t.elapsed()),
+            Err(e) => r.failure(ErrorKind::of(&e), e),
+        }
+    }
+    r.elapsed = start.elapsed();
+    r
+}
+
+/// What a [`switch_prober`] run saw.
+#[derive(Debug, Clone, Default)]
+pub struct SwitchProbes {
+    /// Probes started.
+    pub sent: u64,
+    /// Answered by any backend.
+    pub answered: u64,
+    /// Failed (refused, timeout, reset, ...).
+    pub failed: u64,
+    /// Answers per backend name.
+    pub per_backend: BTreeMap<String, u64>,
+    /// When the first answer from a wanted backend arrived.
+    pub first_wanted: Option<Instant>,
+    /// Answers from other backends after `first_wanted` (a switch that is
+    /// not clean shows here).
+    pub unwanted_after_first: u64,
+    /// When the first answer of the final run of wanted answers arrived
+    /// (no other backend answered from then on).
+    pub settled: Option<Instant>,
+    pub error_samples: Vec<String>,
+}
+
+/// Probes `target` with one TCP request (new connection) every `interval`
+/// (sequentially: a slow probe delays the next) until `confirm`
+/// consecutive answers came from backends for which `wanted(name)` holds,
+/// or `max` has passed. For measuring how soon a changed endpoint set
+/// serves new connections.
+pub fn switch_prober(
+    target: SocketAddrV4,
+    interval: Duration,
+    per_probe_timeout: Duration,
+    max: Duration,
+    confirm: u64,
+    wanted: impl Fn(&str) -> bool,
+) -> SwitchProbes {
+    let mut p = SwitchProbes::default();
+    let start = Instant::now();
+    let mut in_a_row = 0;
+    let mut next = start;
+    while in_a_row < confirm && start.elapsed() < max {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep(next - now);
+        }
+        next += interval;
+        p.sent += 1;
+        match tcp_once(target, per_probe_timeout) {
+            Ok((name, _)) => {
+                let at = Instant::now();
+                p.answered += 1;
+                if wanted(&name) {
+                    in_a_row += 1;
+                    p.first_wanted.get_or_insert(at);
+                    p.settled.get_or_insert(at);
+                } else {
+                    in_a_row = 0;
+                    p.settled = None;
+                    if p.first_wanted.is_some() {
+                        p.unwanted_after_first += 1;
+                    }
+                }
+                *p.per_backend.entry(name).or_default() += 1;
+            }
+            Err(e) => {
+                p.failed += 1;
+                in_a_row = 0;
+                p.settled = None;
+                if p.error_samples.len() < MAX_SAMPLES {
+                    p.error_samples.push(format!("{}: {e}", ErrorKind::of(&e)));
+                }
+            }
+        }
+    }
+    p
 }

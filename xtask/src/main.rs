@@ -28,11 +28,17 @@ enum Task {
     /// setup, build-ebpf, release build, then the lab demo (needs root).
     Demo,
     /// setup, build-ebpf, release build, then the benchmark (needs root):
-    /// writes bench/results/latest.{md,json,svg}.
+    /// writes bench/results/latest.{md,json,svg} (quick.* with --quick,
+    /// partial.* with --services).
     Bench {
-        /// N = 1 and 1,000, 2 rounds, 500 connections (< 3 minutes).
+        /// N = 1 and 1,000, 2 rounds, small trials (< 3 minutes).
         #[arg(long)]
         quick: bool,
+        /// Only these numbers of services, e.g. `--services 1` (a smoke run
+        /// of the full settings); default: the mode's (full: 1, 1,000,
+        /// 10,000, 30,000).
+        #[arg(long, value_delimiter = ',')]
+        services: Vec<usize>,
     },
 }
 
@@ -53,7 +59,7 @@ fn main() {
         Task::BuildEbpf => build_ebpf().map(|_| ()),
         Task::Test => test(),
         Task::Demo => demo(),
-        Task::Bench { quick } => bench(quick),
+        Task::Bench { quick, services } => bench(quick, &services),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -355,7 +361,7 @@ fn demo() -> Result<()> {
         .env("KEP_AGENT_BIN", release.join("kube-ebpf-proxy")))
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, services: &[usize]) -> Result<()> {
     let release = release_lab_build("`cargo xtask bench` (network namespaces, eBPF)")?;
     let ws = workspace();
     let mut cmd = Command::new(release.join("lab-bench"));
@@ -365,6 +371,10 @@ fn bench(quick: bool) -> Result<()> {
         .arg(ws.join("bench/results"));
     if quick {
         cmd.arg("--quick");
+    }
+    if !services.is_empty() {
+        let list: Vec<String> = services.iter().map(usize::to_string).collect();
+        cmd.arg("--services").arg(list.join(","));
     }
     run(&mut cmd)
 }

@@ -1,11 +1,14 @@
 //! `cargo xtask bench`: direct, ours, kube-proxy iptables shape and
 //! kube-proxy nftables shape in one lab, over the same N services, measured
-//! in rounds with the peers in random order; plus the TC program's
-//! per-packet cost with BPF_PROG_TEST_RUN. Writes `latest.md`, `latest.json`
-//! and `latest.svg`.
+//! in rounds with the peers in random order (TCP connection rate, TCP and
+//! UDP request/response, one TCP stream's throughput, programming time,
+//! endpoint changes); plus the TC program's per-packet cost with
+//! BPF_PROG_TEST_RUN. Writes `latest.md`, `latest.json` and `latest.svg`.
 //!
 //! - [`rules`]: the services and the manifest / iptables / nft text.
-//! - [`peers`]: making one peer active, a connection trial, removal.
+//! - [`peers`]: making one peer active, its trials, removal.
+//! - [`stream`]: the iperf3 stream.
+//! - [`switch`]: probing an endpoint switch from the client.
 //! - [`testrun`]: per-packet cost.
 //! - [`report`]: summaries, the Markdown table, the JSON.
 //! - [`chart`]: the SVG.
@@ -14,6 +17,8 @@ pub mod chart;
 pub mod peers;
 pub mod report;
 pub mod rules;
+pub mod stream;
+pub mod switch;
 pub mod testrun;
 
 use std::time::Instant;
@@ -24,7 +29,8 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 
 use crate::{Lab, LabConfig};
-use peers::{Peer, TrialSettings};
+use peers::{Peer, TrialSettings, TurnPlan};
+use switch::SwitchSettings;
 
 /// What a run measures.
 #[derive(Debug, Clone, Serialize)]
@@ -34,6 +40,10 @@ pub struct Settings {
     pub rounds: usize,
     pub backends: usize,
     pub trial: TrialSettings,
+    pub switch: SwitchSettings,
+    /// nftables is not run above this N (its `nft -f` time grows faster
+    /// than linearly; see `skipped` in the results).
+    pub nft_max_services: Option<usize>,
     pub testrun_repeat: u32,
     pub testrun_batches: usize,
     /// Seed of the peer order shuffles.
@@ -59,7 +69,19 @@ impl Settings {
                 warmup: 20,
                 per_connection_timeout_ms: 2_000,
                 deadline_s: 60,
+                session_requests: 500,
+                udp_requests: 500,
+                udp_timeout_ms: 1_000,
+                stream_seconds: 1,
             },
+            switch: SwitchSettings {
+                repetitions: 2,
+                probe_interval_us: 1_000,
+                probe_timeout_ms: 1_000,
+                max_s: 60,
+                confirm: 20,
+            },
+            nft_max_services: None,
             testrun_repeat: 100_000,
             testrun_batches: 10,
             seed: rand::rng().random(),
@@ -74,14 +96,31 @@ impl Settings {
     pub fn full() -> Settings {
         Settings {
             mode: "full".into(),
-            service_counts: vec![1, 1_000, 10_000],
+            service_counts: vec![1, 1_000, 10_000, 30_000],
             rounds: 5,
             trial: TrialSettings {
                 connections: 2_000,
                 warmup: 50,
                 per_connection_timeout_ms: 2_000,
                 deadline_s: 120,
+                session_requests: 5_000,
+                udp_requests: 5_000,
+                udp_timeout_ms: 1_000,
+                stream_seconds: 3,
             },
+            switch: SwitchSettings {
+                // Each nft switch at N = 10,000 is a ~100 s re-sync.
+                repetitions: 3,
+                probe_interval_us: 1_000,
+                probe_timeout_ms: 1_000,
+                // nft's full re-sync took ~100 s at N = 10,000.
+                max_s: 600,
+                confirm: 20,
+            },
+            // `nft -f` took 32 s to load and 98 s to re-sync 10,000
+            // services (growing faster than linearly); at 30,000 five
+            // rounds of loads plus the re-syncs would take most of an hour.
+            nft_max_services: Some(10_000),
             testrun_repeat: 1_000_000,
             testrun_batches: 10,
             ..Settings::quick()
@@ -95,7 +134,11 @@ pub struct Results {
     pub settings: Settings,
     pub machine: report::Machine,
     pub trials: Vec<peers::Trial>,
+    pub throughput: Vec<stream::Throughput>,
     pub programming: Vec<peers::Programming>,
+    pub switches: Vec<switch::Switch>,
+    /// Peers not run at some N, and why.
+    pub skipped: Vec<String>,
     pub packet_costs: Vec<testrun::PacketCost>,
     /// Turns or measurements that failed outright, with the error.
     pub failures: Vec<String>,
@@ -112,6 +155,47 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+fn print_turn(n: usize, round: usize, peer: Peer, turn: &peers::Turn) {
+    for t in &turn.trials {
+        println!(
+            "N={n:<6} round {round} {peer:<9} {:<15} {:>7.0}/s p50 {:>6.0} µs p99 {:>6.0} µs ok {}/{}",
+            t.kind.to_string(),
+            t.rate,
+            t.p50_us,
+            t.p99_us,
+            t.ok,
+            t.requested,
+        );
+    }
+    let s = &turn.throughput;
+    println!(
+        "N={n:<6} round {round} {peer:<9} {:<15} {:>7.2} Gbit/s {}",
+        "tcp-stream",
+        s.bits_per_second / 1e9,
+        s.error.as_deref().unwrap_or("")
+    );
+    for p in &turn.programming {
+        println!(
+            "N={n:<6} round {round} {peer:<9} {} {:.1} ms",
+            p.what, p.wall_ms
+        );
+    }
+    for w in &turn.switches {
+        println!(
+            "N={n:<6} round {round} {peer:<9} switch {} to {:?}: first new answer {} ms, only new from {} ms, programmed {:.1} ms, probes {}/{} answered",
+            w.repetition,
+            w.to,
+            w.change_to_first_new_ms
+                .map_or("never".into(), |v| format!("{v:.1}")),
+            w.change_to_settled_ms
+                .map_or("never".into(), |v| format!("{v:.1}")),
+            w.programmed_ms,
+            w.probes_answered,
+            w.probes_sent,
+        );
+    }
+}
+
 /// Runs the whole benchmark.
 pub fn run(settings: Settings) -> Result<Results> {
     let started = Instant::now();
@@ -120,7 +204,10 @@ pub fn run(settings: Settings) -> Result<Results> {
         settings: settings.clone(),
         machine,
         trials: Vec::new(),
+        throughput: Vec::new(),
         programming: Vec::new(),
+        switches: Vec::new(),
+        skipped: Vec::new(),
         packet_costs: Vec::new(),
         failures: Vec::new(),
         duration_s: 0.0,
@@ -128,39 +215,65 @@ pub fn run(settings: Settings) -> Result<Results> {
         loadavg_end: String::new(),
     };
     let largest = settings.service_counts.iter().copied().max().unwrap_or(1);
+    let runs_at = |peer: Peer, n: usize| {
+        peer != Peer::Nftables || settings.nft_max_services.is_none_or(|max| n <= max)
+    };
+    // Changes are measured at the largest N each peer runs at.
+    let largest_for = |peer: Peer| {
+        settings
+            .service_counts
+            .iter()
+            .copied()
+            .filter(|&n| runs_at(peer, n))
+            .max()
+    };
+    for &n in &settings.service_counts {
+        if !runs_at(Peer::Nftables, n) {
+            let changes = match largest_for(Peer::Nftables) {
+                Some(m) => format!("its endpoint changes are measured at N={m}"),
+                None => "it is not measured at any N in this run".into(),
+            };
+            let msg = format!(
+                "nftables not run at N={n} (nft_max_services = {:?}): its `nft -f` load took 32 s \
+                 and a full re-sync 98 s at N=10,000 in an earlier full run, growing faster than \
+                 linearly, so {} rounds plus the re-syncs at N={n} would not fit the run; {changes}",
+                settings.nft_max_services, settings.rounds,
+            );
+            println!("bench: {msg}");
+            results.skipped.push(msg);
+        }
+    }
     {
         let lab = Lab::with_config(LabConfig {
-            backends: settings.backends,
+            // One more than the endpoints: the spare the switches go to.
+            backends: settings.backends + 1,
             ..LabConfig::default()
         })?;
         for (key, value) in &settings.client_sysctls {
             lab.client().sysctl(key, value)?;
         }
+        let _iperf = stream::IperfServer::start(lab.backend(0))?;
         let mut rng = StdRng::seed_from_u64(settings.seed);
         for &n in &settings.service_counts {
             let services = rules::services(n, settings.backends);
             for round in 0..settings.rounds {
-                let mut order = Peer::ALL.to_vec();
+                let mut order: Vec<Peer> =
+                    Peer::ALL.into_iter().filter(|&p| runs_at(p, n)).collect();
                 order.shuffle(&mut rng);
                 for peer in order {
-                    let change = n == largest && round == 0;
-                    match peers::turn(&lab, peer, &services, round, settings.trial, change) {
+                    let plan = TurnPlan {
+                        trial: settings.trial,
+                        changes: round == 0 && largest_for(peer) == Some(n),
+                        switch: settings.switch,
+                        spare: settings.backends,
+                    };
+                    match peers::turn(&lab, peer, &services, round, &plan) {
                         Ok(turn) => {
-                            let t = &turn.trial;
-                            println!(
-                                "N={n:<6} round {round} {peer:<9} {:>7.0} conn/s p50 {:>6.0} µs p99 {:>6.0} µs ok {}/{}{}",
-                                t.rate,
-                                t.p50_us,
-                                t.p99_us,
-                                t.ok,
-                                t.requested,
-                                turn.programming
-                                    .iter()
-                                    .map(|p| format!(", {} {:.1} ms", p.what, p.wall_ms))
-                                    .collect::<String>()
-                            );
-                            results.trials.push(turn.trial);
+                            print_turn(n, round, peer, &turn);
+                            results.trials.extend(turn.trials);
+                            results.throughput.push(turn.throughput);
                             results.programming.extend(turn.programming);
+                            results.switches.extend(turn.switches);
                         }
                         Err(e) => {
                             let msg = format!("N={n} round {round} {peer}: {e:#}");
@@ -173,6 +286,7 @@ pub fn run(settings: Settings) -> Result<Results> {
         }
     }
     report::fill_ratios(&mut results.trials);
+    report::fill_throughput_ratios(&mut results.throughput);
 
     let mut sizes = vec![settings.service_counts.iter().copied().min().unwrap_or(1)];
     if largest != sizes[0] {

@@ -1,11 +1,13 @@
 //! The four peers, each made active in the lab, measured, and removed again,
 //! so only one translates at a time: `direct` (pod IP, no translation),
 //! `ours` (the agent), `iptables` and `nftables` (kube-proxy's rule shapes in
-//! the node namespace).
+//! the node namespace). A turn runs every trial kind ([`Kind`]), the
+//! iperf3 stream ([`super::stream`]) and, at the peer's largest N, the
+//! control-plane changes ([`super::switch`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -13,8 +15,10 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::rules::{self, BenchService};
-use crate::loadgen;
-use crate::{Agent, Lab, addr};
+use super::stream::{self, Throughput};
+use super::switch::{Prober, Switch, SwitchSettings};
+use crate::loadgen::{self, Report};
+use crate::{Agent, Lab, addr, backend_name};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -44,19 +48,73 @@ impl fmt::Display for Peer {
     }
 }
 
-/// Connection-rate settings of one trial.
+/// What a trial measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Connect, 6-byte request, reply line, close: a new flow each.
+    TcpConnect,
+    /// Request/response exchanges on one persistent TCP connection.
+    TcpSession,
+    /// Request/response datagrams on one connected UDP socket (one flow).
+    UdpSession,
+    /// One datagram and its reply per new UDP socket (a new flow each).
+    UdpNewSocket,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [
+        Kind::TcpConnect,
+        Kind::TcpSession,
+        Kind::UdpSession,
+        Kind::UdpNewSocket,
+    ];
+
+    /// What one counted unit is.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::TcpConnect => "TCP connect + request + reply + close (new connection each)",
+            Kind::TcpSession => "TCP request/response on one persistent connection",
+            Kind::UdpSession => "UDP request/response on one connected socket",
+            Kind::UdpNewSocket => "UDP request/response, new socket (new flow) each",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::TcpConnect => "tcp-connect",
+            Kind::TcpSession => "tcp-session",
+            Kind::UdpSession => "udp-session",
+            Kind::UdpNewSocket => "udp-new-socket",
+        })
+    }
+}
+
+/// Trial sizes.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct TrialSettings {
     pub connections: usize,
-    /// Connections made before measuring (not counted).
+    /// Requests (connections, exchanges) made before measuring each kind
+    /// (not counted).
     pub warmup: usize,
     pub per_connection_timeout_ms: u64,
     pub deadline_s: u64,
+    /// Exchanges per [`Kind::TcpSession`] trial.
+    pub session_requests: usize,
+    /// Exchanges per [`Kind::UdpSession`] and [`Kind::UdpNewSocket`] trial.
+    pub udp_requests: usize,
+    /// Reply timeout of one UDP exchange.
+    pub udp_timeout_ms: u64,
+    /// Duration of the iperf3 stream.
+    pub stream_seconds: u64,
 }
 
-/// One peer's connection trial at one N in one round.
+/// One peer's trial of one kind at one N in one round.
 #[derive(Debug, Clone, Serialize)]
 pub struct Trial {
+    pub kind: Kind,
     pub peer: Peer,
     pub services: usize,
     pub round: usize,
@@ -70,7 +128,10 @@ pub struct Trial {
     pub p50_us: f64,
     pub p99_us: f64,
     pub elapsed_ms: f64,
-    /// Latency of every connection, µs.
+    pub p90_us: f64,
+    pub max_us: f64,
+    /// Latency of every connection, µs ([`Kind::TcpConnect`] only: the
+    /// request/response kinds make too many to keep in the JSON).
     pub latencies_us: Vec<f64>,
     /// `rate / direct rate` in the same round (filled in afterwards).
     pub ratio_to_direct: Option<f64>,
@@ -95,20 +156,43 @@ pub struct Programming {
 
 /// What one peer's turn produced.
 pub struct Turn {
-    pub trial: Trial,
+    pub trials: Vec<Trial>,
+    pub throughput: Throughput,
     pub programming: Vec<Programming>,
+    pub switches: Vec<Switch>,
 }
 
-/// The measured target: the last service's ClusterIP, or backend 0's pod IP
-/// for `direct`.
-fn target(peer: Peer, services: &[BenchService]) -> SocketAddrV4 {
+/// What a turn does besides the trials.
+#[derive(Debug, Clone, Copy)]
+pub struct TurnPlan {
+    pub trial: TrialSettings,
+    /// Measure the one-endpoint removal and the switches (the peer's
+    /// largest N, round 0).
+    pub changes: bool,
+    pub switch: SwitchSettings,
+    /// The backend index that is no service's endpoint, switched to.
+    pub spare: usize,
+}
+
+/// The measured target for `service_port`: the last service's ClusterIP,
+/// or backend 0's pod IP and `pod_port` for `direct`.
+fn target_for(
+    peer: Peer,
+    services: &[BenchService],
+    service_port: u16,
+    pod_port: u16,
+) -> SocketAddrV4 {
     match peer {
-        Peer::Direct => SocketAddrV4::new(addr::backend_ip(0), rules::TARGET_PORT),
+        Peer::Direct => SocketAddrV4::new(addr::backend_ip(0), pod_port),
         _ => SocketAddrV4::new(
             services.last().expect("at least one service").vip,
-            rules::SERVICE_PORT,
+            service_port,
         ),
     }
+}
+
+fn target(peer: Peer, services: &[BenchService]) -> SocketAddrV4 {
+    target_for(peer, services, rules::SERVICE_PORT, rules::TARGET_PORT)
 }
 
 /// `conntrack -F` in the node namespace, if the tool exists.
@@ -119,23 +203,10 @@ pub fn flush_conntrack(lab: &Lab) {
     }
 }
 
-fn run_trial(
-    lab: &Lab,
-    peer: Peer,
-    n: usize,
-    round: usize,
-    target: SocketAddrV4,
-    s: TrialSettings,
-) -> Trial {
-    flush_conntrack(lab);
-    let per = Duration::from_millis(s.per_connection_timeout_ms);
-    let deadline = Duration::from_secs(s.deadline_s);
-    let report = lab.client().run(move || {
-        let _ = loadgen::tcp_requests(target, s.warmup, per, deadline);
-        loadgen::tcp_requests(target, s.connections, per, deadline)
-    });
+fn trial_from(kind: Kind, peer: Peer, n: usize, round: usize, report: &Report) -> Trial {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     Trial {
+        kind,
         peer,
         services: n,
         round,
@@ -151,32 +222,140 @@ fn run_trial(
         rate: report.rate(),
         p50_us: us(report.p50()),
         p99_us: us(report.p99()),
+        p90_us: us(report.p90()),
+        max_us: us(report.max()),
         elapsed_ms: report.elapsed.as_secs_f64() * 1e3,
-        latencies_us: report.latencies.iter().map(|d| us(*d)).collect(),
+        latencies_us: if kind == Kind::TcpConnect {
+            report.latencies.iter().map(|d| us(*d)).collect()
+        } else {
+            Vec::new()
+        },
         ratio_to_direct: None,
     }
 }
 
-/// Makes `peer` active with `services`, runs the trial, optionally measures
-/// one endpoint change, and removes the peer again.
+/// One trial of `kind` against `peer`'s target (warm-up first, conntrack
+/// flushed before).
+fn run_trial(
+    lab: &Lab,
+    kind: Kind,
+    peer: Peer,
+    services: &[BenchService],
+    round: usize,
+    s: TrialSettings,
+) -> Trial {
+    flush_conntrack(lab);
+    let per = Duration::from_millis(s.per_connection_timeout_ms);
+    let udp_per = Duration::from_millis(s.udp_timeout_ms);
+    let deadline = Duration::from_secs(s.deadline_s);
+    let tcp = target(peer, services);
+    let udp = target_for(
+        peer,
+        services,
+        rules::UDP_SERVICE_PORT,
+        rules::UDP_TARGET_PORT,
+    );
+    let report = lab.client().run(move || {
+        let (count, run): (usize, &dyn Fn(usize) -> Report) = match kind {
+            Kind::TcpConnect => (s.connections, &|c| {
+                loadgen::tcp_requests(tcp, c, per, deadline)
+            }),
+            Kind::TcpSession => (s.session_requests, &|c| {
+                loadgen::tcp_session_requests(tcp, c, per, deadline)
+            }),
+            Kind::UdpSession => (s.udp_requests, &|c| {
+                loadgen::udp_session_requests(udp, c, udp_per, deadline)
+            }),
+            Kind::UdpNewSocket => (s.udp_requests, &|c| {
+                loadgen::udp_requests(udp, c, udp_per, deadline)
+            }),
+        };
+        let _ = run(s.warmup);
+        run(count)
+    });
+    trial_from(kind, peer, services.len(), round, &report)
+}
+
+/// Every trial kind, then the iperf3 stream.
+fn run_all(
+    lab: &Lab,
+    peer: Peer,
+    services: &[BenchService],
+    round: usize,
+    s: TrialSettings,
+) -> (Vec<Trial>, Throughput) {
+    let trials = Kind::ALL
+        .iter()
+        .map(|&k| run_trial(lab, k, peer, services, round, s))
+        .collect();
+    flush_conntrack(lab);
+    let stream_target = target_for(peer, services, rules::IPERF_PORT, rules::IPERF_PORT);
+    let throughput = stream::measure(
+        lab.client(),
+        peer,
+        services.len(),
+        round,
+        stream_target,
+        s.stream_seconds,
+    );
+    (trials, throughput)
+}
+
+/// `services` with the target's endpoints (http and dns) replaced.
+fn with_endpoints(services: &[BenchService], endpoints: &[Ipv4Addr]) -> Vec<BenchService> {
+    let mut changed = services.to_vec();
+    if let Some(last) = changed.last_mut() {
+        last.endpoints = endpoints.to_vec();
+    }
+    changed
+}
+
+/// The endpoint sets of switch `rep`: the spare backend alone, then back
+/// to the original endpoints, alternating, so every switch is to backends
+/// the service did not have. Returns (services, backend names).
+fn switch_target(
+    services: &[BenchService],
+    plan: &TurnPlan,
+    rep: usize,
+) -> (Vec<BenchService>, Vec<String>) {
+    let original = &services.last().expect("at least one service").endpoints;
+    let indices: Vec<usize> = if rep.is_multiple_of(2) {
+        vec![plan.spare]
+    } else {
+        original
+            .iter()
+            .map(|ip| usize::from(ip.octets()[2]) - 10)
+            .collect()
+    };
+    let ips: Vec<Ipv4Addr> = indices.iter().map(|&i| addr::backend_ip(i)).collect();
+    (
+        with_endpoints(services, &ips),
+        indices.into_iter().map(backend_name).collect(),
+    )
+}
+
+/// Makes `peer` active with `services`, runs the trials, optionally
+/// measures the changes, and removes the peer again.
 pub fn turn(
     lab: &Lab,
     peer: Peer,
     services: &[BenchService],
     round: usize,
-    settings: TrialSettings,
-    endpoint_change: bool,
+    plan: &TurnPlan,
 ) -> Result<Turn> {
-    let n = services.len();
-    let target = target(peer, services);
     match peer {
-        Peer::Direct => Ok(Turn {
-            trial: run_trial(lab, peer, n, round, target, settings),
-            programming: Vec::new(),
-        }),
-        Peer::Ours => ours(lab, services, round, settings, endpoint_change),
+        Peer::Direct => {
+            let (trials, throughput) = run_all(lab, peer, services, round, plan.trial);
+            Ok(Turn {
+                trials,
+                throughput,
+                programming: Vec::new(),
+                switches: Vec::new(),
+            })
+        }
+        Peer::Ours => ours(lab, services, round, plan),
         Peer::Iptables | Peer::Nftables => {
-            let result = rules_turn(lab, peer, services, round, settings, endpoint_change);
+            let result = rules_turn(lab, peer, services, round, plan);
             let cleanup = remove_rules(lab, peer);
             let turn = result?;
             cleanup?;
@@ -238,15 +417,9 @@ fn peak_rss_kb(pid: u32) -> Option<u64> {
         .ok()
 }
 
-fn ours(
-    lab: &Lab,
-    services: &[BenchService],
-    round: usize,
-    settings: TrialSettings,
-    endpoint_change: bool,
-) -> Result<Turn> {
+fn ours(lab: &Lab, services: &[BenchService], round: usize, plan: &TurnPlan) -> Result<Turn> {
     let n = services.len();
-    let timeout = Duration::from_secs(120);
+    let timeout = Duration::from_secs(300);
     lab.write_manifest(MANIFEST, &rules::manifest(services))?;
     let t0 = Instant::now();
     let agent = lab.start_agent(&lab.manifest_dir())?;
@@ -261,15 +434,9 @@ fn ours(
         agent_took_us: took,
         agent_peak_rss_kb: peak_rss_kb(agent.pid()),
     }];
-    let trial = run_trial(
-        lab,
-        Peer::Ours,
-        n,
-        round,
-        target(Peer::Ours, services),
-        settings,
-    );
-    if endpoint_change {
+    let (trials, throughput) = run_all(lab, Peer::Ours, services, round, plan.trial);
+    let mut switches = Vec::new();
+    if plan.changes {
         let text = rules::manifest(&one_endpoint_less(services));
         let before = agent.log_count(PROGRAMMED);
         let t0 = Instant::now();
@@ -284,11 +451,29 @@ fn ours(
             agent_took_us: took,
             agent_peak_rss_kb: peak_rss_kb(agent.pid()),
         });
+        for rep in 0..plan.switch.repetitions {
+            let (changed, to) = switch_target(services, plan, rep);
+            let text = rules::manifest(&changed);
+            let prober = Prober::start(lab, target(Peer::Ours, services), &to, plan.switch)?;
+            let before = agent.log_count(PROGRAMMED);
+            let t0 = Instant::now();
+            lab.write_manifest(MANIFEST, &text)?;
+            let waited = wait_programmed(&agent, before + 1, timeout);
+            let programmed = t0.elapsed();
+            let switch = prober.finish(Peer::Ours, n, rep, to, t0, programmed);
+            waited?;
+            switches.push(switch);
+        }
     }
     drop(agent);
     detach_tc(lab);
     lab.remove_manifest(MANIFEST)?;
-    Ok(Turn { trial, programming })
+    Ok(Turn {
+        trials,
+        throughput,
+        programming,
+        switches,
+    })
 }
 
 /// Removes any TC program left on the node's veths (a netlink-attached
@@ -303,28 +488,48 @@ fn detach_tc(lab: &Lab) {
     }
 }
 
+/// A rules file written and ready to load.
+struct StagedRules {
+    program: &'static str,
+    args: Vec<String>,
+}
+
+impl StagedRules {
+    /// Writes the rules for `services` to the lab's temp dir.
+    fn write(lab: &Lab, peer: Peer, services: &[BenchService]) -> Result<StagedRules> {
+        let (text, file, program) = match peer {
+            Peer::Iptables => (
+                rules::iptables_restore(services),
+                "iptables.rules",
+                "iptables-restore",
+            ),
+            Peer::Nftables => (rules::nft_script(services), "nftables.nft", "nft"),
+            _ => bail!("{peer} has no rules"),
+        };
+        let path = lab.dir().join(file);
+        std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+        let path = path.to_string_lossy().into_owned();
+        let args = match peer {
+            Peer::Iptables => vec![path],
+            _ => vec!["-f".into(), path],
+        };
+        Ok(StagedRules { program, args })
+    }
+
+    /// Runs the one `iptables-restore` / `nft -f` in the node namespace;
+    /// returns its wall time.
+    fn apply(&self, lab: &Lab) -> Result<Duration> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let t0 = Instant::now();
+        lab.node().exec(self.program, &args)?;
+        Ok(t0.elapsed())
+    }
+}
+
 /// Loads the rules for `services` into the node namespace; returns the
 /// wall time of the one `iptables-restore` / `nft -f`.
 fn load_rules(lab: &Lab, peer: Peer, services: &[BenchService]) -> Result<Duration> {
-    let (text, file, program) = match peer {
-        Peer::Iptables => (
-            rules::iptables_restore(services),
-            "iptables.rules",
-            "iptables-restore",
-        ),
-        Peer::Nftables => (rules::nft_script(services), "nftables.nft", "nft"),
-        _ => bail!("{peer} has no rules"),
-    };
-    let path = lab.dir().join(file);
-    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
-    let path = path.to_string_lossy().into_owned();
-    let args: Vec<&str> = match peer {
-        Peer::Iptables => vec![&path],
-        _ => vec!["-f", &path],
-    };
-    let t0 = Instant::now();
-    lab.node().exec(program, &args)?;
-    Ok(t0.elapsed())
+    StagedRules::write(lab, peer, services)?.apply(lab)
 }
 
 fn rules_turn(
@@ -332,8 +537,7 @@ fn rules_turn(
     peer: Peer,
     services: &[BenchService],
     round: usize,
-    settings: TrialSettings,
-    endpoint_change: bool,
+    plan: &TurnPlan,
 ) -> Result<Turn> {
     let n = services.len();
     let wall = load_rules(lab, peer, services)?;
@@ -346,8 +550,9 @@ fn rules_turn(
         agent_took_us: None,
         agent_peak_rss_kb: None,
     }];
-    let trial = run_trial(lab, peer, n, round, target(peer, services), settings);
-    if endpoint_change {
+    let (trials, throughput) = run_all(lab, peer, services, round, plan.trial);
+    let mut switches = Vec::new();
+    if plan.changes {
         // kube-proxy's resync re-applies the whole ruleset.
         let wall = load_rules(lab, peer, &one_endpoint_less(services))?;
         programming.push(Programming {
@@ -359,8 +564,24 @@ fn rules_turn(
             agent_took_us: None,
             agent_peak_rss_kb: None,
         });
+        for rep in 0..plan.switch.repetitions {
+            let (changed, to) = switch_target(services, plan, rep);
+            let staged = StagedRules::write(lab, peer, &changed)?;
+            let prober = Prober::start(lab, target(peer, services), &to, plan.switch)?;
+            let t0 = Instant::now();
+            let loaded = staged.apply(lab);
+            let programmed = t0.elapsed();
+            let switch = prober.finish(peer, n, rep, to, t0, programmed);
+            loaded?;
+            switches.push(switch);
+        }
     }
-    Ok(Turn { trial, programming })
+    Ok(Turn {
+        trials,
+        throughput,
+        programming,
+        switches,
+    })
 }
 
 /// Flushes and deletes the peer's chains, then the table itself, so no NAT

@@ -9,7 +9,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::Results;
-use super::peers::{Peer, Trial};
+use super::peers::{Kind, Peer, Trial};
+use super::stream::Throughput;
 
 /// Where the numbers were taken.
 #[derive(Debug, Clone, Serialize)]
@@ -52,19 +53,46 @@ impl Machine {
 }
 
 /// Sets each trial's rate as a ratio to the complete `direct` trial of the
-/// same N and round.
+/// same kind, N and round.
 pub fn fill_ratios(trials: &mut [Trial]) {
-    let direct: BTreeMap<(usize, usize), f64> = trials
+    let direct: BTreeMap<(Kind, usize, usize), f64> = trials
         .iter()
         .filter(|t| t.peer == Peer::Direct && t.complete && t.rate > 0.0)
-        .map(|t| ((t.services, t.round), t.rate))
+        .map(|t| ((t.kind, t.services, t.round), t.rate))
         .collect();
     for t in trials.iter_mut() {
-        t.ratio_to_direct = match direct.get(&(t.services, t.round)) {
+        t.ratio_to_direct = match direct.get(&(t.kind, t.services, t.round)) {
             Some(d) if t.complete => Some(t.rate / d),
             _ => None,
         };
     }
+}
+
+/// Sets each stream's throughput as a ratio to the complete `direct`
+/// stream of the same N and round.
+pub fn fill_throughput_ratios(streams: &mut [Throughput]) {
+    let direct: BTreeMap<(usize, usize), f64> = streams
+        .iter()
+        .filter(|t| t.peer == Peer::Direct && t.complete && t.bits_per_second > 0.0)
+        .map(|t| ((t.services, t.round), t.bits_per_second))
+        .collect();
+    for t in streams.iter_mut() {
+        t.ratio_to_direct = match direct.get(&(t.services, t.round)) {
+            Some(d) if t.complete => Some(t.bits_per_second / d),
+            _ => None,
+        };
+    }
+}
+
+/// Quantile `q` (nearest rank) of `values`.
+pub fn quantile(values: impl IntoIterator<Item = f64>, q: f64) -> Option<f64> {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = (q.clamp(0.0, 1.0) * v.len() as f64).ceil() as usize;
+    Some(v[rank.clamp(1, v.len()) - 1])
 }
 
 pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
@@ -106,8 +134,16 @@ pub fn summaries(r: &Results) -> Vec<Summary> {
             let trials: Vec<&Trial> = r
                 .trials
                 .iter()
-                .filter(|t| t.peer == peer && t.services == n)
+                .filter(|t| t.kind == Kind::TcpConnect && t.peer == peer && t.services == n)
                 .collect();
+            if trials.is_empty()
+                && !r
+                    .programming
+                    .iter()
+                    .any(|p| p.peer == peer && p.services == n)
+            {
+                continue;
+            }
             let ok: Vec<&&Trial> = trials.iter().filter(|t| t.complete).collect();
             let prog = |what: &'static str| {
                 r.programming
@@ -136,6 +172,130 @@ pub fn summaries(r: &Results) -> Vec<Summary> {
                     .reduce(f64::max),
             });
         }
+    }
+    out
+}
+
+/// One trial kind (other than connections) for one peer at one N.
+#[derive(Debug, Clone, Serialize)]
+pub struct KindSummary {
+    pub kind: Kind,
+    pub peer: Peer,
+    pub services: usize,
+    pub rounds: usize,
+    pub complete_rounds: usize,
+    pub rate: Option<f64>,
+    pub ratio_to_direct: Option<f64>,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+}
+
+pub fn kind_summaries(r: &Results) -> Vec<KindSummary> {
+    let mut out = Vec::new();
+    for kind in Kind::ALL.into_iter().filter(|&k| k != Kind::TcpConnect) {
+        for &n in &r.settings.service_counts {
+            for peer in Peer::ALL {
+                let trials: Vec<&Trial> = r
+                    .trials
+                    .iter()
+                    .filter(|t| t.kind == kind && t.peer == peer && t.services == n)
+                    .collect();
+                if trials.is_empty() {
+                    continue;
+                }
+                let ok: Vec<&&Trial> = trials.iter().filter(|t| t.complete).collect();
+                out.push(KindSummary {
+                    kind,
+                    peer,
+                    services: n,
+                    rounds: trials.len(),
+                    complete_rounds: ok.len(),
+                    rate: median(ok.iter().map(|t| t.rate)),
+                    ratio_to_direct: median(ok.iter().filter_map(|t| t.ratio_to_direct)),
+                    p50_us: median(ok.iter().map(|t| t.p50_us)),
+                    p99_us: median(ok.iter().map(|t| t.p99_us)),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The iperf3 stream for one peer at one N.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamSummary {
+    pub peer: Peer,
+    pub services: usize,
+    pub rounds: usize,
+    pub complete_rounds: usize,
+    pub gbit_per_s: Option<f64>,
+    pub ratio_to_direct: Option<f64>,
+    pub retransmits: Option<f64>,
+}
+
+pub fn stream_summaries(r: &Results) -> Vec<StreamSummary> {
+    let mut out = Vec::new();
+    for &n in &r.settings.service_counts {
+        for peer in Peer::ALL {
+            let all: Vec<&Throughput> = r
+                .throughput
+                .iter()
+                .filter(|t| t.peer == peer && t.services == n)
+                .collect();
+            if all.is_empty() {
+                continue;
+            }
+            let ok: Vec<&&Throughput> = all.iter().filter(|t| t.complete).collect();
+            out.push(StreamSummary {
+                peer,
+                services: n,
+                rounds: all.len(),
+                complete_rounds: ok.len(),
+                gbit_per_s: median(ok.iter().map(|t| t.bits_per_second / 1e9)),
+                ratio_to_direct: median(ok.iter().filter_map(|t| t.ratio_to_direct)),
+                retransmits: median(ok.iter().filter_map(|t| t.retransmits.map(|v| v as f64))),
+            });
+        }
+    }
+    out
+}
+
+/// The endpoint switches of one peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwitchSummary {
+    pub peer: Peer,
+    pub services: usize,
+    pub switches: usize,
+    /// Switches where a new backend answered within the prober's limit.
+    pub switched: usize,
+    pub first_new_median_ms: Option<f64>,
+    pub first_new_p99_ms: Option<f64>,
+    pub settled_median_ms: Option<f64>,
+    pub settled_p99_ms: Option<f64>,
+    pub programmed_median_ms: Option<f64>,
+    pub probes_failed: u64,
+    pub old_after_first_new: u64,
+}
+
+pub fn switch_summaries(r: &Results) -> Vec<SwitchSummary> {
+    let mut out = Vec::new();
+    for peer in Peer::ALL {
+        let all: Vec<_> = r.switches.iter().filter(|w| w.peer == peer).collect();
+        let Some(first) = all.first() else { continue };
+        let times = || all.iter().filter_map(|w| w.change_to_first_new_ms);
+        out.push(SwitchSummary {
+            peer,
+            services: first.services,
+            switches: all.len(),
+            switched: times().count(),
+            first_new_median_ms: median(times()),
+            first_new_p99_ms: quantile(times(), 0.99),
+            settled_median_ms: median(all.iter().filter_map(|w| w.change_to_settled_ms)),
+            settled_p99_ms: quantile(all.iter().filter_map(|w| w.change_to_settled_ms), 0.99),
+            programmed_median_ms: median(all.iter().map(|w| w.programmed_ms)),
+            probes_failed: all.iter().map(|w| w.probes_failed).sum(),
+            old_after_first_new: all.iter().map(|w| w.old_after_first_new).sum(),
+        });
     }
     out
 }
@@ -179,7 +339,11 @@ pub fn markdown(r: &Results) -> String {
          {} rounds, peers in random order per round (seed {}); per trial {} sequential TCP \
          connections (connect, 6-byte request, reply line, close) after {} warm-up, \
          {} ms per-connection timeout, {} s deadline; conntrack flushed before each trial; \
-         test_run {} repeats × {} batches; agent manifest poll {} ms; client sysctls {}.\n",
+         test_run {} repeats × {} batches; agent manifest poll {} ms; client sysctls {}. \
+         Request/response: {} exchanges on one TCP connection, {} UDP exchanges on one socket and \
+         {} with a new socket each ({} ms reply timeout), each after the same warm-up; one iperf3 \
+         TCP stream of {} s. Endpoint switches: {} per peer at its largest N, probed every {} µs \
+         (limit {} s).\n",
         s.service_counts,
         s.backends,
         s.rounds,
@@ -195,8 +359,23 @@ pub fn markdown(r: &Results) -> String {
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        s.trial.session_requests,
+        s.trial.udp_requests,
+        s.trial.udp_requests,
+        s.trial.udp_timeout_ms,
+        s.trial.stream_seconds,
+        s.switch.repetitions,
+        s.switch.probe_interval_us,
+        s.switch.max_s,
     );
+    if !r.skipped.is_empty() {
+        out.push_str("Not run:\n\n");
+        for k in &r.skipped {
+            let _ = writeln!(out, "- {k}");
+        }
+        out.push('\n');
+    }
     out.push_str("## Connection rate and latency (median over complete rounds)\n\n");
     out.push_str(
         "| N | peer | conn/s | vs direct | p50 | p99 | complete rounds | program all N | agent took_us | one endpoint change | agent peak RSS |\n\
@@ -226,10 +405,12 @@ pub fn markdown(r: &Results) -> String {
     out.push_str(
         "\n`program all N`: ours = agent process start until its first `datapath programmed` \
          line (`agent took_us` = the sync itself); iptables = one `iptables-restore`; nftables = \
-         one `nft -f`. `one endpoint change` (largest N only): ours = manifest rewrite until the \
+         one `nft -f`. `one endpoint change` (one endpoint removed, at each peer's largest N): ours = manifest rewrite until the \
          next `datapath programmed` line (includes the poll interval); iptables/nftables = \
          re-applying the full ruleset, as kube-proxy's sync does.\n\n",
     );
+    out.push_str(&request_response_table(r));
+    out.push_str(&switch_table(r));
     out.push_str("## Per-packet cost of the TC program (BPF_PROG_TEST_RUN)\n\n");
     out.push_str(
         "| N | packet | timed as | min | median | verdict | output |\n|---:|---|---|---:|---:|---:|---|\n",
@@ -244,7 +425,12 @@ pub fn markdown(r: &Results) -> String {
     out.push_str(
         "\nSingle runs include the kernel's timer overhead (two clock reads); the repeat loop \
          re-runs the same skb, so it is only used for the packet the program does not rewrite. \
-         Verdicts: 0 = TC_ACT_OK, 7 = TC_ACT_REDIRECT (the REJECT reply goes back out).\n",
+         Verdicts: 0 = TC_ACT_OK, 7 = TC_ACT_REDIRECT (the REJECT reply goes back out). \
+         The new flow is a SYN from a source port not seen before in every call, so every call is \
+         a conntrack miss (service lookup, endpoint pick, conntrack entry, DNAT). \
+         `− harness overhead` rows subtract the pod-IP packet's single-run median minus its \
+         repeat-loop median (the cost of one BPF_PROG_TEST_RUN call around the program) from \
+         each single run: an estimate of the program's own cost.\n",
     );
     if !r.failures.is_empty() {
         out.push_str("\n## Failures\n\n");
@@ -259,11 +445,21 @@ pub fn markdown(r: &Results) -> String {
         .filter(|t| !t.complete)
         .map(|t| {
             format!(
-                "- N={} round {} {}: {}/{} ok, errors {:?}",
-                t.services, t.round, t.peer, t.ok, t.requested, t.errors
+                "- N={} round {} {} {}: {}/{} ok, errors {:?}",
+                t.services, t.round, t.peer, t.kind, t.ok, t.requested, t.errors
             )
         })
         .collect();
+    let streams = r.throughput.iter().filter(|t| !t.complete).map(|t| {
+        format!(
+            "- N={} round {} {} tcp-stream: {}",
+            t.services,
+            t.round,
+            t.peer,
+            t.error.as_deref().unwrap_or("incomplete")
+        )
+    });
+    let failed: Vec<String> = failed.into_iter().chain(streams).collect();
     if !failed.is_empty() {
         out.push_str("\n## Incomplete trials (excluded)\n\n");
         out.push_str(&failed.join("\n"));
@@ -272,25 +468,151 @@ pub fn markdown(r: &Results) -> String {
     out
 }
 
-/// Writes `latest.md`, `latest.json` and `latest.svg` into `dir`.
-pub fn write_all(r: &Results, dir: &Path) -> Result<()> {
+fn rate_cells(x: Option<&KindSummary>) -> String {
+    match x {
+        None => "— | — | — | —".into(),
+        Some(x) => format!(
+            "{} | {} | {} | {}",
+            opt(x.rate, |v| format!("{v:.0}")),
+            opt(x.ratio_to_direct, |v| format!("{v:.2}")),
+            opt(x.p50_us, |v| format!("{v:.0} µs")),
+            opt(x.p99_us, |v| format!("{v:.0} µs")),
+        ),
+    }
+}
+
+fn request_response_table(r: &Results) -> String {
+    let kinds = kind_summaries(r);
+    let streams = stream_summaries(r);
+    let mut out = String::from(
+        "## Request/response and throughput (median over complete rounds)\n\n\
+         | N | peer | TCP session req/s | vs direct | p50 | p99 | UDP session req/s | vs direct | p50 | p99 | UDP new-socket req/s | vs direct | p50 | p99 | TCP stream | vs direct | complete rounds (tcp-s/udp-s/udp-n/stream) |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for &n in &r.settings.service_counts {
+        for peer in Peer::ALL {
+            let get = |k: Kind| {
+                kinds
+                    .iter()
+                    .find(|x| x.kind == k && x.peer == peer && x.services == n)
+            };
+            let stream = streams.iter().find(|x| x.peer == peer && x.services == n);
+            if get(Kind::TcpSession).is_none() && stream.is_none() {
+                continue;
+            }
+            let complete = |x: Option<&KindSummary>| {
+                x.map_or("—".into(), |x| {
+                    format!("{}/{}", x.complete_rounds, x.rounds)
+                })
+            };
+            let _ = writeln!(
+                out,
+                "| {n} | {peer} | {} | {} | {} | {} | {} | {} · {} · {} · {} |",
+                rate_cells(get(Kind::TcpSession)),
+                rate_cells(get(Kind::UdpSession)),
+                rate_cells(get(Kind::UdpNewSocket)),
+                opt(stream.and_then(|s| s.gbit_per_s), |v| format!(
+                    "{v:.2} Gbit/s"
+                )),
+                opt(stream.and_then(|s| s.ratio_to_direct), |v| format!(
+                    "{v:.2}"
+                )),
+                complete(get(Kind::TcpSession)),
+                complete(get(Kind::UdpSession)),
+                complete(get(Kind::UdpNewSocket)),
+                stream.map_or("—".into(), |s| format!(
+                    "{}/{}",
+                    s.complete_rounds, s.rounds
+                )),
+            );
+        }
+    }
+    out.push_str(
+        "\nTCP session: request/response exchanges on one persistent connection (connect not \
+         timed). UDP session: exchanges on one connected socket (one flow). UDP new-socket: one \
+         datagram and reply per new socket (a new flow each, like a resolver with random source \
+         ports). A lost datagram is an error and makes the trial incomplete. TCP stream: one \
+         iperf3 stream client → target (the target service's `iperf` port, whose one endpoint is \
+         backend 0: iperf3's control and data connections must reach the same server), \
+         receiver-side rate (with its sender's retransmits in the JSON); a stream counts only \
+         if iperf3 ended without error and the server counted at least 99 % of the bytes sent \
+         (iperf3 stops counting at the end of the test with data still in flight).\n\n",
+    );
+    out
+}
+
+fn switch_table(r: &Results) -> String {
+    let rows = switch_summaries(r);
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "## Endpoint switch seen by a client\n\n\
+         | peer | N | switches | first answer from a new backend: median | p99 | only new backends from: median | p99 | peer done (median) | probes failed | old answers after first new |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for x in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} |",
+            x.peer,
+            x.services,
+            x.switched,
+            x.switches,
+            opt(x.first_new_median_ms, duration_ms),
+            opt(x.first_new_p99_ms, duration_ms),
+            opt(x.settled_median_ms, duration_ms),
+            opt(x.settled_p99_ms, duration_ms),
+            opt(x.programmed_median_ms, duration_ms),
+            x.probes_failed,
+            x.old_after_first_new,
+        );
+    }
+    let _ = write!(
+        out,
+        "\nA prober in the client makes one TCP request on a new connection to the service every \
+         ~1 ms while the target service's endpoints are replaced by backends it did not have \
+         (alternately the spare backend alone and the original three). Time from the change \
+         (ours: the manifest write, so including the agent's poll interval; iptables/nftables: the \
+         start of the full `iptables-restore` / `nft -f` re-sync) to the first reply from a new \
+         backend, and to the first answer after which only new backends answered (the prober \
+         stops after {} of those in a row). The two differ when connections still reach old \
+         backends after the change, e.g. a new connection from a reused source port that matches \
+         a stale conntrack entry. `peer done`: until the agent's `datapath programmed` line, or \
+         the command returned. `switches` = switched / attempted.\n\n",
+        r.settings.switch.confirm
+    );
+    out
+}
+
+/// Writes `<stem>.md`, `<stem>.json` and `<stem>.svg` into `dir`.
+pub fn write_all(r: &Results, dir: &Path, stem: &str) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let write = |name: &str, text: &str| {
         let path = dir.join(name);
         std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))
     };
-    write("latest.md", &markdown(r))?;
+    write(&format!("{stem}.md"), &markdown(r))?;
     #[derive(Serialize)]
     struct Json<'a> {
         #[serde(flatten)]
         results: &'a Results,
         summaries: Vec<Summary>,
+        kind_summaries: Vec<KindSummary>,
+        stream_summaries: Vec<StreamSummary>,
+        switch_summaries: Vec<SwitchSummary>,
     }
     let json = serde_json::to_string(&Json {
         results: r,
         summaries: summaries(r),
+        kind_summaries: kind_summaries(r),
+        stream_summaries: stream_summaries(r),
+        switch_summaries: switch_summaries(r),
     })?;
-    write("latest.json", &json)?;
-    write("latest.svg", &super::chart::svg(&summaries(r)))?;
+    write(&format!("{stem}.json"), &json)?;
+    write(
+        &format!("{stem}.svg"),
+        &super::chart::svg(&summaries(r), &kind_summaries(r), &stream_summaries(r)),
+    )?;
     Ok(())
 }

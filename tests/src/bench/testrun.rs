@@ -8,8 +8,16 @@
 //! case is timed as single runs (one BPF_PROG_TEST_RUN call each, which
 //! starts from the original packet; the kernel's timer overhead is
 //! included), and the packet the program leaves alone also with a repeat
-//! loop. Cases: an established flow (conntrack hit, DNAT), a packet to no
-//! service (pod IP), a service without endpoints (REJECT reply).
+//! loop. Cases: an established flow (conntrack hit, DNAT), a new flow (a
+//! SYN to the service from a source port never seen: service lookup,
+//! endpoint pick, conntrack entry created, DNAT — every call a distinct
+//! packet, so every call is a conntrack miss), a packet to no service (pod
+//! IP), a service without endpoints (REJECT reply).
+//!
+//! A single run's time includes the harness (skb setup, two clock reads):
+//! the pod-IP packet timed both ways gives that overhead (single run minus
+//! repeat-loop mean), and it is subtracted from the established and new
+//! flow medians for an estimate of the program's own cost.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -46,6 +54,8 @@ pub struct PacketCost {
     pub samples_ns: Vec<f64>,
     pub min_ns: f64,
     pub median_ns: f64,
+    /// For the net rows: what was subtracted from every sample.
+    pub harness_overhead_ns: Option<f64>,
 }
 
 /// A datapath pinned under `/sys/fs/bpf/kep-bench-<pid>-<n>`, unpinned on drop.
@@ -212,6 +222,7 @@ fn cost(
         min_ns: samples.iter().copied().fold(f64::INFINITY, f64::min),
         median_ns: median(&samples),
         samples_ns: samples,
+        harness_overhead_ns: None,
     }
 }
 
@@ -231,11 +242,11 @@ pub fn measure(n: usize, backends: usize, repeat: u32, batches: usize) -> Result
     }
     let cases = [
         (
-            "established flow (conntrack hit)",
+            ESTABLISHED,
             tcp_packet(client, target, 40_000, rules::SERVICE_PORT, ACK),
         ),
         (
-            "not a service (pod IP)",
+            NOT_A_SERVICE,
             tcp_packet(client, addr::backend_ip(0), 40_001, rules::TARGET_PORT, SYN),
         ),
         (
@@ -256,11 +267,11 @@ pub fn measure(n: usize, backends: usize, repeat: u32, batches: usize) -> Result
             output = o;
             single.push(d.as_nanos() as f64);
         }
-        out.push(cost(case, "1 run per call", n, 1, verdict, output, single));
+        out.push(cost(case, SINGLE, n, 1, verdict, output, single));
         // The kernel repeats on the same skb, so a rewritten packet would be
         // measured rewritten: only a packet the program leaves alone gives
         // a clean repeat loop.
-        if case.starts_with("not a service") {
+        if case == NOT_A_SERVICE {
             let mut batched = Vec::with_capacity(batches);
             let mut last = (0, String::new());
             for _ in 0..batches {
@@ -272,5 +283,65 @@ pub fn measure(n: usize, backends: usize, repeat: u32, batches: usize) -> Result
             out.push(cost(case, &method, n, repeat, last.0, last.1, batched));
         }
     }
+    out.push(new_flows(&mut fx, n, target, batches * 1_000)?);
+    out.extend(net_of_harness(&out, n));
     Ok(out)
+}
+
+const SINGLE: &str = "1 run per call";
+const NOT_A_SERVICE: &str = "not a service (pod IP)";
+const ESTABLISHED: &str = "established flow (conntrack hit)";
+const NEW_FLOW: &str = "new flow (service hit, conntrack miss)";
+const NET: &str = "1 run per call − harness overhead";
+
+/// `calls` SYNs to the service, each from a source port not used before
+/// (1024, 1025, ...; the other cases use 40000-40002), so each is a
+/// conntrack miss that creates an entry. Every one must be translated to a
+/// backend.
+fn new_flows(fx: &mut Fixture, n: usize, target: Ipv4Addr, calls: usize) -> Result<PacketCost> {
+    if calls > 30_000 {
+        bail!("{calls} new flows would reuse source ports");
+    }
+    let client = addr::CLIENT_IP;
+    let mut samples = Vec::with_capacity(calls);
+    let mut verdict = 0;
+    let mut output = String::new();
+    for i in 0..calls {
+        let sport = 1_024 + i as u16;
+        let packet = tcp_packet(client, target, sport, rules::SERVICE_PORT, SYN);
+        let (v, d, o) = fx.run(&packet, 1)?;
+        if v != 0 || !o.contains(":8080 proto 6") || o.contains(&target.to_string()) {
+            bail!("new flow {i} (sport {sport}) not translated: verdict {v}, output {o}");
+        }
+        verdict = v;
+        output = o;
+        samples.push(d.as_nanos() as f64);
+    }
+    Ok(cost(NEW_FLOW, SINGLE, n, 1, verdict, output, samples))
+}
+
+/// The established and new-flow single runs with the harness overhead
+/// (pod-IP single-run median minus its repeat-loop median) subtracted.
+fn net_of_harness(costs: &[PacketCost], n: usize) -> Vec<PacketCost> {
+    let find = |case: &str, single: bool| {
+        costs
+            .iter()
+            .find(|c| c.case == case && (c.method == SINGLE) == single)
+    };
+    let (Some(pod_single), Some(pod_loop)) =
+        (find(NOT_A_SERVICE, true), find(NOT_A_SERVICE, false))
+    else {
+        return Vec::new();
+    };
+    let overhead = pod_single.median_ns - pod_loop.median_ns;
+    [ESTABLISHED, NEW_FLOW]
+        .iter()
+        .filter_map(|case| find(case, true))
+        .map(|c| {
+            let samples = c.samples_ns.iter().map(|v| v - overhead).collect();
+            let mut net = cost(&c.case, NET, n, 1, c.verdict, c.output.clone(), samples);
+            net.harness_overhead_ns = Some(overhead);
+            net
+        })
+        .collect()
 }

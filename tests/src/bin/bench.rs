@@ -1,6 +1,7 @@
-//! `lab-bench [--quick] [--out DIR]`: runs the benchmark (see `lab::bench`)
+//! `lab-bench [--quick] [--services N,N,...] [--nft-max-services N] [--out DIR]`: runs the benchmark (see `lab::bench`)
 //! in one lab and writes `latest.md`, `latest.json` and `latest.svg` to DIR
-//! (default `<workspace>/bench/results`). Needs root; the agent binary comes
+//! (default `<workspace>/bench/results`); `quick.*` with `--quick`,
+//! `partial.*` with `--services` or `--nft-max-services`. Needs root; the agent binary comes
 //! from `KEP_AGENT_BIN` (default `target/debug/kube-ebpf-proxy`).
 
 use std::path::PathBuf;
@@ -22,16 +23,46 @@ fn main() -> ExitCode {
 fn run() -> Result<()> {
     let mut settings = Settings::full();
     let mut out = lab::workspace_root().join("bench/results");
+    let mut services = None;
+    let mut nft_max = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => settings = Settings::quick(),
+            // Restricts N, e.g. `--services 1` for a smoke run of the full
+            // settings; applied after `--quick` whatever the order.
+            "--services" => match args.next() {
+                Some(list) => services = Some(parse_services(&list)?),
+                None => bail!("--services needs a comma-separated list"),
+            },
+            // nftables is not run above this N (`0`: no limit).
+            "--nft-max-services" => match args.next().map(|v| v.parse::<usize>()) {
+                Some(Ok(n)) => nft_max = Some((n > 0).then_some(n)),
+                _ => bail!("--nft-max-services needs a number"),
+            },
             "--out" => match args.next() {
                 Some(d) => out = PathBuf::from(d),
                 None => bail!("--out needs a directory"),
             },
-            other => bail!("unknown argument {other:?} (usage: lab-bench [--quick] [--out DIR])"),
+            other => bail!(
+                "unknown argument {other:?} (usage: lab-bench [--quick] [--services N,N,...] \
+                 [--nft-max-services N] [--out DIR])"
+            ),
         }
+    }
+    // A quick or partial run never overwrites the published full results.
+    let stem = if services.is_some() || nft_max.is_some() {
+        "partial"
+    } else if settings.mode == "quick" {
+        "quick"
+    } else {
+        "latest"
+    };
+    if let Some(list) = services {
+        settings.service_counts = list;
+    }
+    if let Some(max) = nft_max {
+        settings.nft_max_services = max;
     }
     let removed = lab::cleanup_stale()?;
     if !removed.is_empty() {
@@ -39,8 +70,23 @@ fn run() -> Result<()> {
     }
     println!("bench: {settings:?}");
     let results = bench::run(settings)?;
-    report::write_all(&results, &out)?;
+    report::write_all(&results, &out, stem)?;
     println!("\n{}", report::markdown(&results));
-    println!("bench: wrote {}/latest.{{md,json,svg}}", out.display());
+    println!("bench: wrote {}/{stem}.{{md,json,svg}}", out.display());
     Ok(())
+}
+
+fn parse_services(list: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in list.split(',') {
+        let n: usize = part
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--services: {part:?}: {e}"))?;
+        if n == 0 || n > 50_000 {
+            bail!("--services: {n} not in 1..=50000");
+        }
+        out.push(n);
+    }
+    Ok(out)
 }
