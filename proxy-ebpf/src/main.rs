@@ -53,6 +53,8 @@ const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 /// More-fragments flag and fragment offset bits of `frag_off`.
 const IP_FRAG_MASK: u16 = 0x3fff;
 /// `BPF_F_MARK_MANGLED_0`: a zero UDP checksum means "no checksum" and must
@@ -209,7 +211,13 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
             Some(c) => ct.expired(&flow.key(), c, now),
             None => false,
         };
-        if expired {
+        // A client opening a new connection on the tuple of one that is
+        // closing (ports are reused quickly) starts a new flow, balanced
+        // afresh, as netfilter does for a SYN in TIME_WAIT; otherwise it
+        // would keep an endpoint the Service may no longer have chosen.
+        let reopened =
+            ct.is_closing() && !ct.is_reply() && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if expired || reopened {
             // An idle flow is over: a new one on the same tuple is chosen
             // anew, and a late reply is not translated.
         } else {

@@ -626,6 +626,43 @@ fn removed_backend_is_not_reused_by_an_old_flow() {
     }
 }
 
+/// A new connection on the tuple of a closing one (a client reusing its
+/// port) is balanced afresh, as netfilter re-opens a tuple in TIME_WAIT; a
+/// packet of the closing connection itself keeps its endpoint.
+#[test]
+fn syn_on_a_closing_tuple_starts_a_new_flow() {
+    const FIN: u8 = 0x01;
+    let mut fx = Fixture::new();
+    let port = 47000;
+    let (_, out) = fx.run(&tcp(CLIENT, VIP, port, SVC_PORT, SYN));
+    let old = ip_dst(&out);
+    fx.run(&tcp(CLIENT, VIP, port, SVC_PORT, FIN | ACK));
+    // The Service now has another single endpoint; the old one still exists
+    // (a lingering backend), so only re-balancing moves the new SYN.
+    let new = *BACKENDS.iter().find(|b| **b != old).unwrap();
+    let new_id = (BACKENDS.iter().position(|b| *b == new).unwrap() * 2 + 1) as u32;
+    let key = ServiceKey::new(addr_to_map(VIP), port_to_map(SVC_PORT), proto::TCP, 0);
+    let ops = [
+        MapOp::PutService(key.with_slot(1), ServiceValue::slot(new_id)),
+        MapOp::PutService(key, ServiceValue::service(1, 1, 0)),
+    ];
+    assert!(fx.dp.apply(&ops).is_empty());
+    let (_, out) = fx.run(&tcp(CLIENT, VIP, port, SVC_PORT, ACK));
+    assert_eq!(
+        ip_dst(&out),
+        old,
+        "the closing connection keeps its endpoint"
+    );
+    let (ret, out) = fx.run(&tcp(CLIENT, VIP, port, SVC_PORT, SYN));
+    assert_eq!(ret, TC_ACT_OK);
+    assert_eq!(
+        ip_dst(&out),
+        new,
+        "a new connection on the reused port is balanced anew"
+    );
+    assert_checksums(&out);
+}
+
 #[test]
 fn fin_or_rst_marks_both_directions_closing() {
     const FIN: u8 = 0x01;
