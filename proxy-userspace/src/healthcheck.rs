@@ -21,14 +21,12 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::http;
 use crate::model::HealthCheck;
 
 /// Whether the proxy itself is healthy (kube-proxy's `/healthz` verdict),
@@ -38,10 +36,6 @@ pub type ProxyHealth = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Connections served at once per port; more wait in the backlog.
 const MAX_CONNECTIONS: usize = 8;
-/// A client gets this long to send its request head.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest request head read; anything longer is refused.
-const MAX_REQUEST: usize = 8 * 1024;
 
 /// A health check port that could not be opened. It is retried at the next
 /// [`HealthServers::update`], as kube-proxy retries at its next sync.
@@ -225,88 +219,26 @@ impl Shared {
 }
 
 async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // EMFILE and the like: back off rather than spin.
-                tracing::warn!(error = %e, "service health check: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(stream, &shared).await {
-                tracing::debug!(error = %e, "service health check: connection");
-            }
-            drop(permit);
-        });
-    }
-}
-
-/// One request per connection (`Connection: close`). Any method and path
-/// get the answer, as kube-proxy's handler ignores both.
-async fn handle(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
-    let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_) => return Ok(()),
-    };
-    let response = match head {
-        Some(head) => {
-            let with_body = !head.starts_with("HEAD ");
+    http::serve(
+        listener,
+        "service health check",
+        MAX_CONNECTIONS,
+        move |head| {
             let (status, count, body) = shared.answer();
-            response(status, count, &body, with_body)
-        }
-        None => {
-            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
-        }
-    };
-    stream.write_all(&response).await?;
-    stream.shutdown().await
-}
-
-/// The request head (up to the blank line), or `None` if it is too long or
-/// the client stopped early.
-async fn read_head(stream: &mut TcpStream) -> io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.truncate(end);
-            return Ok(Some(String::from_utf8_lossy(&buf).into_owned()));
-        }
-        if buf.len() > MAX_REQUEST {
-            return Ok(None);
-        }
-    }
-}
-
-fn response(status: u16, count: usize, body: &str, with_body: bool) -> Vec<u8> {
-    let reason = if status == 200 {
-        "OK"
-    } else {
-        "Service Unavailable"
-    };
-    let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
-         X-Content-Type-Options: nosniff\r\nX-Load-Balancing-Endpoint-Weight: {count}\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if with_body {
-        out.push_str(body);
-    }
-    out.into_bytes()
+            let headers = [
+                ("X-Content-Type-Options", "nosniff".to_string()),
+                ("X-Load-Balancing-Endpoint-Weight", count.to_string()),
+            ];
+            http::response(
+                status,
+                "application/json",
+                &headers,
+                &body,
+                !head.starts_with("HEAD "),
+            )
+        },
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -314,6 +246,8 @@ mod tests {
     use super::*;
     use std::net::Ipv4Addr;
     use std::sync::atomic::AtomicBool;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
 
     const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 

@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod diff;
 pub mod encode;
 pub mod healthcheck;
+pub mod http;
 pub mod inspect;
 pub mod interfaces;
 pub mod kube_source;

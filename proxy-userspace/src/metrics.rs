@@ -27,23 +27,15 @@ use prometheus_client::{
     registry::Registry,
 };
 use proxy_common::{map_names, stat};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
-};
+use tokio::net::TcpListener;
 
-use crate::{agent::SyncOutcome, datapath::DatapathConfig, encode::MapContents, manifests};
+use crate::{agent::SyncOutcome, datapath::DatapathConfig, encode::MapContents, http, manifests};
 
 /// One label, e.g. `map="kep_services"`.
 type Label = [(&'static str, &'static str); 1];
 
 /// Connections served at once; more wait for a slot.
 const MAX_CONNECTIONS: usize = 16;
-/// A client gets this long to send its request head.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest request head read; anything longer is refused.
-const MAX_REQUEST: usize = 8 * 1024;
 /// Wait before binding again when the address is unavailable.
 const BIND_RETRY: Duration = Duration::from_secs(5);
 
@@ -286,63 +278,10 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) {
         }
     };
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // EMFILE and the like: back off rather than spin.
-                tracing::warn!(error = %e, "metrics server: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(stream, &metrics).await {
-                tracing::debug!(error = %e, "metrics server: connection");
-            }
-            drop(permit);
-        });
-    }
-}
-
-/// One request per connection (`Connection: close`).
-async fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_) => return Ok(()),
-    };
-    let response = match head {
-        Some(head) => respond(&head, metrics),
-        None => response(400, "text/plain", "bad request\n", false),
-    };
-    stream.write_all(&response).await?;
-    stream.shutdown().await
-}
-
-/// The request head (up to the blank line), or `None` if it is too long
-/// or the client stopped early.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.truncate(end);
-            return Ok(Some(String::from_utf8_lossy(&buf).into_owned()));
-        }
-        if buf.len() > MAX_REQUEST {
-            return Ok(None);
-        }
-    }
+    http::serve(listener, "metrics server", MAX_CONNECTIONS, move |head| {
+        respond(head, &metrics)
+    })
+    .await
 }
 
 /// The full HTTP/1.1 response to a request head.
@@ -374,22 +313,7 @@ fn respond(head: &str, metrics: &Metrics) -> Vec<u8> {
 }
 
 fn response(status: u16, content_type: &str, body: &str, with_body: bool) -> Vec<u8> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Service Unavailable",
-    };
-    let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if with_body {
-        out.push_str(body);
-    }
-    out.into_bytes()
+    http::response(status, content_type, &[], body, with_body)
 }
 
 /// `2006-01-02T15:04:05.000000000Z` (UTC), as Go's `time.Time` marshals.
@@ -422,6 +346,8 @@ fn rfc3339(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
 
     fn metrics(resync: Duration) -> Metrics {
         Metrics::new(&DatapathConfig::new("/sys/fs/bpf/test"), resync)
