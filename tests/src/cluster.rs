@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::Pod;
+use crate::{Pod, TempDir};
 use crate::agent::{self, Agent};
 use crate::netns::Netns;
 use crate::servers::{self, Servers, StatsSnapshot};
@@ -214,30 +214,6 @@ fn source_ip_towards(dst: Ipv4Addr) -> io::Result<Ipv4Addr> {
     }
 }
 
-/// A temp dir removed on drop.
-#[derive(Debug)]
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn create(path: PathBuf) -> Result<TempDir> {
-        if path.exists() {
-            std::fs::remove_dir_all(&path)
-                .with_context(|| format!("remove stale {}", path.display()))?;
-        }
-        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
-        Ok(TempDir(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            eprintln!("cluster: cannot remove {}: {e}", self.0.display());
-        }
-    }
-}
 
 /// One node: its namespace and pods. Fields drop in declaration order, so
 /// the pods go before the node's namespace.

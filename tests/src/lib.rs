@@ -121,10 +121,10 @@ pub struct Pod {
 
 /// A temp dir removed on drop.
 #[derive(Debug)]
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
-    fn create(path: PathBuf) -> Result<TempDir> {
+    pub(crate) fn create(path: PathBuf) -> Result<TempDir> {
         if path.exists() {
             std::fs::remove_dir_all(&path)
                 .with_context(|| format!("remove stale {}", path.display()))?;
