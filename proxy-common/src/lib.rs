@@ -40,7 +40,7 @@ pub mod map_names {
     pub const AFFINITY: &str = "kep_affinity";
     pub const SVC_TRAFFIC: &str = "kep_svc_traffic";
     pub const BACKEND_TRAFFIC: &str = "kep_be_traffic";
-    /// Maglev lookup tables: svc id -> inner array (see [`crate::maglev`]).
+    /// Maglev lookup tables: svc id -> table (see [`crate::maglev`]).
     pub const MAGLEV: &str = "kep_maglev";
     /// `loadBalancerSourceRanges`: (svc id, client prefix) LPM trie.
     pub const SOURCE_RANGES: &str = "kep_src_ranges";
@@ -530,31 +530,55 @@ pub struct SockRevNat {
 
 /// Maglev consistent hashing (Eisenbud et al., NSDI 2016).
 ///
-/// Each frontend with a table has an entry `svc_id -> inner array` in the
-/// maglev map (a hash of maps). The inner array (`u32 -> u32`, created with
-/// `BPF_F_INNER_MAP` so tables of any size fit the same outer map) holds a
-/// header and then the table:
+/// Each frontend with a table has an entry `svc_id -> MaglevTable` in the
+/// maglev map, a hash map without preallocation. Its value holds a header
+/// and then the table:
 ///
 /// ```text
-/// [SIZE]            table size M (prime)
+/// [SIZE]            table size M (prime, at most MAX_SIZE)
 /// [FINGERPRINT_LO]  low 32 bits of the fingerprint of what the table was built from
 /// [FINGERPRINT_HI]  high 32 bits
 /// [HEADER_LEN + i]  backend id of table position i, 0 <= i < M
 /// ```
 ///
-/// A new table is always a new inner array, filled completely and then
-/// swapped in with one update of the outer entry, so a packet sees either
-/// the whole old table or the whole new one, never a mix.
+/// A table is replaced with one update of its whole value: the kernel
+/// allocates the new element and swaps it in under RCU, so a packet sees
+/// the whole old or the whole new table, never a mix. (A map of maps would
+/// give the same guarantee, but the kernel waits for an RCU grace period on
+/// every update of one — milliseconds per frontend.)
 pub mod maglev {
-    pub const SIZE: u32 = 0;
-    pub const FINGERPRINT_LO: u32 = 1;
-    pub const FINGERPRINT_HI: u32 = 2;
-    pub const HEADER_LEN: u32 = 3;
+    pub const SIZE: usize = 0;
+    pub const FINGERPRINT_LO: usize = 1;
+    pub const FINGERPRINT_HI: usize = 2;
+    pub const HEADER_LEN: usize = 3;
     /// Default table size: prime, and large enough that a few hundred
     /// endpoints still each get within a percent of their share.
     pub const DEFAULT_SIZE: u32 = 16_381;
-    /// `BPF_F_INNER_MAP`: inner arrays of one outer map may differ in size.
-    pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+    /// Largest table size: what a map value holds (64 KiB per frontend).
+    pub const MAX_SIZE: u32 = 16_381;
+
+    /// The maglev map's value.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct MaglevTable {
+        pub words: [u32; HEADER_LEN + MAX_SIZE as usize],
+    }
+
+    impl MaglevTable {
+        pub const fn size(&self) -> u32 {
+            self.words[SIZE]
+        }
+
+        pub const fn fingerprint(&self) -> u64 {
+            self.words[FINGERPRINT_LO] as u64 | (self.words[FINGERPRINT_HI] as u64) << 32
+        }
+
+        /// Backend id at table position `pos` (< size).
+        #[inline(always)]
+        pub fn entry(&self, pos: u32) -> Option<u32> {
+            self.words.get(HEADER_LEN + pos as usize).copied()
+        }
+    }
 
     /// One round of a 32-bit finaliser (murmur3's fmix32): every input bit
     /// affects every output bit.
@@ -657,4 +681,5 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::SourceRange {}
+    unsafe impl aya::Pod for super::maglev::MaglevTable {}
 }

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, SourceRange,
-    maglev, scope, stat,
+    scope, stat,
 };
 
 use crate::maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES, config, count};
@@ -169,11 +169,11 @@ fn source_allowed(svc_id: u32, client: u32) -> bool {
 #[inline(always)]
 fn maglev_entry(svc_id: u32, hash: u32) -> Option<u32> {
     let table = unsafe { MAGLEV.get(&svc_id) }?;
-    let size = *table.get(maglev::SIZE)?;
+    let size = table.size();
     if size == 0 {
         return None;
     }
-    table.get(maglev::HEADER_LEN + hash % size).copied()
+    table.entry(hash % size)
 }
 
 /// Inside the service CIDR, kube-proxy rejects traffic to a cluster IP on a

@@ -288,7 +288,12 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
         // address): keep the client's port unless another flow to the same
         // endpoint holds it, then try a few others.
         let mut tries = 0;
-        while unsafe { CONNTRACK.get(reply_key) }.is_some() {
+        while let Some(held) = unsafe { CONNTRACK.get(reply_key) } {
+            // Left by an earlier flow of this very client tuple (re-chosen
+            // after expiry or a reopen): overwritten, not avoided.
+            if held.snat_addr == flow.saddr && held.snat_port == flow.sport {
+                break;
+            }
             if tries == SNAT_PORT_TRIES {
                 count(stat::SNAT_FAILED);
                 return Ok(Verdict::Act(TC_ACT_SHOT));

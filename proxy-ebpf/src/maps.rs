@@ -3,7 +3,8 @@
 #![allow(non_upper_case_globals)]
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
@@ -53,14 +54,15 @@ pub static kep_svc_traffic: LruPerCpuHashMap<u32, Traffic, { defaults::TRAFFIC_M
 pub static kep_be_traffic: LruPerCpuHashMap<u32, Traffic, { defaults::TRAFFIC_MAX as usize }> =
     LruPerCpuHashMap::new();
 
-/// Inner arrays are created by the agent, each sized to its table
-/// (`BPF_F_INNER_MAP`); this template only fixes their type.
-pub type MaglevTable =
-    Array<u32, { maglev::HEADER_LEN as usize }, { maglev::BPF_F_INNER_MAP as usize }>;
-
+/// No preallocation: 64 KiB per table, allocated only for frontends that
+/// have one, and a replaced value is swapped in whole under RCU.
 #[btf_map]
-pub static kep_maglev: HashOfMaps<u32, MaglevTable, { defaults::MAGLEV_MAX as usize }> =
-    HashOfMaps::new();
+pub static kep_maglev: HashMap<
+    u32,
+    maglev::MaglevTable,
+    { defaults::MAGLEV_MAX as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Value 1 for every allowed (frontend, client prefix).
 #[btf_map]

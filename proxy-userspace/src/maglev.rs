@@ -21,8 +21,8 @@ pub use proxy_common::maglev::DEFAULT_SIZE;
 /// Smallest table size accepted: below it a few endpoints already get
 /// visibly unequal shares.
 pub const MIN_SIZE: u32 = 251;
-/// Largest accepted (Cilium's largest too): 512 KiB per frontend.
-pub const MAX_SIZE: u32 = 131_071;
+/// Largest accepted: what one map value holds.
+pub use proxy_common::maglev::MAX_SIZE;
 
 /// One table entry's owner: the endpoint identity every node agrees on, and
 /// the backend id this node's datapath knows it by.
@@ -157,9 +157,7 @@ pub fn build_all(specs: &[&TableSpec]) -> Vec<Vec<u32>> {
 /// Why a table size is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SizeError {
-    #[error(
-        "Maglev table size {0} is not prime (try 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521 or 131071)"
-    )]
+    #[error("Maglev table size {0} is not prime (try 251, 509, 1021, 2039, 4093, 8191 or 16381)")]
     NotPrime(u32),
     #[error("Maglev table size {0} is outside {MIN_SIZE}..={MAX_SIZE}")]
     OutOfRange(u32),
@@ -260,10 +258,10 @@ mod tests {
     fn sizes() {
         assert_eq!(check_size(DEFAULT_SIZE), Ok(DEFAULT_SIZE));
         assert_eq!(check_size(251), Ok(251));
-        assert_eq!(check_size(131_071), Ok(131_071));
-        assert_eq!(check_size(16_384), Err(SizeError::NotPrime(16_384)));
+        assert_eq!(check_size(8191), Ok(8191));
+        assert_eq!(check_size(4096), Err(SizeError::NotPrime(4096)));
         assert_eq!(check_size(7), Err(SizeError::OutOfRange(7)));
-        assert_eq!(check_size(262_139), Err(SizeError::OutOfRange(262_139)));
+        assert_eq!(check_size(32_749), Err(SizeError::OutOfRange(32_749)));
     }
 
     #[test]
@@ -346,9 +344,9 @@ mod tests {
     /// Maglev trades exact minimal disruption for perfect balance, and the
     /// excess grows with N/M: at the default size the bound holds up to
     /// about 20 endpoints (measured: 1.08/N at 10, 1.17/N at 20, 1.58/N at
-    /// 50, 2.5/N at 100), so the next test pins the larger cases loosely
-    /// and a bigger `--maglev-table-size` brings them down (131071: 1.22/N
-    /// at 50, 1.43/N at 100).
+    /// 50, 2.5/N at 100), so the next test pins the larger cases loosely.
+    /// Larger tables bring them down (131071, more than a map value holds
+    /// today, gives 1.22/N at 50 and 1.43/N at 100).
     #[test]
     fn removing_one_endpoint_moves_about_one_nth_of_flows() {
         let hashes = flow_hashes();

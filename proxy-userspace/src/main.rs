@@ -135,9 +135,9 @@ struct RunArgs {
     /// flows) or `random`.
     #[arg(long, env = "KEP_LB_ALGORITHM", default_value = "maglev", value_parser = ["maglev", "random"])]
     lb_algorithm: String,
-    /// Maglev table size per frontend (prime, 251..=131071). Memory is 4
-    /// bytes x size per frontend with endpoints (64 KiB at the default);
-    /// larger tables move fewer flows when one of many endpoints changes.
+    /// Maglev table size per frontend (prime, 251..=16381). Each frontend
+    /// with endpoints takes one 64 KiB map value whatever the size; larger
+    /// tables move fewer flows when one of many endpoints changes.
     #[arg(long, env = "KEP_MAGLEV_TABLE_SIZE", default_value_t = maglev::DEFAULT_SIZE, value_parser = parse_maglev_size)]
     maglev_table_size: u32,
     /// Capacity of the Maglev map (frontends with a table).

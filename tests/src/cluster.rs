@@ -33,11 +33,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Pod, TempDir};
 use crate::agent::{self, Agent};
 use crate::netns::Netns;
 use crate::servers::{self, Servers, StatsSnapshot};
 use crate::yaml::NodeEndpoint;
+use crate::{Pod, TempDir};
 
 /// Fixed cluster addresses.
 pub mod addr {
@@ -213,7 +213,6 @@ fn source_ip_towards(dst: Ipv4Addr) -> io::Result<Ipv4Addr> {
         SocketAddr::V6(a) => Err(io::Error::other(format!("IPv6 source {a}"))),
     }
 }
-
 
 /// One node: its namespace and pods. Fields drop in declaration order, so
 /// the pods go before the node's namespace.

@@ -918,10 +918,10 @@ fn maglev_table_swaps_atomically_under_traffic() {
         let (a, b) = (a.clone(), b.clone());
         std::thread::spawn(move || {
             let data = aya::maps::MapData::from_pin(&pin).expect("open the pinned maglev map");
-            let outer = aya::maps::Map::HashOfMaps(data)
+            let map = aya::maps::Map::HashMap(data)
                 .try_into()
-                .expect("hash of maps");
-            let mut tables = MaglevTables::new(outer);
+                .expect("the maglev map is a hash map");
+            let mut tables = MaglevTables::new(map);
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(25);
             let mut swaps = 0u32;
             while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
