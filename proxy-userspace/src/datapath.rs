@@ -548,7 +548,10 @@ impl Datapath {
             let (k, v) = item.map_err(map_err(map_names::BACKENDS))?;
             contents.backends.insert(k, v);
         }
-        contents.tables = self.tables.read_all().map_err(map_err(map_names::MAGLEV))?;
+        contents.tables = self
+            .tables
+            .read_all(&self.live.tables)
+            .map_err(map_err(map_names::MAGLEV))?;
         for key in self.source_ranges.keys() {
             let key = key.map_err(map_err(map_names::SOURCE_RANGES))?;
             let data = key.data();
@@ -562,7 +565,8 @@ impl Datapath {
     }
 
     /// Re-reads the maps, so the next diff is against what the kernel
-    /// really holds (someone may have edited a map by hand).
+    /// really holds (someone may have edited a map by hand; a Maglev table
+    /// this process wrote is only checked to still be there).
     pub fn refresh_live(&mut self) -> Result<(), DatapathError> {
         self.live = self.read_contents()?;
         Ok(())

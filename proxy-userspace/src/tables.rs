@@ -54,16 +54,34 @@ impl MaglevTables {
         }
     }
 
-    /// Every table's header, as a spec that compares equal to the one it was
-    /// built from.
-    pub fn read_all(&self) -> Result<BTreeMap<u32, TableSpec>, MapError> {
+    /// Every table, as a spec that compares equal to the one it was built
+    /// from. Tables in `known` (what this process wrote) are taken from
+    /// there and only checked to still exist: reading one back copies its
+    /// whole 64 KiB value, which at tens of thousands of frontends would cost
+    /// seconds of CPU on every periodic resync. Others (an earlier agent's)
+    /// are read from their header.
+    pub fn read_all(
+        &self,
+        known: &BTreeMap<u32, TableSpec>,
+    ) -> Result<BTreeMap<u32, TableSpec>, MapError> {
+        let ids: Vec<u32> = self.map.keys().collect::<Result<_, _>>()?;
         let mut out = BTreeMap::new();
-        for item in self.map.iter() {
-            let (svc_id, table) = item?;
-            out.insert(
-                svc_id,
-                TableSpec::read_back(table.size(), table.fingerprint()),
-            );
+        for svc_id in ids {
+            if let Some(spec) = known.get(&svc_id) {
+                out.insert(svc_id, spec.clone());
+                continue;
+            }
+            match self.map.get(&svc_id, 0) {
+                Ok(table) => {
+                    out.insert(
+                        svc_id,
+                        TableSpec::read_back(table.size(), table.fingerprint()),
+                    );
+                }
+                // Deleted between listing and reading.
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }
