@@ -15,7 +15,7 @@ use std::fmt;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -325,17 +325,39 @@ fn with_default_namespace<T: Metadata<Ty = ObjectMeta>>(mut object: T) -> T {
 }
 
 /// One manifest file's identity for change detection.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Eq)]
 struct FileStamp {
     name: OsString,
     len: u64,
     modified: Option<SystemTime>,
-    /// Catches edits that keep the size within the mtime granularity.
+    /// Hash of the content, only for a file modified within
+    /// [`RECENT`]: catches a second edit that keeps the size within the
+    /// mtime granularity. Older files are not read at all: hashing every
+    /// manifest on every poll cost a whole core at 30,000 Services.
     content: Option<u64>,
 }
 
+/// Files modified this recently have their content compared too.
+const RECENT: Duration = Duration::from_secs(2);
+
+impl PartialEq for FileStamp {
+    /// Content counts only where both sides have it, so a file ageing out
+    /// of [`RECENT`] is not a change.
+    fn eq(&self, other: &Self) -> bool {
+        let content_same = match (self.content, other.content) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        self.name == other.name
+            && self.len == other.len
+            && self.modified == other.modified
+            && content_same
+    }
+}
+
 /// Polling change detector for a manifest directory, cheap enough to call
-/// every second: one directory listing plus reading the (small) manifests.
+/// every poll: one directory listing and a stat per manifest, plus reading
+/// the ones modified in the last [`RECENT`].
 #[derive(Debug)]
 pub struct DirWatcher {
     dir: PathBuf,
@@ -370,11 +392,14 @@ fn fingerprint(dir: &Path) -> Result<Vec<FileStamp>, std::io::ErrorKind> {
         .into_iter()
         .map(|path| {
             let metadata = fs::metadata(&path).ok();
+            let modified = metadata.as_ref().and_then(|m| m.modified().ok());
+            // No mtime, or one in the future: read it to be safe.
+            let recent = modified.is_none_or(|m| !matches!(m.elapsed(), Ok(age) if age >= RECENT));
             FileStamp {
                 name: path.file_name().map(OsString::from).unwrap_or_default(),
                 len: metadata.as_ref().map_or(0, fs::Metadata::len),
-                modified: metadata.and_then(|m| m.modified().ok()),
-                content: fs::read(&path).ok().map(|bytes| {
+                modified,
+                content: recent.then(|| fs::read(&path).ok()).flatten().map(|bytes| {
                     let mut hasher = DefaultHasher::new();
                     bytes.hash(&mut hasher);
                     hasher.finish()
