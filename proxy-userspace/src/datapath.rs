@@ -620,9 +620,11 @@ impl Datapath {
                         self.live.tables.insert(*svc_id, spec.clone());
                     })
                 }
-                MapOp::DeleteTable(svc_id) => self.tables.delete(*svc_id).map(|()| {
-                    self.live.tables.remove(svc_id);
-                }),
+                MapOp::DeleteTable(svc_id) => {
+                    ignore_missing(self.tables.delete(*svc_id)).map(|()| {
+                        self.live.tables.remove(svc_id);
+                    })
+                }
                 MapOp::PutSourceRange(r) => {
                     self.source_ranges.insert(&range_key(r), 1, 0).map(|()| {
                         self.live.source_ranges.insert(*r);

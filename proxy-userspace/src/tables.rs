@@ -45,13 +45,7 @@ impl MaglevTables {
     }
 
     pub fn delete(&mut self, svc_id: u32) -> Result<(), MapError> {
-        match self.map.remove(&svc_id) {
-            Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
-            other => other,
-        }
+        self.map.remove(&svc_id)
     }
 
     /// Every table, as a spec that compares equal to the one it was built
