@@ -26,7 +26,7 @@
 /// maps beside the old one and switches the attached programs over, instead
 /// of reading old bytes with new types. A new map needs no bump (it is
 /// simply created beside the pinned ones).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Names of the maps as declared by the eBPF object and pinned under the
 /// agent's bpffs directory. Kernel map names are limited to 15 bytes.
@@ -68,6 +68,9 @@ pub mod program_names {
     /// node: NodePort, LoadBalancer and external IPs, replies of flows
     /// translated elsewhere).
     pub const TC_NODE_INGRESS: &str = "kep_tc_node";
+    /// XDP on the node's own interfaces: the fast path for established
+    /// external flows that leave where they came in.
+    pub const XDP_NODE: &str = "kep_xdp_node";
     /// cgroup socket hooks for the node's own processes.
     pub const SOCK_CONNECT4: &str = "kep_connect4";
     pub const SOCK_SENDMSG4: &str = "kep_sendmsg4";
@@ -631,8 +634,11 @@ pub mod stat {
     /// New external flows that needed masquerading but found no free
     /// source port (or no node address).
     pub const SNAT_FAILED: u32 = 10;
+    /// Packets translated and sent back out by XDP (`XDP_TX`), also counted
+    /// as forward or reply hits.
+    pub const XDP_TX: u32 = 11;
     /// Number of counters; the size of the stats array.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
     /// Names in index order, for the CLI and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flows",
@@ -646,6 +652,7 @@ pub mod stat {
         "sock_translated",
         "source_range_drops",
         "snat_failed",
+        "xdp_tx",
     ];
 }
 

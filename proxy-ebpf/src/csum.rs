@@ -1,6 +1,7 @@
 //! RFC 1071 Internet checksum over small fixed-size buffers (headers the
 //! datapath builds itself, where an incremental update has nothing to start
-//! from).
+//! from), and RFC 1624 incremental updates where no kernel helper does them
+//! (XDP).
 
 /// One's-complement partial sum of big-endian 16-bit words; buffers summed
 /// separately may be added as long as each has an even length.
@@ -26,4 +27,23 @@ pub fn finish(mut sum: u32) -> [u8; 2] {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     (!(sum as u16)).to_be_bytes()
+}
+
+/// RFC 1624 update of `check` for one 16-bit word going from `old` to
+/// `new`. Values are as stored in the packet: a one's-complement sum does
+/// not depend on byte order as long as it is the same throughout.
+#[inline(always)]
+pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
+    let sum = (!check) as u32 + (!old) as u32 + new as u32;
+    // Two folds suffice for a sum of three 16-bit values.
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// [`replace16`] for a 32-bit field (an address), as stored.
+#[inline(always)]
+pub fn replace32(check: u16, old: u32, new: u32) -> u16 {
+    let check = replace16(check, old as u16, new as u16);
+    replace16(check, (old >> 16) as u16, (new >> 16) as u16)
 }

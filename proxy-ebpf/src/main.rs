@@ -27,6 +27,7 @@ mod lb;
 mod maps;
 mod reject;
 mod sock;
+mod xdp;
 
 use aya_ebpf::{
     EbpfContext,
@@ -36,11 +37,11 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
     macros::classifier,
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    CT_FLAG_CLOSING, CT_FLAG_REDIRECT, CT_FLAG_REPLY, CT_FLAG_SNAT, CtKey, CtValue, maglev, proto,
-    stat,
+    CT_FLAG_CLOSING, CT_FLAG_REDIRECT, CT_FLAG_REPLY, CT_FLAG_SNAT, Config, CtKey, CtValue, maglev,
+    proto, stat,
 };
 
 use crate::maps::{BACKENDS, CONNTRACK, account, config, count};
@@ -48,6 +49,7 @@ use crate::maps::{BACKENDS, CONNTRACK, account, config, count};
 const ETH_HLEN: usize = 14;
 const AF_INET: u8 = 2;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const IP_TTL_OFF: usize = ETH_HLEN + 8;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
@@ -112,6 +114,7 @@ struct Flow {
     proto: u8,
     /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ...); 0 for UDP.
     tcp_flags: u8,
+    ttl: u8,
     l4_off: usize,
 }
 
@@ -134,31 +137,59 @@ impl Flow {
     }
 }
 
+/// The packet bounds both hooks give, so parsing is written once.
+trait Packet {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*const T, ()> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
+fn ptr_at<C: Packet, T>(ctx: &C, off: usize) -> Result<*mut T, ()> {
+    let start = ctx.start();
+    if start + off + core::mem::size_of::<T>() > ctx.end() {
         return Err(());
     }
-    Ok((start + off) as *const T)
+    Ok((start + off) as *mut T)
 }
 
 /// Parses Ethernet/IPv4/TCP|UDP. `Ok(None)` means "not ours, pass".
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Result<Option<Flow>, ()> {
-    let ether_type = unsafe { *ptr_at::<u16>(ctx, 12)? };
+fn parse<C: Packet>(ctx: &C) -> Result<Option<Flow>, ()> {
+    let ether_type = unsafe { *ptr_at::<_, u16>(ctx, 12)? };
     if ether_type != ETH_P_IP_BE {
         return Ok(None);
     }
-    let ip = ptr_at::<network_types::ip::Ipv4Hdr>(ctx, ETH_HLEN)?;
-    let (vihl, l4proto, frags, src, dst) = unsafe {
+    let ip = ptr_at::<_, network_types::ip::Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let (vihl, l4proto, frags, src, dst, ttl) = unsafe {
         (
             (*ip).vihl,
             (*ip).proto,
             (*ip).frags,
             (*ip).src_addr,
             (*ip).dst_addr,
+            (*ip).ttl,
         )
     };
     if l4proto != proto::TCP && l4proto != proto::UDP {
@@ -175,14 +206,14 @@ fn parse(ctx: &TcContext) -> Result<Option<Flow>, ()> {
     // Ports are the first four bytes of both TCP and UDP; the whole fixed
     // header (with the checksum) must be present before anything is
     // rewritten.
-    let ports = ptr_at::<[u16; 2]>(ctx, l4_off)?;
+    let ports = ptr_at::<_, [u16; 2]>(ctx, l4_off)?;
     let hdr_end = l4_off + if l4proto == proto::TCP { 20 } else { 8 };
-    if ctx.data() + hdr_end > ctx.data_end() {
+    if ctx.start() + hdr_end > ctx.end() {
         return Err(());
     }
     let [sport, dport] = unsafe { *ports };
     let tcp_flags = if l4proto == proto::TCP {
-        unsafe { *ptr_at::<u8>(ctx, l4_off + 13)? }
+        unsafe { *ptr_at::<_, u8>(ctx, l4_off + 13)? }
     } else {
         0
     };
@@ -193,6 +224,7 @@ fn parse(ctx: &TcContext) -> Result<Option<Flow>, ()> {
         dport,
         proto: l4proto,
         tcp_flags,
+        ttl,
         l4_off,
     }))
 }
@@ -203,35 +235,69 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
         return Ok(Verdict::Act(TC_ACT_OK));
     };
     let now = unsafe { bpf_ktime_get_ns() };
-
     let cfg = config();
-    if let Some(entry) = CONNTRACK.get_ptr_mut(flow.key()) {
-        let ct = unsafe { *entry };
-        let expired = match cfg {
-            Some(c) => ct.expired(&flow.key(), c, now),
-            None => false,
-        };
-        // A client opening a new connection on the tuple of one that is
-        // closing (ports are reused quickly) starts a new flow, balanced
-        // afresh, as netfilter does for a SYN in TIME_WAIT; otherwise it
-        // would keep an endpoint the Service may no longer have chosen.
-        let reopened =
-            ct.is_closing() && !ct.is_reply() && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        if expired || reopened {
-            // An idle flow is over: a new one on the same tuple is chosen
-            // anew, and a late reply is not translated.
-        } else {
-            if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !ct.is_closing() {
-                mark_closing(entry, &ct, &flow);
-            }
-            if let Some(verdict) = established(ctx, &flow, entry, &ct, now)? {
-                return Ok(Verdict::Act(verdict));
-            }
-            // The backend this flow used is gone: choose again below, as a
-            // new flow, instead of sending it to an address that no longer
-            // serves.
+    if let Some((entry, ct)) = live_entry(&flow, cfg, now) {
+        if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !ct.is_closing() {
+            mark_closing(entry, &ct, &flow);
         }
+        if let Some(verdict) = established(ctx, &flow, entry, &ct, now)? {
+            return Ok(Verdict::Act(verdict));
+        }
+        // The backend this flow used is gone: choose again below, as a new
+        // flow, instead of sending it to an address that no longer serves.
     }
+    match open_flow(&flow, origin, cfg, now) {
+        Opened::Flow(forward) => {
+            dnat(ctx, &flow, &forward)?;
+            account(forward.svc_id, forward.backend_id, ctx.len());
+            Ok(Verdict::Act(out(ctx, &forward)))
+        }
+        Opened::Pass => Ok(Verdict::Act(TC_ACT_OK)),
+        Opened::Drop => Ok(Verdict::Act(TC_ACT_SHOT)),
+        Opened::Reject => Ok(Verdict::Reject {
+            proto: flow.proto,
+            l4_off: flow.l4_off,
+        }),
+    }
+}
+
+/// The flow's conntrack entry while it stands. An idle flow is over: a new
+/// one on the same tuple is chosen anew, and a late reply is not
+/// translated. A client opening a new connection on the tuple of one that
+/// is closing (ports are reused quickly) also starts a new flow, balanced
+/// afresh, as netfilter does for a SYN in TIME_WAIT; otherwise it would keep
+/// an endpoint the Service may no longer have chosen.
+#[inline(always)]
+fn live_entry(flow: &Flow, cfg: Option<&Config>, now: u64) -> Option<(*mut CtValue, CtValue)> {
+    let entry = CONNTRACK.get_ptr_mut(flow.key())?;
+    let ct = unsafe { *entry };
+    let expired = match cfg {
+        Some(c) => ct.expired(&flow.key(), c, now),
+        None => false,
+    };
+    let reopened =
+        ct.is_closing() && !ct.is_reply() && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if expired || reopened {
+        None
+    } else {
+        Some((entry, ct))
+    }
+}
+
+/// What a packet without a live conntrack entry becomes.
+enum Opened {
+    /// A new flow: both conntrack entries are in; this is the forward one,
+    /// which the packet is to be translated with.
+    Flow(CtValue),
+    Pass,
+    Drop,
+    Reject,
+}
+
+/// Chooses the endpoint of a new flow and writes its conntrack entries:
+/// one decision, whichever hook (TC or XDP) sees the flow's first packet.
+#[inline(always)]
+fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) -> Opened {
     let hash = maglev::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     let (backend_id, backend, svc_id, masquerade, node_address) = match lb::choose(
         flow.daddr,
@@ -248,14 +314,9 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
             masquerade,
             node_address,
         } => (id, backend, svc_id, masquerade, node_address),
-        lb::Choice::Pass => return Ok(Verdict::Act(TC_ACT_OK)),
-        lb::Choice::Drop => return Ok(Verdict::Act(TC_ACT_SHOT)),
-        lb::Choice::Reject => {
-            return Ok(Verdict::Reject {
-                proto: flow.proto,
-                l4_off: flow.l4_off,
-            });
-        }
+        lb::Choice::Pass => return Opened::Pass,
+        lb::Choice::Drop => return Opened::Drop,
+        lb::Choice::Reject => return Opened::Reject,
     };
 
     // A pod that picked itself gets a source it does not own, so its reply
@@ -270,7 +331,7 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
     };
     if masquerade && snat_addr == 0 {
         count(stat::SNAT_FAILED);
-        return Ok(Verdict::Act(TC_ACT_SHOT));
+        return Opened::Drop;
     }
     let snat = snat_addr != 0;
     let mut flags = if snat { CT_FLAG_SNAT } else { 0 };
@@ -296,7 +357,7 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
             }
             if tries == SNAT_PORT_TRIES {
                 count(stat::SNAT_FAILED);
-                return Ok(Verdict::Act(TC_ACT_SHOT));
+                return Opened::Drop;
             }
             let port = SNAT_PORT_MIN + (hash >> (tries * 4)) % SNAT_PORT_SPAN;
             snat_port = (port as u16).to_be();
@@ -318,7 +379,7 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
     };
     if CONNTRACK.insert(reply_key, reply, 0).is_err() {
         count(stat::CT_INSERT_FAILED);
-        return Ok(Verdict::Act(TC_ACT_SHOT));
+        return Opened::Drop;
     }
     let forward = CtValue {
         nat_addr: backend.addr,
@@ -332,11 +393,10 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
         // Still translated: this packet is fine, a later one re-chooses.
         count(stat::CT_INSERT_FAILED);
     }
-    dnat(ctx, &flow, &forward)?;
     count(stat::NEW_FLOWS);
-    account(svc_id, backend_id, ctx.len());
-    Ok(Verdict::Act(out(ctx, &forward)))
+    Opened::Flow(forward)
 }
+
 
 /// A packet of a known flow: reverse-translate a reply, or translate
 /// forward to the flow's backend while it exists (`None` otherwise).
@@ -460,13 +520,18 @@ fn out(ctx: &TcContext, ct: &CtValue) -> i32 {
 /// source validation. Where the FIB cannot say, the stack gets the packet.
 #[inline(never)]
 fn fib_redirect(ctx: &TcContext) -> i32 {
-    let Ok(ip) = ptr_at::<network_types::ip::Ipv4Hdr>(ctx, ETH_HLEN) else {
+    let Ok(ip) = ptr_at::<_, network_types::ip::Ipv4Hdr>(ctx, ETH_HLEN) else {
         return TC_ACT_OK;
     };
+    let (ttl, l4proto) = unsafe { ((*ip).ttl, (*ip).proto) };
+    if ttl <= 1 {
+        // The stack sends the ICMP time-exceeded a router owes.
+        return TC_ACT_OK;
+    }
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     unsafe {
         params.family = AF_INET;
-        params.l4_protocol = (*ip).proto;
+        params.l4_protocol = l4proto;
         params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
         params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
         params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
@@ -480,17 +545,27 @@ fn fib_redirect(ctx: &TcContext) -> i32 {
             0,
         )
     };
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        if ctx.store(0, &params.dmac, 0).is_err() || ctx.store(6, &params.smac, 0).is_err() {
-            return TC_ACT_SHOT;
-        }
-        return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        return TC_ACT_OK;
+    }
+    // Forwarded past the stack, so the hop it would have counted is
+    // counted here.
+    let [old, new] = [ttl, ttl - 1].map(|t| u16::from_ne_bytes([t, l4proto]));
+    if ctx
+        .l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 2)
+        .is_err()
+        || ctx.store(IP_TTL_OFF, &(ttl - 1), 0).is_err()
+    {
+        return TC_ACT_SHOT;
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // The kernel resolves the neighbour and sends it on.
         return unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
     }
-    TC_ACT_OK
+    if ctx.store(0, &params.dmac, 0).is_err() || ctx.store(6, &params.smac, 0).is_err() {
+        return TC_ACT_SHOT;
+    }
+    unsafe { bpf_redirect(params.ifindex, 0) as i32 }
 }
 
 /// The one place REJECT is sent from, so the answer's buffers are on the

@@ -15,7 +15,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie},
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::FdLink,
+    },
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, Cidr, Config, CtKey, CtValue, LAYOUT_VERSION,
@@ -62,6 +65,62 @@ pub struct DatapathConfig {
     /// a Service); `None` leaves them untranslated, which breaks them.
     pub hairpin_addr: Option<Ipv4Addr>,
     pub timeouts: CtTimeouts,
+    /// How the XDP fast path is attached to node interfaces.
+    pub xdp: XdpSetting,
+}
+
+/// How `kep_xdp_node` is attached to a node interface (beside the TC
+/// program, which serves everything XDP passes on, so every choice is
+/// correct and only the speed differs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpSetting {
+    /// Native mode on interfaces with a device of their own (NICs), generic
+    /// mode on virtual ones (veth & co.); native falls back to generic.
+    Auto,
+    /// Native mode, falling back to generic.
+    Native,
+    Generic,
+    /// No XDP: the TC program alone.
+    Off,
+}
+
+impl std::str::FromStr for XdpSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(XdpSetting::Auto),
+            "native" => Ok(XdpSetting::Native),
+            "generic" => Ok(XdpSetting::Generic),
+            "off" => Ok(XdpSetting::Off),
+            other => Err(format!(
+                "unknown XDP mode {other:?} (auto, native, generic, off)"
+            )),
+        }
+    }
+}
+
+impl XdpSetting {
+    /// The modes to try on `iface`, in order, and why the first.
+    fn modes(self, iface: &str) -> (&'static [(XdpMode, &'static str)], String) {
+        const NATIVE: (XdpMode, &str) = (XdpMode::Driver, "native");
+        const GENERIC: (XdpMode, &str) = (XdpMode::Skb, "generic");
+        match self {
+            XdpSetting::Off => (&[], "--xdp-mode off".into()),
+            XdpSetting::Generic => (&[GENERIC], "--xdp-mode generic".into()),
+            XdpSetting::Native => (&[NATIVE, GENERIC], "--xdp-mode native".into()),
+            XdpSetting::Auto => match crate::interfaces::driver_info(iface) {
+                // A veth takes what native XDP sends back out (XDP_TX) only
+                // when the peer runs XDP too, which the agent can neither
+                // know nor arrange; generic mode sends through the peer's
+                // normal receive path.
+                Ok((driver, bus)) if bus.is_empty() => {
+                    (&[GENERIC], format!("virtual interface, driver {driver}"))
+                }
+                Ok((driver, bus)) => (&[NATIVE, GENERIC], format!("driver {driver} at {bus}")),
+                Err(e) => (&[NATIVE, GENERIC], format!("driver unknown: {e}")),
+            },
+        }
+    }
 }
 
 /// Idle timeouts of conntrack entries.
@@ -101,6 +160,7 @@ impl DatapathConfig {
             service_cidrs: vec![DEFAULT_SERVICE_CIDR],
             hairpin_addr: Some(DEFAULT_HAIRPIN_ADDR),
             timeouts: CtTimeouts::default(),
+            xdp: XdpSetting::Auto,
         }
     }
 
@@ -233,6 +293,11 @@ pub struct Datapath {
     attached: BTreeMap<String, (u32, Hook)>,
     config: Array<MapData, Config>,
     bpffs: PathBuf,
+    xdp: XdpSetting,
+}
+
+fn xdp_pin_name(iface: &str) -> String {
+    format!("xdp-{iface}")
 }
 
 /// Where this layout's maps are pinned under the agent's bpffs directory.
@@ -287,6 +352,18 @@ impl Datapath {
             program_names::TC_NODE_INGRESS,
         ] {
             let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Program {
+                    name,
+                    source: Box::new(aya::programs::ProgramError::NotLoaded),
+                })?
+                .try_into()
+                .map_err(|e| program_err(name, e))?;
+            prog.load().map_err(|e| program_err(name, e))?;
+        }
+        {
+            let name = program_names::XDP_NODE;
+            let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::Program {
                     name,
@@ -353,6 +430,7 @@ impl Datapath {
             attached: BTreeMap::new(),
             config,
             bpffs: cfg.bpffs.clone(),
+            xdp: cfg.xdp,
         };
         dp.live = dp.read_contents()?;
         Ok(dp)
@@ -411,8 +489,62 @@ impl Datapath {
             let link = prog.take_link(id).map_err(|e| err(Box::new(e)))?;
             pin_link(link, &pin).map_err(err)?;
         }
+        if hook == Hook::Node {
+            self.attach_xdp(iface);
+        }
         self.attached.insert(iface.to_string(), (ifindex, hook));
         Ok(())
+    }
+
+    /// The XDP fast path on a node interface, in the first mode of
+    /// [`XdpSetting::modes`] the kernel accepts; a fallback or a failure is
+    /// a warning, never fatal: the TC program, attached first, serves the
+    /// interface alone.
+    fn attach_xdp(&mut self, iface: &str) {
+        let pin = links_dir(&self.bpffs).join(xdp_pin_name(iface));
+        let (modes, why) = self.xdp.modes(iface);
+        if modes.is_empty() {
+            // An earlier agent's fast path goes with the setting.
+            if std::fs::remove_file(&pin).is_ok() {
+                tracing::info!(iface, "XDP fast path detached ({why})");
+            }
+            return;
+        }
+        let prog = self.xdp_program();
+        if let Ok(fd) = prog.fd()
+            && adopt_link(&pin, fd.as_fd())
+        {
+            return;
+        }
+        let mut failures = Vec::new();
+        for &(mode, name) in modes {
+            let attached = prog
+                .attach(iface, mode)
+                .map_err(|e| e.to_string())
+                .and_then(|id| prog.take_link(id).map_err(|e| e.to_string()))
+                .and_then(|link| pin_link(link, &pin).map_err(|e| e.to_string()));
+            match attached {
+                Ok(()) if failures.is_empty() => {
+                    tracing::info!(iface, mode = name, "XDP fast path attached ({why})");
+                    return;
+                }
+                Ok(()) => {
+                    tracing::warn!(iface, mode = name, refused = %failures.join("; "), "XDP fast path attached in a fallback mode");
+                    return;
+                }
+                Err(e) => failures.push(format!("{name}: {e}")),
+            }
+        }
+        tracing::warn!(iface, errors = %failures.join("; "), "no XDP fast path: the TC program serves this interface alone");
+    }
+
+    /// The node interfaces' XDP program, for attaching elsewhere or
+    /// `test_run`.
+    pub fn xdp_program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(program_names::XDP_NODE)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in Datapath::load")
     }
 
     /// Attaches the socket hooks to the cgroup v2 directory `path`: every
@@ -494,6 +626,10 @@ impl Datapath {
             .collect();
         for (iface, hook) in &gone {
             self.attached.remove(iface);
+            if *hook == Hook::Node {
+                // Its XDP link died with the interface too.
+                let _ = std::fs::remove_file(links_dir(&self.bpffs).join(xdp_pin_name(iface)));
+            }
             let pin = links_dir(&self.bpffs).join(hook.pin_name(iface));
             if let Err(e) = std::fs::remove_file(&pin)
                 && e.kind() != io::ErrorKind::NotFound

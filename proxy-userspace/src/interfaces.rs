@@ -95,6 +95,69 @@ pub fn ipv4_addresses() -> io::Result<Vec<(String, std::net::Ipv4Addr)>> {
     Ok(out)
 }
 
+/// An interface's driver name and bus address, from `ETHTOOL_GDRVINFO` on a
+/// socket of the calling thread's network namespace (sysfs would show the
+/// namespace it was mounted in, which need not be this one). Software
+/// devices (veth, bridge, tunnels) have no bus address.
+pub fn driver_info(iface: &str) -> io::Result<(String, String)> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    if iface.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    // SAFETY: all-zero is valid for these plain C structs.
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut info,
+        _pad: [0; 16],
+    };
+    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: a datagram socket only to carry the ioctl; closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `req` points at `info`, both live for the call.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
+    let err = io::Error::last_os_error();
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(err);
+    }
+    let text = |b: &[u8]| {
+        CStr::from_bytes_until_nul(b)
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    Ok((text(&info.driver), text(&info.bus_info)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

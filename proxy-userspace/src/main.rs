@@ -89,6 +89,11 @@ struct RunArgs {
     /// separated); unset: on every node address.
     #[arg(long, env = "KEP_NODEPORT_ADDRESSES", default_value = "", value_parser = parse_cidr_list)]
     nodeport_addresses: CidrList,
+    /// XDP fast path on the node interfaces: `auto` (native on NICs,
+    /// generic on virtual interfaces such as veth), `native` (falls back to
+    /// generic with a warning), `generic` or `off` (TC only).
+    #[arg(long, env = "KEP_XDP_MODE", default_value = "auto", value_parser = ["auto", "native", "generic", "off"])]
+    xdp_mode: String,
     /// Directory on bpffs where maps are pinned; bpffs is mounted on its
     /// parent if it is not mounted yet.
     #[arg(long, env = "KEP_BPFFS", default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
@@ -193,6 +198,10 @@ fn main() -> anyhow::Result<()> {
                         tcp_closing: args.conntrack_tcp_timeout_closing,
                         udp: args.conntrack_udp_timeout,
                     },
+                    xdp: args
+                        .xdp_mode
+                        .parse()
+                        .map_err(|e: String| anyhow::anyhow!(e))?,
                 },
                 lb_algorithm: match args.lb_algorithm.as_str() {
                     "random" => LbAlgorithm::Random,

@@ -36,6 +36,7 @@ use anyhow::{Context, Result, bail};
 use crate::agent::{self, Agent};
 use crate::netns::Netns;
 use crate::servers::{self, Servers, StatsSnapshot};
+use crate::xdp_pass;
 use crate::yaml::NodeEndpoint;
 use crate::{Pod, TempDir};
 
@@ -236,6 +237,8 @@ pub struct Cluster {
     /// Server name → index into `servers`' stats.
     server_index: Vec<(String, usize)>,
     nodes: Vec<Node>,
+    /// Declared before the namespaces: detached before they go.
+    _fabric_xdp: Vec<xdp_pass::XdpPass>,
     ext: Netns,
     fabric: Netns,
     dir: TempDir,
@@ -285,8 +288,10 @@ impl Cluster {
         attach_to_fabric(&fabric, "veth-x", &ext, addr::EXT_IP)?;
 
         let mut nodes = Vec::with_capacity(addr::NODES);
+        let mut fabric_xdp = Vec::with_capacity(addr::NODES);
         for k in 0..addr::NODES {
             nodes.push(make_node(&fabric, &id, k, &config)?);
+            fabric_xdp.push(xdp_pass::attach(&fabric, &format!("veth-n{k}"))?);
         }
 
         let mut servers = Servers::new();
@@ -302,6 +307,7 @@ impl Cluster {
             servers,
             server_index,
             nodes,
+            _fabric_xdp: fabric_xdp,
             ext,
             fabric,
             dir,
@@ -567,6 +573,10 @@ fn attach_to_fabric(fabric: &Netns, fabric_if: &str, ns: &Netns, ip: Ipv4Addr) -
         "dev",
         "eth0",
     ])?;
+    // A wire carries finished checksums. Without this, veth hands partial
+    // ones (CHECKSUM_PARTIAL skbs) across the fabric, which native XDP on
+    // the receiving node cannot see nor keep.
+    ns.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
     Ok(())
 }

@@ -25,6 +25,7 @@ pub mod fake_apiserver;
 pub mod loadgen;
 pub mod netns;
 pub mod servers;
+pub mod xdp_pass;
 pub mod yaml;
 
 use std::net::{Ipv4Addr, SocketAddrV4};

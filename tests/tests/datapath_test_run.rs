@@ -12,11 +12,12 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use proxy_common::{
-    Backend, CtKey, SVC_FLAG_DROP, SVC_FLAG_MAGLEV, SVC_FLAG_REJECT, ServiceKey, ServiceValue,
-    maglev::flow_hash, proto, stat,
+    Backend, CtKey, SVC_FLAG_DROP, SVC_FLAG_EXTERNAL_SCOPE, SVC_FLAG_MAGLEV, SVC_FLAG_MASQUERADE,
+    SVC_FLAG_NODE_ADDRESS, SVC_FLAG_REJECT, ServiceKey, ServiceValue, maglev::flow_hash, proto,
+    scope, stat,
 };
 use proxy_userspace::{
-    datapath::{CtTimeouts, Datapath, DatapathConfig, maps_dir, unpin_all},
+    datapath::{CtTimeouts, Datapath, DatapathConfig, Hook, maps_dir, unpin_all},
     diff::MapOp,
     encode::{addr_to_map, port_to_map},
     maglev::{TableBackend, TableSpec},
@@ -152,19 +153,87 @@ impl Fixture {
     }
 
     fn run(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.run_hook(Hook::Pod, packet)
+    }
+
+    fn run_hook(&mut self, hook: Hook, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.run_hook_on(hook, packet, 0)
+    }
+
+    /// The TC program of `hook` on `packet` as if it arrived on interface
+    /// `ifindex` of the calling thread's network namespace (0: none).
+    fn run_hook_on(&mut self, hook: Hook, packet: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; 4096];
+        // struct __sk_buff up to `ifindex`; `ingress_ifindex` is at 36.
+        let mut ctx = [0u8; 44];
+        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let opts = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
+            ctx_in: (ifindex != 0).then_some(&ctx[..]),
             ..TestRunOptions::new()
         };
         let res = self
             .dp
-            .classifier()
+            .hook_program(hook)
             .test_run(opts)
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed for {packet:02x?}: {e:?}"));
         out.truncate(res.data_size_out as usize);
         (res.return_value, out)
+    }
+
+    /// The XDP program on `packet` as if it arrived on interface `ifindex`
+    /// of the calling thread's network namespace (its FIB decides).
+    fn run_xdp(&mut self, packet: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex.
+        let md: [u32; 6] = [0, packet.len() as u32, 0, ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut out = vec![0u8; 4096];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        };
+        let res =
+            self.dp.xdp_program().test_run(opts).unwrap_or_else(|e| {
+                panic!("XDP BPF_PROG_TEST_RUN failed for {packet:02x?}: {e:?}")
+            });
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    /// A NodePort `node:port` (TCP and UDP, externalTrafficPolicy Cluster:
+    /// masqueraded) whose one endpoint is backend `i`.
+    fn add_nodeport(&mut self, node: Ipv4Addr, port: u16, i: usize, svc_id: u32) {
+        let mut ops = Vec::new();
+        for (j, p) in [proto::TCP, proto::UDP].into_iter().enumerate() {
+            let key = ServiceKey::new(addr_to_map(node), port_to_map(port), p, 0);
+            let ext = key.with_scope(scope::EXTERNAL);
+            let backend = (i * 2 + j + 1) as u32;
+            let id = svc_id + 2 * j as u32;
+            ops.push(MapOp::PutService(
+                key.with_slot(1),
+                ServiceValue::slot(backend),
+            ));
+            ops.push(MapOp::PutService(
+                ext.with_slot(1),
+                ServiceValue::slot(backend),
+            ));
+            ops.push(MapOp::PutService(
+                ext,
+                ServiceValue::service(id + 1, 1, SVC_FLAG_MASQUERADE | SVC_FLAG_NODE_ADDRESS),
+            ));
+            ops.push(MapOp::PutService(
+                key,
+                ServiceValue::service(id, 1, SVC_FLAG_EXTERNAL_SCOPE | SVC_FLAG_NODE_ADDRESS),
+            ));
+        }
+        let failed = self.dp.apply(&ops);
+        assert!(failed.is_empty(), "map writes failed: {failed:?}");
+        self.dp.set_node_addr(Some(node)).unwrap();
     }
 }
 
@@ -1187,4 +1256,228 @@ fn fuzz_every_output_is_unchanged_or_a_correct_translation() {
     // The generator must really exercise the translation paths.
     assert!(translated > iterations / 10, "only {translated} translated");
     assert!(rejected > iterations / 50, "only {rejected} rejected");
+}
+
+// ---- XDP on node interfaces ------------------------------------------------------------------
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 11);
+const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
+const EXT_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
+const OTHER_NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x10];
+const EXT_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x64];
+/// Served by backend 0, which is behind the other node.
+const NODEPORT_REMOTE: u16 = 30080;
+/// Served by backend 1, which is on this node.
+const NODEPORT_LOCAL: u16 = 30081;
+
+/// A network namespace shaped like a node for the XDP program's FIB
+/// lookups: `eth0` on the fabric (the other node and the external client as
+/// permanent neighbours, backend 0's subnet behind the other node) and a
+/// pod veth leading to backend 1.
+struct NodeNs {
+    ns: lab::Netns,
+    eth0: u32,
+    eth0_mac: [u8; 6],
+}
+
+impl NodeNs {
+    fn new() -> NodeNs {
+        let ns = lab::Netns::create(&format!("kep-xdptr-{}-{}", std::process::id(), {
+            static N: AtomicU32 = AtomicU32::new(0);
+            N.fetch_add(1, Ordering::Relaxed)
+        }))
+        .expect("creating a network namespace (needs root)");
+        // The FIB answers forwarding lookups only where forwarding is on.
+        ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+        let ip = |args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
+        ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "fabric0",
+        ]);
+        ip(&[
+            "link", "add", "veth-p1", "type", "veth", "peer", "name", "pod1",
+        ]);
+        for dev in ["eth0", "fabric0", "veth-p1", "pod1"] {
+            ip(&["link", "set", dev, "up"]);
+        }
+        ip(&["addr", "add", &format!("{NODE}/24"), "dev", "eth0"]);
+        ip(&["addr", "add", "10.244.11.1/24", "dev", "veth-p1"]);
+        let mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        for (who, m, dev) in [
+            (OTHER_NODE, OTHER_NODE_MAC, "eth0"),
+            (EXT_CLIENT, EXT_CLIENT_MAC, "eth0"),
+            (BACKENDS[1], [0x02, 0, 0, 0, 0x11, 0x02], "veth-p1"),
+        ] {
+            ip(&[
+                "neigh",
+                "replace",
+                &who.to_string(),
+                "lladdr",
+                &mac(m),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        ip(&[
+            "route",
+            "add",
+            "10.244.10.0/24",
+            "via",
+            &OTHER_NODE.to_string(),
+            "dev",
+            "eth0",
+        ]);
+        // sysfs would show the mounter's namespace, not this one.
+        let eth0 = ns.run(|| unsafe { libc::if_nametoindex(c"eth0".as_ptr()) });
+        assert_ne!(eth0, 0, "eth0 has an index");
+        let link = ip(&["-o", "link", "show", "eth0"]);
+        let text = link
+            .split("link/ether ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no MAC address in {link:?}"));
+        let mut eth0_mac = [0u8; 6];
+        for (b, part) in eth0_mac.iter_mut().zip(text.split(':')) {
+            *b = u8::from_str_radix(part, 16).unwrap();
+        }
+        NodeNs { ns, eth0, eth0_mac }
+    }
+}
+
+fn ttl(p: &[u8]) -> u8 {
+    p[ETH + 8]
+}
+
+#[test]
+fn xdp_sends_a_nodeport_flow_to_another_node_back_out_translated() {
+    let mut fx = Fixture::new();
+    fx.add_nodeport(NODE, NODEPORT_REMOTE, 0, 100);
+    let node = NodeNs::new();
+    for (l4, make) in [
+        (
+            proto::TCP,
+            (|s, d, sp, dp| tcp(s, d, sp, dp, SYN)) as fn(Ipv4Addr, Ipv4Addr, u16, u16) -> Vec<u8>,
+        ),
+        (proto::UDP, udp),
+    ] {
+        let client_port = 40000 + l4 as u16;
+        let input = make(EXT_CLIENT, NODE, client_port, NODEPORT_REMOTE);
+        let (ret, out) = node.ns.run(|| fx.run_xdp(&input, node.eth0));
+        assert_eq!(
+            ret, XDP_TX,
+            "proto {l4}: new flow to another node's endpoint goes back out"
+        );
+        assert_eq!(out[0..6], OTHER_NODE_MAC, "next hop: the other node");
+        assert_eq!(out[6..12], node.eth0_mac, "from this node's interface");
+        assert_eq!(
+            (ip_src(&out), sport(&out)),
+            (NODE, client_port),
+            "masqueraded, port kept"
+        );
+        assert_eq!((ip_dst(&out), dport(&out)), (BACKENDS[0], BACKEND_PORT));
+        assert_eq!(
+            ttl(&out),
+            ttl(&input) - 1,
+            "a forwarded packet loses one TTL"
+        );
+        assert_checksums(&out);
+        assert_eq!(out.len(), input.len());
+
+        // The endpoint's answer, back through this node.
+        let reply = make(BACKENDS[0], NODE, BACKEND_PORT, client_port);
+        let (ret, rout) = node.ns.run(|| fx.run_xdp(&reply, node.eth0));
+        assert_eq!(ret, XDP_TX, "proto {l4}: reply goes back out");
+        assert_eq!(rout[0..6], EXT_CLIENT_MAC);
+        assert_eq!((ip_src(&rout), sport(&rout)), (NODE, NODEPORT_REMOTE));
+        assert_eq!((ip_dst(&rout), dport(&rout)), (EXT_CLIENT, client_port));
+        assert_eq!(ttl(&rout), ttl(&reply) - 1);
+        assert_checksums(&rout);
+    }
+    // The TC program finds the same entries: the closing FIN, passed on by
+    // XDP, is translated there identically.
+    let fin = tcp(EXT_CLIENT, NODE, 40006, NODEPORT_REMOTE, 0x01 | ACK);
+    let (ret, out) = node.ns.run(|| fx.run_xdp(&fin, node.eth0));
+    assert_eq!((ret, &out), (XDP_PASS, &fin), "FIN is the TC program's");
+    let (_, tc_out) = node.ns.run(|| fx.run_hook_on(Hook::Node, &fin, node.eth0));
+    assert_eq!((ip_src(&tc_out), ip_dst(&tc_out)), (NODE, BACKENDS[0]));
+    assert_checksums(&tc_out);
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::XDP_TX as usize], 4);
+    assert_eq!(stats[stat::NEW_FLOWS as usize], 2);
+    assert_eq!(stats[stat::REPLY_HITS as usize], 2);
+}
+
+#[test]
+fn xdp_leaves_local_endpoints_to_tc_with_the_flow_already_chosen() {
+    let mut fx = Fixture::new();
+    fx.add_nodeport(NODE, NODEPORT_LOCAL, 1, 200);
+    let node = NodeNs::new();
+    let syn = tcp(EXT_CLIENT, NODE, 41000, NODEPORT_LOCAL, SYN);
+    let (ret, out) = node.ns.run(|| fx.run_xdp(&syn, node.eth0));
+    assert_eq!(
+        (ret, &out),
+        (XDP_PASS, &syn),
+        "a local endpoint's veth is TC's"
+    );
+    let forward = CtKey::new(
+        addr_to_map(EXT_CLIENT),
+        addr_to_map(NODE),
+        port_to_map(41000),
+        port_to_map(NODEPORT_LOCAL),
+        proto::TCP,
+    );
+    let entries = ct_entries(&fx);
+    let (_, ct) = entries
+        .iter()
+        .find(|(k, _)| *k == forward)
+        .expect("XDP opened the flow");
+    assert_eq!(ct.nat_addr, addr_to_map(BACKENDS[1]));
+    let (ret, out) = node.ns.run(|| fx.run_hook_on(Hook::Node, &syn, node.eth0));
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    assert_eq!((ip_src(&out), ip_dst(&out)), (NODE, BACKENDS[1]));
+    assert_eq!(
+        ttl(&out),
+        ttl(&syn) - 1,
+        "redirected past the stack, TTL counted"
+    );
+    assert_checksums(&out);
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::NEW_FLOWS as usize], 1, "one choice, made once");
+    assert_eq!(stats[stat::FORWARD_HITS as usize], 1);
+    assert_eq!(stats[stat::XDP_TX as usize], 0);
+}
+
+#[test]
+fn xdp_drops_and_passes_what_it_must() {
+    let mut fx = Fixture::new();
+    fx.add_nodeport(NODE, NODEPORT_REMOTE, 0, 100);
+    let node = NodeNs::new();
+    // A frontend with DROP (no local endpoint for policy Local, say).
+    let (ret, _) = node
+        .ns
+        .run(|| fx.run_xdp(&tcp(EXT_CLIENT, VIP_DROP, 42000, SVC_PORT, SYN), node.eth0));
+    assert_eq!(ret, XDP_DROP);
+    // REJECT needs the TC program's ICMP answer; other traffic is not ours.
+    for p in [
+        tcp(EXT_CLIENT, VIP_EMPTY, 42001, SVC_PORT, SYN),
+        tcp(EXT_CLIENT, NODE, 42002, 22, SYN),
+        udp(EXT_CLIENT, OTHER_NODE, 42003, 53),
+    ] {
+        let (ret, out) = node.ns.run(|| fx.run_xdp(&p, node.eth0));
+        assert_eq!((ret, &out), (XDP_PASS, &p));
+    }
+    // TTL 1: the stack owes the sender a time-exceeded.
+    let mut last_hop = tcp(EXT_CLIENT, NODE, 42004, NODEPORT_REMOTE, SYN);
+    last_hop[ETH + 8] = 1;
+    let (ret, _) = node.ns.run(|| fx.run_xdp(&last_hop, node.eth0));
+    assert_eq!(ret, XDP_PASS);
 }

@@ -42,8 +42,9 @@ enum Task {
     },
 }
 
-const DEBIAN_PACKAGES: [&str; 7] = [
+const DEBIAN_PACKAGES: [&str; 8] = [
     "bpftool",
+    "ethtool",
     "iproute2",
     "iptables",
     "nftables",

@@ -1,0 +1,177 @@
+//! The XDP fast path on node interfaces, end to end on the two-node
+//! cluster lab: an external client reaches a NodePort on the node without
+//! endpoints, so every packet of its flows goes in and back out of that
+//! node's `eth0` (requests to the other node, replies to the client) — the
+//! traffic `kep_xdp_node` sends with `XDP_TX`. Native mode (the fabric runs
+//! a pass program on its side of each node link, as a switch port would
+//! take anything), generic mode (what `auto` picks on veth), and `off`.
+//!
+//! Needs root and the agent binary; fails loudly without them.
+
+use std::ffi::OsString;
+use std::net::SocketAddrV4;
+use std::time::Duration;
+
+use lab::cluster::{Cluster, addr, backend_name, tcp_whoami, udp_whoami};
+use lab::{Agent, yaml};
+use proxy_common::stat;
+use proxy_userspace::inspect::Pinned;
+
+const NODE_PORT: u16 = 30080;
+const NODE_PORT_UDP: u16 = 30053;
+const REQUESTS: usize = 40;
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A NodePort Service (externalTrafficPolicy Cluster) whose endpoints are
+/// both backends of node 0.
+fn web(cluster: &Cluster) -> String {
+    let svc = format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.80
+  ports:
+  - name: http
+    port: 80
+    protocol: TCP
+    targetPort: 8080
+    nodePort: {NODE_PORT}
+  - name: dns
+    port: 53
+    protocol: UDP
+    targetPort: 5353
+    nodePort: {NODE_PORT_UDP}
+"
+    );
+    let slice = yaml::endpoint_slice_on_nodes(
+        "web-1",
+        "web",
+        &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+        &cluster.endpoints(&[(0, 0), (0, 1)]),
+    );
+    format!("{svc}---\n{slice}")
+}
+
+fn start<'c>(cluster: &'c Cluster, xdp_mode: &str) -> [Agent<'c>; 2] {
+    cluster.write_manifest("web.yaml", &web(cluster)).unwrap();
+    let args: Vec<OsString> = vec![
+        "--node-interfaces".into(),
+        "eth0".into(),
+        "--xdp-mode".into(),
+        xdp_mode.into(),
+    ];
+    cluster
+        .start_agents([&args, &args])
+        .expect("both agents program their datapath")
+}
+
+fn counter(agent: &Agent<'_>, index: u32) -> u64 {
+    Pinned::read(agent.bpffs_dir())
+        .expect("reading the agent's pinned maps")
+        .stats[index as usize]
+}
+
+/// `REQUESTS` TCP connections and UDP requests from the external client to
+/// node 1's NodePorts: every one answered by a node-0 backend that saw node
+/// 1's address (masquerade), every reply from node 1's NodePort.
+fn drive(cluster: &Cluster, agents: &[Agent<'_>; 2]) {
+    let node1 = addr::node_ip(1);
+    for i in 0..REQUESTS {
+        for (kind, result) in [
+            (
+                "TCP",
+                tcp_whoami(cluster.ext(), SocketAddrV4::new(node1, NODE_PORT), TIMEOUT),
+            ),
+            (
+                "UDP",
+                udp_whoami(
+                    cluster.ext(),
+                    SocketAddrV4::new(node1, NODE_PORT_UDP),
+                    TIMEOUT,
+                ),
+            ),
+        ] {
+            let who = result.unwrap_or_else(|e| {
+                panic!(
+                    "{kind} request {i} to {node1} failed: {e}\nnode-1 agent:\n{}",
+                    agents[1].log_tail(20)
+                )
+            });
+            assert!(
+                [backend_name(0, 0), backend_name(0, 1)].contains(&who.backend),
+                "{kind}: answered by {who:?}, not a node-0 endpoint"
+            );
+            assert_eq!(
+                who.seen_from.ip(),
+                node1,
+                "{kind}: the endpoint sees node 1's address (masquerade)"
+            );
+            assert_eq!(
+                who.reply_from.ip(),
+                node1,
+                "{kind}: reply from the NodePort"
+            );
+        }
+    }
+}
+
+#[test]
+fn native_xdp_sends_nodeport_traffic_back_out_of_the_node() {
+    let cluster = Cluster::new().unwrap();
+    let agents = start(&cluster, "native");
+    assert!(
+        agents[1].log_contains("XDP fast path attached") && agents[1].log_contains("native"),
+        "native XDP attached on node 1's eth0:\n{}",
+        agents[1].log_tail(20)
+    );
+    drive(&cluster, &agents);
+    // Every TCP connection has at least SYN, ACK and a request one way and
+    // SYN-ACK and an answer the other; every UDP request one packet each
+    // way. FIN/RST are left to TC.
+    let tx = counter(&agents[1], stat::XDP_TX);
+    assert!(
+        tx >= (REQUESTS * (5 + 2)) as u64,
+        "only {tx} packets went out by XDP_TX for {REQUESTS} TCP + {REQUESTS} UDP exchanges"
+    );
+}
+
+#[test]
+fn auto_mode_uses_generic_xdp_on_veth_and_off_leaves_tc_alone() {
+    let cluster = Cluster::new().unwrap();
+    {
+        let agents = start(&cluster, "auto");
+        assert!(
+            agents[1].log_contains("XDP fast path attached")
+                && agents[1].log_contains("generic")
+                && agents[1].log_contains("virtual interface"),
+            "auto picks generic XDP on a veth:\n{}",
+            agents[1].log_tail(20)
+        );
+        drive(&cluster, &agents);
+        let tx = counter(&agents[1], stat::XDP_TX);
+        assert!(tx >= (REQUESTS * 7) as u64, "generic XDP sent only {tx}");
+        // As a DaemonSet pod replaced by one with another setting: the
+        // pinned links outlive it.
+        for a in agents {
+            a.kill_keeping_pins();
+        }
+    }
+    // `off` removes the fast path the agent before it left.
+    let agents = start(&cluster, "off");
+    assert!(
+        agents[1].log_contains("XDP fast path detached"),
+        "the earlier agent's XDP link is removed:\n{}",
+        agents[1].log_tail(20)
+    );
+    let before = counter(&agents[1], stat::XDP_TX);
+    drive(&cluster, &agents);
+    assert_eq!(
+        counter(&agents[1], stat::XDP_TX),
+        before,
+        "no XDP_TX with --xdp-mode off"
+    );
+}
