@@ -16,7 +16,9 @@ use proxy_common::{
 };
 
 use crate::maglev::{TableBackend, TableSpec};
-use crate::model::{DesiredState, EmptyAction, Endpoint, Frontend, FrontendKind, Protocol};
+use crate::model::{
+    DesiredState, EmptyAction, Endpoint, ExternalTraffic, Frontend, FrontendKind, Protocol,
+};
 
 /// Map form of an IPv4 address: the `u32` whose in-memory bytes are the
 /// address's wire bytes, which is what the datapath compares against packets.
@@ -46,16 +48,34 @@ pub struct MapContents {
     pub backends: BTreeMap<u32, Backend>,
     /// Maglev tables by svc id.
     pub tables: BTreeMap<u32, TableSpec>,
-    /// loadBalancerSourceRanges of external entries.
+    /// loadBalancerSourceRanges of load-balancer frontends (both entries).
     pub source_ranges: BTreeSet<RangeEntry>,
 }
 
-/// One allowed client prefix of one frontend (svc id of its external entry).
+/// One allowed client prefix of one services-map entry (by its svc id).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RangeEntry {
     pub svc_id: u32,
     pub addr: Ipv4Addr,
     pub prefix_len: u8,
+}
+
+/// The range entries of one services-map entry.
+fn source_ranges(svc_id: u32, external: &ExternalTraffic) -> impl Iterator<Item = RangeEntry> + '_ {
+    let ranges = external.source_ranges.iter().map(move |cidr| RangeEntry {
+        svc_id,
+        addr: cidr.addr,
+        prefix_len: cidr.prefix_len,
+    });
+    // Socket-level translation of the node's own processes asks with
+    // client 0.0.0.0 (a socket has no source yet): the node is let in
+    // exactly when this entry exists.
+    let node = external.allow_node.then_some(RangeEntry {
+        svc_id,
+        addr: Ipv4Addr::UNSPECIFIED,
+        prefix_len: 32,
+    });
+    ranges.chain(node)
 }
 
 /// How new flows pick among a frontend's endpoints.
@@ -272,13 +292,15 @@ impl Encoder {
                         ext.flags |= SVC_FLAG_MASQUERADE;
                     }
                     if !external.source_ranges.is_empty() {
-                        ext.flags |= SVC_FLAG_SOURCE_RANGES;
-                        for cidr in &external.source_ranges {
-                            round.out.source_ranges.insert(RangeEntry {
-                                svc_id: ext.svc_id,
-                                addr: cidr.addr,
-                                prefix_len: cidr.prefix_len,
-                            });
+                        // They guard pods too (kube-proxy applies them in
+                        // its service chain, whoever the client): both
+                        // entries check the same list under their own id.
+                        for value in [&mut ext, &mut entry] {
+                            value.flags |= SVC_FLAG_SOURCE_RANGES;
+                            round
+                                .out
+                                .source_ranges
+                                .extend(source_ranges(value.svc_id, external));
                         }
                     }
                     if state.kind == FrontendKind::NodePort {
@@ -770,5 +792,55 @@ mod tests {
         assert_eq!(ids.get_or_alloc(&2), None);
         ids.retain(&BTreeSet::new());
         assert_eq!(ids.get_or_alloc(&2), Some(u32::MAX));
+    }
+
+    #[test]
+    fn source_ranges_guard_both_entries_and_let_the_node_in_only_when_allowed() {
+        let lb = frontend("192.168.60.10", 80);
+        let cidr = |text: &str| text.parse::<crate::model::Ipv4Cidr>().unwrap();
+        let with = |allow_node: bool| {
+            let mut st = state(&[("10.0.0.1", 8080)]);
+            st.kind = FrontendKind::LoadBalancer;
+            st.external = Some(ExternalTraffic {
+                endpoints: st.endpoints.clone(),
+                empty_action: EmptyAction::Reject,
+                masquerade: true,
+                source_ranges: vec![cidr("10.1.0.0/16")],
+                allow_node,
+            });
+            desired(&[(lb, st)])
+        };
+        let out = Encoder::new().encode(&with(false));
+        let all = out.services[&key(lb, 0)];
+        let ext = out.services[&key(lb, 0).with_scope(scope::EXTERNAL)];
+        for value in [all, ext] {
+            assert!(value.checks_source_ranges(), "{value:?}");
+        }
+        let entries = |id: u32| -> Vec<(Ipv4Addr, u8)> {
+            out.source_ranges
+                .iter()
+                .filter(|r| r.svc_id == id)
+                .map(|r| (r.addr, r.prefix_len))
+                .collect()
+        };
+        let range = ("10.1.0.0".parse().unwrap(), 16);
+        assert_eq!(entries(all.svc_id), [range]);
+        assert_eq!(entries(ext.svc_id), [range]);
+        assert_eq!(out.source_ranges.len(), 2);
+
+        let out = Encoder::new().encode(&with(true));
+        let node = (Ipv4Addr::UNSPECIFIED, 32);
+        for value in [
+            out.services[&key(lb, 0)],
+            out.services[&key(lb, 0).with_scope(scope::EXTERNAL)],
+        ] {
+            let got: Vec<_> = out
+                .source_ranges
+                .iter()
+                .filter(|r| r.svc_id == value.svc_id)
+                .map(|r| (r.addr, r.prefix_len))
+                .collect();
+            assert_eq!(got, [node, range], "the node's sockets ask as 0.0.0.0");
+        }
     }
 }

@@ -246,9 +246,15 @@ pub struct ExternalTraffic {
     /// endpoint may be on another node. `Local`: the client IP is kept.
     pub masquerade: bool,
     /// `loadBalancerSourceRanges` (IPv4 ones), on load-balancer frontends
-    /// only: NodePorts and external IPs bypass them, as kube-proxy's. Empty
-    /// allows everyone. Sorted and deduplicated.
+    /// only: NodePorts and external IPs bypass them, as kube-proxy's. They
+    /// guard every client of the frontend, pods included. When one contains
+    /// a node address, the Service's LB IPs are added (a node reaching its
+    /// own LB IP may come back with that as source), as kube-proxy does.
+    /// Empty allows everyone. Sorted and deduplicated.
     pub source_ranges: Vec<Ipv4Cidr>,
+    /// A range contains a node address: the node's own sockets (socket-level
+    /// translation, which knows no source address yet) may use the frontend.
+    pub allow_node: bool,
 }
 
 /// An IPv4 prefix. The address is stored with its host bits cleared, so
@@ -525,7 +531,8 @@ pub fn compute(
         };
         let exposure = Exposure::of(service, spec, &mut |problem| {
             warn(&mut warnings, &object, problem)
-        });
+        })
+        .allowing_node(&node.addresses);
         let node_addresses: BTreeSet<Ipv4Addr> = node.addresses.iter().copied().collect();
         let mut any_port = false;
         for port in spec.ports.iter().flatten() {
@@ -780,10 +787,31 @@ struct Exposure {
     load_balancer_ips: BTreeSet<Ipv4Addr>,
     external_ips: BTreeSet<Ipv4Addr>,
     source_ranges: Vec<Ipv4Cidr>,
+    /// See [`ExternalTraffic::allow_node`].
+    allow_node: bool,
     health_check_port: Option<u16>,
 }
 
 impl Exposure {
+    /// kube-proxy's "allow from node": source ranges that contain a node
+    /// address also let in the Service's LB IPs and the node itself.
+    fn allowing_node(mut self, node_addresses: &[Ipv4Addr]) -> Self {
+        self.allow_node = self
+            .source_ranges
+            .iter()
+            .any(|range| node_addresses.iter().any(|a| range.contains(*a)));
+        if self.allow_node {
+            let mut ranges: BTreeSet<Ipv4Cidr> = self.source_ranges.drain(..).collect();
+            ranges.extend(
+                self.load_balancer_ips
+                    .iter()
+                    .filter_map(|ip| Ipv4Cidr::new(*ip, 32)),
+            );
+            self.source_ranges = ranges.into_iter().collect();
+        }
+        self
+    }
+
     fn of(service: &Service, spec: &ServiceSpec, warn: &mut dyn FnMut(Problem)) -> Self {
         let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
         let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
@@ -865,6 +893,7 @@ impl Exposure {
             load_balancer_ips,
             external_ips,
             source_ranges: source_ranges.into_iter().collect(),
+            allow_node: false,
             health_check_port,
         }
     }
@@ -1209,6 +1238,7 @@ impl EndpointSets {
                 } else {
                     Vec::new()
                 },
+                allow_node: kind == FrontendKind::LoadBalancer && exposure.allow_node,
             }
         });
         let lingering = self
@@ -2400,6 +2430,7 @@ mod tests {
                 empty_action: EmptyAction::Reject,
                 masquerade: true,
                 source_ranges: vec![],
+                allow_node: false,
             })
         );
         assert_eq!(np.lingering, [ep("10.0.0.3", 8080)]);
@@ -2651,6 +2682,34 @@ mod tests {
             external(&state, fe(EXT_IP, 80, Protocol::Tcp)).source_ranges,
             []
         );
+    }
+
+    #[test]
+    fn source_ranges_with_a_node_address_let_in_the_node_and_the_lb_ips() {
+        let svc = |ranges: &str| {
+            exposed(
+                json!({"type": "LoadBalancer",
+                       "loadBalancerSourceRanges": [ranges]}),
+                lb_status(&[LB_IP]),
+            )
+        };
+        let cidr = |text: &str| text.parse::<Ipv4Cidr>().unwrap();
+        let (state, _) = compute(&[svc("203.0.113.0/24")], &[], &node_a());
+        let ext = external(&state, fe(LB_IP, 80, Protocol::Tcp));
+        assert_eq!(ext.source_ranges, [cidr("203.0.113.0/24")]);
+        assert!(!ext.allow_node);
+        // A range holding this node's address: kube-proxy also accepts the
+        // LB IP as a source (a node's own request looping back) and the node.
+        let (state, _) = compute(&[svc(&format!("{NODE_IP}/32"))], &[], &node_a());
+        let ext = external(&state, fe(LB_IP, 80, Protocol::Tcp));
+        assert_eq!(
+            ext.source_ranges,
+            [cidr(&format!("{NODE_IP}/32")), cidr(&format!("{LB_IP}/32"))]
+        );
+        assert!(ext.allow_node);
+        // NodePorts still bypass them.
+        let np = external(&state, fe(NODE_IP, 30080, Protocol::Tcp));
+        assert!(np.source_ranges.is_empty() && !np.allow_node);
     }
 
     #[test]

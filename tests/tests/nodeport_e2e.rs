@@ -237,22 +237,38 @@ fn load_balancer_ip_source_ranges_and_external_ips() {
     assert_eq!(w.reply_from, SocketAddrV4::new(LB_IP, 53).into());
 
     // Ranges that exclude the client: the LB IP drops it; the NodePort and
-    // the external IP ignore the ranges, as kube-proxy's.
-    let deny_ext = format!(
-        "  loadBalancerSourceRanges: [\"10.0.0.0/8\"]\n  externalIPs: [\"{EXTERNAL_IP}\"]\n"
+    // the external IP ignore the ranges, as kube-proxy's. Pods outside the
+    // ranges are dropped too (kube-proxy: "pod to LB blocked by
+    // LoadBalancerSourceRanges").
+    let deny_all = format!(
+        "  loadBalancerSourceRanges: [\"10.1.0.0/16\"]\n  externalIPs: [\"{EXTERNAL_IP}\"]\n"
     );
     rewrite(
         &cluster,
         &agents,
-        &web(&cluster, &[(0, 0), (1, 0)], &deny_ext, &lb_status(LB_IP)),
+        &web(&cluster, &[(0, 0), (1, 0)], &deny_all, &lb_status(LB_IP)),
     );
     let kind = tcp_fails(cluster.ext(), LB_IP, 80);
     assert!(is_timeout(kind), "expected a drop, got {kind:?}");
     tcp(cluster.ext(), addr::node_ip(1), NODE_PORT, &agents);
     tcp(cluster.ext(), EXTERNAL_IP, 80, &agents);
-    // A pod reaches the LB IP whatever the ranges (they guard external
-    // traffic).
+    let kind = tcp_fails(&cluster.client(0).netns, LB_IP, 80);
+    assert!(
+        is_timeout(kind),
+        "a pod outside the ranges: drop, got {kind:?}"
+    );
+    // Ranges holding the pods let them in, still not the external client.
+    let pods_only = format!(
+        "  loadBalancerSourceRanges: [\"10.244.0.0/16\"]\n  externalIPs: [\"{EXTERNAL_IP}\"]\n"
+    );
+    rewrite(
+        &cluster,
+        &agents,
+        &web(&cluster, &[(0, 0), (1, 0)], &pods_only, &lb_status(LB_IP)),
+    );
     tcp(&cluster.client(0).netns, LB_IP, 80, &agents);
+    let kind = tcp_fails(cluster.ext(), LB_IP, 80);
+    assert!(is_timeout(kind), "expected a drop, got {kind:?}");
 }
 
 #[test]
