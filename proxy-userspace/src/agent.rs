@@ -102,6 +102,11 @@ impl Syncer {
         true
     }
 
+    /// The node addresses NodePorts answer on.
+    pub fn nodeport_addresses(&self) -> &[Ipv4Addr] {
+        &self.nodeport_addresses
+    }
+
     /// The health-check servers the last sync asked for.
     pub fn health_checks(&self) -> &BTreeMap<u16, HealthCheck> {
         &self.health_checks
@@ -279,6 +284,20 @@ fn refresh_node_addresses(syncer: &mut Syncer, cfg: &RunConfig) -> bool {
     changed
 }
 
+/// Where healthCheckNodePorts listen: every address, or, with
+/// `--nodeport-addresses`, the node addresses NodePorts answer on (as
+/// kube-proxy's health servers).
+fn health_addresses(cfg: &RunConfig, syncer: &Syncer) -> Vec<IpAddr> {
+    if cfg.nodeport_addresses.is_empty() {
+        return vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
+    }
+    syncer
+        .nodeport_addresses()
+        .iter()
+        .map(|a| IpAddr::V4(*a))
+        .collect()
+}
+
 /// Runs the agent on `source` until SIGTERM or SIGINT.
 pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&cfg.datapath).context("loading the datapath")?;
@@ -315,7 +334,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         let metrics = metrics.clone();
         Arc::new(move || metrics.healthz().status == 200)
     };
-    let mut health = HealthServers::new(vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)], proxy_healthy);
+    let mut health = HealthServers::new(health_addresses(&cfg, &syncer), proxy_healthy);
     // When the source reported the change the next sync is for.
     let mut noticed = None;
     let mut iface_scan = tokio::time::interval(cfg.poll_interval);
@@ -375,6 +394,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         let (objects, warnings) = source.snapshot();
         let out = syncer.sync(&objects, warnings);
         // Failures are logged by the servers and retried at the next sync.
+        health.set_addresses(health_addresses(&cfg, &syncer)).await;
         health.update(syncer.health_checks()).await;
         let skipped = syncer.warning_count();
         metrics.record_sync(

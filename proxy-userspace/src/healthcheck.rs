@@ -123,6 +123,21 @@ impl HealthServers {
         errors
     }
 
+    /// Moves every server to `addresses` at the next [`update`]: the
+    /// current ones are closed now (a health check must not keep answering
+    /// on an address NodePorts left).
+    ///
+    /// [`update`]: HealthServers::update
+    pub async fn set_addresses(&mut self, addresses: Vec<IpAddr>) {
+        if self.addresses == addresses {
+            return;
+        }
+        self.addresses = addresses;
+        for (_, server) in std::mem::take(&mut self.servers) {
+            server.close().await;
+        }
+    }
+
     /// The ports being served.
     pub fn ports(&self) -> Vec<u16> {
         self.servers.keys().copied().collect()
@@ -380,6 +395,27 @@ mod tests {
         );
         assert_eq!(hs.servers[&port].tasks[0].id(), task);
         assert_eq!(body(&get(port).await)["localEndpoints"], 4);
+    }
+
+    #[tokio::test]
+    async fn new_addresses_move_every_server() {
+        let other = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+        let port = free_port();
+        let mut hs = servers();
+        let desired = BTreeMap::from([(port, check("web", 1))]);
+        assert!(hs.update(&desired).await.is_empty());
+        assert!(get(port).await.starts_with("HTTP/1.1 200 "));
+        hs.set_addresses(vec![other]).await;
+        assert!(hs.update(&desired).await.is_empty());
+        let old = TcpStream::connect((LOOPBACK, port)).await;
+        assert_eq!(
+            old.map(|_| ()).unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused,
+            "no longer on the address NodePorts left"
+        );
+        let mut stream = TcpStream::connect((other, port)).await.unwrap();
+        let r = send(&mut stream, "GET /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
     }
 
     #[tokio::test]
