@@ -74,8 +74,9 @@ pub struct DatapathConfig {
 /// correct and only the speed differs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XdpSetting {
-    /// Native mode on interfaces with a device of their own (NICs), generic
-    /// mode on virtual ones (veth & co.); native falls back to generic.
+    /// Native mode on interfaces with a device of their own (NICs, falling
+    /// back to generic), none on virtual ones (veth & co.): see
+    /// [`XdpSetting::modes`].
     Auto,
     /// Native mode, falling back to generic.
     Native,
@@ -110,11 +111,14 @@ impl XdpSetting {
             XdpSetting::Native => (&[NATIVE, GENERIC], "--xdp-mode native".into()),
             XdpSetting::Auto => match crate::interfaces::driver_info(iface) {
                 // A veth takes what native XDP sends back out (XDP_TX) only
-                // when the peer runs XDP too, which the agent can neither
-                // know nor arrange; generic mode sends through the peer's
-                // normal receive path.
+                // when its peer runs XDP too, which the agent can neither
+                // know nor arrange. Generic mode works, but gains little
+                // (the skb exists already) and, like native mode on a veth,
+                // cannot see that a packet from a local sender carries a
+                // partial checksum (CHECKSUM_PARTIAL), which an in-place
+                // rewrite would then break. TC handles both.
                 Ok((driver, bus)) if bus.is_empty() => {
-                    (&[GENERIC], format!("virtual interface, driver {driver}"))
+                    (&[], format!("virtual interface, driver {driver}: TC alone"))
                 }
                 Ok((driver, bus)) => (&[NATIVE, GENERIC], format!("driver {driver} at {bus}")),
                 Err(e) => (&[NATIVE, GENERIC], format!("driver unknown: {e}")),
@@ -507,6 +511,8 @@ impl Datapath {
             // An earlier agent's fast path goes with the setting.
             if std::fs::remove_file(&pin).is_ok() {
                 tracing::info!(iface, "XDP fast path detached ({why})");
+            } else {
+                tracing::info!(iface, "no XDP fast path ({why})");
             }
             return;
         }

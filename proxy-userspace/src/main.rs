@@ -89,9 +89,9 @@ struct RunArgs {
     /// separated); unset: on every node address.
     #[arg(long, env = "KEP_NODEPORT_ADDRESSES", default_value = "", value_parser = parse_cidr_list)]
     nodeport_addresses: CidrList,
-    /// XDP fast path on the node interfaces: `auto` (native on NICs,
-    /// generic on virtual interfaces such as veth), `native` (falls back to
-    /// generic with a warning), `generic` or `off` (TC only).
+    /// XDP fast path on the node interfaces: `auto` (native on NICs, none
+    /// on virtual interfaces such as veth, which TC serves alone), `native`
+    /// (falls back to generic with a warning), `generic` or `off`.
     #[arg(long, env = "KEP_XDP_MODE", default_value = "auto", value_parser = ["auto", "native", "generic", "off"])]
     xdp_mode: String,
     /// Directory on bpffs where maps are pinned; bpffs is mounted on its

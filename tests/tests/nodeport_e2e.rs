@@ -22,8 +22,15 @@ const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 61, 10);
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
 const TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Native XDP in front of TC, as on a node with a NIC: every case below
+/// runs through both hooks (the lab's fabric takes native XDP_TX frames).
 fn node_args() -> Vec<OsString> {
-    vec!["--node-interfaces".into(), "eth0".into()]
+    vec![
+        "--node-interfaces".into(),
+        "eth0".into(),
+        "--xdp-mode".into(),
+        "native".into(),
+    ]
 }
 
 /// `web`: TCP 80 -> 8080 (nodePort 30080) and UDP 53 -> 5353 (nodePort
