@@ -143,27 +143,21 @@ trait Packet {
     fn end(&self) -> usize;
 }
 
-impl Packet for TcContext {
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.data()
-    }
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.data_end()
-    }
+macro_rules! packet {
+    ($($context:ty),*) => {$(
+        impl Packet for $context {
+            #[inline(always)]
+            fn start(&self) -> usize {
+                self.data()
+            }
+            #[inline(always)]
+            fn end(&self) -> usize {
+                self.data_end()
+            }
+        }
+    )*};
 }
-
-impl Packet for XdpContext {
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.data()
-    }
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.data_end()
-    }
-}
+packet!(TcContext, XdpContext);
 
 #[inline(always)]
 fn ptr_at<C: Packet, T>(ctx: &C, off: usize) -> Result<*mut T, ()> {

@@ -355,38 +355,11 @@ impl Datapath {
             program_names::TC_POD_INGRESS,
             program_names::TC_NODE_INGRESS,
         ] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Program {
-                    name,
-                    source: Box::new(aya::programs::ProgramError::NotLoaded),
-                })?
-                .try_into()
-                .map_err(|e| program_err(name, e))?;
-            prog.load().map_err(|e| program_err(name, e))?;
+            load_program(&mut ebpf, name, SchedClassifier::load)?;
         }
-        {
-            let name = program_names::XDP_NODE;
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Program {
-                    name,
-                    source: Box::new(aya::programs::ProgramError::NotLoaded),
-                })?
-                .try_into()
-                .map_err(|e| program_err(name, e))?;
-            prog.load().map_err(|e| program_err(name, e))?;
-        }
+        load_program(&mut ebpf, program_names::XDP_NODE, Xdp::load)?;
         for name in SOCK_PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Program {
-                    name,
-                    source: Box::new(aya::programs::ProgramError::NotLoaded),
-                })?
-                .try_into()
-                .map_err(|e| program_err(name, e))?;
-            prog.load().map_err(|e| program_err(name, e))?;
+            load_program(&mut ebpf, name, CgroupSockAddr::load)?;
         }
         let services = take_map(&mut ebpf, map_names::SERVICES)?;
         let backends = take_map(&mut ebpf, map_names::BACKENDS)?;
@@ -943,6 +916,27 @@ fn sum_stats(
         *slot = per_cpu.iter().sum();
     }
     Ok(out)
+}
+
+/// Loads program `name` of type `P` into the kernel (aya gives the types'
+/// `load` no common trait, hence the function argument).
+fn load_program<P>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    load: fn(&mut P) -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), DatapathError>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog: &mut P = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::Program {
+            name,
+            source: Box::new(aya::programs::ProgramError::NotLoaded),
+        })?
+        .try_into()
+        .map_err(|e| program_err(name, e))?;
+    load(prog).map_err(|e| program_err(name, e))
 }
 
 fn program_err(name: &'static str, source: aya::programs::ProgramError) -> DatapathError {

@@ -655,3 +655,58 @@ fn make_pod(node: &Netns, ns_name: &str, pod_name: &str, k: usize, j: usize) -> 
         netns,
     })
 }
+
+/// `web`, the cluster tests' exposed Service: type LoadBalancer, TCP 80 ->
+/// 8080 (nodePort [`NODE_PORT`]) and UDP 53 -> 5353 (nodePort
+/// [`NODE_PORT_UDP`]), cluster IP [`CLUSTER_IP`].
+pub mod web {
+    use std::net::Ipv4Addr;
+
+    use super::Cluster;
+    use crate::yaml;
+
+    pub const NODE_PORT: u16 = 30080;
+    pub const NODE_PORT_UDP: u16 = 30053;
+    pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
+
+    /// The Service and its EndpointSlice, endpoints the backends `pods`
+    /// (node, index); `extra` goes into the spec as is, `status` after it.
+    pub fn manifest(
+        cluster: &Cluster,
+        pods: &[(usize, usize)],
+        extra: &str,
+        status: &str,
+    ) -> String {
+        let svc = format!(
+            "apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+spec:
+  type: LoadBalancer
+  clusterIP: {CLUSTER_IP}
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    protocol: TCP
+    targetPort: 8080
+    nodePort: {NODE_PORT}
+  - name: dns
+    port: 53
+    protocol: UDP
+    targetPort: 5353
+    nodePort: {NODE_PORT_UDP}
+{extra}{status}"
+        );
+        let slice = yaml::endpoint_slice_on_nodes(
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+            &cluster.endpoints(pods),
+        );
+        format!("{svc}---\n{slice}")
+    }
+}

@@ -11,15 +11,13 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 
+use lab::cluster::web::{self, CLUSTER_IP, NODE_PORT, NODE_PORT_UDP};
 use lab::cluster::{Cluster, ClusterConfig, Whoami, addr, tcp_whoami, udp_whoami};
-use lab::{Agent, Netns, yaml};
+use lab::{Agent, Netns};
 
-const NODE_PORT: u16 = 30080;
-const NODE_PORT_UDP: u16 = 30053;
 const HEALTH_PORT: u16 = 32000;
 const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 10);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 61, 10);
-const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Native XDP in front of TC, as on a node with a NIC: every case below
@@ -31,43 +29,6 @@ fn node_args() -> Vec<OsString> {
         "--xdp-mode".into(),
         "native".into(),
     ]
-}
-
-/// `web`: TCP 80 -> 8080 (nodePort 30080) and UDP 53 -> 5353 (nodePort
-/// 30053), endpoints the backends `pods` (node, index); `extra` goes into
-/// the spec as is, `status` after it.
-fn web(cluster: &Cluster, pods: &[(usize, usize)], extra: &str, status: &str) -> String {
-    let svc = format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: web
-  namespace: default
-spec:
-  type: LoadBalancer
-  clusterIP: {CLUSTER_IP}
-  selector:
-    app: web
-  ports:
-  - name: http
-    port: 80
-    protocol: TCP
-    targetPort: 8080
-    nodePort: {NODE_PORT}
-  - name: dns
-    port: 53
-    protocol: UDP
-    targetPort: 5353
-    nodePort: {NODE_PORT_UDP}
-{extra}{status}"
-    );
-    let slice = yaml::endpoint_slice_on_nodes(
-        "web-1",
-        "web",
-        &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
-        &cluster.endpoints(pods),
-    );
-    format!("{svc}---\n{slice}")
 }
 
 fn lb_status(ip: Ipv4Addr) -> String {
@@ -142,7 +103,10 @@ fn is_timeout(kind: ErrorKind) -> bool {
 fn node_port_with_cluster_policy_reaches_endpoints_from_any_node_masqueraded() {
     let cluster = Cluster::new().unwrap();
     // Both endpoints on node 0; node 1 has none.
-    let agents = start(&cluster, &web(&cluster, &[(0, 0), (0, 1)], "", ""));
+    let agents = start(
+        &cluster,
+        &web::manifest(&cluster, &[(0, 0), (0, 1)], "", ""),
+    );
     for k in 0..2 {
         let node = addr::node_ip(k);
         let mut seen = std::collections::BTreeSet::new();
@@ -190,7 +154,7 @@ fn local_policy_keeps_the_client_ip_drops_without_local_endpoint_and_serves_heal
     let extra = format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {HEALTH_PORT}\n");
     let agents = start(
         &cluster,
-        &web(&cluster, &[(0, 0), (0, 1)], &extra, &lb_status(LB_IP)),
+        &web::manifest(&cluster, &[(0, 0), (0, 1)], &extra, &lb_status(LB_IP)),
     );
     let w = tcp(cluster.ext(), addr::node_ip(0), NODE_PORT, &agents);
     assert!(w.backend.starts_with("n0-backend-"), "{w:?}");
@@ -234,7 +198,7 @@ fn load_balancer_ip_source_ranges_and_external_ips() {
     );
     let agents = start(
         &cluster,
-        &web(&cluster, &[(0, 0), (1, 0)], &allow_ext, &lb_status(LB_IP)),
+        &web::manifest(&cluster, &[(0, 0), (1, 0)], &allow_ext, &lb_status(LB_IP)),
     );
     let w = tcp(cluster.ext(), LB_IP, 80, &agents);
     assert_eq!(w.reply_from, SocketAddrV4::new(LB_IP, 80).into());
@@ -253,7 +217,7 @@ fn load_balancer_ip_source_ranges_and_external_ips() {
     rewrite(
         &cluster,
         &agents,
-        &web(&cluster, &[(0, 0), (1, 0)], &deny_all, &lb_status(LB_IP)),
+        &web::manifest(&cluster, &[(0, 0), (1, 0)], &deny_all, &lb_status(LB_IP)),
     );
     let kind = tcp_fails(cluster.ext(), LB_IP, 80);
     assert!(is_timeout(kind), "expected a drop, got {kind:?}");
@@ -271,7 +235,7 @@ fn load_balancer_ip_source_ranges_and_external_ips() {
     rewrite(
         &cluster,
         &agents,
-        &web(&cluster, &[(0, 0), (1, 0)], &pods_only, &lb_status(LB_IP)),
+        &web::manifest(&cluster, &[(0, 0), (1, 0)], &pods_only, &lb_status(LB_IP)),
     );
     tcp(&cluster.client(0).netns, LB_IP, 80, &agents);
     let kind = tcp_fails(cluster.ext(), LB_IP, 80);
@@ -287,7 +251,7 @@ fn no_endpoints_reject_and_nodeport_addresses_limit_where_nodeports_answer() {
     .unwrap();
     cluster.add_node_address(0, "192.168.50.20/24").unwrap();
     cluster
-        .write_manifest("web.yaml", &web(&cluster, &[(1, 0)], "", ""))
+        .write_manifest("web.yaml", &web::manifest(&cluster, &[(1, 0)], "", ""))
         .unwrap();
     let mut args0 = node_args();
     args0.extend(["--nodeport-addresses".into(), "192.168.50.10/32".into()]);
@@ -303,7 +267,7 @@ fn no_endpoints_reject_and_nodeport_addresses_limit_where_nodeports_answer() {
     );
 
     // No endpoints: REJECT, fast.
-    rewrite(&cluster, &agents, &web(&cluster, &[], "", ""));
+    rewrite(&cluster, &agents, &web::manifest(&cluster, &[], "", ""));
     let started = Instant::now();
     let kind = tcp_fails(cluster.ext(), addr::node_ip(1), NODE_PORT);
     assert_eq!(kind, ErrorKind::ConnectionRefused);

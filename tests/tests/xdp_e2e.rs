@@ -12,52 +12,23 @@ use std::ffi::OsString;
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
+use lab::Agent;
+use lab::cluster::web::{self, NODE_PORT, NODE_PORT_UDP};
 use lab::cluster::{Cluster, addr, backend_name, tcp_whoami, udp_whoami};
-use lab::{Agent, yaml};
 use proxy_common::stat;
 use proxy_userspace::inspect::Pinned;
 
-const NODE_PORT: u16 = 30080;
-const NODE_PORT_UDP: u16 = 30053;
 const REQUESTS: usize = 40;
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A NodePort Service (externalTrafficPolicy Cluster) whose endpoints are
-/// both backends of node 0.
-fn web(cluster: &Cluster) -> String {
-    let svc = format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: web
-  namespace: default
-spec:
-  type: NodePort
-  clusterIP: 10.96.0.80
-  ports:
-  - name: http
-    port: 80
-    protocol: TCP
-    targetPort: 8080
-    nodePort: {NODE_PORT}
-  - name: dns
-    port: 53
-    protocol: UDP
-    targetPort: 5353
-    nodePort: {NODE_PORT_UDP}
-"
-    );
-    let slice = yaml::endpoint_slice_on_nodes(
-        "web-1",
-        "web",
-        &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
-        &cluster.endpoints(&[(0, 0), (0, 1)]),
-    );
-    format!("{svc}---\n{slice}")
-}
-
 fn start<'c>(cluster: &'c Cluster, xdp_mode: &str) -> [Agent<'c>; 2] {
-    cluster.write_manifest("web.yaml", &web(cluster)).unwrap();
+    // Endpoints on node 0 only; externalTrafficPolicy Cluster.
+    cluster
+        .write_manifest(
+            "web.yaml",
+            &web::manifest(cluster, &[(0, 0), (0, 1)], "", ""),
+        )
+        .unwrap();
     let args: Vec<OsString> = vec![
         "--node-interfaces".into(),
         "eth0".into(),
