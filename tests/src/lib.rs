@@ -22,6 +22,7 @@ pub mod bench;
 pub mod cgroup;
 pub mod cluster;
 pub mod fake_apiserver;
+pub mod fib_node;
 pub mod loadgen;
 pub mod netns;
 pub mod servers;

@@ -11,6 +11,7 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
+use lab::fib_node::{EXT_CLIENT, EXT_CLIENT_MAC, FibNode, NODE, OTHER_NODE, OTHER_NODE_MAC};
 use proxy_common::{
     Backend, CtKey, SVC_FLAG_DROP, SVC_FLAG_EXTERNAL_SCOPE, SVC_FLAG_MAGLEV, SVC_FLAG_MASQUERADE,
     SVC_FLAG_NODE_ADDRESS, SVC_FLAG_REJECT, ServiceKey, ServiceValue, maglev::flow_hash, proto,
@@ -1263,94 +1264,13 @@ fn fuzz_every_output_is_unchanged_or_a_correct_translation() {
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 11);
-const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
-const EXT_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
-const OTHER_NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x10];
-const EXT_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x50, 0x64];
 /// Served by backend 0, which is behind the other node.
 const NODEPORT_REMOTE: u16 = 30080;
 /// Served by backend 1, which is on this node.
 const NODEPORT_LOCAL: u16 = 30081;
 
-/// A network namespace shaped like a node for the XDP program's FIB
-/// lookups: `eth0` on the fabric (the other node and the external client as
-/// permanent neighbours, backend 0's subnet behind the other node) and a
-/// pod veth leading to backend 1.
-struct NodeNs {
-    ns: lab::Netns,
-    eth0: u32,
-    eth0_mac: [u8; 6],
-}
-
-impl NodeNs {
-    fn new() -> NodeNs {
-        let ns = lab::Netns::create(&format!("kep-xdptr-{}-{}", std::process::id(), {
-            static N: AtomicU32 = AtomicU32::new(0);
-            N.fetch_add(1, Ordering::Relaxed)
-        }))
-        .expect("creating a network namespace (needs root)");
-        // The FIB answers forwarding lookups only where forwarding is on.
-        ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-        let ip = |args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
-        ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "fabric0",
-        ]);
-        ip(&[
-            "link", "add", "veth-p1", "type", "veth", "peer", "name", "pod1",
-        ]);
-        for dev in ["eth0", "fabric0", "veth-p1", "pod1"] {
-            ip(&["link", "set", dev, "up"]);
-        }
-        ip(&["addr", "add", &format!("{NODE}/24"), "dev", "eth0"]);
-        ip(&["addr", "add", "10.244.11.1/24", "dev", "veth-p1"]);
-        let mac = |m: [u8; 6]| {
-            m.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        };
-        for (who, m, dev) in [
-            (OTHER_NODE, OTHER_NODE_MAC, "eth0"),
-            (EXT_CLIENT, EXT_CLIENT_MAC, "eth0"),
-            (BACKENDS[1], [0x02, 0, 0, 0, 0x11, 0x02], "veth-p1"),
-        ] {
-            ip(&[
-                "neigh",
-                "replace",
-                &who.to_string(),
-                "lladdr",
-                &mac(m),
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ]);
-        }
-        ip(&[
-            "route",
-            "add",
-            "10.244.10.0/24",
-            "via",
-            &OTHER_NODE.to_string(),
-            "dev",
-            "eth0",
-        ]);
-        // sysfs would show the mounter's namespace, not this one.
-        let eth0 = ns.run(|| unsafe { libc::if_nametoindex(c"eth0".as_ptr()) });
-        assert_ne!(eth0, 0, "eth0 has an index");
-        let link = ip(&["-o", "link", "show", "eth0"]);
-        let text = link
-            .split("link/ether ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no MAC address in {link:?}"));
-        let mut eth0_mac = [0u8; 6];
-        for (b, part) in eth0_mac.iter_mut().zip(text.split(':')) {
-            *b = u8::from_str_radix(part, 16).unwrap();
-        }
-        NodeNs { ns, eth0, eth0_mac }
-    }
+fn fib_node() -> FibNode {
+    FibNode::new().expect("a namespace for FIB lookups (needs root)")
 }
 
 fn ttl(p: &[u8]) -> u8 {
@@ -1361,7 +1281,7 @@ fn ttl(p: &[u8]) -> u8 {
 fn xdp_sends_a_nodeport_flow_to_another_node_back_out_translated() {
     let mut fx = Fixture::new();
     fx.add_nodeport(NODE, NODEPORT_REMOTE, 0, 100);
-    let node = NodeNs::new();
+    let node = fib_node();
     for (l4, make) in [
         (
             proto::TCP,
@@ -1420,7 +1340,7 @@ fn xdp_sends_a_nodeport_flow_to_another_node_back_out_translated() {
 fn xdp_leaves_local_endpoints_to_tc_with_the_flow_already_chosen() {
     let mut fx = Fixture::new();
     fx.add_nodeport(NODE, NODEPORT_LOCAL, 1, 200);
-    let node = NodeNs::new();
+    let node = fib_node();
     let syn = tcp(EXT_CLIENT, NODE, 41000, NODEPORT_LOCAL, SYN);
     let (ret, out) = node.ns.run(|| fx.run_xdp(&syn, node.eth0));
     assert_eq!(
@@ -1460,7 +1380,7 @@ fn xdp_leaves_local_endpoints_to_tc_with_the_flow_already_chosen() {
 fn xdp_drops_and_passes_what_it_must() {
     let mut fx = Fixture::new();
     fx.add_nodeport(NODE, NODEPORT_REMOTE, 0, 100);
-    let node = NodeNs::new();
+    let node = fib_node();
     // A frontend with DROP (no local endpoint for policy Local, say).
     let (ret, _) = node
         .ns

@@ -18,6 +18,14 @@
 //! the pod-IP packet timed both ways gives that overhead (single run minus
 //! repeat-loop mean), and it is subtracted from the established and new
 //! flow medians for an estimate of the program's own cost.
+//!
+//! The node programs are timed too, on a NodePort whose endpoint is behind
+//! another node, from inside a [`FibNode`] namespace (their FIB lookups need
+//! a node's routes): the XDP fast path opening a flow and sending an
+//! established one back out (`XDP_TX`), and the TC node program doing the
+//! same established packet by FIB redirect, what it does when XDP is off.
+//! XDP's own harness overhead is measured the same way, with a packet it
+//! passes.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -32,10 +40,15 @@ use proxy_userspace::{diff, manifests, model};
 use serde::Serialize;
 
 use super::rules::{self, BenchService};
+use crate::fib_node::{self, FibNode};
 use crate::{addr, yaml};
 
 /// ClusterIP of the extra service with no endpoints (REJECT path).
 pub const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 200);
+/// The extra NodePort Service (endpoint: backend 0, behind the other node
+/// of the [`FibNode`]).
+const NODEPORT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 201);
+const NODE_PORT: u16 = 30080;
 
 /// One packet kind's cost.
 #[derive(Debug, Clone, Serialize)]
@@ -92,6 +105,23 @@ fn load(services: &[BenchService], tag: usize) -> Result<Fixture> {
         &[("http", rules::SERVICE_PORT, "TCP", "8080")],
         "nothing",
     ));
+    text.push_str("---\n");
+    text.push_str(
+        &yaml::service(
+            "bench-nodeport",
+            &NODEPORT_VIP.to_string(),
+            &[("http", rules::SERVICE_PORT, "TCP", "8080")],
+            "bench-nodeport",
+        )
+        .replace("type: ClusterIP", "type: NodePort"),
+    );
+    text.push_str(&format!("    nodePort: {NODE_PORT}\n---\n"));
+    text.push_str(&yaml::endpoint_slice(
+        "bench-nodeport-1",
+        "bench-nodeport",
+        &[("http", rules::TARGET_PORT, "TCP")],
+        &[(addr::backend_ip(0), "nodeport-backend".into(), true)],
+    ));
     std::fs::write(dir.join("services.yaml"), text)?;
     let (objects, warnings) = manifests::load_dir(&dir);
     let _ = std::fs::remove_dir_all(&dir);
@@ -101,7 +131,10 @@ fn load(services: &[BenchService], tag: usize) -> Result<Fixture> {
             &warnings[..warnings.len().min(3)]
         );
     }
-    let node = model::NodeInfo::default();
+    let node = model::NodeInfo {
+        addresses: vec![fib_node::NODE],
+        ..model::NodeInfo::default()
+    };
     let (desired, _) = model::compute(&objects.services, &objects.slices, &node);
     let contents = Encoder::new().encode(&desired);
     let ops = diff::diff(&MapContents::default(), &contents);
@@ -109,25 +142,67 @@ fn load(services: &[BenchService], tag: usize) -> Result<Fixture> {
     if !failed.is_empty() {
         bail!("{} of {} map writes failed", failed.len(), ops.len());
     }
+    fx.dp.set_node_addr(Some(fib_node::NODE))?;
     Ok(fx)
 }
 
+/// Which program a packet is fed to.
+#[derive(Clone, Copy)]
+enum Hook {
+    /// `kep_tc_ingress`, no ingress interface.
+    Pod,
+    /// `kep_tc_node`, arriving on interface `ifindex` of the calling
+    /// thread's namespace.
+    TcNode { ifindex: u32 },
+    /// `kep_xdp_node`, likewise.
+    Xdp { ifindex: u32 },
+}
+
 impl Fixture {
-    /// Runs `packet` `repeat` times; returns (verdict, mean time per run,
-    /// output summary).
+    /// Runs `packet` `repeat` times through the pod program; returns
+    /// (verdict, mean time per run, output summary).
     fn run(&mut self, packet: &[u8], repeat: u32) -> Result<(u32, Duration, String)> {
+        self.run_on(Hook::Pod, packet, repeat)
+    }
+
+    fn run_on(
+        &mut self,
+        hook: Hook,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Duration, String)> {
         let mut out = vec![0u8; 4096];
+        // struct __sk_buff up to `ifindex` (`ingress_ifindex` at 36), or
+        // struct xdp_md (data, data_end, data_meta, ingress_ifindex, ...).
+        let ctx: Vec<u8> = match hook {
+            Hook::Pod => Vec::new(),
+            Hook::TcNode { ifindex } => {
+                let mut c = vec![0u8; 44];
+                c[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+                c[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+                c
+            }
+            Hook::Xdp { ifindex } => [0, packet.len() as u32, 0, ifindex, 0, 0]
+                .iter()
+                .flat_map(|w: &u32| w.to_ne_bytes())
+                .collect(),
+        };
         let opts = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
+            ctx_in: (!ctx.is_empty()).then_some(&ctx[..]),
             repeat,
             ..TestRunOptions::new()
         };
-        let res = self
-            .dp
-            .classifier()
-            .test_run(opts)
-            .map_err(|e| anyhow::anyhow!("BPF_PROG_TEST_RUN: {e:?}"))?;
+        let res = match hook {
+            Hook::Pod => self.dp.classifier().test_run(opts),
+            Hook::TcNode { .. } => self
+                .dp
+                .hook_program(proxy_userspace::datapath::Hook::Node)
+                .test_run(opts),
+            Hook::Xdp { .. } => self.dp.xdp_program().test_run(opts),
+        }
+        .map_err(|e| anyhow::anyhow!("BPF_PROG_TEST_RUN: {e:?}"))?;
         out.truncate(res.data_size_out as usize);
         Ok((res.return_value, res.duration, summarise(&out)))
     }
@@ -285,6 +360,94 @@ pub fn measure(n: usize, backends: usize, repeat: u32, batches: usize) -> Result
     }
     out.push(new_flows(&mut fx, n, target, batches * 1_000)?);
     out.extend(net_of_harness(&out, n));
+    let node = FibNode::new()?;
+    let mut node_costs = node
+        .ns
+        .try_run(|| node_programs(&mut fx, &node, n, repeat, batches * 1_000))??;
+    out.append(&mut node_costs);
+    Ok(out)
+}
+
+const XDP_TX: u32 = 3;
+const XDP_PASS: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const XDP_NOT_A_SERVICE: &str = "XDP: not a service (passed)";
+const XDP_ESTABLISHED: &str = "XDP: NodePort, endpoint on another node, established (XDP_TX)";
+const XDP_NEW_FLOW: &str = "XDP: NodePort, endpoint on another node, new flow (XDP_TX)";
+const TC_NODE_ESTABLISHED: &str =
+    "TC node: NodePort, endpoint on another node, established (FIB redirect)";
+
+/// The node programs on NodePort packets, run inside `node`'s namespace.
+fn node_programs(
+    fx: &mut Fixture,
+    node: &FibNode,
+    n: usize,
+    repeat: u32,
+    calls: usize,
+) -> Result<Vec<PacketCost>> {
+    let xdp = Hook::Xdp { ifindex: node.eth0 };
+    let tc = Hook::TcNode { ifindex: node.eth0 };
+    let client = fib_node::EXT_CLIENT;
+    let to_nodeport =
+        |sport: u16, flags: u8| tcp_packet(client, fib_node::NODE, sport, NODE_PORT, flags);
+    let (v, _, o) = fx.run_on(xdp, &to_nodeport(40_000, SYN), 1)?;
+    if v != XDP_TX {
+        bail!("XDP did not send the NodePort SYN back out: verdict {v}, output {o}");
+    }
+    let mut out = Vec::new();
+    for (case, hook, packet, expect) in [
+        (
+            XDP_NOT_A_SERVICE,
+            xdp,
+            tcp_packet(client, fib_node::NODE, 40_001, 22, SYN),
+            XDP_PASS,
+        ),
+        (XDP_ESTABLISHED, xdp, to_nodeport(40_000, ACK), XDP_TX),
+        (
+            TC_NODE_ESTABLISHED,
+            tc,
+            to_nodeport(40_000, ACK),
+            TC_ACT_REDIRECT,
+        ),
+    ] {
+        let mut single = Vec::with_capacity(calls);
+        let mut output = String::new();
+        for _ in 0..calls {
+            let (v, d, o) = fx.run_on(hook, &packet, 1)?;
+            if v != expect {
+                bail!("{case}: verdict {v}, expected {expect} (output {o})");
+            }
+            output = o;
+            single.push(d.as_nanos() as f64);
+        }
+        out.push(cost(case, SINGLE, n, 1, expect, output.clone(), single));
+        if case == XDP_NOT_A_SERVICE {
+            let mut batched = Vec::with_capacity(calls / 1_000);
+            for _ in 0..(calls / 1_000).max(1) {
+                let (_, d, _) = fx.run_on(hook, &packet, repeat)?;
+                batched.push(d.as_nanos() as f64);
+            }
+            let method = format!("mean of {repeat} repeats");
+            out.push(cost(case, &method, n, repeat, expect, output, batched));
+        }
+    }
+    let mut samples = Vec::with_capacity(calls);
+    let mut output = String::new();
+    for i in 0..calls.min(30_000) {
+        let (v, d, o) = fx.run_on(xdp, &to_nodeport(1_024 + i as u16, SYN), 1)?;
+        if v != XDP_TX {
+            bail!("XDP new flow {i}: verdict {v}, output {o}");
+        }
+        output = o;
+        samples.push(d.as_nanos() as f64);
+    }
+    out.push(cost(XDP_NEW_FLOW, SINGLE, n, 1, XDP_TX, output, samples));
+    out.extend(net_of(
+        &out,
+        n,
+        XDP_NOT_A_SERVICE,
+        &[XDP_ESTABLISHED, XDP_NEW_FLOW],
+    ));
     Ok(out)
 }
 
@@ -323,18 +486,24 @@ fn new_flows(fx: &mut Fixture, n: usize, target: Ipv4Addr, calls: usize) -> Resu
 /// The established and new-flow single runs with the harness overhead
 /// (pod-IP single-run median minus its repeat-loop median) subtracted.
 fn net_of_harness(costs: &[PacketCost], n: usize) -> Vec<PacketCost> {
+    net_of(costs, n, NOT_A_SERVICE, &[ESTABLISHED, NEW_FLOW])
+}
+
+/// The single runs of `cases` less the harness overhead: the single-run
+/// median of `untouched` (a packet the program passes) minus its
+/// repeat-loop median.
+fn net_of(costs: &[PacketCost], n: usize, untouched: &str, cases: &[&str]) -> Vec<PacketCost> {
     let find = |case: &str, single: bool| {
         costs
             .iter()
             .find(|c| c.case == case && (c.method == SINGLE) == single)
     };
-    let (Some(pod_single), Some(pod_loop)) =
-        (find(NOT_A_SERVICE, true), find(NOT_A_SERVICE, false))
+    let (Some(pass_single), Some(pass_loop)) = (find(untouched, true), find(untouched, false))
     else {
         return Vec::new();
     };
-    let overhead = pod_single.median_ns - pod_loop.median_ns;
-    [ESTABLISHED, NEW_FLOW]
+    let overhead = pass_single.median_ns - pass_loop.median_ns;
+    cases
         .iter()
         .filter_map(|case| find(case, true))
         .map(|c| {
