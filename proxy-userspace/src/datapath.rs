@@ -581,13 +581,19 @@ impl Datapath {
             .iter()
             .filter(|(iface, (_, hook))| {
                 let pin = links.join(hook.pin_name(iface));
-                !matches!(tcx_link_ifindex(&pin), Ok(Some(_)))
+                // A node interface's XDP link counts too, when there is one.
+                let xdp = links.join(xdp_pin_name(iface));
+                !matches!(link_ifindex(&pin), Ok(Some(_)))
+                    || (*hook == Hook::Node
+                        && xdp.exists()
+                        && !matches!(link_ifindex(&xdp), Ok(Some(_))))
             })
             .map(|(iface, (_, hook))| (iface.clone(), *hook))
             .collect();
         for (iface, hook) in &dead {
             self.attached.remove(iface);
             let _ = std::fs::remove_file(links.join(hook.pin_name(iface)));
+            let _ = std::fs::remove_file(links.join(xdp_pin_name(iface)));
         }
         dead.into_iter().map(|(iface, _)| iface).collect()
     }
@@ -1121,13 +1127,25 @@ fn open_pinned_link(pin: &Path) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// The interface a pinned TCX link is attached to; `None` once it has been
-/// detached (the kernel reports ifindex 0 for a defunct link).
-fn tcx_link_ifindex(pin: &Path) -> io::Result<Option<u32>> {
+/// The agent's pinned links (TC and XDP hooks) by pin name, with the
+/// interface each runs on (`None`: detached, its interface gone).
+pub fn pinned_links(bpffs: &Path) -> io::Result<BTreeMap<String, Option<u32>>> {
+    let mut links = BTreeMap::new();
+    for entry in std::fs::read_dir(links_dir(bpffs))? {
+        let entry = entry?;
+        let ifindex = link_ifindex(&entry.path()).unwrap_or(None);
+        links.insert(entry.file_name().to_string_lossy().into_owned(), ifindex);
+    }
+    Ok(links)
+}
+
+/// The interface a pinned TCX or XDP link is attached to; `None` once it
+/// has been detached (the kernel reports ifindex 0 for a defunct link).
+fn link_ifindex(pin: &Path) -> io::Result<Option<u32>> {
     use std::os::fd::AsRawFd;
     let link = open_pinned_link(pin)?;
     // struct bpf_link_info: type, id, prog_id, then (8-aligned) the
-    // per-type union, whose tcx member starts with the ifindex.
+    // per-type union, whose tcx and xdp members start with the ifindex.
     let mut info = [0u64; 16];
     #[repr(C)]
     struct InfoByFd {

@@ -279,6 +279,9 @@ pub struct StatusView {
     pub frontends: usize,
     pub maps: BTreeMap<&'static str, MapFill>,
     pub counters: BTreeMap<&'static str, u64>,
+    /// Pinned hook links (`tc-ingress-<if>`, `tc-node-<if>`, `xdp-<if>`) and the
+    /// interface index each runs on; `null`: detached.
+    pub links: BTreeMap<String, Option<u32>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -287,8 +290,9 @@ pub struct MapFill {
     pub capacity: u32,
 }
 
-pub fn status(p: &Pinned) -> StatusView {
+pub fn status(p: &Pinned, links: BTreeMap<String, Option<u32>>) -> StatusView {
     StatusView {
+        links,
         frontends: services(p).len(),
         maps: p
             .capacity

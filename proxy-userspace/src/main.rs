@@ -231,7 +231,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Status { bpffs, json } => {
             let pinned = read_pinned(&bpffs)?;
-            let view = inspect::status(&pinned);
+            // Without links the maps still tell a story (an agent that
+            // never attached, or links removed by hand).
+            let links = datapath::pinned_links(&bpffs).unwrap_or_default();
+            let view = inspect::status(&pinned, links);
             if json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
             } else {
@@ -251,6 +254,12 @@ fn main() -> anyhow::Result<()> {
                         .iter()
                         .map(|(n, v)| vec![n.to_string(), v.to_string()]),
                 );
+                print!("{}", inspect::table(&rows));
+                let mut rows = vec![vec!["link".into(), "ifindex".into()]];
+                rows.extend(view.links.iter().map(|(pin, ifindex)| {
+                    let at = ifindex.map_or("detached".into(), |i| i.to_string());
+                    vec![pin.clone(), at]
+                }));
                 print!("{}", inspect::table(&rows));
             }
             Ok(())

@@ -99,6 +99,24 @@ fn native_xdp_sends_nodeport_traffic_back_out_of_the_node() {
         "native XDP attached on node 1's eth0:\n{}",
         agents[1].log_tail(20)
     );
+    // `status` shows the hooks: TC and XDP on eth0, TC on the pod veths.
+    let out = std::process::Command::new(lab::agent::agent_bin().unwrap())
+        .args(["status", "--json", "--bpffs"])
+        .arg(agents[1].bpffs_dir())
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    for pin in ["xdp-eth0", "tc-node-eth0", "tc-ingress-veth-p0"] {
+        assert!(
+            status["links"][pin].is_u64(),
+            "{pin} attached according to status: {status}"
+        );
+    }
     drive(&cluster, &agents);
     // Every TCP connection has at least SYN, ACK and a request one way and
     // SYN-ACK and an answer the other; every UDP request one packet each
