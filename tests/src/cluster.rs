@@ -567,6 +567,10 @@ fn attach_to_fabric(fabric: &Netns, fabric_if: &str, ns: &Netns, ip: Ipv4Addr) -
         "dev",
         "eth0",
     ])?;
+    // A wire carries finished checksums. Without this, veth hands partial
+    // ones (CHECKSUM_PARTIAL skbs) across the fabric, which native XDP on
+    // the receiving node cannot see nor keep.
+    ns.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
     Ok(())
 }
