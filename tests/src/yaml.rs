@@ -16,6 +16,29 @@ pub fn service(
     ports: &[ServicePort<'_>],
     selector_app: &str,
 ) -> String {
+    let ports: Vec<_> = ports.iter().map(|&p| (p, None)).collect();
+    service_of_type(name, "ClusterIP", cluster_ip, &ports, selector_app)
+}
+
+/// A `v1/Service` of type NodePort (externalTrafficPolicy Cluster, the
+/// default) in namespace `default`: each port with its `nodePort`.
+pub fn node_port_service(
+    name: &str,
+    cluster_ip: &str,
+    ports: &[(ServicePort<'_>, u16)],
+    selector_app: &str,
+) -> String {
+    let ports: Vec<_> = ports.iter().map(|&(p, np)| (p, Some(np))).collect();
+    service_of_type(name, "NodePort", cluster_ip, &ports, selector_app)
+}
+
+fn service_of_type(
+    name: &str,
+    service_type: &str,
+    cluster_ip: &str,
+    ports: &[(ServicePort<'_>, Option<u16>)],
+    selector_app: &str,
+) -> String {
     let mut s = format!(
         "apiVersion: v1
 kind: Service
@@ -23,18 +46,21 @@ metadata:
   name: {name}
   namespace: default
 spec:
-  type: ClusterIP
+  type: {service_type}
   clusterIP: {cluster_ip}
   selector:
     app: {selector_app}
   ports:
 "
     );
-    for (pname, port, proto, target) in ports {
+    for ((pname, port, proto, target), node_port) in ports {
         let _ = writeln!(
             s,
             "  - name: {pname}\n    port: {port}\n    protocol: {proto}\n    targetPort: {target}"
         );
+        if let Some(np) = node_port {
+            let _ = writeln!(s, "    nodePort: {np}");
+        }
     }
     s
 }

@@ -29,7 +29,7 @@ enum Task {
     Demo,
     /// setup, build-ebpf, release build, then the benchmark (needs root):
     /// writes bench/results/latest.{md,json,svg} (quick.* with --quick,
-    /// partial.* with --services).
+    /// partial.* with --services or --nodeport-agent-args).
     Bench {
         /// N = 1 and 1,000, 2 rounds, small trials (< 3 minutes).
         #[arg(long)]
@@ -39,6 +39,10 @@ enum Task {
         /// 10,000, 30,000).
         #[arg(long, value_delimiter = ',')]
         services: Vec<usize>,
+        /// Extra arguments for both agents of the NodePort measurement,
+        /// whitespace-separated, e.g. `--nodeport-agent-args="--xdp-mode native"`.
+        #[arg(long, allow_hyphen_values = true)]
+        nodeport_agent_args: Option<String>,
     },
 }
 
@@ -60,7 +64,11 @@ fn main() {
         Task::BuildEbpf => build_ebpf().map(|_| ()),
         Task::Test => test(),
         Task::Demo => demo(),
-        Task::Bench { quick, services } => bench(quick, &services),
+        Task::Bench {
+            quick,
+            services,
+            nodeport_agent_args,
+        } => bench(quick, &services, nodeport_agent_args.as_deref()),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -362,7 +370,7 @@ fn demo() -> Result<()> {
         .env("KEP_AGENT_BIN", release.join("kube-ebpf-proxy")))
 }
 
-fn bench(quick: bool, services: &[usize]) -> Result<()> {
+fn bench(quick: bool, services: &[usize], nodeport_agent_args: Option<&str>) -> Result<()> {
     let release = release_lab_build("`cargo xtask bench` (network namespaces, eBPF)")?;
     let ws = workspace();
     let mut cmd = Command::new(release.join("lab-bench"));
@@ -376,6 +384,9 @@ fn bench(quick: bool, services: &[usize]) -> Result<()> {
     if !services.is_empty() {
         let list: Vec<String> = services.iter().map(usize::to_string).collect();
         cmd.arg("--services").arg(list.join(","));
+    }
+    if let Some(extra) = nodeport_agent_args {
+        cmd.arg("--nodeport-agent-args").arg(extra);
     }
     run(&mut cmd)
 }

@@ -2,11 +2,14 @@
 //! kube-proxy nftables shape in one lab, over the same N services, measured
 //! in rounds with the peers in random order (TCP connection rate, TCP and
 //! UDP request/response, one TCP stream's throughput, programming time,
-//! endpoint changes); plus the TC program's per-packet cost with
+//! endpoint changes); then the same peers serving a NodePort in the
+//! two-node cluster lab (TCP connection rate, external client through node
+//! 1 to endpoints on node 0); plus the TC program's per-packet cost with
 //! BPF_PROG_TEST_RUN. Writes `latest.md`, `latest.json` and `latest.svg`.
 //!
 //! - [`rules`]: the services and the manifest / iptables / nft text.
 //! - [`peers`]: making one peer active, its trials, removal.
+//! - [`nodeport`]: the NodePort turns in the cluster lab.
 //! - [`stream`]: the iperf3 stream.
 //! - [`switch`]: probing an endpoint switch from the client.
 //! - [`testrun`]: per-packet cost.
@@ -14,6 +17,7 @@
 //! - [`chart`]: the SVG.
 
 pub mod chart;
+pub mod nodeport;
 pub mod peers;
 pub mod report;
 pub mod rules;
@@ -55,6 +59,12 @@ pub struct Settings {
     /// The agent's manifest poll interval (its default), which bounds how
     /// soon it sees a rewritten manifest.
     pub agent_poll_interval_ms: u64,
+    /// Extra arguments for both agents of the NodePort measurement (after
+    /// `--node-interfaces eth0`), e.g. an XDP mode.
+    pub nodeport_agent_args: Vec<String>,
+    /// Rounds of the NodePort measurement (at every N of
+    /// `service_counts`).
+    pub nodeport_rounds: usize,
 }
 
 impl Settings {
@@ -86,6 +96,8 @@ impl Settings {
             testrun_batches: 10,
             seed: rand::rng().random(),
             agent_poll_interval_ms: 200,
+            nodeport_agent_args: Vec::new(),
+            nodeport_rounds: 2,
             client_sysctls: vec![
                 ("net.ipv4.tcp_max_tw_buckets".into(), "0".into()),
                 ("net.ipv4.ip_local_port_range".into(), "10000 65001".into()),
@@ -123,6 +135,9 @@ impl Settings {
             nft_max_services: Some(10_000),
             testrun_repeat: 1_000_000,
             testrun_batches: 10,
+            // Five rounds, like the ClusterIP trials: each NodePort turn
+            // restarts both agents or reloads the rules at that N.
+            nodeport_rounds: 5,
             ..Settings::quick()
         }
     }
@@ -137,6 +152,11 @@ pub struct Results {
     pub throughput: Vec<stream::Throughput>,
     pub programming: Vec<peers::Programming>,
     pub switches: Vec<switch::Switch>,
+    /// NodePort: one [`peers::Kind::TcpConnect`] trial per peer, N and
+    /// round.
+    pub nodeport_trials: Vec<peers::Trial>,
+    /// NodePort: each peer's load (ours: both agents programmed).
+    pub nodeport_programming: Vec<peers::Programming>,
     /// Peers not run at some N, and why.
     pub skipped: Vec<String>,
     pub packet_costs: Vec<testrun::PacketCost>,
@@ -196,6 +216,50 @@ fn print_turn(n: usize, round: usize, peer: Peer, turn: &peers::Turn) {
     }
 }
 
+/// The NodePort turns: every N, `nodeport_rounds` rounds, peers in random
+/// order, in one cluster (dropped, and so removed, at the end).
+fn run_nodeport(
+    settings: &Settings,
+    runs_at: &dyn Fn(Peer, usize) -> bool,
+    rng: &mut StdRng,
+    results: &mut Results,
+) -> Result<()> {
+    let cluster = nodeport::cluster(settings)?;
+    for &n in &settings.service_counts {
+        let services = nodeport::services(&cluster, n);
+        for round in 0..settings.nodeport_rounds {
+            let mut order: Vec<Peer> = Peer::ALL.into_iter().filter(|&p| runs_at(p, n)).collect();
+            order.shuffle(rng);
+            for peer in order {
+                match nodeport::turn(&cluster, peer, &services, round, settings) {
+                    Ok(turn) => {
+                        let t = &turn.trial;
+                        println!(
+                            "N={n:<6} round {round} {peer:<9} nodeport        {:>7.0}/s p50 {:>6.0} µs p99 {:>6.0} µs ok {}/{}{}",
+                            t.rate,
+                            t.p50_us,
+                            t.p99_us,
+                            t.ok,
+                            t.requested,
+                            turn.programming
+                                .as_ref()
+                                .map_or(String::new(), |p| format!(" (load {:.1} ms)", p.wall_ms)),
+                        );
+                        results.nodeport_trials.push(turn.trial);
+                        results.nodeport_programming.extend(turn.programming);
+                    }
+                    Err(e) => {
+                        let msg = format!("NodePort N={n} round {round} {peer}: {e:#}");
+                        eprintln!("bench: {msg}");
+                        results.failures.push(msg);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs the whole benchmark.
 pub fn run(settings: Settings) -> Result<Results> {
     let started = Instant::now();
@@ -207,6 +271,8 @@ pub fn run(settings: Settings) -> Result<Results> {
         throughput: Vec::new(),
         programming: Vec::new(),
         switches: Vec::new(),
+        nodeport_trials: Vec::new(),
+        nodeport_programming: Vec::new(),
         skipped: Vec::new(),
         packet_costs: Vec::new(),
         failures: Vec::new(),
@@ -243,6 +309,7 @@ pub fn run(settings: Settings) -> Result<Results> {
             results.skipped.push(msg);
         }
     }
+    let mut rng = StdRng::seed_from_u64(settings.seed);
     {
         let lab = Lab::with_config(LabConfig {
             // One more than the endpoints: the spare the switches go to.
@@ -253,7 +320,6 @@ pub fn run(settings: Settings) -> Result<Results> {
             lab.client().sysctl(key, value)?;
         }
         let _iperf = stream::IperfServer::start(lab.backend(0))?;
-        let mut rng = StdRng::seed_from_u64(settings.seed);
         for &n in &settings.service_counts {
             let services = rules::services(n, settings.backends);
             for round in 0..settings.rounds {
@@ -285,7 +351,13 @@ pub fn run(settings: Settings) -> Result<Results> {
             }
         }
     }
+    if let Err(e) = run_nodeport(&settings, &runs_at, &mut rng, &mut results) {
+        let msg = format!("NodePort: {e:#}");
+        eprintln!("bench: {msg}");
+        results.failures.push(msg);
+    }
     report::fill_ratios(&mut results.trials);
+    report::fill_ratios(&mut results.nodeport_trials);
     report::fill_throughput_ratios(&mut results.throughput);
 
     let mut sizes = vec![settings.service_counts.iter().copied().min().unwrap_or(1)];

@@ -18,6 +18,7 @@ use super::rules::{self, BenchService};
 use super::stream::{self, Throughput};
 use super::switch::{Prober, Switch, SwitchSettings};
 use crate::loadgen::{self, Report};
+use crate::netns::Netns;
 use crate::{Agent, Lab, addr, backend_name};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -195,11 +196,11 @@ fn target(peer: Peer, services: &[BenchService]) -> SocketAddrV4 {
     target_for(peer, services, rules::SERVICE_PORT, rules::TARGET_PORT)
 }
 
-/// `conntrack -F` in the node namespace, if the tool exists.
-pub fn flush_conntrack(lab: &Lab) {
+/// `conntrack -F` in `node`, if the tool exists.
+pub fn flush_conntrack(node: &Netns) {
     if Path::new("/usr/sbin/conntrack").exists() || Path::new("/sbin/conntrack").exists() {
         // Fails harmlessly when no conntrack table exists in the namespace.
-        let _ = lab.node().exec("conntrack", &["-F"]);
+        let _ = node.exec("conntrack", &["-F"]);
     }
 }
 
@@ -234,28 +235,33 @@ fn trial_from(kind: Kind, peer: Peer, n: usize, round: usize, report: &Report) -
     }
 }
 
-/// One trial of `kind` against `peer`'s target (warm-up first, conntrack
-/// flushed before).
-fn run_trial(
-    lab: &Lab,
+/// Where a trial runs and what it reaches.
+pub(super) struct TrialPath<'a> {
+    pub client: &'a Netns,
+    /// Namespaces whose netfilter conntrack is flushed before the trial.
+    pub conntrack: &'a [&'a Netns],
+    pub tcp: SocketAddrV4,
+    pub udp: SocketAddrV4,
+}
+
+/// One trial of `kind` from `path.client` (warm-up first, conntrack
+/// flushed before); `n` is the number of services loaded.
+pub(super) fn measure(
+    path: &TrialPath<'_>,
     kind: Kind,
     peer: Peer,
-    services: &[BenchService],
+    n: usize,
     round: usize,
     s: TrialSettings,
 ) -> Trial {
-    flush_conntrack(lab);
+    for ns in path.conntrack {
+        flush_conntrack(ns);
+    }
     let per = Duration::from_millis(s.per_connection_timeout_ms);
     let udp_per = Duration::from_millis(s.udp_timeout_ms);
     let deadline = Duration::from_secs(s.deadline_s);
-    let tcp = target(peer, services);
-    let udp = target_for(
-        peer,
-        services,
-        rules::UDP_SERVICE_PORT,
-        rules::UDP_TARGET_PORT,
-    );
-    let report = lab.client().run(move || {
+    let (tcp, udp) = (path.tcp, path.udp);
+    let report = path.client.run(move || {
         let (count, run): (usize, &dyn Fn(usize) -> Report) = match kind {
             Kind::TcpConnect => (s.connections, &|c| {
                 loadgen::tcp_requests(tcp, c, per, deadline)
@@ -273,7 +279,30 @@ fn run_trial(
         let _ = run(s.warmup);
         run(count)
     });
-    trial_from(kind, peer, services.len(), round, &report)
+    trial_from(kind, peer, n, round, &report)
+}
+
+/// One trial of `kind` against `peer`'s target in the one-node lab.
+fn run_trial(
+    lab: &Lab,
+    kind: Kind,
+    peer: Peer,
+    services: &[BenchService],
+    round: usize,
+    s: TrialSettings,
+) -> Trial {
+    let path = TrialPath {
+        client: lab.client(),
+        conntrack: &[lab.node()],
+        tcp: target(peer, services),
+        udp: target_for(
+            peer,
+            services,
+            rules::UDP_SERVICE_PORT,
+            rules::UDP_TARGET_PORT,
+        ),
+    };
+    measure(&path, kind, peer, services.len(), round, s)
 }
 
 /// Every trial kind, then the iperf3 stream.
@@ -288,7 +317,7 @@ fn run_all(
         .iter()
         .map(|&k| run_trial(lab, k, peer, services, round, s))
         .collect();
-    flush_conntrack(lab);
+    flush_conntrack(lab.node());
     let stream_target = target_for(peer, services, rules::IPERF_PORT, rules::IPERF_PORT);
     let throughput = stream::measure(
         lab.client(),
@@ -356,7 +385,7 @@ pub fn turn(
         Peer::Ours => ours(lab, services, round, plan),
         Peer::Iptables | Peer::Nftables => {
             let result = rules_turn(lab, peer, services, round, plan);
-            let cleanup = remove_rules(lab, peer);
+            let cleanup = remove_rules(lab.node(), peer);
             let turn = result?;
             cleanup?;
             Ok(turn)
@@ -378,7 +407,11 @@ const PROGRAMMED: &str = "datapath programmed";
 
 /// Waits (polling every 2 ms, at most `timeout`) for the `count`-th
 /// `datapath programmed` line; returns its `took_us`.
-fn wait_programmed(agent: &Agent<'_>, count: usize, timeout: Duration) -> Result<Option<u64>> {
+pub(super) fn wait_programmed(
+    agent: &Agent<'_>,
+    count: usize,
+    timeout: Duration,
+) -> Result<Option<u64>> {
     let deadline = Instant::now() + timeout;
     while agent.log_count(PROGRAMMED) < count {
         if !agent.is_running() {
@@ -406,7 +439,7 @@ fn wait_programmed(agent: &Agent<'_>, count: usize, timeout: Duration) -> Result
 }
 
 /// VmHWM of `pid` in kB.
-fn peak_rss_kb(pid: u32) -> Option<u64> {
+pub(super) fn peak_rss_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -489,14 +522,15 @@ fn detach_tc(lab: &Lab) {
 }
 
 /// A rules file written and ready to load.
-struct StagedRules {
+pub(super) struct StagedRules {
     program: &'static str,
     args: Vec<String>,
 }
 
 impl StagedRules {
-    /// Writes the rules for `services` to the lab's temp dir.
-    fn write(lab: &Lab, peer: Peer, services: &[BenchService]) -> Result<StagedRules> {
+    /// Writes `peer`'s rules for `services` (rendered by `rules`' iptables
+    /// or nft generator) into `dir`.
+    pub(super) fn write(dir: &Path, peer: Peer, services: &[BenchService]) -> Result<StagedRules> {
         let (text, file, program) = match peer {
             Peer::Iptables => (
                 rules::iptables_restore(services),
@@ -506,7 +540,7 @@ impl StagedRules {
             Peer::Nftables => (rules::nft_script(services), "nftables.nft", "nft"),
             _ => bail!("{peer} has no rules"),
         };
-        let path = lab.dir().join(file);
+        let path = dir.join(file);
         std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
         let path = path.to_string_lossy().into_owned();
         let args = match peer {
@@ -516,20 +550,20 @@ impl StagedRules {
         Ok(StagedRules { program, args })
     }
 
-    /// Runs the one `iptables-restore` / `nft -f` in the node namespace;
-    /// returns its wall time.
-    fn apply(&self, lab: &Lab) -> Result<Duration> {
+    /// Runs the one `iptables-restore` / `nft -f` in `node`; returns its
+    /// wall time.
+    pub(super) fn apply(&self, node: &Netns) -> Result<Duration> {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         let t0 = Instant::now();
-        lab.node().exec(self.program, &args)?;
+        node.exec(self.program, &args)?;
         Ok(t0.elapsed())
     }
 }
 
-/// Loads the rules for `services` into the node namespace; returns the
-/// wall time of the one `iptables-restore` / `nft -f`.
+/// Loads the rules for `services` into the lab's node namespace; returns
+/// the wall time of the one `iptables-restore` / `nft -f`.
 fn load_rules(lab: &Lab, peer: Peer, services: &[BenchService]) -> Result<Duration> {
-    StagedRules::write(lab, peer, services)?.apply(lab)
+    StagedRules::write(lab.dir(), peer, services)?.apply(lab.node())
 }
 
 fn rules_turn(
@@ -566,10 +600,10 @@ fn rules_turn(
         });
         for rep in 0..plan.switch.repetitions {
             let (changed, to) = switch_target(services, plan, rep);
-            let staged = StagedRules::write(lab, peer, &changed)?;
+            let staged = StagedRules::write(lab.dir(), peer, &changed)?;
             let prober = Prober::start(lab, target(peer, services), &to, plan.switch)?;
             let t0 = Instant::now();
-            let loaded = staged.apply(lab);
+            let loaded = staged.apply(lab.node());
             let programmed = t0.elapsed();
             let switch = prober.finish(peer, n, rep, to, t0, programmed);
             loaded?;
@@ -584,10 +618,10 @@ fn rules_turn(
     })
 }
 
-/// Flushes and deletes the peer's chains, then the table itself, so no NAT
-/// hook (and so no netfilter conntrack) is left for the next peer.
-fn remove_rules(lab: &Lab, peer: Peer) -> Result<()> {
-    let node = lab.node();
+/// Flushes and deletes the peer's chains in `node`, then the table itself,
+/// so no NAT hook (and so no netfilter conntrack) is left for the next
+/// peer.
+pub(super) fn remove_rules(node: &Netns, peer: Peer) -> Result<()> {
     match peer {
         Peer::Iptables => {
             node.exec("iptables", &["-t", "nat", "-F"])?;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::Results;
-use super::peers::{Kind, Peer, Trial};
+use super::peers::{Kind, Peer, Programming, Trial};
 use super::stream::Throughput;
 
 /// Where the numbers were taken.
@@ -127,18 +127,34 @@ pub struct Summary {
     pub agent_peak_rss_kb: Option<f64>,
 }
 
+/// The ClusterIP connection trials and programming, per peer and N.
 pub fn summaries(r: &Results) -> Vec<Summary> {
+    summarize(&r.settings.service_counts, &r.trials, &r.programming)
+}
+
+/// The NodePort connection trials and loads, per peer and N.
+pub fn nodeport_summaries(r: &Results) -> Vec<Summary> {
+    summarize(
+        &r.settings.service_counts,
+        &r.nodeport_trials,
+        &r.nodeport_programming,
+    )
+}
+
+fn summarize(
+    service_counts: &[usize],
+    all_trials: &[Trial],
+    programming: &[Programming],
+) -> Vec<Summary> {
     let mut out = Vec::new();
-    for &n in &r.settings.service_counts {
+    for &n in service_counts {
         for peer in Peer::ALL {
-            let trials: Vec<&Trial> = r
-                .trials
+            let trials: Vec<&Trial> = all_trials
                 .iter()
                 .filter(|t| t.kind == Kind::TcpConnect && t.peer == peer && t.services == n)
                 .collect();
             if trials.is_empty()
-                && !r
-                    .programming
+                && !programming
                     .iter()
                     .any(|p| p.peer == peer && p.services == n)
             {
@@ -146,7 +162,7 @@ pub fn summaries(r: &Results) -> Vec<Summary> {
             }
             let ok: Vec<&&Trial> = trials.iter().filter(|t| t.complete).collect();
             let prog = |what: &'static str| {
-                r.programming
+                programming
                     .iter()
                     .filter(move |p| p.peer == peer && p.services == n && p.what == what)
             };
@@ -410,6 +426,7 @@ pub fn markdown(r: &Results) -> String {
          re-applying the full ruleset, as kube-proxy's sync does.\n\n",
     );
     out.push_str(&request_response_table(r));
+    out.push_str(&nodeport_table(r));
     out.push_str(&switch_table(r));
     out.push_str("## Per-packet cost of the TC program (BPF_PROG_TEST_RUN)\n\n");
     out.push_str(
@@ -439,17 +456,20 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(out, "- {first}");
         }
     }
-    let failed: Vec<String> = r
-        .trials
-        .iter()
-        .filter(|t| !t.complete)
-        .map(|t| {
-            format!(
-                "- N={} round {} {} {}: {}/{} ok, errors {:?}",
-                t.services, t.round, t.peer, t.kind, t.ok, t.requested, t.errors
-            )
-        })
-        .collect();
+    let incomplete = |trials: &[Trial], what: &'static str| -> Vec<String> {
+        trials
+            .iter()
+            .filter(|t| !t.complete)
+            .map(|t| {
+                format!(
+                    "- N={} round {} {} {what}{}: {}/{} ok, errors {:?}",
+                    t.services, t.round, t.peer, t.kind, t.ok, t.requested, t.errors
+                )
+            })
+            .collect()
+    };
+    let mut failed = incomplete(&r.trials, "");
+    failed.extend(incomplete(&r.nodeport_trials, "NodePort "));
     let streams = r.throughput.iter().filter(|t| !t.complete).map(|t| {
         format!(
             "- N={} round {} {} tcp-stream: {}",
@@ -541,6 +561,62 @@ fn request_response_table(r: &Results) -> String {
     out
 }
 
+fn nodeport_table(r: &Results) -> String {
+    let rows = nodeport_summaries(r);
+    if rows.is_empty() {
+        return String::new();
+    }
+    let s = &r.settings;
+    let mut out = format!(
+        "## NodePort: external client through another node (median over complete rounds)\n\n\
+         Two-node cluster lab: the external client (192.168.50.100) connects to node 1's \
+         192.168.50.11:nodePort; the Service's {} endpoints are all on node 0, so every \
+         connection is forwarded across the fabric bridge and masqueraded to node 1's address \
+         (externalTrafficPolicy Cluster). N services as above, of which the last \
+         min(N, {}) are NodePort services with node ports 30000, 30001, … (the default \
+         range holds no more; the rest stay ClusterIP-only, and their ClusterIP rules still \
+         come first in kube-proxy's KUBE-SERVICES chain); the target is the last. {} rounds, \
+         peers in random order, the same TCP connection trial as above (conntrack flushed on \
+         both nodes before each). `direct`: the backend pod's IP, routed through node 1 by a \
+         route in the client added for this peer only, no NAT (its replies go from node 0 \
+         straight to the client, one hop fewer than a masqueraded reply). `ours`: both \
+         agents with `--node-interfaces eth0`{}; `program all N` = both agents started until \
+         both printed `datapath programmed` (`agent took_us`: node 1's). iptables / nftables: \
+         kube-proxy's NodePort rules (KUBE-NODEPORTS → KUBE-EXT-* → KUBE-MARK-MASQ + KUBE-SVC-*; \
+         the `service-nodeports` verdict map) in node 1 only, loaded by one \
+         `iptables-restore` / `nft -f`.\n\n\
+         | N | peer | conn/s | vs direct | p50 | p99 | complete rounds | program all N | agent took_us | agent peak RSS (node 1) |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        s.backends,
+        super::rules::MAX_NODE_PORTS,
+        s.nodeport_rounds,
+        if s.nodeport_agent_args.is_empty() {
+            String::new()
+        } else {
+            format!(" `{}`", s.nodeport_agent_args.join(" "))
+        },
+    );
+    for x in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} |",
+            x.services,
+            x.peer,
+            opt(x.rate, |v| format!("{v:.0}")),
+            opt(x.ratio_to_direct, |v| format!("{v:.2}")),
+            opt(x.p50_us, |v| format!("{v:.0} µs")),
+            opt(x.p99_us, |v| format!("{v:.0} µs")),
+            x.complete_rounds,
+            x.rounds,
+            opt(x.load_wall_ms, duration_ms),
+            opt(x.load_agent_took_us, |v| format!("{:.1} ms", v / 1e3)),
+            opt(x.agent_peak_rss_kb, |v| format!("{:.1} MiB", v / 1024.0)),
+        );
+    }
+    out.push('\n');
+    out
+}
+
 fn switch_table(r: &Results) -> String {
     let rows = switch_summaries(r);
     if rows.is_empty() {
@@ -601,6 +677,7 @@ pub fn write_all(r: &Results, dir: &Path, stem: &str) -> Result<()> {
         kind_summaries: Vec<KindSummary>,
         stream_summaries: Vec<StreamSummary>,
         switch_summaries: Vec<SwitchSummary>,
+        nodeport_summaries: Vec<Summary>,
     }
     let json = serde_json::to_string(&Json {
         results: r,
@@ -608,6 +685,7 @@ pub fn write_all(r: &Results, dir: &Path, stem: &str) -> Result<()> {
         kind_summaries: kind_summaries(r),
         stream_summaries: stream_summaries(r),
         switch_summaries: switch_summaries(r),
+        nodeport_summaries: nodeport_summaries(r),
     })?;
     write(&format!("{stem}.json"), &json)?;
     write(

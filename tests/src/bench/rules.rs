@@ -10,11 +10,21 @@
 //! trials) and `iperf` 5201/TCP -> 5201 whose own EndpointSlice holds one
 //! endpoint: iperf3 opens a control and a data connection, and with three
 //! endpoints they would land on different servers.
+//!
+//! The NodePort measurement's services ([`node_port_services`]) are the
+//! same ClusterIP services with `http` only; the last
+//! `min(n, `[`MAX_NODE_PORTS`]`)` are of type NodePort, with node ports
+//! 30000, 30001, ... in service order (so the target is again last in every
+//! rule list). A cluster's default NodePort range holds no more than
+//! [`MAX_NODE_PORTS`] TCP node ports, so above that N the rest stay
+//! ClusterIP-only, as they would in a real cluster: their ClusterIP rules
+//! still come first in kube-proxy's KUBE-SERVICES chain.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use crate::{addr, backend_name, yaml};
+use crate::yaml::{self, NodeEndpoint};
+use crate::{addr, backend_name};
 
 /// Service port and the backends' port.
 pub const SERVICE_PORT: u16 = 80;
@@ -24,6 +34,11 @@ pub const UDP_SERVICE_PORT: u16 = 53;
 pub const UDP_TARGET_PORT: u16 = 5353;
 /// The target service's iperf3 port (service port = target port).
 pub const IPERF_PORT: u16 = 5201;
+/// The first node port (kube-apiserver's default range is 30000-32767).
+pub const FIRST_NODE_PORT: u16 = 30_000;
+/// Node ports in the default range, so most NodePort services with one TCP
+/// port each.
+pub const MAX_NODE_PORTS: usize = 32_767 - FIRST_NODE_PORT as usize + 1;
 
 /// ClusterIP of service `i`: 10.96.(1 + i / 250).(1 + i % 250), inside the
 /// default service CIDR and clear of the lab's demo VIPs (10.96.0.x).
@@ -44,6 +59,9 @@ pub struct BenchService {
     pub udp: bool,
     /// Also serves `iperf` [`IPERF_PORT`]/TCP on this one endpoint.
     pub iperf: Option<Ipv4Addr>,
+    /// Type NodePort (externalTrafficPolicy Cluster) with this node port on
+    /// `http`.
+    pub node_port: Option<u16>,
 }
 
 /// `n` services, each with endpoints `backends` (the lab's backend pods
@@ -57,6 +75,24 @@ pub fn services(n: usize, backends: usize) -> Vec<BenchService> {
             endpoints: (0..backends).map(addr::backend_ip).collect(),
             udp: i + 1 == n,
             iperf: (i + 1 == n).then(|| addr::backend_ip(0)),
+            node_port: None,
+        })
+        .collect()
+}
+
+/// `n` services with `http` only, each with `endpoints`; the last
+/// `min(n, MAX_NODE_PORTS)` are NodePort services with node ports 30000,
+/// 30001, ... in order (see the module docs).
+pub fn node_port_services(n: usize, endpoints: &[Ipv4Addr]) -> Vec<BenchService> {
+    let first = n.saturating_sub(MAX_NODE_PORTS);
+    (0..n)
+        .map(|i| BenchService {
+            name: format!("svc-{i:05}"),
+            vip: vip(i),
+            endpoints: endpoints.to_vec(),
+            udp: false,
+            iperf: None,
+            node_port: (i >= first).then(|| FIRST_NODE_PORT + (i - first) as u16),
         })
         .collect()
 }
@@ -69,6 +105,7 @@ struct PortSpec<'a> {
     port: u16,
     target: u16,
     endpoints: &'a [Ipv4Addr],
+    node_port: Option<u16>,
 }
 
 fn port_specs(s: &BenchService) -> Vec<PortSpec<'_>> {
@@ -78,6 +115,7 @@ fn port_specs(s: &BenchService) -> Vec<PortSpec<'_>> {
         port: SERVICE_PORT,
         target: TARGET_PORT,
         endpoints: &s.endpoints,
+        node_port: s.node_port,
     }];
     if s.udp {
         out.push(PortSpec {
@@ -86,6 +124,7 @@ fn port_specs(s: &BenchService) -> Vec<PortSpec<'_>> {
             port: UDP_SERVICE_PORT,
             target: UDP_TARGET_PORT,
             endpoints: &s.endpoints,
+            node_port: None,
         });
     }
     if let Some(ep) = &s.iperf {
@@ -95,6 +134,7 @@ fn port_specs(s: &BenchService) -> Vec<PortSpec<'_>> {
             port: IPERF_PORT,
             target: IPERF_PORT,
             endpoints: std::slice::from_ref(ep),
+            node_port: None,
         });
     }
     out
@@ -128,8 +168,24 @@ fn pod_name(ip: Ipv4Addr) -> String {
 }
 
 /// All services as one multi-document manifest (Service + EndpointSlice
-/// each), in service order.
+/// each), in service order, endpoints on the one-node lab's node.
 pub fn manifest(services: &[BenchService]) -> String {
+    manifest_on(services, crate::LAB_NODE, &pod_name)
+}
+
+/// [`manifest`] with every endpoint on node `node`, its pod named by
+/// `pod_name`.
+pub fn manifest_on(
+    services: &[BenchService],
+    node: &str,
+    pod_name: &dyn Fn(Ipv4Addr) -> String,
+) -> String {
+    let endpoint = |ip: Ipv4Addr| NodeEndpoint {
+        ip,
+        pod: pod_name(ip),
+        ready: true,
+        node: node.to_string(),
+    };
     let mut out = String::new();
     let udp_target = UDP_TARGET_PORT.to_string();
     let iperf_target = IPERF_PORT.to_string();
@@ -143,13 +199,24 @@ pub fn manifest(services: &[BenchService]) -> String {
         if s.iperf.is_some() {
             ports.push(("iperf", IPERF_PORT, "TCP", iperf_target.as_str()));
         }
-        let svc = yaml::service(&s.name, &s.vip.to_string(), &ports, &s.name);
-        let eps: Vec<_> = s
-            .endpoints
-            .iter()
-            .map(|ip| (*ip, pod_name(*ip), true))
-            .collect();
-        let slice = yaml::endpoint_slice(&format!("{}-x", s.name), &s.name, &slice_ports, &eps);
+        let svc = match s.node_port {
+            // Only `http` has a node port (NodePort services have no UDP or
+            // iperf port here).
+            Some(np) => {
+                assert_eq!(
+                    ports.len(),
+                    1,
+                    "{}: a NodePort service has http only",
+                    s.name
+                );
+                let with_node_ports: Vec<_> = ports.iter().map(|&p| (p, np)).collect();
+                yaml::node_port_service(&s.name, &s.vip.to_string(), &with_node_ports, &s.name)
+            }
+            None => yaml::service(&s.name, &s.vip.to_string(), &ports, &s.name),
+        };
+        let eps: Vec<_> = s.endpoints.iter().map(|&ip| endpoint(ip)).collect();
+        let slice =
+            yaml::endpoint_slice_on_nodes(&format!("{}-x", s.name), &s.name, &slice_ports, &eps);
         if !out.is_empty() {
             out.push_str("---\n");
         }
@@ -158,11 +225,11 @@ pub fn manifest(services: &[BenchService]) -> String {
         out.push_str(&slice);
         if let Some(ep) = s.iperf {
             out.push_str("---\n");
-            out.push_str(&yaml::endpoint_slice(
+            out.push_str(&yaml::endpoint_slice_on_nodes(
                 &format!("{}-iperf", s.name),
                 &s.name,
                 &[("iperf", IPERF_PORT, "TCP")],
-                &[(ep, pod_name(ep), true)],
+                &[endpoint(ep)],
             ));
         }
     }
@@ -173,10 +240,16 @@ pub fn manifest(services: &[BenchService]) -> String {
 /// `pkg/proxy/iptables/proxier.go`): PREROUTING -> KUBE-SERVICES, one rule
 /// per service port jumping to KUBE-SVC-*, which picks a KUBE-SEP-* with
 /// `statistic --mode random`, which marks hairpin traffic for masquerade and
-/// DNATs. For one `iptables-restore` (the whole nat table is replaced).
+/// DNATs. With node ports, KUBE-SERVICES ends with the jump to
+/// KUBE-NODEPORTS for local destinations, where one rule per node port
+/// (`--dport`) jumps to KUBE-EXT-*, which marks for masquerade
+/// (externalTrafficPolicy Cluster) and jumps to the service's KUBE-SVC-*.
+/// For one `iptables-restore` (the whole nat table is replaced).
 pub fn iptables_restore(services: &[BenchService]) -> String {
     let mut chains = String::new();
     let mut rules = String::new();
+    let mut node_port_rules = String::new();
+    let mut ext_rules = String::new();
     for c in ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"] {
         let _ = writeln!(chains, ":{c} - [0:0]");
     }
@@ -202,6 +275,19 @@ pub fn iptables_restore(services: &[BenchService]) -> String {
                 "-A KUBE-SERVICES -m comment --comment \"{port_name} cluster IP\" -d {}/32 -p {proto} -m {proto} --dport {} -j {svc_chain}",
                 s.vip, p.port
             );
+            if let Some(np) = p.node_port {
+                let ext_chain = format!("KUBE-EXT-{}", hash_tag(&format!("{port_name}/{proto}")));
+                let _ = writeln!(chains, ":{ext_chain} - [0:0]");
+                let _ = writeln!(
+                    node_port_rules,
+                    "-A KUBE-NODEPORTS -m comment --comment \"{port_name}\" -p {proto} -m {proto} --dport {np} -j {ext_chain}"
+                );
+                let _ = writeln!(
+                    ext_rules,
+                    "-A {ext_chain} -m comment --comment \"masquerade traffic for {port_name} external destinations\" -j KUBE-MARK-MASQ\n\
+                     -A {ext_chain} -j {svc_chain}"
+                );
+            }
             let n = p.endpoints.len();
             for (j, ep) in p.endpoints.iter().enumerate() {
                 let sep_chain = format!(
@@ -231,7 +317,13 @@ pub fn iptables_restore(services: &[BenchService]) -> String {
             }
         }
     }
-    format!("*nat\n{chains}{rules}{svc_rules}{sep_rules}COMMIT\n")
+    if !node_port_rules.is_empty() {
+        chains.push_str(":KUBE-NODEPORTS - [0:0]\n");
+        rules.push_str(
+            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n",
+        );
+    }
+    format!("*nat\n{chains}{rules}{node_port_rules}{ext_rules}{svc_rules}{sep_rules}COMMIT\n")
 }
 
 /// Name of the nftables table (kube-proxy's).
@@ -240,11 +332,16 @@ pub const NFT_TABLE: &str = "kube-proxy";
 /// kube-proxy's nftables-mode table for `services` (the shape of
 /// `pkg/proxy/nftables/proxier.go`): a `service-ips` verdict map keyed by
 /// `daddr . l4proto . dport`, one chain per service choosing an endpoint
-/// chain with `numgen random`, one chain per endpoint doing the DNAT. One
-/// `nft -f` transaction; it deletes any previous copy of the table first,
-/// which makes it the full resync too.
+/// chain with `numgen random`, one chain per endpoint doing the DNAT. With
+/// node ports, a `service-nodeports` verdict map keyed by
+/// `l4proto . dport`, consulted for local destinations (`fib daddr type
+/// local`), goes to one `external-*` chain per node port, which marks for
+/// masquerade (externalTrafficPolicy Cluster) and goes to the service's
+/// chain. One `nft -f` transaction; it deletes any previous copy of the
+/// table first, which makes it the full resync too.
 pub fn nft_script(services: &[BenchService]) -> String {
     let mut elements = Vec::with_capacity(services.len());
+    let mut node_port_elements = Vec::new();
     let mut chains = String::new();
     for s in services {
         for p in port_specs(s) {
@@ -256,6 +353,14 @@ pub fn nft_script(services: &[BenchService]) -> String {
                 "{} . {proto} . {} : goto {svc_chain}",
                 s.vip, p.port
             ));
+            if let Some(np) = p.node_port {
+                let ext_chain = format!("external-{tag}-default-{}-{proto}-{}", s.name, p.name);
+                node_port_elements.push(format!("{proto} . {np} : goto {ext_chain}"));
+                let _ = writeln!(
+                    chains,
+                    "  chain {ext_chain} {{\n    jump mark-for-masquerade\n    goto {svc_chain}\n  }}"
+                );
+            }
             let mut arms = Vec::new();
             for (j, ep) in p.endpoints.iter().enumerate() {
                 let ep_tag = hash_tag(&format!("{port_name}/{proto}/{ep}"));
@@ -290,13 +395,26 @@ pub fn nft_script(services: &[BenchService]) -> String {
     } else {
         format!("\n    elements = {{ {} }}", elements.join(",\n      "))
     };
+    let (node_port_map, node_port_rule) = if node_port_elements.is_empty() {
+        (String::new(), String::new())
+    } else {
+        (
+            format!(
+                "  map service-nodeports {{\n    type inet_proto . inet_service : verdict\n    \
+                 elements = {{ {} }}\n  }}\n",
+                node_port_elements.join(",\n      ")
+            ),
+            "\n    fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"
+                .to_string(),
+        )
+    };
     format!(
         "table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n\
 table ip {NFT_TABLE} {{
   map service-ips {{
     type ipv4_addr . inet_proto . inet_service : verdict{map_elements}
   }}
-  chain nat-prerouting {{
+{node_port_map}  chain nat-prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     jump services
   }}
@@ -317,7 +435,7 @@ table ip {NFT_TABLE} {{
     masquerade fully-random
   }}
   chain services {{
-    ip daddr . meta l4proto . th dport vmap @service-ips
+    ip daddr . meta l4proto . th dport vmap @service-ips{node_port_rule}
   }}
 {chains}}}
 "
@@ -454,5 +572,125 @@ mod tests {
         assert_eq!(text.matches("kind: EndpointSlice").count(), 2 + 1);
         assert_eq!(text.matches("protocol: UDP").count(), 2);
         assert!(text.contains("name: svc-00001-iperf"));
+    }
+
+    fn np_endpoints() -> Vec<Ipv4Addr> {
+        vec![
+            Ipv4Addr::new(10, 244, 128, 2),
+            Ipv4Addr::new(10, 244, 129, 2),
+        ]
+    }
+
+    #[test]
+    fn node_ports_stay_in_the_default_range() {
+        let few = node_port_services(3, &np_endpoints());
+        let ports: Vec<_> = few.iter().map(|s| s.node_port).collect();
+        assert_eq!(ports, [Some(30_000), Some(30_001), Some(30_002)]);
+        assert!(few.iter().all(|s| !s.udp && s.iperf.is_none()));
+        let many = node_port_services(MAX_NODE_PORTS + 2, &np_endpoints());
+        assert_eq!(many[0].node_port, None);
+        assert_eq!(many[1].node_port, None);
+        assert_eq!(many[2].node_port, Some(30_000));
+        assert_eq!(many.last().unwrap().node_port, Some(32_767));
+    }
+
+    #[test]
+    fn iptables_text_with_node_ports() {
+        let text = iptables_restore(&node_port_services(2, &np_endpoints()));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(text.contains(":KUBE-NODEPORTS - [0:0]\n"));
+        let portals: Vec<_> = lines
+            .iter()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES "))
+            .collect();
+        assert_eq!(portals.len(), 3);
+        assert!(
+            portals[2].ends_with("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"),
+            "the node-port jump is KUBE-SERVICES' last rule: {}",
+            portals[2]
+        );
+        let node_ports: Vec<_> = lines
+            .iter()
+            .filter(|l| l.starts_with("-A KUBE-NODEPORTS "))
+            .collect();
+        assert_eq!(node_ports.len(), 2);
+        assert!(node_ports[1].contains("-p tcp -m tcp --dport 30001 -j KUBE-EXT-"));
+        let ext = node_ports[1].rsplit(' ').next().unwrap();
+        let ext_rules: Vec<_> = lines
+            .iter()
+            .filter(|l| l.starts_with(&format!("-A {ext} ")))
+            .collect();
+        assert_eq!(ext_rules.len(), 2);
+        assert!(ext_rules[0].ends_with("-j KUBE-MARK-MASQ"));
+        // The external chain goes to the same service chain as the
+        // ClusterIP rule of that service.
+        let svc = ext_rules[1].rsplit(' ').next().unwrap();
+        assert!(portals[1].ends_with(&format!("-j {svc}")), "{}", portals[1]);
+        assert_eq!(
+            text.matches("-j DNAT --to-destination 10.244.129.2:8080")
+                .count(),
+            2
+        );
+        for l in &lines {
+            if let Some(target) = l.split(" -j ").nth(1) {
+                let target = target.split(' ').next().unwrap();
+                if target.starts_with("KUBE-") {
+                    assert!(text.contains(&format!(":{target} - [0:0]")), "{target}");
+                }
+            }
+        }
+        // Without node ports there is no KUBE-NODEPORTS at all.
+        assert!(!iptables_restore(&services(2, 3)).contains("KUBE-NODEPORTS"));
+    }
+
+    #[test]
+    fn nft_text_with_node_ports() {
+        let text = nft_script(&node_port_services(2, &np_endpoints()));
+        assert!(
+            text.contains("map service-nodeports {\n    type inet_proto . inet_service : verdict")
+        );
+        assert!(text.contains(
+            "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"
+        ));
+        let element = text
+            .lines()
+            .find(|l| l.contains("tcp . 30001 : goto external-"))
+            .expect("the target's node port element");
+        let ext: String = element
+            .split("goto ")
+            .nth(1)
+            .unwrap()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        let body = text
+            .split(&format!("chain {ext} {{"))
+            .nth(1)
+            .expect("external chain defined");
+        let body = body.split('}').next().unwrap();
+        assert!(body.contains("jump mark-for-masquerade"), "{body}");
+        assert!(body.contains("goto service-"), "{body}");
+        for target in text.split("goto ").skip(1) {
+            let name: String = target
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            assert!(text.contains(&format!("chain {name} {{")), "{name}");
+        }
+        let braces = text.matches('{').count() as i64 - text.matches('}').count() as i64;
+        assert_eq!(braces, 0);
+        assert!(!nft_script(&services(2, 3)).contains("service-nodeports"));
+    }
+
+    #[test]
+    fn manifest_with_node_ports_on_a_cluster_node() {
+        let text = manifest_on(&node_port_services(2, &np_endpoints()), "node-0", &|ip| {
+            format!("pod-{}", ip.octets()[2])
+        });
+        assert_eq!(text.matches("type: NodePort\n").count(), 2);
+        assert!(text.contains("    targetPort: 8080\n    nodePort: 30001\n"));
+        assert_eq!(text.matches("nodeName: node-0").count(), 4);
+        assert!(text.contains("name: pod-129"));
+        assert!(!text.contains("protocol: UDP"));
     }
 }

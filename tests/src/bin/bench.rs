@@ -1,8 +1,12 @@
-//! `lab-bench [--quick] [--services N,N,...] [--nft-max-services N] [--out DIR]`: runs the benchmark (see `lab::bench`)
-//! in one lab and writes `latest.md`, `latest.json` and `latest.svg` to DIR
-//! (default `<workspace>/bench/results`); `quick.*` with `--quick`,
-//! `partial.*` with `--services` or `--nft-max-services`. Needs root; the agent binary comes
-//! from `KEP_AGENT_BIN` (default `target/debug/kube-ebpf-proxy`).
+//! `lab-bench [--quick] [--services N,N,...] [--nft-max-services N]
+//! [--nodeport-agent-args "ARG ..."] [--out DIR]`: runs the benchmark (see
+//! `lab::bench`) and writes `latest.md`, `latest.json` and `latest.svg` to
+//! DIR (default `<workspace>/bench/results`); `quick.*` with `--quick`,
+//! `partial.*` with `--services`, `--nft-max-services` or
+//! `--nodeport-agent-args` (whitespace-separated extra arguments for the
+//! NodePort measurement's agents, e.g. `"--xdp-mode native"`). Needs root;
+//! the agent binary comes from `KEP_AGENT_BIN` (default
+//! `target/debug/kube-ebpf-proxy`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +29,7 @@ fn run() -> Result<()> {
     let mut out = lab::workspace_root().join("bench/results");
     let mut services = None;
     let mut nft_max = None;
+    let mut nodeport_args = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -40,18 +45,25 @@ fn run() -> Result<()> {
                 Some(Ok(n)) => nft_max = Some((n > 0).then_some(n)),
                 _ => bail!("--nft-max-services needs a number"),
             },
+            // One value (it starts with `--` itself), split on whitespace.
+            "--nodeport-agent-args" => match args.next() {
+                Some(v) => {
+                    nodeport_args = Some(v.split_whitespace().map(String::from).collect());
+                }
+                None => bail!("--nodeport-agent-args needs a value, e.g. \"--xdp-mode native\""),
+            },
             "--out" => match args.next() {
                 Some(d) => out = PathBuf::from(d),
                 None => bail!("--out needs a directory"),
             },
             other => bail!(
                 "unknown argument {other:?} (usage: lab-bench [--quick] [--services N,N,...] \
-                 [--nft-max-services N] [--out DIR])"
+                 [--nft-max-services N] [--nodeport-agent-args \"ARG ...\"] [--out DIR])"
             ),
         }
     }
     // A quick or partial run never overwrites the published full results.
-    let stem = if services.is_some() || nft_max.is_some() {
+    let stem = if services.is_some() || nft_max.is_some() || nodeport_args.is_some() {
         "partial"
     } else if settings.mode == "quick" {
         "quick"
@@ -63,6 +75,9 @@ fn run() -> Result<()> {
     }
     if let Some(max) = nft_max {
         settings.nft_max_services = max;
+    }
+    if let Some(extra) = nodeport_args {
+        settings.nodeport_agent_args = extra;
     }
     let removed = lab::cleanup_stale()?;
     if !removed.is_empty() {
