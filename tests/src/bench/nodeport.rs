@@ -127,8 +127,8 @@ pub fn turn(
                 programming: None,
             })
         }
-        Peer::Ours => {
-            let result = ours(cluster, services, round, settings);
+        Peer::Ours | Peer::OursTc => {
+            let result = ours(cluster, peer, services, round, settings);
             detach_leftovers(cluster);
             let cleanup = remove_manifest(cluster);
             let turn = result?;
@@ -173,6 +173,7 @@ fn rules_turn(
 
 fn ours(
     cluster: &Cluster,
+    peer: Peer,
     services: &[BenchService],
     round: usize,
     settings: &Settings,
@@ -189,7 +190,18 @@ fn ours(
     let text = rules::manifest_on(services, &cluster::node_name(HOME), &pod_name);
     cluster.write_manifest(MANIFEST, &text)?;
     let mut args: Vec<OsString> = vec!["--node-interfaces".into(), "eth0".into()];
-    args.extend(settings.nodeport_agent_args.iter().map(OsString::from));
+    let mut extra = settings.nodeport_agent_args.iter();
+    while let Some(arg) = extra.next() {
+        // `ours-tc` sets the mode itself (the flag may be given once).
+        if peer == Peer::OursTc && arg == "--xdp-mode" {
+            extra.next();
+            continue;
+        }
+        args.push(arg.into());
+    }
+    if peer == Peer::OursTc {
+        args.extend(["--xdp-mode".into(), "off".into()]);
+    }
     // Loading 30,000 services took ~8 s for one agent; two share the CPUs.
     let timeout = Duration::from_secs(300);
     let t0 = Instant::now();
@@ -198,7 +210,7 @@ fn ours(
     peers::wait_programmed(&home, 1, timeout).context("node 0's agent")?;
     let took = peers::wait_programmed(&entry, 1, timeout).context("node 1's agent")?;
     let programming = Programming {
-        peer: Peer::Ours,
+        peer,
         services: services.len(),
         round,
         what: "load".into(),
@@ -206,7 +218,7 @@ fn ours(
         agent_took_us: took,
         agent_peak_rss_kb: peers::peak_rss_kb(entry.pid()),
     };
-    let trial = trial(cluster, Peer::Ours, services, round, settings)?;
+    let trial = trial(cluster, peer, services, round, settings)?;
     if !entry.is_running() || !home.is_running() {
         bail!(
             "an agent exited during the trial; node 0:\n{}\nnode 1:\n{}",

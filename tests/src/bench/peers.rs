@@ -26,17 +26,30 @@ use crate::{Agent, Lab, addr, backend_name};
 pub enum Peer {
     Direct,
     Ours,
+    /// NodePort only: the agents with `--xdp-mode off`, so the TC node
+    /// program does alone what `ours` does with XDP in front of it.
+    OursTc,
     Iptables,
     Nftables,
 }
 
 impl Peer {
+    /// The ClusterIP peers (no node interface, so no XDP either way).
     pub const ALL: [Peer; 4] = [Peer::Direct, Peer::Ours, Peer::Iptables, Peer::Nftables];
+    /// The NodePort peers.
+    pub const NODEPORT: [Peer; 5] = [
+        Peer::Direct,
+        Peer::Ours,
+        Peer::OursTc,
+        Peer::Iptables,
+        Peer::Nftables,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Peer::Direct => "direct",
             Peer::Ours => "ours",
+            Peer::OursTc => "ours-tc",
             Peer::Iptables => "iptables",
             Peer::Nftables => "nftables",
         }
@@ -383,6 +396,7 @@ pub fn turn(
             })
         }
         Peer::Ours => ours(lab, services, round, plan),
+        Peer::OursTc => bail!("{peer} is a NodePort peer"),
         Peer::Iptables | Peer::Nftables => {
             let result = rules_turn(lab, peer, services, round, plan);
             let cleanup = remove_rules(lab.node(), peer);

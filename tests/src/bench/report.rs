@@ -129,13 +129,19 @@ pub struct Summary {
 
 /// The ClusterIP connection trials and programming, per peer and N.
 pub fn summaries(r: &Results) -> Vec<Summary> {
-    summarize(&r.settings.service_counts, &r.trials, &r.programming)
+    summarize(
+        &r.settings.service_counts,
+        &Peer::ALL,
+        &r.trials,
+        &r.programming,
+    )
 }
 
 /// The NodePort connection trials and loads, per peer and N.
 pub fn nodeport_summaries(r: &Results) -> Vec<Summary> {
     summarize(
         &r.settings.service_counts,
+        &Peer::NODEPORT,
         &r.nodeport_trials,
         &r.nodeport_programming,
     )
@@ -143,12 +149,13 @@ pub fn nodeport_summaries(r: &Results) -> Vec<Summary> {
 
 fn summarize(
     service_counts: &[usize],
+    peers: &[Peer],
     all_trials: &[Trial],
     programming: &[Programming],
 ) -> Vec<Summary> {
     let mut out = Vec::new();
     for &n in service_counts {
-        for peer in Peer::ALL {
+        for &peer in peers {
             let trials: Vec<&Trial> = all_trials
                 .iter()
                 .filter(|t| t.kind == Kind::TcpConnect && t.peer == peer && t.services == n)
@@ -442,12 +449,15 @@ pub fn markdown(r: &Results) -> String {
     out.push_str(
         "\nSingle runs include the kernel's timer overhead (two clock reads); the repeat loop \
          re-runs the same skb, so it is only used for the packet the program does not rewrite. \
-         Verdicts: 0 = TC_ACT_OK, 7 = TC_ACT_REDIRECT (the REJECT reply goes back out). \
+         Verdicts: TC 0 = TC_ACT_OK, 7 = TC_ACT_REDIRECT (the REJECT reply goes back out, the \
+         node program's FIB redirect); XDP 2 = XDP_PASS, 3 = XDP_TX. \
          The new flow is a SYN from a source port not seen before in every call, so every call is \
          a conntrack miss (service lookup, endpoint pick, conntrack entry, DNAT). \
-         `− harness overhead` rows subtract the pod-IP packet's single-run median minus its \
-         repeat-loop median (the cost of one BPF_PROG_TEST_RUN call around the program) from \
-         each single run: an estimate of the program's own cost.\n",
+         `− harness overhead` rows subtract the single-run median minus the repeat-loop median \
+         of a packet the same program passes untouched (the cost of one BPF_PROG_TEST_RUN call \
+         around the program) from each single run: an estimate of the program's own cost. The \
+         node programs (XDP, TC node) run in a namespace with a node's routes, since they look \
+         up the FIB; test_run cannot show what XDP saves beyond its own run (no skb, no stack).\n",
     );
     if !r.failures.is_empty() {
         out.push_str("\n## Failures\n\n");
@@ -580,7 +590,9 @@ fn nodeport_table(r: &Results) -> String {
          both nodes before each). `direct`: the backend pod's IP, routed through node 1 by a \
          route in the client added for this peer only, no NAT (its replies go from node 0 \
          straight to the client, one hop fewer than a masqueraded reply). `ours`: both \
-         agents with `--node-interfaces eth0`{}; `program all N` = both agents started until \
+         agents with `--node-interfaces eth0`{} (XDP in front of TC: the fabric takes native \
+         XDP_TX frames as a NIC's wire would); `ours-tc`: the same with `--xdp-mode off`, the \
+         TC node program alone; `program all N` = both agents started until \
          both printed `datapath programmed` (`agent took_us`: node 1's). iptables / nftables: \
          kube-proxy's NodePort rules (KUBE-NODEPORTS → KUBE-EXT-* → KUBE-MARK-MASQ + KUBE-SVC-*; \
          the `service-nodeports` verdict map) in node 1 only, loaded by one \
