@@ -435,7 +435,7 @@ pub fn markdown(r: &Results) -> String {
     out.push_str(&request_response_table(r));
     out.push_str(&nodeport_table(r));
     out.push_str(&switch_table(r));
-    out.push_str("## Per-packet cost of the TC program (BPF_PROG_TEST_RUN)\n\n");
+    out.push_str("## Per-packet cost of the programs (BPF_PROG_TEST_RUN)\n\n");
     out.push_str(
         "| N | packet | timed as | min | median | verdict | output |\n|---:|---|---|---:|---:|---:|---|\n",
     );
