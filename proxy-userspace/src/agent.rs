@@ -189,6 +189,7 @@ pub trait Source {
 pub struct ManifestSource {
     dir: PathBuf,
     watcher: manifests::DirWatcher,
+    cache: manifests::DocCache,
     poll_interval: Duration,
 }
 
@@ -196,6 +197,7 @@ impl ManifestSource {
     pub fn new(dir: PathBuf, poll_interval: Duration) -> Self {
         Self {
             watcher: manifests::DirWatcher::new(&dir),
+            cache: manifests::DocCache::default(),
             dir,
             poll_interval,
         }
@@ -210,7 +212,8 @@ impl Source for ManifestSource {
     }
 
     fn snapshot(&mut self) -> (manifests::Objects, Vec<String>) {
-        let (objects, warnings) = manifests::load_dir(&self.dir);
+        let (objects, warnings) = manifests::load_dir_cached(&self.dir, &mut self.cache);
+        tracing::debug!(parsed = self.cache.parsed(), "manifests read");
         (objects, warnings.iter().map(ToString::to_string).collect())
     }
 }

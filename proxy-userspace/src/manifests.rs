@@ -8,7 +8,14 @@
 //!
 //! A file that does not parse contributes nothing at all rather than the
 //! documents before the error: half a file is more surprising than none.
+//!
+//! Parsing is the expensive part of a re-read (about 40 µs per object with
+//! serde_yaml: 2.4 s for 30,000 Services and their slices), and an edit
+//! usually touches one document of a big file. So a [`DocCache`] keeps what
+//! each document produced, keyed by its file and text: a re-read parses
+//! only the documents whose text changed.
 
+use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::ffi::OsString;
 use std::fmt;
@@ -92,16 +99,68 @@ const SLICE_API_VERSION: &str = "discovery.k8s.io/v1";
 /// `*.json` files directly in `dir`, in file name order. Problems are
 /// returned as warnings; whatever could be read is returned regardless.
 pub fn load_dir(dir: &Path) -> (Objects, Vec<SourceWarning>) {
+    load_dir_cached(dir, &mut DocCache::default())
+}
+
+/// [`load_dir`], parsing only documents `cache` has not seen (in that file,
+/// with that text); the cache then holds this load's documents only.
+pub fn load_dir_cached(dir: &Path, cache: &mut DocCache) -> (Objects, Vec<SourceWarning>) {
     let mut loader = Loader::default();
+    let mut next = DocCache::default();
     match manifest_files(dir) {
         Ok(files) => {
             for file in files {
-                loader.load_file(&file);
+                loader.load_file(&file, cache, &mut next);
             }
         }
         Err(e) => loader.warn(dir, None, Problem::ListDir(e)),
     }
+    *cache = next;
     (loader.objects, loader.warnings)
+}
+
+/// What each document of the last load produced, by a 64-bit hash of its
+/// file's path and its text (two different documents colliding is a
+/// 2^-64 chance per pair; the files are the operator's own).
+#[derive(Default)]
+pub struct DocCache {
+    documents: HashMap<u64, Loader>,
+    /// Documents parsed (not found in the cache) by the load that made this.
+    parsed: usize,
+}
+
+impl DocCache {
+    /// How many documents the load that filled this cache had to parse.
+    pub fn parsed(&self) -> usize {
+        self.parsed
+    }
+}
+
+/// The documents of a YAML file, each with its own text, split at the
+/// `---` lines that start one; `None` where the text uses what a plain
+/// split could get wrong (directives, `...` end markers), so the file is
+/// parsed whole. Anchors and merge keys never cross documents, so a
+/// document parses the same alone.
+fn split_documents(text: &str) -> Option<Vec<&str>> {
+    let mut documents = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if bare.starts_with('%') || bare == "..." || bare.starts_with("... ") {
+            return None;
+        }
+        let marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
+        if marker && offset > start {
+            documents.push(&text[start..offset]);
+            start = offset;
+        }
+        offset += line.len();
+    }
+    if offset > start {
+        documents.push(&text[start..offset]);
+    }
+    Some(documents)
 }
 
 /// Manifest files in `dir`, sorted. Hidden files are skipped: editors'
@@ -144,6 +203,21 @@ struct Loader {
 }
 
 impl Loader {
+    fn extend(&mut self, other: &Loader) {
+        self.objects
+            .services
+            .extend(other.objects.services.iter().cloned());
+        self.objects
+            .slices
+            .extend(other.objects.slices.iter().cloned());
+        self.objects
+            .nodes
+            .extend(other.objects.nodes.iter().cloned());
+        self.warnings.extend(other.warnings.iter().cloned());
+    }
+}
+
+impl Loader {
     fn warn(&mut self, file: &Path, object: Option<String>, problem: Problem) {
         self.warnings.push(SourceWarning {
             file: file.to_path_buf(),
@@ -153,18 +227,50 @@ impl Loader {
         });
     }
 
-    fn load_file(&mut self, file: &Path) {
+    fn load_file(&mut self, file: &Path, cache: &mut DocCache, next: &mut DocCache) {
         let text = match fs::read_to_string(file) {
             Ok(text) => text,
             Err(e) => return self.warn(file, None, Problem::Read(e)),
         };
-        match parse_documents(&text, is_json(file)) {
-            Ok(documents) => {
-                for document in documents {
-                    self.load_document(file, document, false);
+        let json = is_json(file);
+        let chunks = if json { None } else { split_documents(&text) };
+        let chunks = chunks.unwrap_or_else(|| vec![text.as_str()]);
+        let mut loaded = Vec::with_capacity(chunks.len());
+        let mut in_file = DefaultHasher::new();
+        file.hash(&mut in_file);
+        for chunk in chunks {
+            let mut hasher = in_file.clone();
+            chunk.hash(&mut hasher);
+            let key = hasher.finish();
+            // A document repeated in one file is loaded again, not shared.
+            let part = match cache.documents.remove(&key) {
+                Some(part) => part,
+                None => {
+                    next.parsed += 1;
+                    let mut part = Loader::default();
+                    match parse_documents(chunk, json) {
+                        Ok(documents) => {
+                            for document in documents {
+                                part.load_document(file, document, false);
+                            }
+                        }
+                        // The whole file is skipped (module doc): drop what
+                        // was read before, keep the parts for next time.
+                        Err(problem) => {
+                            for (key, part) in loaded {
+                                next.documents.insert(key, part);
+                            }
+                            return self.warn(file, None, problem);
+                        }
+                    }
+                    part
                 }
-            }
-            Err(problem) => self.warn(file, None, problem),
+            };
+            loaded.push((key, part));
+        }
+        for (key, part) in loaded {
+            self.extend(&part);
+            next.documents.insert(key, part);
         }
     }
 
@@ -504,6 +610,76 @@ endpoints:
         let spec = objects.services[0].spec.as_ref().expect("spec");
         assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"));
         assert_eq!(objects.slices[0].endpoints[0].addresses, ["10.0.0.1"]);
+    }
+
+    /// `count` small Services, one document each, cluster IPs 10.96.1.i.
+    fn many_services(count: usize, edited: Option<usize>) -> String {
+        (0..count)
+            .map(|i| {
+                let port = if Some(i) == edited { 81 } else { 80 };
+                format!(
+                    "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s{i}\nspec:\n  clusterIP: 10.96.1.{i}\n  ports:\n  - port: {port}\n"
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cache_parses_only_changed_documents_and_loads_the_same() {
+        let dir = TempDir::new();
+        let mut cache = DocCache::default();
+        dir.write("many.yaml", &many_services(100, None));
+        dir.write("other.yaml", &format!("{SERVICE}---\n{SLICE}"));
+        let (first, warnings) = load_dir_cached(&dir.0, &mut cache);
+        assert_eq!(warnings, []);
+        assert_eq!(first.services.len(), 101);
+        assert_eq!(cache.parsed(), 102);
+        // One document edited: one parse, and exactly what a cold load gives.
+        dir.write("many.yaml", &many_services(100, Some(42)));
+        let (second, _) = load_dir_cached(&dir.0, &mut cache);
+        assert_eq!(cache.parsed(), 1);
+        assert_eq!(second, load_dir(&dir.0).0);
+        let port = |objects: &Objects, name: &str| {
+            let svc = objects
+                .services
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some(name))
+                .unwrap();
+            svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port
+        };
+        assert_eq!(port(&second, "s42"), 81);
+        assert_eq!(port(&second, "s41"), 80);
+        // Unchanged: nothing parsed.
+        let (third, _) = load_dir_cached(&dir.0, &mut cache);
+        assert_eq!((cache.parsed(), &third), (0, &second));
+    }
+
+    #[test]
+    fn cache_keeps_a_broken_file_skipped_whole_until_fixed() {
+        let dir = TempDir::new();
+        let mut cache = DocCache::default();
+        dir.write("many.yaml", &many_services(10, None));
+        assert_eq!(load_dir_cached(&dir.0, &mut cache).0.services.len(), 10);
+        let broken = many_services(10, None).replace("name: s5\n", "name: [s5\n");
+        dir.write("many.yaml", &broken);
+        let (objects, warnings) = load_dir_cached(&dir.0, &mut cache);
+        assert_eq!(objects.services.len(), 0, "half a file is never used");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!((objects, warnings), load_dir(&dir.0));
+        dir.write("many.yaml", &many_services(10, None));
+        let (objects, warnings) = load_dir_cached(&dir.0, &mut cache);
+        assert_eq!((objects.services.len(), warnings.len()), (10, 0));
+    }
+
+    #[test]
+    fn split_documents_follows_markers_and_declines_directives() {
+        let text = "a: 1\n---\nb: 2\n--- # c\nc: |\n  ---x\n---\n";
+        assert_eq!(
+            split_documents(text).unwrap(),
+            ["a: 1\n", "---\nb: 2\n", "--- # c\nc: |\n  ---x\n", "---\n"]
+        );
+        assert_eq!(split_documents("%YAML 1.2\n---\na: 1\n"), None);
+        assert_eq!(split_documents("a: 1\n...\n---\nb: 2\n"), None);
     }
 
     #[test]
