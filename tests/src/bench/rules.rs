@@ -446,6 +446,19 @@ table ip {NFT_TABLE} {{
 mod tests {
     use super::*;
 
+    /// Every goto target is a defined chain, and the braces balance.
+    fn assert_well_formed(text: &str) {
+        for target in text.split("goto ").skip(1) {
+            let name: String = target
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            assert!(text.contains(&format!("chain {name} {{")), "{name}");
+        }
+        let braces = text.matches('{').count() as i64 - text.matches('}').count() as i64;
+        assert_eq!(braces, 0);
+    }
+
     #[test]
     fn vips_are_distinct_and_in_the_service_cidr() {
         assert_eq!(vip(0), Ipv4Addr::new(10, 96, 1, 1));
@@ -551,16 +564,7 @@ mod tests {
             4,
             "http twice, dns, iperf"
         );
-        // Every goto target is a defined chain.
-        for target in text.split("goto ").skip(1) {
-            let name: String = target
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
-                .collect();
-            assert!(text.contains(&format!("chain {name} {{")), "{name}");
-        }
-        let braces = text.matches('{').count() as i64 - text.matches('}').count() as i64;
-        assert_eq!(braces, 0);
+        assert_well_formed(&text);
     }
 
     #[test]
@@ -670,15 +674,7 @@ mod tests {
         let body = body.split('}').next().unwrap();
         assert!(body.contains("jump mark-for-masquerade"), "{body}");
         assert!(body.contains("goto service-"), "{body}");
-        for target in text.split("goto ").skip(1) {
-            let name: String = target
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
-                .collect();
-            assert!(text.contains(&format!("chain {name} {{")), "{name}");
-        }
-        let braces = text.matches('{').count() as i64 - text.matches('}').count() as i64;
-        assert_eq!(braces, 0);
+        assert_well_formed(&text);
         assert!(!nft_script(&services(2, 3)).contains("service-nodeports"));
     }
 
