@@ -405,25 +405,11 @@ pub fn markdown(r: &Results) -> String {
          |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for x in summaries(r) {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} | {} |",
-            x.services,
-            x.peer,
-            opt(x.rate, |v| format!("{v:.0}")),
-            opt(x.ratio_to_direct, |v| format!("{v:.2}")),
-            opt(x.p50_us, |v| format!("{v:.0} µs")),
-            opt(x.p99_us, |v| format!("{v:.0} µs")),
-            x.complete_rounds,
-            x.rounds,
-            opt(x.load_wall_ms, duration_ms),
-            opt(x.load_agent_took_us, |v| format!("{:.1} ms", v / 1e3)),
-            match (x.endpoint_change_wall_ms, x.endpoint_change_agent_took_us) {
-                (Some(w), Some(t)) => format!("{} (took {:.1} ms)", duration_ms(w), t / 1e3),
-                (w, _) => opt(w, duration_ms),
-            },
-            opt(x.agent_peak_rss_kb, |v| format!("{:.1} MiB", v / 1024.0)),
-        );
+        let change = match (x.endpoint_change_wall_ms, x.endpoint_change_agent_took_us) {
+            (Some(w), Some(t)) => format!("{} (took {:.1} ms)", duration_ms(w), t / 1e3),
+            (w, _) => opt(w, duration_ms),
+        };
+        let _ = writeln!(out, "{}", connection_row(&x, Some(change)));
     }
     out.push_str(
         "\n`program all N`: ours = agent process start until its first `datapath programmed` \
@@ -609,24 +595,31 @@ fn nodeport_table(r: &Results) -> String {
         },
     );
     for x in rows {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} |",
-            x.services,
-            x.peer,
-            opt(x.rate, |v| format!("{v:.0}")),
-            opt(x.ratio_to_direct, |v| format!("{v:.2}")),
-            opt(x.p50_us, |v| format!("{v:.0} µs")),
-            opt(x.p99_us, |v| format!("{v:.0} µs")),
-            x.complete_rounds,
-            x.rounds,
-            opt(x.load_wall_ms, duration_ms),
-            opt(x.load_agent_took_us, |v| format!("{:.1} ms", v / 1e3)),
-            opt(x.agent_peak_rss_kb, |v| format!("{:.1} MiB", v / 1024.0)),
-        );
+        let _ = writeln!(out, "{}", connection_row(&x, None));
     }
     out.push('\n');
     out
+}
+
+/// One row of a connection table; `change` is the endpoint-change column,
+/// where the table has one.
+fn connection_row(x: &Summary, change: Option<String>) -> String {
+    let mut cells = vec![
+        x.services.to_string(),
+        x.peer.to_string(),
+        opt(x.rate, |v| format!("{v:.0}")),
+        opt(x.ratio_to_direct, |v| format!("{v:.2}")),
+        opt(x.p50_us, |v| format!("{v:.0} µs")),
+        opt(x.p99_us, |v| format!("{v:.0} µs")),
+        format!("{}/{}", x.complete_rounds, x.rounds),
+        opt(x.load_wall_ms, duration_ms),
+        opt(x.load_agent_took_us, |v| format!("{:.1} ms", v / 1e3)),
+    ];
+    cells.extend(change);
+    cells.push(opt(x.agent_peak_rss_kb, |v| {
+        format!("{:.1} MiB", v / 1024.0)
+    }));
+    format!("| {} |", cells.join(" | "))
 }
 
 fn switch_table(r: &Results) -> String {
