@@ -119,9 +119,7 @@ pub fn turn(
             let prefix = format!("{net}/{len}");
             cluster.route_external(&prefix, ENTRY)?;
             let result = trial(cluster, peer, services, round, settings);
-            let cleanup = cluster.unroute_external(&prefix);
-            let trial = result?;
-            cleanup?;
+            let trial = undone(result, cluster.unroute_external(&prefix))?;
             Ok(Turn {
                 trial,
                 programming: None,
@@ -130,20 +128,22 @@ pub fn turn(
         Peer::Ours | Peer::OursTc => {
             let result = ours(cluster, peer, services, round, settings);
             detach_leftovers(cluster);
-            let cleanup = remove_manifest(cluster);
-            let turn = result?;
-            cleanup?;
-            Ok(turn)
+            undone(result, remove_manifest(cluster))
         }
         Peer::Iptables | Peer::Nftables => {
             let node = cluster.node_ns(ENTRY);
             let result = rules_turn(cluster, peer, services, round, settings);
-            let cleanup = peers::remove_rules(node, peer);
-            let turn = result?;
-            cleanup?;
-            Ok(turn)
+            undone(result, peers::remove_rules(node, peer))
         }
     }
+}
+
+/// A turn's result once its cleanup ran: the turn's error first, else the
+/// cleanup's.
+fn undone<T>(result: Result<T>, cleanup: Result<()>) -> Result<T> {
+    let value = result?;
+    cleanup?;
+    Ok(value)
 }
 
 /// Loads `peer`'s rules into node 1 with one `iptables-restore` / `nft
