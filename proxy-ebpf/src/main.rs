@@ -242,7 +242,7 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
     }
     match open_flow(&flow, origin, cfg, now) {
         Opened::Flow(forward) => {
-            dnat(ctx, &flow, &forward)?;
+            translate(ctx, &flow, &translated(&flow, &forward))?;
             account(forward.svc_id, forward.backend_id, ctx.len());
             Ok(Verdict::Act(out(ctx, &forward)))
         }
@@ -402,44 +402,18 @@ fn established(
     ct: &CtValue,
     now: u64,
 ) -> Result<Option<i32>, ()> {
-    if ct.is_reply() {
-        unsafe { (*entry).last_seen_ns = now };
-        rewrite(
-            ctx,
-            flow,
-            IP_SRC_OFF,
-            flow.saddr,
-            ct.nat_addr,
-            0,
-            flow.sport,
-            ct.nat_port,
-        )?;
-        if ct.is_snat() {
-            // The client's own address and port, which the forward
-            // direction hid.
-            rewrite(
-                ctx,
-                flow,
-                IP_DST_OFF,
-                flow.daddr,
-                ct.snat_addr,
-                2,
-                flow.dport,
-                ct.snat_port,
-            )?;
-        }
-        count(stat::REPLY_HITS);
-        account(ct.svc_id, ct.backend_id, ctx.len());
-        return Ok(Some(out(ctx, ct)));
+    if !ct.is_reply() && !backend_still_valid(ct) {
+        return Ok(None);
     }
-    if backend_still_valid(ct) {
-        unsafe { (*entry).last_seen_ns = now };
-        dnat(ctx, flow, ct)?;
-        count(stat::FORWARD_HITS);
-        account(ct.svc_id, ct.backend_id, ctx.len());
-        return Ok(Some(out(ctx, ct)));
-    }
-    Ok(None)
+    unsafe { (*entry).last_seen_ns = now };
+    translate(ctx, flow, &translated(flow, ct))?;
+    count(if ct.is_reply() {
+        stat::REPLY_HITS
+    } else {
+        stat::FORWARD_HITS
+    });
+    account(ct.svc_id, ct.backend_id, ctx.len());
+    Ok(Some(out(ctx, ct)))
 }
 
 /// FIN or RST: both entries of the flow switch to the closing timeout, so a
@@ -447,55 +421,72 @@ fn established(
 #[inline(always)]
 fn mark_closing(entry: *mut CtValue, ct: &CtValue, flow: &Flow) {
     unsafe { (*entry).flags |= CT_FLAG_CLOSING };
-    let twin = if ct.is_reply() {
-        // backend -> client (or its translated source) reverses to
-        // client -> VIP.
-        let (client, client_port) = if ct.is_snat() {
-            (ct.snat_addr, ct.snat_port)
-        } else {
-            (flow.daddr, flow.dport)
-        };
-        CtKey::new(client, ct.nat_addr, client_port, ct.nat_port, flow.proto)
-    } else {
-        let (reply_dst, reply_port) = if ct.is_snat() {
-            (ct.snat_addr, ct.snat_port)
-        } else {
-            (flow.saddr, flow.sport)
-        };
-        CtKey::new(ct.nat_addr, reply_dst, ct.nat_port, reply_port, flow.proto)
-    };
+    let twin = translated(flow, ct).reversed(flow.proto);
     if let Some(other) = CONNTRACK.get_ptr_mut(twin) {
         unsafe { (*other).flags |= CT_FLAG_CLOSING };
     }
 }
 
-/// Destination to the forward entry's backend; with `CT_FLAG_SNAT` also the
-/// source to its translated address and port.
-#[inline(always)]
-fn dnat(ctx: &TcContext, flow: &Flow, ct: &CtValue) -> Result<(), ()> {
-    rewrite(
-        ctx,
-        flow,
-        IP_DST_OFF,
-        flow.daddr,
-        ct.nat_addr,
-        2,
-        flow.dport,
-        ct.nat_port,
-    )?;
-    if ct.is_snat() {
-        rewrite(
-            ctx,
-            flow,
-            IP_SRC_OFF,
-            flow.saddr,
-            ct.snat_addr,
-            0,
-            flow.sport,
-            ct.snat_port,
-        )?;
+/// A flow's addresses and ports after translation, as stored in packets.
+struct Tuple {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+impl Tuple {
+    /// The key of the flow's entry for the other direction: the answer to
+    /// a packet leaving as this tuple.
+    #[inline(always)]
+    fn reversed(&self, proto: u8) -> CtKey {
+        CtKey::new(self.daddr, self.saddr, self.dport, self.sport, proto)
     }
-    Ok(())
+}
+
+/// What the conntrack entry `ct` makes of this packet of its flow: a reply
+/// leaves from the frontend (and, with `CT_FLAG_SNAT`, goes to the client's
+/// own address and port, which the forward direction hid); a forward packet
+/// goes to the backend (from the translated source with `CT_FLAG_SNAT`).
+/// The one definition both hooks translate by.
+#[inline(always)]
+fn translated(flow: &Flow, ct: &CtValue) -> Tuple {
+    if ct.is_reply() {
+        let (daddr, dport) = if ct.is_snat() {
+            (ct.snat_addr, ct.snat_port)
+        } else {
+            (flow.daddr, flow.dport)
+        };
+        Tuple {
+            saddr: ct.nat_addr,
+            sport: ct.nat_port,
+            daddr,
+            dport,
+        }
+    } else {
+        let (saddr, sport) = if ct.is_snat() {
+            (ct.snat_addr, ct.snat_port)
+        } else {
+            (flow.saddr, flow.sport)
+        };
+        Tuple {
+            saddr,
+            sport,
+            daddr: ct.nat_addr,
+            dport: ct.nat_port,
+        }
+    }
+}
+
+/// Rewrites the packet to `to` (what is unchanged is left alone).
+#[inline(always)]
+fn translate(ctx: &TcContext, flow: &Flow, to: &Tuple) -> Result<(), ()> {
+    rewrite(
+        ctx, flow, IP_SRC_OFF, flow.saddr, to.saddr, 0, flow.sport, to.sport,
+    )?;
+    rewrite(
+        ctx, flow, IP_DST_OFF, flow.daddr, to.daddr, 2, flow.dport, to.dport,
+    )
 }
 
 /// The verdict for a translated packet of the flow `ct`: on to the stack,

@@ -26,12 +26,12 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use proxy_common::{CtValue, proto, stat};
+use proxy_common::{proto, stat};
 
 use crate::maps::{account, config, count};
 use crate::{
-    AF_INET, ETH_HLEN, Flow, Opened, Origin, TCP_FIN, TCP_RST, backend_still_valid, csum,
-    live_entry, open_flow, parse, ptr_at,
+    AF_INET, ETH_HLEN, Flow, Opened, Origin, TCP_FIN, TCP_RST, Tuple, backend_still_valid, csum,
+    live_entry, open_flow, parse, ptr_at, translated,
 };
 
 #[xdp]
@@ -40,14 +40,6 @@ pub fn kep_xdp_node(ctx: XdpContext) -> u32 {
         Ok(action) => action,
         Err(()) => xdp_action::XDP_PASS,
     }
-}
-
-/// A flow's addresses and ports after translation, as stored in packets.
-struct Tuple {
-    saddr: u32,
-    daddr: u32,
-    sport: u16,
-    dport: u16,
 }
 
 #[inline(always)]
@@ -94,36 +86,6 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     count(stat::XDP_TX);
     account(ct.svc_id, ct.backend_id, (ctx.data_end() - ctx.data()) as u32);
     Ok(xdp_action::XDP_TX)
-}
-
-/// The tuple the TC program would write for this packet of the flow `ct`.
-#[inline(always)]
-fn translated(flow: &Flow, ct: &CtValue) -> Tuple {
-    if ct.is_reply() {
-        let (daddr, dport) = if ct.is_snat() {
-            (ct.snat_addr, ct.snat_port)
-        } else {
-            (flow.daddr, flow.dport)
-        };
-        Tuple {
-            saddr: ct.nat_addr,
-            sport: ct.nat_port,
-            daddr,
-            dport,
-        }
-    } else {
-        let (saddr, sport) = if ct.is_snat() {
-            (ct.snat_addr, ct.snat_port)
-        } else {
-            (flow.saddr, flow.sport)
-        };
-        Tuple {
-            saddr,
-            sport,
-            daddr: ct.nat_addr,
-            dport: ct.nat_port,
-        }
-    }
 }
 
 /// The next hop's and this interface's MAC addresses when the translated
