@@ -513,21 +513,14 @@ fn fib_redirect(ctx: &TcContext) -> i32 {
         // The stack sends the ICMP time-exceeded a router owes.
         return TC_ACT_OK;
     }
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    unsafe {
-        params.family = AF_INET;
-        params.l4_protocol = l4proto;
-        params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
-        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
-        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
-        params.ifindex = (*ctx.skb.skb).ingress_ifindex;
-    }
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut params,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
+    let (rc, params) = unsafe {
+        fib_lookup(
+            ctx,
+            l4proto,
+            u16::from_be_bytes((*ip).tot_len),
+            u32::from_ne_bytes((*ip).src_addr),
+            u32::from_ne_bytes((*ip).dst_addr),
+            (*ctx.skb.skb).ingress_ifindex,
         )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
@@ -551,6 +544,36 @@ fn fib_redirect(ctx: &TcContext) -> i32 {
         return TC_ACT_SHOT;
     }
     unsafe { bpf_redirect(params.ifindex, 0) as i32 }
+}
+
+/// The FIB's answer for forwarding an IPv4 packet (`tot_len` bytes, `src`
+/// to `dst`, protocol `proto`) that came in on `ifindex`: the return code
+/// and the filled-in parameters (egress interface, MACs).
+#[inline(always)]
+fn fib_lookup<C: EbpfContext>(
+    ctx: &C,
+    proto: u8,
+    tot_len: u16,
+    src: u32,
+    dst: u32,
+    ifindex: u32,
+) -> (i64, bpf_fib_lookup) {
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = proto;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.__bindgen_anon_3.ipv4_src = src;
+    params.__bindgen_anon_4.ipv4_dst = dst;
+    params.ifindex = ifindex;
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    (rc, params)
 }
 
 /// The one place REJECT is sent from, so the answer's buffers are on the

@@ -20,9 +20,8 @@
 //! done here, before the skb exists.
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, xdp_action},
+    helpers::bpf_ktime_get_ns,
     macros::xdp,
     programs::XdpContext,
 };
@@ -30,8 +29,8 @@ use proxy_common::{proto, stat};
 
 use crate::maps::{account, config, count};
 use crate::{
-    AF_INET, ETH_HLEN, Flow, Opened, Origin, TCP_FIN, TCP_RST, Tuple, backend_still_valid, csum,
-    live_entry, open_flow, parse, ptr_at, translated,
+    ETH_HLEN, Flow, Opened, Origin, TCP_FIN, TCP_RST, Tuple, backend_still_valid, csum,
+    fib_lookup, live_entry, open_flow, parse, ptr_at, translated,
 };
 
 #[xdp]
@@ -94,23 +93,8 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
 fn same_way_out(ctx: &XdpContext, flow: &Flow, to: &Tuple) -> Option<[[u8; 6]; 2]> {
     let ip = ptr_at::<_, network_types::ip::Ipv4Hdr>(ctx, ETH_HLEN).ok()?;
     let ingress = ctx.ingress_ifindex() as u32;
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    unsafe {
-        params.family = AF_INET;
-        params.l4_protocol = flow.proto;
-        params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
-        params.__bindgen_anon_3.ipv4_src = to.saddr;
-        params.__bindgen_anon_4.ipv4_dst = to.daddr;
-        params.ifindex = ingress;
-    }
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut params,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len });
+    let (rc, params) = fib_lookup(ctx, flow.proto, tot_len, to.saddr, to.daddr, ingress);
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || params.ifindex != ingress {
         return None;
     }
