@@ -20,7 +20,8 @@ use aya_ebpf::{
 };
 use proxy_common::proto;
 
-use crate::{ETH_HLEN, csum};
+use crate::csum;
+use crate::packet::ETH_HLEN;
 
 const IP_HLEN: usize = 20;
 const ICMP_HLEN: usize = 8;

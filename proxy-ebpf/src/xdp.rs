@@ -27,11 +27,11 @@ use aya_ebpf::{
 };
 use proxy_common::{proto, stat};
 
+use crate::csum;
+use crate::fib::fib_lookup;
+use crate::flow::{Opened, Origin, Tuple, backend_still_valid, live_entry, open_flow, translated};
 use crate::maps::{account, config, count};
-use crate::{
-    ETH_HLEN, Flow, Opened, Origin, TCP_FIN, TCP_RST, Tuple, backend_still_valid, csum,
-    fib_lookup, live_entry, open_flow, parse, ptr_at, translated,
-};
+use crate::packet::{ETH_HLEN, Flow, TCP_FIN, TCP_RST, parse, ptr_at};
 
 #[xdp]
 pub fn kep_xdp_node(ctx: XdpContext) -> u32 {
@@ -83,7 +83,11 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         });
     }
     count(stat::XDP_TX);
-    account(ct.svc_id, ct.backend_id, (ctx.data_end() - ctx.data()) as u32);
+    account(
+        ct.svc_id,
+        ct.backend_id,
+        (ctx.data_end() - ctx.data()) as u32,
+    );
     Ok(xdp_action::XDP_TX)
 }
 

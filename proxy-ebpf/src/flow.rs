@@ -1,0 +1,235 @@
+//! Connection tracking: the conntrack entry a packet belongs to, the one
+//! decision that opens a flow (whichever hook sees its first packet), and
+//! what an entry does to a packet of its flow ([`translated`]).
+
+use proxy_common::{
+    CT_FLAG_CLOSING, CT_FLAG_REDIRECT, CT_FLAG_REPLY, CT_FLAG_SNAT, Config, CtKey, CtValue, maglev,
+    stat,
+};
+
+use crate::lb;
+use crate::maps::{BACKENDS, CONNTRACK, count};
+use crate::packet::{Flow, TCP_ACK, TCP_SYN};
+
+/// Where a packet entered the node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From a pod (its veth).
+    Pod,
+    /// From outside the node (a node interface).
+    Node,
+}
+
+/// Source ports tried for a masqueraded flow whose own port is taken on the
+/// node address (another client used it towards the same endpoint).
+const SNAT_PORT_TRIES: u32 = 4;
+const SNAT_PORT_MIN: u32 = 32_768;
+const SNAT_PORT_SPAN: u32 = 28_000;
+
+/// The flow's conntrack entry while it stands. An idle flow is over: a new
+/// one on the same tuple is chosen anew, and a late reply is not
+/// translated. A client opening a new connection on the tuple of one that
+/// is closing (ports are reused quickly) also starts a new flow, balanced
+/// afresh, as netfilter does for a SYN in TIME_WAIT; otherwise it would keep
+/// an endpoint the Service may no longer have chosen.
+#[inline(always)]
+pub fn live_entry(flow: &Flow, cfg: Option<&Config>, now: u64) -> Option<(*mut CtValue, CtValue)> {
+    let entry = CONNTRACK.get_ptr_mut(flow.key())?;
+    let ct = unsafe { *entry };
+    let expired = match cfg {
+        Some(c) => ct.expired(&flow.key(), c, now),
+        None => false,
+    };
+    let reopened =
+        ct.is_closing() && !ct.is_reply() && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if expired || reopened {
+        None
+    } else {
+        Some((entry, ct))
+    }
+}
+
+/// What a packet without a live conntrack entry becomes.
+pub enum Opened {
+    /// A new flow: both conntrack entries are in; this is the forward one,
+    /// which the packet is to be translated with.
+    Flow(CtValue),
+    Pass,
+    Drop,
+    Reject,
+}
+
+/// Chooses the endpoint of a new flow and writes its conntrack entries:
+/// one decision, whichever hook (TC or XDP) sees the flow's first packet.
+#[inline(always)]
+pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) -> Opened {
+    let hash = maglev::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    let (backend_id, backend, svc_id, masquerade, node_address) = match lb::choose(
+        flow.daddr,
+        flow.dport,
+        flow.proto,
+        flow.saddr,
+        hash,
+        origin == Origin::Node,
+    ) {
+        lb::Choice::Backend {
+            id,
+            backend,
+            svc_id,
+            masquerade,
+            node_address,
+        } => (id, backend, svc_id, masquerade, node_address),
+        lb::Choice::Pass => return Opened::Pass,
+        lb::Choice::Drop => return Opened::Drop,
+        lb::Choice::Reject => return Opened::Reject,
+    };
+
+    // A pod that picked itself gets a source it does not own, so its reply
+    // comes back through this node instead of being a martian to itself
+    // (kube-proxy masquerades hairpin traffic for the same reason). An
+    // external client of a Cluster-policy frontend gets the node's address,
+    // so an endpoint on another node answers through this one.
+    let snat_addr = match cfg {
+        Some(c) if backend.addr == flow.saddr => c.hairpin_addr,
+        Some(c) if masquerade => c.node_addr,
+        _ => 0,
+    };
+    if masquerade && snat_addr == 0 {
+        count(stat::SNAT_FAILED);
+        return Opened::Drop;
+    }
+    let snat = snat_addr != 0;
+    let mut flags = if snat { CT_FLAG_SNAT } else { 0 };
+    if masquerade || node_address {
+        flags |= CT_FLAG_REDIRECT;
+    }
+
+    // The reply entry goes in first: without it the backend's answer could not
+    // be translated back, so a flow that cannot get one is not started.
+    let reply_dst = if snat { snat_addr } else { flow.saddr };
+    let mut snat_port = flow.sport;
+    let mut reply_key = CtKey::new(backend.addr, reply_dst, backend.port, snat_port, flow.proto);
+    if snat {
+        // The translated source is shared (the node's or the hairpin
+        // address): keep the client's port unless another flow to the same
+        // endpoint holds it, then try a few others.
+        let mut tries = 0;
+        while let Some(held) = unsafe { CONNTRACK.get(reply_key) } {
+            // Left by an earlier flow of this very client tuple (re-chosen
+            // after expiry or a reopen): overwritten, not avoided.
+            if held.snat_addr == flow.saddr && held.snat_port == flow.sport {
+                break;
+            }
+            if tries == SNAT_PORT_TRIES {
+                count(stat::SNAT_FAILED);
+                return Opened::Drop;
+            }
+            let port = SNAT_PORT_MIN + (hash >> (tries * 4)) % SNAT_PORT_SPAN;
+            snat_port = (port as u16).to_be();
+            reply_key.dport = snat_port;
+            tries += 1;
+        }
+    }
+    let reply = CtValue {
+        nat_addr: flow.daddr,
+        nat_port: flow.dport,
+        flags: CT_FLAG_REPLY | flags,
+        _pad: 0,
+        backend_id,
+        svc_id,
+        snat_addr: if snat { flow.saddr } else { 0 },
+        snat_port: if snat { flow.sport } else { 0 },
+        _pad2: 0,
+        last_seen_ns: now,
+    };
+    if CONNTRACK.insert(reply_key, reply, 0).is_err() {
+        count(stat::CT_INSERT_FAILED);
+        return Opened::Drop;
+    }
+    let forward = CtValue {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        flags,
+        snat_addr,
+        snat_port: if snat { snat_port } else { 0 },
+        ..reply
+    };
+    if CONNTRACK.insert(flow.key(), forward, 0).is_err() {
+        // Still translated: this packet is fine, a later one re-chooses.
+        count(stat::CT_INSERT_FAILED);
+    }
+    count(stat::NEW_FLOWS);
+    Opened::Flow(forward)
+}
+
+/// FIN or RST: both entries of the flow switch to the closing timeout, so a
+/// closed connection's state goes soon instead of after a day.
+#[inline(always)]
+pub fn mark_closing(entry: *mut CtValue, ct: &CtValue, flow: &Flow) {
+    unsafe { (*entry).flags |= CT_FLAG_CLOSING };
+    let twin = translated(flow, ct).reversed(flow.proto);
+    if let Some(other) = CONNTRACK.get_ptr_mut(twin) {
+        unsafe { (*other).flags |= CT_FLAG_CLOSING };
+    }
+}
+
+/// A flow's addresses and ports after translation, as stored in packets.
+pub struct Tuple {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Tuple {
+    /// The key of the flow's entry for the other direction: the answer to
+    /// a packet leaving as this tuple.
+    #[inline(always)]
+    pub fn reversed(&self, proto: u8) -> CtKey {
+        CtKey::new(self.daddr, self.saddr, self.dport, self.sport, proto)
+    }
+}
+
+/// What the conntrack entry `ct` makes of this packet of its flow: a reply
+/// leaves from the frontend (and, with `CT_FLAG_SNAT`, goes to the client's
+/// own address and port, which the forward direction hid); a forward packet
+/// goes to the backend (from the translated source with `CT_FLAG_SNAT`).
+/// The one definition both hooks translate by.
+#[inline(always)]
+pub fn translated(flow: &Flow, ct: &CtValue) -> Tuple {
+    if ct.is_reply() {
+        let (daddr, dport) = if ct.is_snat() {
+            (ct.snat_addr, ct.snat_port)
+        } else {
+            (flow.daddr, flow.dport)
+        };
+        Tuple {
+            saddr: ct.nat_addr,
+            sport: ct.nat_port,
+            daddr,
+            dport,
+        }
+    } else {
+        let (saddr, sport) = if ct.is_snat() {
+            (ct.snat_addr, ct.snat_port)
+        } else {
+            (flow.saddr, flow.sport)
+        };
+        Tuple {
+            saddr,
+            sport,
+            daddr: ct.nat_addr,
+            dport: ct.nat_port,
+        }
+    }
+}
+
+/// A forward entry may be reused only while its backend id still names the
+/// same address and port (ids are recycled after a backend is removed).
+#[inline(always)]
+pub fn backend_still_valid(ct: &CtValue) -> bool {
+    match unsafe { BACKENDS.get(ct.backend_id) } {
+        Some(b) => b.addr == ct.nat_addr && b.port == ct.nat_port,
+        None => false,
+    }
+}

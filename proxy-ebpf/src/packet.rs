@@ -1,0 +1,146 @@
+//! Parsing: the packet bounds both hooks give, the header offsets the
+//! programs rewrite, and the 5-tuple of a packet ([`Flow`]).
+//!
+//! What is deliberately not parsed (so passed untouched): anything that is
+//! not IPv4 TCP/UDP, including ICMP; IP fragments (non-zero offset or
+//! more-fragments set: only the first fragment carries ports, so
+//! translating it alone would split the datagram between two
+//! destinations); packets too short for the headers they announce.
+
+use aya_ebpf::programs::{TcContext, XdpContext};
+use proxy_common::{CtKey, proto};
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub const IP_TTL_OFF: usize = ETH_HLEN + 8;
+pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
+pub const IP_DST_OFF: usize = ETH_HLEN + 16;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+/// More-fragments flag and fragment offset bits of `frag_off`.
+const IP_FRAG_MASK: u16 = 0x3fff;
+/// `BPF_F_MARK_MANGLED_0`: a zero UDP checksum means "no checksum" and must
+/// stay zero; the kernel skips the update and maps a computed 0 to 0xffff.
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+
+/// The packet bounds both hooks give, so parsing is written once.
+pub trait Packet {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+}
+
+macro_rules! packet {
+    ($($context:ty),*) => {$(
+        impl Packet for $context {
+            #[inline(always)]
+            fn start(&self) -> usize {
+                self.data()
+            }
+            #[inline(always)]
+            fn end(&self) -> usize {
+                self.data_end()
+            }
+        }
+    )*};
+}
+packet!(TcContext, XdpContext);
+
+#[inline(always)]
+pub fn ptr_at<C: Packet, T>(ctx: &C, off: usize) -> Result<*mut T, ()> {
+    let start = ctx.start();
+    if start + off + core::mem::size_of::<T>() > ctx.end() {
+        return Err(());
+    }
+    Ok((start + off) as *mut T)
+}
+
+/// The parsed 5-tuple and where its L4 header starts.
+pub struct Flow {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ...); 0 for UDP.
+    pub tcp_flags: u8,
+    pub ttl: u8,
+    pub l4_off: usize,
+}
+
+impl Flow {
+    pub fn key(&self) -> CtKey {
+        CtKey::new(self.saddr, self.daddr, self.sport, self.dport, self.proto)
+    }
+
+    /// Offset of the L4 checksum field.
+    pub fn csum_off(&self) -> usize {
+        self.l4_off + if self.proto == proto::TCP { 16 } else { 6 }
+    }
+
+    /// Flags for `bpf_l4_csum_replace` on this flow's L4 checksum.
+    pub fn l4_csum_flags(&self) -> u64 {
+        if self.proto == proto::UDP {
+            BPF_F_MARK_MANGLED_0
+        } else {
+            0
+        }
+    }
+}
+
+/// Parses Ethernet/IPv4/TCP|UDP. `Ok(None)` means "not ours, pass".
+#[inline(always)]
+pub fn parse<C: Packet>(ctx: &C) -> Result<Option<Flow>, ()> {
+    let ether_type = unsafe { *ptr_at::<_, u16>(ctx, 12)? };
+    if ether_type != ETH_P_IP_BE {
+        return Ok(None);
+    }
+    let ip = ptr_at::<_, network_types::ip::Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let (vihl, l4proto, frags, src, dst, ttl) = unsafe {
+        (
+            (*ip).vihl,
+            (*ip).proto,
+            (*ip).frags,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+            (*ip).ttl,
+        )
+    };
+    if l4proto != proto::TCP && l4proto != proto::UDP {
+        return Ok(None);
+    }
+    if u16::from_be_bytes(frags) & IP_FRAG_MASK != 0 {
+        return Ok(None);
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Ok(None);
+    }
+    let l4_off = ETH_HLEN + ihl;
+    // Ports are the first four bytes of both TCP and UDP; the whole fixed
+    // header (with the checksum) must be present before anything is
+    // rewritten.
+    let ports = ptr_at::<_, [u16; 2]>(ctx, l4_off)?;
+    let hdr_end = l4_off + if l4proto == proto::TCP { 20 } else { 8 };
+    if ctx.start() + hdr_end > ctx.end() {
+        return Err(());
+    }
+    let [sport, dport] = unsafe { *ports };
+    let tcp_flags = if l4proto == proto::TCP {
+        unsafe { *ptr_at::<_, u8>(ctx, l4_off + 13)? }
+    } else {
+        0
+    };
+    Ok(Some(Flow {
+        saddr: u32::from_ne_bytes(src),
+        daddr: u32::from_ne_bytes(dst),
+        sport,
+        dport,
+        proto: l4proto,
+        tcp_flags,
+        ttl,
+        l4_off,
+    }))
+}

@@ -1,0 +1,180 @@
+//! The TC programs: `kep_tc_ingress` at ingress of every pod-facing
+//! interface, `kep_tc_node` at ingress of the node's own interfaces, and
+//! the glue that rewrites a packet, picks its way out and sends REJECT's
+//! answer.
+//!
+//! Every packet enters the node through one of them, so together they see
+//! both directions of every flow: they DNAT client -> VIP:port to a backend
+//! before the node routes the packet, and reverse-translate backend ->
+//! client replies back to VIP:port, whichever interface those come in on
+//! (a reply from an endpoint on another node arrives on a node interface).
+//! Traffic from a node interface uses a frontend's external entry: only
+//! local endpoints for externalTrafficPolicy Local, masquerade to the node's
+//! address for Cluster, loadBalancerSourceRanges.
+
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+    macros::classifier,
+    programs::TcContext,
+};
+use proxy_common::{CtValue, stat};
+
+use crate::fib::fib_redirect;
+use crate::flow::{
+    Opened, Origin, Tuple, backend_still_valid, live_entry, mark_closing, open_flow, translated,
+};
+use crate::maps::{account, config, count};
+use crate::packet::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_FIN, TCP_RST, parse};
+use crate::reject;
+
+#[classifier]
+pub fn kep_tc_ingress(ctx: TcContext) -> i32 {
+    run(&ctx, Origin::Pod)
+}
+
+#[classifier]
+pub fn kep_tc_node(ctx: TcContext) -> i32 {
+    run(&ctx, Origin::Node)
+}
+
+/// What to do with a packet once [`try_ingress`] has returned: REJECT is
+/// sent from here, outside its stack frame, so the two frames never add up
+/// past the verifier's 512 bytes.
+enum Verdict {
+    Act(i32),
+    Reject { proto: u8, l4_off: usize },
+}
+
+#[inline(always)]
+fn run(ctx: &TcContext, origin: Origin) -> i32 {
+    match try_ingress(ctx, origin) {
+        Ok(Verdict::Act(verdict)) => verdict,
+        Ok(Verdict::Reject { proto, l4_off }) => send_reject(ctx, proto, l4_off),
+        Err(()) => TC_ACT_OK,
+    }
+}
+
+#[inline(never)]
+fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
+    let Some(flow) = parse(ctx)? else {
+        return Ok(Verdict::Act(TC_ACT_OK));
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let cfg = config();
+    if let Some((entry, ct)) = live_entry(&flow, cfg, now) {
+        if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !ct.is_closing() {
+            mark_closing(entry, &ct, &flow);
+        }
+        if let Some(verdict) = established(ctx, &flow, entry, &ct, now)? {
+            return Ok(Verdict::Act(verdict));
+        }
+        // The backend this flow used is gone: choose again below, as a new
+        // flow, instead of sending it to an address that no longer serves.
+    }
+    match open_flow(&flow, origin, cfg, now) {
+        Opened::Flow(forward) => {
+            translate(ctx, &flow, &translated(&flow, &forward))?;
+            account(forward.svc_id, forward.backend_id, ctx.len());
+            Ok(Verdict::Act(out(ctx, &forward)))
+        }
+        Opened::Pass => Ok(Verdict::Act(TC_ACT_OK)),
+        Opened::Drop => Ok(Verdict::Act(TC_ACT_SHOT)),
+        Opened::Reject => Ok(Verdict::Reject {
+            proto: flow.proto,
+            l4_off: flow.l4_off,
+        }),
+    }
+}
+
+/// A packet of a known flow: reverse-translate a reply, or translate
+/// forward to the flow's backend while it exists (`None` otherwise).
+#[inline(always)]
+fn established(
+    ctx: &TcContext,
+    flow: &Flow,
+    entry: *mut CtValue,
+    ct: &CtValue,
+    now: u64,
+) -> Result<Option<i32>, ()> {
+    if !ct.is_reply() && !backend_still_valid(ct) {
+        return Ok(None);
+    }
+    unsafe { (*entry).last_seen_ns = now };
+    translate(ctx, flow, &translated(flow, ct))?;
+    count(if ct.is_reply() {
+        stat::REPLY_HITS
+    } else {
+        stat::FORWARD_HITS
+    });
+    account(ct.svc_id, ct.backend_id, ctx.len());
+    Ok(Some(out(ctx, ct)))
+}
+
+/// Rewrites the packet to `to` (what is unchanged is left alone).
+#[inline(always)]
+fn translate(ctx: &TcContext, flow: &Flow, to: &Tuple) -> Result<(), ()> {
+    rewrite(
+        ctx, flow, IP_SRC_OFF, flow.saddr, to.saddr, 0, flow.sport, to.sport,
+    )?;
+    rewrite(
+        ctx, flow, IP_DST_OFF, flow.daddr, to.daddr, 2, flow.dport, to.dport,
+    )
+}
+
+/// The verdict for a translated packet of the flow `ct`: on to the stack,
+/// or out directly where the stack would drop it.
+#[inline(always)]
+fn out(ctx: &TcContext, ct: &CtValue) -> i32 {
+    if ct.redirects() {
+        fib_redirect(ctx)
+    } else {
+        TC_ACT_OK
+    }
+}
+
+/// The one place REJECT is sent from, so the answer's buffers are on the
+/// stack once (and never above [`try_ingress`]'s frame).
+#[inline(never)]
+fn send_reject(ctx: &TcContext, proto: u8, l4_off: usize) -> i32 {
+    count(stat::REJECTS);
+    reject::icmp_port_unreachable(ctx, proto, l4_off)
+}
+
+/// Rewrites one address (at `addr_off`) and the port at `l4_off + port_rel`,
+/// updating the IPv4 header checksum and the L4 checksum (whose pseudo-header
+/// covers the address) incrementally.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    flow: &Flow,
+    addr_off: usize,
+    old_addr: u32,
+    new_addr: u32,
+    port_rel: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), ()> {
+    let csum_off = flow.csum_off();
+    let flags = flow.l4_csum_flags();
+    if old_addr != new_addr {
+        ctx.l4_csum_replace(
+            csum_off,
+            old_addr as u64,
+            new_addr as u64,
+            flags | BPF_F_PSEUDO_HDR as u64 | 4,
+        )
+        .map_err(|_| ())?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)
+            .map_err(|_| ())?;
+        ctx.store(addr_off, &new_addr, 0).map_err(|_| ())?;
+    }
+    if old_port != new_port {
+        ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, flags | 2)
+            .map_err(|_| ())?;
+        ctx.store(flow.l4_off + port_rel, &new_port, 0)
+            .map_err(|_| ())?;
+    }
+    Ok(())
+}
