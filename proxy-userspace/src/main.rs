@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use proxy_common::defaults;
 use proxy_userspace::{
     agent::{self, ManifestSource, RunConfig},
@@ -123,8 +123,8 @@ struct RunArgs {
     /// Idle timeout of UDP flows.
     #[arg(long, env = "KEP_CONNTRACK_UDP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     conntrack_udp_timeout: Duration,
-    /// How often expired conntrack entries are deleted.
-    #[arg(long, env = "KEP_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    /// How often expired conntrack entries are deleted (1ms..=7d).
+    #[arg(long, env = "KEP_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = parse_interval)]
     conntrack_gc_interval: Duration,
     /// Capacity of the services map (frontends plus backend slots).
     #[arg(long, env = "KEP_SERVICES_MAX", default_value_t = defaults::SERVICES_MAX)]
@@ -148,11 +148,14 @@ struct RunArgs {
     /// Capacity of the Maglev map (frontends with a table).
     #[arg(long, env = "KEP_MAGLEV_MAX", default_value_t = defaults::MAGLEV_MAX)]
     maglev_max: u32,
-    /// How often the manifest directory and interfaces are checked, in ms.
-    #[arg(long, env = "KEP_POLL_INTERVAL_MS", default_value_t = 200)]
+    /// How often the manifest directory and interfaces are checked, in ms
+    /// (1..=3600000).
+    #[arg(long, env = "KEP_POLL_INTERVAL_MS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_POLL_INTERVAL_MS))]
     poll_interval_ms: u64,
-    /// Full resync period in seconds.
-    #[arg(long, env = "KEP_RESYNC_INTERVAL_S", default_value_t = 60)]
+    /// Full resync period in seconds (1..=604800).
+    #[arg(long, env = "KEP_RESYNC_INTERVAL_S", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_INTERVAL.as_secs()))]
     resync_interval_s: u64,
     /// Metrics server: Prometheus `/metrics`, `/proxyMode` (answers `ebpf`)
     /// and a plain `/healthz`, as kube-proxy's --metrics-bind-address.
@@ -170,6 +173,11 @@ struct RunArgs {
     healthz_bind_address: BindAddress,
 }
 
+/// Longest resync and garbage collection interval, and poll interval:
+/// zero or unbounded periods would panic the agent's timers.
+const MAX_INTERVAL: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_POLL_INTERVAL_MS: u64 = 3_600_000;
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -182,9 +190,15 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => {
-            // Flags that parse but cannot go together fail here, before
-            // anything is loaded or attached.
-            check_bind_addresses(&args.metrics_bind_address, &args.healthz_bind_address)?;
+            // Flags that parse but cannot go together fail here, as a bad
+            // value does, before anything is loaded or attached.
+            if let Err(conflict) =
+                check_bind_addresses(&args.metrics_bind_address, &args.healthz_bind_address)
+            {
+                Cli::command()
+                    .error(clap::error::ErrorKind::ArgumentConflict, conflict)
+                    .exit();
+            }
             let poll_interval = Duration::from_millis(args.poll_interval_ms);
             let node_name = match args.node_name {
                 Some(n) => n,
@@ -367,6 +381,16 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// A duration for a timer: [`parse_duration`], more than zero and at most
+/// [`MAX_INTERVAL`].
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d.is_zero() || d > MAX_INTERVAL {
+        return Err(format!("{text}: must be more than 0 and at most 7 days"));
+    }
+    Ok(d)
+}
+
 /// A server's bind address, `None` for "not served".
 #[derive(Debug, Clone)]
 struct BindAddress(Option<std::net::SocketAddr>);
@@ -395,14 +419,14 @@ fn parse_bind_address(text: &str, default_port: u16) -> Result<BindAddress, Stri
 }
 
 /// The metrics and health servers cannot share a port on one address.
-fn check_bind_addresses(metrics: &BindAddress, healthz: &BindAddress) -> anyhow::Result<()> {
+fn check_bind_addresses(metrics: &BindAddress, healthz: &BindAddress) -> Result<(), String> {
     if let (Some(m), Some(h)) = (metrics.0, healthz.0) {
         let overlap = m.ip() == h.ip() || m.ip().is_unspecified() || h.ip().is_unspecified();
         if m.port() == h.port() && overlap {
-            anyhow::bail!(
+            return Err(format!(
                 "--metrics-bind-address {m} and --healthz-bind-address {h} would share a \
                  port: give them different ports"
-            );
+            ));
         }
     }
     Ok(())
