@@ -323,46 +323,40 @@ fn connect_nonblocking(source: Option<Ipv4Addr>, target: SocketAddrV4) -> io::Re
                 size_of::<libc::c_int>() as libc::socklen_t,
             );
         }
-        let sa = sockaddr(SocketAddrV4::new(ip, 0));
-        // SAFETY: a valid sockaddr_in of the given length.
-        let rc = unsafe {
-            libc::bind(
-                raw,
-                (&sa as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        with_sockaddr(libc::bind, raw, SocketAddrV4::new(ip, 0))?;
     }
-    let sa = sockaddr(target);
-    // SAFETY: a valid sockaddr_in of the given length.
-    let rc = unsafe {
-        libc::connect(
-            raw,
-            (&sa as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINPROGRESS) {
-            return Err(e);
-        }
+    match with_sockaddr(libc::connect, raw, target) {
+        Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => Err(e),
+        _ => Ok(fd),
     }
-    Ok(fd)
 }
 
-fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
+/// `bind(2)` or `connect(2)` (same signature) of socket `raw` to `addr`.
+fn with_sockaddr(
+    call: unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int,
+    raw: libc::c_int,
+    addr: SocketAddrV4,
+) -> io::Result<()> {
+    let sa = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: addr.port().to_be(),
         sin_addr: libc::in_addr {
             s_addr: u32::from(*addr.ip()).to_be(),
         },
         sin_zero: [0; 8],
+    };
+    // SAFETY: a valid sockaddr_in of the given length.
+    let rc = unsafe {
+        call(
+            raw,
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// `SO_ERROR` of a socket whose non-blocking connect finished.
@@ -390,9 +384,11 @@ pub struct ProbeResult {
     /// From the start of the connect to the end of the response (or the
     /// failure).
     pub took: Duration,
+    /// The status line and headers.
+    pub head: String,
     pub body: String,
     /// Why it failed, when it did.
-    pub error: Option<String>,
+    pub error: Option<(io::ErrorKind, String)>,
 }
 
 impl ProbeResult {
@@ -403,7 +399,8 @@ impl ProbeResult {
 }
 
 /// One `GET path` on a new connection to `target` (from `source` when
-/// given), as kubelet's probe: everything within `timeout`.
+/// given), as kubelet's probe: everything within `timeout`. Any test's
+/// one-shot HTTP request to the agent.
 pub fn probe(
     source: Option<Ipv4Addr>,
     target: SocketAddrV4,
@@ -411,7 +408,7 @@ pub fn probe(
     timeout: Duration,
 ) -> ProbeResult {
     let started = Instant::now();
-    let attempt = || -> io::Result<(u16, String)> {
+    let attempt = || -> io::Result<(u16, String, String)> {
         let fd = connect_nonblocking(source, target)?;
         let mut p = libc::pollfd {
             fd: fd.as_raw_fd(),
@@ -447,22 +444,24 @@ pub fn probe(
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{raw:?}")))?;
-        Ok((status, body.to_string()))
+        Ok((status, head.to_string(), body.to_string()))
     };
     let result = attempt();
     let took = started.elapsed();
     match result {
-        Ok((status, body)) => ProbeResult {
+        Ok((status, head, body)) => ProbeResult {
             status: Some(status),
             took,
+            head,
             body,
             error: None,
         },
         Err(e) => ProbeResult {
             status: None,
             took,
+            head: String::new(),
             body: String::new(),
-            error: Some(e.to_string()),
+            error: Some((e.kind(), e.to_string())),
         },
     }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use lab::addr::CLIENT_GW;
 use lab::cluster::web;
 use lab::cluster::{Cluster, addr};
-use lab::hostile::{self, Attack, Kind, ProbeResult};
+use lab::hostile::{self, Attack, Kind, ProbeResult, Running};
 use lab::{Agent, Lab, Netns, yaml};
 
 /// kubelet's default probe timeout.
@@ -83,8 +83,8 @@ fn assert_all_answered(what: &str, probes: &[(String, ProbeResult)], status: u16
                 r.status,
                 r.took,
                 r.error
-                    .as_deref()
-                    .map(|e| format!(" ({e})"))
+                    .as_ref()
+                    .map(|(_, e)| format!(" ({e})"))
                     .unwrap_or_default()
             )
         })
@@ -119,6 +119,32 @@ fn shed(node: &Netns, metrics: SocketAddrV4, server: &str) -> f64 {
     sample(&r.body, &series).unwrap_or_else(|| panic!("no {series} in /metrics:\n{}", r.body))
 }
 
+/// `connections` hostile clients of `kind` from `sources`, in `netns`,
+/// against `target`, reopening what is closed at up to [`ATTACK_RATE`] a
+/// second; once each connection has been made.
+fn attack(
+    netns: &Netns,
+    target: SocketAddrV4,
+    sources: &[Ipv4Addr],
+    connections: usize,
+    kind: Kind,
+) -> Running {
+    let running = Attack {
+        target,
+        sources: sources.to_vec(),
+        connections,
+        kind,
+        rate: ATTACK_RATE,
+        max_duration: ATTACK_MAX,
+    }
+    .start(netns)
+    .expect("start the hostile clients");
+    running
+        .wait_connected(connections, Duration::from_secs(20))
+        .expect("hostile clients connected");
+    running
+}
+
 /// A lab with the demo Services and `sources` added to the client pod for
 /// the attack.
 fn lab_with(sources: &[Ipv4Addr]) -> Lab {
@@ -148,19 +174,10 @@ fn healthz_answers_probes_under_500_slow_loris_connections() {
     let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS_PORT);
     let fds_before = hostile::open_fds(agent.pid()).unwrap();
 
-    let attack = Attack {
-        target: healthz,
-        sources,
-        connections: 500,
-        kind: Kind::SlowLoris {
-            every: Duration::from_secs(1),
-        },
-        rate: ATTACK_RATE,
-        max_duration: ATTACK_MAX,
-    }
-    .start(lab.client())
-    .unwrap();
-    attack.wait_connected(500, Duration::from_secs(10)).unwrap();
+    let slow = Kind::SlowLoris {
+        every: Duration::from_secs(1),
+    };
+    let attack = attack(lab.client(), healthz, &sources, 500, slow);
 
     let (probes, most_fds) = probe_while_sampling(
         lab.node(),
@@ -199,22 +216,8 @@ fn healthz_and_metrics_answer_probes_under_2000_idle_connections() {
 
     let attacks: Vec<_> = [healthz, metrics]
         .into_iter()
-        .map(|target| {
-            Attack {
-                target,
-                sources: sources.clone(),
-                connections: 2000,
-                kind: Kind::Idle,
-                rate: ATTACK_RATE,
-                max_duration: ATTACK_MAX,
-            }
-            .start(lab.client())
-            .unwrap()
-        })
+        .map(|target| attack(lab.client(), target, &sources, 2000, Kind::Idle))
         .collect();
-    for a in &attacks {
-        a.wait_connected(2000, Duration::from_secs(20)).unwrap();
-    }
 
     let (probes, most_fds) = probe_while_sampling(
         lab.node(),
@@ -273,19 +276,10 @@ fn health_check_node_port_answers_under_100_slow_clients_from_outside() {
     let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS_PORT);
     let fds_before = hostile::open_fds(agent.pid()).unwrap();
 
-    let attack = Attack {
-        target: check,
-        sources,
-        connections: 100,
-        kind: Kind::SlowLoris {
-            every: Duration::from_secs(1),
-        },
-        rate: ATTACK_RATE,
-        max_duration: ATTACK_MAX,
-    }
-    .start(cluster.ext())
-    .unwrap();
-    attack.wait_connected(100, Duration::from_secs(10)).unwrap();
+    let slow = Kind::SlowLoris {
+        every: Duration::from_secs(1),
+    };
+    let attack = attack(cluster.ext(), check, &sources, 100, slow);
 
     // The load balancer probes from the external client's own address.
     let (probes, most_fds) = probe_while_sampling(

@@ -532,22 +532,7 @@ fn run_help() -> String {
 #[test]
 fn every_env_var_set_is_an_agent_flag() {
     let o = typed_objects();
-    let ds = &o.daemon_sets[0];
-    let pod = ds
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .expect("pod spec");
-    let agent = pod
-        .containers
-        .iter()
-        .find(|c| {
-            c.args
-                .as_deref()
-                .and_then(<[String]>::first)
-                .is_some_and(|a| a == "run")
-        })
-        .expect("a container with args [run, ...]");
+    let (_, agent) = agent_container(&o);
 
     // name → where it is set
     let mut names: BTreeMap<String, String> = BTreeMap::new();

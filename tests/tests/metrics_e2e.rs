@@ -8,12 +8,11 @@
 //! `target/debug/kube-ebpf-proxy`): without them it fails, it never skips.
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use lab::addr::{CLIENT_GW, DEMO_VIP, HTTP_PORT};
-use lab::{Agent, Lab, Netns, loadgen, yaml};
+use lab::{Agent, Lab, Netns, hostile, loadgen, yaml};
 
 const PROGRAMMED: &str = "datapath programmed";
 const AGENT_READY: Duration = Duration::from_secs(30);
@@ -39,28 +38,20 @@ fn get(lab: &Lab, addr: SocketAddr, path: &str) -> Response {
 
 /// One HTTP/1.1 GET from a thread in `netns`: its headers lower-cased.
 fn get_from(netns: &Netns, addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    let SocketAddr::V4(addr) = addr else {
+        unreachable!("the lab is IPv4")
+    };
     let path = path.to_string();
-    netns.run(move || -> std::io::Result<Response> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw)?;
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status line in {raw:?}"));
-        Ok(Response {
+    let r = netns.run(move || hostile::probe(None, addr, &path, Duration::from_secs(10)));
+    match (r.status, r.error) {
+        (Some(status), _) => Ok(Response {
             status,
-            head: head.to_ascii_lowercase(),
-            body: body.to_string(),
-        })
-    })
+            head: r.head.to_ascii_lowercase(),
+            body: r.body,
+        }),
+        (None, Some((kind, message))) => Err(std::io::Error::new(kind, message)),
+        (None, None) => unreachable!("a probe without a status has an error"),
+    }
 }
 
 /// The value of the sample whose name and labels are exactly `series`.
