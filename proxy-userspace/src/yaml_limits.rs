@@ -84,6 +84,8 @@ pub fn documents(text: &str) -> Result<Vec<Value>, LimitError> {
         match Bounded(&budget).deserialize(document) {
             Ok(value) => documents.push(value),
             Err(_) if budget.exceeded.get() => {
+                drop(documents);
+                release_freed_memory();
                 return Err(LimitError::Expansion {
                     text: text.len(),
                     limit,
@@ -93,6 +95,18 @@ pub fn documents(text: &str) -> Result<Vec<Value>, LimitError> {
         }
     }
     Ok(documents)
+}
+
+/// Gives the heap's free memory back to the system. A refused document has
+/// just freed up to its whole budget in blocks glibc would otherwise keep
+/// for later (its mmap threshold rises after large frees), so the agent's
+/// RSS would stay that much higher.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// What is left to spend on nodes and scalar bytes.

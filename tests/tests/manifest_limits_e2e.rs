@@ -120,7 +120,7 @@ fn an_alias_bomb_is_refused_in_bounded_memory_and_the_rest_is_served() {
     let rss_after = status_bytes(pid, "VmRSS");
     println!("RSS after removal {} MiB", rss_after / MIB);
     assert!(
-        rss_after < rss_before + 16 * MIB,
+        rss_after < rss_before + 4 * MIB,
         "RSS {} MiB before the file, {} MiB after it was removed",
         rss_before / MIB,
         rss_after / MIB
