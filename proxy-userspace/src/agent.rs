@@ -48,9 +48,11 @@ pub struct RunConfig {
     /// Full re-derivation from the source and re-read of the maps, so an
     /// entry changed behind the agent's back is put right.
     pub resync_interval: Duration,
-    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not
-    /// served.
+    /// Where `/metrics` and `/proxyMode` are served; `None`: not served.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where `/healthz`, `/livez` and `/readyz` are served; `None`: not
+    /// served.
+    pub healthz_addr: Option<SocketAddr>,
 }
 
 /// What one sync did, for the log line tests and operators read.
@@ -328,16 +330,19 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         Err(e) => tracing::warn!(error = %e, "removing maps of older layouts"),
     }
 
-    let metrics = Arc::new(metrics::Metrics::new(&cfg.datapath, cfg.resync_interval));
-    if let Some(addr) = cfg.metrics_addr {
-        tokio::spawn(metrics::serve(addr, metrics.clone()));
-    }
+    let metrics = Arc::new(metrics::Metrics::new(
+        &cfg.datapath,
+        cfg.resync_interval,
+        &cfg.node_name,
+    ));
+    metrics::serve(cfg.metrics_addr, cfg.healthz_addr, &metrics);
     let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
     let proxy_healthy = {
         let metrics = metrics.clone();
-        Arc::new(move || metrics.healthz().status == 200)
+        Arc::new(move || metrics.proxy_healthy())
     };
-    let mut health = HealthServers::new(health_addresses(&cfg, &syncer), proxy_healthy);
+    let shed = metrics.connections_shed(crate::healthcheck::SERVER_LABEL);
+    let mut health = HealthServers::new(health_addresses(&cfg, &syncer), proxy_healthy, shed);
     // When the source reported the change the next sync is for.
     let mut noticed = None;
     let mut iface_scan = tokio::time::interval(cfg.poll_interval);

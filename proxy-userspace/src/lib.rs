@@ -16,3 +16,4 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod tables;
+pub mod yaml_limits;
