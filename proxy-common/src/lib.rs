@@ -26,7 +26,7 @@
 /// maps beside the old one and switches the attached programs over, instead
 /// of reading old bytes with new types. A new map needs no bump (it is
 /// simply created beside the pinned ones).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Names of the maps as declared by the eBPF object and pinned under the
 /// agent's bpffs directory. Kernel map names are limited to 15 bytes.
@@ -68,6 +68,9 @@ pub mod program_names {
     /// node: NodePort, LoadBalancer and external IPs, replies of flows
     /// translated elsewhere).
     pub const TC_NODE_INGRESS: &str = "kep_tc_node";
+    /// TC egress on pod and node interfaces: what the node itself sends (a
+    /// host endpoint's answers, its ICMP errors) reverse-translated.
+    pub const TC_EGRESS: &str = "kep_tc_egress";
     /// XDP on the node's own interfaces: the fast path for established
     /// external flows that leave where they came in.
     pub const XDP_NODE: &str = "kep_xdp_node";
@@ -637,8 +640,11 @@ pub mod stat {
     /// Packets translated and sent back out by XDP (`XDP_TX`), also counted
     /// as forward or reply hits.
     pub const XDP_TX: u32 = 11;
+    /// ICMP errors about a tracked flow (a router's "fragmentation needed",
+    /// a backend's "port unreachable", ...) translated like its packets.
+    pub const ICMP_ERRORS: u32 = 12;
     /// Number of counters; the size of the stats array.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     /// Names in index order, for the CLI and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flows",
@@ -653,6 +659,7 @@ pub mod stat {
         "source_range_drops",
         "snat_failed",
         "xdp_tx",
+        "icmp_errors",
     ];
 }
 

@@ -5,13 +5,15 @@
 //! `maps` holds the maps, and the hooks are thin: `tc` (pod and node
 //! interfaces), `xdp` (node interfaces' fast path), `sock` (the node's own
 //! sockets), with `fib` (sending past the stack), `reject` (kube-proxy's
-//! REJECT answer) and `csum` (checksums) beside them.
+//! REJECT answer), `icmp` (ICMP errors about translated flows) and `csum`
+//! (checksums) beside them.
 #![no_std]
 #![no_main]
 
 mod csum;
 mod fib;
 mod flow;
+mod icmp;
 mod lb;
 mod maps;
 mod packet;

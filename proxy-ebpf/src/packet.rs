@@ -1,11 +1,14 @@
 //! Parsing: the packet bounds both hooks give, the header offsets the
-//! programs rewrite, and the 5-tuple of a packet ([`Flow`]).
+//! programs rewrite, and what a packet is to the datapath ([`Parsed`]): a
+//! TCP/UDP packet with its 5-tuple ([`Flow`]), or ICMP (which
+//! [`crate::icmp`] reads further).
 //!
 //! What is deliberately not parsed (so passed untouched): anything that is
-//! not IPv4 TCP/UDP, including ICMP; IP fragments (non-zero offset or
-//! more-fragments set: only the first fragment carries ports, so
-//! translating it alone would split the datagram between two
-//! destinations); packets too short for the headers they announce.
+//! not IPv4 TCP/UDP or such an ICMP error (ICMP echo included); IP
+//! fragments (non-zero offset or more-fragments set: only the first
+//! fragment carries ports, so translating it alone would split the
+//! datagram between two destinations); packets too short for the headers
+//! they announce.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 use proxy_common::{CtKey, proto};
@@ -30,6 +33,11 @@ const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 pub trait Packet {
     fn start(&self) -> usize;
     fn end(&self) -> usize;
+    /// Makes the first `len` bytes directly readable where the hook can
+    /// (an skb's headers may sit outside its linear part); whether it did.
+    fn pull(&self, _len: usize) -> bool {
+        false
+    }
 }
 
 macro_rules! packet {
@@ -46,7 +54,23 @@ macro_rules! packet {
         }
     )*};
 }
-packet!(TcContext, XdpContext);
+packet!(XdpContext);
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn pull(&self, len: usize) -> bool {
+        let len = core::cmp::min(len as u32, self.len());
+        self.pull_data(len).is_ok()
+    }
+}
 
 #[inline(always)]
 pub fn ptr_at<C: Packet, T>(ctx: &C, off: usize) -> Result<*mut T, ()> {
@@ -90,12 +114,30 @@ impl Flow {
     }
 }
 
-/// Parses Ethernet/IPv4/TCP|UDP. `Ok(None)` means "not ours, pass".
+/// What a packet is to the datapath.
+pub enum Parsed {
+    /// TCP or UDP: a packet of a flow.
+    L4(Flow),
+    /// ICMP, maybe an error about a flow: [`icmp::parse_error`] tells, in
+    /// a stack frame of its own.
+    Icmp(Icmp),
+    /// Not ours: pass it.
+    Other,
+}
+
+/// An ICMP message's outer addresses and where it starts.
+pub struct Icmp {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub icmp_off: usize,
+}
+
+/// Parses Ethernet/IPv4 and then TCP/UDP or an ICMP error.
 #[inline(always)]
-pub fn parse<C: Packet>(ctx: &C) -> Result<Option<Flow>, ()> {
+pub fn parse<C: Packet>(ctx: &C) -> Result<Parsed, ()> {
     let ether_type = unsafe { *ptr_at::<_, u16>(ctx, 12)? };
     if ether_type != ETH_P_IP_BE {
-        return Ok(None);
+        return Ok(Parsed::Other);
     }
     let ip = ptr_at::<_, network_types::ip::Ipv4Hdr>(ctx, ETH_HLEN)?;
     let (vihl, l4proto, frags, src, dst, ttl) = unsafe {
@@ -108,17 +150,25 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Option<Flow>, ()> {
             (*ip).ttl,
         )
     };
-    if l4proto != proto::TCP && l4proto != proto::UDP {
-        return Ok(None);
-    }
     if u16::from_be_bytes(frags) & IP_FRAG_MASK != 0 {
-        return Ok(None);
+        return Ok(Parsed::Other);
     }
     let ihl = ((vihl & 0x0f) as usize) * 4;
     if ihl < 20 {
-        return Ok(None);
+        return Ok(Parsed::Other);
     }
     let l4_off = ETH_HLEN + ihl;
+    let (saddr, daddr) = (u32::from_ne_bytes(src), u32::from_ne_bytes(dst));
+    if l4proto == proto::ICMP {
+        return Ok(Parsed::Icmp(Icmp {
+            saddr,
+            daddr,
+            icmp_off: l4_off,
+        }));
+    }
+    if l4proto != proto::TCP && l4proto != proto::UDP {
+        return Ok(Parsed::Other);
+    }
     // Ports are the first four bytes of both TCP and UDP; the whole fixed
     // header (with the checksum) must be present before anything is
     // rewritten.
@@ -133,9 +183,9 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Option<Flow>, ()> {
     } else {
         0
     };
-    Ok(Some(Flow {
-        saddr: u32::from_ne_bytes(src),
-        daddr: u32::from_ne_bytes(dst),
+    Ok(Parsed::L4(Flow {
+        saddr,
+        daddr,
         sport,
         dport,
         proto: l4proto,

@@ -31,7 +31,7 @@ use crate::csum;
 use crate::fib::fib_lookup;
 use crate::flow::{Opened, Origin, Tuple, backend_still_valid, live_entry, open_flow, translated};
 use crate::maps::{account, config, count};
-use crate::packet::{ETH_HLEN, Flow, TCP_FIN, TCP_RST, parse, ptr_at};
+use crate::packet::{ETH_HLEN, Flow, Parsed, TCP_FIN, TCP_RST, parse, ptr_at};
 
 #[xdp]
 pub fn kep_xdp_node(ctx: XdpContext) -> u32 {
@@ -44,7 +44,8 @@ pub fn kep_xdp_node(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     const PASS: Result<u32, ()> = Ok(xdp_action::XDP_PASS);
-    let Some(flow) = parse(ctx)? else {
+    // ICMP errors are rare and fragments need the skb: both are TC's.
+    let Parsed::L4(flow) = parse(ctx)? else {
         return PASS;
     };
     if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 || flow.ttl <= 1 {

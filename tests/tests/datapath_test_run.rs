@@ -164,24 +164,13 @@ impl Fixture {
     /// The TC program of `hook` on `packet` as if it arrived on interface
     /// `ifindex` of the calling thread's network namespace (0: none).
     fn run_hook_on(&mut self, hook: Hook, packet: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; 4096];
-        // struct __sk_buff up to `ifindex`; `ingress_ifindex` is at 36.
-        let mut ctx = [0u8; 44];
-        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let opts = TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ctx_in: (ifindex != 0).then_some(&ctx[..]),
-            ..TestRunOptions::new()
-        };
-        let res = self
-            .dp
-            .hook_program(hook)
-            .test_run(opts)
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed for {packet:02x?}: {e:?}"));
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        test_run_tc(self.dp.hook_program(hook), packet, ifindex, ifindex)
+    }
+
+    /// The egress program on `packet` leaving the node: sent by the node
+    /// itself (`ingress_ifindex` 0) or forwarded from that interface.
+    fn run_egress(&mut self, packet: &[u8], ingress_ifindex: u32) -> (u32, Vec<u8>) {
+        test_run_tc(self.dp.egress_program(), packet, ingress_ifindex, 0)
     }
 
     /// The XDP program on `packet` as if it arrived on interface `ifindex`
@@ -236,6 +225,32 @@ impl Fixture {
         assert!(failed.is_empty(), "map writes failed: {failed:?}");
         self.dp.set_node_addr(Some(node)).unwrap();
     }
+}
+
+/// `prog` on `packet` with the skb's `ingress_ifindex` and `ifindex` set
+/// (both 0: no context given).
+fn test_run_tc(
+    prog: &mut aya::programs::SchedClassifier,
+    packet: &[u8],
+    ingress_ifindex: u32,
+    ifindex: u32,
+) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; 4096];
+    // struct __sk_buff up to `ifindex`; `ingress_ifindex` is at 36.
+    let mut ctx = [0u8; 44];
+    ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ctx_in: (ingress_ifindex != 0 || ifindex != 0).then_some(&ctx[..]),
+        ..TestRunOptions::new()
+    };
+    let res = prog
+        .test_run(opts)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed for {packet:02x?}: {e:?}"));
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
 }
 
 // ---- packet crafting and checking ---------------------------------------------------------
@@ -363,6 +378,52 @@ fn l4_csum_ok(p: &[u8]) -> bool {
 fn assert_checksums(p: &[u8]) {
     assert!(ip_csum_ok(p), "bad IPv4 header checksum: {p:02x?}");
     assert!(l4_csum_ok(p), "bad L4 checksum: {p:02x?}");
+}
+
+/// An ICMP error (`kind`, `code`, then the 4 bytes after the checksum)
+/// from `src` to `dst` quoting `quoted` (an IPv4 packet from its IP header
+/// on, as much of it as the sender quotes), checksums right.
+fn icmp_error(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    rest: [u8; 4],
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut p = Vec::with_capacity(ETH + 28 + quoted.len());
+    p.extend_from_slice(&MAC_B);
+    p.extend_from_slice(&MAC_A);
+    p.extend_from_slice(&0x0800u16.to_be_bytes());
+    p.extend_from_slice(&[0x45, 0xc0]);
+    p.extend_from_slice(&((28 + quoted.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0x56, 0x78, 0, 0, 64, proto::ICMP, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let ipc = checksum(&p[ETH..ETH + 20]);
+    p[ETH + 10..ETH + 12].copy_from_slice(&ipc.to_be_bytes());
+    p.extend_from_slice(&[kind, code, 0, 0]);
+    p.extend_from_slice(&rest);
+    p.extend_from_slice(quoted);
+    let c = checksum(&p[ETH + 20..]);
+    p[ETH + 22..ETH + 24].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// The outer IPv4, the ICMP and the quoted IPv4 header checksums of an ICMP
+/// error (no options anywhere) are right.
+fn assert_icmp_checksums(p: &[u8]) {
+    assert!(ip_csum_ok(p), "bad outer IPv4 checksum: {p:02x?}");
+    assert_eq!(
+        fold(sum16(&p[ETH + 20..])),
+        0xffff,
+        "bad ICMP checksum: {p:02x?}"
+    );
+    assert_eq!(
+        fold(sum16(&p[ETH + 28..ETH + 48])),
+        0xffff,
+        "bad quoted IPv4 checksum: {p:02x?}"
+    );
 }
 
 /// Bytes where `a` and `b` differ.
@@ -925,6 +986,241 @@ fn client_ip_affinity_keeps_a_client_until_idle_timeout() {
     assert_eq!(backend_of(&mut fx, CLIENT), after);
 }
 
+// ---- ICMP errors ----------------------------------------------------------------------------
+
+/// The node's address on the client's link (its pod gateway).
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+
+/// A packet from (address, port) to (address, port).
+type MakePacket = fn(Ipv4Addr, Ipv4Addr, u16, u16) -> Vec<u8>;
+
+/// `tcp` with SYN, as a function like `udp`.
+fn tcp_syn(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    tcp(src, dst, sport, dport, SYN)
+}
+
+/// Netfilter's RELATED translation: an ICMP error about a packet of a
+/// translated flow is translated as a packet of that flow going its way,
+/// the quote turned back into what the peer sent (or expects), every
+/// checksum right. Both directions, every error type, short and whole
+/// quotes, TCP and UDP (with and without checksum).
+#[test]
+fn icmp_errors_about_a_translated_flow_are_translated_both_ways() {
+    let mut fx = Fixture::new();
+    let mut translated = 0;
+    let makers: [(u8, MakePacket); 2] = [(proto::TCP, tcp_syn), (proto::UDP, udp)];
+    for (l4, make) in makers {
+        for udp_csum in [true, false] {
+            if l4 == proto::TCP && !udp_csum {
+                continue;
+            }
+            let port = 52000 + u16::from(l4) + u16::from(udp_csum);
+            let mut request = make(CLIENT, VIP, port, SVC_PORT);
+            if !udp_csum {
+                request[ETH + 26..ETH + 28].copy_from_slice(&[0, 0]);
+            }
+            let (_, dnat) = fx.run(&request);
+            let backend = ip_dst(&dnat);
+            let whole = dnat.len() - ETH;
+            // To the client about the DNAT-ed request: a backend's port
+            // unreachable, a router's "fragmentation needed" (MTU 1400),
+            // time exceeded, parameter problem; quoting 8 bytes of L4 or
+            // the whole packet.
+            for (from, kind, code, rest, quote) in [
+                (backend, 3, 3, [0; 4], 28),
+                (GATEWAY, 3, 4, [0, 0, 0x05, 0x78], whole),
+                (GATEWAY, 11, 0, [0; 4], whole),
+                (backend, 12, 0, [20, 0, 0, 0], 28),
+            ] {
+                let error = icmp_error(from, CLIENT, kind, code, rest, &dnat[ETH..ETH + quote]);
+                let (ret, out) = fx.run(&error);
+                assert_eq!(ret, TC_ACT_OK);
+                assert_eq!(out.len(), error.len());
+                assert_eq!(
+                    (ip_src(&out), ip_dst(&out)),
+                    (VIP, CLIENT),
+                    "type {kind}/{code}: from the frontend, as netfilter's"
+                );
+                assert_eq!(
+                    &out[ETH + 28..],
+                    &request[ETH..ETH + quote],
+                    "type {kind}/{code}, proto {l4}: quotes what the client sent"
+                );
+                assert_eq!(&out[ETH + 20..ETH + 22], &[kind, code]);
+                assert_eq!(&out[ETH + 24..ETH + 28], &rest);
+                assert_icmp_checksums(&out);
+                translated += 1;
+            }
+            // The backend's reply, reverse-translated, and the client's
+            // error about it: to the backend, quoting what it sent.
+            let mut reply = make(backend, CLIENT, BACKEND_PORT, port);
+            if !udp_csum {
+                reply[ETH + 26..ETH + 28].copy_from_slice(&[0, 0]);
+            }
+            let (_, reversed) = fx.run(&reply);
+            assert_eq!(ip_src(&reversed), VIP);
+            let error = icmp_error(CLIENT, VIP, 3, 3, [0; 4], &reversed[ETH..]);
+            let (ret, out) = fx.run(&error);
+            assert_eq!(ret, TC_ACT_OK);
+            assert_eq!((ip_src(&out), ip_dst(&out)), (CLIENT, backend));
+            assert_eq!(&out[ETH + 28..], &reply[ETH..], "proto {l4}");
+            assert_icmp_checksums(&out);
+            translated += 1;
+        }
+    }
+    assert_eq!(
+        fx.dp.stats().unwrap()[stat::ICMP_ERRORS as usize],
+        translated
+    );
+}
+
+/// A hairpin flow's errors: the backend is its own client behind the
+/// hairpin address, both ways.
+#[test]
+fn icmp_errors_about_a_hairpin_flow_are_translated() {
+    let mut fx = Fixture::new();
+    let me = BACKENDS[2];
+    let (port, out) = (47000..47200)
+        .map(|port| (port, fx.run(&udp(me, VIP, port, SVC_PORT)).1))
+        .find(|(_, out)| ip_dst(out) == me)
+        .expect("a backend never picked itself in 200 flows");
+    let request = udp(me, VIP, port, SVC_PORT);
+    let error = icmp_error(me, HAIRPIN, 3, 3, [0; 4], &out[ETH..]);
+    let (_, translated) = fx.run(&error);
+    assert_eq!((ip_src(&translated), ip_dst(&translated)), (VIP, me));
+    assert_eq!(&translated[ETH + 28..], &request[ETH..]);
+    assert_icmp_checksums(&translated);
+    let reply = udp(me, HAIRPIN, BACKEND_PORT, port);
+    let (_, reversed) = fx.run(&reply);
+    let error = icmp_error(me, VIP, 3, 3, [0; 4], &reversed[ETH..]);
+    let (_, translated) = fx.run(&error);
+    assert_eq!((ip_src(&translated), ip_dst(&translated)), (HAIRPIN, me));
+    assert_eq!(&translated[ETH + 28..], &reply[ETH..]);
+    assert_icmp_checksums(&translated);
+}
+
+/// ICMP that is no error about a tracked flow is not ours.
+#[test]
+fn other_icmp_passes_untouched() {
+    let mut fx = Fixture::new();
+    let request = tcp(CLIENT, VIP, 54000, SVC_PORT, SYN);
+    let (_, dnat) = fx.run(&request);
+    let backend = ip_dst(&dnat);
+    let mut non_first = dnat.clone();
+    non_first[ETH + 6..ETH + 8].copy_from_slice(&[0x20, 0x10]);
+    let mut ip_options = dnat.clone();
+    ip_options[ETH] = 0x44;
+    let cases = [
+        // Echo request and a redirect about the flow.
+        packet(CLIENT, VIP, 0x0800, 0, proto::ICMP, 0, b"ping"),
+        icmp_error(
+            GATEWAY,
+            CLIENT,
+            5,
+            1,
+            GATEWAY.octets(),
+            &dnat[ETH..ETH + 28],
+        ),
+        // About a flow nobody tracks.
+        icmp_error(
+            backend,
+            CLIENT,
+            3,
+            3,
+            [0; 4],
+            &tcp(CLIENT, backend, 54001, BACKEND_PORT, SYN)[ETH..ETH + 28],
+        ),
+        // Quoting fewer than the 8 bytes of ports it needs, a non-first
+        // fragment (no ports), a bogus quoted header length.
+        icmp_error(backend, CLIENT, 3, 3, [0; 4], &dnat[ETH..ETH + 26]),
+        icmp_error(backend, CLIENT, 3, 3, [0; 4], &non_first[ETH..ETH + 28]),
+        icmp_error(backend, CLIENT, 3, 3, [0; 4], &ip_options[ETH..ETH + 28]),
+    ];
+    for input in cases {
+        let (ret, out) = fx.run(&input);
+        assert_eq!((ret, &out), (TC_ACT_OK, &input));
+        let (ret, out) = fx.run_egress(&input, 0);
+        assert_eq!((ret, out), (TC_ACT_OK, input));
+    }
+    assert_eq!(fx.dp.stats().unwrap()[stat::ICMP_ERRORS as usize], 0);
+}
+
+/// An error about a masqueraded NodePort flow, from its endpoint on another
+/// node: back to the external client from the node address, sent out by
+/// FIB redirect as the flow's replies are.
+#[test]
+fn icmp_error_about_a_masqueraded_nodeport_flow_reaches_the_client() {
+    let mut fx = Fixture::new();
+    fx.add_nodeport(NODE, NODEPORT_REMOTE, 0, 100);
+    let node = fib_node();
+    let syn = tcp(EXT_CLIENT, NODE, 43000, NODEPORT_REMOTE, SYN);
+    let (_, out) = node.ns.run(|| fx.run_hook_on(Hook::Node, &syn, node.eth0));
+    assert_eq!((ip_src(&out), ip_dst(&out)), (NODE, BACKENDS[0]));
+    let error = icmp_error(BACKENDS[0], NODE, 3, 3, [0; 4], &out[ETH..ETH + 40]);
+    let (ret, translated) = node
+        .ns
+        .run(|| fx.run_hook_on(Hook::Node, &error, node.eth0));
+    assert_eq!(ret, TC_ACT_REDIRECT, "its source is the node's own address");
+    assert_eq!(translated[0..6], EXT_CLIENT_MAC);
+    assert_eq!(
+        (ip_src(&translated), ip_dst(&translated)),
+        (NODE, EXT_CLIENT)
+    );
+    // The quote is what the client sent, but for the hop the node counted
+    // (and the quoted header's checksum, checked below).
+    let mut sent = syn[ETH..ETH + 40].to_vec();
+    sent[8] -= 1;
+    sent[10..12].copy_from_slice(&translated[ETH + 28 + 10..ETH + 28 + 12]);
+    assert_eq!(&translated[ETH + 28..], &sent[..]);
+    assert_eq!(ttl(&translated), ttl(&error) - 1);
+    assert_icmp_checksums(&translated);
+}
+
+/// What the node itself sends leaves by an interface's egress: a
+/// "fragmentation needed" its stack sends about a DNAT-ed packet it cannot
+/// forward, and a host endpoint's reply, are reverse-translated there. The
+/// node never starts a flow at egress, and what it forwards was seen where
+/// it came in.
+#[test]
+fn egress_translates_what_the_node_itself_sends() {
+    let mut fx = Fixture::new();
+    let request = tcp(CLIENT, VIP, 55000, SVC_PORT, ACK);
+    let (_, dnat) = fx.run(&tcp(CLIENT, VIP, 55000, SVC_PORT, SYN));
+    let (_, dnat_ack) = fx.run(&request);
+    let backend = ip_dst(&dnat);
+    let need_frag = icmp_error(GATEWAY, CLIENT, 3, 4, [0, 0, 0x05, 0x78], &dnat_ack[ETH..]);
+    let (ret, out) = fx.run_egress(&need_frag, 0);
+    assert_eq!(ret, TC_ACT_OK);
+    assert_eq!((ip_src(&out), ip_dst(&out)), (VIP, CLIENT));
+    assert_eq!(&out[ETH + 28..], &request[ETH..]);
+    assert_icmp_checksums(&out);
+
+    let reply = tcp(backend, CLIENT, BACKEND_PORT, 55000, SYN | ACK);
+    let (ret, out) = fx.run_egress(&reply, 0);
+    assert_eq!(ret, TC_ACT_OK);
+    assert_eq!((ip_src(&out), sport(&out)), (VIP, SVC_PORT));
+    assert_checksums(&out);
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::REPLY_HITS as usize], 1);
+
+    // Forwarded: untouched, whatever it is.
+    for input in [&need_frag, &reply] {
+        let (ret, out) = fx.run_egress(input, 1);
+        assert_eq!((ret, &out), (TC_ACT_OK, input));
+    }
+    // No flow starts at egress, not even to a frontend.
+    let before = ct_entries(&fx).len();
+    for input in [
+        tcp(CLIENT, VIP, 55001, SVC_PORT, SYN),
+        udp(CLIENT, VIP_EMPTY, 55002, SVC_PORT),
+    ] {
+        let (ret, out) = fx.run_egress(&input, 0);
+        assert_eq!((ret, out), (TC_ACT_OK, input));
+    }
+    assert_eq!(ct_entries(&fx).len(), before);
+    assert_eq!(fx.dp.stats().unwrap()[stat::ICMP_ERRORS as usize], 1);
+}
+
 // ---- Maglev ---------------------------------------------------------------------------------
 
 /// A table over the TCP backends of VIP:80 at `indexes` (ids 2i+1).
@@ -1103,6 +1399,9 @@ fn check_fuzz_output(input: &[u8], ret: u32, out: &[u8]) -> Result<(), String> {
     if out == input {
         return Ok(());
     }
+    if input[12..14] == [0x08, 0x00] && input[ETH + 9] == proto::ICMP {
+        return check_icmp_fuzz_output(input, out);
+    }
     if out.len() != input.len() {
         return Err("length changed".into());
     }
@@ -1162,6 +1461,114 @@ fn check_fuzz_output(input: &[u8], ret: u32, out: &[u8]) -> Result<(), String> {
         return Err("zero UDP checksum changed".into());
     }
     Ok(())
+}
+
+/// A changed ICMP packet must be an error about a flow of the fixture's
+/// services translated as such (see
+/// `icmp_errors_about_a_translated_flow_are_translated_both_ways`), with
+/// no checksum broken.
+fn check_icmp_fuzz_output(input: &[u8], out: &[u8]) -> Result<(), String> {
+    if out.len() != input.len() {
+        return Err("length changed".into());
+    }
+    let icmp = ETH + ihl(input);
+    let inner = icmp + 8;
+    let inner_ihl = (input[inner] & 0x0f) as usize * 4;
+    let l4 = inner + inner_ihl;
+    let l4_csum = l4
+        + if input[inner + 9] == proto::TCP {
+            16
+        } else {
+            6
+        };
+    let mut allowed: Vec<usize> = (ETH + 10..ETH + 20).collect();
+    allowed.extend([icmp + 2, icmp + 3, inner + 10, inner + 11]);
+    allowed.extend(inner + 12..inner + 20);
+    allowed.extend([l4, l4 + 1, l4 + 2, l4 + 3, l4_csum, l4_csum + 1]);
+    if let Some(i) = changed(input, out)
+        .into_iter()
+        .find(|i| !allowed.contains(i))
+    {
+        return Err(format!("byte {i} changed"));
+    }
+    let addr = |p: &[u8], o: usize| Ipv4Addr::new(p[o], p[o + 1], p[o + 2], p[o + 3]);
+    let port = |p: &[u8], o: usize| u16::from_be_bytes([p[o], p[o + 1]]);
+    let quote = |p: &[u8]| {
+        (
+            addr(p, inner + 12),
+            port(p, l4),
+            addr(p, inner + 16),
+            port(p, l4 + 2),
+        )
+    };
+    let (q, after) = (quote(input), quote(out));
+    let outer = (ip_src(out), ip_dst(out));
+    // About a DNAT-ed request, to its client (the backend itself behind the
+    // hairpin address): from the frontend, quoting client -> frontend.
+    let client = if q.0 == HAIRPIN { q.2 } else { q.0 };
+    let about_request = BACKENDS.contains(&q.2)
+        && q.3 == BACKEND_PORT
+        && after == (client, q.1, VIP, SVC_PORT)
+        && outer == (VIP, client);
+    // About a reverse-translated reply, to its backend: quoting backend ->
+    // client (the hairpin address for a backend reaching itself).
+    let about_reply = q.0 == VIP
+        && q.1 == SVC_PORT
+        && BACKENDS.contains(&after.0)
+        && after.1 == BACKEND_PORT
+        && after.3 == q.3
+        && (after.2 == q.2 || (after.2 == HAIRPIN && after.0 == q.2))
+        && outer == (after.2, after.0);
+    if !(about_request || about_reply) {
+        return Err(format!(
+            "not a translation: quote {q:?} became {after:?}, outer {outer:?}"
+        ));
+    }
+    let icmp_ok = |p: &[u8]| fold(sum16(&p[icmp..])) == 0xffff;
+    let inner_ok = |p: &[u8]| fold(sum16(&p[inner..inner + inner_ihl])) == 0xffff;
+    if ip_csum_ok(input) && !ip_csum_ok(out) {
+        return Err("outer IPv4 checksum broken".into());
+    }
+    if icmp_ok(input) && !icmp_ok(out) {
+        return Err("ICMP checksum broken".into());
+    }
+    if inner_ok(input) && !inner_ok(out) {
+        return Err("quoted IPv4 checksum broken".into());
+    }
+    Ok(())
+}
+
+/// An ICMP error of a random type quoting a packet shaped like the flows
+/// [`random_packet`] opens (so often one of them), cut at a random length.
+fn random_icmp_error(rng: &mut StdRng) -> Vec<u8> {
+    let mut quoted = random_packet(rng);
+    let backend = BACKENDS[rng.random_range(0..3)];
+    let (src, dst, sp, dp) = match rng.random_range(0..4) {
+        0 => (CLIENT, backend, rng.random_range(1024..1100), BACKEND_PORT),
+        1 => (VIP, CLIENT, SVC_PORT, rng.random_range(1024..1100)),
+        2 => (HAIRPIN, backend, rng.random_range(1024..1100), BACKEND_PORT),
+        _ => (VIP, backend, SVC_PORT, rng.random_range(1024..1100)),
+    };
+    if rng.random_bool(0.8) {
+        let l4 = quoted[ETH + 9];
+        let payload = ETH + 20 + if l4 == proto::TCP { 20 } else { 8 };
+        quoted = packet(src, dst, sp, dp, l4, rng.random(), &quoted[payload..]);
+    }
+    let cut = rng.random_range(ETH + 20..=quoted.len());
+    let kind = [3, 3, 11, 12, 5, 8][rng.random_range(0..6)];
+    let (from, to) = match rng.random_range(0..3) {
+        0 => (GATEWAY, ip_src(&quoted)),
+        1 => (ip_dst(&quoted), ip_src(&quoted)),
+        _ => (Ipv4Addr::from(rng.random::<u32>()), CLIENT),
+    };
+    icmp_error(
+        from,
+        to,
+        kind,
+        rng.random_range(0..5),
+        rng.random(),
+        &quoted[ETH..cut],
+    )
 }
 
 fn random_packet(rng: &mut StdRng) -> Vec<u8> {
@@ -1257,11 +1664,17 @@ fn fuzz_every_output_is_unchanged_or_a_correct_translation() {
     let iterations = 100_000;
     let (mut translated, mut rejected) = (0u32, 0u32);
     for n in 0..iterations {
-        let mut p = match rng.random_range(0..10) {
+        let mut p = match rng.random_range(0..12) {
             0 => (0..rng.random_range(ETH..128))
                 .map(|_| rng.random::<u8>())
                 .collect(),
             1..=4 => random_packet(&mut rng),
+            5 => random_icmp_error(&mut rng),
+            6 => {
+                let mut p = random_icmp_error(&mut rng);
+                mutate(&mut rng, &mut p);
+                p
+            }
             _ => {
                 let mut p = random_packet(&mut rng);
                 mutate(&mut rng, &mut p);
@@ -1284,6 +1697,11 @@ fn fuzz_every_output_is_unchanged_or_a_correct_translation() {
     // The generator must really exercise the translation paths.
     assert!(translated > iterations / 10, "only {translated} translated");
     assert!(rejected > iterations / 50, "only {rejected} rejected");
+    let icmp = fx.dp.stats().unwrap()[stat::ICMP_ERRORS as usize];
+    assert!(
+        icmp > iterations as u64 / 100,
+        "only {icmp} ICMP errors translated"
+    );
 }
 
 // ---- XDP on node interfaces ------------------------------------------------------------------
@@ -1309,13 +1727,7 @@ fn xdp_sends_a_nodeport_flow_to_another_node_back_out_translated() {
     let mut fx = Fixture::new();
     fx.add_nodeport(NODE, NODEPORT_REMOTE, 0, 100);
     let node = fib_node();
-    for (l4, make) in [
-        (
-            proto::TCP,
-            (|s, d, sp, dp| tcp(s, d, sp, dp, SYN)) as fn(Ipv4Addr, Ipv4Addr, u16, u16) -> Vec<u8>,
-        ),
-        (proto::UDP, udp),
-    ] {
+    for (l4, make) in [(proto::TCP, tcp_syn as MakePacket), (proto::UDP, udp)] {
         let client_port = 40000 + l4 as u16;
         let input = make(EXT_CLIENT, NODE, client_port, NODEPORT_REMOTE);
         let (ret, out) = node.ns.run(|| fx.run_xdp(&input, node.eth0));
