@@ -44,8 +44,10 @@ pub mod map_names {
     pub const MAGLEV: &str = "kep_maglev";
     /// `loadBalancerSourceRanges`: (svc id, client prefix) LPM trie.
     pub const SOURCE_RANGES: &str = "kep_src_ranges";
+    /// The node's own IPv4 addresses (network byte order -> 1).
+    pub const NODE_ADDRS: &str = "kep_node_addrs";
     /// Every map the agent pins, in creation order.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -57,6 +59,7 @@ pub mod map_names {
         BACKEND_TRAFFIC,
         MAGLEV,
         SOURCE_RANGES,
+        NODE_ADDRS,
     ];
 }
 
@@ -92,6 +95,9 @@ pub mod defaults {
     /// Frontends that can have a Maglev table at once.
     pub const MAGLEV_MAX: u32 = 65_536;
     pub const SOURCE_RANGES_MAX: u32 = 16_384;
+    /// Addresses of the node's interfaces (a bridge CNI may give every pod
+    /// veth a gateway address of its own).
+    pub const NODE_ADDRS_MAX: u32 = 4096;
 }
 
 /// IANA protocol numbers as carried in the IPv4 header.

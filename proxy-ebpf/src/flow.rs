@@ -8,7 +8,7 @@ use proxy_common::{
 };
 
 use crate::lb;
-use crate::maps::{BACKENDS, CONNTRACK, count};
+use crate::maps::{BACKENDS, CONNTRACK, count, is_node_address};
 use crate::packet::{Flow, TCP_ACK, TCP_SYN};
 
 /// Where a packet entered the node.
@@ -64,7 +64,7 @@ pub enum Opened {
 #[inline(always)]
 pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) -> Opened {
     let hash = maglev::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-    let (backend_id, backend, svc_id, masquerade, node_address) = match lb::choose(
+    let (backend_id, backend, svc_id, mut masquerade, mut node_address) = match lb::choose(
         flow.daddr,
         flow.dport,
         flow.proto,
@@ -83,6 +83,17 @@ pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) ->
         lb::Choice::Drop => return Opened::Drop,
         lb::Choice::Reject => return Opened::Reject,
     };
+
+    // An endpoint that is this node itself (a hostNetwork pod) gets the
+    // packet from the local stack with the client's address kept: the
+    // node's own address as source could not be answered (source and
+    // destination would be this node), and kube-proxy's masquerade, in
+    // POSTROUTING, never sees locally delivered packets either. Its
+    // answers are sent by the node, so reversed at egress.
+    if (masquerade || node_address) && is_node_address(backend.addr) {
+        masquerade = false;
+        node_address = false;
+    }
 
     // A pod that picked itself gets a source it does not own, so its reply
     // comes back through this node instead of being a martian to itself

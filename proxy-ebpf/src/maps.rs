@@ -69,6 +69,12 @@ pub static kep_maglev: HashMap<
 pub static kep_src_ranges: LpmTrie<SourceRange, u8, { defaults::SOURCE_RANGES_MAX as usize }> =
     LpmTrie::new();
 
+/// The node's own addresses, written by the agent: an endpoint there is
+/// this node itself (a hostNetwork pod).
+#[btf_map]
+pub static kep_node_addrs: HashMap<u32, u8, { defaults::NODE_ADDRS_MAX as usize }> =
+    HashMap::new();
+
 pub use kep_affinity as AFFINITY;
 pub use kep_backends as BACKENDS;
 pub use kep_conntrack as CONNTRACK;
@@ -83,6 +89,12 @@ pub fn count(index: u32) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *c += 1 };
     }
+}
+
+/// Whether `addr` (network byte order) is one of this node's own.
+#[inline(always)]
+pub fn is_node_address(addr: u32) -> bool {
+    unsafe { kep_node_addrs.get(addr) }.is_some()
 }
 
 /// The agent's settings; all zero (no service CIDR, no hairpin address)

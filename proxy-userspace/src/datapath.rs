@@ -288,6 +288,8 @@ pub struct Datapath {
     stats: PerCpuArray<MapData, u64>,
     tables: MaglevTables,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    /// The node's own addresses as the datapath has them.
+    node_addrs: HashMap<MapData, u32, u8>,
     /// The settings written to the config map, for conntrack expiry.
     settings: Config,
     /// What the maps hold, as last read or written by this process.
@@ -384,6 +386,7 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap(map_names::SOURCE_RANGES))?
             .try_into()
             .map_err(map_err(map_names::SOURCE_RANGES))?;
+        let node_addrs = take_map(&mut ebpf, map_names::NODE_ADDRS)?;
         let stats = ebpf
             .take_map(map_names::STATS)
             .ok_or(DatapathError::MissingMap(map_names::STATS))?
@@ -409,6 +412,7 @@ impl Datapath {
             stats,
             tables,
             source_ranges,
+            node_addrs,
             live: MapContents::default(),
             attached: BTreeMap::new(),
             config,
@@ -457,6 +461,29 @@ impl Datapath {
             .map_err(map_err(map_names::CONFIG))?;
         self.settings = settings;
         Ok(())
+    }
+
+    /// Makes the datapath's set of the node's own addresses `addrs` (every
+    /// interface's, loopback's aside): an endpoint at one of them is the
+    /// node itself, whose NodePort traffic is delivered locally without
+    /// masquerade. Returns how many entries changed.
+    pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<usize, DatapathError> {
+        let want: std::collections::BTreeSet<u32> = addrs
+            .iter()
+            .filter(|a| !a.is_loopback())
+            .map(|a| addr_to_map(*a))
+            .collect();
+        let have: std::collections::BTreeSet<u32> =
+            self.node_addrs.keys().filter_map(Result::ok).collect();
+        for gone in have.difference(&want) {
+            ignore_missing(self.node_addrs.remove(gone)).map_err(map_err(map_names::NODE_ADDRS))?;
+        }
+        for new in want.difference(&have) {
+            self.node_addrs
+                .insert(new, 1, 0)
+                .map_err(map_err(map_names::NODE_ADDRS))?;
+        }
+        Ok(have.symmetric_difference(&want).count())
     }
 
     /// Attaches the TC program of `hook` at ingress of `iface` (index

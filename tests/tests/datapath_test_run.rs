@@ -198,11 +198,22 @@ impl Fixture {
     /// A NodePort `node:port` (TCP and UDP, externalTrafficPolicy Cluster:
     /// masqueraded) whose one endpoint is backend `i`.
     fn add_nodeport(&mut self, node: Ipv4Addr, port: u16, i: usize, svc_id: u32) {
+        self.add_nodeport_to(
+            node,
+            port,
+            [i * 2 + 1, i * 2 + 2].map(|id| id as u32),
+            svc_id,
+        );
+    }
+
+    /// A NodePort `node:port` as [`Fixture::add_nodeport`] whose one
+    /// endpoint is the backend id `ids[0]` for TCP, `ids[1]` for UDP.
+    fn add_nodeport_to(&mut self, node: Ipv4Addr, port: u16, ids: [u32; 2], svc_id: u32) {
         let mut ops = Vec::new();
         for (j, p) in [proto::TCP, proto::UDP].into_iter().enumerate() {
             let key = ServiceKey::new(addr_to_map(node), port_to_map(port), p, 0);
             let ext = key.with_scope(scope::EXTERNAL);
-            let backend = (i * 2 + j + 1) as u32;
+            let backend = ids[j];
             let id = svc_id + 2 * j as u32;
             ops.push(MapOp::PutService(
                 key.with_slot(1),
@@ -984,6 +995,77 @@ fn client_ip_affinity_keeps_a_client_until_idle_timeout() {
     let after = backend_of(&mut fx, CLIENT);
     assert_ne!(after, current, "kept on a removed endpoint");
     assert_eq!(backend_of(&mut fx, CLIENT), after);
+}
+
+// ---- the node itself as an endpoint ----------------------------------------------------------
+
+/// A NodePort (externalTrafficPolicy Cluster: masqueraded) whose endpoint
+/// is the node itself: the request goes to the local stack with the client
+/// kept (neither masqueraded to the node's own address nor redirected), and
+/// the node's answer is reversed at egress. The same endpoint is an
+/// ordinary masqueraded one where the address is not the node's.
+#[test]
+fn nodeport_to_the_node_itself_is_delivered_locally_with_the_client_kept() {
+    let mut fx = Fixture::new();
+    let ids = [50, 51];
+    let ops: Vec<MapOp> = [proto::TCP, proto::UDP]
+        .into_iter()
+        .zip(ids)
+        .map(|(p, id)| MapOp::PutBackend(id, Backend::new(addr_to_map(NODE), port_to_map(9090), p)))
+        .collect();
+    assert!(fx.dp.apply(&ops).is_empty());
+    fx.add_nodeport_to(NODE, 30090, ids, 300);
+    let node = fib_node();
+
+    // Not (yet) known as the node's address: masqueraded, as to any
+    // endpoint (which the node's stack would drop: its own address as
+    // source, coming in from outside).
+    let syn = tcp(EXT_CLIENT, NODE, 44000, 30090, SYN);
+    let (_, out) = node.ns.run(|| fx.run_hook_on(Hook::Node, &syn, node.eth0));
+    assert_eq!((ip_src(&out), ip_dst(&out)), (NODE, NODE));
+
+    assert_eq!(fx.dp.set_node_addresses(&[NODE, GATEWAY]).unwrap(), 2);
+    let makers: [(u8, MakePacket); 2] = [(proto::TCP, tcp_syn), (proto::UDP, udp)];
+    for (l4, make) in makers {
+        let port = 44001 + u16::from(l4);
+        let request = make(EXT_CLIENT, NODE, port, 30090);
+        // XDP leaves it to TC, which hands it to the stack.
+        let (ret, out) = node.ns.run(|| fx.run_xdp(&request, node.eth0));
+        assert_eq!((ret, &out), (XDP_PASS, &request), "proto {l4}");
+        let (ret, out) = node
+            .ns
+            .run(|| fx.run_hook_on(Hook::Node, &request, node.eth0));
+        assert_eq!(ret, TC_ACT_OK, "proto {l4}: to the local stack");
+        assert_eq!(
+            (ip_src(&out), sport(&out), ip_dst(&out), dport(&out)),
+            (EXT_CLIENT, port, NODE, 9090),
+            "proto {l4}: the client is kept"
+        );
+        assert_checksums(&out);
+        let (ret, reply) = fx.run_egress(&make(NODE, EXT_CLIENT, 9090, port), 0);
+        assert_eq!(ret, TC_ACT_OK);
+        assert_eq!(
+            (ip_src(&reply), sport(&reply), ip_dst(&reply), dport(&reply)),
+            (NODE, 30090, EXT_CLIENT, port),
+            "proto {l4}: the node's answer leaves from the NodePort"
+        );
+        assert_checksums(&reply);
+    }
+    let own: Vec<_> = ct_entries(&fx)
+        .into_iter()
+        .filter(|(_, v)| v.backend_id >= 50)
+        .collect();
+    assert!(
+        own.iter()
+            .filter(|(k, _)| k.sport != port_to_map(44000) && k.dport != port_to_map(44000))
+            .all(|(_, v)| !v.is_snat() && !v.redirects()),
+        "{own:?}"
+    );
+    // Addresses that go are forgotten.
+    assert_eq!(fx.dp.set_node_addresses(&[GATEWAY]).unwrap(), 1);
+    let syn = tcp(EXT_CLIENT, NODE, 44100, 30090, SYN);
+    let (_, out) = node.ns.run(|| fx.run_hook_on(Hook::Node, &syn, node.eth0));
+    assert_eq!(ip_src(&out), NODE);
 }
 
 // ---- ICMP errors ----------------------------------------------------------------------------
