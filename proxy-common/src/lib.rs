@@ -46,8 +46,11 @@ pub mod map_names {
     pub const SOURCE_RANGES: &str = "kep_src_ranges";
     /// The node's own IPv4 addresses (network byte order -> 1).
     pub const NODE_ADDRS: &str = "kep_node_addrs";
+    /// Every endpoint's (address, port, protocol), as a [`crate::Backend`]
+    /// with flags 0 -> 1: connections straight to one are tracked.
+    pub const ENDPOINTS: &str = "kep_endpoints";
     /// Every map the agent pins, in creation order.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -60,6 +63,7 @@ pub mod map_names {
         MAGLEV,
         SOURCE_RANGES,
         NODE_ADDRS,
+        ENDPOINTS,
     ];
 }
 
@@ -355,6 +359,14 @@ pub const CT_FLAG_CLOSING: u8 = 1 << 2;
 /// by a FIB lookup and redirect. Set on both entries.
 pub const CT_FLAG_REDIRECT: u8 = 1 << 3;
 
+/// Not a Service flow: a connection straight to an endpoint's address,
+/// tracked so that its replies are never taken for those of a Service flow
+/// that used the same tuple, nor its tuple given to one. Its entries
+/// translate nothing, unless a clash with a live flow gave it another
+/// source port (`CT_FLAG_SNAT` with the client's own address). Set on both
+/// entries; `svc_id` and `backend_id` are 0.
+pub const CT_FLAG_DIRECT: u8 = 1 << 4;
+
 /// Conntrack value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -398,6 +410,10 @@ impl CtValue {
 
     pub const fn is_closing(&self) -> bool {
         self.flags & CT_FLAG_CLOSING != 0
+    }
+
+    pub const fn is_direct(&self) -> bool {
+        self.flags & CT_FLAG_DIRECT != 0
     }
 
     /// How long this entry may stay idle, by protocol and state.
@@ -649,8 +665,14 @@ pub mod stat {
     /// ICMP errors about a tracked flow (a router's "fragmentation needed",
     /// a backend's "port unreachable", ...) translated like its packets.
     pub const ICMP_ERRORS: u32 = 12;
+    /// Connections straight to an endpoint's address, tracked (untranslated)
+    /// so no Service flow takes their tuple.
+    pub const DIRECT_FLOWS: u32 = 13;
+    /// New flows whose tuple towards the endpoint was held by another live
+    /// flow, given another source port (netfilter's implicit remap).
+    pub const PORT_REMAPS: u32 = 14;
     /// Number of counters; the size of the stats array.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
     /// Names in index order, for the CLI and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flows",
@@ -666,6 +688,8 @@ pub mod stat {
         "snat_failed",
         "xdp_tx",
         "icmp_errors",
+        "direct_flows",
+        "port_remaps",
     ];
 }
 

@@ -72,7 +72,12 @@ pub static kep_src_ranges: LpmTrie<SourceRange, u8, { defaults::SOURCE_RANGES_MA
 /// The node's own addresses, written by the agent: an endpoint there is
 /// this node itself (a hostNetwork pod).
 #[btf_map]
-pub static kep_node_addrs: HashMap<u32, u8, { defaults::NODE_ADDRS_MAX as usize }> =
+pub static kep_node_addrs: HashMap<u32, u8, { defaults::NODE_ADDRS_MAX as usize }> = HashMap::new();
+
+/// Every endpoint's (address, port, protocol) (flags 0), written by the
+/// agent: connections straight to one are tracked.
+#[btf_map]
+pub static kep_endpoints: HashMap<Backend, u8, { defaults::BACKENDS_MAX as usize }> =
     HashMap::new();
 
 pub use kep_affinity as AFFINITY;
@@ -89,6 +94,12 @@ pub fn count(index: u32) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *c += 1 };
     }
+}
+
+/// Whether `to` (flags 0) is some Service's endpoint.
+#[inline(always)]
+pub fn is_endpoint(to: &Backend) -> bool {
+    unsafe { kep_endpoints.get(to) }.is_some()
 }
 
 /// Whether `addr` (network byte order) is one of this node's own.

@@ -29,9 +29,7 @@ use aya_ebpf::{
 use proxy_common::{CtValue, stat};
 
 use crate::fib::fib_redirect;
-use crate::flow::{
-    Opened, Origin, Tuple, backend_still_valid, live_entry, mark_closing, open_flow, translated,
-};
+use crate::flow::{Opened, Origin, Tuple, live_entry, mark_closing, open_flow, translated, usable};
 use crate::icmp;
 use crate::maps::{account, config, count};
 use crate::packet::{
@@ -110,7 +108,9 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
     match open_flow(&flow, origin, cfg, now) {
         Opened::Flow(forward) => {
             translate(ctx, &flow, &translated(&flow, &forward))?;
-            account(forward.svc_id, forward.backend_id, ctx.len());
+            if !forward.is_direct() {
+                account(forward.svc_id, forward.backend_id, ctx.len());
+            }
             Ok(out(&forward))
         }
         Opened::Pass => Ok(Verdict::Act(TC_ACT_OK)),
@@ -145,7 +145,8 @@ fn try_egress(ctx: &TcContext) -> Result<Verdict, ()> {
 }
 
 /// A packet of a known flow: reverse-translate a reply, or translate
-/// forward to the flow's backend while it exists (`false` otherwise).
+/// forward to the flow's backend while it exists (`false` otherwise); a
+/// direct flow's packets keep their tuple (or get their remapped port).
 #[inline(always)]
 fn established(
     ctx: &TcContext,
@@ -154,17 +155,20 @@ fn established(
     ct: &CtValue,
     now: u64,
 ) -> Result<bool, ()> {
-    if !ct.is_reply() && !backend_still_valid(ct) {
+    if !usable(ct) {
         return Ok(false);
     }
     unsafe { (*entry).last_seen_ns = now };
     translate(ctx, flow, &translated(flow, ct))?;
-    count(if ct.is_reply() {
-        stat::REPLY_HITS
-    } else {
-        stat::FORWARD_HITS
-    });
-    account(ct.svc_id, ct.backend_id, ctx.len());
+    // A direct flow belongs to no Service.
+    if !ct.is_direct() {
+        count(if ct.is_reply() {
+            stat::REPLY_HITS
+        } else {
+            stat::FORWARD_HITS
+        });
+        account(ct.svc_id, ct.backend_id, ctx.len());
+    }
     Ok(true)
 }
 
@@ -181,7 +185,9 @@ fn related(ctx: &TcContext, msg: &Icmp, ingress: bool) -> i32 {
     let Some((_, ct)) = live_entry(&flow, config(), unsafe { bpf_ktime_get_ns() }) else {
         return TC_ACT_OK;
     };
-    if icmp::rewrite(ctx, &error, &translated(&flow, &ct)).is_err() {
+    let to = translated(&flow, &ct);
+    // A direct flow's errors need nothing.
+    if to.unchanged(&flow) || icmp::rewrite(ctx, &error, &to).is_err() {
         return TC_ACT_OK;
     }
     count(stat::ICMP_ERRORS);

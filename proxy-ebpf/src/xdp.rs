@@ -29,7 +29,7 @@ use proxy_common::{proto, stat};
 
 use crate::csum;
 use crate::fib::fib_lookup;
-use crate::flow::{Opened, Origin, Tuple, backend_still_valid, live_entry, open_flow, translated};
+use crate::flow::{Opened, Origin, Tuple, live_entry, open_flow, translated, usable};
 use crate::maps::{account, config, count};
 use crate::packet::{ETH_HLEN, Flow, Parsed, TCP_FIN, TCP_RST, parse, ptr_at};
 
@@ -54,7 +54,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let now = unsafe { bpf_ktime_get_ns() };
     let cfg = config();
     let (entry, ct) = match live_entry(&flow, cfg, now) {
-        Some((entry, ct)) if ct.is_reply() || backend_still_valid(&ct) => (Some(entry), ct),
+        Some((entry, ct)) if usable(&ct) => (Some(entry), ct),
         _ => match open_flow(&flow, Origin::Node, cfg, now) {
             Opened::Flow(forward) => (None, forward),
             Opened::Drop => return Ok(xdp_action::XDP_DROP),

@@ -290,6 +290,8 @@ pub struct Datapath {
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
     /// The node's own addresses as the datapath has them.
     node_addrs: HashMap<MapData, u32, u8>,
+    /// Every endpoint's (address, port, protocol): the backends' values.
+    endpoints: HashMap<MapData, Backend, u8>,
     /// The settings written to the config map, for conntrack expiry.
     settings: Config,
     /// What the maps hold, as last read or written by this process.
@@ -387,6 +389,7 @@ impl Datapath {
             .try_into()
             .map_err(map_err(map_names::SOURCE_RANGES))?;
         let node_addrs = take_map(&mut ebpf, map_names::NODE_ADDRS)?;
+        let endpoints = take_map(&mut ebpf, map_names::ENDPOINTS)?;
         let stats = ebpf
             .take_map(map_names::STATS)
             .ok_or(DatapathError::MissingMap(map_names::STATS))?
@@ -413,6 +416,7 @@ impl Datapath {
             tables,
             source_ranges,
             node_addrs,
+            endpoints,
             live: MapContents::default(),
             attached: BTreeMap::new(),
             config,
@@ -420,7 +424,32 @@ impl Datapath {
             xdp: cfg.xdp,
         };
         dp.live = dp.read_contents()?;
+        dp.sync_endpoints();
         Ok(dp)
+    }
+
+    /// Makes the endpoints map the set of the backends' (address, port,
+    /// protocol). A write that fails is logged: only the tracking of
+    /// connections straight to that endpoint suffers.
+    fn sync_endpoints(&mut self) {
+        let want: std::collections::BTreeSet<Backend> = self
+            .live
+            .backends
+            .values()
+            .map(|b| Backend::new(b.addr, b.port, b.proto))
+            .collect();
+        let have: std::collections::BTreeSet<Backend> =
+            self.endpoints.keys().filter_map(Result::ok).collect();
+        for gone in have.difference(&want) {
+            if let Err(e) = ignore_missing(self.endpoints.remove(gone)) {
+                tracing::warn!(error = %e, endpoint = ?gone, "removing an endpoint from kep_endpoints");
+            }
+        }
+        for new in want.difference(&have) {
+            if let Err(e) = self.endpoints.insert(new, 1, 0) {
+                tracing::warn!(error = %e, endpoint = ?new, "kep_endpoints: direct connections to this endpoint are not tracked");
+            }
+        }
     }
 
     /// The pod-side TC program, for attaching elsewhere or `test_run`.
@@ -830,6 +859,12 @@ impl Datapath {
                     error,
                 });
             }
+        }
+        if ops
+            .iter()
+            .any(|op| matches!(op, MapOp::PutBackend(..) | MapOp::DeleteBackend(_)))
+        {
+            self.sync_endpoints();
         }
         failed
     }

@@ -592,7 +592,17 @@ fn non_service_packets_are_unchanged() {
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     let (ret, out) = fx.run(&arp);
     assert_eq!((ret, out), (TC_ACT_OK, arp));
-    assert!(ct_entries(&fx).is_empty());
+    // Only the connection straight to an endpoint is tracked (both
+    // directions, translating nothing); the rest leaves no state.
+    let ct = ct_entries(&fx);
+    assert_eq!(ct.len(), 2, "{ct:?}");
+    assert!(
+        ct.iter().all(|(_, v)| v.is_direct() && !v.is_snat()),
+        "{ct:?}"
+    );
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::DIRECT_FLOWS as usize], 1);
+    assert_eq!(stats[stat::NEW_FLOWS as usize], 0);
 }
 
 #[test]
@@ -995,6 +1005,146 @@ fn client_ip_affinity_keeps_a_client_until_idle_timeout() {
     let after = backend_of(&mut fx, CLIENT);
     assert_ne!(after, current, "kept on a removed endpoint");
     assert_eq!(backend_of(&mut fx, CLIENT), after);
+}
+
+// ---- tuple reuse ------------------------------------------------------------------------------
+
+/// A frontend whose one endpoint is backend 0 (TCP and UDP), so a client
+/// port's Service flow and its direct connection share the tuple towards
+/// the endpoint.
+const VIP_ONE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
+
+fn add_vip_one(fx: &mut Fixture) {
+    let mut ops = vec![MapOp::PutService(
+        ServiceKey::cluster_ip(addr_to_map(VIP_ONE)),
+        ServiceValue::service(0, 0, SVC_FLAG_REJECT),
+    )];
+    for (j, p) in [proto::TCP, proto::UDP].into_iter().enumerate() {
+        let key = ServiceKey::new(addr_to_map(VIP_ONE), port_to_map(SVC_PORT), p, 0);
+        ops.push(MapOp::PutService(
+            key.with_slot(1),
+            ServiceValue::slot(j as u32 + 1),
+        ));
+        ops.push(MapOp::PutService(
+            key,
+            ServiceValue::service(40 + j as u32, 1, 0),
+        ));
+    }
+    assert!(fx.dp.apply(&ops).is_empty());
+}
+
+/// The packet's (source, source port, destination, destination port).
+fn tuple(p: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
+    (ip_src(p), sport(p), ip_dst(p), dport(p))
+}
+
+/// The sequence: a Service flow ends (FIN both ways), then the
+/// client opens a connection straight to the endpoint from the same port.
+/// Its packets and the endpoint's answers are left as they are (before,
+/// the answers matched the closed flow's reply entry and came back from
+/// the VIP); the closed flow's entry is taken over, no port remapped.
+#[test]
+fn a_direct_connection_on_a_closed_service_flows_tuple_is_not_translated() {
+    const FIN: u8 = 0x01;
+    let mut fx = Fixture::new();
+    add_vip_one(&mut fx);
+    let b = BACKENDS[0];
+    let port = 56000;
+    fx.run(&tcp(CLIENT, VIP_ONE, port, SVC_PORT, SYN));
+    fx.run(&tcp(b, CLIENT, BACKEND_PORT, port, SYN | ACK));
+    fx.run(&tcp(CLIENT, VIP_ONE, port, SVC_PORT, FIN | ACK));
+    fx.run(&tcp(b, CLIENT, BACKEND_PORT, port, FIN | ACK));
+    for (input, flags) in [
+        (tcp(CLIENT, b, port, BACKEND_PORT, SYN), "SYN"),
+        (tcp(b, CLIENT, BACKEND_PORT, port, SYN | ACK), "SYN-ACK"),
+        (tcp(CLIENT, b, port, BACKEND_PORT, ACK), "ACK"),
+        (tcp(b, CLIENT, BACKEND_PORT, port, ACK), "answer"),
+    ] {
+        let (ret, out) = fx.run(&input);
+        assert_eq!(
+            (ret, &out),
+            (TC_ACT_OK, &input),
+            "{flags} must be untouched"
+        );
+    }
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::DIRECT_FLOWS as usize], 1);
+    assert_eq!(stats[stat::PORT_REMAPS as usize], 0);
+    // UDP: a Service flow idle past its timeout is over as well.
+    let mut fx = Fixture::with_timeouts(CtTimeouts {
+        udp: std::time::Duration::ZERO,
+        ..CtTimeouts::default()
+    });
+    add_vip_one(&mut fx);
+    fx.run(&udp(CLIENT, VIP_ONE, port, SVC_PORT));
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let direct = udp(CLIENT, b, port, BACKEND_PORT);
+    assert_eq!(fx.run(&direct).1, direct);
+    let answer = udp(b, CLIENT, BACKEND_PORT, port);
+    assert_eq!(fx.run(&answer).1, answer);
+    assert_eq!(fx.dp.stats().unwrap()[stat::PORT_REMAPS as usize], 0);
+}
+
+/// Two live connections whose tuples towards the endpoint clash, in both
+/// orders and for TCP and UDP: the later one gets another source port (as
+/// netfilter's NAT remaps a clashing tuple), and both keep working.
+#[test]
+fn a_clash_with_a_live_flow_remaps_the_later_ones_source_port() {
+    let mut fx = Fixture::new();
+    add_vip_one(&mut fx);
+    let b = BACKENDS[0];
+    let makers: [(u8, MakePacket); 2] = [(proto::TCP, tcp_syn), (proto::UDP, udp)];
+    let mut remaps = 0;
+    for (l4, make) in makers {
+        for service_first in [true, false] {
+            let port = 57000 + u16::from(l4) * 2 + u16::from(service_first);
+            let via_vip = make(CLIENT, VIP_ONE, port, SVC_PORT);
+            let direct = make(CLIENT, b, port, BACKEND_PORT);
+            let (first, second) = if service_first {
+                (&via_vip, &direct)
+            } else {
+                (&direct, &via_vip)
+            };
+            let (_, out1) = fx.run(first);
+            let (_, out2) = fx.run(second);
+            remaps += 1;
+            let what = format!("proto {l4}, service first: {service_first}");
+            assert_eq!(
+                tuple(&out1),
+                (CLIENT, port, b, BACKEND_PORT),
+                "{what}: the first keeps its port"
+            );
+            let moved = sport(&out2);
+            assert_ne!(moved, port, "{what}: the later one is remapped");
+            assert_eq!(tuple(&out2), (CLIENT, moved, b, BACKEND_PORT), "{what}");
+            assert_checksums(&out2);
+            // Each one's answers reach its own socket.
+            let answer = |to: u16| make(b, CLIENT, BACKEND_PORT, to);
+            let (to_first, to_second) = (fx.run(&answer(port)).1, fx.run(&answer(moved)).1);
+            let (to_vip, to_direct) = if service_first {
+                (to_first, to_second)
+            } else {
+                (to_second, to_first)
+            };
+            assert_eq!(tuple(&to_vip), (VIP_ONE, SVC_PORT, CLIENT, port), "{what}");
+            assert_eq!(tuple(&to_direct), (b, BACKEND_PORT, CLIENT, port), "{what}");
+            assert_checksums(&to_vip);
+            assert_checksums(&to_direct);
+            // And later packets of both keep their translation.
+            let next = |p: &[u8]| {
+                let mut p = p.to_vec();
+                if l4 == proto::TCP {
+                    p = tcp(ip_src(&p), ip_dst(&p), sport(&p), dport(&p), ACK);
+                }
+                p
+            };
+            assert_eq!(tuple(&fx.run(&next(first)).1), tuple(&out1), "{what}");
+            assert_eq!(tuple(&fx.run(&next(second)).1), tuple(&out2), "{what}");
+        }
+    }
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::PORT_REMAPS as usize], remaps);
+    assert_eq!(stats[stat::DIRECT_FLOWS as usize], remaps);
 }
 
 // ---- the node itself as an endpoint ----------------------------------------------------------
