@@ -65,6 +65,7 @@ impl IcmpError {
             proto: q.proto,
             tcp_flags: 0,
             ttl: 0,
+            first_fragment: false,
             l4_off: self.inner_l4_off as usize,
         }
     }
@@ -133,6 +134,7 @@ pub fn parse_error<C: Packet>(ctx: &C, msg: &Icmp) -> Result<Option<IcmpError>, 
             proto: l4proto,
             tcp_flags: 0,
             ttl: 0,
+            first_fragment: false,
             l4_off,
         },
     }))

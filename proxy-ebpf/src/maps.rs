@@ -8,8 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, ServiceKey, ServiceValue,
-    SockRevNat, SockRevNatKey, SourceRange, Traffic, defaults, maglev, stat,
+    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, FragKey, FragValue, FragmentBytes,
+    ServiceKey, ServiceValue, SockRevNat, SockRevNatKey, SourceRange, StashKey, Traffic, defaults,
+    maglev, stat,
 };
 
 // Static names are the pinned map names (`proxy_common::map_names`), which
@@ -80,9 +81,31 @@ pub static kep_node_addrs: HashMap<u32, u8, { defaults::NODE_ADDRS_MAX as usize 
 pub static kep_endpoints: HashMap<Backend, u8, { defaults::BACKENDS_MAX as usize }> =
     HashMap::new();
 
+/// Datagrams being fragmented through: where their later fragments go.
+#[btf_map]
+pub static kep_frags: LruHashMap<FragKey, FragValue, { defaults::FRAGS_MAX as usize }> =
+    LruHashMap::new();
+
+/// Early fragments waiting for their first. LRU: under pressure the oldest
+/// goes (that datagram is lost), never a new one's room.
+#[btf_map]
+pub static kep_frag_stash: LruHashMap<
+    StashKey,
+    FragmentBytes,
+    { defaults::FRAG_STASH_MAX as usize },
+> = LruHashMap::new();
+
+/// Room for one fragment's bytes (a map value may be that big, the stack
+/// may not).
+#[btf_map]
+pub static kep_frag_buf: PerCpuArray<FragmentBytes, 1> = PerCpuArray::new();
+
 pub use kep_affinity as AFFINITY;
 pub use kep_backends as BACKENDS;
 pub use kep_conntrack as CONNTRACK;
+pub use kep_frag_buf as FRAG_BUF;
+pub use kep_frag_stash as FRAG_STASH;
+pub use kep_frags as FRAGS;
 pub use kep_maglev as MAGLEV;
 pub use kep_services as SERVICES;
 pub use kep_sock_rnat as SOCK_REVNAT;

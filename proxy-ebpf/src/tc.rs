@@ -26,14 +26,15 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{CtValue, stat};
+use proxy_common::{CtValue, FragKey, stat};
 
 use crate::fib::fib_redirect;
 use crate::flow::{Opened, Origin, Tuple, live_entry, mark_closing, open_flow, translated, usable};
+use crate::frag::{self, First};
 use crate::icmp;
 use crate::maps::{account, config, count};
 use crate::packet::{
-    Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Icmp, Parsed, TCP_FIN, TCP_RST, parse,
+    Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Icmp, Parsed, TCP_FIN, TCP_RST, fragment, parse,
 };
 use crate::reject;
 
@@ -53,9 +54,17 @@ pub fn kep_tc_egress(ctx: TcContext) -> i32 {
     if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
         return TC_ACT_OK;
     }
-    match try_egress(&ctx) {
+    let first = first_fragment(&ctx);
+    let verdict = try_egress(&ctx);
+    if let Some(key) = first
+        && !frag::first(&ctx, &key, First::Forward { redirect: false }, false)
+    {
+        return TC_ACT_SHOT;
+    }
+    match verdict {
         Ok(Verdict::Act(verdict)) => verdict,
         Ok(Verdict::Icmp(msg)) => related(&ctx, &msg, false),
+        Ok(Verdict::Fragment) => frag::later(&ctx, false),
         // Already routed: it leaves where the stack sends it.
         Ok(Verdict::Redirect | Verdict::Reject { .. }) | Err(()) => TC_ACT_OK,
     }
@@ -73,15 +82,39 @@ enum Verdict {
         l4_off: usize,
     },
     Icmp(Icmp),
+    /// A later fragment: [`frag::later`] reads it again.
+    Fragment,
+}
+
+/// The datagram of a first fragment, as it comes.
+#[inline(always)]
+fn first_fragment(ctx: &TcContext) -> Option<FragKey> {
+    match fragment(ctx) {
+        Some((key, true)) => Some(key),
+        _ => None,
+    }
 }
 
 #[inline(always)]
 fn run(ctx: &TcContext, origin: Origin) -> i32 {
-    match try_ingress(ctx, origin) {
+    let first = first_fragment(ctx);
+    let verdict = try_ingress(ctx, origin);
+    if let Some(key) = first {
+        let outcome = match verdict {
+            Ok(Verdict::Act(TC_ACT_SHOT) | Verdict::Reject { .. }) => First::Drop,
+            Ok(Verdict::Redirect) => First::Forward { redirect: true },
+            _ => First::Forward { redirect: false },
+        };
+        if !frag::first(ctx, &key, outcome, true) {
+            return TC_ACT_SHOT;
+        }
+    }
+    match verdict {
         Ok(Verdict::Act(verdict)) => verdict,
         Ok(Verdict::Redirect) => fib_redirect(ctx),
         Ok(Verdict::Reject { proto, l4_off }) => send_reject(ctx, proto, l4_off),
         Ok(Verdict::Icmp(msg)) => related(ctx, &msg, true),
+        Ok(Verdict::Fragment) => frag::later(ctx, true),
         Err(()) => TC_ACT_OK,
     }
 }
@@ -91,6 +124,7 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
     let flow = match parse(ctx)? {
         Parsed::L4(flow) => flow,
         Parsed::Icmp(msg) => return Ok(Verdict::Icmp(msg)),
+        Parsed::Fragment => return Ok(Verdict::Fragment),
         Parsed::Other => return Ok(Verdict::Act(TC_ACT_OK)),
     };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -129,6 +163,7 @@ fn try_egress(ctx: &TcContext) -> Result<Verdict, ()> {
     let flow = match parse(ctx)? {
         Parsed::L4(flow) => flow,
         Parsed::Icmp(msg) => return Ok(Verdict::Icmp(msg)),
+        Parsed::Fragment => return Ok(Verdict::Fragment),
         Parsed::Other => return Ok(Verdict::Act(TC_ACT_OK)),
     };
     let now = unsafe { bpf_ktime_get_ns() };

@@ -48,7 +48,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let Parsed::L4(flow) = parse(ctx)? else {
         return PASS;
     };
-    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 || flow.ttl <= 1 {
+    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 || flow.ttl <= 1 || flow.first_fragment {
         return PASS;
     }
     let now = unsafe { bpf_ktime_get_ns() };
