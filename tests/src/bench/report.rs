@@ -447,7 +447,11 @@ pub fn markdown(r: &Results) -> String {
          Verdicts: TC 0 = TC_ACT_OK, 7 = TC_ACT_REDIRECT (the REJECT reply goes back out, the \
          node program's FIB redirect); XDP 2 = XDP_PASS, 3 = XDP_TX. \
          The new flow is a SYN from a source port not seen before in every call, so every call is \
-         a conntrack miss (service lookup, endpoint pick, conntrack entry, DNAT). \
+         a conntrack miss (service lookup, endpoint pick, conntrack entry, DNAT). `not a \
+         service` is a SYN to a pod IP on a port no Service targets (untracked); `straight to an \
+         endpoint` a SYN to an endpoint's address and port, tracked untranslated so no Service flow \
+         takes its tuple (a conntrack hit after the first call). The egress program runs on every \
+         packet leaving a pod or node interface: a forwarded one returns at once. \
          `− harness overhead` rows subtract the single-run median minus the repeat-loop median \
          of a packet the same program passes untouched (the cost of one BPF_PROG_TEST_RUN call \
          around the program) from each single run: an estimate of the program's own cost. The \
