@@ -580,11 +580,10 @@ fn as_is_table(r: &Results) -> String {
         return String::new();
     }
     let mut out = String::from(
-        "## Connection rate as a user has it: no conntrack flush, the client's default port range and TIME_WAIT (median over complete rounds)
-
-         | N | path | peer | conn/s | vs direct | p50 | p99 | complete rounds |
-         |---:|---|---|---:|---:|---:|---:|---:|
-",
+        "## Connection rate as a user has it: no conntrack flush, the client's default port \
+         range and TIME_WAIT (median over complete rounds)\n\n\
+         | N | path | peer | conn/s | vs direct | p50 | p99 | complete rounds |\n\
+         |---:|---|---|---:|---:|---:|---:|---:|\n",
     );
     for (path, rows) in [("ClusterIP", cluster_ip), ("NodePort", nodeport)] {
         for x in rows {
@@ -596,10 +595,11 @@ fn as_is_table(r: &Results) -> String {
     let s = &r.settings;
     let _ = write!(
         out,
-        "
-The same connection trial as the tables above and below (after each peer's other          trials in its turn), but with nothing flushed before it and the client's kernel values          of the sysctls the other trials set ({}): connect() then reuses local ports soon,          also for another destination, as a pod's does; a datapath that takes a reused port for          an old flow shows here as failed or 1 s-retried connections.
-
-",
+        "\nThe same connection trial as the tables above and below (after each peer's other \
+         trials in its turn), but with nothing flushed before it and the client's kernel values \
+         of the sysctls the other trials set ({}): connect() then reuses local ports soon, \
+         also for another destination, as a pod's does; a datapath that takes a reused port for \
+         an old flow shows here as failed or 1 s-retried connections.\n\n",
         s.client_sysctls
             .iter()
             .map(|(k, _)| k.as_str())
