@@ -16,6 +16,7 @@
 //! one of its checksum, and the outer ones by the IPv4 checksum, so an skb
 //! with CHECKSUM_COMPLETE stays consistent too.
 
+use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
 use proxy_common::proto;
 
@@ -72,9 +73,10 @@ impl IcmpError {
 }
 
 /// The ICMP error `msg` is, `None` for any other ICMP message or an error
-/// quoting anything but the start of a TCP/UDP packet.
+/// quoting anything but the start of a TCP/UDP packet. (TC only: XDP
+/// leaves ICMP to TC.)
 #[inline(always)]
-pub fn parse_error<C: Packet>(ctx: &C, msg: &Icmp) -> Result<Option<IcmpError>, ()> {
+pub fn parse_error(ctx: &TcContext, msg: &Icmp) -> Result<Option<IcmpError>, ()> {
     let Icmp {
         saddr,
         daddr,
@@ -85,7 +87,7 @@ pub fn parse_error<C: Packet>(ctx: &C, msg: &Icmp) -> Result<Option<IcmpError>, 
     if ctx.start() + MAX_HEADERS > ctx.end() {
         // An skb's quote may lie beyond its linear part; short packets
         // simply stay short.
-        ctx.pull(MAX_HEADERS);
+        let _ = ctx.pull_data(core::cmp::min(MAX_HEADERS as u32, ctx.len()));
     }
     // The whole header at once: a one-byte bounds check compiles to a
     // comparison the verifier cannot use.

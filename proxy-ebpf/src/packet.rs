@@ -37,11 +37,6 @@ const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 pub trait Packet {
     fn start(&self) -> usize;
     fn end(&self) -> usize;
-    /// Makes the first `len` bytes directly readable where the hook can
-    /// (an skb's headers may sit outside its linear part); whether it did.
-    fn pull(&self, _len: usize) -> bool {
-        false
-    }
 }
 
 macro_rules! packet {
@@ -58,23 +53,7 @@ macro_rules! packet {
         }
     )*};
 }
-packet!(XdpContext);
-
-impl Packet for TcContext {
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.data()
-    }
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.data_end()
-    }
-    #[inline(always)]
-    fn pull(&self, len: usize) -> bool {
-        let len = core::cmp::min(len as u32, self.len());
-        self.pull_data(len).is_ok()
-    }
-}
+packet!(TcContext, XdpContext);
 
 #[inline(always)]
 pub fn ptr_at<C: Packet, T>(ctx: &C, off: usize) -> Result<*mut T, ()> {

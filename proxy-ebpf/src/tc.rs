@@ -130,9 +130,6 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
     let now = unsafe { bpf_ktime_get_ns() };
     let cfg = config();
     if let Some((entry, ct)) = live_entry(&flow, cfg, now) {
-        if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !ct.is_closing() {
-            mark_closing(entry, &ct, &flow);
-        }
         if established(ctx, &flow, entry, &ct, now)? {
             return Ok(out(&ct));
         }
@@ -158,6 +155,10 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
 
 /// A packet the node itself sends: a host endpoint's answer (by its flow's
 /// reply entry; the node never starts a flow here) or an ICMP error.
+///
+/// (The dispatch on [`parse`] is written out as in [`try_ingress`]: a
+/// shared helper returning it as a nested `Result` made the compiler pack
+/// registers in a way the verifier refuses.)
 #[inline(never)]
 fn try_egress(ctx: &TcContext) -> Result<Verdict, ()> {
     let flow = match parse(ctx)? {
@@ -170,9 +171,6 @@ fn try_egress(ctx: &TcContext) -> Result<Verdict, ()> {
     if let Some((entry, ct)) = live_entry(&flow, config(), now)
         && ct.is_reply()
     {
-        if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !ct.is_closing() {
-            mark_closing(entry, &ct, &flow);
-        }
         established(ctx, &flow, entry, &ct, now)?;
     }
     // Already routed: it leaves where the stack sends it.
@@ -181,7 +179,8 @@ fn try_egress(ctx: &TcContext) -> Result<Verdict, ()> {
 
 /// A packet of a known flow: reverse-translate a reply, or translate
 /// forward to the flow's backend while it exists (`false` otherwise); a
-/// direct flow's packets keep their tuple (or get their remapped port).
+/// direct flow's packets keep their tuple (or get their remapped port). A
+/// FIN or RST starts the flow's closing timeout either way.
 #[inline(always)]
 fn established(
     ctx: &TcContext,
@@ -190,6 +189,9 @@ fn established(
     ct: &CtValue,
     now: u64,
 ) -> Result<bool, ()> {
+    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !ct.is_closing() {
+        mark_closing(entry, ct, flow);
+    }
     if !usable(ct) {
         return Ok(false);
     }

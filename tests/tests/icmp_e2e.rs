@@ -33,22 +33,11 @@ fn one_endpoint_service(name: &str, vip: Ipv4Addr, port: u16, proto: &str, targe
     format!("{svc}---\n{slice}")
 }
 
-/// `Icmp: InCsumErrors` of `ns` (`/proc/net/snmp` read inside it): ICMP
-/// messages its stack threw away for a bad checksum.
+/// `Icmp: InCsumErrors` of `ns`: ICMP messages its stack threw away for a
+/// bad checksum.
 fn icmp_in_csum_errors(ns: &Netns) -> u64 {
-    let snmp = ns.exec("cat", &["/proc/net/snmp"]).expect("read snmp");
-    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
-    let (names, values) = (icmp.next().unwrap(), icmp.next().unwrap());
-    let column = names
-        .split_whitespace()
-        .position(|n| n == "InCsumErrors")
-        .expect("InCsumErrors column");
-    values
-        .split_whitespace()
-        .nth(column)
-        .unwrap()
-        .parse()
-        .unwrap()
+    ns.net_counter("snmp", "Icmp", "InCsumErrors")
+        .expect("read /proc/net/snmp")
 }
 
 /// A client whose packets carry partial checksums (CHECKSUM_PARTIAL, as any

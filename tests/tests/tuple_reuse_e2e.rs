@@ -47,19 +47,20 @@ fn start(lab: &Lab) -> Agent<'_> {
 
 /// `TcpExt: TCPSynRetrans` of `ns`: SYNs its stack had to send again.
 fn syn_retransmits(ns: &Netns) -> u64 {
-    let netstat = ns.exec("cat", &["/proc/net/netstat"]).expect("netstat");
-    let mut tcp_ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (names, values) = (tcp_ext.next().unwrap(), tcp_ext.next().unwrap());
-    let column = names
-        .split_whitespace()
-        .position(|n| n == "TCPSynRetrans")
-        .expect("TCPSynRetrans column");
-    values
-        .split_whitespace()
-        .nth(column)
-        .unwrap()
-        .parse()
-        .unwrap()
+    ns.net_counter("netstat", "TcpExt", "TCPSynRetrans")
+        .expect("read /proc/net/netstat")
+}
+
+/// Fails with the first few of `failed` (out of `of` tries) and the
+/// agent's last lines, unless nothing failed.
+fn assert_none_failed(failed: &[String], of: usize, agent: &Agent<'_>) {
+    assert!(
+        failed.is_empty(),
+        "{} of {of} failed: {:?}\n{}",
+        failed.len(),
+        &failed[..failed.len().min(5)],
+        agent.log_tail(10)
+    );
 }
 
 /// A TCP connection to `target` from local port `port` (0: the kernel's
@@ -179,12 +180,7 @@ fn direct_connections_after_service_connections_from_the_same_pod() {
     let via_vip = SocketAddrV4::new(VIP, 80);
     let direct = SocketAddrV4::new(backend_ip(0), 8080);
     let (service_ports, failed) = connections(lab.client(), via_vip, 3000, &[]);
-    assert!(
-        failed.is_empty(),
-        "{:?}\n{}",
-        &failed[..failed.len().min(5)],
-        agent.log_tail(10)
-    );
+    assert_none_failed(&failed, 3000, &agent);
     let (direct_ports, failed) = connections(lab.client(), direct, 3000, &[]);
     let reused = direct_ports
         .iter()
@@ -192,13 +188,7 @@ fn direct_connections_after_service_connections_from_the_same_pod() {
         .intersection(&service_ports.iter().collect())
         .count();
     println!("{reused} direct connections reused a Service connection's port");
-    assert!(
-        failed.is_empty(),
-        "{} of 3000 direct connections failed: {:?}\n{}",
-        failed.len(),
-        &failed[..failed.len().min(5)],
-        agent.log_tail(10)
-    );
+    assert_none_failed(&failed, 3000, &agent);
     assert!(
         reused > 0,
         "the kernel reused no port: the sequence proved nothing"
@@ -223,13 +213,7 @@ fn direct_connections_reusing_closed_service_connections_ports() {
         SocketAddrV4::new(backend_ip(0), 8080),
     ] {
         let (_, failed) = connections(lab.client(), target, ports.len(), &ports);
-        assert!(
-            failed.is_empty(),
-            "{} failed: {:?}\n{}",
-            failed.len(),
-            &failed[..failed.len().min(5)],
-            agent.log_tail(10)
-        );
+        assert_none_failed(&failed, ports.len(), &agent);
     }
     assert_eq!(syn_retransmits(lab.client()) - retransmits, 0);
 }

@@ -180,17 +180,17 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// One trial's progress line; `what` is its kind, with anything before it.
+fn print_trial(n: usize, round: usize, peer: Peer, what: &str, t: &peers::Trial, suffix: &str) {
+    println!(
+        "N={n:<6} round {round} {peer:<9} {what:<26} {:>7.0}/s p50 {:>6.0} µs p99 {:>6.0} µs ok {}/{}{suffix}",
+        t.rate, t.p50_us, t.p99_us, t.ok, t.requested,
+    );
+}
+
 fn print_turn(n: usize, round: usize, peer: Peer, turn: &peers::Turn) {
     for t in &turn.trials {
-        println!(
-            "N={n:<6} round {round} {peer:<9} {:<15} {:>7.0}/s p50 {:>6.0} µs p99 {:>6.0} µs ok {}/{}",
-            t.kind.to_string(),
-            t.rate,
-            t.p50_us,
-            t.p99_us,
-            t.ok,
-            t.requested,
-        );
+        print_trial(n, round, peer, &t.kind.to_string(), t, "");
     }
     let s = &turn.throughput;
     println!(
@@ -245,20 +245,12 @@ fn run_nodeport(
             for peer in order {
                 match nodeport::turn(&cluster, peer, &services, round, &plan) {
                     Ok(turn) => {
+                        let load = turn
+                            .programming
+                            .as_ref()
+                            .map_or(String::new(), |p| format!(" (load {:.1} ms)", p.wall_ms));
                         for t in &turn.trials {
-                            println!(
-                                "N={n:<6} round {round} {peer:<9} nodeport {:<17} {:>7.0}/s p50 {:>6.0} µs p99 {:>6.0} µs ok {}/{}{}",
-                                t.kind.to_string(),
-                                t.rate,
-                                t.p50_us,
-                                t.p99_us,
-                                t.ok,
-                                t.requested,
-                                turn.programming.as_ref().map_or(String::new(), |p| format!(
-                                    " (load {:.1} ms)",
-                                    p.wall_ms
-                                )),
-                            );
+                            print_trial(n, round, peer, &format!("nodeport {}", t.kind), t, &load);
                         }
                         results.nodeport_trials.extend(turn.trials);
                         results.nodeport_programming.extend(turn.programming);
