@@ -1427,6 +1427,43 @@ fn fragments_follow_their_first_on_every_path() {
     );
 }
 
+/// The node program: a fragmented datagram to a masqueraded NodePort whose
+/// endpoint is behind another node. Every fragment is masqueraded and sent
+/// out by FIB redirect as its first was (XDP passes them all to TC).
+#[test]
+fn fragments_of_a_nodeport_flow_follow_their_first_out_of_the_node() {
+    let mut fx = Fixture::new();
+    fx.add_nodeport(NODE, NODEPORT_REMOTE, 0, 100);
+    let node = fib_node();
+    let payload: Vec<u8> = (0..2000u32).map(|i| (i * 3) as u8).collect();
+    let datagram = packet(
+        EXT_CLIENT,
+        NODE,
+        33000,
+        NODEPORT_REMOTE,
+        proto::UDP,
+        0,
+        &payload,
+    );
+    let train = fragments(&datagram, 800, 0x6000);
+    let out: Vec<Vec<u8>> = train
+        .iter()
+        .map(|f| {
+            let (ret, out) = node.ns.run(|| fx.run_xdp(f, node.eth0));
+            assert_eq!((ret, &out), (XDP_PASS, f), "XDP leaves fragments to TC");
+            let (ret, out) = node.ns.run(|| fx.run_hook_on(Hook::Node, f, node.eth0));
+            assert_eq!(ret, TC_ACT_REDIRECT, "out by FIB redirect, as the first");
+            assert_eq!(out[0..6], OTHER_NODE_MAC);
+            assert_eq!(ttl(&out), ttl(f) - 1);
+            out
+        })
+        .collect();
+    let whole = reassemble(&out);
+    assert_eq!((ip_src(&whole), sport(&whole)), (NODE, 33000));
+    assert_eq!((ip_dst(&whole), dport(&whole)), (BACKENDS[0], BACKEND_PORT));
+    assert_checksums(&whole);
+}
+
 // ---- tuple reuse ------------------------------------------------------------------------------
 
 /// A frontend whose one endpoint is backend 0 (TCP and UDP), so a client

@@ -298,3 +298,44 @@ impl RawSocket {
         Ok(())
     }
 }
+
+/// Through a NodePort on a node without endpoints (masqueraded to the
+/// other node, native XDP in front of TC): every fragment of a 3,000-byte
+/// datagram follows its first out of the node, and the endpoint answers.
+#[test]
+fn large_udp_datagrams_through_a_nodeport() {
+    use lab::cluster::web::{self, NODE_PORT_UDP};
+    let cluster = lab::cluster::Cluster::new().expect("cluster lab (needs root)");
+    cluster
+        .write_manifest(
+            "web.yaml",
+            &web::manifest(&cluster, &[(0, 0), (0, 1)], "", ""),
+        )
+        .unwrap();
+    let args: Vec<std::ffi::OsString> = ["--node-interfaces", "eth0", "--xdp-mode", "native"]
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let agents = cluster.start_agents([&args, &args]).expect("agents");
+    let target = SocketAddrV4::new(cluster.node_ip(1), NODE_PORT_UDP);
+    let answers = cluster.ext().run(move || -> std::io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        let mut buf = [0u8; 256];
+        for round in 0..10 {
+            let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            sock.set_read_timeout(Some(TIMEOUT))?;
+            sock.send_to(&datagram(3000, round), target)?;
+            let (n, from) = sock.recv_from(&mut buf)?;
+            if from != std::net::SocketAddr::V4(target) {
+                return Err(std::io::Error::other(format!("answer from {from}")));
+            }
+            names.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+        }
+        Ok(names)
+    });
+    let names = answers.unwrap_or_else(|e| panic!("{e}\nnode 1:\n{}", agents[1].log_tail(20)));
+    assert!(
+        names.iter().all(|n| n.starts_with("n0-backend-")),
+        "{names:?}"
+    );
+}
