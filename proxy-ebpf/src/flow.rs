@@ -71,9 +71,10 @@ pub enum Opened {
 ///
 /// The tuple the endpoint answers to (the reply entry's key) belongs to one
 /// flow at a time. Held by an entry that is over (expired, or closing after
-/// a FIN or RST) or by an earlier flow of this very client to this very
-/// frontend, it is taken over. Held by another live flow, the new flow's
-/// source port is remapped, as netfilter's NAT does for a clashing tuple.
+/// a FIN or RST: the client reused its port, so its old connection is
+/// done) or by an earlier flow of this very client to this very frontend,
+/// it is taken over. Held by another live flow, the new flow's source port
+/// is remapped, as netfilter's NAT does for a clashing tuple.
 #[inline(always)]
 pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) -> Opened {
     let hash = maglev::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
@@ -143,9 +144,13 @@ pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) ->
     };
     let mut snat_port = flow.sport;
     let mut reply_key = CtKey::new(backend.addr, reply_dst, backend.port, snat_port, flow.proto);
+    // A source shared with other clients (the node's or the hairpin
+    // address) does not take over another client's closing flow: its last
+    // packets may still come, and another port is free for the asking.
+    let shared = snat_addr != 0;
     let mut tries = 0;
     while let Some(held) = unsafe { CONNTRACK.get(reply_key) } {
-        if taken_over(held, &reply_key, flow, cfg, now) {
+        if taken_over(held, &reply_key, flow, shared, cfg, now) {
             break;
         }
         if tries == SNAT_PORT_TRIES {
@@ -203,12 +208,20 @@ pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) ->
 }
 
 /// Whether the entry `held` at `key`, the reply key a new flow wants, may
-/// be taken over: it is over (idle past its timeout, or closing), or it is
-/// the reply entry of an earlier flow of the same client tuple to the same
-/// frontend (re-chosen after expiry, a reopen or a backend's removal).
+/// be taken over: it is over (idle past its timeout, or closing, unless
+/// the source is `shared` with other clients), or it is the reply entry of
+/// an earlier flow of the same client tuple to the same frontend
+/// (re-chosen after expiry, a reopen or a backend's removal).
 #[inline(always)]
-fn taken_over(held: &CtValue, key: &CtKey, flow: &Flow, cfg: Option<&Config>, now: u64) -> bool {
-    if held.is_closing() || cfg.is_some_and(|c| held.expired(key, c, now)) {
+fn taken_over(
+    held: &CtValue,
+    key: &CtKey,
+    flow: &Flow,
+    shared: bool,
+    cfg: Option<&Config>,
+    now: u64,
+) -> bool {
+    if (held.is_closing() && !shared) || cfg.is_some_and(|c| held.expired(key, c, now)) {
         return true;
     }
     let client = if held.is_snat() {

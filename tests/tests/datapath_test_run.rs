@@ -1604,6 +1604,41 @@ fn a_clash_with_a_live_flow_remaps_the_later_ones_source_port() {
     assert_eq!(stats[stat::DIRECT_FLOWS as usize], remaps);
 }
 
+/// A masqueraded source is shared by every external client: one client's
+/// closing flow keeps its node port until it is over, and another client
+/// using the same port gets another one (its own reused port, by contrast,
+/// takes its old flow's over: see the tests above).
+#[test]
+fn a_shared_source_never_takes_another_clients_closing_flow() {
+    const FIN: u8 = 0x01;
+    let mut fx = Fixture::new();
+    fx.add_nodeport(NODE, NODEPORT_REMOTE, 0, 100);
+    let node = fib_node();
+    let other = Ipv4Addr::new(192, 168, 50, 101);
+    let on_node =
+        |fx: &mut Fixture, p: &[u8]| node.ns.run(|| fx.run_hook_on(Hook::Node, p, node.eth0));
+    let (_, first) = on_node(&mut fx, &tcp(EXT_CLIENT, NODE, 45000, NODEPORT_REMOTE, SYN));
+    assert_eq!((ip_src(&first), sport(&first)), (NODE, 45000));
+    on_node(
+        &mut fx,
+        &tcp(EXT_CLIENT, NODE, 45000, NODEPORT_REMOTE, FIN | ACK),
+    );
+    let (_, second) = on_node(&mut fx, &tcp(other, NODE, 45000, NODEPORT_REMOTE, SYN));
+    assert_eq!(ip_src(&second), NODE);
+    assert_ne!(
+        sport(&second),
+        45000,
+        "the closing flow keeps its node port"
+    );
+    // The first client's last packets still find their way back.
+    let (_, late) = on_node(
+        &mut fx,
+        &tcp(BACKENDS[0], NODE, BACKEND_PORT, 45000, FIN | ACK),
+    );
+    assert_eq!((ip_dst(&late), dport(&late)), (EXT_CLIENT, 45000));
+    assert_eq!(fx.dp.stats().unwrap()[stat::PORT_REMAPS as usize], 0);
+}
+
 // ---- the node itself as an endpoint ----------------------------------------------------------
 
 /// A NodePort (externalTrafficPolicy Cluster: masqueraded) whose endpoint
