@@ -26,7 +26,7 @@
 /// maps beside the old one and switches the attached programs over, instead
 /// of reading old bytes with new types. A new map needs no bump (it is
 /// simply created beside the pinned ones).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Names of the maps as declared by the eBPF object and pinned under the
 /// agent's bpffs directory. Kernel map names are limited to 15 bytes.
@@ -44,8 +44,21 @@ pub mod map_names {
     pub const MAGLEV: &str = "kep_maglev";
     /// `loadBalancerSourceRanges`: (svc id, client prefix) LPM trie.
     pub const SOURCE_RANGES: &str = "kep_src_ranges";
+    /// The node's own IPv4 addresses (network byte order -> 1).
+    pub const NODE_ADDRS: &str = "kep_node_addrs";
+    /// Every endpoint's (address, port, protocol), as a [`crate::Backend`]
+    /// with flags 0 -> 1: connections straight to one are tracked.
+    pub const ENDPOINTS: &str = "kep_endpoints";
+    /// IP fragments: datagram -> where its fragments go
+    /// ([`crate::FragKey`] -> [`crate::FragValue`]).
+    pub const FRAGS: &str = "kep_frags";
+    /// Fragments that came before their datagram's first one, held until it
+    /// comes ([`crate::StashKey`] -> [`crate::FragmentBytes`]).
+    pub const FRAG_STASH: &str = "kep_frag_stash";
+    /// Per-CPU room for one fragment's bytes while stashing or replaying.
+    pub const FRAG_BUF: &str = "kep_frag_buf";
     /// Every map the agent pins, in creation order.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -57,6 +70,11 @@ pub mod map_names {
         BACKEND_TRAFFIC,
         MAGLEV,
         SOURCE_RANGES,
+        NODE_ADDRS,
+        ENDPOINTS,
+        FRAGS,
+        FRAG_STASH,
+        FRAG_BUF,
     ];
 }
 
@@ -68,6 +86,9 @@ pub mod program_names {
     /// node: NodePort, LoadBalancer and external IPs, replies of flows
     /// translated elsewhere).
     pub const TC_NODE_INGRESS: &str = "kep_tc_node";
+    /// TC egress on pod and node interfaces: what the node itself sends (a
+    /// host endpoint's answers, its ICMP errors) reverse-translated.
+    pub const TC_EGRESS: &str = "kep_tc_egress";
     /// XDP on the node's own interfaces: the fast path for established
     /// external flows that leave where they came in.
     pub const XDP_NODE: &str = "kep_xdp_node";
@@ -89,6 +110,14 @@ pub mod defaults {
     /// Frontends that can have a Maglev table at once.
     pub const MAGLEV_MAX: u32 = 65_536;
     pub const SOURCE_RANGES_MAX: u32 = 16_384;
+    /// Addresses of the node's interfaces (a bridge CNI may give every pod
+    /// veth a gateway address of its own).
+    pub const NODE_ADDRS_MAX: u32 = 4096;
+    /// Fragmented datagrams whose fragments are being translated at once.
+    pub const FRAGS_MAX: u32 = 8192;
+    /// Early fragments held at once, all datagrams together (preallocated:
+    /// `FRAG_STASH_MAX` x ~9 KiB).
+    pub const FRAG_STASH_MAX: u32 = 256;
 }
 
 /// IANA protocol numbers as carried in the IPv4 header.
@@ -346,6 +375,14 @@ pub const CT_FLAG_CLOSING: u8 = 1 << 2;
 /// by a FIB lookup and redirect. Set on both entries.
 pub const CT_FLAG_REDIRECT: u8 = 1 << 3;
 
+/// Not a Service flow: a connection straight to an endpoint's address,
+/// tracked so that its replies are never taken for those of a Service flow
+/// that used the same tuple, nor its tuple given to one. Its entries
+/// translate nothing, unless a clash with a live flow gave it another
+/// source port (`CT_FLAG_SNAT` with the client's own address). Set on both
+/// entries; `svc_id` and `backend_id` are 0.
+pub const CT_FLAG_DIRECT: u8 = 1 << 4;
+
 /// Conntrack value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -389,6 +426,10 @@ impl CtValue {
 
     pub const fn is_closing(&self) -> bool {
         self.flags & CT_FLAG_CLOSING != 0
+    }
+
+    pub const fn is_direct(&self) -> bool {
+        self.flags & CT_FLAG_DIRECT != 0
     }
 
     /// How long this entry may stay idle, by protocol and state.
@@ -531,6 +572,88 @@ pub struct SockRevNat {
     pub _pad: u16,
 }
 
+/// An IP datagram whose fragments are on their way: its addresses,
+/// protocol and IP id, as its fragments carry them where the hook sees
+/// them (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// IP id, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Where a datagram's later fragments go: its first fragment's addresses
+/// after translation, or [`FRAG_FLAG_DROP`]; or [`FRAG_FLAG_PENDING`] while
+/// the first fragment has not come.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FragValue {
+    /// Network byte order.
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Host byte order. `FRAG_FLAG_*`.
+    pub flags: u32,
+    /// Host byte order. Pending: one past the highest stash slot an early
+    /// fragment took (a hint: slots are claimed by insertion, so CPUs racing
+    /// for one never share it).
+    pub stashed: u32,
+    /// Host byte order. `bpf_ktime_get_ns` when written: a datagram's
+    /// fragments come within the kernel's reassembly time or not at all.
+    pub created_ns: u64,
+}
+
+/// The first fragment has not come yet; `stashed` early ones wait.
+pub const FRAG_FLAG_PENDING: u32 = 1 << 0;
+/// The datagram is dropped (rejected or dropped by its first fragment).
+pub const FRAG_FLAG_DROP: u32 = 1 << 1;
+/// The datagram's packets are sent past the stack (`CT_FLAG_REDIRECT`).
+pub const FRAG_FLAG_REDIRECT: u32 = 1 << 2;
+
+/// An early fragment held in the stash: its datagram, the generation of
+/// the datagram's pending record (the low bits of its `created_ns`, so a
+/// later datagram reusing the IP id never sees an older one's frames), and
+/// its slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StashKey {
+    pub frag: FragKey,
+    /// Host byte order.
+    pub generation: u32,
+    /// Host byte order.
+    pub slot: u32,
+}
+
+impl StashKey {
+    pub const fn new(frag: FragKey, generation: u32, slot: u32) -> Self {
+        Self {
+            frag,
+            generation,
+            slot,
+        }
+    }
+}
+
+/// Most bytes of one held fragment, from its Ethernet header (a 9,000-byte
+/// MTU's frames fit).
+pub const FRAG_STASH_BYTES: usize = 9216;
+
+/// Most early fragments of one datagram held (a 65,535-byte datagram has
+/// 45 fragments at a 1,500-byte MTU).
+pub const FRAG_STASH_PER_DATAGRAM: u32 = 64;
+
+/// One fragment's frame, as it came.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragmentBytes {
+    /// Host byte order; at most [`FRAG_STASH_BYTES`].
+    pub len: u32,
+    pub bytes: [u8; FRAG_STASH_BYTES],
+}
+
 /// Maglev consistent hashing (Eisenbud et al., NSDI 2016).
 ///
 /// Each frontend with a table has an entry `svc_id -> MaglevTable` in the
@@ -637,8 +760,29 @@ pub mod stat {
     /// Packets translated and sent back out by XDP (`XDP_TX`), also counted
     /// as forward or reply hits.
     pub const XDP_TX: u32 = 11;
+    /// ICMP errors about a tracked flow (a router's "fragmentation needed",
+    /// a backend's "port unreachable", ...) translated like its packets.
+    pub const ICMP_ERRORS: u32 = 12;
+    /// Connections straight to an endpoint's address, tracked (untranslated)
+    /// so no Service flow takes their tuple.
+    pub const DIRECT_FLOWS: u32 = 13;
+    /// New flows whose tuple towards the endpoint was held by another live
+    /// flow, given another source port (netfilter's implicit remap).
+    pub const PORT_REMAPS: u32 = 14;
+    /// Later fragments (no ports) translated like their datagram's first.
+    pub const FRAGMENTS: u32 = 15;
+    /// Later fragments that came before their datagram's first one, held
+    /// until it came.
+    pub const FRAG_STASHED: u32 = 16;
+    /// Held fragments sent on once their first fragment came.
+    pub const FRAG_REPLAYED: u32 = 17;
+    /// Fragments that could not be held (the stash full, more than
+    /// [`crate::FRAG_STASH_PER_DATAGRAM`] of one datagram, bigger than
+    /// [`crate::FRAG_STASH_BYTES`]) and went on untranslated, or held ones
+    /// whose first fragment was too big to replay them with.
+    pub const FRAG_UNTRANSLATED: u32 = 18;
     /// Number of counters; the size of the stats array.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 19;
     /// Names in index order, for the CLI and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flows",
@@ -653,6 +797,13 @@ pub mod stat {
         "source_range_drops",
         "snat_failed",
         "xdp_tx",
+        "icmp_errors",
+        "direct_flows",
+        "port_remaps",
+        "fragments",
+        "frag_stashed",
+        "frag_replayed",
+        "frag_untranslated",
     ];
 }
 
@@ -670,6 +821,10 @@ const _: () = {
     assert!(core::mem::size_of::<Config>() == 8 * MAX_SERVICE_CIDRS + 48);
     assert!(core::mem::size_of::<SockRevNatKey>() == 16);
     assert!(core::mem::size_of::<SockRevNat>() == 8);
+    assert!(core::mem::size_of::<FragKey>() == 12);
+    assert!(core::mem::size_of::<FragValue>() == 24);
+    assert!(core::mem::size_of::<StashKey>() == 20);
+    assert!(core::mem::size_of::<FragmentBytes>() == 4 + FRAG_STASH_BYTES);
 };
 
 #[cfg(feature = "user")]
@@ -688,5 +843,9 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::SourceRange {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for super::StashKey {}
+    unsafe impl aya::Pod for super::FragmentBytes {}
     unsafe impl aya::Pod for super::maglev::MaglevTable {}
 }

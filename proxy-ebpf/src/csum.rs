@@ -29,6 +29,21 @@ pub fn finish(mut sum: u32) -> [u8; 2] {
     (!(sum as u16)).to_be_bytes()
 }
 
+/// The value `v` for a checksum field over bytes whose other words sum to
+/// `rest` such that a software completion of the field (the kernel's
+/// `skb_checksum_help`: the inverted fold of every covered word, the field
+/// included) writes `v` again. In one's-complement arithmetic (integers
+/// mod 0xffff) it solves v = -(rest + v), i.e. v = -rest / 2; halving is a
+/// rotation by one bit, since 2^16 = 1 (mod 0xffff). (0 and 0xffff are the
+/// same number there, so a completion mapping 0 to 0xffff changes nothing
+/// a sum over the field sees.)
+#[inline(always)]
+pub fn completion_fixed_point(rest: u32) -> u16 {
+    let folded = (rest & 0xffff) + (rest >> 16);
+    let folded = (folded & 0xffff) + (folded >> 16);
+    (!(folded as u16)).rotate_right(1)
+}
+
 /// RFC 1624 update of `check` for one 16-bit word going from `old` to
 /// `new`. Values are as stored in the packet: a one's-complement sum does
 /// not depend on byte order as long as it is the same throughout.

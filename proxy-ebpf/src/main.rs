@@ -5,13 +5,18 @@
 //! `maps` holds the maps, and the hooks are thin: `tc` (pod and node
 //! interfaces), `xdp` (node interfaces' fast path), `sock` (the node's own
 //! sockets), with `fib` (sending past the stack), `reject` (kube-proxy's
-//! REJECT answer) and `csum` (checksums) beside them.
+//! REJECT answer), `icmp` (ICMP errors about translated flows), `frag` (IP
+//! fragments) and `csum` (checksums) beside them.
 #![no_std]
 #![no_main]
+// Inline assembly on the BPF target (an empty barrier, see `frag`).
+#![feature(asm_experimental_arch)]
 
 mod csum;
 mod fib;
 mod flow;
+mod frag;
+mod icmp;
 mod lb;
 mod maps;
 mod packet;

@@ -8,8 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, ServiceKey, ServiceValue,
-    SockRevNat, SockRevNatKey, SourceRange, Traffic, defaults, maglev, stat,
+    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, FragKey, FragValue, FragmentBytes,
+    ServiceKey, ServiceValue, SockRevNat, SockRevNatKey, SourceRange, StashKey, Traffic, defaults,
+    maglev, stat,
 };
 
 // Static names are the pinned map names (`proxy_common::map_names`), which
@@ -69,9 +70,42 @@ pub static kep_maglev: HashMap<
 pub static kep_src_ranges: LpmTrie<SourceRange, u8, { defaults::SOURCE_RANGES_MAX as usize }> =
     LpmTrie::new();
 
+/// The node's own addresses, written by the agent: an endpoint there is
+/// this node itself (a hostNetwork pod).
+#[btf_map]
+pub static kep_node_addrs: HashMap<u32, u8, { defaults::NODE_ADDRS_MAX as usize }> = HashMap::new();
+
+/// Every endpoint's (address, port, protocol) (flags 0), written by the
+/// agent: connections straight to one are tracked.
+#[btf_map]
+pub static kep_endpoints: HashMap<Backend, u8, { defaults::BACKENDS_MAX as usize }> =
+    HashMap::new();
+
+/// Datagrams being fragmented through: where their later fragments go.
+#[btf_map]
+pub static kep_frags: LruHashMap<FragKey, FragValue, { defaults::FRAGS_MAX as usize }> =
+    LruHashMap::new();
+
+/// Early fragments waiting for their first. LRU: under pressure the oldest
+/// goes (that datagram is lost), never a new one's room.
+#[btf_map]
+pub static kep_frag_stash: LruHashMap<
+    StashKey,
+    FragmentBytes,
+    { defaults::FRAG_STASH_MAX as usize },
+> = LruHashMap::new();
+
+/// Room for one fragment's bytes (a map value may be that big, the stack
+/// may not).
+#[btf_map]
+pub static kep_frag_buf: PerCpuArray<FragmentBytes, 1> = PerCpuArray::new();
+
 pub use kep_affinity as AFFINITY;
 pub use kep_backends as BACKENDS;
 pub use kep_conntrack as CONNTRACK;
+pub use kep_frag_buf as FRAG_BUF;
+pub use kep_frag_stash as FRAG_STASH;
+pub use kep_frags as FRAGS;
 pub use kep_maglev as MAGLEV;
 pub use kep_services as SERVICES;
 pub use kep_sock_rnat as SOCK_REVNAT;
@@ -83,6 +117,18 @@ pub fn count(index: u32) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *c += 1 };
     }
+}
+
+/// Whether `to` (flags 0) is some Service's endpoint.
+#[inline(always)]
+pub fn is_endpoint(to: &Backend) -> bool {
+    unsafe { kep_endpoints.get(to) }.is_some()
+}
+
+/// Whether `addr` (network byte order) is one of this node's own.
+#[inline(always)]
+pub fn is_node_address(addr: u32) -> bool {
+    unsafe { kep_node_addrs.get(addr) }.is_some()
 }
 
 /// The agent's settings; all zero (no service CIDR, no hairpin address)

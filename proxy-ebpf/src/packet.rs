@@ -1,14 +1,19 @@
 //! Parsing: the packet bounds both hooks give, the header offsets the
-//! programs rewrite, and the 5-tuple of a packet ([`Flow`]).
+//! programs rewrite, and what a packet is to the datapath ([`Parsed`]): a
+//! TCP/UDP packet with its 5-tuple ([`Flow`]), or ICMP (which
+//! [`crate::icmp`] reads further).
+//!
+//! A fragmented TCP/UDP datagram's first fragment parses as a [`Flow`]
+//! (it carries the ports) marked as such; its later fragments carry no
+//! ports and parse as [`Parsed::Fragment`], translated like their first
+//! (see [`crate::frag`]).
 //!
 //! What is deliberately not parsed (so passed untouched): anything that is
-//! not IPv4 TCP/UDP, including ICMP; IP fragments (non-zero offset or
-//! more-fragments set: only the first fragment carries ports, so
-//! translating it alone would split the datagram between two
-//! destinations); packets too short for the headers they announce.
+//! not IPv4 TCP/UDP or such an ICMP error (ICMP echo included); packets too
+//! short for the headers they announce.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use proxy_common::{CtKey, proto};
+use proxy_common::{CtKey, FragKey, proto};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -20,8 +25,10 @@ pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
-/// More-fragments flag and fragment offset bits of `frag_off`.
-const IP_FRAG_MASK: u16 = 0x3fff;
+/// Fragment offset bits of `frag_off`.
+const IP_OFFSET_MASK: u16 = 0x1fff;
+/// More-fragments flag of `frag_off`.
+const IP_MF: u16 = 0x2000;
 /// `BPF_F_MARK_MANGLED_0`: a zero UDP checksum means "no checksum" and must
 /// stay zero; the kernel skips the update and maps a computed 0 to 0xffff.
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
@@ -67,6 +74,8 @@ pub struct Flow {
     /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ...); 0 for UDP.
     pub tcp_flags: u8,
     pub ttl: u8,
+    /// The first fragment of a fragmented datagram.
+    pub first_fragment: bool,
     pub l4_off: usize,
 }
 
@@ -90,12 +99,33 @@ impl Flow {
     }
 }
 
-/// Parses Ethernet/IPv4/TCP|UDP. `Ok(None)` means "not ours, pass".
+/// What a packet is to the datapath.
+pub enum Parsed {
+    /// TCP or UDP: a packet of a flow.
+    L4(Flow),
+    /// ICMP, maybe an error about a flow: [`crate::icmp::parse_error`]
+    /// tells, in a stack frame of its own.
+    Icmp(Icmp),
+    /// A later fragment (no ports) of a TCP or UDP datagram (see
+    /// [`fragment`]).
+    Fragment,
+    /// Not ours: pass it.
+    Other,
+}
+
+/// An ICMP message's outer addresses and where it starts.
+pub struct Icmp {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub icmp_off: usize,
+}
+
+/// Parses Ethernet/IPv4 and then TCP/UDP or an ICMP error.
 #[inline(always)]
-pub fn parse<C: Packet>(ctx: &C) -> Result<Option<Flow>, ()> {
+pub fn parse<C: Packet>(ctx: &C) -> Result<Parsed, ()> {
     let ether_type = unsafe { *ptr_at::<_, u16>(ctx, 12)? };
     if ether_type != ETH_P_IP_BE {
-        return Ok(None);
+        return Ok(Parsed::Other);
     }
     let ip = ptr_at::<_, network_types::ip::Ipv4Hdr>(ctx, ETH_HLEN)?;
     let (vihl, l4proto, frags, src, dst, ttl) = unsafe {
@@ -108,17 +138,34 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Option<Flow>, ()> {
             (*ip).ttl,
         )
     };
-    if l4proto != proto::TCP && l4proto != proto::UDP {
-        return Ok(None);
-    }
-    if u16::from_be_bytes(frags) & IP_FRAG_MASK != 0 {
-        return Ok(None);
+    let (saddr, daddr) = (u32::from_ne_bytes(src), u32::from_ne_bytes(dst));
+    let frags = u16::from_be_bytes(frags);
+    if frags & IP_OFFSET_MASK != 0 {
+        return Ok(if l4proto == proto::TCP || l4proto == proto::UDP {
+            Parsed::Fragment
+        } else {
+            Parsed::Other
+        });
     }
     let ihl = ((vihl & 0x0f) as usize) * 4;
     if ihl < 20 {
-        return Ok(None);
+        return Ok(Parsed::Other);
     }
     let l4_off = ETH_HLEN + ihl;
+    let first_fragment = frags & IP_MF != 0;
+    if first_fragment && l4proto == proto::ICMP {
+        return Ok(Parsed::Other);
+    }
+    if l4proto == proto::ICMP {
+        return Ok(Parsed::Icmp(Icmp {
+            saddr,
+            daddr,
+            icmp_off: l4_off,
+        }));
+    }
+    if l4proto != proto::TCP && l4proto != proto::UDP {
+        return Ok(Parsed::Other);
+    }
     // Ports are the first four bytes of both TCP and UDP; the whole fixed
     // header (with the checksum) must be present before anything is
     // rewritten.
@@ -133,14 +180,40 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Option<Flow>, ()> {
     } else {
         0
     };
-    Ok(Some(Flow {
-        saddr: u32::from_ne_bytes(src),
-        daddr: u32::from_ne_bytes(dst),
+    Ok(Parsed::L4(Flow {
+        saddr,
+        daddr,
         sport,
         dport,
         proto: l4proto,
         tcp_flags,
         ttl,
+        first_fragment,
         l4_off,
     }))
+}
+
+/// The datagram of a TCP/UDP fragment, as it comes (before any
+/// translation), and whether it is the first (`None` for any other
+/// packet).
+#[inline(always)]
+pub fn fragment<C: Packet>(ctx: &C) -> Option<(FragKey, bool)> {
+    let ip = ptr_at::<_, network_types::ip::Ipv4Hdr>(ctx, ETH_HLEN).ok()?;
+    let (frags, l4proto) = unsafe { (u16::from_be_bytes((*ip).frags), (*ip).proto) };
+    if frags & (IP_MF | IP_OFFSET_MASK) == 0
+        || (l4proto != proto::TCP && l4proto != proto::UDP)
+        || unsafe { *ptr_at::<_, u16>(ctx, 12).ok()? } != ETH_P_IP_BE
+    {
+        return None;
+    }
+    let key = unsafe {
+        FragKey {
+            saddr: u32::from_ne_bytes((*ip).src_addr),
+            daddr: u32::from_ne_bytes((*ip).dst_addr),
+            id: u16::from_ne_bytes((*ip).id),
+            proto: l4proto,
+            _pad: 0,
+        }
+    };
+    Some((key, frags & IP_OFFSET_MASK == 0))
 }

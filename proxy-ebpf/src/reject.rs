@@ -11,6 +11,17 @@
 //! The whole fixed L4 header is quoted (not only the 8 bytes RFC 792 asks
 //! for): packets from a pod usually carry CHECKSUM_PARTIAL, whose checksum
 //! field the kernel refuses to trim away.
+//!
+//! Such an skb keeps CHECKSUM_PARTIAL after the rewrite, with its checksum
+//! start and offset still on the (now quoted) L4 header: where the answer's
+//! way out finishes checksums in software (a veth with tx offload off), the
+//! kernel then writes the fold of the quoted L4 bytes into the quoted
+//! checksum field, after the ICMP checksum was computed over it. So that
+//! field is given the one value that completion leaves as it is (see
+//! [`csum::completion_fixed_point`]): the ICMP checksum is right whether
+//! the kernel finishes the skb or not. Nothing reads a quoted L4 checksum
+//! (the receiver matches the quote by addresses and ports), and under
+//! CHECKSUM_PARTIAL it never held the sent checksum anyway.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
@@ -31,6 +42,9 @@ const ICMP_PORT_UNREACH: u8 = 3;
 /// Quoted bytes: the IPv4 header (without options) and the fixed L4 header.
 const TCP_QUOTE: usize = IP_HLEN + 20;
 const UDP_QUOTE: usize = IP_HLEN + 8;
+/// Where the checksum sits in the quoted L4 header.
+const TCP_CSUM: usize = 16;
+const UDP_CSUM: usize = 6;
 
 /// Returns the verdict: a redirect carrying the ICMP answer, or a drop when
 /// the answer cannot be built (never a pass: the frontend has no endpoint
@@ -77,6 +91,21 @@ fn build(ctx: &TcContext, quote_len: usize) -> Result<(), ()> {
     if loaded != 0 {
         return Err(());
     }
+    let l4_csum = IP_HLEN
+        + if quote_len == TCP_QUOTE {
+            TCP_CSUM
+        } else {
+            UDP_CSUM
+        };
+    quote[l4_csum] = 0;
+    quote[l4_csum + 1] = 0;
+    // The unused tail of a UDP quote is zero, so the whole L4 part can be
+    // summed at the TCP length.
+    let mut l4 = [0u8; TCP_QUOTE - IP_HLEN];
+    l4.copy_from_slice(&quote[IP_HLEN..]);
+    let fixed = csum::completion_fixed_point(csum::sum(&l4)).to_be_bytes();
+    quote[l4_csum] = fixed[0];
+    quote[l4_csum + 1] = fixed[1];
 
     ctx.adjust_room(ADDED as i32, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| ())?;
@@ -109,5 +138,7 @@ fn build(ctx: &TcContext, quote_len: usize) -> Result<(), ()> {
         (((ICMP_DEST_UNREACH as u32) << 8) | ICMP_PORT_UNREACH as u32) + csum::sum(&quote);
     head[icmp + 2..icmp + 4].copy_from_slice(&csum::finish(icmp_sum));
 
-    ctx.store(0, &head, 0).map_err(|_| ())
+    ctx.store(0, &head, 0).map_err(|_| ())?;
+    ctx.store(ETH_HLEN + ADDED + l4_csum, &fixed, 0)
+        .map_err(|_| ())
 }

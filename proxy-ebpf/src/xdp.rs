@@ -29,9 +29,9 @@ use proxy_common::{proto, stat};
 
 use crate::csum;
 use crate::fib::fib_lookup;
-use crate::flow::{Opened, Origin, Tuple, backend_still_valid, live_entry, open_flow, translated};
+use crate::flow::{Opened, Origin, Tuple, live_entry, open_flow, translated, usable};
 use crate::maps::{account, config, count};
-use crate::packet::{ETH_HLEN, Flow, TCP_FIN, TCP_RST, parse, ptr_at};
+use crate::packet::{ETH_HLEN, Flow, Parsed, TCP_FIN, TCP_RST, parse, ptr_at};
 
 #[xdp]
 pub fn kep_xdp_node(ctx: XdpContext) -> u32 {
@@ -44,16 +44,17 @@ pub fn kep_xdp_node(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     const PASS: Result<u32, ()> = Ok(xdp_action::XDP_PASS);
-    let Some(flow) = parse(ctx)? else {
+    // ICMP errors are rare and fragments need the skb: both are TC's.
+    let Parsed::L4(flow) = parse(ctx)? else {
         return PASS;
     };
-    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 || flow.ttl <= 1 {
+    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 || flow.ttl <= 1 || flow.first_fragment {
         return PASS;
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let cfg = config();
     let (entry, ct) = match live_entry(&flow, cfg, now) {
-        Some((entry, ct)) if ct.is_reply() || backend_still_valid(&ct) => (Some(entry), ct),
+        Some((entry, ct)) if usable(&ct) => (Some(entry), ct),
         _ => match open_flow(&flow, Origin::Node, cfg, now) {
             Opened::Flow(forward) => (None, forward),
             Opened::Drop => return Ok(xdp_action::XDP_DROP),

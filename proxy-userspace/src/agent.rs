@@ -259,17 +259,25 @@ fn attach_matching(datapath: &mut Datapath, pods: &[String], nodes: &[String]) {
 /// of external flows, those inside `cfg.nodeport_addresses` carry NodePorts.
 /// Whether the NodePort addresses changed.
 fn refresh_node_addresses(syncer: &mut Syncer, cfg: &RunConfig) -> bool {
-    let all: Vec<Ipv4Addr> = match interfaces::ipv4_addresses() {
-        Ok(list) => list
-            .into_iter()
-            .filter(|(name, _)| interfaces::matches_any(&cfg.node_interfaces, name))
-            .map(|(_, addr)| addr)
-            .collect(),
+    let every = match interfaces::ipv4_addresses() {
+        Ok(list) => list,
         Err(e) => {
             tracing::error!(error = %e, "listing node addresses");
             return false;
         }
     };
+    // Every address of the node, for endpoints that are the node itself.
+    let own: Vec<Ipv4Addr> = every.iter().map(|(_, addr)| *addr).collect();
+    match syncer.datapath_mut().set_node_addresses(&own) {
+        Ok(0) => {}
+        Ok(_) => tracing::info!(addresses = ?own, "node's own addresses"),
+        Err(e) => tracing::error!(error = %e, "writing the node's own addresses"),
+    }
+    let all: Vec<Ipv4Addr> = every
+        .into_iter()
+        .filter(|(name, _)| interfaces::matches_any(&cfg.node_interfaces, name))
+        .map(|(_, addr)| addr)
+        .collect();
     if let Err(e) = syncer.datapath_mut().set_node_addr(all.first().copied()) {
         tracing::error!(error = %e, "setting the masquerade address");
     }

@@ -288,6 +288,10 @@ pub struct Datapath {
     stats: PerCpuArray<MapData, u64>,
     tables: MaglevTables,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    /// The node's own addresses as the datapath has them.
+    node_addrs: HashMap<MapData, u32, u8>,
+    /// Every endpoint's (address, port, protocol): the backends' values.
+    endpoints: HashMap<MapData, Backend, u8>,
     /// The settings written to the config map, for conntrack expiry.
     settings: Config,
     /// What the maps hold, as last read or written by this process.
@@ -302,6 +306,11 @@ pub struct Datapath {
 
 fn xdp_pin_name(iface: &str) -> String {
     format!("xdp-{iface}")
+}
+
+/// The egress program's link on `iface` (pod and node interfaces alike).
+fn egress_pin_name(iface: &str) -> String {
+    format!("tc-egress-{iface}")
 }
 
 /// Where this layout's maps are pinned under the agent's bpffs directory.
@@ -354,6 +363,7 @@ impl Datapath {
         for name in [
             program_names::TC_POD_INGRESS,
             program_names::TC_NODE_INGRESS,
+            program_names::TC_EGRESS,
         ] {
             load_program(&mut ebpf, name, SchedClassifier::load)?;
         }
@@ -378,6 +388,8 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap(map_names::SOURCE_RANGES))?
             .try_into()
             .map_err(map_err(map_names::SOURCE_RANGES))?;
+        let node_addrs = take_map(&mut ebpf, map_names::NODE_ADDRS)?;
+        let endpoints = take_map(&mut ebpf, map_names::ENDPOINTS)?;
         let stats = ebpf
             .take_map(map_names::STATS)
             .ok_or(DatapathError::MissingMap(map_names::STATS))?
@@ -403,6 +415,8 @@ impl Datapath {
             stats,
             tables,
             source_ranges,
+            node_addrs,
+            endpoints,
             live: MapContents::default(),
             attached: BTreeMap::new(),
             config,
@@ -410,7 +424,32 @@ impl Datapath {
             xdp: cfg.xdp,
         };
         dp.live = dp.read_contents()?;
+        dp.sync_endpoints();
         Ok(dp)
+    }
+
+    /// Makes the endpoints map the set of the backends' (address, port,
+    /// protocol). A write that fails is logged: only the tracking of
+    /// connections straight to that endpoint suffers.
+    fn sync_endpoints(&mut self) {
+        let want: std::collections::BTreeSet<Backend> = self
+            .live
+            .backends
+            .values()
+            .map(|b| Backend::new(b.addr, b.port, b.proto))
+            .collect();
+        let have: std::collections::BTreeSet<Backend> =
+            self.endpoints.keys().filter_map(Result::ok).collect();
+        for gone in have.difference(&want) {
+            if let Err(e) = ignore_missing(self.endpoints.remove(gone)) {
+                tracing::warn!(error = %e, endpoint = ?gone, "removing an endpoint from kep_endpoints");
+            }
+        }
+        for new in want.difference(&have) {
+            if let Err(e) = self.endpoints.insert(new, 1, 0) {
+                tracing::warn!(error = %e, endpoint = ?new, "kep_endpoints: direct connections to this endpoint are not tracked");
+            }
+        }
     }
 
     /// The pod-side TC program, for attaching elsewhere or `test_run`.
@@ -420,8 +459,17 @@ impl Datapath {
 
     /// The TC program of `hook`.
     pub fn hook_program(&mut self, hook: Hook) -> &mut SchedClassifier {
+        self.tc_program(hook.program())
+    }
+
+    /// The egress program (what the node itself sends), for `test_run`.
+    pub fn egress_program(&mut self) -> &mut SchedClassifier {
+        self.tc_program(program_names::TC_EGRESS)
+    }
+
+    fn tc_program(&mut self, name: &str) -> &mut SchedClassifier {
         self.ebpf
-            .program_mut(hook.program())
+            .program_mut(name)
             .and_then(|p| p.try_into().ok())
             .expect("checked in load")
     }
@@ -444,32 +492,74 @@ impl Datapath {
         Ok(())
     }
 
+    /// Makes the datapath's set of the node's own addresses `addrs` (every
+    /// interface's, loopback's aside): an endpoint at one of them is the
+    /// node itself, whose NodePort traffic is delivered locally without
+    /// masquerade. Returns how many entries changed.
+    pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<usize, DatapathError> {
+        let want: std::collections::BTreeSet<u32> = addrs
+            .iter()
+            .filter(|a| !a.is_loopback())
+            .map(|a| addr_to_map(*a))
+            .collect();
+        let have: std::collections::BTreeSet<u32> =
+            self.node_addrs.keys().filter_map(Result::ok).collect();
+        for gone in have.difference(&want) {
+            ignore_missing(self.node_addrs.remove(gone)).map_err(map_err(map_names::NODE_ADDRS))?;
+        }
+        for new in want.difference(&have) {
+            self.node_addrs
+                .insert(new, 1, 0)
+                .map_err(map_err(map_names::NODE_ADDRS))?;
+        }
+        Ok(have.symmetric_difference(&want).count())
+    }
+
     /// Attaches the TC program of `hook` at ingress of `iface` (index
-    /// `ifindex`) through a pinned TCX link. A link pinned by an earlier
-    /// agent is adopted: its program is swapped for this one atomically, so
-    /// traffic never sees a gap. Attaching twice is a no-op.
+    /// `ifindex`), and the egress program at its egress, each through a
+    /// pinned TCX link. A link pinned by an earlier agent is adopted: its
+    /// program is swapped for this one atomically, so traffic never sees a
+    /// gap. Attaching twice is a no-op.
     pub fn attach(&mut self, iface: &str, ifindex: u32, hook: Hook) -> Result<(), DatapathError> {
         if self.attached.get(iface) == Some(&(ifindex, hook)) {
             return Ok(());
         }
-        let pin = links_dir(&self.bpffs).join(hook.pin_name(iface));
-        let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
-            iface: iface.to_string(),
-            source,
-        };
-        let prog = self.hook_program(hook);
-        let adopted = adopt_link(&pin, prog.fd().map_err(|e| err(Box::new(e)))?.as_fd());
-        if !adopted {
-            let id = prog
-                .attach(iface, TcAttachType::Ingress)
-                .map_err(|e| err(Box::new(e)))?;
-            let link = prog.take_link(id).map_err(|e| err(Box::new(e)))?;
-            pin_link(link, &pin).map_err(err)?;
+        let links = links_dir(&self.bpffs);
+        for (program, pin, direction) in [
+            (hook.program(), hook.pin_name(iface), TcAttachType::Ingress),
+            (
+                program_names::TC_EGRESS,
+                egress_pin_name(iface),
+                TcAttachType::Egress,
+            ),
+        ] {
+            self.attach_tc(iface, program, &links.join(pin), direction)
+                .map_err(|source| DatapathError::Attach {
+                    iface: iface.to_string(),
+                    source,
+                })?;
         }
         if hook == Hook::Node {
             self.attach_xdp(iface);
         }
         self.attached.insert(iface.to_string(), (ifindex, hook));
+        Ok(())
+    }
+
+    /// `program` at `direction` of `iface` through the TCX link pinned at
+    /// `pin`: adopted when an earlier agent left one, else made and pinned.
+    fn attach_tc(
+        &mut self,
+        iface: &str,
+        program: &str,
+        pin: &Path,
+        direction: TcAttachType,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let prog = self.tc_program(program);
+        if !adopt_link(pin, prog.fd()?.as_fd()) {
+            let id = prog.attach(iface, direction)?;
+            pin_link(prog.take_link(id)?, pin)?;
+        }
         Ok(())
     }
 
@@ -580,20 +670,24 @@ impl Datapath {
             .attached
             .iter()
             .filter(|(iface, (_, hook))| {
-                let pin = links.join(hook.pin_name(iface));
+                let live = |pin: String| matches!(link_ifindex(&links.join(pin)), Ok(Some(_)));
                 // A node interface's XDP link counts too, when there is one.
-                let xdp = links.join(xdp_pin_name(iface));
-                !matches!(link_ifindex(&pin), Ok(Some(_)))
-                    || (*hook == Hook::Node
-                        && xdp.exists()
-                        && !matches!(link_ifindex(&xdp), Ok(Some(_))))
+                let xdp = xdp_pin_name(iface);
+                !live(hook.pin_name(iface))
+                    || !live(egress_pin_name(iface))
+                    || (*hook == Hook::Node && links.join(&xdp).exists() && !live(xdp))
             })
             .map(|(iface, (_, hook))| (iface.clone(), *hook))
             .collect();
         for (iface, hook) in &dead {
             self.attached.remove(iface);
-            let _ = std::fs::remove_file(links.join(hook.pin_name(iface)));
-            let _ = std::fs::remove_file(links.join(xdp_pin_name(iface)));
+            for pin in [
+                hook.pin_name(iface),
+                egress_pin_name(iface),
+                xdp_pin_name(iface),
+            ] {
+                let _ = std::fs::remove_file(links.join(pin));
+            }
         }
         dead.into_iter().map(|(iface, _)| iface).collect()
     }
@@ -615,11 +709,13 @@ impl Datapath {
                 // Its XDP link died with the interface too.
                 let _ = std::fs::remove_file(links_dir(&self.bpffs).join(xdp_pin_name(iface)));
             }
-            let pin = links_dir(&self.bpffs).join(hook.pin_name(iface));
-            if let Err(e) = std::fs::remove_file(&pin)
-                && e.kind() != io::ErrorKind::NotFound
-            {
-                tracing::warn!(pin = %pin.display(), error = %e, "removing a dead link's pin");
+            for pin in [hook.pin_name(iface), egress_pin_name(iface)] {
+                let pin = links_dir(&self.bpffs).join(pin);
+                if let Err(e) = std::fs::remove_file(&pin)
+                    && e.kind() != io::ErrorKind::NotFound
+                {
+                    tracing::warn!(pin = %pin.display(), error = %e, "removing a dead link's pin");
+                }
             }
         }
         gone.into_iter().map(|(iface, _)| iface).collect()
@@ -763,6 +859,12 @@ impl Datapath {
                     error,
                 });
             }
+        }
+        if ops
+            .iter()
+            .any(|op| matches!(op, MapOp::PutBackend(..) | MapOp::DeleteBackend(_)))
+        {
+            self.sync_endpoints();
         }
         failed
     }
@@ -1059,7 +1161,10 @@ fn remove_pins(dir: &Path) -> io::Result<()> {
     for entry in entries {
         let path = entry?.path();
         let ours = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-            n.starts_with("tc-ingress-") || n.starts_with("cgroup-") || map_names::ALL.contains(&n)
+            ["tc-ingress-", "tc-node-", "tc-egress-", "xdp-", "cgroup-"]
+                .iter()
+                .any(|prefix| n.starts_with(prefix))
+                || map_names::ALL.contains(&n)
         });
         if ours {
             std::fs::remove_file(&path)?;

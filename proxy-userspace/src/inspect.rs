@@ -211,7 +211,9 @@ pub fn backends(p: &Pinned) -> Vec<BackendView> {
 pub struct FlowView {
     /// The 5-tuple as packets carry it.
     pub tuple: String,
-    /// `forward` (client -> VIP) or `reply` (backend -> client).
+    /// `forward` (client -> VIP) or `reply` (backend -> client); `direct
+    /// forward` / `direct reply` for a connection straight to an endpoint,
+    /// tracked untranslated.
     pub direction: String,
     /// What the tuple is translated to.
     pub nat: String,
@@ -235,7 +237,13 @@ pub fn conntrack(p: &Pinned) -> Vec<FlowView> {
                 endpoint(k.daddr, k.dport),
                 proto_name(k.proto)
             ),
-            direction: if v.is_reply() { "reply" } else { "forward" }.into(),
+            direction: match (v.is_direct(), v.is_reply()) {
+                (false, false) => "forward",
+                (false, true) => "reply",
+                (true, false) => "direct forward",
+                (true, true) => "direct reply",
+            }
+            .into(),
             nat: endpoint(v.nat_addr, v.nat_port),
             backend_id: v.backend_id,
             closing: v.is_closing(),

@@ -120,6 +120,28 @@ impl Netns {
         run_cmd("ip", &all)
     }
 
+    /// Counter `name` of `group` (e.g. `Icmp`, `TcpExt`) in this
+    /// namespace's `/proc/net/<file>` (`snmp`, `netstat`), where a group's
+    /// first line names the columns and its second holds the values.
+    pub fn net_counter(&self, file: &str, group: &str, name: &str) -> Result<u64> {
+        let text = self.exec("cat", &[&format!("/proc/net/{file}")])?;
+        let prefix = format!("{group}:");
+        let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+        let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+            bail!("no {group} lines in /proc/net/{file}");
+        };
+        let column = names
+            .split_whitespace()
+            .position(|n| n == name)
+            .with_context(|| format!("no {group} {name} in /proc/net/{file}"))?;
+        values
+            .split_whitespace()
+            .nth(column)
+            .with_context(|| format!("no value for {group} {name}"))?
+            .parse()
+            .with_context(|| format!("{group} {name}"))
+    }
+
     /// `sysctl -w KEY=VALUE` inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         self.exec("sysctl", &["-q", "-w", &format!("{key}={value}")])

@@ -164,24 +164,13 @@ impl Fixture {
     /// The TC program of `hook` on `packet` as if it arrived on interface
     /// `ifindex` of the calling thread's network namespace (0: none).
     fn run_hook_on(&mut self, hook: Hook, packet: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; 4096];
-        // struct __sk_buff up to `ifindex`; `ingress_ifindex` is at 36.
-        let mut ctx = [0u8; 44];
-        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let opts = TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ctx_in: (ifindex != 0).then_some(&ctx[..]),
-            ..TestRunOptions::new()
-        };
-        let res = self
-            .dp
-            .hook_program(hook)
-            .test_run(opts)
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed for {packet:02x?}: {e:?}"));
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        test_run_tc(self.dp.hook_program(hook), packet, ifindex, ifindex)
+    }
+
+    /// The egress program on `packet` leaving the node: sent by the node
+    /// itself (`ingress_ifindex` 0) or forwarded from that interface.
+    fn run_egress(&mut self, packet: &[u8], ingress_ifindex: u32) -> (u32, Vec<u8>) {
+        test_run_tc(self.dp.egress_program(), packet, ingress_ifindex, 0)
     }
 
     /// The XDP program on `packet` as if it arrived on interface `ifindex`
@@ -209,11 +198,22 @@ impl Fixture {
     /// A NodePort `node:port` (TCP and UDP, externalTrafficPolicy Cluster:
     /// masqueraded) whose one endpoint is backend `i`.
     fn add_nodeport(&mut self, node: Ipv4Addr, port: u16, i: usize, svc_id: u32) {
+        self.add_nodeport_to(
+            node,
+            port,
+            [i * 2 + 1, i * 2 + 2].map(|id| id as u32),
+            svc_id,
+        );
+    }
+
+    /// A NodePort `node:port` as [`Fixture::add_nodeport`] whose one
+    /// endpoint is the backend id `ids[0]` for TCP, `ids[1]` for UDP.
+    fn add_nodeport_to(&mut self, node: Ipv4Addr, port: u16, ids: [u32; 2], svc_id: u32) {
         let mut ops = Vec::new();
         for (j, p) in [proto::TCP, proto::UDP].into_iter().enumerate() {
             let key = ServiceKey::new(addr_to_map(node), port_to_map(port), p, 0);
             let ext = key.with_scope(scope::EXTERNAL);
-            let backend = (i * 2 + j + 1) as u32;
+            let backend = ids[j];
             let id = svc_id + 2 * j as u32;
             ops.push(MapOp::PutService(
                 key.with_slot(1),
@@ -236,6 +236,32 @@ impl Fixture {
         assert!(failed.is_empty(), "map writes failed: {failed:?}");
         self.dp.set_node_addr(Some(node)).unwrap();
     }
+}
+
+/// `prog` on `packet` with the skb's `ingress_ifindex` and `ifindex` set
+/// (both 0: no context given).
+fn test_run_tc(
+    prog: &mut aya::programs::SchedClassifier,
+    packet: &[u8],
+    ingress_ifindex: u32,
+    ifindex: u32,
+) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; 4096];
+    // struct __sk_buff up to `ifindex`; `ingress_ifindex` is at 36.
+    let mut ctx = [0u8; 44];
+    ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ctx_in: (ingress_ifindex != 0 || ifindex != 0).then_some(&ctx[..]),
+        ..TestRunOptions::new()
+    };
+    let res = prog
+        .test_run(opts)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed for {packet:02x?}: {e:?}"));
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
 }
 
 // ---- packet crafting and checking ---------------------------------------------------------
@@ -363,6 +389,52 @@ fn l4_csum_ok(p: &[u8]) -> bool {
 fn assert_checksums(p: &[u8]) {
     assert!(ip_csum_ok(p), "bad IPv4 header checksum: {p:02x?}");
     assert!(l4_csum_ok(p), "bad L4 checksum: {p:02x?}");
+}
+
+/// An ICMP error (`kind`, `code`, then the 4 bytes after the checksum)
+/// from `src` to `dst` quoting `quoted` (an IPv4 packet from its IP header
+/// on, as much of it as the sender quotes), checksums right.
+fn icmp_error(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    rest: [u8; 4],
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut p = Vec::with_capacity(ETH + 28 + quoted.len());
+    p.extend_from_slice(&MAC_B);
+    p.extend_from_slice(&MAC_A);
+    p.extend_from_slice(&0x0800u16.to_be_bytes());
+    p.extend_from_slice(&[0x45, 0xc0]);
+    p.extend_from_slice(&((28 + quoted.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0x56, 0x78, 0, 0, 64, proto::ICMP, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let ipc = checksum(&p[ETH..ETH + 20]);
+    p[ETH + 10..ETH + 12].copy_from_slice(&ipc.to_be_bytes());
+    p.extend_from_slice(&[kind, code, 0, 0]);
+    p.extend_from_slice(&rest);
+    p.extend_from_slice(quoted);
+    let c = checksum(&p[ETH + 20..]);
+    p[ETH + 22..ETH + 24].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// The outer IPv4, the ICMP and the quoted IPv4 header checksums of an ICMP
+/// error (no options anywhere) are right.
+fn assert_icmp_checksums(p: &[u8]) {
+    assert!(ip_csum_ok(p), "bad outer IPv4 checksum: {p:02x?}");
+    assert_eq!(
+        fold(sum16(&p[ETH + 20..])),
+        0xffff,
+        "bad ICMP checksum: {p:02x?}"
+    );
+    assert_eq!(
+        fold(sum16(&p[ETH + 28..ETH + 48])),
+        0xffff,
+        "bad quoted IPv4 checksum: {p:02x?}"
+    );
 }
 
 /// Bytes where `a` and `b` differ.
@@ -520,18 +592,22 @@ fn non_service_packets_are_unchanged() {
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     let (ret, out) = fx.run(&arp);
     assert_eq!((ret, out), (TC_ACT_OK, arp));
-    assert!(ct_entries(&fx).is_empty());
+    // Only the connection straight to an endpoint is tracked (both
+    // directions, translating nothing); the rest leaves no state.
+    let ct = ct_entries(&fx);
+    assert_eq!(ct.len(), 2, "{ct:?}");
+    assert!(
+        ct.iter().all(|(_, v)| v.is_direct() && !v.is_snat()),
+        "{ct:?}"
+    );
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::DIRECT_FLOWS as usize], 1);
+    assert_eq!(stats[stat::NEW_FLOWS as usize], 0);
 }
 
 #[test]
-fn fragments_and_icmp_pass_untouched() {
+fn icmp_echo_passes_untouched() {
     let mut fx = Fixture::new();
-    for frag in [[0x20u8, 0x00], [0x00, 0x10], [0x20, 0x10]] {
-        let mut p = udp(CLIENT, VIP, 6000, SVC_PORT);
-        p[ETH + 6..ETH + 8].copy_from_slice(&frag);
-        let (ret, out) = fx.run(&p);
-        assert_eq!((ret, &out), (TC_ACT_OK, &p), "fragment {frag:?}");
-    }
     let icmp = packet(CLIENT, VIP, 0x0800, 0, proto::ICMP, 0, b"ping");
     let (ret, out) = fx.run(&icmp);
     assert_eq!((ret, out), (TC_ACT_OK, icmp));
@@ -578,7 +654,34 @@ fn assert_port_unreachable(input: &[u8], out: &[u8]) {
     let icmp = &out[ETH + 20..];
     assert_eq!((icmp[0], icmp[1]), (3, 3), "destination/port unreachable");
     assert_eq!(fold(sum16(icmp)), 0xffff, "ICMP checksum");
-    assert_eq!(&icmp[8..], &input[ETH..ETH + quote], "quotes the request");
+    // The quoted L4 checksum is the one field that may differ (see below).
+    let l4_csum = 20 + if input[ETH + 9] == proto::TCP { 16 } else { 6 };
+    let mut quoted = icmp[8..].to_vec();
+    quoted[l4_csum..l4_csum + 2].copy_from_slice(&input[ETH + l4_csum..ETH + l4_csum + 2]);
+    assert_eq!(quoted, &input[ETH..ETH + quote], "quotes the request");
+    // A request with a partial checksum (CHECKSUM_PARTIAL) leaves the
+    // kernel pointed at the quoted L4 header: where the way out finishes
+    // checksums in software, it writes the inverted fold of the quoted L4
+    // bytes into the quoted checksum field. That must change nothing, or
+    // the ICMP checksum computed before it is wrong.
+    // (The kernel sums the field as it stands.)
+    let mut completed = out.to_vec();
+    let finished = !fold(sum16(&out[ETH + 28 + 20..]));
+    completed[ETH + 28 + l4_csum..ETH + 28 + l4_csum + 2].copy_from_slice(&finished.to_be_bytes());
+    let same_number = |a: &[u8], b: &[u8]| {
+        let (a, b) = (
+            u16::from_be_bytes([a[0], a[1]]),
+            u16::from_be_bytes([b[0], b[1]]),
+        );
+        a == b || (a | b == 0xffff && (a == 0 || b == 0))
+    };
+    assert!(
+        same_number(
+            &completed[ETH + 28 + l4_csum..][..2],
+            &out[ETH + 28 + l4_csum..][..2]
+        ),
+        "software checksum completion rewrites the quote: {out:02x?}"
+    );
 }
 
 #[test]
@@ -898,6 +1001,950 @@ fn client_ip_affinity_keeps_a_client_until_idle_timeout() {
     assert_eq!(backend_of(&mut fx, CLIENT), after);
 }
 
+// ---- IP fragments -----------------------------------------------------------------------------
+
+/// A namespace of its own with a veth pair, for the fragment tests: the
+/// programs run as if on `frag0`, so the held fragments they replay (cloned
+/// into `frag0`'s ingress) land in this namespace only, where a packet
+/// socket on `frag0` catches them (and its stack, not forwarding, drops
+/// them).
+struct ReplayNs {
+    ns: lab::Netns,
+    ifindex: u32,
+}
+
+impl ReplayNs {
+    fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let ns = lab::Netns::create(&format!(
+            "kep-frag-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ))
+        .expect("a namespace for fragment replays (needs root)");
+        ns.ip(&[
+            "link", "add", "frag0", "type", "veth", "peer", "name", "frag1",
+        ])
+        .unwrap();
+        for dev in ["frag0", "frag1"] {
+            ns.ip(&["link", "set", dev, "up"]).unwrap();
+        }
+        let ifindex = ns.run(|| unsafe { libc::if_nametoindex(c"frag0".as_ptr()) });
+        assert_ne!(ifindex, 0);
+        Self { ns, ifindex }
+    }
+
+    /// A packet socket catching every frame that comes in on `frag0`.
+    fn capture(&self) -> Capture {
+        let ifindex = self.ifindex;
+        self.ns.run(move || unsafe {
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                proto.into(),
+            );
+            assert!(
+                fd >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = ifindex as i32;
+            let rc = libc::bind(
+                fd,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            Capture(std::os::fd::FromRawFd::from_raw_fd(fd))
+        })
+    }
+}
+
+struct Capture(std::os::fd::OwnedFd);
+
+impl Capture {
+    /// The IPv4 frames that came in (outgoing ones aside): waiting up to a
+    /// second for each of the `expected` ones, then 50 ms for any more.
+    fn frames(&self, expected: usize) -> Vec<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 70_000];
+        // Bounded: a train has at most 64 held fragments.
+        for _ in 0..256 {
+            let mut pfd = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let wait = if frames.len() < expected { 1000 } else { 50 };
+            if unsafe { libc::poll(&mut pfd, 1, wait) } != 1 {
+                break;
+            }
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = size_of::<libc::sockaddr_ll>() as u32;
+            let n = unsafe {
+                libc::recvfrom(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&mut from as *mut libc::sockaddr_ll).cast(),
+                    &mut len,
+                )
+            };
+            assert!(n >= 0, "recvfrom: {}", std::io::Error::last_os_error());
+            // IPv4 only: the veth pair's own IPv6 chatter comes in too.
+            if from.sll_pkttype != libc::PACKET_OUTGOING && buf[12..14] == [0x08, 0x00] {
+                frames.push(buf[..n as usize].to_vec());
+            }
+        }
+        frames
+    }
+}
+
+/// `frame` (Ethernet + IPv4 without options + payload) cut into fragments
+/// of `size` bytes of IP payload (a multiple of 8), IP id `id`, each with
+/// its own header and IPv4 checksum; the payload (L4 checksum included) is
+/// left as it was.
+fn fragments(frame: &[u8], size: usize, id: u16) -> Vec<Vec<u8>> {
+    assert_eq!(size % 8, 0);
+    let payload = &frame[ETH + 20..];
+    let pieces: Vec<&[u8]> = payload.chunks(size).collect();
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let mut f = frame[..ETH + 20].to_vec();
+            f.extend_from_slice(piece);
+            f[ETH + 2..ETH + 4].copy_from_slice(&((20 + piece.len()) as u16).to_be_bytes());
+            f[ETH + 4..ETH + 6].copy_from_slice(&id.to_be_bytes());
+            let more = if i + 1 < pieces.len() { 0x2000 } else { 0 };
+            let offset = (i * size / 8) as u16;
+            f[ETH + 6..ETH + 8].copy_from_slice(&(more | offset).to_be_bytes());
+            f[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
+            let c = checksum(&f[ETH..ETH + 20]);
+            f[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
+            f
+        })
+        .collect()
+}
+
+/// The datagram `fragments` (translated, in any order) make: every
+/// fragment's addresses agree and its IPv4 checksum is right; returns the
+/// reassembled frame (the first fragment's headers, all the payload).
+fn reassemble(fragments: &[Vec<u8>]) -> Vec<u8> {
+    let offset = |f: &Vec<u8>| (u16::from_be_bytes([f[ETH + 6], f[ETH + 7]]) & 0x1fff) as usize * 8;
+    let mut sorted: Vec<&Vec<u8>> = fragments.iter().collect();
+    sorted.sort_by_key(|f| offset(f));
+    let first = sorted[0];
+    assert_eq!(offset(first), 0, "the first fragment is there");
+    let mut frame = first[..ETH + 20].to_vec();
+    for f in &sorted {
+        assert!(ip_csum_ok(f), "IPv4 checksum of a fragment: {f:02x?}");
+        assert_eq!(
+            (ip_src(f), ip_dst(f)),
+            (ip_src(first), ip_dst(first)),
+            "every fragment goes where the first went"
+        );
+        assert_eq!(offset(f), frame.len() - ETH - 20, "no fragment missing");
+        frame.extend_from_slice(&f[ETH + 20..]);
+    }
+    let len = (frame.len() - ETH) as u16;
+    frame[ETH + 2..ETH + 4].copy_from_slice(&len.to_be_bytes());
+    frame[ETH + 6..ETH + 8].copy_from_slice(&[0, 0]);
+    frame[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
+    let c = checksum(&frame[ETH..ETH + 20]);
+    frame[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
+    frame
+}
+
+/// Every order of `n` items.
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![vec![]];
+    }
+    let mut all = Vec::new();
+    for rest in permutations(n - 1) {
+        for at in 0..=rest.len() {
+            let mut p = rest.clone();
+            p.insert(at, n - 1);
+            all.push(p);
+        }
+    }
+    all
+}
+
+/// Runs the fragments of `train` in `order` through the pod program on
+/// `replay.ifindex`, as the kernel would: fragments that come before the
+/// first are held (dropped, stashed); the first is translated and the held
+/// ones come back into the interface's ingress, where they are run again.
+/// Returns every fragment's output (by index) and how many were held.
+fn run_train(
+    fx: &mut Fixture,
+    replay: &ReplayNs,
+    hook: Hook,
+    train: &[Vec<u8>],
+    order: &[usize],
+) -> (Vec<Option<Vec<u8>>>, usize) {
+    let capture = replay.capture();
+    let mut out: Vec<Option<Vec<u8>>> = vec![None; train.len()];
+    let mut held = Vec::new();
+    let mut first_seen = false;
+    for &i in order {
+        let (ret, result) = replay
+            .ns
+            .run(|| fx.run_hook_on(hook, &train[i], replay.ifindex));
+        if i == 0 {
+            first_seen = true;
+        }
+        if !first_seen {
+            assert_eq!(ret, TC_ACT_SHOT, "fragment {i} before the first is held");
+            held.push(i);
+        } else {
+            assert_eq!(ret, TC_ACT_OK, "fragment {i} of order {order:?}");
+            out[i] = Some(result);
+        }
+    }
+    let replayed = capture.frames(held.len());
+    assert_eq!(
+        replayed.len(),
+        held.len(),
+        "order {order:?}: every held fragment comes back once"
+    );
+    for frame in replayed {
+        let i = held
+            .iter()
+            .copied()
+            .find(|&i| train[i] == frame)
+            .unwrap_or_else(|| panic!("replayed a frame that was not held: {frame:02x?}"));
+        let (ret, result) = replay
+            .ns
+            .run(|| fx.run_hook_on(hook, &frame, replay.ifindex));
+        assert_eq!(ret, TC_ACT_OK, "replayed fragment {i}");
+        out[i] = Some(result);
+    }
+    (out, held.len())
+}
+
+/// Datagrams of TCP and UDP, cut into 4 fragments, through a Service in
+/// all 24 orders: every fragment leaves for the endpoint the first one's
+/// flow chose, none is lost, and the reassembled datagram has the
+/// endpoint's port and a right L4 checksum.
+#[test]
+fn fragment_trains_are_translated_in_every_order() {
+    let mut fx = Fixture::new();
+    let replay = ReplayNs::new();
+    let payload: Vec<u8> = (0..2500u32).map(|i| (i * 7 + 3) as u8).collect();
+    let (mut trains, mut held) = (0, 0);
+    for l4 in [proto::TCP, proto::UDP] {
+        for (n, order) in permutations(4).into_iter().enumerate() {
+            let port = 30000 + n as u16 + if l4 == proto::TCP { 100 } else { 0 };
+            let datagram = packet(CLIENT, VIP, port, SVC_PORT, l4, SYN, &payload);
+            let id = 0x4000 + trains;
+            let train = fragments(&datagram, 800, id);
+            assert_eq!(train.len(), 4);
+            let (out, h) = run_train(&mut fx, &replay, Hook::Pod, &train, &order);
+            let out: Vec<Vec<u8>> = out
+                .into_iter()
+                .map(|o| o.expect("every fragment came out"))
+                .collect();
+            let whole = reassemble(&out);
+            assert!(BACKENDS.contains(&ip_dst(&whole)), "{}", ip_dst(&whole));
+            assert_eq!(
+                (ip_src(&whole), sport(&whole), dport(&whole)),
+                (CLIENT, port, BACKEND_PORT)
+            );
+            assert_checksums(&whole);
+            assert_eq!(&whole[whole.len() - payload.len()..], &payload[..]);
+            trains += 1;
+            held += h;
+        }
+    }
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::FRAG_STASHED as usize], held as u64);
+    assert_eq!(stats[stat::FRAG_REPLAYED as usize], held as u64);
+    assert_eq!(stats[stat::FRAG_UNTRANSLATED as usize], 0);
+    assert_eq!(stats[stat::FRAGMENTS as usize], 3 * u64::from(trains));
+}
+
+/// The other paths a fragmented datagram takes: an endpoint's fragmented
+/// reply (reverse-translated), a Service without endpoints (REJECT answers
+/// the first fragment, the rest are dropped, held ones too), DROP,
+/// traffic that is not a Service's (left alone, held ones replayed
+/// unchanged), the node's own fragmented answer at egress, XDP (leaves
+/// every fragment to TC), and the bound on held fragments per datagram.
+#[test]
+fn fragments_follow_their_first_on_every_path() {
+    let mut fx = Fixture::new();
+    let replay = ReplayNs::new();
+    let payload: Vec<u8> = (0..2000u32).map(|i| (i * 13 + 1) as u8).collect();
+    let on = |fx: &mut Fixture, hook: Hook, p: &[u8]| {
+        replay.ns.run(|| fx.run_hook_on(hook, p, replay.ifindex))
+    };
+
+    // A reply, fragmented by the endpoint, in order and reversed.
+    let (_, out) = on(&mut fx, Hook::Pod, &udp(CLIENT, VIP, 31000, SVC_PORT));
+    let backend = ip_dst(&out);
+    for (id, order) in [(0x5000, vec![0, 1, 2]), (0x5001, vec![2, 1, 0])] {
+        let reply = packet(
+            backend,
+            CLIENT,
+            BACKEND_PORT,
+            31000,
+            proto::UDP,
+            0,
+            &payload,
+        );
+        let train = fragments(&reply, 800, id);
+        let (out, _) = run_train(&mut fx, &replay, Hook::Pod, &train, &order);
+        let out: Vec<Vec<u8>> = out.into_iter().map(Option::unwrap).collect();
+        let whole = reassemble(&out);
+        assert_eq!((ip_src(&whole), sport(&whole)), (VIP, SVC_PORT));
+        assert_eq!((ip_dst(&whole), dport(&whole)), (CLIENT, 31000));
+        assert_checksums(&whole);
+    }
+
+    // No endpoints: REJECT answers the first fragment; the others go,
+    // those held before it too (nothing replayed).
+    let capture = replay.capture();
+    let train = fragments(
+        &packet(CLIENT, VIP_EMPTY, 31001, SVC_PORT, proto::UDP, 0, &payload),
+        800,
+        0x5002,
+    );
+    assert_eq!(on(&mut fx, Hook::Pod, &train[2]).0, TC_ACT_SHOT);
+    let (ret, answer) = on(&mut fx, Hook::Pod, &train[0]);
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    assert_eq!(
+        (answer[ETH + 9], answer[ETH + 20], answer[ETH + 21]),
+        (proto::ICMP, 3, 3)
+    );
+    assert_eq!(on(&mut fx, Hook::Pod, &train[1]).0, TC_ACT_SHOT);
+    assert!(capture.frames(0).is_empty());
+    // DROP: all of them.
+    let train = fragments(
+        &packet(CLIENT, VIP_DROP, 31002, SVC_PORT, proto::UDP, 0, &payload),
+        800,
+        0x5003,
+    );
+    for f in &train {
+        assert_eq!(on(&mut fx, Hook::Pod, f).0, TC_ACT_SHOT);
+    }
+
+    // Not a Service's: untouched, in order or not.
+    let other = Ipv4Addr::new(192, 0, 2, 7);
+    for (id, order) in [(0x5004, vec![0, 1, 2]), (0x5005, vec![1, 2, 0])] {
+        let train = fragments(
+            &packet(CLIENT, other, 31003, 53, proto::UDP, 0, &payload),
+            800,
+            id,
+        );
+        let (out, _) = run_train(&mut fx, &replay, Hook::Pod, &train, &order);
+        for (i, o) in out.into_iter().enumerate() {
+            assert_eq!(o.as_ref(), Some(&train[i]), "fragment {i} unchanged");
+        }
+    }
+
+    // The node's own fragmented answer (a host endpoint's), at egress, in
+    // order: translated by the flow's reply entry; a later fragment of a
+    // datagram never seen is left alone.
+    let (_, out) = on(&mut fx, Hook::Pod, &udp(CLIENT, VIP, 31004, SVC_PORT));
+    let host_reply = packet(
+        ip_dst(&out),
+        CLIENT,
+        BACKEND_PORT,
+        31004,
+        proto::UDP,
+        0,
+        &payload,
+    );
+    let train = fragments(&host_reply, 800, 0x5006);
+    let out: Vec<Vec<u8>> = train
+        .iter()
+        .map(|f| {
+            let (ret, out) = fx.run_egress(f, 0);
+            assert_eq!(ret, TC_ACT_OK);
+            out
+        })
+        .collect();
+    let whole = reassemble(&out);
+    assert_eq!((ip_src(&whole), sport(&whole)), (VIP, SVC_PORT));
+    assert_checksums(&whole);
+    let stray = fragments(&host_reply, 800, 0x5007);
+    assert_eq!(fx.run_egress(&stray[1], 0), (TC_ACT_OK, stray[1].clone()));
+
+    // XDP leaves fragments, first or not, to TC.
+    let train = fragments(
+        &packet(CLIENT, VIP, 31005, SVC_PORT, proto::UDP, 0, &payload),
+        800,
+        0x5008,
+    );
+    for f in &train {
+        let (ret, out) = replay.ns.run(|| fx.run_xdp(f, replay.ifindex));
+        assert_eq!((ret, &out), (XDP_PASS, f));
+    }
+
+    // At most FRAG_STASH_PER_DATAGRAM held per datagram: the next one goes
+    // on untranslated, counted.
+    let big: Vec<u8> = vec![7; 66 * 8 * 2];
+    let train = fragments(
+        &packet(CLIENT, VIP, 31006, SVC_PORT, proto::UDP, 0, &big),
+        16,
+        0x5009,
+    );
+    assert!(train.len() > proxy_common::FRAG_STASH_PER_DATAGRAM as usize + 1);
+    let before = fx.dp.stats().unwrap()[stat::FRAG_UNTRANSLATED as usize];
+    let capture = replay.capture();
+    for (i, f) in train
+        .iter()
+        .enumerate()
+        .skip(1)
+        .take(proxy_common::FRAG_STASH_PER_DATAGRAM as usize + 1)
+    {
+        let (ret, out) = on(&mut fx, Hook::Pod, f);
+        if i <= proxy_common::FRAG_STASH_PER_DATAGRAM as usize {
+            assert_eq!(ret, TC_ACT_SHOT, "fragment {i} held");
+        } else {
+            assert_eq!((ret, &out), (TC_ACT_OK, f), "fragment {i}: no room, passed");
+        }
+    }
+    assert_eq!(
+        fx.dp.stats().unwrap()[stat::FRAG_UNTRANSLATED as usize],
+        before + 1
+    );
+    let (ret, _) = on(&mut fx, Hook::Pod, &train[0]);
+    assert_eq!(ret, TC_ACT_OK);
+    assert_eq!(
+        capture
+            .frames(proxy_common::FRAG_STASH_PER_DATAGRAM as usize)
+            .len(),
+        proxy_common::FRAG_STASH_PER_DATAGRAM as usize,
+        "the held ones are sent on"
+    );
+}
+
+/// The node program: a fragmented datagram to a masqueraded NodePort whose
+/// endpoint is behind another node. Every fragment is masqueraded and sent
+/// out by FIB redirect as its first was (XDP passes them all to TC).
+#[test]
+fn fragments_of_a_nodeport_flow_follow_their_first_out_of_the_node() {
+    let mut fx = Fixture::new();
+    fx.add_nodeport(NODE, NODEPORT_REMOTE, 0, 100);
+    let node = fib_node();
+    let payload: Vec<u8> = (0..2000u32).map(|i| (i * 3) as u8).collect();
+    let datagram = packet(
+        EXT_CLIENT,
+        NODE,
+        33000,
+        NODEPORT_REMOTE,
+        proto::UDP,
+        0,
+        &payload,
+    );
+    let train = fragments(&datagram, 800, 0x6000);
+    let out: Vec<Vec<u8>> = train
+        .iter()
+        .map(|f| {
+            let (ret, out) = node.ns.run(|| fx.run_xdp(f, node.eth0));
+            assert_eq!((ret, &out), (XDP_PASS, f), "XDP leaves fragments to TC");
+            let (ret, out) = node.ns.run(|| fx.run_hook_on(Hook::Node, f, node.eth0));
+            assert_eq!(ret, TC_ACT_REDIRECT, "out by FIB redirect, as the first");
+            assert_eq!(out[0..6], OTHER_NODE_MAC);
+            assert_eq!(ttl(&out), ttl(f) - 1);
+            out
+        })
+        .collect();
+    let whole = reassemble(&out);
+    assert_eq!((ip_src(&whole), sport(&whole)), (NODE, 33000));
+    assert_eq!((ip_dst(&whole), dport(&whole)), (BACKENDS[0], BACKEND_PORT));
+    assert_checksums(&whole);
+}
+
+// ---- tuple reuse ------------------------------------------------------------------------------
+
+/// A frontend whose one endpoint is backend 0 (TCP and UDP), so a client
+/// port's Service flow and its direct connection share the tuple towards
+/// the endpoint.
+const VIP_ONE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
+
+fn add_vip_one(fx: &mut Fixture) {
+    let mut ops = vec![MapOp::PutService(
+        ServiceKey::cluster_ip(addr_to_map(VIP_ONE)),
+        ServiceValue::service(0, 0, SVC_FLAG_REJECT),
+    )];
+    for (j, p) in [proto::TCP, proto::UDP].into_iter().enumerate() {
+        let key = ServiceKey::new(addr_to_map(VIP_ONE), port_to_map(SVC_PORT), p, 0);
+        ops.push(MapOp::PutService(
+            key.with_slot(1),
+            ServiceValue::slot(j as u32 + 1),
+        ));
+        ops.push(MapOp::PutService(
+            key,
+            ServiceValue::service(40 + j as u32, 1, 0),
+        ));
+    }
+    assert!(fx.dp.apply(&ops).is_empty());
+}
+
+/// The packet's (source, source port, destination, destination port).
+fn tuple(p: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
+    (ip_src(p), sport(p), ip_dst(p), dport(p))
+}
+
+/// The sequence: a Service flow ends (FIN both ways), then the
+/// client opens a connection straight to the endpoint from the same port.
+/// Its packets and the endpoint's answers are left as they are (before,
+/// the answers matched the closed flow's reply entry and came back from
+/// the VIP); the closed flow's entry is taken over, no port remapped.
+#[test]
+fn a_direct_connection_on_a_closed_service_flows_tuple_is_not_translated() {
+    const FIN: u8 = 0x01;
+    let mut fx = Fixture::new();
+    add_vip_one(&mut fx);
+    let b = BACKENDS[0];
+    let port = 56000;
+    fx.run(&tcp(CLIENT, VIP_ONE, port, SVC_PORT, SYN));
+    fx.run(&tcp(b, CLIENT, BACKEND_PORT, port, SYN | ACK));
+    fx.run(&tcp(CLIENT, VIP_ONE, port, SVC_PORT, FIN | ACK));
+    fx.run(&tcp(b, CLIENT, BACKEND_PORT, port, FIN | ACK));
+    for (input, flags) in [
+        (tcp(CLIENT, b, port, BACKEND_PORT, SYN), "SYN"),
+        (tcp(b, CLIENT, BACKEND_PORT, port, SYN | ACK), "SYN-ACK"),
+        (tcp(CLIENT, b, port, BACKEND_PORT, ACK), "ACK"),
+        (tcp(b, CLIENT, BACKEND_PORT, port, ACK), "answer"),
+    ] {
+        let (ret, out) = fx.run(&input);
+        assert_eq!(
+            (ret, &out),
+            (TC_ACT_OK, &input),
+            "{flags} must be untouched"
+        );
+    }
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::DIRECT_FLOWS as usize], 1);
+    assert_eq!(stats[stat::PORT_REMAPS as usize], 0);
+    // UDP: a Service flow idle past its timeout is over as well.
+    let mut fx = Fixture::with_timeouts(CtTimeouts {
+        udp: std::time::Duration::ZERO,
+        ..CtTimeouts::default()
+    });
+    add_vip_one(&mut fx);
+    fx.run(&udp(CLIENT, VIP_ONE, port, SVC_PORT));
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let direct = udp(CLIENT, b, port, BACKEND_PORT);
+    assert_eq!(fx.run(&direct).1, direct);
+    let answer = udp(b, CLIENT, BACKEND_PORT, port);
+    assert_eq!(fx.run(&answer).1, answer);
+    assert_eq!(fx.dp.stats().unwrap()[stat::PORT_REMAPS as usize], 0);
+}
+
+/// Two live connections whose tuples towards the endpoint clash, in both
+/// orders and for TCP and UDP: the later one gets another source port (as
+/// netfilter's NAT remaps a clashing tuple), and both keep working.
+#[test]
+fn a_clash_with_a_live_flow_remaps_the_later_ones_source_port() {
+    let mut fx = Fixture::new();
+    add_vip_one(&mut fx);
+    let b = BACKENDS[0];
+    let makers: [(u8, MakePacket); 2] = [(proto::TCP, tcp_syn), (proto::UDP, udp)];
+    let mut remaps = 0;
+    for (l4, make) in makers {
+        for service_first in [true, false] {
+            let port = 57000 + u16::from(l4) * 2 + u16::from(service_first);
+            let via_vip = make(CLIENT, VIP_ONE, port, SVC_PORT);
+            let direct = make(CLIENT, b, port, BACKEND_PORT);
+            let (first, second) = if service_first {
+                (&via_vip, &direct)
+            } else {
+                (&direct, &via_vip)
+            };
+            let (_, out1) = fx.run(first);
+            let (_, out2) = fx.run(second);
+            remaps += 1;
+            let what = format!("proto {l4}, service first: {service_first}");
+            assert_eq!(
+                tuple(&out1),
+                (CLIENT, port, b, BACKEND_PORT),
+                "{what}: the first keeps its port"
+            );
+            let moved = sport(&out2);
+            assert_ne!(moved, port, "{what}: the later one is remapped");
+            assert_eq!(tuple(&out2), (CLIENT, moved, b, BACKEND_PORT), "{what}");
+            assert_checksums(&out2);
+            // Each one's answers reach its own socket.
+            let answer = |to: u16| make(b, CLIENT, BACKEND_PORT, to);
+            let (to_first, to_second) = (fx.run(&answer(port)).1, fx.run(&answer(moved)).1);
+            let (to_vip, to_direct) = if service_first {
+                (to_first, to_second)
+            } else {
+                (to_second, to_first)
+            };
+            assert_eq!(tuple(&to_vip), (VIP_ONE, SVC_PORT, CLIENT, port), "{what}");
+            assert_eq!(tuple(&to_direct), (b, BACKEND_PORT, CLIENT, port), "{what}");
+            assert_checksums(&to_vip);
+            assert_checksums(&to_direct);
+            // And later packets of both keep their translation.
+            let next = |p: &[u8]| {
+                let mut p = p.to_vec();
+                if l4 == proto::TCP {
+                    p = tcp(ip_src(&p), ip_dst(&p), sport(&p), dport(&p), ACK);
+                }
+                p
+            };
+            assert_eq!(tuple(&fx.run(&next(first)).1), tuple(&out1), "{what}");
+            assert_eq!(tuple(&fx.run(&next(second)).1), tuple(&out2), "{what}");
+        }
+    }
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::PORT_REMAPS as usize], remaps);
+    assert_eq!(stats[stat::DIRECT_FLOWS as usize], remaps);
+}
+
+/// A masqueraded source is shared by every external client: one client's
+/// closing flow keeps its node port until it is over, and another client
+/// using the same port gets another one (its own reused port, by contrast,
+/// takes its old flow's over: see the tests above).
+#[test]
+fn a_shared_source_never_takes_another_clients_closing_flow() {
+    const FIN: u8 = 0x01;
+    let mut fx = Fixture::new();
+    fx.add_nodeport(NODE, NODEPORT_REMOTE, 0, 100);
+    let node = fib_node();
+    let other = Ipv4Addr::new(192, 168, 50, 101);
+    let on_node =
+        |fx: &mut Fixture, p: &[u8]| node.ns.run(|| fx.run_hook_on(Hook::Node, p, node.eth0));
+    let (_, first) = on_node(&mut fx, &tcp(EXT_CLIENT, NODE, 45000, NODEPORT_REMOTE, SYN));
+    assert_eq!((ip_src(&first), sport(&first)), (NODE, 45000));
+    on_node(
+        &mut fx,
+        &tcp(EXT_CLIENT, NODE, 45000, NODEPORT_REMOTE, FIN | ACK),
+    );
+    let (_, second) = on_node(&mut fx, &tcp(other, NODE, 45000, NODEPORT_REMOTE, SYN));
+    assert_eq!(ip_src(&second), NODE);
+    assert_ne!(
+        sport(&second),
+        45000,
+        "the closing flow keeps its node port"
+    );
+    // The first client's last packets still find their way back.
+    let (_, late) = on_node(
+        &mut fx,
+        &tcp(BACKENDS[0], NODE, BACKEND_PORT, 45000, FIN | ACK),
+    );
+    assert_eq!((ip_dst(&late), dport(&late)), (EXT_CLIENT, 45000));
+    assert_eq!(fx.dp.stats().unwrap()[stat::PORT_REMAPS as usize], 0);
+}
+
+// ---- the node itself as an endpoint ----------------------------------------------------------
+
+/// A NodePort (externalTrafficPolicy Cluster: masqueraded) whose endpoint
+/// is the node itself: the request goes to the local stack with the client
+/// kept (neither masqueraded to the node's own address nor redirected), and
+/// the node's answer is reversed at egress. The same endpoint is an
+/// ordinary masqueraded one where the address is not the node's.
+#[test]
+fn nodeport_to_the_node_itself_is_delivered_locally_with_the_client_kept() {
+    let mut fx = Fixture::new();
+    let ids = [50, 51];
+    let ops: Vec<MapOp> = [proto::TCP, proto::UDP]
+        .into_iter()
+        .zip(ids)
+        .map(|(p, id)| MapOp::PutBackend(id, Backend::new(addr_to_map(NODE), port_to_map(9090), p)))
+        .collect();
+    assert!(fx.dp.apply(&ops).is_empty());
+    fx.add_nodeport_to(NODE, 30090, ids, 300);
+    let node = fib_node();
+
+    // Not (yet) known as the node's address: masqueraded, as to any
+    // endpoint (which the node's stack would drop: its own address as
+    // source, coming in from outside).
+    let syn = tcp(EXT_CLIENT, NODE, 44000, 30090, SYN);
+    let (_, out) = node.ns.run(|| fx.run_hook_on(Hook::Node, &syn, node.eth0));
+    assert_eq!((ip_src(&out), ip_dst(&out)), (NODE, NODE));
+
+    assert_eq!(fx.dp.set_node_addresses(&[NODE, GATEWAY]).unwrap(), 2);
+    let makers: [(u8, MakePacket); 2] = [(proto::TCP, tcp_syn), (proto::UDP, udp)];
+    for (l4, make) in makers {
+        let port = 44001 + u16::from(l4);
+        let request = make(EXT_CLIENT, NODE, port, 30090);
+        // XDP leaves it to TC, which hands it to the stack.
+        let (ret, out) = node.ns.run(|| fx.run_xdp(&request, node.eth0));
+        assert_eq!((ret, &out), (XDP_PASS, &request), "proto {l4}");
+        let (ret, out) = node
+            .ns
+            .run(|| fx.run_hook_on(Hook::Node, &request, node.eth0));
+        assert_eq!(ret, TC_ACT_OK, "proto {l4}: to the local stack");
+        assert_eq!(
+            (ip_src(&out), sport(&out), ip_dst(&out), dport(&out)),
+            (EXT_CLIENT, port, NODE, 9090),
+            "proto {l4}: the client is kept"
+        );
+        assert_checksums(&out);
+        let (ret, reply) = fx.run_egress(&make(NODE, EXT_CLIENT, 9090, port), 0);
+        assert_eq!(ret, TC_ACT_OK);
+        assert_eq!(
+            (ip_src(&reply), sport(&reply), ip_dst(&reply), dport(&reply)),
+            (NODE, 30090, EXT_CLIENT, port),
+            "proto {l4}: the node's answer leaves from the NodePort"
+        );
+        assert_checksums(&reply);
+    }
+    let own: Vec<_> = ct_entries(&fx)
+        .into_iter()
+        .filter(|(_, v)| v.backend_id >= 50)
+        .collect();
+    assert!(
+        own.iter()
+            .filter(|(k, _)| k.sport != port_to_map(44000) && k.dport != port_to_map(44000))
+            .all(|(_, v)| !v.is_snat() && !v.redirects()),
+        "{own:?}"
+    );
+    // Addresses that go are forgotten.
+    assert_eq!(fx.dp.set_node_addresses(&[GATEWAY]).unwrap(), 1);
+    let syn = tcp(EXT_CLIENT, NODE, 44100, 30090, SYN);
+    let (_, out) = node.ns.run(|| fx.run_hook_on(Hook::Node, &syn, node.eth0));
+    assert_eq!(ip_src(&out), NODE);
+}
+
+// ---- ICMP errors ----------------------------------------------------------------------------
+
+/// The node's address on the client's link (its pod gateway).
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+
+/// A packet from (address, port) to (address, port).
+type MakePacket = fn(Ipv4Addr, Ipv4Addr, u16, u16) -> Vec<u8>;
+
+/// `tcp` with SYN, as a function like `udp`.
+fn tcp_syn(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    tcp(src, dst, sport, dport, SYN)
+}
+
+/// Netfilter's RELATED translation: an ICMP error about a packet of a
+/// translated flow is translated as a packet of that flow going its way,
+/// the quote turned back into what the peer sent (or expects), every
+/// checksum right. Both directions, every error type, short and whole
+/// quotes, TCP and UDP (with and without checksum).
+#[test]
+fn icmp_errors_about_a_translated_flow_are_translated_both_ways() {
+    let mut fx = Fixture::new();
+    let mut translated = 0;
+    let makers: [(u8, MakePacket); 2] = [(proto::TCP, tcp_syn), (proto::UDP, udp)];
+    for (l4, make) in makers {
+        for udp_csum in [true, false] {
+            if l4 == proto::TCP && !udp_csum {
+                continue;
+            }
+            let port = 52000 + u16::from(l4) + u16::from(udp_csum);
+            let mut request = make(CLIENT, VIP, port, SVC_PORT);
+            if !udp_csum {
+                request[ETH + 26..ETH + 28].copy_from_slice(&[0, 0]);
+            }
+            let (_, dnat) = fx.run(&request);
+            let backend = ip_dst(&dnat);
+            let whole = dnat.len() - ETH;
+            // To the client about the DNAT-ed request: a backend's port
+            // unreachable, a router's "fragmentation needed" (MTU 1400),
+            // time exceeded, parameter problem; quoting 8 bytes of L4 or
+            // the whole packet.
+            for (from, kind, code, rest, quote) in [
+                (backend, 3, 3, [0; 4], 28),
+                (GATEWAY, 3, 4, [0, 0, 0x05, 0x78], whole),
+                (GATEWAY, 11, 0, [0; 4], whole),
+                (backend, 12, 0, [20, 0, 0, 0], 28),
+            ] {
+                let error = icmp_error(from, CLIENT, kind, code, rest, &dnat[ETH..ETH + quote]);
+                let (ret, out) = fx.run(&error);
+                assert_eq!(ret, TC_ACT_OK);
+                assert_eq!(out.len(), error.len());
+                assert_eq!(
+                    (ip_src(&out), ip_dst(&out)),
+                    (VIP, CLIENT),
+                    "type {kind}/{code}: from the frontend, as netfilter's"
+                );
+                assert_eq!(
+                    &out[ETH + 28..],
+                    &request[ETH..ETH + quote],
+                    "type {kind}/{code}, proto {l4}: quotes what the client sent"
+                );
+                assert_eq!(&out[ETH + 20..ETH + 22], &[kind, code]);
+                assert_eq!(&out[ETH + 24..ETH + 28], &rest);
+                assert_icmp_checksums(&out);
+                translated += 1;
+            }
+            // The backend's reply, reverse-translated, and the client's
+            // error about it: to the backend, quoting what it sent.
+            let mut reply = make(backend, CLIENT, BACKEND_PORT, port);
+            if !udp_csum {
+                reply[ETH + 26..ETH + 28].copy_from_slice(&[0, 0]);
+            }
+            let (_, reversed) = fx.run(&reply);
+            assert_eq!(ip_src(&reversed), VIP);
+            let error = icmp_error(CLIENT, VIP, 3, 3, [0; 4], &reversed[ETH..]);
+            let (ret, out) = fx.run(&error);
+            assert_eq!(ret, TC_ACT_OK);
+            assert_eq!((ip_src(&out), ip_dst(&out)), (CLIENT, backend));
+            assert_eq!(&out[ETH + 28..], &reply[ETH..], "proto {l4}");
+            assert_icmp_checksums(&out);
+            translated += 1;
+        }
+    }
+    assert_eq!(
+        fx.dp.stats().unwrap()[stat::ICMP_ERRORS as usize],
+        translated
+    );
+}
+
+/// A hairpin flow's errors: the backend is its own client behind the
+/// hairpin address, both ways.
+#[test]
+fn icmp_errors_about_a_hairpin_flow_are_translated() {
+    let mut fx = Fixture::new();
+    let me = BACKENDS[2];
+    let (port, out) = (47000..47200)
+        .map(|port| (port, fx.run(&udp(me, VIP, port, SVC_PORT)).1))
+        .find(|(_, out)| ip_dst(out) == me)
+        .expect("a backend never picked itself in 200 flows");
+    let request = udp(me, VIP, port, SVC_PORT);
+    let error = icmp_error(me, HAIRPIN, 3, 3, [0; 4], &out[ETH..]);
+    let (_, translated) = fx.run(&error);
+    assert_eq!((ip_src(&translated), ip_dst(&translated)), (VIP, me));
+    assert_eq!(&translated[ETH + 28..], &request[ETH..]);
+    assert_icmp_checksums(&translated);
+    let reply = udp(me, HAIRPIN, BACKEND_PORT, port);
+    let (_, reversed) = fx.run(&reply);
+    let error = icmp_error(me, VIP, 3, 3, [0; 4], &reversed[ETH..]);
+    let (_, translated) = fx.run(&error);
+    assert_eq!((ip_src(&translated), ip_dst(&translated)), (HAIRPIN, me));
+    assert_eq!(&translated[ETH + 28..], &reply[ETH..]);
+    assert_icmp_checksums(&translated);
+}
+
+/// ICMP that is no error about a tracked flow is not ours.
+#[test]
+fn other_icmp_passes_untouched() {
+    let mut fx = Fixture::new();
+    let request = tcp(CLIENT, VIP, 54000, SVC_PORT, SYN);
+    let (_, dnat) = fx.run(&request);
+    let backend = ip_dst(&dnat);
+    let mut non_first = dnat.clone();
+    non_first[ETH + 6..ETH + 8].copy_from_slice(&[0x20, 0x10]);
+    let mut ip_options = dnat.clone();
+    ip_options[ETH] = 0x44;
+    let cases = [
+        // Echo request and a redirect about the flow.
+        packet(CLIENT, VIP, 0x0800, 0, proto::ICMP, 0, b"ping"),
+        icmp_error(
+            GATEWAY,
+            CLIENT,
+            5,
+            1,
+            GATEWAY.octets(),
+            &dnat[ETH..ETH + 28],
+        ),
+        // About a flow nobody tracks.
+        icmp_error(
+            backend,
+            CLIENT,
+            3,
+            3,
+            [0; 4],
+            &tcp(CLIENT, backend, 54001, BACKEND_PORT, SYN)[ETH..ETH + 28],
+        ),
+        // Quoting fewer than the 8 bytes of ports it needs, a non-first
+        // fragment (no ports), a bogus quoted header length.
+        icmp_error(backend, CLIENT, 3, 3, [0; 4], &dnat[ETH..ETH + 26]),
+        icmp_error(backend, CLIENT, 3, 3, [0; 4], &non_first[ETH..ETH + 28]),
+        icmp_error(backend, CLIENT, 3, 3, [0; 4], &ip_options[ETH..ETH + 28]),
+    ];
+    for input in cases {
+        let (ret, out) = fx.run(&input);
+        assert_eq!((ret, &out), (TC_ACT_OK, &input));
+        let (ret, out) = fx.run_egress(&input, 0);
+        assert_eq!((ret, out), (TC_ACT_OK, input));
+    }
+    assert_eq!(fx.dp.stats().unwrap()[stat::ICMP_ERRORS as usize], 0);
+}
+
+/// An error about a masqueraded NodePort flow, from its endpoint on another
+/// node: back to the external client from the node address, sent out by
+/// FIB redirect as the flow's replies are.
+#[test]
+fn icmp_error_about_a_masqueraded_nodeport_flow_reaches_the_client() {
+    let mut fx = Fixture::new();
+    fx.add_nodeport(NODE, NODEPORT_REMOTE, 0, 100);
+    let node = fib_node();
+    let syn = tcp(EXT_CLIENT, NODE, 43000, NODEPORT_REMOTE, SYN);
+    let (_, out) = node.ns.run(|| fx.run_hook_on(Hook::Node, &syn, node.eth0));
+    assert_eq!((ip_src(&out), ip_dst(&out)), (NODE, BACKENDS[0]));
+    let error = icmp_error(BACKENDS[0], NODE, 3, 3, [0; 4], &out[ETH..ETH + 40]);
+    let (ret, translated) = node
+        .ns
+        .run(|| fx.run_hook_on(Hook::Node, &error, node.eth0));
+    assert_eq!(ret, TC_ACT_REDIRECT, "its source is the node's own address");
+    assert_eq!(translated[0..6], EXT_CLIENT_MAC);
+    assert_eq!(
+        (ip_src(&translated), ip_dst(&translated)),
+        (NODE, EXT_CLIENT)
+    );
+    // The quote is what the client sent, but for the hop the node counted
+    // (and the quoted header's checksum, checked below).
+    let mut sent = syn[ETH..ETH + 40].to_vec();
+    sent[8] -= 1;
+    sent[10..12].copy_from_slice(&translated[ETH + 28 + 10..ETH + 28 + 12]);
+    assert_eq!(&translated[ETH + 28..], &sent[..]);
+    assert_eq!(ttl(&translated), ttl(&error) - 1);
+    assert_icmp_checksums(&translated);
+}
+
+/// What the node itself sends leaves by an interface's egress: a
+/// "fragmentation needed" its stack sends about a DNAT-ed packet it cannot
+/// forward, and a host endpoint's reply, are reverse-translated there. The
+/// node never starts a flow at egress, and what it forwards was seen where
+/// it came in.
+#[test]
+fn egress_translates_what_the_node_itself_sends() {
+    let mut fx = Fixture::new();
+    let request = tcp(CLIENT, VIP, 55000, SVC_PORT, ACK);
+    let (_, dnat) = fx.run(&tcp(CLIENT, VIP, 55000, SVC_PORT, SYN));
+    let (_, dnat_ack) = fx.run(&request);
+    let backend = ip_dst(&dnat);
+    let need_frag = icmp_error(GATEWAY, CLIENT, 3, 4, [0, 0, 0x05, 0x78], &dnat_ack[ETH..]);
+    let (ret, out) = fx.run_egress(&need_frag, 0);
+    assert_eq!(ret, TC_ACT_OK);
+    assert_eq!((ip_src(&out), ip_dst(&out)), (VIP, CLIENT));
+    assert_eq!(&out[ETH + 28..], &request[ETH..]);
+    assert_icmp_checksums(&out);
+
+    let reply = tcp(backend, CLIENT, BACKEND_PORT, 55000, SYN | ACK);
+    let (ret, out) = fx.run_egress(&reply, 0);
+    assert_eq!(ret, TC_ACT_OK);
+    assert_eq!((ip_src(&out), sport(&out)), (VIP, SVC_PORT));
+    assert_checksums(&out);
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::REPLY_HITS as usize], 1);
+
+    // Forwarded: untouched, whatever it is.
+    for input in [&need_frag, &reply] {
+        let (ret, out) = fx.run_egress(input, 1);
+        assert_eq!((ret, &out), (TC_ACT_OK, input));
+    }
+    // No flow starts at egress, not even to a frontend.
+    let before = ct_entries(&fx).len();
+    for input in [
+        tcp(CLIENT, VIP, 55001, SVC_PORT, SYN),
+        udp(CLIENT, VIP_EMPTY, 55002, SVC_PORT),
+    ] {
+        let (ret, out) = fx.run_egress(&input, 0);
+        assert_eq!((ret, out), (TC_ACT_OK, input));
+    }
+    assert_eq!(ct_entries(&fx).len(), before);
+    assert_eq!(fx.dp.stats().unwrap()[stat::ICMP_ERRORS as usize], 1);
+}
+
 // ---- Maglev ---------------------------------------------------------------------------------
 
 /// A table over the TCP backends of VIP:80 at `indexes` (ids 2i+1).
@@ -1076,6 +2123,14 @@ fn check_fuzz_output(input: &[u8], ret: u32, out: &[u8]) -> Result<(), String> {
     if out == input {
         return Ok(());
     }
+    if input[12..14] == [0x08, 0x00] && input[ETH + 9] == proto::ICMP {
+        return check_icmp_fuzz_output(input, out);
+    }
+    if input[12..14] == [0x08, 0x00]
+        && u16::from_be_bytes([input[ETH + 6], input[ETH + 7]]) & 0x1fff != 0
+    {
+        return check_fragment_fuzz_output(input, out);
+    }
     if out.len() != input.len() {
         return Err("length changed".into());
     }
@@ -1135,6 +2190,145 @@ fn check_fuzz_output(input: &[u8], ret: u32, out: &[u8]) -> Result<(), String> {
         return Err("zero UDP checksum changed".into());
     }
     Ok(())
+}
+
+/// A changed ICMP packet must be an error about a flow of the fixture's
+/// services translated as such (see
+/// `icmp_errors_about_a_translated_flow_are_translated_both_ways`), with
+/// no checksum broken.
+fn check_icmp_fuzz_output(input: &[u8], out: &[u8]) -> Result<(), String> {
+    if out.len() != input.len() {
+        return Err("length changed".into());
+    }
+    let icmp = ETH + ihl(input);
+    let inner = icmp + 8;
+    let inner_ihl = (input[inner] & 0x0f) as usize * 4;
+    let l4 = inner + inner_ihl;
+    let l4_csum = l4
+        + if input[inner + 9] == proto::TCP {
+            16
+        } else {
+            6
+        };
+    let mut allowed: Vec<usize> = (ETH + 10..ETH + 20).collect();
+    allowed.extend([icmp + 2, icmp + 3, inner + 10, inner + 11]);
+    allowed.extend(inner + 12..inner + 20);
+    allowed.extend([l4, l4 + 1, l4 + 2, l4 + 3, l4_csum, l4_csum + 1]);
+    if let Some(i) = changed(input, out)
+        .into_iter()
+        .find(|i| !allowed.contains(i))
+    {
+        return Err(format!("byte {i} changed"));
+    }
+    let addr = |p: &[u8], o: usize| Ipv4Addr::new(p[o], p[o + 1], p[o + 2], p[o + 3]);
+    let port = |p: &[u8], o: usize| u16::from_be_bytes([p[o], p[o + 1]]);
+    let quote = |p: &[u8]| {
+        (
+            addr(p, inner + 12),
+            port(p, l4),
+            addr(p, inner + 16),
+            port(p, l4 + 2),
+        )
+    };
+    let (q, after) = (quote(input), quote(out));
+    let outer = (ip_src(out), ip_dst(out));
+    // About a DNAT-ed request, to its client (the backend itself behind the
+    // hairpin address): from the frontend, quoting client -> frontend.
+    let client = if q.0 == HAIRPIN { q.2 } else { q.0 };
+    let about_request = BACKENDS.contains(&q.2)
+        && q.3 == BACKEND_PORT
+        && after == (client, q.1, VIP, SVC_PORT)
+        && outer == (VIP, client);
+    // About a reverse-translated reply, to its backend: quoting backend ->
+    // client (the hairpin address for a backend reaching itself).
+    let about_reply = q.0 == VIP
+        && q.1 == SVC_PORT
+        && BACKENDS.contains(&after.0)
+        && after.1 == BACKEND_PORT
+        && after.3 == q.3
+        && (after.2 == q.2 || (after.2 == HAIRPIN && after.0 == q.2))
+        && outer == (after.2, after.0);
+    if !(about_request || about_reply) {
+        return Err(format!(
+            "not a translation: quote {q:?} became {after:?}, outer {outer:?}"
+        ));
+    }
+    let icmp_ok = |p: &[u8]| fold(sum16(&p[icmp..])) == 0xffff;
+    let inner_ok = |p: &[u8]| fold(sum16(&p[inner..inner + inner_ihl])) == 0xffff;
+    if ip_csum_ok(input) && !ip_csum_ok(out) {
+        return Err("outer IPv4 checksum broken".into());
+    }
+    if icmp_ok(input) && !icmp_ok(out) {
+        return Err("ICMP checksum broken".into());
+    }
+    if inner_ok(input) && !inner_ok(out) {
+        return Err("quoted IPv4 checksum broken".into());
+    }
+    Ok(())
+}
+
+/// A changed later fragment (no ports) may only have had its addresses
+/// translated as a packet of one of the fixture's flows, with a right IPv4
+/// checksum if it had one.
+fn check_fragment_fuzz_output(input: &[u8], out: &[u8]) -> Result<(), String> {
+    if out.len() != input.len() {
+        return Err("length changed".into());
+    }
+    if let Some(i) = changed(input, out)
+        .into_iter()
+        .find(|i| !(ETH + 10..ETH + 20).contains(i))
+    {
+        return Err(format!("byte {i} of a later fragment changed"));
+    }
+    let (src, dst) = (ip_src(input), ip_dst(input));
+    let after = (ip_src(out), ip_dst(out));
+    let forward =
+        dst == VIP && BACKENDS.contains(&after.1) && (after.0 == src || after.0 == HAIRPIN);
+    let reply = BACKENDS.contains(&src)
+        && after.0 == VIP
+        && (after.1 == dst || (dst == HAIRPIN && BACKENDS.contains(&after.1)));
+    if !(forward || reply) {
+        return Err(format!(
+            "not a translation: {src} -> {dst} became {after:?}"
+        ));
+    }
+    if ip_csum_ok(input) && !ip_csum_ok(out) {
+        return Err("IPv4 checksum broken".into());
+    }
+    Ok(())
+}
+
+/// An ICMP error of a random type quoting a packet shaped like the flows
+/// [`random_packet`] opens (so often one of them), cut at a random length.
+fn random_icmp_error(rng: &mut StdRng) -> Vec<u8> {
+    let mut quoted = random_packet(rng);
+    let backend = BACKENDS[rng.random_range(0..3)];
+    let (src, dst, sp, dp) = match rng.random_range(0..4) {
+        0 => (CLIENT, backend, rng.random_range(1024..1100), BACKEND_PORT),
+        1 => (VIP, CLIENT, SVC_PORT, rng.random_range(1024..1100)),
+        2 => (HAIRPIN, backend, rng.random_range(1024..1100), BACKEND_PORT),
+        _ => (VIP, backend, SVC_PORT, rng.random_range(1024..1100)),
+    };
+    if rng.random_bool(0.8) {
+        let l4 = quoted[ETH + 9];
+        let payload = ETH + 20 + if l4 == proto::TCP { 20 } else { 8 };
+        quoted = packet(src, dst, sp, dp, l4, rng.random(), &quoted[payload..]);
+    }
+    let cut = rng.random_range(ETH + 20..=quoted.len());
+    let kind = [3, 3, 11, 12, 5, 8][rng.random_range(0..6)];
+    let (from, to) = match rng.random_range(0..3) {
+        0 => (GATEWAY, ip_src(&quoted)),
+        1 => (ip_dst(&quoted), ip_src(&quoted)),
+        _ => (Ipv4Addr::from(rng.random::<u32>()), CLIENT),
+    };
+    icmp_error(
+        from,
+        to,
+        kind,
+        rng.random_range(0..5),
+        rng.random(),
+        &quoted[ETH..cut],
+    )
 }
 
 fn random_packet(rng: &mut StdRng) -> Vec<u8> {
@@ -1230,11 +2424,17 @@ fn fuzz_every_output_is_unchanged_or_a_correct_translation() {
     let iterations = 100_000;
     let (mut translated, mut rejected) = (0u32, 0u32);
     for n in 0..iterations {
-        let mut p = match rng.random_range(0..10) {
+        let mut p = match rng.random_range(0..12) {
             0 => (0..rng.random_range(ETH..128))
                 .map(|_| rng.random::<u8>())
                 .collect(),
             1..=4 => random_packet(&mut rng),
+            5 => random_icmp_error(&mut rng),
+            6 => {
+                let mut p = random_icmp_error(&mut rng);
+                mutate(&mut rng, &mut p);
+                p
+            }
             _ => {
                 let mut p = random_packet(&mut rng);
                 mutate(&mut rng, &mut p);
@@ -1257,6 +2457,11 @@ fn fuzz_every_output_is_unchanged_or_a_correct_translation() {
     // The generator must really exercise the translation paths.
     assert!(translated > iterations / 10, "only {translated} translated");
     assert!(rejected > iterations / 50, "only {rejected} rejected");
+    let icmp = fx.dp.stats().unwrap()[stat::ICMP_ERRORS as usize];
+    assert!(
+        icmp > iterations as u64 / 100,
+        "only {icmp} ICMP errors translated"
+    );
 }
 
 // ---- XDP on node interfaces ------------------------------------------------------------------
@@ -1282,13 +2487,7 @@ fn xdp_sends_a_nodeport_flow_to_another_node_back_out_translated() {
     let mut fx = Fixture::new();
     fx.add_nodeport(NODE, NODEPORT_REMOTE, 0, 100);
     let node = fib_node();
-    for (l4, make) in [
-        (
-            proto::TCP,
-            (|s, d, sp, dp| tcp(s, d, sp, dp, SYN)) as fn(Ipv4Addr, Ipv4Addr, u16, u16) -> Vec<u8>,
-        ),
-        (proto::UDP, udp),
-    ] {
+    for (l4, make) in [(proto::TCP, tcp_syn as MakePacket), (proto::UDP, udp)] {
         let client_port = 40000 + l4 as u16;
         let input = make(EXT_CLIENT, NODE, client_port, NODEPORT_REMOTE);
         let (ret, out) = node.ns.run(|| fx.run_xdp(&input, node.eth0));

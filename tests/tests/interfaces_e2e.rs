@@ -88,31 +88,33 @@ fn a_program_detached_behind_the_agents_back_is_attached_again() {
         .start_manifest_agent()
         .expect("agent programs the datapath");
 
-    // Detach the client's TC program the way an operator or another tool
-    // could: through its (pinned) link.
-    let pin = lab.bpffs_dir().join("links/tc-ingress-veth-c0");
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "link", "show", "pinned"])
-        .arg(&pin)
-        .output()
-        .expect("run bpftool");
-    assert!(out.status.success(), "{out:?}");
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let id = info["id"].as_u64().expect("link id").to_string();
-    let mark = agent.log_mark();
-    let status = std::process::Command::new("bpftool")
-        .args(["link", "detach", "id", &id])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    // Detach the client's TC programs (ingress, then egress) the way an
+    // operator or another tool could: through their (pinned) links.
+    for pin in ["tc-ingress-veth-c0", "tc-egress-veth-c0"] {
+        let pin = lab.bpffs_dir().join("links").join(pin);
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "link", "show", "pinned"])
+            .arg(&pin)
+            .output()
+            .expect("run bpftool");
+        assert!(out.status.success(), "{out:?}");
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let id = info["id"].as_u64().expect("link id").to_string();
+        let mark = agent.log_mark();
+        let status = std::process::Command::new("bpftool")
+            .args(["link", "detach", "id", &id])
+            .status()
+            .unwrap();
+        assert!(status.success());
 
-    agent
-        .wait_for_log_since(
-            mark,
-            "attached TC ingress iface=veth-c0",
-            Duration::from_secs(2),
-        )
-        .expect("re-attached within 2 s");
+        agent
+            .wait_for_log_since(
+                mark,
+                "attached TC ingress iface=veth-c0",
+                Duration::from_secs(2),
+            )
+            .unwrap_or_else(|e| panic!("{} re-attached within 2 s: {e:#}", pin.display()));
+    }
     let target = SocketAddrV4::new(DEMO_VIP, HTTP_PORT);
     let r = lab.client().run(move || {
         loadgen::tcp_requests(target, 100, Duration::from_secs(2), Duration::from_secs(20))

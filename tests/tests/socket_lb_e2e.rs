@@ -92,6 +92,12 @@ fn start<'l>(lab: &'l Lab, cgroup: &TestCgroup) -> Agent<'l> {
     lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
         .unwrap();
     lab.write_manifest("empty.yaml", &yaml::empty()).unwrap();
+    start_with_socket_lb(lab, cgroup)
+}
+
+/// The agent on the lab's manifests as they are, with the socket hooks on
+/// `cgroup`.
+fn start_with_socket_lb<'l>(lab: &'l Lab, cgroup: &TestCgroup) -> Agent<'l> {
     let args: Vec<OsString> = vec![
         "--manifests".into(),
         lab.manifest_dir().into(),
@@ -215,4 +221,46 @@ fn processes_outside_the_cgroup_are_not_translated() {
         o.per_backend
     );
     assert_eq!(o.errors.len(), 5);
+}
+
+/// A host process reaches a Service whose endpoint is its own node (the API
+/// server behind `default/kubernetes` on a control-plane node): its socket
+/// is sent to the node's own address, over TCP and UDP, and the
+/// application sees the VIP.
+#[test]
+fn host_process_reaches_its_own_node_as_an_endpoint() {
+    let lab = Lab::new().unwrap();
+    let cgroup = TestCgroup::new().unwrap();
+    let vip = std::net::Ipv4Addr::new(10, 96, 0, 1);
+    lab.write_manifest(
+        "kubernetes.yaml",
+        &yaml::node_endpoint_service(
+            "ClusterIP",
+            "",
+            vip,
+            &[("https", 443, "TCP", 9090, 0), ("dns", 53, "UDP", 9053, 0)],
+            lab::addr::CLIENT_GW,
+            lab::LAB_NODE,
+        ),
+    )
+    .unwrap();
+    let agent = start_with_socket_lb(&lab, &cgroup);
+    let mut servers = lab::servers::Servers::new();
+    servers.start(lab.node(), "node", 9090, 9053).unwrap();
+    for (mode, target) in [
+        ("tcp", format!("{vip}:443")),
+        ("udp-sendto", format!("{vip}:53")),
+        ("udp-connect", format!("{vip}:53")),
+    ] {
+        let o = host_process(&lab, Some(&cgroup), mode, &target, 20);
+        assert!(
+            o.errors.is_empty(),
+            "{mode}: {:?}\n{}",
+            o.errors,
+            agent.log_tail(20)
+        );
+        assert_eq!(o.per_backend.get("node"), Some(&20), "{mode}");
+        assert_eq!(o.addrs.get(&target), Some(&20), "{mode}: {:?}", o.addrs);
+    }
+    servers.stop();
 }

@@ -55,6 +55,9 @@ pub struct Settings {
     /// Set in the client namespace: sequential connections to one
     /// destination would otherwise leave thousands of TIME_WAIT sockets, and
     /// connect() then spends more and more time searching for a free port.
+    /// Every peer also runs one connection trial with the kernel's values
+    /// back and no conntrack flush ([`peers::Kind::TcpConnectAsIs`]), as a
+    /// user has them: that is where reused ports show.
     pub client_sysctls: Vec<(String, String)>,
     /// The agent's manifest poll interval (its default), which bounds how
     /// soon it sees a rewritten manifest.
@@ -177,17 +180,17 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// One trial's progress line; `what` is its kind, with anything before it.
+fn print_trial(n: usize, round: usize, peer: Peer, what: &str, t: &peers::Trial, suffix: &str) {
+    println!(
+        "N={n:<6} round {round} {peer:<9} {what:<26} {:>7.0}/s p50 {:>6.0} µs p99 {:>6.0} µs ok {}/{}{suffix}",
+        t.rate, t.p50_us, t.p99_us, t.ok, t.requested,
+    );
+}
+
 fn print_turn(n: usize, round: usize, peer: Peer, turn: &peers::Turn) {
     for t in &turn.trials {
-        println!(
-            "N={n:<6} round {round} {peer:<9} {:<15} {:>7.0}/s p50 {:>6.0} µs p99 {:>6.0} µs ok {}/{}",
-            t.kind.to_string(),
-            t.rate,
-            t.p50_us,
-            t.p99_us,
-            t.ok,
-            t.requested,
-        );
+        print_trial(n, round, peer, &t.kind.to_string(), t, "");
     }
     let s = &turn.throughput;
     println!(
@@ -226,7 +229,11 @@ fn run_nodeport(
     rng: &mut StdRng,
     results: &mut Results,
 ) -> Result<()> {
-    let cluster = nodeport::cluster(settings)?;
+    let (cluster, sysctls) = nodeport::cluster(settings)?;
+    let plan = nodeport::Plan {
+        settings,
+        sysctls: &sysctls,
+    };
     for &n in &settings.service_counts {
         let services = nodeport::services(&cluster, n);
         for round in 0..settings.nodeport_rounds {
@@ -236,21 +243,16 @@ fn run_nodeport(
                 .collect();
             order.shuffle(rng);
             for peer in order {
-                match nodeport::turn(&cluster, peer, &services, round, settings) {
+                match nodeport::turn(&cluster, peer, &services, round, &plan) {
                     Ok(turn) => {
-                        let t = &turn.trial;
-                        println!(
-                            "N={n:<6} round {round} {peer:<9} nodeport        {:>7.0}/s p50 {:>6.0} µs p99 {:>6.0} µs ok {}/{}{}",
-                            t.rate,
-                            t.p50_us,
-                            t.p99_us,
-                            t.ok,
-                            t.requested,
-                            turn.programming
-                                .as_ref()
-                                .map_or(String::new(), |p| format!(" (load {:.1} ms)", p.wall_ms)),
-                        );
-                        results.nodeport_trials.push(turn.trial);
+                        let load = turn
+                            .programming
+                            .as_ref()
+                            .map_or(String::new(), |p| format!(" (load {:.1} ms)", p.wall_ms));
+                        for t in &turn.trials {
+                            print_trial(n, round, peer, &format!("nodeport {}", t.kind), t, &load);
+                        }
+                        results.nodeport_trials.extend(turn.trials);
                         results.nodeport_programming.extend(turn.programming);
                     }
                     Err(e) => {
@@ -321,9 +323,7 @@ pub fn run(settings: Settings) -> Result<Results> {
             backends: settings.backends + 1,
             ..LabConfig::default()
         })?;
-        for (key, value) in &settings.client_sysctls {
-            lab.client().sysctl(key, value)?;
-        }
+        let sysctls = peers::ClientSysctls::apply(lab.client(), &settings.client_sysctls)?;
         let _iperf = stream::IperfServer::start(lab.backend(0))?;
         for &n in &settings.service_counts {
             let services = rules::services(n, settings.backends);
@@ -334,6 +334,7 @@ pub fn run(settings: Settings) -> Result<Results> {
                 for peer in order {
                     let plan = TurnPlan {
                         trial: settings.trial,
+                        sysctls: &sysctls,
                         changes: round == 0 && largest_for(peer) == Some(n),
                         switch: settings.switch,
                         spare: settings.backends,

@@ -13,8 +13,8 @@
 //!   see [`rules`]) in node 1's namespace; node 0 needs none, since it sees
 //!   plain pod traffic.
 //!
-//! One trial kind, [`Kind::TcpConnect`], through the same trial code as the
-//! ClusterIP peers ([`peers::measure`]).
+//! Two trial kinds, [`Kind::TcpConnect`] and [`Kind::TcpConnectAsIs`],
+//! through the same trial code as the ClusterIP peers ([`peers::measure`]).
 
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::Settings;
-use super::peers::{self, Kind, Peer, Programming, StagedRules, Trial, TrialPath};
+use super::peers::{self, ClientSysctls, Kind, Peer, Programming, StagedRules, Trial, TrialPath};
 use super::rules::{self, BenchService};
 use crate::cluster::{self, Cluster, ClusterConfig, addr};
 
@@ -36,23 +36,28 @@ const MANIFEST: &str = "bench-nodeport.yaml";
 
 /// What one peer's NodePort turn produced.
 pub struct Turn {
-    pub trial: Trial,
+    /// One per trial kind.
+    pub trials: Vec<Trial>,
     pub programming: Option<Programming>,
 }
 
 /// The cluster for the measurement: `backends` pods on node 0, none on
 /// node 1, no client pods; the client's sysctls set.
-pub fn cluster(settings: &Settings) -> Result<Cluster> {
+pub fn cluster(settings: &Settings) -> Result<(Cluster, ClientSysctls)> {
     let cluster = Cluster::with_config(ClusterConfig {
         backends_per_node: [settings.backends, 0],
         client_pod: false,
         tcp_port: rules::TARGET_PORT,
         udp_port: rules::UDP_TARGET_PORT,
     })?;
-    for (key, value) in &settings.client_sysctls {
-        cluster.ext().sysctl(key, value)?;
-    }
-    Ok(cluster)
+    let sysctls = ClientSysctls::apply(cluster.ext(), &settings.client_sysctls)?;
+    Ok((cluster, sysctls))
+}
+
+/// What a NodePort turn runs its trials with.
+pub struct Plan<'a> {
+    pub settings: &'a Settings,
+    pub sysctls: &'a ClientSysctls,
 }
 
 /// `n` services whose endpoints are node 0's backend pods (see
@@ -78,30 +83,37 @@ fn target(cluster: &Cluster, peer: Peer, services: &[BenchService]) -> Result<So
     })
 }
 
-/// One TCP connect-request-close trial from the external client.
-fn trial(
+/// The TCP connect-request-close trials from the external client: as the
+/// ClusterIP ones, then as a user has it.
+fn trials(
     cluster: &Cluster,
     peer: Peer,
     services: &[BenchService],
     round: usize,
-    settings: &Settings,
-) -> Result<Trial> {
+    plan: &Plan<'_>,
+) -> Result<Vec<Trial>> {
     let tcp = target(cluster, peer, services)?;
     let path = TrialPath {
         client: cluster.ext(),
         conntrack: &[cluster.node_ns(HOME), cluster.node_ns(ENTRY)],
+        sysctls: plan.sysctls,
         tcp,
         // Only TCP trials run here.
         udp: tcp,
     };
-    Ok(peers::measure(
-        &path,
-        Kind::TcpConnect,
-        peer,
-        services.len(),
-        round,
-        settings.trial,
-    ))
+    [Kind::TcpConnect, Kind::TcpConnectAsIs]
+        .into_iter()
+        .map(|kind| {
+            peers::measure(
+                &path,
+                kind,
+                peer,
+                services.len(),
+                round,
+                plan.settings.trial,
+            )
+        })
+        .collect()
 }
 
 /// Makes `peer` serve the NodePort (or, for `direct`, routes the pod range
@@ -111,28 +123,28 @@ pub fn turn(
     peer: Peer,
     services: &[BenchService],
     round: usize,
-    settings: &Settings,
+    plan: &Plan<'_>,
 ) -> Result<Turn> {
     match peer {
         Peer::Direct => {
             let (net, len) = addr::pod_cidr(HOME);
             let prefix = format!("{net}/{len}");
             cluster.route_external(&prefix, ENTRY)?;
-            let result = trial(cluster, peer, services, round, settings);
-            let trial = undone(result, cluster.unroute_external(&prefix))?;
+            let result = trials(cluster, peer, services, round, plan);
+            let trials = undone(result, cluster.unroute_external(&prefix))?;
             Ok(Turn {
-                trial,
+                trials,
                 programming: None,
             })
         }
         Peer::Ours | Peer::OursTc => {
-            let result = ours(cluster, peer, services, round, settings);
+            let result = ours(cluster, peer, services, round, plan);
             detach_leftovers(cluster);
             undone(result, remove_manifest(cluster))
         }
         Peer::Iptables | Peer::Nftables => {
             let node = cluster.node_ns(ENTRY);
-            let result = rules_turn(cluster, peer, services, round, settings);
+            let result = rules_turn(cluster, peer, services, round, plan);
             undone(result, peers::remove_rules(node, peer))
         }
     }
@@ -153,12 +165,12 @@ fn rules_turn(
     peer: Peer,
     services: &[BenchService],
     round: usize,
-    settings: &Settings,
+    plan: &Plan<'_>,
 ) -> Result<Turn> {
     let wall = StagedRules::write(cluster.dir(), peer, services)?.apply(cluster.node_ns(ENTRY))?;
-    let trial = trial(cluster, peer, services, round, settings)?;
+    let trials = trials(cluster, peer, services, round, plan)?;
     Ok(Turn {
-        trial,
+        trials,
         programming: Some(Programming {
             peer,
             services: services.len(),
@@ -176,8 +188,9 @@ fn ours(
     peer: Peer,
     services: &[BenchService],
     round: usize,
-    settings: &Settings,
+    plan: &Plan<'_>,
 ) -> Result<Turn> {
+    let settings = plan.settings;
     let pod_name = |ip: Ipv4Addr| {
         let j = cluster
             .node(HOME)
@@ -218,7 +231,7 @@ fn ours(
         agent_took_us: took,
         agent_peak_rss_kb: peers::peak_rss_kb(entry.pid()),
     };
-    let trial = trial(cluster, peer, services, round, settings)?;
+    let trials = trials(cluster, peer, services, round, plan)?;
     if !entry.is_running() || !home.is_running() {
         bail!(
             "an agent exited during the trial; node 0:\n{}\nnode 1:\n{}",
@@ -227,7 +240,7 @@ fn ours(
         );
     }
     Ok(Turn {
-        trial,
+        trials,
         programming: Some(programming),
     })
 }

@@ -68,6 +68,11 @@ impl fmt::Display for Peer {
 pub enum Kind {
     /// Connect, 6-byte request, reply line, close: a new flow each.
     TcpConnect,
+    /// [`Kind::TcpConnect`] as a user has it: no conntrack flush before,
+    /// and the client's own port range and TIME_WAIT limit (the ones the
+    /// other trials widen, see [`ClientSysctls`]). Ports are then reused
+    /// soon, across destinations too, which the other trials hide.
+    TcpConnectAsIs,
     /// Request/response exchanges on one persistent TCP connection.
     TcpSession,
     /// Request/response datagrams on one connected UDP socket (one flow).
@@ -77,17 +82,21 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::TcpConnect,
         Kind::TcpSession,
         Kind::UdpSession,
         Kind::UdpNewSocket,
+        Kind::TcpConnectAsIs,
     ];
 
     /// What one counted unit is.
     pub fn describe(self) -> &'static str {
         match self {
             Kind::TcpConnect => "TCP connect + request + reply + close (new connection each)",
+            Kind::TcpConnectAsIs => {
+                "the same, without conntrack flush, with the client's default port range"
+            }
             Kind::TcpSession => "TCP request/response on one persistent connection",
             Kind::UdpSession => "UDP request/response on one connected socket",
             Kind::UdpNewSocket => "UDP request/response, new socket (new flow) each",
@@ -99,6 +108,7 @@ impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Kind::TcpConnect => "tcp-connect",
+            Kind::TcpConnectAsIs => "tcp-connect-as-is",
             Kind::TcpSession => "tcp-session",
             Kind::UdpSession => "udp-session",
             Kind::UdpNewSocket => "udp-new-socket",
@@ -176,10 +186,50 @@ pub struct Turn {
     pub switches: Vec<Switch>,
 }
 
+/// The client sysctls the benchmark sets (see
+/// `Settings::client_sysctls`), with the values the kernel gave the
+/// namespace, put back for [`Kind::TcpConnectAsIs`].
+#[derive(Debug, Clone)]
+pub struct ClientSysctls {
+    pub set: Vec<(String, String)>,
+    pub defaults: Vec<(String, String)>,
+}
+
+impl ClientSysctls {
+    /// Reads `set`'s keys in `ns`, then sets them.
+    pub fn apply(ns: &Netns, set: &[(String, String)]) -> Result<ClientSysctls> {
+        let defaults = set
+            .iter()
+            .map(|(key, _)| {
+                let value = ns.exec("sysctl", &["-n", key])?;
+                // Multi-valued sysctls come back tab-separated.
+                Ok((
+                    key.clone(),
+                    value.split_whitespace().collect::<Vec<_>>().join(" "),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let sysctls = ClientSysctls {
+            set: set.to_vec(),
+            defaults,
+        };
+        sysctls.put(ns, &sysctls.set)?;
+        Ok(sysctls)
+    }
+
+    fn put(&self, ns: &Netns, values: &[(String, String)]) -> Result<()> {
+        for (key, value) in values {
+            ns.sysctl(key, value)?;
+        }
+        Ok(())
+    }
+}
+
 /// What a turn does besides the trials.
 #[derive(Debug, Clone, Copy)]
-pub struct TurnPlan {
+pub struct TurnPlan<'a> {
     pub trial: TrialSettings,
+    pub sysctls: &'a ClientSysctls,
     /// Measure the one-endpoint removal and the switches (the peer's
     /// largest N, round 0).
     pub changes: bool,
@@ -253,12 +303,16 @@ pub(super) struct TrialPath<'a> {
     pub client: &'a Netns,
     /// Namespaces whose netfilter conntrack is flushed before the trial.
     pub conntrack: &'a [&'a Netns],
+    /// The client's sysctls, put back to the kernel's values for
+    /// [`Kind::TcpConnectAsIs`].
+    pub sysctls: &'a ClientSysctls,
     pub tcp: SocketAddrV4,
     pub udp: SocketAddrV4,
 }
 
 /// One trial of `kind` from `path.client` (warm-up first, conntrack
-/// flushed before); `n` is the number of services loaded.
+/// flushed before but for [`Kind::TcpConnectAsIs`], which runs with the
+/// client's default sysctls); `n` is the number of services loaded.
 pub(super) fn measure(
     path: &TrialPath<'_>,
     kind: Kind,
@@ -266,9 +320,14 @@ pub(super) fn measure(
     n: usize,
     round: usize,
     s: TrialSettings,
-) -> Trial {
-    for ns in path.conntrack {
-        flush_conntrack(ns);
+) -> Result<Trial> {
+    let as_is = kind == Kind::TcpConnectAsIs;
+    if as_is {
+        path.sysctls.put(path.client, &path.sysctls.defaults)?;
+    } else {
+        for ns in path.conntrack {
+            flush_conntrack(ns);
+        }
     }
     let per = Duration::from_millis(s.per_connection_timeout_ms);
     let udp_per = Duration::from_millis(s.udp_timeout_ms);
@@ -276,7 +335,7 @@ pub(super) fn measure(
     let (tcp, udp) = (path.tcp, path.udp);
     let report = path.client.run(move || {
         let (count, run): (usize, &dyn Fn(usize) -> Report) = match kind {
-            Kind::TcpConnect => (s.connections, &|c| {
+            Kind::TcpConnect | Kind::TcpConnectAsIs => (s.connections, &|c| {
                 loadgen::tcp_requests(tcp, c, per, deadline)
             }),
             Kind::TcpSession => (s.session_requests, &|c| {
@@ -292,7 +351,10 @@ pub(super) fn measure(
         let _ = run(s.warmup);
         run(count)
     });
-    trial_from(kind, peer, n, round, &report)
+    if as_is {
+        path.sysctls.put(path.client, &path.sysctls.set)?;
+    }
+    Ok(trial_from(kind, peer, n, round, &report))
 }
 
 /// One trial of `kind` against `peer`'s target in the one-node lab.
@@ -302,11 +364,12 @@ fn run_trial(
     peer: Peer,
     services: &[BenchService],
     round: usize,
-    s: TrialSettings,
-) -> Trial {
+    plan: &TurnPlan<'_>,
+) -> Result<Trial> {
     let path = TrialPath {
         client: lab.client(),
         conntrack: &[lab.node()],
+        sysctls: plan.sysctls,
         tcp: target(peer, services),
         udp: target_for(
             peer,
@@ -315,7 +378,7 @@ fn run_trial(
             rules::UDP_TARGET_PORT,
         ),
     };
-    measure(&path, kind, peer, services.len(), round, s)
+    measure(&path, kind, peer, services.len(), round, plan.trial)
 }
 
 /// Every trial kind, then the iperf3 stream.
@@ -324,12 +387,13 @@ fn run_all(
     peer: Peer,
     services: &[BenchService],
     round: usize,
-    s: TrialSettings,
-) -> (Vec<Trial>, Throughput) {
+    plan: &TurnPlan<'_>,
+) -> Result<(Vec<Trial>, Throughput)> {
     let trials = Kind::ALL
         .iter()
-        .map(|&k| run_trial(lab, k, peer, services, round, s))
-        .collect();
+        .map(|&k| run_trial(lab, k, peer, services, round, plan))
+        .collect::<Result<_>>()?;
+    let s = plan.trial;
     flush_conntrack(lab.node());
     let stream_target = target_for(peer, services, rules::IPERF_PORT, rules::IPERF_PORT);
     let throughput = stream::measure(
@@ -340,7 +404,7 @@ fn run_all(
         stream_target,
         s.stream_seconds,
     );
-    (trials, throughput)
+    Ok((trials, throughput))
 }
 
 /// `services` with the target's endpoints (http and dns) replaced.
@@ -357,7 +421,7 @@ fn with_endpoints(services: &[BenchService], endpoints: &[Ipv4Addr]) -> Vec<Benc
 /// the service did not have. Returns (services, backend names).
 fn switch_target(
     services: &[BenchService],
-    plan: &TurnPlan,
+    plan: &TurnPlan<'_>,
     rep: usize,
 ) -> (Vec<BenchService>, Vec<String>) {
     let original = &services.last().expect("at least one service").endpoints;
@@ -383,11 +447,11 @@ pub fn turn(
     peer: Peer,
     services: &[BenchService],
     round: usize,
-    plan: &TurnPlan,
+    plan: &TurnPlan<'_>,
 ) -> Result<Turn> {
     match peer {
         Peer::Direct => {
-            let (trials, throughput) = run_all(lab, peer, services, round, plan.trial);
+            let (trials, throughput) = run_all(lab, peer, services, round, plan)?;
             Ok(Turn {
                 trials,
                 throughput,
@@ -464,7 +528,7 @@ pub(super) fn peak_rss_kb(pid: u32) -> Option<u64> {
         .ok()
 }
 
-fn ours(lab: &Lab, services: &[BenchService], round: usize, plan: &TurnPlan) -> Result<Turn> {
+fn ours(lab: &Lab, services: &[BenchService], round: usize, plan: &TurnPlan<'_>) -> Result<Turn> {
     let n = services.len();
     let timeout = Duration::from_secs(300);
     lab.write_manifest(MANIFEST, &rules::manifest(services))?;
@@ -481,7 +545,7 @@ fn ours(lab: &Lab, services: &[BenchService], round: usize, plan: &TurnPlan) -> 
         agent_took_us: took,
         agent_peak_rss_kb: peak_rss_kb(agent.pid()),
     }];
-    let (trials, throughput) = run_all(lab, Peer::Ours, services, round, plan.trial);
+    let (trials, throughput) = run_all(lab, Peer::Ours, services, round, plan)?;
     let mut switches = Vec::new();
     if plan.changes {
         let text = rules::manifest(&one_endpoint_less(services));
@@ -585,7 +649,7 @@ fn rules_turn(
     peer: Peer,
     services: &[BenchService],
     round: usize,
-    plan: &TurnPlan,
+    plan: &TurnPlan<'_>,
 ) -> Result<Turn> {
     let n = services.len();
     let wall = load_rules(lab, peer, services)?;
@@ -598,7 +662,7 @@ fn rules_turn(
         agent_took_us: None,
         agent_peak_rss_kb: None,
     }];
-    let (trials, throughput) = run_all(lab, peer, services, round, plan.trial);
+    let (trials, throughput) = run_all(lab, peer, services, round, plan)?;
     let mut switches = Vec::new();
     if plan.changes {
         // kube-proxy's resync re-applies the whole ruleset.

@@ -127,23 +127,26 @@ pub struct Summary {
     pub agent_peak_rss_kb: Option<f64>,
 }
 
-/// The ClusterIP connection trials and programming, per peer and N.
-pub fn summaries(r: &Results) -> Vec<Summary> {
+/// The ClusterIP connection trials (`kind`: [`Kind::TcpConnect`] or
+/// [`Kind::TcpConnectAsIs`]) and programming, per peer and N.
+pub fn summaries(r: &Results, kind: Kind) -> Vec<Summary> {
     summarize(
         &r.settings.service_counts,
         &Peer::ALL,
         &r.trials,
         &r.programming,
+        kind,
     )
 }
 
-/// The NodePort connection trials and loads, per peer and N.
-pub fn nodeport_summaries(r: &Results) -> Vec<Summary> {
+/// The NodePort connection trials of `kind` and loads, per peer and N.
+pub fn nodeport_summaries(r: &Results, kind: Kind) -> Vec<Summary> {
     summarize(
         &r.settings.service_counts,
         &Peer::NODEPORT,
         &r.nodeport_trials,
         &r.nodeport_programming,
+        kind,
     )
 }
 
@@ -152,13 +155,14 @@ fn summarize(
     peers: &[Peer],
     all_trials: &[Trial],
     programming: &[Programming],
+    kind: Kind,
 ) -> Vec<Summary> {
     let mut out = Vec::new();
     for &n in service_counts {
         for &peer in peers {
             let trials: Vec<&Trial> = all_trials
                 .iter()
-                .filter(|t| t.kind == Kind::TcpConnect && t.peer == peer && t.services == n)
+                .filter(|t| t.kind == kind && t.peer == peer && t.services == n)
                 .collect();
             if trials.is_empty()
                 && !programming
@@ -215,7 +219,10 @@ pub struct KindSummary {
 
 pub fn kind_summaries(r: &Results) -> Vec<KindSummary> {
     let mut out = Vec::new();
-    for kind in Kind::ALL.into_iter().filter(|&k| k != Kind::TcpConnect) {
+    for kind in Kind::ALL
+        .into_iter()
+        .filter(|&k| !matches!(k, Kind::TcpConnect | Kind::TcpConnectAsIs))
+    {
         for &n in &r.settings.service_counts {
             for peer in Peer::ALL {
                 let trials: Vec<&Trial> = r
@@ -361,7 +368,8 @@ pub fn markdown(r: &Results) -> String {
         "Settings: services N = {:?} (each port 80/TCP -> 8080, {} endpoints, target = last); \
          {} rounds, peers in random order per round (seed {}); per trial {} sequential TCP \
          connections (connect, 6-byte request, reply line, close) after {} warm-up, \
-         {} ms per-connection timeout, {} s deadline; conntrack flushed before each trial; \
+         {} ms per-connection timeout, {} s deadline; conntrack flushed before each trial but the \
+         as-is one; \
          test_run {} repeats × {} batches; agent manifest poll {} ms; client sysctls {}. \
          Request/response: {} exchanges on one TCP connection, {} UDP exchanges on one socket and \
          {} with a new socket each ({} ms reply timeout), each after the same warm-up; one iperf3 \
@@ -404,7 +412,7 @@ pub fn markdown(r: &Results) -> String {
         "| N | peer | conn/s | vs direct | p50 | p99 | complete rounds | program all N | agent took_us | one endpoint change | agent peak RSS |\n\
          |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for x in summaries(r) {
+    for x in summaries(r, Kind::TcpConnect) {
         let change = match (x.endpoint_change_wall_ms, x.endpoint_change_agent_took_us) {
             (Some(w), Some(t)) => format!("{} (took {:.1} ms)", duration_ms(w), t / 1e3),
             (w, _) => opt(w, duration_ms),
@@ -418,6 +426,7 @@ pub fn markdown(r: &Results) -> String {
          next `datapath programmed` line (includes the poll interval); iptables/nftables = \
          re-applying the full ruleset, as kube-proxy's sync does.\n\n",
     );
+    out.push_str(&as_is_table(r));
     out.push_str(&request_response_table(r));
     out.push_str(&nodeport_table(r));
     out.push_str(&switch_table(r));
@@ -438,7 +447,11 @@ pub fn markdown(r: &Results) -> String {
          Verdicts: TC 0 = TC_ACT_OK, 7 = TC_ACT_REDIRECT (the REJECT reply goes back out, the \
          node program's FIB redirect); XDP 2 = XDP_PASS, 3 = XDP_TX. \
          The new flow is a SYN from a source port not seen before in every call, so every call is \
-         a conntrack miss (service lookup, endpoint pick, conntrack entry, DNAT). \
+         a conntrack miss (service lookup, endpoint pick, conntrack entry, DNAT). `not a \
+         service` is a SYN to a pod IP on a port no Service targets (untracked); `straight to an \
+         endpoint` a SYN to an endpoint's address and port, tracked untranslated so no Service flow \
+         takes its tuple (a conntrack hit after the first call). The egress program runs on every \
+         packet leaving a pod or node interface: a forwarded one returns at once. \
          `− harness overhead` rows subtract the single-run median minus the repeat-loop median \
          of a packet the same program passes untouched (the cost of one BPF_PROG_TEST_RUN call \
          around the program) from each single run: an estimate of the program's own cost. The \
@@ -557,8 +570,47 @@ fn request_response_table(r: &Results) -> String {
     out
 }
 
+/// [`Kind::TcpConnectAsIs`], ClusterIP and NodePort.
+fn as_is_table(r: &Results) -> String {
+    let (cluster_ip, nodeport) = (
+        summaries(r, Kind::TcpConnectAsIs),
+        nodeport_summaries(r, Kind::TcpConnectAsIs),
+    );
+    if cluster_ip.is_empty() && nodeport.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "## Connection rate as a user has it: no conntrack flush, the client's default port \
+         range and TIME_WAIT (median over complete rounds)\n\n\
+         | N | path | peer | conn/s | vs direct | p50 | p99 | complete rounds |\n\
+         |---:|---|---|---:|---:|---:|---:|---:|\n",
+    );
+    for (path, rows) in [("ClusterIP", cluster_ip), ("NodePort", nodeport)] {
+        for x in rows {
+            let mut cells = connection_cells(&x);
+            cells.insert(1, path.to_string());
+            let _ = writeln!(out, "| {} |", cells.join(" | "));
+        }
+    }
+    let s = &r.settings;
+    let _ = write!(
+        out,
+        "\nThe same connection trial as the tables above and below (after each peer's other \
+         trials in its turn), but with nothing flushed before it and the client's kernel values \
+         of the sysctls the other trials set ({}): connect() then reuses local ports soon, \
+         also for another destination, as a pod's does; a datapath that takes a reused port for \
+         an old flow shows here as failed or 1 s-retried connections.\n\n",
+        s.client_sysctls
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    out
+}
+
 fn nodeport_table(r: &Results) -> String {
-    let rows = nodeport_summaries(r);
+    let rows = nodeport_summaries(r, Kind::TcpConnect);
     if rows.is_empty() {
         return String::new();
     }
@@ -573,7 +625,7 @@ fn nodeport_table(r: &Results) -> String {
          range holds no more; the rest stay ClusterIP-only, and their ClusterIP rules still \
          come first in kube-proxy's KUBE-SERVICES chain); the target is the last. {} rounds, \
          peers in random order, the same TCP connection trial as above (conntrack flushed on \
-         both nodes before each). `direct`: the backend pod's IP, routed through node 1 by a \
+         both nodes before each, but the as-is one). `direct`: the backend pod's IP, routed through node 1 by a \
          route in the client added for this peer only, no NAT (its replies go from node 0 \
          straight to the client, one hop fewer than a masqueraded reply). `ours`: both \
          agents with `--node-interfaces eth0`{} (XDP in front of TC: the fabric takes native \
@@ -601,10 +653,10 @@ fn nodeport_table(r: &Results) -> String {
     out
 }
 
-/// One row of a connection table; `change` is the endpoint-change column,
-/// where the table has one.
-fn connection_row(x: &Summary, change: Option<String>) -> String {
-    let mut cells = vec![
+/// The cells every connection table starts with: N, peer, conn/s, vs
+/// direct, p50, p99, complete rounds.
+fn connection_cells(x: &Summary) -> Vec<String> {
+    vec![
         x.services.to_string(),
         x.peer.to_string(),
         opt(x.rate, |v| format!("{v:.0}")),
@@ -612,9 +664,17 @@ fn connection_row(x: &Summary, change: Option<String>) -> String {
         opt(x.p50_us, |v| format!("{v:.0} µs")),
         opt(x.p99_us, |v| format!("{v:.0} µs")),
         format!("{}/{}", x.complete_rounds, x.rounds),
+    ]
+}
+
+/// One row of a connection table; `change` is the endpoint-change column,
+/// where the table has one.
+fn connection_row(x: &Summary, change: Option<String>) -> String {
+    let mut cells = connection_cells(x);
+    cells.extend([
         opt(x.load_wall_ms, duration_ms),
         opt(x.load_agent_took_us, |v| format!("{:.1} ms", v / 1e3)),
-    ];
+    ]);
     cells.extend(change);
     cells.push(opt(x.agent_peak_rss_kb, |v| {
         format!("{:.1} MiB", v / 1024.0)
@@ -679,23 +739,31 @@ pub fn write_all(r: &Results, dir: &Path, stem: &str) -> Result<()> {
         #[serde(flatten)]
         results: &'a Results,
         summaries: Vec<Summary>,
+        as_is_summaries: Vec<Summary>,
         kind_summaries: Vec<KindSummary>,
         stream_summaries: Vec<StreamSummary>,
         switch_summaries: Vec<SwitchSummary>,
         nodeport_summaries: Vec<Summary>,
+        nodeport_as_is_summaries: Vec<Summary>,
     }
     let json = serde_json::to_string(&Json {
         results: r,
-        summaries: summaries(r),
+        summaries: summaries(r, Kind::TcpConnect),
+        as_is_summaries: summaries(r, Kind::TcpConnectAsIs),
         kind_summaries: kind_summaries(r),
         stream_summaries: stream_summaries(r),
         switch_summaries: switch_summaries(r),
-        nodeport_summaries: nodeport_summaries(r),
+        nodeport_summaries: nodeport_summaries(r, Kind::TcpConnect),
+        nodeport_as_is_summaries: nodeport_summaries(r, Kind::TcpConnectAsIs),
     })?;
     write(&format!("{stem}.json"), &json)?;
     write(
         &format!("{stem}.svg"),
-        &super::chart::svg(&summaries(r), &kind_summaries(r), &stream_summaries(r)),
+        &super::chart::svg(
+            &summaries(r, Kind::TcpConnect),
+            &kind_summaries(r),
+            &stream_summaries(r),
+        ),
     )?;
     Ok(())
 }

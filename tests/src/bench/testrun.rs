@@ -11,8 +11,13 @@
 //! loop. Cases: an established flow (conntrack hit, DNAT), a new flow (a
 //! SYN to the service from a source port never seen: service lookup,
 //! endpoint pick, conntrack entry created, DNAT — every call a distinct
-//! packet, so every call is a conntrack miss), a packet to no service (pod
-//! IP), a service without endpoints (REJECT reply).
+//! packet, so every call is a conntrack miss), a packet to no service (a
+//! SYN to a pod IP on a port no Service uses: untracked), a connection
+//! straight to an endpoint (tracked untranslated so no Service flow takes
+//! its tuple: a conntrack hit after the first call), a service without
+//! endpoints (REJECT reply). The egress program is timed on a forwarded
+//! packet (it returns at once) and on one the node itself sends to a pod,
+//! of no flow.
 //!
 //! A single run's time includes the harness (skb setup, two clock reads):
 //! the pod-IP packet timed both ways gives that overhead (single run minus
@@ -156,6 +161,9 @@ enum Hook {
     TcNode { ifindex: u32 },
     /// `kep_xdp_node`, likewise.
     Xdp { ifindex: u32 },
+    /// `kep_tc_egress`, the skb from interface `ingress_ifindex` (0: sent
+    /// by the node itself).
+    Egress { ingress_ifindex: u32 },
 }
 
 impl Fixture {
@@ -174,14 +182,16 @@ impl Fixture {
         let mut out = vec![0u8; 4096];
         // struct __sk_buff up to `ifindex` (`ingress_ifindex` at 36), or
         // struct xdp_md (data, data_end, data_meta, ingress_ifindex, ...).
+        let skb = |ingress_ifindex: u32, ifindex: u32| {
+            let mut c = vec![0u8; 44];
+            c[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+            c[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+            c
+        };
         let ctx: Vec<u8> = match hook {
-            Hook::Pod => Vec::new(),
-            Hook::TcNode { ifindex } => {
-                let mut c = vec![0u8; 44];
-                c[36..40].copy_from_slice(&ifindex.to_ne_bytes());
-                c[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-                c
-            }
+            Hook::Pod | Hook::Egress { ingress_ifindex: 0 } => Vec::new(),
+            Hook::TcNode { ifindex } => skb(ifindex, ifindex),
+            Hook::Egress { ingress_ifindex } => skb(ingress_ifindex, 0),
             Hook::Xdp { ifindex } => [0, packet.len() as u32, 0, ifindex, 0, 0]
                 .iter()
                 .flat_map(|w: &u32| w.to_ne_bytes())
@@ -201,6 +211,7 @@ impl Fixture {
                 .hook_program(proxy_userspace::datapath::Hook::Node)
                 .test_run(opts),
             Hook::Xdp { .. } => self.dp.xdp_program().test_run(opts),
+            Hook::Egress { .. } => self.dp.egress_program().test_run(opts),
         }
         .map_err(|e| anyhow::anyhow!("BPF_PROG_TEST_RUN: {e:?}"))?;
         out.truncate(res.data_size_out as usize);
@@ -322,7 +333,11 @@ pub fn measure(n: usize, backends: usize, repeat: u32, batches: usize) -> Result
         ),
         (
             NOT_A_SERVICE,
-            tcp_packet(client, addr::backend_ip(0), 40_001, rules::TARGET_PORT, SYN),
+            tcp_packet(client, addr::backend_ip(0), 40_001, NOT_SERVED_PORT, SYN),
+        ),
+        (
+            DIRECT,
+            tcp_packet(client, addr::backend_ip(0), 40_003, rules::TARGET_PORT, SYN),
         ),
         (
             "service without endpoints (REJECT)",
@@ -330,14 +345,30 @@ pub fn measure(n: usize, backends: usize, repeat: u32, batches: usize) -> Result
         ),
     ];
     let mut out = Vec::new();
-    for (case, packet) in cases {
+    let node_own = addr::backend_gw(0);
+    let hooked = cases
+        .into_iter()
+        .map(|(case, packet)| (case, Hook::Pod, packet));
+    let egress = [
+        (
+            EGRESS_FORWARDED,
+            Hook::Egress { ingress_ifindex: 1 },
+            tcp_packet(client, addr::backend_ip(0), 40_001, NOT_SERVED_PORT, ACK),
+        ),
+        (
+            EGRESS_OWN,
+            Hook::Egress { ingress_ifindex: 0 },
+            tcp_packet(node_own, addr::backend_ip(0), 40_004, NOT_SERVED_PORT, ACK),
+        ),
+    ];
+    for (case, hook, packet) in hooked.chain(egress) {
         // One run per call: every call starts from the original packet.
         let calls = batches * 1_000;
         let mut single = Vec::with_capacity(calls);
         let mut verdict = 0;
         let mut output = String::new();
         for _ in 0..calls {
-            let (v, d, o) = fx.run(&packet, 1)?;
+            let (v, d, o) = fx.run_on(hook, &packet, 1)?;
             verdict = v;
             output = o;
             single.push(d.as_nanos() as f64);
@@ -346,11 +377,11 @@ pub fn measure(n: usize, backends: usize, repeat: u32, batches: usize) -> Result
         // The kernel repeats on the same skb, so a rewritten packet would be
         // measured rewritten: only a packet the program leaves alone gives
         // a clean repeat loop.
-        if case == NOT_A_SERVICE {
+        if [NOT_A_SERVICE, DIRECT, EGRESS_FORWARDED, EGRESS_OWN].contains(&case) {
             let mut batched = Vec::with_capacity(batches);
             let mut last = (0, String::new());
             for _ in 0..batches {
-                let (v, d, o) = fx.run(&packet, repeat)?;
+                let (v, d, o) = fx.run_on(hook, &packet, repeat)?;
                 last = (v, o);
                 batched.push(d.as_nanos() as f64);
             }
@@ -453,6 +484,11 @@ fn node_programs(
 
 const SINGLE: &str = "1 run per call";
 const NOT_A_SERVICE: &str = "not a service (pod IP)";
+/// A pod port no bench Service targets (its packets stay untracked).
+const NOT_SERVED_PORT: u16 = 9999;
+const DIRECT: &str = "straight to an endpoint (tracked, untranslated)";
+const EGRESS_FORWARDED: &str = "egress: forwarded packet (returns at once)";
+const EGRESS_OWN: &str = "egress: the node's own packet, no flow";
 const ESTABLISHED: &str = "established flow (conntrack hit)";
 const NEW_FLOW: &str = "new flow (service hit, conntrack miss)";
 const NET: &str = "1 run per call − harness overhead";
