@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | conformance | demo | bench`.
 //!
 //! Every child command is echoed before it runs; the first failure stops the
 //! task with a non-zero exit.
@@ -25,6 +25,14 @@ enum Task {
     BuildEbpf,
     /// setup, build-ebpf, build, clippy, fmt --check, test (needs root).
     Test,
+    /// setup, build-ebpf, build, then Kubernetes' Service e2e cases on the
+    /// two-node lab (needs root): prints the table and writes
+    /// tests/conformance/results.md.
+    Conformance {
+        /// Only rows whose upstream name contains one of these (the results
+        /// file is then target/conformance/results.md, not the committed one).
+        filter: Vec<String>,
+    },
     /// setup, build-ebpf, release build, then the lab demo (needs root).
     Demo,
     /// setup, build-ebpf, release build, then the benchmark (needs root):
@@ -63,6 +71,7 @@ fn main() {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf().map(|_| ()),
         Task::Test => test(),
+        Task::Conformance { filter } => conformance(&filter),
         Task::Demo => demo(),
         Task::Bench {
             quick,
@@ -343,6 +352,32 @@ fn test() -> Result<()> {
         "--test-threads=1",
     ]))?;
     Ok(())
+}
+
+fn conformance(filter: &[String]) -> Result<()> {
+    require_root("`cargo xtask conformance` (network namespaces, eBPF)")?;
+    setup()?;
+    build_ebpf()?;
+    run(cargo().args(["build", "-p", "proxy-userspace"]))?;
+    let mut cmd = cargo();
+    cmd.env("KEP_AGENT_BIN", target_dir().join("debug/kube-ebpf-proxy"));
+    // A partial run must not overwrite the committed table.
+    if filter.is_empty() {
+        cmd.env(
+            "KEP_CONFORMANCE_OUT",
+            workspace().join("tests/conformance/results.md"),
+        );
+    }
+    run(cmd
+        .args([
+            "test",
+            "-p",
+            "kube-ebpf-proxy-lab",
+            "--test",
+            "conformance",
+            "--",
+        ])
+        .args(filter))
 }
 
 /// setup, build-ebpf and a release build of the agent and the lab, for the

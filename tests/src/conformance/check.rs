@@ -189,6 +189,9 @@ pub fn affinity(
                 return Ok(());
             }
         }
+        // Upstream waits 30 s between rounds; a short pause keeps the
+        // client's ports out of TIME_WAIT exhaustion.
+        std::thread::sleep(Duration::from_millis(200));
         if Instant::now() >= deadline {
             bail!(
                 "{from:?} -> {} {target}: affinity should {}hold; last answers {:?}; {}",

@@ -18,7 +18,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::Agent;
 use crate::cgroup::TestCgroup;
@@ -90,7 +90,9 @@ pub fn pod_conditions(
 pub struct Env<'c> {
     pub cluster: &'c Cluster,
     cgroups: &'c [TestCgroup; 2],
-    agents: [Agent<'c>; 2],
+    /// Node k's agent at index k (replaced by [`Env::restart_agent`]).
+    agents: Mutex<Vec<Agent<'c>>>,
+    args: [Vec<OsString>; 2],
     opts: Options,
     /// Servers a row starts itself (hostNetwork endpoints, extra ports).
     extra: Mutex<Servers>,
@@ -122,15 +124,16 @@ impl<'c> Env<'c> {
                 cgroups[k].path().into(),
             ]
         };
-        let (a0, a1) = (args(0), args(1));
-        let agents = cluster.start_agents([&a0, &a1])?;
+        let args = [args(0), args(1)];
+        let agents = cluster.start_agents([&args[0], &args[1]])?;
         for a in &agents {
             a.wait_for_log("attached socket hooks", Duration::from_secs(5))?;
         }
         Ok(Env {
             cluster,
             cgroups,
-            agents,
+            agents: Mutex::new(agents.into()),
+            args,
             opts,
             extra: Mutex::new(Servers::new()),
         })
@@ -154,24 +157,42 @@ impl<'c> Env<'c> {
             .with_context(|| format!("programming the removal of {file}"))
     }
 
-    fn marks(&self) -> [usize; 2] {
-        [self.agents[0].log_mark(), self.agents[1].log_mark()]
+    fn agents(&self) -> std::sync::MutexGuard<'_, Vec<Agent<'c>>> {
+        self.agents.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn wait_programmed(&self, marks: [usize; 2]) -> Result<()> {
-        for (agent, mark) in self.agents.iter().zip(marks) {
+    fn marks(&self) -> Vec<usize> {
+        self.agents().iter().map(Agent::log_mark).collect()
+    }
+
+    fn wait_programmed(&self, marks: Vec<usize>) -> Result<()> {
+        for (agent, mark) in self.agents().iter().zip(marks) {
             agent.wait_for_log_since(mark, "datapath programmed", PROGRAMMING_TIMEOUT)?;
         }
         Ok(())
     }
 
+    /// Kills node k's agent with SIGKILL (its pinned datapath stays, as
+    /// when kube-proxy's pod is deleted) and starts it again; returns once
+    /// the new one has programmed the datapath.
+    pub fn restart_agent(&self, k: usize) -> Result<()> {
+        let mut agents = self.agents();
+        ensure!(agents.len() == 2, "an earlier restart failed");
+        agents.remove(k).kill_keeping_pins();
+        let agent = self.cluster.start_agent_programmed(k, &self.args[k])?;
+        agent.wait_for_log("attached socket hooks", Duration::from_secs(5))?;
+        agents.insert(k, agent);
+        Ok(())
+    }
+
     /// The agents' last lines, for a failure's context.
     pub fn agent_tails(&self) -> String {
-        format!(
-            "node-0 agent:\n{}\nnode-1 agent:\n{}",
-            self.agents[0].log_tail(8),
-            self.agents[1].log_tail(8)
-        )
+        self.agents()
+            .iter()
+            .enumerate()
+            .map(|(k, a)| format!("node-{k} agent:\n{}", a.log_tail(8)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn node_ip(&self, k: usize) -> Ipv4Addr {

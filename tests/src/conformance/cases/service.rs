@@ -42,6 +42,10 @@ pub(super) fn cases() -> Vec<Case> {
             recreated
         ),
         row!(
+            "should work after restarting kube-proxy [Disruptive]",
+            restart_proxy
+        ),
+        row!(
             "should be able to create a functioning NodePort service [Conformance]",
             functioning_node_port
         ),
@@ -190,6 +194,18 @@ fn reach_from(
     Ok(())
 }
 
+/// Both exec pods reach every one of `pods` through port `port` of the
+/// cluster IP.
+fn pods_reach(env: &Env<'_>, port: u16, pods: &[(usize, usize)]) -> Result<()> {
+    reach_from(
+        env,
+        &EXEC_PODS,
+        Proto::Tcp,
+        at(CIP, port),
+        &names(env, pods),
+    )
+}
+
 fn basic_endpoint(env: &Env<'_>) -> Result<()> {
     let (svc, _) = web(env, "endpoint-test2", CIP, &[]);
     let steps: [&[(usize, usize)]; 4] = [&[], &[(0, 0)], &[(0, 0), (1, 0)], &[(1, 0)]];
@@ -199,7 +215,7 @@ fn basic_endpoint(env: &Env<'_>) -> Result<()> {
         if pods.is_empty() {
             refused(env, Client::Pod(0), at(CIP, 80))?;
         } else {
-            reach_from(env, &EXEC_PODS, Proto::Tcp, at(CIP, 80), &names(env, pods))?;
+            pods_reach(env, 80, pods)?;
         }
     }
     let (_, slices) = web(env, "endpoint-test2", CIP, &[]);
@@ -254,37 +270,13 @@ fn multiport(env: &Env<'_>) -> Result<()> {
     );
     let n = "multi-endpoint-test";
     publish(env, &svc, &multiport_slices(env, n, true, false))?;
-    reach_from(
-        env,
-        &EXEC_PODS,
-        Proto::Tcp,
-        at(CIP, 80),
-        &names(env, &[(0, 0)]),
-    )?;
+    pods_reach(env, 80, &[(0, 0)])?;
     publish(env, &svc, &multiport_slices(env, n, true, true))?;
-    reach_from(
-        env,
-        &EXEC_PODS,
-        Proto::Tcp,
-        at(CIP, 80),
-        &names(env, &[(0, 0)]),
-    )?;
-    reach_from(
-        env,
-        &EXEC_PODS,
-        Proto::Tcp,
-        at(CIP, 81),
-        &names(env, &[(1, 0)]),
-    )?;
+    pods_reach(env, 80, &[(0, 0)])?;
+    pods_reach(env, 81, &[(1, 0)])?;
     publish(env, &svc, &multiport_slices(env, n, false, true))?;
     refused(env, Client::Pod(0), at(CIP, 80))?;
-    reach_from(
-        env,
-        &EXEC_PODS,
-        Proto::Tcp,
-        at(CIP, 81),
-        &names(env, &[(1, 0)]),
-    )?;
+    pods_reach(env, 81, &[(1, 0)])?;
     publish(env, &svc, &[])?;
     refused(env, Client::Pod(0), at(CIP, 81))
 }
@@ -294,38 +286,14 @@ fn adding_deleting_ports(env: &Env<'_>) -> Result<()> {
     let n = "edit-port-test";
     let mut svc = Svc::cluster_ip(n, CIP, vec![tcp("portname1", 80, "svc1")]);
     publish(env, &svc, &multiport_slices(env, n, true, false))?;
-    reach_from(
-        env,
-        &EXEC_PODS,
-        Proto::Tcp,
-        at(CIP, 80),
-        &names(env, &[(0, 0)]),
-    )?;
+    pods_reach(env, 80, &[(0, 0)])?;
     svc.ports.push(tcp("portname2", 81, "svc2"));
     publish(env, &svc, &multiport_slices(env, n, true, true))?;
-    reach_from(
-        env,
-        &EXEC_PODS,
-        Proto::Tcp,
-        at(CIP, 80),
-        &names(env, &[(0, 0)]),
-    )?;
-    reach_from(
-        env,
-        &EXEC_PODS,
-        Proto::Tcp,
-        at(CIP, 81),
-        &names(env, &[(1, 0)]),
-    )?;
+    pods_reach(env, 80, &[(0, 0)])?;
+    pods_reach(env, 81, &[(1, 0)])?;
     svc.ports.pop();
     publish(env, &svc, &multiport_slices(env, n, true, true))?;
-    reach_from(
-        env,
-        &EXEC_PODS,
-        Proto::Tcp,
-        at(CIP, 80),
-        &names(env, &[(0, 0)]),
-    )?;
+    pods_reach(env, 80, &[(0, 0)])?;
     // A port the Service no longer has is kube-proxy's REJECT.
     refused(env, Client::Pod(0), at(CIP, 81))
 }
@@ -396,6 +364,24 @@ fn up_and_down(env: &Env<'_>) -> Result<()> {
     publish(env, &svcs[2].0, &svcs[2].1)?;
     up(env, CIP2, &PODS[1])?;
     up(env, CIP3, &PODS[2])
+}
+
+/// Upstream deletes the kube-proxy pod (so it restarts); here node 0's
+/// agent is killed with SIGKILL and started again.
+fn restart_proxy(env: &Env<'_>) -> Result<()> {
+    const PODS: [[(usize, usize); 3]; 2] = [[(0, 0), (0, 1), (1, 0)], [(0, 2), (1, 1), (1, 2)]];
+    for ((name, ip), pods) in [("restart-proxy-1", CIP), ("restart-proxy-2", CIP2)]
+        .into_iter()
+        .zip(PODS)
+    {
+        let (svc, slices) = web(env, name, ip, &pods);
+        publish(env, &svc, &slices)?;
+    }
+    up(env, CIP, &PODS[0])?;
+    up(env, CIP2, &PODS[1])?;
+    env.restart_agent(0)?;
+    up(env, CIP, &PODS[0])?;
+    up(env, CIP2, &PODS[1])
 }
 
 fn recreated(env: &Env<'_>) -> Result<()> {
@@ -1116,13 +1102,7 @@ fn restartable_init_container_port(env: &Env<'_>) -> Result<()> {
         endpoints(env, &[(0, 0)]),
     )];
     publish(env, &svc, &slices)?;
-    reach_from(
-        env,
-        &EXEC_PODS,
-        Proto::Tcp,
-        at(CIP, 80),
-        &names(env, &[(0, 0)]),
-    )
+    pods_reach(env, 80, &[(0, 0)])
 }
 
 /// Two pods whose port named `http` has different numbers (two versions of
@@ -1150,13 +1130,7 @@ fn named_target_ports_differ(env: &Env<'_>) -> Result<()> {
         ),
     ];
     publish(env, &svc, &slices)?;
-    reach_from(
-        env,
-        &EXEC_PODS,
-        Proto::Tcp,
-        at(CIP, 80),
-        &names(env, &[(0, 0), (1, 0)]),
-    )
+    pods_reach(env, 80, &[(0, 0), (1, 0)])
 }
 
 /// A pod serving TCP and UDP on container port 80.
