@@ -185,6 +185,28 @@ impl<'c> Env<'c> {
         Ok(())
     }
 
+    /// Detaches every link node k's agent pinned (TC and XDP on its
+    /// interfaces, the cgroup socket hooks), as an operator or another tool
+    /// could with `bpftool link detach`. Returns how many.
+    pub fn detach_agent_links(&self, k: usize) -> Result<usize> {
+        let dir = self.cluster.bpffs_dir(k).join("links");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+            let pin = entry?.path();
+            let shown = crate::netns::run_cmd(
+                "bpftool",
+                &["-j", "link", "show", "pinned", &pin.to_string_lossy()],
+            )?;
+            let info: serde_json::Value = serde_json::from_str(&shown)?;
+            let id = info["id"]
+                .as_u64()
+                .with_context(|| format!("no link id for {}: {shown}", pin.display()))?;
+            crate::netns::run_cmd("bpftool", &["link", "detach", "id", &id.to_string()])?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// The agents' last lines, for a failure's context.
     pub fn agent_tails(&self) -> String {
         self.agents()

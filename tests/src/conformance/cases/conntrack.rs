@@ -67,10 +67,21 @@ fn udp_service(
 /// Sends from the fixed port (upstream: `nc -u -w 5 -p 12345` in a loop)
 /// until `pod` answers; fails after a minute (upstream's poll).
 fn until_answered_by(env: &Env<'_>, from: Client, target: SocketAddrV4, pod: &str) -> Result<()> {
+    until_answered_from_port(env, from, SRC_PORT, target, pod)
+}
+
+/// [`until_answered_by`] from local port `src_port`.
+pub(super) fn until_answered_from_port(
+    env: &Env<'_>,
+    from: Client,
+    src_port: u16,
+    target: SocketAddrV4,
+    pod: &str,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = Vec::new();
     while Instant::now() < deadline {
-        match env.requests(from, Proto::Udp, target, 1, SRC_PORT).pop() {
+        match env.requests(from, Proto::Udp, target, 1, src_port).pop() {
             Some(Ok(w)) if w.backend == pod => return Ok(()),
             Some(Ok(w)) => last.push(w.backend),
             Some(Err(e)) => last.push(e.to_string()),

@@ -24,6 +24,14 @@ pub(super) fn cases() -> Vec<Case> {
             source_ranges
         ),
         row!(
+            "should be able to preserve UDP traffic when server pod cycles for a LoadBalancer service on different nodes",
+            |env| udp_lb_cycles(env, [(0, 0), (1, 0)])
+        ),
+        row!(
+            "should be able to preserve UDP traffic when server pod cycles for a LoadBalancer service on the same nodes",
+            |env| udp_lb_cycles(env, [(0, 0), (0, 1)])
+        ),
+        row!(
             "should have session affinity work for LoadBalancer service with Local traffic policy [Slow] [LinuxOnly]",
             |env| lb_affinity(env, true, false)
         ),
@@ -88,6 +96,50 @@ fn source_ranges(env: &Env<'_>) -> Result<()> {
     expect(&svc, false, false, false)?;
     svc.load_balancer_source_ranges = vec![];
     expect(&svc, true, true, true)
+}
+
+/// The outside client sends from port 54321 to a UDP LoadBalancer; the
+/// first backend pod answers, a second one is created and the first
+/// deleted; the second must take over the flow (upstream: both hostnames
+/// seen by the client).
+fn udp_lb_cycles(env: &Env<'_>, pods: [(usize, usize); 2]) -> Result<()> {
+    const CLIENT_PORT: u16 = 54321;
+    env.cluster.route_external(&format!("{LB_IP}/32"), 0)?;
+    let n = "svc-udp";
+    let mut svc = Svc::cluster_ip(
+        n,
+        CIP,
+        vec![udp("udp", 80, &POD_UDP.to_string()).node_port(NODE_PORT_UDP)],
+    )
+    .of_type("LoadBalancer");
+    svc.load_balancer_ips = vec![LB_IP];
+    let with = |eps: &[(usize, usize)]| -> Result<()> {
+        publish(
+            env,
+            &svc,
+            &[slice(n, 1, &[("udp", POD_UDP, "UDP")], endpoints(env, eps))],
+        )
+    };
+    let lb = at(LB_IP, 80);
+    let [first, second] = pods;
+    with(&[first])?;
+    super::conntrack::until_answered_from_port(
+        env,
+        Client::External,
+        CLIENT_PORT,
+        lb,
+        &env.pod_name(first.0, first.1),
+    )?;
+    with(&[first, second])?;
+    env.kill_pod(first.0, first.1)?;
+    with(&[second])?;
+    super::conntrack::until_answered_from_port(
+        env,
+        Client::External,
+        CLIENT_PORT,
+        lb,
+        &env.pod_name(second.0, second.1),
+    )
 }
 
 /// execAffinityTestForLBService(WithTransition), from the test (outside):

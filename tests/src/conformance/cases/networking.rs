@@ -51,6 +51,11 @@ pub(super) fn cases() -> Vec<Case> {
             .pending("IP fragments: a 2,000-byte datagram's fragments pass untranslated"),
         row!("should function for service endpoints using hostNetwork", host_network_endpoints)
             .pending("hostNetwork endpoints and IP fragments"),
+        Case::run(
+            "[sig-network] Networking should recreate its iptables rules if they are deleted [Disruptive]",
+            recreate_rules,
+        )
+        .pending("bug: detached cgroup socket-hook links are never re-attached (TC and XDP are)"),
         Case::run("[sig-network] Networking should check kube-proxy urls", kube_proxy_urls)
             .pending("the agent's HTTP servers move to kube-proxy's ports (10256 /healthz, 10249 /proxyMode)"),
     ]
@@ -278,6 +283,29 @@ fn host_network_endpoints(env: &Env<'_>) -> Result<()> {
     }
     large_request(env, Proto::Tcp, true)?;
     large_request(env, Proto::Udp, true)
+}
+
+/// Upstream deletes every KUBE-* iptables chain on a node and waits for
+/// kube-proxy to bring the Service back. The agent's equivalent of its
+/// rules are the links it pinned: all of node 0's are detached, and the
+/// Service must answer again from a hostNetwork pod and a pod on node 0
+/// (upstream allows KubeProxyLagTimeout, 5 min; here 10 s).
+fn recreate_rules(env: &Env<'_>) -> Result<()> {
+    let pods = [(0, 0), (0, 1), (1, 0)];
+    let (svc, slices) = web(env, "iptables-flush-test", CIP, &pods);
+    publish(env, &svc, &slices)?;
+    let want = names(env, &pods);
+    let up = || -> Result<()> {
+        for from in [Client::Host(0), Client::Pod(0)] {
+            all_answer(env, from, Proto::Tcp, at(CIP, 80), &want)?;
+        }
+        Ok(())
+    };
+    up()?;
+    let detached = env.detach_agent_links(0)?;
+    ensure!(detached > 0, "node-0's agent pinned no links");
+    // Nothing translates on node 0 until the agent notices.
+    crate::conformance::env::eventually(std::time::Duration::from_secs(10), up)
 }
 
 /// From a hostNetwork pod: kube-proxy's healthz port (10256) answers
