@@ -136,6 +136,10 @@ pub(super) fn cases() -> Vec<Case> {
         )
         .pending("hostNetwork endpoints: same-node replies leave by veth egress, untranslated"),
         row!(
+            "should support externalTrafficPolicy=Local for type=NodePort",
+            etp_local_node_port
+        ),
+        row!(
             "should fail health check node port if there are only terminating endpoints",
             health_check_only_terminating
         ),
@@ -898,6 +902,43 @@ fn itp_local_to_host_network_pod(env: &Env<'_>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The endpoint is on node 0; a hostNetwork client on node 1 and the
+/// outside client reach node 0's NodePort and the endpoint sees their own
+/// addresses; node 1's NodePort has no local endpoint for outside traffic.
+fn etp_local_node_port(env: &Env<'_>) -> Result<()> {
+    let pod = (0, 0);
+    let mut svc = Svc {
+        ports: vec![tcp("http", 80, "8080").node_port(NODE_PORT)],
+        ..web(env, "external-local-nodeport", CIP, &[]).0
+    }
+    .of_type("NodePort");
+    svc.external_traffic_local = true;
+    let slices = [slice(
+        &svc.name,
+        1,
+        &[("http", POD_TCP, "TCP")],
+        endpoints(env, &[pod]),
+    )];
+    publish(env, &svc, &slices)?;
+    let me = env.pod_name(pod.0, pod.1);
+    let np0 = at(env.node_ip(0), NODE_PORT);
+    let w = answers(env, Client::Host(1), Proto::Tcp, np0, &me)?;
+    ensure!(
+        w.seen_from.ip() == std::net::IpAddr::V4(env.node_ip(1)),
+        "Source IP was NOT preserved: the endpoint saw {} for node-1's process",
+        w.seen_from.ip()
+    );
+    let w = answers(env, Client::External, Proto::Tcp, np0, &me)?;
+    check::source_preserved(&w)?;
+    fails(
+        env,
+        Client::External,
+        Proto::Tcp,
+        at(env.node_ip(1), NODE_PORT),
+    )
+    .map(|_| ())
 }
 
 fn health_check_only_terminating(env: &Env<'_>) -> Result<()> {
