@@ -234,6 +234,7 @@ pub struct Svc {
     pub client_ip_affinity: Option<Option<u32>>,
     pub publish_not_ready_addresses: bool,
     pub load_balancer_source_ranges: Vec<String>,
+    pub allocate_load_balancer_node_ports: Option<bool>,
     /// `status.loadBalancer.ingress[].ip`.
     pub load_balancer_ips: Vec<Ipv4Addr>,
 }
@@ -308,6 +309,9 @@ impl Svc {
         }
         if self.publish_not_ready_addresses {
             s.push_str("  publishNotReadyAddresses: true\n");
+        }
+        if let Some(allocate) = self.allocate_load_balancer_node_ports {
+            let _ = writeln!(s, "  allocateLoadBalancerNodePorts: {allocate}");
         }
         if !self.external_ips.is_empty() {
             let ips: Vec<String> = self

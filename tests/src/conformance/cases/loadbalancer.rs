@@ -24,6 +24,10 @@ pub(super) fn cases() -> Vec<Case> {
             source_ranges
         ),
         row!(
+            "should be able to create LoadBalancer Service without NodePort and change it [Slow]",
+            without_node_port
+        ),
+        row!(
             "should be able to preserve UDP traffic when server pod cycles for a LoadBalancer service on different nodes",
             |env| udp_lb_cycles(env, [(0, 0), (1, 0)])
         ),
@@ -96,6 +100,34 @@ fn source_ranges(env: &Env<'_>) -> Result<()> {
     expect(&svc, false, false, false)?;
     svc.load_balancer_source_ranges = vec![];
     expect(&svc, true, true, true)
+}
+
+/// A ClusterIP Service made a LoadBalancer with
+/// `allocateLoadBalancerNodePorts: false` (no NodePort): the LB answers.
+/// Then a NodePort is allocated: the LB still answers, and so does the
+/// NodePort.
+fn without_node_port(env: &Env<'_>) -> Result<()> {
+    let pod = [(1, 0)];
+    let want = names(env, &pod);
+    let (plain, slices) = web(env, "reallocate-nodeport-test", CIP, &pod);
+    publish(env, &plain, &slices)?;
+    all_answer(env, Client::Pod(0), Proto::Tcp, at(CIP, 80), &want)?;
+    let (mut svc, _) = load_balancer(env, "reallocate-nodeport-test", &pod)?;
+    svc.ports = plain.ports.clone();
+    svc.allocate_load_balancer_node_ports = Some(false);
+    publish(env, &svc, &slices)?;
+    all_answer(env, Client::External, Proto::Tcp, at(LB_IP, 80), &want)?;
+    svc.allocate_load_balancer_node_ports = Some(true);
+    svc.ports = vec![tcp("http", 80, "8080").node_port(NODE_PORT)];
+    publish(env, &svc, &slices)?;
+    all_answer(env, Client::External, Proto::Tcp, at(LB_IP, 80), &want)?;
+    all_answer(
+        env,
+        Client::External,
+        Proto::Tcp,
+        at(env.node_ip(0), NODE_PORT),
+        &want,
+    )
 }
 
 /// The outside client sends from port 54321 to a UDP LoadBalancer; the
