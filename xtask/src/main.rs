@@ -368,7 +368,7 @@ fn conformance(filter: &[String]) -> Result<()> {
             workspace().join("tests/conformance/results.md"),
         );
     }
-    run(cmd
+    let result = run(cmd
         .args([
             "test",
             "-p",
@@ -377,7 +377,33 @@ fn conformance(filter: &[String]) -> Result<()> {
             "conformance",
             "--",
         ])
-        .args(filter))
+        .args(filter));
+    // The table is written whether or not every row passed.
+    if filter.is_empty() {
+        readme_table()?;
+    }
+    result
+}
+
+/// Copies the table of tests/conformance/results.md into README.md between
+/// its `conformance:start` / `conformance:end` markers.
+fn readme_table() -> Result<()> {
+    let (start, end) = ("<!-- conformance:start -->\n", "<!-- conformance:end -->");
+    let results = std::fs::read_to_string(workspace().join("tests/conformance/results.md"))
+        .context("read tests/conformance/results.md")?;
+    let table = results
+        .find("| upstream name |")
+        .map(|at| &results[at..])
+        .context("no table in tests/conformance/results.md")?;
+    let path = workspace().join("README.md");
+    let readme = std::fs::read_to_string(&path).context("read README.md")?;
+    let (Some(a), Some(b)) = (readme.find(start), readme.find(end)) else {
+        bail!("README.md has no {start:?} ... {end:?} markers");
+    };
+    let updated = format!("{}{table}{}", &readme[..a + start.len()], &readme[b..]);
+    std::fs::write(&path, updated).context("write README.md")?;
+    println!("conformance: table copied into README.md");
+    Ok(())
 }
 
 /// setup, build-ebpf and a release build of the agent and the lab, for the
