@@ -190,7 +190,10 @@ impl<'c> Env<'c> {
     /// could with `bpftool link detach`. Returns how many.
     pub fn detach_agent_links(&self, k: usize) -> Result<usize> {
         let dir = self.cluster.bpffs_dir(k).join("links");
-        let mut n = 0;
+        // Every id first: the agent re-pins what it finds detached within
+        // a rescan (200 ms), so pins read after the first detach may be
+        // gone or new.
+        let mut ids = Vec::new();
         for entry in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
             let pin = entry?.path();
             let shown = crate::netns::run_cmd(
@@ -201,10 +204,12 @@ impl<'c> Env<'c> {
             let id = info["id"]
                 .as_u64()
                 .with_context(|| format!("no link id for {}: {shown}", pin.display()))?;
-            crate::netns::run_cmd("bpftool", &["link", "detach", "id", &id.to_string()])?;
-            n += 1;
+            ids.push(id);
         }
-        Ok(n)
+        for id in &ids {
+            crate::netns::run_cmd("bpftool", &["link", "detach", "id", &id.to_string()])?;
+        }
+        Ok(ids.len())
     }
 
     /// The agents' last lines, for a failure's context.
