@@ -56,8 +56,10 @@ pub(super) fn cases() -> Vec<Case> {
             recreate_rules,
         )
         .pending("bug: detached cgroup socket-hook links are never re-attached (TC and XDP are)"),
-        Case::run("[sig-network] Networking should check kube-proxy urls", kube_proxy_urls)
-            .pending("the agent's HTTP servers move to kube-proxy's ports (10256 /healthz, 10249 /proxyMode)"),
+        Case::run(
+            "[sig-network] Networking should check kube-proxy urls",
+            kube_proxy_urls,
+        ),
     ]
 }
 
