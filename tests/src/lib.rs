@@ -21,6 +21,7 @@ pub mod agent;
 pub mod bench;
 pub mod cgroup;
 pub mod cluster;
+pub mod conformance;
 pub mod fake_apiserver;
 pub mod fib_node;
 pub mod hostile;

@@ -6,7 +6,9 @@
 //! `<name>\n` to its sender. The request `whoami` (a TCP line, or a UDP
 //! datagram, with or without `\n`) is answered `<name> <peer-ip>:<port>\n`
 //! instead: the source address the server saw, so a test can tell SNAT from a
-//! preserved client address per request (see [`parse_whoami`]). The sockets are created inside the backend's
+//! preserved client address per request (see [`parse_whoami`]). A request
+//! `echo <text>` is answered `<text>` (Kubernetes' large-request checks
+//! compare the echo). The sockets are created inside the backend's
 //! namespace; the threads that serve them run in the root namespace, which
 //! does not matter since a socket keeps the namespace it was made in.
 //!
@@ -38,6 +40,15 @@ fn is_whoami(request: &[u8]) -> bool {
     }
     r == WHOAMI.as_bytes()
 }
+
+/// The text of an `echo <text>` request (trailing newline dropped).
+fn echo_text(request: &[u8]) -> Option<&[u8]> {
+    let text = request.strip_prefix(ECHO.as_bytes())?;
+    Some(text.strip_suffix(b"\n").unwrap_or(text))
+}
+
+/// The prefix of a request answered with the rest of it.
+pub const ECHO: &str = "echo ";
 
 fn whoami_reply(name: &str, peer: SocketAddr) -> Vec<u8> {
     format!("{name} {peer}\n").into_bytes()
@@ -244,8 +255,14 @@ fn serve_conn(
 ) {
     let reply = format!("{name}\n").into_bytes();
     let whoami = whoami_reply(name, peer);
-    let answer = |request: &[u8]| {
-        if is_whoami(request) { &whoami } else { &reply }
+    let answer = |request: &[u8]| -> Vec<u8> {
+        if is_whoami(request) {
+            whoami.clone()
+        } else if let Some(text) = echo_text(request) {
+            [text, b"\n"].concat()
+        } else {
+            reply.clone()
+        }
     };
     if stream.set_nonblocking(false).is_err()
         || stream.set_read_timeout(Some(TICK)).is_err()
@@ -268,7 +285,7 @@ fn serve_conn(
                     // Counted before the answer leaves, as for UDP.
                     stats.tcp_replies.fetch_add(1, Ordering::Relaxed);
                     if stream
-                        .write_all(answer(&pending[start..start + len]))
+                        .write_all(&answer(&pending[start..start + len]))
                         .is_err()
                     {
                         stats.tcp_replies.fetch_sub(1, Ordering::Relaxed);
@@ -282,7 +299,7 @@ fn serve_conn(
                 // The client paused with a partial request: answer it.
                 if !pending.is_empty() {
                     stats.tcp_replies.fetch_add(1, Ordering::Relaxed);
-                    let failed = stream.write_all(answer(&pending)).is_err();
+                    let failed = stream.write_all(&answer(&pending)).is_err();
                     pending.clear();
                     if failed {
                         stats.tcp_replies.fetch_sub(1, Ordering::Relaxed);
@@ -298,7 +315,7 @@ fn serve_conn(
 
 fn udp_loop(sock: UdpSocket, stop: Arc<AtomicBool>, stats: Arc<ServerStats>, name: Arc<str>) {
     let reply = format!("{name}\n").into_bytes();
-    let mut buf = [0u8; 2048];
+    let mut buf = [0u8; 4096];
     while !stop.load(Ordering::SeqCst) {
         match sock.recv_from(&mut buf) {
             Ok((n, peer)) => {
@@ -309,6 +326,8 @@ fn udp_loop(sock: UdpSocket, stop: Arc<AtomicBool>, stats: Arc<ServerStats>, nam
                 stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
                 let sent = if is_whoami(&buf[..n]) {
                     sock.send_to(&whoami_reply(&name, peer), peer)
+                } else if let Some(text) = echo_text(&buf[..n]) {
+                    sock.send_to(text, peer)
                 } else {
                     sock.send_to(&reply, peer)
                 };

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | conformance | demo | bench`.
 //!
 //! Every child command is echoed before it runs; the first failure stops the
 //! task with a non-zero exit.
@@ -25,6 +25,14 @@ enum Task {
     BuildEbpf,
     /// setup, build-ebpf, build, clippy, fmt --check, test (needs root).
     Test,
+    /// setup, build-ebpf, build, then Kubernetes' Service e2e cases on the
+    /// two-node lab (needs root): prints the table and writes
+    /// tests/conformance/results.md.
+    Conformance {
+        /// Only rows whose upstream name contains one of these (the results
+        /// file is then target/conformance/results.md, not the committed one).
+        filter: Vec<String>,
+    },
     /// setup, build-ebpf, release build, then the lab demo (needs root).
     Demo,
     /// setup, build-ebpf, release build, then the benchmark (needs root):
@@ -63,6 +71,7 @@ fn main() {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf().map(|_| ()),
         Task::Test => test(),
+        Task::Conformance { filter } => conformance(&filter),
         Task::Demo => demo(),
         Task::Bench {
             quick,
@@ -342,6 +351,58 @@ fn test() -> Result<()> {
         "--",
         "--test-threads=1",
     ]))?;
+    Ok(())
+}
+
+fn conformance(filter: &[String]) -> Result<()> {
+    require_root("`cargo xtask conformance` (network namespaces, eBPF)")?;
+    setup()?;
+    build_ebpf()?;
+    run(cargo().args(["build", "-p", "proxy-userspace"]))?;
+    let mut cmd = cargo();
+    cmd.env("KEP_AGENT_BIN", target_dir().join("debug/kube-ebpf-proxy"));
+    // A partial run must not overwrite the committed table.
+    if filter.is_empty() {
+        cmd.env(
+            "KEP_CONFORMANCE_OUT",
+            workspace().join("tests/conformance/results.md"),
+        );
+    }
+    let result = run(cmd
+        .args([
+            "test",
+            "-p",
+            "kube-ebpf-proxy-lab",
+            "--test",
+            "conformance",
+            "--",
+        ])
+        .args(filter));
+    // The table is written whether or not every row passed.
+    if filter.is_empty() {
+        readme_table()?;
+    }
+    result
+}
+
+/// Copies the table of tests/conformance/results.md into README.md between
+/// its `conformance:start` / `conformance:end` markers.
+fn readme_table() -> Result<()> {
+    let (start, end) = ("<!-- conformance:start -->\n", "<!-- conformance:end -->");
+    let results = std::fs::read_to_string(workspace().join("tests/conformance/results.md"))
+        .context("read tests/conformance/results.md")?;
+    let table = results
+        .find("| upstream name |")
+        .map(|at| &results[at..])
+        .context("no table in tests/conformance/results.md")?;
+    let path = workspace().join("README.md");
+    let readme = std::fs::read_to_string(&path).context("read README.md")?;
+    let (Some(a), Some(b)) = (readme.find(start), readme.find(end)) else {
+        bail!("README.md has no {start:?} ... {end:?} markers");
+    };
+    let updated = format!("{}{table}{}", &readme[..a + start.len()], &readme[b..]);
+    std::fs::write(&path, updated).context("write README.md")?;
+    println!("conformance: table copied into README.md");
     Ok(())
 }
 

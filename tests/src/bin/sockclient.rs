@@ -6,7 +6,10 @@
 //!
 //! MODE: `tcp` (connect, getpeername, request, reply), `udp-sendto`
 //! (unconnected sendto/recvfrom), `udp-connect` (connect, getpeername,
-//! send, recv).
+//! send, recv); `tcp-whoami` and `udp-whoami` ask the server who it saw
+//! instead and print `ok <backend name> <source the server saw> <peer>`.
+//! An optional fifth argument binds every socket to that local port (UDP
+//! clients that keep one source port, as Kubernetes' conntrack tests do).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
@@ -23,31 +26,86 @@ fn kind(e: &std::io::Error) -> &'static str {
     }
 }
 
-fn tcp(target: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
-    let mut s = TcpStream::connect_timeout(&target.into(), TIMEOUT)?;
+/// What one request sends and how the socket is bound.
+#[derive(Clone, Copy)]
+struct Ask {
+    request: &'static [u8],
+    src_port: u16,
+}
+
+fn tcp(target: SocketAddrV4, ask: Ask) -> std::io::Result<(String, SocketAddr)> {
+    let mut s = if ask.src_port == 0 {
+        TcpStream::connect_timeout(&target.into(), TIMEOUT)?
+    } else {
+        bound_tcp(target, ask.src_port)?
+    };
     s.set_read_timeout(Some(TIMEOUT))?;
     let peer = s.peer_addr()?;
-    s.write_all(b"hello\n")?;
+    s.write_all(ask.request)?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line)?;
     Ok((line.trim().to_string(), peer))
 }
 
-fn udp_sendto(target: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+/// A TCP connection from local port `port` (std has no bind-then-connect).
+fn bound_tcp(target: SocketAddrV4, port: u16) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor this function owns; it is
+    // handed to TcpStream (which closes it) once connected.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+        let sin = |a: SocketAddrV4| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*a.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let local = sin(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port));
+        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sin(target);
+        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+fn udp_socket(ask: Ask) -> std::io::Result<UdpSocket> {
+    let s = UdpSocket::bind(("0.0.0.0", ask.src_port))?;
     s.set_read_timeout(Some(TIMEOUT))?;
-    s.send_to(b"hello\n", target)?;
+    Ok(s)
+}
+
+fn udp_sendto(target: SocketAddrV4, ask: Ask) -> std::io::Result<(String, SocketAddr)> {
+    let s = udp_socket(ask)?;
+    s.send_to(ask.request, target)?;
     let mut buf = [0u8; 256];
     let (n, from) = s.recv_from(&mut buf)?;
     Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
 }
 
-fn udp_connect(target: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
-    s.set_read_timeout(Some(TIMEOUT))?;
+fn udp_connect(target: SocketAddrV4, ask: Ask) -> std::io::Result<(String, SocketAddr)> {
+    let s = udp_socket(ask)?;
     s.connect(target)?;
     let peer = s.peer_addr()?;
-    s.send(b"hello\n")?;
+    s.send(ask.request)?;
     let mut buf = [0u8; 256];
     let n = s.recv(&mut buf)?;
     Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), peer))
@@ -55,24 +113,38 @@ fn udp_connect(target: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let [_, mode, target, count] = args.as_slice() else {
-        eprintln!("usage: lab-sockclient tcp|udp-sendto|udp-connect ADDR:PORT COUNT");
-        std::process::exit(2);
+    let (mode, target, count, src_port) = match args.as_slice() {
+        [_, mode, target, count] => (mode, target, count, 0),
+        [_, mode, target, count, port] => (mode, target, count, port.parse().expect("SRC_PORT")),
+        _ => {
+            eprintln!(
+                "usage: lab-sockclient tcp|udp-sendto|udp-connect|tcp-whoami|udp-whoami \
+                 ADDR:PORT COUNT [SRC_PORT]"
+            );
+            std::process::exit(2);
+        }
     };
     let target: SocketAddrV4 = target.parse().expect("ADDR:PORT");
     let count: usize = count.parse().expect("COUNT");
-    let request = match mode.as_str() {
-        "tcp" => tcp,
-        "udp-sendto" => udp_sendto,
-        "udp-connect" => udp_connect,
+    type Request = fn(SocketAddrV4, Ask) -> std::io::Result<(String, SocketAddr)>;
+    let (request, body): (Request, &'static [u8]) = match mode.as_str() {
+        "tcp" => (tcp, b"hello\n"),
+        "udp-sendto" => (udp_sendto, b"hello\n"),
+        "udp-connect" => (udp_connect, b"hello\n"),
+        "tcp-whoami" => (tcp, b"whoami\n"),
+        "udp-whoami" => (udp_sendto, b"whoami"),
         other => {
             eprintln!("unknown mode {other}");
             std::process::exit(2);
         }
     };
+    let ask = Ask {
+        request: body,
+        src_port,
+    };
     let mut out = std::io::stdout().lock();
     for _ in 0..count {
-        let line = match request(target) {
+        let line = match request(target, ask) {
             Ok((name, addr)) => format!("ok {name} {addr}"),
             Err(e) => format!("err {} {e}", kind(&e)),
         };
