@@ -13,8 +13,8 @@ use proxy_common::{
 use serde::Serialize;
 
 use crate::{
+    contents::{addr_from_map, port_from_map},
     datapath::{DatapathError, maps_dir, monotonic_ns, sum_traffic},
-    encode::{addr_from_map, port_from_map},
 };
 
 /// Everything read from the pinned maps at one moment.
@@ -338,7 +338,7 @@ pub fn table(rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encode::{addr_to_map, port_to_map};
+    use crate::contents::{addr_to_map, port_to_map};
 
     fn pinned() -> Pinned {
         let vip = addr_to_map("10.96.0.10".parse().unwrap());

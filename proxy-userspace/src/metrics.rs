@@ -29,7 +29,7 @@ use prometheus_client::{
 use proxy_common::{map_names, stat};
 use tokio::net::TcpListener;
 
-use crate::{agent::SyncOutcome, datapath::DatapathConfig, encode::MapContents, http, manifests};
+use crate::{agent::SyncOutcome, contents::MapContents, datapath::DatapathConfig, http};
 
 /// One label, e.g. `map="kep_services"`.
 type Label = [(&'static str, &'static str); 1];
@@ -48,6 +48,7 @@ pub struct Metrics {
     objects_skipped: Gauge,
     map_entries: Family<Label, Gauge>,
     map_update_errors: Counter,
+    map_full: Family<Label, Counter>,
     datapath_packets: Family<Label, Counter>,
     health: Mutex<Health>,
 }
@@ -83,7 +84,9 @@ impl Metrics {
              sync_proxy_rules_duration_seconds). Resyncs included",
             sync_duration.clone(),
         );
-        let programming_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        // 0.1 ms .. ~13 s: one change is programmed in well under a
+        // millisecond, so the buckets start there.
+        let programming_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         registry.register(
             "kep_network_programming_duration_seconds",
             "Time from the moment the agent noticed a change in its source (the \
@@ -137,6 +140,14 @@ impl Metrics {
              still applied)",
             map_update_errors.clone(),
         );
+        let map_full = Family::<Label, Counter>::default();
+        registry.register(
+            "kep_map_full_errors",
+            "Map writes refused because the map was full, by map: raise its \
+             capacity flag (--services-max, --backends-max, --maglev-max, \
+             --source-ranges-max); the entries that fit stay programmed",
+            map_full.clone(),
+        );
         let datapath_packets = Family::<Label, Counter>::default();
         registry.register(
             "kep_datapath_packets",
@@ -155,6 +166,7 @@ impl Metrics {
             objects_skipped,
             map_entries,
             map_update_errors,
+            map_full,
             datapath_packets,
             health: Mutex::new(Health {
                 started: Instant::now(),
@@ -169,7 +181,7 @@ impl Metrics {
     /// `skipped` the number of warnings it had.
     pub fn record_sync(
         &self,
-        objects: &manifests::Objects,
+        (services, slices, nodes): (usize, usize, usize),
         live: &MapContents,
         out: &SyncOutcome,
         skipped: usize,
@@ -183,9 +195,9 @@ impl Metrics {
                 .observe(now.saturating_duration_since(noticed).as_secs_f64());
         }
         for (kind, n) in [
-            ("service", objects.services.len()),
-            ("endpointslice", objects.slices.len()),
-            ("node", objects.nodes.len()),
+            ("service", services),
+            ("endpointslice", slices),
+            ("node", nodes),
         ] {
             self.objects.get_or_create(&[("kind", kind)]).set(gauge(n));
         }
@@ -193,6 +205,11 @@ impl Metrics {
         self.set_map_entries(map_names::SERVICES, live.services.len());
         self.set_map_entries(map_names::BACKENDS, live.backends.len());
         self.map_update_errors.inc_by(out.failed as u64);
+        for (map, n) in &out.full {
+            self.map_full
+                .get_or_create(&[("map", *map)])
+                .inc_by(*n as u64);
+        }
         self.lock_health().last_sync = Some((now, SystemTime::now()));
     }
 
@@ -359,6 +376,7 @@ mod tests {
             backends: 2,
             ops: 3,
             failed,
+            full: [(map_names::SERVICES, failed)].into_iter().collect(),
         }
     }
 
@@ -381,18 +399,18 @@ mod tests {
     #[test]
     fn renders_every_family() {
         let m = metrics(Duration::from_secs(60));
-        let objects = manifests::Objects::default();
+        let objects = (0, 0, 0);
         let mut live = MapContents::default();
         live.backends.insert(1, proxy_common::Backend::default());
         m.record_sync(
-            &objects,
+            objects,
             &live,
             &outcome(2),
             4,
             Duration::from_millis(3),
             Some(Instant::now()),
         );
-        m.record_sync(&objects, &live, &outcome(1), 0, Duration::ZERO, None);
+        m.record_sync(objects, &live, &outcome(1), 0, Duration::ZERO, None);
         let mut stats = [0u64; stat::COUNT as usize];
         stats[stat::NEW_FLOWS as usize] = 42;
         m.observe_datapath(&stats);
@@ -410,6 +428,7 @@ mod tests {
                 f64::from(proxy_common::defaults::SERVICES_MAX),
             ),
             ("kep_map_update_errors_total", 3.0),
+            ("kep_map_full_errors_total{map=\"kep_services\"}", 3.0),
             ("kep_datapath_packets_total{counter=\"new_flows\"}", 42.0),
             ("kep_datapath_packets_total{counter=\"drops\"}", 0.0),
         ];
@@ -435,7 +454,7 @@ mod tests {
             503
         );
         m.record_sync(
-            &manifests::Objects::default(),
+            (0, 0, 0),
             &MapContents::default(),
             &outcome(0),
             0,

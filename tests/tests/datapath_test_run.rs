@@ -18,9 +18,9 @@ use proxy_common::{
     scope, stat,
 };
 use proxy_userspace::{
+    contents::{addr_to_map, port_to_map},
     datapath::{CtTimeouts, Datapath, DatapathConfig, Hook, maps_dir, unpin_all},
     diff::MapOp,
-    encode::{addr_to_map, port_to_map},
     maglev::{TableBackend, TableSpec},
     tables::MaglevTables,
 };

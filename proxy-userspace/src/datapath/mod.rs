@@ -24,8 +24,8 @@ use proxy_common::{
 use thiserror::Error;
 
 use crate::{
+    contents::{MapContents, RangeEntry, addr_from_map, addr_to_map},
     diff::MapOp,
-    encode::{MapContents, RangeEntry, addr_from_map, addr_to_map},
     maglev::TableSpec,
     tables::MaglevTables,
 };
@@ -51,6 +51,8 @@ pub struct DatapathConfig {
     pub conntrack_max: u32,
     /// Frontends that can have a Maglev table.
     pub maglev_max: u32,
+    /// loadBalancerSourceRanges entries.
+    pub source_ranges_max: u32,
     /// Service CIDRs (address, prefix length): traffic to an address inside
     /// that is no cluster IP is dropped; at most `MAX_SERVICE_CIDRS`.
     pub service_cidrs: Vec<(Ipv4Addr, u8)>,
@@ -154,6 +156,7 @@ impl DatapathConfig {
             backends_max: defaults::BACKENDS_MAX,
             conntrack_max: defaults::CONNTRACK_MAX,
             maglev_max: defaults::MAGLEV_MAX,
+            source_ranges_max: defaults::SOURCE_RANGES_MAX,
             service_cidrs: vec![DEFAULT_SERVICE_CIDR],
             hairpin_addr: Some(DEFAULT_HAIRPIN_ADDR),
             timeouts: CtTimeouts::default(),
@@ -245,6 +248,27 @@ pub struct FailedOp {
     pub error: MapError,
 }
 
+impl FailedOp {
+    /// The map and the flag that sizes it, when the write failed because
+    /// the map is full (a hash map answers E2BIG, an LPM trie ENOSPC).
+    pub fn full_map(&self) -> Option<(&'static str, &'static str)> {
+        let MapError::SyscallError(e) = &self.error else {
+            return None;
+        };
+        let errno = e.io_error.raw_os_error()?;
+        if errno != libc::E2BIG && errno != libc::ENOSPC {
+            return None;
+        }
+        match self.op {
+            MapOp::PutService(..) => Some((map_names::SERVICES, "--services-max")),
+            MapOp::PutBackend(..) => Some((map_names::BACKENDS, "--backends-max")),
+            MapOp::PutTable(..) => Some((map_names::MAGLEV, "--maglev-max")),
+            MapOp::PutSourceRange(..) => Some((map_names::SOURCE_RANGES, "--source-ranges-max")),
+            _ => None,
+        }
+    }
+}
+
 pub struct Datapath {
     ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -294,7 +318,8 @@ impl Datapath {
             .map_max_entries(map_names::SERVICES, cfg.services_max)
             .map_max_entries(map_names::BACKENDS, cfg.backends_max)
             .map_max_entries(map_names::CONNTRACK, cfg.conntrack_max)
-            .map_max_entries(map_names::MAGLEV, cfg.maglev_max);
+            .map_max_entries(map_names::MAGLEV, cfg.maglev_max)
+            .map_max_entries(map_names::SOURCE_RANGES, cfg.source_ranges_max);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }

@@ -67,6 +67,10 @@
 //!   `service.kubernetes.io/topology-mode` annotation is the EndpointSlice
 //!   controller's business, not the proxy's.
 
+mod tracker;
+
+pub use tracker::{Origin, ServiceName, Tracker};
+
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -474,7 +478,8 @@ fn warn(warnings: &mut Vec<Warning>, object: &str, problem: Problem) {
 }
 
 /// Computes the frontends to program on `node` and the warnings about what
-/// was skipped.
+/// was skipped, from scratch: every object goes through a fresh
+/// [`Tracker`], the very code the agent runs one change at a time.
 ///
 /// The result does not depend on the order of either input: objects are
 /// processed in (namespace, name) order and warnings are returned sorted.
@@ -483,173 +488,217 @@ pub fn compute(
     slices: &[EndpointSlice],
     node: &NodeInfo,
 ) -> (DesiredState, Vec<Warning>) {
-    let mut warnings = Vec::new();
-    let slices = index_slices(slices, &mut warnings);
-    let mut desired = DesiredState::default();
+    let mut tracker = Tracker::new(node.clone());
+    for (origin, service) in services.iter().enumerate() {
+        tracker.put_service(origin as u64, service.clone());
+    }
+    for (origin, slice) in slices.iter().enumerate() {
+        tracker.put_slice(origin as u64, slice.clone());
+    }
+    tracker.settle();
+    let desired = DesiredState {
+        frontends: tracker
+            .frontends()
+            .map(|(frontend, state)| (*frontend, state.clone()))
+            .collect(),
+        health_checks: tracker.health_checks().clone(),
+    };
+    (desired, tracker.warnings())
+}
 
-    let mut previous: Option<(&str, &str)> = None;
-    for service in sorted_services(services) {
-        let (namespace, name) = identity(service);
-        let object = format!("Service {namespace}/{name}");
-        if name.is_empty() {
-            warn(&mut warnings, &object, Problem::NoName);
-            continue;
+/// What one Service asks for, before conflicts with other Services are
+/// settled: every frontend it claims and its health check.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Derived {
+    /// (frontend, the Service port's name, its state), in claim order.
+    pub claims: Vec<(Frontend, String, FrontendState)>,
+    pub health_check: Option<(u16, HealthCheck)>,
+    pub warnings: Vec<Warning>,
+}
+
+/// One Service's frontends and health check on `node`, from the Service and
+/// its slices (see the module documentation for the rules).
+pub(crate) fn derive_service(
+    service: &Service,
+    service_slices: &[&SliceEndpoints],
+    node: &NodeInfo,
+) -> Derived {
+    let mut out = Derived::default();
+    let (namespace, name) = identity(service);
+    let object = format!("Service {namespace}/{name}");
+    let warnings = &mut out.warnings;
+    if name.is_empty() {
+        warn(warnings, &object, Problem::NoName);
+        return out;
+    }
+    if !is_ours(&service.metadata) {
+        return out;
+    }
+    let Some(spec) = &service.spec else {
+        warn(warnings, &object, Problem::NoClusterIp);
+        return out;
+    };
+    let addrs = match cluster_ips(spec, &object) {
+        Ok(Some(addrs)) => addrs,
+        Ok(None) => return out,
+        Err(problem) => {
+            warn(warnings, &object, problem);
+            return out;
         }
-        if previous == Some((namespace, name)) {
-            warn(&mut warnings, &object, Problem::Duplicate);
-            continue;
+    };
+    let policy = TrafficPolicy::of(spec);
+    let affinity_timeout_s = match session_affinity(spec) {
+        Ok(timeout) => timeout,
+        Err(problem) => {
+            // Without affinity the Service still works; only stickiness
+            // is lost, which is better than dropping the Service.
+            warn(warnings, &object, problem);
+            None
         }
-        previous = Some((namespace, name));
-        if !is_ours(&service.metadata) {
-            continue;
-        }
-        let Some(spec) = &service.spec else {
-            warn(&mut warnings, &object, Problem::NoClusterIp);
-            continue;
-        };
-        let addrs = match cluster_ips(spec, &object) {
-            Ok(Some(addrs)) => addrs,
-            Ok(None) => continue,
+    };
+    let exposure = Exposure::of(service, spec, &mut |problem| {
+        warn(warnings, &object, problem)
+    })
+    .allowing_node(&node.addresses);
+    let node_addresses: BTreeSet<Ipv4Addr> = node.addresses.iter().copied().collect();
+    // Frontends this Service claimed, by the port that claimed them.
+    let mut own: BTreeMap<Frontend, String> = BTreeMap::new();
+    let mut any_port = false;
+    for port in spec.ports.iter().flatten() {
+        let port_name = port.name.as_deref().unwrap_or("");
+        let (number, protocol) = match service_port(port) {
+            Ok(parsed) => parsed,
             Err(problem) => {
-                warn(&mut warnings, &object, problem);
+                warn(warnings, &object, problem);
                 continue;
             }
         };
-        let service_slices = slices
-            .get(&(namespace.to_string(), name.to_string()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let policy = TrafficPolicy::of(spec);
-        let affinity_timeout_s = match session_affinity(spec) {
-            Ok(timeout) => timeout,
-            Err(problem) => {
-                // Without affinity the Service still works; only stickiness
-                // is lost, which is better than dropping the Service.
-                warn(&mut warnings, &object, problem);
-                None
-            }
-        };
-        let exposure = Exposure::of(service, spec, &mut |problem| {
-            warn(&mut warnings, &object, problem)
-        })
-        .allowing_node(&node.addresses);
-        let node_addresses: BTreeSet<Ipv4Addr> = node.addresses.iter().copied().collect();
-        let mut any_port = false;
-        for port in spec.ports.iter().flatten() {
-            let port_name = port.name.as_deref().unwrap_or("");
-            let (number, protocol) = match service_port(port) {
-                Ok(parsed) => parsed,
+        any_port = true;
+        let node_port = if exposure.node_ports {
+            match node_port(port) {
+                Ok(node_port) => node_port,
                 Err(problem) => {
-                    warn(&mut warnings, &object, problem);
-                    continue;
+                    warn(warnings, &object, problem);
+                    None
                 }
-            };
-            any_port = true;
-            let node_port = if exposure.node_ports {
-                match node_port(port) {
-                    Ok(node_port) => node_port,
-                    Err(problem) => {
-                        warn(&mut warnings, &object, problem);
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            let candidates = candidates_for(service_slices, port_name, protocol);
-            let sets = categorize(&candidates, policy, node);
-            let service = service_port_name(namespace, name, port_name);
-            let state =
-                |kind: FrontendKind| sets.state(&service, kind, &exposure, affinity_timeout_s);
-            let mut claims: Vec<(Frontend, FrontendKind)> = Vec::new();
-            let on = |addr: Ipv4Addr, port: u16| Frontend {
-                addr,
-                port,
-                proto: protocol,
-            };
-            claims.extend(
-                addrs
-                    .iter()
-                    .map(|a| (on(*a, number), FrontendKind::ClusterIp)),
-            );
-            if let Some(node_port) = node_port {
-                claims.extend(
-                    node_addresses
-                        .iter()
-                        .map(|a| (on(*a, node_port), FrontendKind::NodePort)),
-                );
             }
+        } else {
+            None
+        };
+        let candidates = candidates_for(service_slices, port_name, protocol);
+        let sets = categorize(&candidates, policy, node);
+        let service = service_port_name(namespace, name, port_name);
+        let state = |kind: FrontendKind| sets.state(&service, kind, &exposure, affinity_timeout_s);
+        let mut claims: Vec<(Frontend, FrontendKind)> = Vec::new();
+        let on = |addr: Ipv4Addr, port: u16| Frontend {
+            addr,
+            port,
+            proto: protocol,
+        };
+        claims.extend(
+            addrs
+                .iter()
+                .map(|a| (on(*a, number), FrontendKind::ClusterIp)),
+        );
+        if let Some(node_port) = node_port {
             claims.extend(
-                exposure
-                    .load_balancer_ips
+                node_addresses
                     .iter()
-                    .map(|a| (on(*a, number), FrontendKind::LoadBalancer)),
+                    .map(|a| (on(*a, node_port), FrontendKind::NodePort)),
             );
-            claims.extend(
-                exposure
-                    .external_ips
-                    .iter()
-                    .map(|a| (on(*a, number), FrontendKind::ExternalIp)),
-            );
-            for (frontend, kind) in claims {
-                if let Some(owner) = desired.frontends.get(&frontend) {
-                    if owner.service == service {
-                        // One Service naming one address twice (an external
-                        // IP that is also its load-balancer IP): the first
-                        // kind in ClusterIp, NodePort, LoadBalancer,
-                        // ExternalIp order keeps it, so an LB IP keeps its
-                        // source ranges, as kube-proxy's firewall applies
-                        // them to any traffic to the LB IP.
-                        tracing::debug!(
-                            "{object}: {frontend} is both {:?} and {kind:?}",
-                            owner.kind
-                        );
-                        continue;
-                    }
-                    // Only reachable with invalid input (the API server
-                    // rejects duplicate ports and cluster IPs; external and
-                    // LB IPs are not checked across Services) or a stale
-                    // view of a reused IP; the first owner in sorted order
-                    // keeps it so the outcome does not depend on order.
-                    let problem = Problem::FrontendTaken {
-                        name: port_name.to_string(),
-                        frontend,
-                        owner: owner.service.clone(),
-                    };
-                    warn(&mut warnings, &object, problem);
-                    continue;
-                }
-                desired.frontends.insert(frontend, state(kind));
-            }
         }
-        // kube-proxy keeps health checks per service port, so a Service
-        // without a usable port has none.
-        if let Some(port) = exposure.health_check_port.filter(|_| any_port) {
-            let check = HealthCheck {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-                local_endpoints: local_ready_addresses(service_slices, node),
-            };
-            match desired.health_checks.get(&port) {
-                Some(owner) => {
-                    let problem = Problem::HealthCheckPortTaken {
-                        port,
-                        owner: format!("{}/{}", owner.namespace, owner.name),
-                    };
-                    warn(&mut warnings, &object, problem);
+        claims.extend(
+            exposure
+                .load_balancer_ips
+                .iter()
+                .map(|a| (on(*a, number), FrontendKind::LoadBalancer)),
+        );
+        claims.extend(
+            exposure
+                .external_ips
+                .iter()
+                .map(|a| (on(*a, number), FrontendKind::ExternalIp)),
+        );
+        for (frontend, kind) in claims {
+            if let Some(owner) = own.get(&frontend) {
+                if *owner == port_name {
+                    // One Service naming one address twice (an external
+                    // IP that is also its load-balancer IP): the first
+                    // kind in ClusterIp, NodePort, LoadBalancer,
+                    // ExternalIp order keeps it, so an LB IP keeps its
+                    // source ranges, as kube-proxy's firewall applies
+                    // them to any traffic to the LB IP.
+                    tracing::debug!("{object}: {frontend} is claimed twice ({kind:?})");
+                    continue;
                 }
-                None => {
-                    desired.health_checks.insert(port, check);
-                }
+                // Two ports of one Service on one frontend: only invalid
+                // input gets here (the API server rejects duplicate ports).
+                let problem = Problem::FrontendTaken {
+                    name: port_name.to_string(),
+                    frontend,
+                    owner: service_port_name(namespace, name, owner),
+                };
+                warn(warnings, &object, problem);
+                continue;
             }
+            own.insert(frontend, port_name.to_string());
+            out.claims
+                .push((frontend, port_name.to_string(), state(kind)));
         }
     }
-
-    warnings.sort();
-    (desired, warnings)
+    // kube-proxy keeps health checks per service port, so a Service
+    // without a usable port has none.
+    if let Some(port) = exposure.health_check_port.filter(|_| any_port) {
+        let check = HealthCheck {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            local_endpoints: local_ready_addresses(service_slices, node),
+        };
+        out.health_check = Some((port, check));
+    }
+    out
 }
 
-fn namespace_of(meta: &ObjectMeta) -> &str {
+/// The warning of a Service that lost `frontend` (claimed by its port
+/// `port_name`) to `owner`, a Service earlier in (namespace, name) order.
+pub(crate) fn frontend_taken(
+    service: &str,
+    port_name: &str,
+    frontend: Frontend,
+    owner: &str,
+) -> Warning {
+    Warning {
+        object: format!("Service {service}"),
+        reason: Problem::FrontendTaken {
+            name: port_name.to_string(),
+            frontend,
+            owner: owner.to_string(),
+        }
+        .to_string(),
+    }
+}
+
+/// The warning of a Service that lost health check `port` to `owner`.
+pub(crate) fn health_check_taken(service: &str, port: u16, owner: &HealthCheck) -> Warning {
+    Warning {
+        object: format!("Service {service}"),
+        reason: Problem::HealthCheckPortTaken {
+            port,
+            owner: format!("{}/{}", owner.namespace, owner.name),
+        }
+        .to_string(),
+    }
+}
+
+/// The warning of each extra copy of one Service name.
+pub(crate) fn duplicate(service: &str) -> Warning {
+    Warning {
+        object: format!("Service {service}"),
+        reason: Problem::Duplicate.to_string(),
+    }
+}
+
+pub(crate) fn namespace_of(meta: &ObjectMeta) -> &str {
     match meta.namespace.as_deref() {
         None | Some("") => DEFAULT_NAMESPACE,
         Some(namespace) => namespace,
@@ -665,28 +714,22 @@ fn service_port_name(namespace: &str, name: &str, port: &str) -> String {
     }
 }
 
-/// Services in (namespace, name) order. Two copies of one name can only come
-/// from a broken static source; they are ordered by content so the copy that
-/// wins does not depend on file or list order.
-fn sorted_services(services: &[Service]) -> Vec<&Service> {
-    let mut sorted: Vec<&Service> = services.iter().collect();
-    sorted.sort_by(|a, b| identity(a).cmp(&identity(b)).then_with(|| by_content(a, b)));
-    sorted
-}
-
-fn identity(service: &Service) -> (&str, &str) {
+pub(crate) fn identity(service: &Service) -> (&str, &str) {
     let name = service.metadata.name.as_deref().unwrap_or("");
     (namespace_of(&service.metadata), name)
 }
 
-fn by_content(a: &Service, b: &Service) -> Ordering {
+/// Two copies of one Service name can only come from a broken static
+/// source; the smaller by content wins, so the outcome does not depend on
+/// file or list order.
+pub(crate) fn by_content(a: &Service, b: &Service) -> Ordering {
     let text = |s: &Service| serde_json::to_string(s).unwrap_or_default();
     text(a).cmp(&text(b))
 }
 
 /// Whether this proxy should handle the object; objects carrying
 /// `service-proxy-name` (whatever its value) are for another proxy.
-fn is_ours(meta: &ObjectMeta) -> bool {
+pub(crate) fn is_ours(meta: &ObjectMeta) -> bool {
     meta.labels
         .as_ref()
         .is_none_or(|labels| !labels.contains_key(LABEL_SERVICE_PROXY_NAME))
@@ -907,7 +950,7 @@ fn is_ipv6_cidr(text: &str) -> bool {
 
 /// kube-proxy's health check count: distinct addresses of this node's ready
 /// endpoints over every port of the Service's slices.
-fn local_ready_addresses(slices: &[SliceEndpoints], node: &NodeInfo) -> usize {
+fn local_ready_addresses(slices: &[&SliceEndpoints], node: &NodeInfo) -> usize {
     slices
         .iter()
         .filter(|slice| !slice.ports.is_empty())
@@ -924,7 +967,8 @@ fn port_number(port: i32) -> Option<u16> {
 
 /// What one EndpointSlice contributes, validated once however many Service
 /// ports read it.
-struct SliceEndpoints {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SliceEndpoints {
     /// (name, protocol, number)
     ports: Vec<(String, Protocol, u16)>,
     /// The endpoints that may ever be used: ready, or serving and
@@ -983,43 +1027,39 @@ impl EndpointInfo {
     }
 }
 
-type SliceIndex = BTreeMap<(String, String), Vec<SliceEndpoints>>;
-
-/// Valid IPv4 slices keyed by (namespace, service name).
-fn index_slices(slices: &[EndpointSlice], warnings: &mut Vec<Warning>) -> SliceIndex {
-    let mut index = SliceIndex::new();
-    for slice in slices {
-        let namespace = namespace_of(&slice.metadata);
-        let name = slice.metadata.name.as_deref().unwrap_or("");
-        let object = format!("EndpointSlice {namespace}/{name}");
-        if slice.address_type != "IPv4" {
-            tracing::debug!("{object}: ignoring addressType {:?}", slice.address_type);
-            continue;
-        }
-        let labels = slice.metadata.labels.as_ref();
-        let Some(service) = labels.and_then(|labels| labels.get(LABEL_SERVICE_NAME)) else {
-            // Slices not managed for a Service are legal (custom controllers)
-            // and simply unused.
-            tracing::debug!("{object}: no {LABEL_SERVICE_NAME} label, ignoring");
-            continue;
-        };
-        if !is_ours(&slice.metadata) || labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
-            continue;
-        }
-        let parsed = SliceEndpoints {
-            ports: slice_ports(
-                slice.ports.as_deref().unwrap_or_default(),
-                &object,
-                warnings,
-            ),
-            endpoints: usable_endpoints(slice, &object, warnings),
-        };
-        index
-            .entry((namespace.to_string(), service.clone()))
-            .or_default()
-            .push(parsed);
+/// A slice's Service (namespace, name) and what it contributes; `None` for
+/// slices no Service of ours reads (another address family, no Service
+/// label, another proxy's, a headless Service's).
+pub(crate) fn parse_slice(
+    slice: &EndpointSlice,
+    warnings: &mut Vec<Warning>,
+) -> Option<((String, String), SliceEndpoints)> {
+    let namespace = namespace_of(&slice.metadata);
+    let name = slice.metadata.name.as_deref().unwrap_or("");
+    let object = format!("EndpointSlice {namespace}/{name}");
+    if slice.address_type != "IPv4" {
+        tracing::debug!("{object}: ignoring addressType {:?}", slice.address_type);
+        return None;
     }
-    index
+    let labels = slice.metadata.labels.as_ref();
+    let Some(service) = labels.and_then(|labels| labels.get(LABEL_SERVICE_NAME)) else {
+        // Slices not managed for a Service are legal (custom controllers)
+        // and simply unused.
+        tracing::debug!("{object}: no {LABEL_SERVICE_NAME} label, ignoring");
+        return None;
+    };
+    if !is_ours(&slice.metadata) || labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+        return None;
+    }
+    let parsed = SliceEndpoints {
+        ports: slice_ports(
+            slice.ports.as_deref().unwrap_or_default(),
+            &object,
+            warnings,
+        ),
+        endpoints: usable_endpoints(slice, &object, warnings),
+    };
+    Some(((namespace.to_string(), service.clone()), parsed))
 }
 
 fn slice_ports(
@@ -1115,7 +1155,7 @@ struct Candidate<'a> {
 /// only asks "any" and "all" questions, so copies cannot make it depend on
 /// slice order.
 fn candidates_for<'a>(
-    slices: &'a [SliceEndpoints],
+    slices: &[&'a SliceEndpoints],
     name: &str,
     protocol: Protocol,
 ) -> Vec<Candidate<'a>> {
