@@ -239,9 +239,10 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             match args.manifests {
-                Some(dir) => {
-                    runtime.block_on(agent::run(cfg, ManifestSource::new(dir, poll_interval)))
-                }
+                // The inotify watch registers with the runtime's reactor.
+                Some(dir) => runtime.block_on(async {
+                    agent::run(cfg, ManifestSource::new(dir, poll_interval)).await
+                }),
                 None => runtime.block_on(async {
                     let client = kube_client(args.kubeconfig.as_deref()).await?;
                     let source = KubeSource::new(client, &cfg.node_name);

@@ -17,12 +17,11 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
-use std::ffi::OsString;
 use std::fmt;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -32,6 +31,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 use thiserror::Error;
 
+use super::inotify::{DirNotify, Woken};
 use super::{Changes, Delta, Objects, Source};
 use crate::model::{DEFAULT_NAMESPACE, Origin};
 
@@ -187,30 +187,61 @@ impl Named {
     }
 }
 
-/// A directory of YAML files: re-read when they change, only the documents
-/// whose text changed parsed again.
+/// A directory of YAML files: re-read when inotify reports a change, only
+/// the documents whose text changed parsed again.
 pub struct ManifestSource {
     dir: PathBuf,
-    watcher: DirWatcher,
+    /// `None` while the directory does not exist (it is then looked for
+    /// every `missing_poll`).
+    notify: Option<DirNotify>,
+    /// The initial read is due.
+    initial: bool,
+    missing_poll: Duration,
     cache: DocCache,
-    poll_interval: Duration,
 }
 
 impl ManifestSource {
-    pub fn new(dir: PathBuf, poll_interval: Duration) -> Self {
+    /// Watches `dir` (from now on, so nothing between this and the first
+    /// read is missed); a missing directory is looked for every
+    /// `missing_poll`.
+    pub fn new(dir: PathBuf, missing_poll: Duration) -> Self {
         Self {
-            watcher: DirWatcher::new(&dir),
+            notify: DirNotify::new(&dir).ok(),
+            initial: true,
+            missing_poll,
             cache: DocCache::default(),
             dir,
-            poll_interval,
         }
     }
 }
 
 impl Source for ManifestSource {
     async fn changed(&mut self) {
-        while !self.watcher.changed() {
-            tokio::time::sleep(self.poll_interval).await;
+        if std::mem::take(&mut self.initial) {
+            return;
+        }
+        loop {
+            let Some(notify) = &self.notify else {
+                tokio::time::sleep(self.missing_poll).await;
+                self.notify = DirNotify::new(&self.dir).ok();
+                if self.notify.is_some() {
+                    tracing::info!(dir = %self.dir.display(), "manifest directory is back");
+                    return;
+                }
+                continue;
+            };
+            match notify.wait().await {
+                Ok(Woken::Changed) => return,
+                Ok(Woken::DirectoryGone) => {
+                    self.notify = None;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "inotify failed; watching afresh");
+                    self.notify = None;
+                    return;
+                }
+            }
         }
     }
 
@@ -542,96 +573,12 @@ fn with_default_namespace<T: Metadata<Ty = ObjectMeta>>(mut object: T) -> T {
     object
 }
 
-/// One manifest file's identity for change detection.
-#[derive(Debug, Eq)]
-struct FileStamp {
-    name: OsString,
-    len: u64,
-    modified: Option<SystemTime>,
-    /// Hash of the content, only for a file modified within
-    /// [`RECENT`]: catches a second edit that keeps the size within the
-    /// mtime granularity. Older files are not read at all: hashing every
-    /// manifest on every poll cost a whole core at 30,000 Services.
-    content: Option<u64>,
-}
-
-/// Files modified this recently have their content compared too.
-const RECENT: Duration = Duration::from_secs(2);
-
-impl PartialEq for FileStamp {
-    /// Content counts only where both sides have it, so a file ageing out
-    /// of [`RECENT`] is not a change.
-    fn eq(&self, other: &Self) -> bool {
-        let content_same = match (self.content, other.content) {
-            (Some(a), Some(b)) => a == b,
-            _ => true,
-        };
-        self.name == other.name
-            && self.len == other.len
-            && self.modified == other.modified
-            && content_same
-    }
-}
-
-/// Polling change detector for a manifest directory, cheap enough to call
-/// every poll: one directory listing and a stat per manifest, plus reading
-/// the ones modified in the last [`RECENT`].
-#[derive(Debug)]
-pub struct DirWatcher {
-    dir: PathBuf,
-    /// `None` until the first call; `Some(Err)` while the directory cannot
-    /// be listed, so only transitions report a change.
-    last: Option<Result<Vec<FileStamp>, std::io::ErrorKind>>,
-}
-
-impl DirWatcher {
-    pub fn new(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-            last: None,
-        }
-    }
-
-    /// True the first time and whenever a manifest was added, removed or
-    /// changed since the previous call.
-    pub fn changed(&mut self) -> bool {
-        let current = Some(fingerprint(&self.dir));
-        if current == self.last {
-            return false;
-        }
-        self.last = current;
-        true
-    }
-}
-
-fn fingerprint(dir: &Path) -> Result<Vec<FileStamp>, std::io::ErrorKind> {
-    let files = manifest_files(dir).map_err(|e| e.kind())?;
-    Ok(files
-        .into_iter()
-        .map(|path| {
-            let metadata = fs::metadata(&path).ok();
-            let modified = metadata.as_ref().and_then(|m| m.modified().ok());
-            // No mtime, or one in the future: read it to be safe.
-            let recent = modified.is_none_or(|m| !matches!(m.elapsed(), Ok(age) if age >= RECENT));
-            FileStamp {
-                name: path.file_name().map(OsString::from).unwrap_or_default(),
-                len: metadata.as_ref().map_or(0, fs::Metadata::len),
-                modified,
-                content: recent.then(|| fs::read(&path).ok()).flatten().map(|bytes| {
-                    let mut hasher = DefaultHasher::new();
-                    bytes.hash(&mut hasher);
-                    hasher.finish()
-                }),
-            }
-        })
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::SystemTime;
 
     /// A fresh directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
@@ -1099,33 +1046,5 @@ metadata:
         assert_eq!(objects, Objects::default());
         assert_eq!(warnings.len(), 1);
         assert_eq!(warnings[0].file, gone);
-    }
-
-    #[test]
-    fn watcher_detects_edit_add_remove() {
-        let dir = TempDir::new();
-        let web = dir.write("web.yaml", SERVICE);
-        let mut watcher = DirWatcher::new(&dir.0);
-        assert!(watcher.changed(), "first call");
-        assert!(!watcher.changed(), "nothing happened");
-
-        // Same length, written immediately: only the content hash can tell.
-        fs::write(&web, SERVICE.replace("10.96.0.10", "10.96.0.11")).expect("edit");
-        assert!(watcher.changed(), "edit");
-        assert!(!watcher.changed());
-
-        dir.write("other.yml", SLICE);
-        assert!(watcher.changed(), "add");
-        dir.write("ignored.txt", "x");
-        dir.write(".hidden.yaml", "x");
-        assert!(!watcher.changed(), "non-manifests are not watched");
-
-        fs::remove_file(&web).expect("remove");
-        assert!(watcher.changed(), "remove");
-        assert!(!watcher.changed());
-
-        fs::remove_dir_all(&dir.0).expect("remove dir");
-        assert!(watcher.changed(), "directory gone");
-        assert!(!watcher.changed());
     }
 }

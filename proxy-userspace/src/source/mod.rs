@@ -3,6 +3,7 @@
 //! ([`Delta`]), never a whole snapshot, so the work downstream follows the
 //! size of the change and not the size of the cluster.
 
+mod inotify;
 pub mod kube;
 pub mod manifests;
 pub mod trim;
