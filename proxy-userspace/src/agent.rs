@@ -391,8 +391,9 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = source.changed() => {
-                noticed = Some(Instant::now());
-                syncer.take(source.take_changes());
+                let changes = source.take_changes();
+                noticed = Some(changes.since.unwrap_or_else(Instant::now));
+                syncer.take(changes);
                 false
             }
             _ = resync.tick(), if synced => true,
@@ -430,9 +431,8 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             syncer.prepare_resync();
         }
         let out = syncer.sync();
-        // Failures are logged by the servers and retried at the next sync.
-        health.set_addresses(health_addresses(&cfg, &syncer)).await;
-        health.update(syncer.health_checks()).await;
+        let written = Instant::now();
+        let noticed = noticed.take().filter(|_| !full);
         let skipped = syncer.warning_count();
         metrics.record_sync(
             syncer.object_counts(),
@@ -440,17 +440,24 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             &out,
             skipped,
             started.elapsed(),
-            noticed.take().filter(|_| !full),
+            noticed,
         );
+        // Failures are logged by the servers and retried at the next sync.
+        health.set_addresses(health_addresses(&cfg, &syncer)).await;
+        health.update(syncer.health_checks()).await;
         synced = true;
         generation += 1;
+        // since_event_us: from the source's first event of this batch to
+        // the last map write (what kep_network_programming_duration_seconds
+        // observes); took_us: the sync itself.
         tracing::info!(
-            "datapath programmed generation={generation} frontends={} backends={} ops={} failed={} took_us={}",
+            "datapath programmed generation={generation} frontends={} backends={} ops={} failed={} took_us={} since_event_us={}",
             out.frontends,
             out.backends,
             out.ops,
             out.failed,
-            started.elapsed().as_micros()
+            written.duration_since(started).as_micros(),
+            noticed.map_or(0, |n| written.saturating_duration_since(n).as_micros()),
         );
     }
     tracing::info!(

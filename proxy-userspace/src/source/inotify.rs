@@ -102,8 +102,8 @@ fn drain(fd: &OwnedFd) -> io::Result<Option<Woken>> {
             // to be safe about the name padding of the one before.
             let event: libc::inotify_event =
                 unsafe { std::ptr::read_unaligned(bytes[at..].as_ptr().cast()) };
-            let gone = event.mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_IGNORED)
-                != 0;
+            let gone =
+                event.mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_IGNORED) != 0;
             woken = Some(if gone || woken == Some(Woken::DirectoryGone) {
                 Woken::DirectoryGone
             } else {

@@ -37,6 +37,8 @@ pub const SLICE_LABEL_SELECTOR: &str =
 #[derive(Default)]
 struct Shared {
     deltas: Vec<Delta>,
+    /// When the oldest of `deltas` arrived.
+    since: Option<std::time::Instant>,
     /// Watches whose initial list completed.
     ready: usize,
 }
@@ -133,6 +135,7 @@ struct Handoff {
 impl Handoff {
     fn send(&self, deltas: impl IntoIterator<Item = Delta>, ready: bool) {
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.since.get_or_insert_with(std::time::Instant::now);
         shared.deltas.extend(deltas);
         shared.ready += usize::from(ready);
         drop(shared);
@@ -236,9 +239,11 @@ impl Source for KubeSource {
     }
 
     fn take_changes(&mut self) -> Changes {
+        let mut shared = self.lock();
         Changes {
-            deltas: std::mem::take(&mut self.lock().deltas),
+            deltas: std::mem::take(&mut shared.deltas),
             warnings: None,
+            since: shared.since.take(),
         }
     }
 }

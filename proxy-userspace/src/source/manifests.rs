@@ -251,6 +251,7 @@ impl Source for ManifestSource {
         Changes {
             deltas: reload.deltas,
             warnings: Some(reload.warnings.iter().map(ToString::to_string).collect()),
+            since: None,
         }
     }
 }

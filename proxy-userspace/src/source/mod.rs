@@ -76,6 +76,9 @@ pub struct Changes {
     /// The source's own warnings (unreadable files...), when they may have
     /// changed: the whole current list.
     pub warnings: Option<Vec<String>>,
+    /// When the first of these changes reached the source, if it knows
+    /// better than the moment it reported them.
+    pub since: Option<std::time::Instant>,
 }
 
 /// A source of Services, EndpointSlices and Nodes.
