@@ -165,7 +165,8 @@ impl Syncer {
     /// logged and the rest still applies.
     pub fn sync(&mut self) -> SyncOutcome {
         let touched = self.tracker.settle();
-        if !touched.is_empty() || self.whole || std::mem::take(&mut self.warnings_changed) {
+        let tracker_warnings = self.tracker.warnings_changed();
+        if tracker_warnings || self.whole || std::mem::take(&mut self.warnings_changed) {
             self.report_warnings();
         }
         let mut footprint = self.encoder.update(

@@ -946,35 +946,49 @@ fn serve_conn(inner: &Inner, stream: TcpStream, watching: &AtomicBool) -> io::Re
         }
         // Pages as the API server serves them (`limit`, `continue`), so a
         // client's memory follows a page, not the whole list. The continue
-        // token is "<list resourceVersion>/<items sent so far>"; objects
-        // changed between pages are not a snapshot, which no test relies on.
+        // token is "<list resourceVersion>/<namespace>/<name>" of the last
+        // item sent; the next page starts after it. Objects changed between
+        // pages are not a snapshot, which no test relies on.
         let limit = param("limit")
             .and_then(|l| l.parse::<usize>().ok())
             .filter(|l| *l > 0);
-        let (list_rv, skip) = param("continue")
-            .and_then(|c| {
-                let (rv, n) = c.split_once('/')?;
-                Some((rv.parse::<u64>().ok()?, n.parse::<usize>().ok()?))
-            })
-            .map_or((None, 0), |(rv, n)| (Some(rv), n));
-        let (rv, items, more) = {
+        let resume = param("continue").and_then(|c| {
+            let mut parts = c.splitn(3, '/');
+            let rv = parts.next()?.parse::<u64>().ok()?;
+            Some((rv, parts.next()?.to_string(), parts.next()?.to_string()))
+        });
+        let (rv, items, last, more) = {
             let st = lock(&inner.state);
+            let start = match &resume {
+                Some((_, ns, name)) => {
+                    std::ops::Bound::Excluded((target.kind, ns.clone(), name.clone()))
+                }
+                None => std::ops::Bound::Included((target.kind, String::new(), String::new())),
+            };
             let mut matching = st
                 .objects
-                .iter()
-                .filter(|((k, _, _), o)| *k == target.kind && selects(o))
-                .skip(skip);
-            let items: Vec<Value> = matching
+                .range((start, std::ops::Bound::Unbounded))
+                .take_while(|((k, _, _), _)| *k == target.kind)
+                .filter(|(_, o)| selects(o));
+            let page: Vec<(&Key, &Value)> = matching
                 .by_ref()
                 .take(limit.unwrap_or(usize::MAX))
-                .map(|(_, o)| o.clone())
                 .collect();
             let more = matching.next().is_some();
-            (list_rv.unwrap_or(st.rv), items, more)
+            let last = page
+                .last()
+                .map(|((_, ns, name), _)| (ns.clone(), name.clone()));
+            let items: Vec<Value> = page.into_iter().map(|(_, o)| o.clone()).collect();
+            (
+                resume.as_ref().map_or(st.rv, |(rv, _, _)| *rv),
+                items,
+                last,
+                more,
+            )
         };
         let mut metadata = json!({ "resourceVersion": rv.to_string() });
-        if more {
-            metadata["continue"] = json!(format!("{rv}/{}", skip + items.len()));
+        if let (true, Some((ns, name))) = (more, last) {
+            metadata["continue"] = json!(format!("{rv}/{ns}/{name}"));
         }
         let body = json!({
             "kind": format!("{}List", target.kind.kind()),

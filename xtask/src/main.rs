@@ -334,6 +334,16 @@ fn build_ebpf() -> Result<PathBuf> {
 fn test() -> Result<()> {
     require_root("`cargo xtask test` (network namespaces, eBPF)")?;
     setup()?;
+    // The pure tier first: it needs neither the eBPF object (a stub is
+    // embedded when it is missing) nor root, and fails fastest.
+    run(cargo().args([
+        "test",
+        "-p",
+        "proxy-common",
+        "-p",
+        "proxy-userspace",
+        "--lib",
+    ]))?;
     build_ebpf()?;
     let agent = target_dir().join("debug/kube-ebpf-proxy");
     run(cargo().args(["build", "-p", "proxy-userspace"]))?;

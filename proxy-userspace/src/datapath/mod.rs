@@ -297,6 +297,13 @@ impl Datapath {
     /// adopting the ones already pinned there (a restarted agent keeps the
     /// previous contents, so it only rewrites what differs).
     pub fn load(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+        if BPF_OBJECT.is_empty() {
+            return Err(DatapathError::Settings(
+                "this agent was built without its eBPF object (run `cargo xtask build-ebpf`, \
+                 then build the agent again)"
+                    .into(),
+            ));
+        }
         let netns_cookie = current_netns_cookie().map_err(|source| {
             DatapathError::Settings(format!("reading this network namespace's cookie: {source}"))
         })?;

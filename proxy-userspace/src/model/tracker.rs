@@ -33,6 +33,62 @@ pub type Origin = u64;
 /// (namespace, name, origin) of an EndpointSlice.
 type SliceName = (String, String, Origin);
 
+/// A sorted map that is nearly always of one entry (a Service's copies and
+/// slices, a frontend's claimants): a vector, because a `BTreeMap` of one
+/// entry allocates room for eleven, which for 30,000 Services is hundreds
+/// of megabytes.
+#[derive(Debug)]
+struct Few<K, V>(Vec<(K, V)>);
+
+impl<K, V> Default for Few<K, V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<K: Ord, V> Few<K, V> {
+    fn find(&self, key: &K) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.cmp(key))
+    }
+
+    fn get(&self, key: &K) -> Option<&V> {
+        self.find(key).ok().map(|i| &self.0[i].1)
+    }
+
+    fn insert(&mut self, key: K, value: V) {
+        match self.find(&key) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (key, value)),
+        }
+    }
+
+    fn remove(&mut self, key: &K) {
+        if let Ok(i) = self.find(key) {
+            self.0.remove(i);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &K> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+}
+
 /// One slice as last seen.
 struct Slice {
     /// The Service it belongs to and what it contributes; `None` when no
@@ -61,21 +117,24 @@ pub struct Tracker {
     /// Labels of Node objects by (name, origin); the one named as this node
     /// gives its topology.
     nodes: BTreeMap<(String, Origin), BTreeMap<String, String>>,
-    services: HashMap<ServiceName, BTreeMap<Origin, Service>>,
+    services: HashMap<ServiceName, Few<Origin, Box<Service>>>,
     slices: HashMap<SliceName, Slice>,
-    slices_of: HashMap<ServiceName, BTreeSet<SliceName>>,
+    slices_of: HashMap<ServiceName, Few<SliceName, ()>>,
     claimed: HashMap<ServiceName, Claimed>,
     /// Every claim of each frontend, first in (namespace, name) order wins.
-    claims: HashMap<Frontend, BTreeMap<ServiceName, Claim>>,
+    claims: HashMap<Frontend, Few<ServiceName, Claim>>,
     /// Frontends with more than one claimant, for the warnings.
     contested: BTreeSet<Frontend>,
-    health_claims: BTreeMap<u16, BTreeMap<ServiceName, HealthCheck>>,
+    health_claims: BTreeMap<u16, Few<ServiceName, HealthCheck>>,
     /// The winning health check of each port.
     health_checks: BTreeMap<u16, HealthCheck>,
     /// Services to derive again at the next settle.
     dirty: BTreeSet<ServiceName>,
     /// Frontends whose claims changed since the last settle.
     touched: BTreeSet<Frontend>,
+    /// Something a warning is made of changed since the last
+    /// [`Tracker::warnings_changed`].
+    warnings_changed: bool,
 }
 
 impl Tracker {
@@ -96,6 +155,7 @@ impl Tracker {
             health_checks: BTreeMap::new(),
             dirty: BTreeSet::new(),
             touched: BTreeSet::new(),
+            warnings_changed: false,
         }
     }
 
@@ -105,10 +165,10 @@ impl Tracker {
         let name = service_name(&service);
         let copies = self.services.entry(name.clone()).or_default();
         // A relist sends every object again: the same one changes nothing.
-        if copies.get(&origin) == Some(&service) {
+        if copies.get(&origin).is_some_and(|old| **old == service) {
             return;
         }
-        copies.insert(origin, service);
+        copies.insert(origin, Box::new(service));
         self.dirty.insert(name);
     }
 
@@ -140,12 +200,13 @@ impl Tracker {
             return;
         }
         self.remove_slice(&key);
+        self.warnings_changed |= !warnings.is_empty();
         if let Some((service, _)) = &parsed {
             self.dirty.insert(service.clone());
             self.slices_of
                 .entry(service.clone())
                 .or_default()
-                .insert(key.clone());
+                .insert(key.clone(), ());
         }
         self.slices.insert(key, Slice { parsed, warnings });
     }
@@ -159,6 +220,7 @@ impl Tracker {
         let Some(old) = self.slices.remove(key) else {
             return;
         };
+        self.warnings_changed |= !old.warnings.is_empty();
         if let Some((service, _)) = old.parsed {
             if let Some(of) = self.slices_of.get_mut(&service) {
                 of.remove(key);
@@ -241,7 +303,7 @@ impl Tracker {
                 .slices_of
                 .get(&name)
                 .into_iter()
-                .flatten()
+                .flat_map(Few::keys)
                 .filter_map(|key| self.slices.get(key))
                 .filter_map(|slice| slice.parsed.as_ref().map(|(_, parsed)| parsed))
                 .collect();
@@ -257,16 +319,17 @@ impl Tracker {
         let Some(old) = self.claimed.remove(name) else {
             return;
         };
+        self.warnings_changed |= !old.warnings.is_empty() || old.health_check.is_some();
         for frontend in old.frontends {
             if let Some(claims) = self.claims.get_mut(&frontend) {
                 claims.remove(name);
                 match claims.len() {
                     0 => {
                         self.claims.remove(&frontend);
-                        self.contested.remove(&frontend);
+                        self.warnings_changed |= self.contested.remove(&frontend);
                     }
                     1 => {
-                        self.contested.remove(&frontend);
+                        self.warnings_changed |= self.contested.remove(&frontend);
                     }
                     _ => {}
                 }
@@ -292,6 +355,7 @@ impl Tracker {
         } = derived;
         let label = format!("{}/{}", name.0, name.1);
         warnings.extend((0..extra_copies).map(|_| duplicate(&label)));
+        self.warnings_changed |= !warnings.is_empty() || health_check.is_some();
         let mut claimed = Claimed {
             frontends: Vec::with_capacity(claims.len()),
             health_check: None,
@@ -302,6 +366,7 @@ impl Tracker {
             all.insert(name.clone(), (port, state));
             if all.len() > 1 {
                 self.contested.insert(frontend);
+                self.warnings_changed = true;
             }
             self.touched.insert(frontend);
             claimed.frontends.push(frontend);
@@ -359,10 +424,16 @@ impl Tracker {
     /// Services, EndpointSlices and Nodes held (copies counted).
     pub fn object_counts(&self) -> (usize, usize, usize) {
         (
-            self.services.values().map(BTreeMap::len).sum(),
+            self.services.values().map(Few::len).sum(),
             self.slices.len(),
             self.nodes.len(),
         )
+    }
+
+    /// Whether [`Tracker::warnings`] may differ from when this was last
+    /// asked (computing them walks every object).
+    pub fn warnings_changed(&mut self) -> bool {
+        std::mem::take(&mut self.warnings_changed)
     }
 
     /// Everything skipped, sorted: the objects' own problems and the

@@ -84,6 +84,8 @@ pub struct ControlRun {
 }
 
 const MANIFEST: &str = "control-plane.yaml";
+/// Services-map entries of one benchmark Service.
+const SERVICE_ENTRIES: usize = 5;
 const PROGRAMMED: &str = "datapath programmed";
 
 /// Every source at every N, each on a fresh agent in `lab`.
@@ -157,27 +159,45 @@ impl Feed {
         }
     }
 
-    fn agent_args(&self, lab: &Lab) -> Vec<std::ffi::OsString> {
-        match self {
+    fn agent_args(&self, lab: &Lab, services: usize) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = match self {
             Feed::Manifests => vec!["--manifests".into(), lab.manifest_dir().into()],
             Feed::Api { kubeconfig, .. } => vec!["--kubeconfig".into(), kubeconfig.into()],
+        };
+        // Five services-map entries per Service here (slot 0, three slots,
+        // the cluster IP's port-less entry): above the default capacity's
+        // ~52,000 Services, the map is sized as an operator would.
+        let entries = services * SERVICE_ENTRIES;
+        if entries > proxy_common::defaults::SERVICES_MAX as usize {
+            args.extend([
+                "--services-max".into(),
+                entries.next_power_of_two().to_string().into(),
+            ]);
         }
+        args
     }
 
-    /// Replaces the last Service's endpoints: a manifest rewrite, or its
-    /// EndpointSlice applied to the API server.
-    fn change(&self, lab: &Lab, services: &[BenchService]) -> Result<()> {
+    /// Prepares replacing the last Service's endpoints with those of
+    /// `services`' last: the manifest rendered and written aside, or the
+    /// slice built. Nothing is visible to the agent before
+    /// [`Change::publish`], which is what the measurements start from.
+    fn prepare(&self, lab: &Lab, services: &[BenchService]) -> Result<Change<'_>> {
         match self {
-            Feed::Manifests => lab
-                .write_manifest(MANIFEST, &rules::manifest(services))
-                .map(|_| ()),
+            Feed::Manifests => {
+                let staging = lab.dir().join(format!(".staging-{MANIFEST}"));
+                std::fs::write(&staging, rules::manifest(services))?;
+                Ok(Change::Rename {
+                    from: staging,
+                    to: lab.manifest_dir().join(MANIFEST),
+                })
+            }
             Feed::Api { server, .. } => {
                 let last = services.last().context("no service")?;
                 let slice = rules::api_objects(std::slice::from_ref(last))
                     .into_iter()
                     .find(|o| o["kind"] == "EndpointSlice")
                     .context("no slice")?;
-                server.apply(slice).map(|_| ())
+                Ok(Change::Apply { server, slice })
             }
         }
     }
@@ -185,6 +205,29 @@ impl Feed {
     fn remove(&self, lab: &Lab) {
         if let Feed::Manifests = self {
             let _ = lab.remove_manifest(MANIFEST);
+        }
+    }
+}
+
+/// A prepared change of the last Service's endpoints.
+enum Change<'a> {
+    /// A manifest written aside, renamed into the manifest directory.
+    Rename {
+        from: std::path::PathBuf,
+        to: std::path::PathBuf,
+    },
+    /// A slice applied to the API server.
+    Apply {
+        server: &'a FakeApiServer,
+        slice: serde_json::Value,
+    },
+}
+
+impl Change<'_> {
+    fn publish(self) -> Result<()> {
+        match self {
+            Change::Rename { from, to } => Ok(std::fs::rename(from, to)?),
+            Change::Apply { server, slice } => server.apply(slice).map(|_| ()),
         }
     }
 }
@@ -213,7 +256,7 @@ fn measure_with(
 ) -> Result<()> {
     let timeout = Duration::from_secs(600);
     let t0 = Instant::now();
-    let agent = lab.start_agent_args(&feed.agent_args(lab))?;
+    let agent = lab.start_agent_args(&feed.agent_args(lab, services.len()))?;
     let line = wait_line(&agent, 1, timeout)?;
     run.programmed_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
     run.agent_took_us = field(&line, "took_us");
@@ -263,10 +306,11 @@ fn measure_with(
             l.endpoints = to.iter().map(|&i| addr::backend_ip(i)).collect();
         }
         let names: Vec<String> = to.iter().map(|&i| backend_name(i)).collect();
+        let change = feed.prepare(lab, &current)?;
         let prober = Prober::start(lab, target, &names, settings.switch)?;
         let before = agent.log_count(PROGRAMMED);
         let changed = Instant::now();
-        feed.change(lab, &current)?;
+        change.publish()?;
         let waited = wait_line(&agent, before + 1, timeout);
         let programmed = changed.elapsed();
         let switch = prober.finish(Peer::Ours, services.len(), rep, names, changed, programmed);
