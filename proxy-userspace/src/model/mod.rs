@@ -1027,10 +1027,37 @@ impl EndpointInfo {
     }
 }
 
+/// Everything the model will ever read of one EndpointSlice, a few hundred
+/// bytes instead of the object's few kilobytes: sources reduce slices to
+/// this as they decode them, so a large initial load never holds the
+/// objects themselves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceFacts {
+    pub namespace: String,
+    pub name: String,
+    /// Its Service and what it contributes; `None` when no Service of ours
+    /// reads it.
+    pub(crate) parsed: Option<((String, String), SliceEndpoints)>,
+    pub(crate) warnings: Vec<Warning>,
+}
+
+impl SliceFacts {
+    pub fn of(slice: &EndpointSlice) -> Self {
+        let mut warnings = Vec::new();
+        let parsed = parse_slice(slice, &mut warnings);
+        Self {
+            namespace: namespace_of(&slice.metadata).to_string(),
+            name: slice.metadata.name.clone().unwrap_or_default(),
+            parsed,
+            warnings,
+        }
+    }
+}
+
 /// A slice's Service (namespace, name) and what it contributes; `None` for
 /// slices no Service of ours reads (another address family, no Service
 /// label, another proxy's, a headless Service's).
-pub(crate) fn parse_slice(
+fn parse_slice(
     slice: &EndpointSlice,
     warnings: &mut Vec<Warning>,
 ) -> Option<((String, String), SliceEndpoints)> {

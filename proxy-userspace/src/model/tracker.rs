@@ -17,9 +17,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{
-    Derived, Frontend, FrontendState, HealthCheck, NodeInfo, SliceEndpoints, Warning, by_content,
-    derive_service, duplicate, frontend_taken, health_check_taken, identity, namespace_of,
-    parse_slice,
+    Derived, Frontend, FrontendState, HealthCheck, NodeInfo, SliceEndpoints, SliceFacts, Warning,
+    by_content, derive_service, duplicate, frontend_taken, health_check_taken, identity,
 };
 
 /// (namespace, name) of a Service.
@@ -186,13 +185,18 @@ impl Tracker {
 
     /// Adds or replaces the copy `origin` of an EndpointSlice.
     pub fn put_slice(&mut self, origin: Origin, slice: EndpointSlice) {
-        let key = (
-            namespace_of(&slice.metadata).to_string(),
-            slice.metadata.name.clone().unwrap_or_default(),
-            origin,
-        );
-        let mut warnings = Vec::new();
-        let parsed = parse_slice(&slice, &mut warnings);
+        self.put_slice_facts(origin, SliceFacts::of(&slice));
+    }
+
+    /// [`Tracker::put_slice`] of a slice already reduced to its facts.
+    pub fn put_slice_facts(&mut self, origin: Origin, facts: SliceFacts) {
+        let SliceFacts {
+            namespace,
+            name,
+            parsed,
+            warnings,
+        } = facts;
+        let key = (namespace, name, origin);
         if let Some(old) = self.slices.get(&key)
             && old.parsed == parsed
             && old.warnings == warnings

@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::{Changes, Delta, Source, trim};
+use crate::model::SliceFacts;
 
 /// Label selector for Services, as kube-proxy's: services handled by another
 /// proxy are not ours.
@@ -83,10 +84,7 @@ impl KubeSource {
                 Api::<EndpointSlice>::all(client.clone()),
                 watcher::Config::default().labels(SLICE_LABEL_SELECTOR),
                 to.clone(),
-                |mut slice: EndpointSlice| {
-                    trim::slice(&mut slice);
-                    Delta::Slice(0, Box::new(slice))
-                },
+                |slice: EndpointSlice| Delta::SliceFacts(0, Box::new(SliceFacts::of(&slice))),
                 |namespace, name| Delta::SliceGone {
                     origin: 0,
                     namespace,

@@ -33,7 +33,7 @@ use thiserror::Error;
 
 use super::inotify::{DirNotify, Woken};
 use super::{Changes, Delta, Objects, Source};
-use crate::model::{DEFAULT_NAMESPACE, Origin};
+use crate::model::{DEFAULT_NAMESPACE, Origin, SliceFacts};
 
 /// Something in a file that was skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,7 +91,7 @@ const SLICE_API_VERSION: &str = "discovery.k8s.io/v1";
 /// `*.json` files directly in `dir`, in file name order. Problems are
 /// returned as warnings; whatever could be read is returned regardless.
 pub fn load_dir(dir: &Path) -> (Objects, Vec<SourceWarning>) {
-    let reload = reload(dir, &mut DocCache::default());
+    let reload = reload(dir, &mut DocCache::default(), Decode::Objects);
     let mut objects = Objects::default();
     for delta in reload.deltas {
         match delta {
@@ -115,17 +115,28 @@ pub struct Reload {
     pub warnings: Vec<SourceWarning>,
 }
 
+/// What a reload hands over for each object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decode {
+    /// The objects as decoded.
+    Objects,
+    /// What the model reads: Services trimmed, EndpointSlices reduced to
+    /// their facts as each document is decoded, so a large file never has
+    /// all its objects in memory at once.
+    Facts,
+}
+
 /// Reads `dir` again, parsing only documents `cache` has not seen (in that
 /// file, with that text), and returns the difference; the cache then holds
 /// this load's documents. It keeps the names each document defined, never
 /// the objects (the tracker holds those once).
-pub fn reload(dir: &Path, cache: &mut DocCache) -> Reload {
+pub fn reload(dir: &Path, cache: &mut DocCache, decode: Decode) -> Reload {
     let mut out = Reload::default();
     let mut next = DocCache::default();
     match manifest_files(dir) {
         Ok(files) => {
             for file in files {
-                load_file(&file, cache, &mut next, &mut out);
+                load_file(&file, cache, &mut next, &mut out, decode);
             }
         }
         Err(e) => out.warnings.push(warning(dir, None, Problem::ListDir(e))),
@@ -246,7 +257,7 @@ impl Source for ManifestSource {
     }
 
     fn take_changes(&mut self) -> Changes {
-        let reload = reload(&self.dir, &mut self.cache);
+        let reload = reload(&self.dir, &mut self.cache, Decode::Facts);
         tracing::debug!(parsed = self.cache.parsed(), "manifests read");
         Changes {
             deltas: reload.deltas,
@@ -327,7 +338,13 @@ fn warning(file: &Path, object: Option<String>, problem: Problem) -> SourceWarni
 
 /// Reads one file into `out`: the objects of its documents `cache` does not
 /// hold, and every current warning.
-fn load_file(file: &Path, cache: &mut DocCache, next: &mut DocCache, out: &mut Reload) {
+fn load_file(
+    file: &Path,
+    cache: &mut DocCache,
+    next: &mut DocCache,
+    out: &mut Reload,
+    decode: Decode,
+) {
     let text = match fs::read_to_string(file) {
         Ok(text) => text,
         Err(e) => return out.warnings.push(warning(file, None, Problem::Read(e))),
@@ -352,11 +369,11 @@ fn load_file(file: &Path, cache: &mut DocCache, next: &mut DocCache, out: &mut R
             key = hasher.finish();
         }
         if let Some(doc) = cache.documents.remove(&key) {
-            loaded.push((key, Loader::unchanged(key, doc)));
+            loaded.push((key, Loader::unchanged(key, doc, decode)));
             continue;
         }
         next.parsed += 1;
-        let mut part = Loader::unchanged(key, Doc::default());
+        let mut part = Loader::unchanged(key, Doc::default(), decode);
         match parse_documents(chunk, json) {
             Ok(documents) => {
                 for document in documents {
@@ -384,15 +401,17 @@ fn load_file(file: &Path, cache: &mut DocCache, next: &mut DocCache, out: &mut R
 /// What parsing one document's text produced.
 struct Loader {
     origin: Origin,
+    decode: Decode,
     doc: Doc,
     /// The objects decoded (none for a document found in the cache).
     deltas: Vec<Delta>,
 }
 
 impl Loader {
-    fn unchanged(origin: Origin, doc: Doc) -> Self {
+    fn unchanged(origin: Origin, doc: Doc, decode: Decode) -> Self {
         Self {
             origin,
+            decode,
             doc,
             deltas: Vec::new(),
         }
@@ -400,6 +419,14 @@ impl Loader {
 
     fn warn(&mut self, file: &Path, object: Option<String>, problem: Problem) {
         self.doc.warnings.push(warning(file, object, problem));
+    }
+
+    /// `service` as this load hands it over.
+    fn kept(&self, mut service: Service) -> Service {
+        if self.decode == Decode::Facts {
+            super::trim::service(&mut service);
+        }
+        service
     }
 
     /// `in_list` bounds recursion: a List's items are objects, not Lists.
@@ -429,7 +456,7 @@ impl Loader {
                     let (namespace, name) = names_of(&service.metadata);
                     self.doc.names.push(Named::Service(namespace, name));
                     self.deltas
-                        .push(Delta::Service(self.origin, Box::new(service)));
+                        .push(Delta::Service(self.origin, Box::new(self.kept(service))));
                 }
             }
             "EndpointSlice" => {
@@ -443,7 +470,12 @@ impl Loader {
                     let slice = with_default_namespace(slice);
                     let (namespace, name) = names_of(&slice.metadata);
                     self.doc.names.push(Named::Slice(namespace, name));
-                    self.deltas.push(Delta::Slice(self.origin, Box::new(slice)));
+                    self.deltas.push(match self.decode {
+                        Decode::Objects => Delta::Slice(self.origin, Box::new(slice)),
+                        Decode::Facts => {
+                            Delta::SliceFacts(self.origin, Box::new(SliceFacts::of(&slice)))
+                        }
+                    });
                 }
             }
             "Node" => {
@@ -709,7 +741,7 @@ endpoints:
     }
 
     fn load_dir_cached(dir: &Path, cached: &mut Cached) -> (Objects, Vec<SourceWarning>) {
-        let reload = reload(dir, &mut cached.cache);
+        let reload = reload(dir, &mut cached.cache, Decode::Objects);
         for delta in reload.deltas {
             let (kind, origin, ns, name, put) = match &delta {
                 Delta::Service(o, s) => (
@@ -750,6 +782,7 @@ endpoints:
                 ),
                 Delta::Node(o, n) => (2, *o, None, n.metadata.name.clone(), true),
                 Delta::NodeGone { origin, name } => (2, *origin, None, Some(name.clone()), false),
+                Delta::SliceFacts(..) => unreachable!("decoded as objects"),
             };
             let key = (
                 kind,
@@ -949,6 +982,39 @@ endpoints:
         );
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].file.ends_with("nested.yaml"));
+    }
+
+    #[test]
+    fn facts_give_the_model_what_objects_give() {
+        let dir = TempDir::new();
+        dir.write("many.yaml", &many_services(20, None));
+        dir.write(
+            "web.yaml",
+            &format!(
+                "{SERVICE}---\n{}",
+                SLICE.replace("namespace: prod", "namespace: default")
+            ),
+        );
+        let node = crate::model::NodeInfo::default();
+        let mut tracker = crate::model::Tracker::new(node.clone());
+        let facts = reload(&dir.0, &mut DocCache::default(), Decode::Facts);
+        assert!(
+            facts
+                .deltas
+                .iter()
+                .any(|d| matches!(d, Delta::SliceFacts(..))),
+            "slices arrive as facts"
+        );
+        for delta in facts.deltas {
+            delta.apply_to(&mut tracker);
+        }
+        tracker.settle();
+        let (objects, _) = load_dir(&dir.0);
+        let (expected, _) = crate::model::compute(&objects.services, &objects.slices, &node);
+        let got: std::collections::BTreeMap<_, _> =
+            tracker.frontends().map(|(f, s)| (*f, s.clone())).collect();
+        assert_eq!(got, expected.frontends);
+        assert_eq!(got.len(), 21);
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod trim;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::model::{Origin, Tracker};
+use crate::model::{Origin, SliceFacts, Tracker};
 
 pub use manifests::ManifestSource;
 
@@ -35,6 +35,9 @@ pub enum Delta {
         name: String,
     },
     Slice(Origin, Box<EndpointSlice>),
+    /// A slice already reduced to what the model reads (what sources send:
+    /// a large initial load never holds the objects themselves).
+    SliceFacts(Origin, Box<SliceFacts>),
     SliceGone {
         origin: Origin,
         namespace: String,
@@ -58,6 +61,7 @@ impl Delta {
                 name,
             } => tracker.delete_service(origin, &namespace, &name),
             Delta::Slice(origin, slice) => tracker.put_slice(origin, *slice),
+            Delta::SliceFacts(origin, facts) => tracker.put_slice_facts(origin, *facts),
             Delta::SliceGone {
                 origin,
                 namespace,
