@@ -1,11 +1,11 @@
 //! Services + EndpointSlices -> the frontends the datapath must serve.
 //!
-//! - [`service`]: one Service's ports, exposure and affinity, and the
+//! - `service`: one Service's ports, exposure and affinity, and the
 //!   frontends it claims;
-//! - [`slices`]: EndpointSlices reduced to what is read of them;
-//! - [`topology`]: which endpoints each frontend uses (traffic policies,
+//! - `slices`: EndpointSlices reduced to what is read of them;
+//! - `topology`: which endpoints each frontend uses (traffic policies,
 //!   the terminating fallback, hints);
-//! - [`tracker`]: the objects as they change, and which frontends a change
+//! - `tracker`: the objects as they change, and which frontends a change
 //!   touched; [`compute`] is the same from scratch.
 //!
 //! This is the part of kube-proxy's service and endpoint-slice caches that
