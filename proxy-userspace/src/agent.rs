@@ -20,7 +20,9 @@ use crate::{
     diff::{MapOp, diff},
     encode::{Encoder, LbAlgorithms},
     healthcheck::HealthServers,
-    interfaces, metrics, model,
+    interfaces, metrics,
+    metrics::SyncOutcome,
+    model,
     model::{HealthCheck, Ipv4Cidr, Tracker},
     source::{Changes, Source},
 };
@@ -53,17 +55,6 @@ pub struct RunConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not
     /// served.
     pub metrics_addr: Option<SocketAddr>,
-}
-
-/// What one sync did, for the log line tests and operators read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyncOutcome {
-    pub frontends: usize,
-    pub backends: usize,
-    pub ops: usize,
-    pub failed: usize,
-    /// Failed writes because a map was full, by map name.
-    pub full: BTreeMap<&'static str, usize>,
 }
 
 /// Owns the datapath, the tracker of what the source said, and the id

@@ -29,7 +29,22 @@ use prometheus_client::{
 use proxy_common::{map_names, stat};
 use tokio::net::TcpListener;
 
-use crate::{agent::SyncOutcome, contents::MapContents, datapath::DatapathConfig, http};
+use std::collections::BTreeMap;
+
+use crate::{contents::MapContents, datapath::DatapathConfig, http};
+
+/// What one sync did: what [`Metrics::record_sync`] records and the
+/// agent's `datapath programmed` line prints (its own type here, so the
+/// agent uses the metrics and never the other way round).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncOutcome {
+    pub frontends: usize,
+    pub backends: usize,
+    pub ops: usize,
+    pub failed: usize,
+    /// Failed writes because a map was full, by map name.
+    pub full: BTreeMap<&'static str, usize>,
+}
 
 /// One label, e.g. `map="kep_services"`.
 type Label = [(&'static str, &'static str); 1];
