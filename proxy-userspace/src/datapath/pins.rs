@@ -246,6 +246,15 @@ fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> io::Resu
     bpf_syscall(BPF_LINK_UPDATE, &update).map(|_| ())
 }
 
+/// [`bpf_syscall`] for commands that write their answer into `attr`.
+pub(crate) fn bpf_syscall_mut<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
 /// `bpf(cmd, attr, sizeof attr)`; `attr` is the leading part of the
 /// command's `union bpf_attr` (the kernel zero-fills the rest).
 pub(crate) fn bpf_syscall<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
