@@ -453,15 +453,17 @@ impl Datapath {
 
     /// Reads the service and backend maps back from the kernel.
     pub fn read_contents(&self) -> Result<MapContents, DatapathError> {
-        let mut contents = MapContents::default();
-        contents.services = read_hash(&self.services)
-            .map_err(map_err(map_names::SERVICES))?
-            .into_iter()
-            .collect();
-        contents.backends = read_hash(&self.backends)
-            .map_err(map_err(map_names::BACKENDS))?
-            .into_iter()
-            .collect();
+        let mut contents = MapContents {
+            services: read_hash(&self.services)
+                .map_err(map_err(map_names::SERVICES))?
+                .into_iter()
+                .collect(),
+            backends: read_hash(&self.backends)
+                .map_err(map_err(map_names::BACKENDS))?
+                .into_iter()
+                .collect(),
+            ..MapContents::default()
+        };
         contents.tables = self
             .tables
             .read_all(&self.live.tables)
