@@ -52,9 +52,11 @@ pub struct RunConfig {
     /// Re-read of the maps and comparison with everything desired, so an
     /// entry changed behind the agent's back is put right.
     pub resync_interval: Duration,
-    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not
-    /// served.
+    /// Where `/metrics` and `/proxyMode` are served; `None`: not served.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where `/healthz`, `/livez` and `/readyz` are served; `None`: not
+    /// served.
+    pub healthz_addr: Option<SocketAddr>,
 }
 
 /// Owns the datapath, the tracker of what the source said, and the id
@@ -126,6 +128,16 @@ impl Syncer {
     /// Services, EndpointSlices and Nodes held.
     pub fn object_counts(&self) -> (usize, usize, usize) {
         self.tracker.object_counts()
+    }
+
+    /// The Node objects the source gave (trimmed).
+    pub fn nodes(&self) -> impl Iterator<Item = &k8s_openapi::api::core::v1::Node> {
+        self.tracker.nodes()
+    }
+
+    /// What the maps hold, as far as this process knows.
+    pub fn live(&self) -> &crate::contents::MapContents {
+        self.datapath.live()
     }
 
     /// Takes in what the source reported; [`Syncer::sync`] writes it.
@@ -228,6 +240,7 @@ impl Syncer {
             ops: ops.len(),
             failed: failed.len(),
             full,
+            skipped: self.reported.len(),
         }
     }
 
@@ -333,16 +346,6 @@ fn health_addresses(cfg: &RunConfig, syncer: &Syncer) -> Vec<IpAddr> {
 /// transient memory (decoded objects, ops) that glibc keeps mapped.
 const LARGE_SYNC_OPS: usize = 10_000;
 
-/// Hands the heap's free pages back to the kernel (glibc keeps them
-/// otherwise, so the steady RSS would stay at the initial load's peak).
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases memory malloc does not use.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Runs the agent on `source` until SIGTERM or SIGINT.
 pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&cfg.datapath).context("loading the datapath")?;
@@ -370,16 +373,19 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         Err(e) => tracing::warn!(error = %e, "removing maps of older layouts"),
     }
 
-    let metrics = Arc::new(metrics::Metrics::new(&cfg.datapath, cfg.resync_interval));
-    if let Some(addr) = cfg.metrics_addr {
-        tokio::spawn(metrics::serve(addr, metrics.clone()));
-    }
+    let metrics = Arc::new(metrics::Metrics::new(
+        &cfg.datapath,
+        cfg.resync_interval,
+        &cfg.node_name,
+    ));
+    metrics::serve(cfg.metrics_addr, cfg.healthz_addr, &metrics);
     let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
     let proxy_healthy = {
         let metrics = metrics.clone();
-        Arc::new(move || metrics.healthz().status == 200)
+        Arc::new(move || metrics.proxy_healthy())
     };
-    let mut health = HealthServers::new(health_addresses(&cfg, &syncer), proxy_healthy);
+    let shed = metrics.connections_shed(crate::healthcheck::SERVER_LABEL);
+    let mut health = HealthServers::new(health_addresses(&cfg, &syncer), proxy_healthy, shed);
     // When the source reported the change the next sync is for.
     let mut noticed = None;
     let mut iface_scan = tokio::time::interval(cfg.poll_interval);
@@ -439,15 +445,14 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         let out = syncer.sync();
         let written = Instant::now();
         if out.ops >= LARGE_SYNC_OPS {
-            release_free_memory();
+            crate::yaml_limits::release_freed_memory();
         }
         let noticed = noticed.take().filter(|_| !full);
-        let skipped = syncer.warning_count();
         metrics.record_sync(
             syncer.object_counts(),
-            syncer.datapath_mut().live(),
+            syncer.nodes(),
+            syncer.live(),
             &out,
-            skipped,
             started.elapsed(),
             noticed,
         );

@@ -14,7 +14,10 @@
 //! [`DesiredState::health_checks`](crate::model::DesiredState) at each sync:
 //! new ports are opened, gone ones closed, and the counts of the others
 //! changed in place, so a load balancer probing mid-sync never sees a
-//! closed port. HTTP is hand-written on tokio, like the metrics server.
+//! closed port. HTTP is [`http`]'s, like the metrics server's: served on
+//! its own thread, every port of the node sharing one bounded group of
+//! connections, so load balancers' probes are answered however many
+//! clients hold connections open.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -22,8 +25,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::metrics::counter::Counter;
 use thiserror::Error;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::http;
@@ -34,8 +37,12 @@ use crate::model::HealthCheck;
 /// load balancers move away from the node.
 pub type ProxyHealth = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// Connections served at once per port; more wait in the backlog.
-const MAX_CONNECTIONS: usize = 8;
+/// These servers' `server` label in `kep_http_connections_shed`.
+pub const SERVER_LABEL: &str = "service-health-check";
+
+/// Connections open at once over every health check port and address;
+/// past that the oldest of the busiest peer is closed.
+const MAX_CONNECTIONS: usize = 128;
 
 /// A health check port that could not be opened. It is retried at the next
 /// [`HealthServers::update`], as kube-proxy retries at its next sync.
@@ -54,6 +61,7 @@ pub struct BindError {
 pub struct HealthServers {
     addresses: Vec<IpAddr>,
     proxy_healthy: ProxyHealth,
+    connections: Arc<http::Connections>,
     servers: BTreeMap<u16, Server>,
 }
 
@@ -73,11 +81,13 @@ struct Shared {
 
 impl HealthServers {
     /// Servers listening on each of `addresses` (kube-proxy: `0.0.0.0`, or
-    /// the node IPs `--nodeport-addresses` selects).
-    pub fn new(addresses: Vec<IpAddr>, proxy_healthy: ProxyHealth) -> Self {
+    /// the node IPs `--nodeport-addresses` selects); connections closed to
+    /// make room count in `shed`.
+    pub fn new(addresses: Vec<IpAddr>, proxy_healthy: ProxyHealth, shed: Counter) -> Self {
         Self {
             addresses,
             proxy_healthy,
+            connections: http::Connections::new(MAX_CONNECTIONS, shed),
             servers: BTreeMap::new(),
         }
     }
@@ -144,7 +154,8 @@ impl HealthServers {
     }
 
     /// Binds `port` on every address, or none: a half-open health check
-    /// would answer on some node IPs only.
+    /// would answer on some node IPs only. The listeners are bound when
+    /// this returns.
     fn open(&self, port: u16, check: &HealthCheck) -> Result<Server, BindError> {
         let shared = Arc::new(Shared {
             service: Mutex::new((String::new(), String::new())),
@@ -155,10 +166,7 @@ impl HealthServers {
         let mut listeners = Vec::with_capacity(self.addresses.len());
         for ip in &self.addresses {
             let addr = SocketAddr::new(*ip, port);
-            let bound = std::net::TcpListener::bind(addr)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .and_then(TcpListener::from_std);
-            match bound {
+            match http::listen(addr) {
                 Ok(listener) => listeners.push(listener),
                 Err(source) => {
                     return Err(BindError {
@@ -170,9 +178,20 @@ impl HealthServers {
                 }
             }
         }
+        let respond: Arc<http::Responder> = {
+            let shared = shared.clone();
+            Arc::new(move |head: &str| shared.response(head))
+        };
         let tasks = listeners
             .into_iter()
-            .map(|listener| tokio::spawn(serve(listener, shared.clone())))
+            .map(|listener| {
+                http::spawn(http::serve(
+                    listener,
+                    "service health check",
+                    self.connections.clone(),
+                    respond.clone(),
+                ))
+            })
             .collect();
         Ok(Server { shared, tasks })
     }
@@ -231,29 +250,23 @@ impl Shared {
         let status = if count > 0 && healthy { 200 } else { 503 };
         (status, count, body)
     }
-}
 
-async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    http::serve(
-        listener,
-        "service health check",
-        MAX_CONNECTIONS,
-        move |head| {
-            let (status, count, body) = shared.answer();
-            let headers = [
-                ("X-Content-Type-Options", "nosniff".to_string()),
-                ("X-Load-Balancing-Endpoint-Weight", count.to_string()),
-            ];
-            http::response(
-                status,
-                "application/json",
-                &headers,
-                &body,
-                !head.starts_with("HEAD "),
-            )
-        },
-    )
-    .await
+    /// The response to any request (`head`: its request head).
+    fn response(&self, head: &str) -> Vec<u8> {
+        let (status, count, body) = self.answer();
+        let headers = [
+            ("X-Content-Type-Options", "nosniff".to_string()),
+            ("X-Load-Balancing-Endpoint-Weight", count.to_string()),
+        ];
+        let (method, _) = http::request_line(head);
+        http::response(
+            status,
+            "application/json",
+            &headers,
+            &body,
+            method != "HEAD",
+        )
+    }
 }
 
 #[cfg(test)]
@@ -267,7 +280,7 @@ mod tests {
     const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
     fn servers() -> HealthServers {
-        HealthServers::new(vec![LOOPBACK], Arc::new(|| true))
+        HealthServers::new(vec![LOOPBACK], Arc::new(|| true), Counter::default())
     }
 
     /// A port nothing listens on right now.
@@ -352,6 +365,7 @@ mod tests {
         let mut hs = HealthServers::new(
             vec![LOOPBACK],
             Arc::new(move || flag.load(Ordering::Relaxed)),
+            Counter::default(),
         );
         let port = free_port();
         assert!(

@@ -16,3 +16,4 @@ pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod tables;
+pub mod yaml_limits;

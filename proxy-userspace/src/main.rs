@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use proxy_common::defaults;
 use proxy_userspace::{
     agent::{self, RunConfig},
@@ -122,8 +122,8 @@ struct RunArgs {
     /// Idle timeout of UDP flows.
     #[arg(long, env = "KEP_CONNTRACK_UDP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     conntrack_udp_timeout: Duration,
-    /// How often expired conntrack entries are deleted.
-    #[arg(long, env = "KEP_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    /// How often expired conntrack entries are deleted (1ms..=7d).
+    #[arg(long, env = "KEP_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = parse_interval)]
     conntrack_gc_interval: Duration,
     /// Capacity of the services map (frontends plus backend slots).
     #[arg(long, env = "KEP_SERVICES_MAX", default_value_t = defaults::SERVICES_MAX)]
@@ -161,18 +161,36 @@ struct RunArgs {
     /// each load-balancer frontend entry).
     #[arg(long, env = "KEP_SOURCE_RANGES_MAX", default_value_t = defaults::SOURCE_RANGES_MAX)]
     source_ranges_max: u32,
-    /// How often the manifest directory and interfaces are checked, in ms.
-    #[arg(long, env = "KEP_POLL_INTERVAL_MS", default_value_t = 200)]
+    /// How often the interfaces are checked (and a missing manifest
+    /// directory looked for), in ms (1..=3600000).
+    #[arg(long, env = "KEP_POLL_INTERVAL_MS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_POLL_INTERVAL_MS))]
     poll_interval_ms: u64,
-    /// Full resync period in seconds.
-    #[arg(long, env = "KEP_RESYNC_INTERVAL_S", default_value_t = 60)]
+    /// Period of the safety-net resync (the maps re-read and compared with
+    /// everything desired), in seconds (1..=604800).
+    #[arg(long, env = "KEP_RESYNC_INTERVAL_S", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_INTERVAL.as_secs()))]
     resync_interval_s: u64,
-    /// Address to serve Prometheus `/metrics`, `/healthz` and `/readyz` on
-    /// (kube-proxy's metrics port). `/healthz` fails once no sync completed
-    /// for 2 x the resync interval.
-    #[arg(long, env = "KEP_METRICS_ADDR", default_value = "0.0.0.0:10249")]
-    metrics_addr: std::net::SocketAddr,
+    /// Metrics server: Prometheus `/metrics`, `/proxyMode` (answers `ebpf`)
+    /// and a plain `/healthz`, as kube-proxy's --metrics-bind-address.
+    /// `IP:port`, or an IP alone for port 10249; empty: not served.
+    #[arg(long, alias = "metrics-addr", env = "KEP_METRICS_BIND_ADDRESS",
+          default_value = "127.0.0.1:10249", value_parser = parse_metrics_address)]
+    metrics_bind_address: BindAddress,
+    /// Health server: `/healthz` (fails once no sync completed for 2 x the
+    /// resync interval, or when this node is being deleted), `/livez` (the
+    /// same, whatever the node) and `/readyz` (the first sync is written),
+    /// as kube-proxy's --healthz-bind-address. `IP:port`, or an IP alone for
+    /// port 10256; empty: not served.
+    #[arg(long, env = "KEP_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256",
+          value_parser = parse_healthz_address)]
+    healthz_bind_address: BindAddress,
 }
+
+/// Longest resync and garbage collection interval, and poll interval:
+/// zero or unbounded periods would panic the agent's timers.
+const MAX_INTERVAL: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_POLL_INTERVAL_MS: u64 = 3_600_000;
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -186,6 +204,15 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => {
+            // Flags that parse but cannot go together fail here, as a bad
+            // value does, before anything is loaded or attached.
+            if let Err(conflict) =
+                check_bind_addresses(&args.metrics_bind_address, &args.healthz_bind_address)
+            {
+                Cli::command()
+                    .error(clap::error::ErrorKind::ArgumentConflict, conflict)
+                    .exit();
+            }
             let poll_interval = Duration::from_millis(args.poll_interval_ms);
             let node_name = match args.node_name {
                 Some(n) => n,
@@ -233,7 +260,8 @@ fn main() -> anyhow::Result<()> {
                 poll_interval,
                 conntrack_gc_interval: args.conntrack_gc_interval,
                 resync_interval: Duration::from_secs(args.resync_interval_s),
-                metrics_addr: Some(args.metrics_addr),
+                metrics_addr: args.metrics_bind_address.0,
+                healthz_addr: args.healthz_bind_address.0,
             };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -373,6 +401,57 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => secs(3600),
         _ => Err(format!("{text}: unknown unit {unit:?} (ms, s, m, h)")),
     }
+}
+
+/// A duration for a timer: [`parse_duration`], more than zero and at most
+/// [`MAX_INTERVAL`].
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d.is_zero() || d > MAX_INTERVAL {
+        return Err(format!("{text}: must be more than 0 and at most 7 days"));
+    }
+    Ok(d)
+}
+
+/// A server's bind address, `None` for "not served".
+#[derive(Debug, Clone)]
+struct BindAddress(Option<std::net::SocketAddr>);
+
+fn parse_metrics_address(text: &str) -> Result<BindAddress, String> {
+    parse_bind_address(text, 10249)
+}
+
+fn parse_healthz_address(text: &str) -> Result<BindAddress, String> {
+    parse_bind_address(text, 10256)
+}
+
+/// `IP:port`, `IP` (with `default_port`), or empty (not served), as
+/// kube-proxy's bind address flags.
+fn parse_bind_address(text: &str, default_port: u16) -> Result<BindAddress, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(BindAddress(None));
+    }
+    if let Ok(addr) = text.parse::<std::net::SocketAddr>() {
+        return Ok(BindAddress(Some(addr)));
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(|ip| BindAddress(Some(std::net::SocketAddr::new(ip, default_port))))
+        .map_err(|_| format!("{text:?}: expected IP:port, an IP, or empty to disable"))
+}
+
+/// The metrics and health servers cannot share a port on one address.
+fn check_bind_addresses(metrics: &BindAddress, healthz: &BindAddress) -> Result<(), String> {
+    if let (Some(m), Some(h)) = (metrics.0, healthz.0) {
+        let overlap = m.ip() == h.ip() || m.ip().is_unspecified() || h.ip().is_unspecified();
+        if m.port() == h.port() && overlap {
+            return Err(format!(
+                "--metrics-bind-address {m} and --healthz-bind-address {h} would share a \
+                 port: give them different ports"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn read_pinned(bpffs: &std::path::Path) -> anyhow::Result<inspect::Pinned> {

@@ -1,13 +1,14 @@
-//! Prometheus metrics and health endpoints of the agent (kube-proxy's
-//! `--metrics-bind-address` and `--healthz-bind-address`, served on one
-//! address).
+//! Prometheus metrics and health endpoints of the agent, at kube-proxy's
+//! URLs: the metrics server (`--metrics-bind-address`, 127.0.0.1:10249)
+//! answers `/metrics`, `/proxyMode` and a plain `/healthz`; the health
+//! server (`--healthz-bind-address`, 0.0.0.0:10256) answers `/healthz`,
+//! `/livez` and `/readyz`.
 //!
-//! The control loop records into [`Metrics`]; [`serve`] answers
-//! `GET /metrics`, `/healthz` and `/readyz` from what was recorded, on the
-//! agent's own (single-threaded) tokio runtime. The server only awaits
-//! sockets and never touches the datapath, so it cannot hold up the loop;
-//! datapath counters are copied into the registry by the loop once a second
-//! ([`Metrics::observe_datapath`]).
+//! The control loop records into [`Metrics`]; [`serve`] answers from what
+//! was recorded, on the HTTP servers' own thread ([`http`]), so neither a
+//! long sync nor hostile clients keep a probe from being answered. The
+//! servers never touch the datapath; datapath counters are copied into the
+//! registry by the loop once a second ([`Metrics::observe_datapath`]).
 
 use std::{
     fmt::Write as _,
@@ -16,6 +17,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use k8s_openapi::api::core::v1::Node;
 use prometheus_client::{
     encoding::text::encode,
     metrics::{
@@ -27,7 +29,6 @@ use prometheus_client::{
     registry::Registry,
 };
 use proxy_common::{map_names, stat};
-use tokio::net::TcpListener;
 
 use std::collections::BTreeMap;
 
@@ -44,17 +45,28 @@ pub struct SyncOutcome {
     pub failed: usize,
     /// Failed writes because a map was full, by map name.
     pub full: BTreeMap<&'static str, usize>,
+    /// Warnings standing after it (objects, ports or files skipped).
+    pub skipped: usize,
 }
 
 /// One label, e.g. `map="kep_services"`.
 type Label = [(&'static str, &'static str); 1];
 
-/// Connections served at once; more wait for a slot.
-const MAX_CONNECTIONS: usize = 16;
+/// Connections open at once on the metrics server, and on the health
+/// server; past that the oldest of the busiest peer is closed
+/// ([`http::Connections`]).
+const METRICS_CONNECTIONS: usize = 32;
+const HEALTH_CONNECTIONS: usize = 64;
 /// Wait before binding again when the address is unavailable.
 const BIND_RETRY: Duration = Duration::from_secs(5);
+/// What `/proxyMode` answers. kube-proxy answers its `--proxy-mode`
+/// (`iptables`, `ipvs`, `nftables`); this proxy is none of those.
+pub const PROXY_MODE: &str = "ebpf";
+/// The taint the cluster autoscaler puts on a node it is about to delete
+/// (kube-proxy's `ToBeDeletedTaint`): load balancers should drain it.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
-/// Everything the agent exports, plus what `/healthz` and `/readyz` need.
+/// Everything the agent exports, plus what the health endpoints need.
 pub struct Metrics {
     registry: Registry,
     sync_duration: Histogram,
@@ -65,6 +77,9 @@ pub struct Metrics {
     map_update_errors: Counter,
     map_full: Family<Label, Counter>,
     datapath_packets: Family<Label, Counter>,
+    connections_shed: Family<Label, Counter>,
+    /// This node's name, to find its Node object.
+    node_name: String,
     health: Mutex<Health>,
 }
 
@@ -74,6 +89,9 @@ struct Health {
     timeout: Duration,
     /// The last sync that ran to completion (monotonic and wall clock).
     last_sync: Option<(Instant, SystemTime)>,
+    /// Whether this node may take traffic: not being deleted, not tainted
+    /// for deletion (true until its Node object says otherwise).
+    node_eligible: bool,
 }
 
 /// What a health endpoint answers: the status code and a JSON body.
@@ -85,8 +103,8 @@ pub struct Answer {
 
 impl Metrics {
     /// `resync_interval` sets the `/healthz` deadline; `datapath` gives the
-    /// map capacities.
-    pub fn new(datapath: &DatapathConfig, resync_interval: Duration) -> Self {
+    /// map capacities; `node_name` is this node's.
+    pub fn new(datapath: &DatapathConfig, resync_interval: Duration, node_name: &str) -> Self {
         // The encoder ends each help text with a period and adds `_total`
         // to counter names.
         let mut registry = Registry::default();
@@ -173,6 +191,17 @@ impl Metrics {
         for name in stat::NAMES {
             let _ = datapath_packets.get_or_create(&[("counter", name)]);
         }
+        let connections_shed = Family::<Label, Counter>::default();
+        registry.register(
+            "kep_http_connections_shed",
+            "Connections to the agent's HTTP servers closed before their \
+             request was answered, to make room for new ones (too many open \
+             at once: a client holding connections idle or sending slowly)",
+            connections_shed.clone(),
+        );
+        for server in [SERVER_METRICS, SERVER_HEALTH] {
+            let _ = connections_shed.get_or_create(&[("server", server)]);
+        }
         Self {
             registry,
             sync_duration,
@@ -183,23 +212,26 @@ impl Metrics {
             map_update_errors,
             map_full,
             datapath_packets,
+            connections_shed,
+            node_name: node_name.to_string(),
             health: Mutex::new(Health {
                 started: Instant::now(),
                 timeout: resync_interval.saturating_mul(2),
                 last_sync: None,
+                node_eligible: true,
             }),
         }
     }
 
     /// Records a finished sync. `took` is its duration; `noticed` is when
     /// the source reported the change it was for (`None` for a resync);
-    /// `skipped` the number of warnings it had.
-    pub fn record_sync(
+    /// `out.skipped` the number of warnings standing.
+    pub fn record_sync<'a>(
         &self,
-        (services, slices, nodes): (usize, usize, usize),
+        (services, slices, node_count): (usize, usize, usize),
+        nodes: impl IntoIterator<Item = &'a Node>,
         live: &MapContents,
         out: &SyncOutcome,
-        skipped: usize,
         took: Duration,
         noticed: Option<Instant>,
     ) {
@@ -212,11 +244,11 @@ impl Metrics {
         for (kind, n) in [
             ("service", services),
             ("endpointslice", slices),
-            ("node", nodes),
+            ("node", node_count),
         ] {
             self.objects.get_or_create(&[("kind", kind)]).set(gauge(n));
         }
-        self.objects_skipped.set(gauge(skipped));
+        self.objects_skipped.set(gauge(out.skipped));
         self.set_map_entries(map_names::SERVICES, live.services.len());
         self.set_map_entries(map_names::BACKENDS, live.backends.len());
         self.map_update_errors.inc_by(out.failed as u64);
@@ -225,7 +257,10 @@ impl Metrics {
                 .get_or_create(&[("map", *map)])
                 .inc_by(*n as u64);
         }
-        self.lock_health().last_sync = Some((now, SystemTime::now()));
+        let eligible = node_eligible(nodes, &self.node_name);
+        let mut health = self.lock_health();
+        health.last_sync = Some((now, SystemTime::now()));
+        health.node_eligible = eligible;
     }
 
     /// Sets the entry count of map `name` (e.g. after counting conntrack).
@@ -246,6 +281,14 @@ impl Metrics {
         }
     }
 
+    /// The counter of connections shed by HTTP server `server` (a label
+    /// value, e.g. `service-health-check`).
+    pub fn connections_shed(&self, server: &'static str) -> Counter {
+        self.connections_shed
+            .get_or_create(&[("server", server)])
+            .clone()
+    }
+
     /// The exposition in the OpenMetrics text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -254,25 +297,51 @@ impl Metrics {
         out
     }
 
-    /// `/healthz`, with kube-proxy's semantics: healthy while the last
-    /// completed sync is less than 2 x the resync interval old, or, before
-    /// the first sync, while the agent is younger than that.
+    /// `/healthz` of the health server, as kube-proxy's: the proxy is
+    /// healthy (see [`Metrics::livez`]) and this node is eligible (not
+    /// being deleted nor tainted `ToBeDeletedByClusterAutoscaler`), so load
+    /// balancers of `externalTrafficPolicy: Cluster` Services drain a node
+    /// on its way out.
     pub fn healthz(&self) -> Answer {
         self.healthz_at(Instant::now(), SystemTime::now())
     }
 
+    /// `/livez`: the proxy alone, whatever the node (a liveness probe must
+    /// not restart the agent of a node being drained). Healthy while the
+    /// last completed sync is less than 2 x the resync interval old, or,
+    /// before the first sync, while the agent is younger than that.
+    pub fn livez(&self) -> Answer {
+        self.livez_at(Instant::now(), SystemTime::now())
+    }
+
+    /// The proxy's own health ([`Metrics::livez`]), as the service health
+    /// checks report it in `serviceProxyHealthy` (kube-proxy's
+    /// `IsHealthy`).
+    pub fn proxy_healthy(&self) -> bool {
+        self.lock_health().healthy_at(Instant::now())
+    }
+
     fn healthz_at(&self, now: Instant, wall: SystemTime) -> Answer {
         let h = self.lock_health();
-        let (since, last_wall) = match h.last_sync {
-            Some((at, wall)) => (at, Some(wall)),
-            None => (h.started, None),
-        };
-        let healthy = now.saturating_duration_since(since) < h.timeout;
-        let last = last_wall.map_or_else(|| "null".to_string(), |t| format!("\"{}\"", rfc3339(t)));
+        let healthy = h.healthy_at(now) && h.node_eligible;
         Answer {
             status: if healthy { 200 } else { 503 },
             body: format!(
-                "{{\"lastUpdated\": {last},\"currentTime\": \"{}\"}}",
+                "{{\"lastUpdated\": {},\"currentTime\": \"{}\", \"nodeEligible\": {}}}",
+                h.last_updated(),
+                rfc3339(wall),
+                h.node_eligible
+            ),
+        }
+    }
+
+    fn livez_at(&self, now: Instant, wall: SystemTime) -> Answer {
+        let h = self.lock_health();
+        Answer {
+            status: if h.healthy_at(now) { 200 } else { 503 },
+            body: format!(
+                "{{\"lastUpdated\": {},\"currentTime\": \"{}\"}}",
+                h.last_updated(),
                 rfc3339(wall)
             ),
         }
@@ -292,39 +361,110 @@ impl Metrics {
     }
 }
 
+impl Health {
+    fn healthy_at(&self, now: Instant) -> bool {
+        let since = self.last_sync.map_or(self.started, |(at, _)| at);
+        now.saturating_duration_since(since) < self.timeout
+    }
+
+    /// The last completed sync as a JSON string, `null` before the first.
+    fn last_updated(&self) -> String {
+        self.last_sync.map_or_else(
+            || "null".to_string(),
+            |(_, wall)| format!("\"{}\"", rfc3339(wall)),
+        )
+    }
+}
+
+/// Whether node `name` may take traffic: its Node object (if the source has
+/// it) is neither being deleted nor tainted for deletion.
+fn node_eligible<'a>(nodes: impl IntoIterator<Item = &'a Node>, name: &str) -> bool {
+    let Some(node) = nodes
+        .into_iter()
+        .find(|n| n.metadata.name.as_deref() == Some(name))
+    else {
+        return true;
+    };
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    node.metadata.deletion_timestamp.is_none() && !tainted
+}
+
 fn gauge(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the runtime
-/// stops. A failed bind is logged and retried, as kube-proxy does, so a
-/// busy port never stops the datapath from being programmed.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) {
+/// `server` label values of `kep_http_connections_shed`.
+const SERVER_METRICS: &str = "metrics";
+const SERVER_HEALTH: &str = "healthz";
+
+/// Starts the metrics server on `metrics_addr` and the health server on
+/// `healthz_addr` (`None`: not served), on the HTTP servers' thread. A
+/// failed bind is logged and retried, as kube-proxy does, so a busy port
+/// never stops the datapath from being programmed.
+pub fn serve(
+    metrics_addr: Option<SocketAddr>,
+    healthz_addr: Option<SocketAddr>,
+    metrics: &Arc<Metrics>,
+) {
+    if let Some(addr) = metrics_addr {
+        let m = metrics.clone();
+        let connections = http::Connections::new(
+            METRICS_CONNECTIONS,
+            metrics.connections_shed(SERVER_METRICS),
+        );
+        http::spawn(listen_and_serve(
+            addr,
+            "metrics server",
+            "/metrics and /proxyMode",
+            connections,
+            Arc::new(move |head: &str| metrics_response(head, &m)),
+        ));
+    }
+    if let Some(addr) = healthz_addr {
+        let m = metrics.clone();
+        let connections =
+            http::Connections::new(HEALTH_CONNECTIONS, metrics.connections_shed(SERVER_HEALTH));
+        http::spawn(listen_and_serve(
+            addr,
+            "health server",
+            "/healthz, /livez and /readyz",
+            connections,
+            Arc::new(move |head: &str| health_response(head, &m)),
+        ));
+    }
+}
+
+async fn listen_and_serve(
+    addr: SocketAddr,
+    what: &'static str,
+    paths: &'static str,
+    connections: Arc<http::Connections>,
+    respond: Arc<http::Responder>,
+) {
     let listener = loop {
-        match TcpListener::bind(addr).await {
+        match http::listen(addr) {
             Ok(l) => break l,
             Err(e) => {
-                tracing::error!(%addr, error = %e, "metrics server: bind failed; retrying");
+                tracing::error!(%addr, error = %e, "{what}: bind failed; retrying");
                 tokio::time::sleep(BIND_RETRY).await;
             }
         }
     };
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    http::serve(listener, "metrics server", MAX_CONNECTIONS, move |head| {
-        respond(head, &metrics)
-    })
-    .await
+    tracing::info!(%addr, "serving {paths}");
+    http::serve(listener, what, connections, respond).await
 }
 
-/// The full HTTP/1.1 response to a request head.
-fn respond(head: &str, metrics: &Metrics) -> Vec<u8> {
-    let mut words = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+/// The metrics server's response to a request head.
+fn metrics_response(head: &str, metrics: &Metrics) -> Vec<u8> {
+    let (method, path) = http::request_line(head);
     let with_body = method != "HEAD";
     if method != "GET" && method != "HEAD" {
         return response(405, "text/plain", "method not allowed\n", with_body);
     }
-    let path = target.split('?').next().unwrap_or("");
     match path {
         "/metrics" => response(
             200,
@@ -332,20 +472,34 @@ fn respond(head: &str, metrics: &Metrics) -> Vec<u8> {
             &metrics.render(),
             with_body,
         ),
-        "/healthz" | "/livez" => {
-            let a = metrics.healthz();
-            response(a.status, "application/json", &a.body, with_body)
-        }
-        "/readyz" => {
-            let a = metrics.readyz();
-            response(a.status, "application/json", &a.body, with_body)
-        }
+        "/proxyMode" => response(200, "text/plain; charset=utf-8", PROXY_MODE, with_body),
+        // kube-proxy's metrics port has the generic liveness ping here; the
+        // proxy's health is the health server's /healthz.
+        "/healthz" => response(200, "text/plain; charset=utf-8", "ok", with_body),
         _ => response(404, "text/plain", "not found\n", with_body),
     }
 }
 
+/// The health server's response to a request head.
+fn health_response(head: &str, metrics: &Metrics) -> Vec<u8> {
+    let (method, path) = http::request_line(head);
+    let with_body = method != "HEAD";
+    if method != "GET" && method != "HEAD" {
+        return response(405, "text/plain", "method not allowed\n", with_body);
+    }
+    let a = match path {
+        "/healthz" => metrics.healthz(),
+        "/livez" => metrics.livez(),
+        "/readyz" => metrics.readyz(),
+        _ => return response(404, "text/plain", "not found\n", with_body),
+    };
+    response(a.status, "application/json", &a.body, with_body)
+}
+
+/// With `X-Content-Type-Options: nosniff`, as kube-proxy's answers.
 fn response(status: u16, content_type: &str, body: &str, with_body: bool) -> Vec<u8> {
-    http::response(status, content_type, &[], body, with_body)
+    let nosniff = [("X-Content-Type-Options", "nosniff".to_string())];
+    http::response(status, content_type, &nosniff, body, with_body)
 }
 
 /// `2006-01-02T15:04:05.000000000Z` (UTC), as Go's `time.Time` marshals.
@@ -381,8 +535,42 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpStream;
 
+    use crate::source::Objects;
+
     fn metrics(resync: Duration) -> Metrics {
-        Metrics::new(&DatapathConfig::new("/sys/fs/bpf/test"), resync)
+        Metrics::new(&DatapathConfig::new("/sys/fs/bpf/test"), resync, "node-a")
+    }
+
+    fn sync(m: &Metrics, objects: &Objects) {
+        m.record_sync(
+            (
+                objects.services.len(),
+                objects.slices.len(),
+                objects.nodes.len(),
+            ),
+            &objects.nodes,
+            &MapContents::default(),
+            &outcome(0),
+            Duration::ZERO,
+            None,
+        );
+    }
+
+    fn node(name: &str, taint: Option<&str>, deleting: bool) -> Node {
+        let mut node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"taints": taint.map(|key| vec![
+                serde_json::json!({"key": key, "effect": "NoSchedule"})
+            ])},
+        }))
+        .unwrap();
+        if deleting {
+            node.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ));
+        }
+        node
     }
 
     fn outcome(failed: usize) -> SyncOutcome {
@@ -392,6 +580,7 @@ mod tests {
             ops: 3,
             failed,
             full: [(map_names::SERVICES, failed)].into_iter().collect(),
+            skipped: 0,
         }
     }
 
@@ -419,13 +608,13 @@ mod tests {
         live.backends.insert(1, proxy_common::Backend::default());
         m.record_sync(
             objects,
+            [],
             &live,
             &outcome(2),
-            4,
             Duration::from_millis(3),
             Some(Instant::now()),
         );
-        m.record_sync(objects, &live, &outcome(1), 0, Duration::ZERO, None);
+        m.record_sync(objects, [], &live, &outcome(1), Duration::ZERO, None);
         let mut stats = [0u64; stat::COUNT as usize];
         stats[stat::NEW_FLOWS as usize] = 42;
         m.observe_datapath(&stats);
@@ -468,14 +657,7 @@ mod tests {
                 .status,
             503
         );
-        m.record_sync(
-            (0, 0, 0),
-            &MapContents::default(),
-            &outcome(0),
-            0,
-            Duration::ZERO,
-            None,
-        );
+        sync(&m, &Objects::default());
         assert_eq!(m.readyz().status, 200);
         let now = Instant::now();
         let a = m.healthz_at(now + Duration::from_secs(19), SystemTime::now());
@@ -487,21 +669,91 @@ mod tests {
                 .status,
             503
         );
+        assert_eq!(
+            m.livez_at(now + Duration::from_secs(21), SystemTime::now())
+                .status,
+            503
+        );
     }
 
+    /// kube-proxy's node eligibility: a node being deleted, or tainted by
+    /// the cluster autoscaler for deletion, fails /healthz (load balancers
+    /// drain it) but not /livez (no restart) nor the service health checks.
+    #[test]
+    fn node_on_its_way_out_fails_healthz_only() {
+        let m = metrics(Duration::from_secs(60));
+        let now = Instant::now();
+        let eligible = |m: &Metrics| {
+            let a = m.healthz_at(now, SystemTime::now());
+            let live = m.livez_at(now, SystemTime::now());
+            assert_eq!(live.status, 200, "{}", live.body);
+            assert!(!live.body.contains("nodeEligible"), "{}", live.body);
+            assert!(m.proxy_healthy());
+            let flag = a.body.contains("\"nodeEligible\": true");
+            assert_eq!(a.status == 200, flag, "{}", a.body);
+            flag
+        };
+        let with = |nodes: Vec<Node>| Objects {
+            nodes,
+            ..Default::default()
+        };
+        assert!(eligible(&m), "no Node object: eligible");
+        sync(
+            &m,
+            &with(vec![node("node-a", Some("example.com/other"), false)]),
+        );
+        assert!(eligible(&m));
+        sync(
+            &m,
+            &with(vec![node("node-a", Some(TO_BE_DELETED_TAINT), false)]),
+        );
+        assert!(!eligible(&m), "tainted for deletion");
+        // Another node's taint is not ours.
+        sync(
+            &m,
+            &with(vec![node("node-b", Some(TO_BE_DELETED_TAINT), false)]),
+        );
+        assert!(eligible(&m));
+        sync(&m, &with(vec![node("node-a", None, true)]));
+        assert!(!eligible(&m), "being deleted");
+        sync(&m, &with(vec![node("node-a", None, false)]));
+        assert!(eligible(&m));
+    }
+
+    /// kube-proxy's URLs: metrics, proxyMode and a plain healthz on the
+    /// metrics server; healthz, livez (and our readyz) on the health server.
     #[test]
     fn routes_requests() {
         let m = metrics(Duration::from_secs(60));
-        let text = |head: &str| String::from_utf8(respond(head, &m)).unwrap();
-        let r = text("GET /metrics HTTP/1.1\r\nHost: x");
+        let on_metrics = |head: &str| String::from_utf8(metrics_response(head, &m)).unwrap();
+        let on_health = |head: &str| String::from_utf8(health_response(head, &m)).unwrap();
+        let r = on_metrics("GET /metrics HTTP/1.1\r\nHost: x");
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
         assert!(r.contains("kep_map_capacity"), "{r}");
-        assert!(text("GET /readyz HTTP/1.1").starts_with("HTTP/1.1 503 "));
-        assert!(text("GET /healthz?verbose HTTP/1.1").starts_with("HTTP/1.1 200 "));
-        assert!(text("GET /nope HTTP/1.1").starts_with("HTTP/1.1 404 "));
-        assert!(text("POST /metrics HTTP/1.1").starts_with("HTTP/1.1 405 "));
-        let head = text("HEAD /metrics HTTP/1.1");
+        let r = on_metrics("GET /proxyMode HTTP/1.1");
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(
+            r.contains("Content-Type: text/plain; charset=utf-8\r\n")
+                && r.contains("X-Content-Type-Options: nosniff\r\n")
+                && r.ends_with("\r\n\r\nebpf"),
+            "{r}"
+        );
+        assert!(on_metrics("GET /healthz HTTP/1.1").ends_with("\r\n\r\nok"));
+        assert!(on_metrics("GET /livez HTTP/1.1").starts_with("HTTP/1.1 404 "));
+        assert!(on_metrics("GET /nope HTTP/1.1").starts_with("HTTP/1.1 404 "));
+        assert!(on_metrics("POST /metrics HTTP/1.1").starts_with("HTTP/1.1 405 "));
+        let head = on_metrics("HEAD /metrics HTTP/1.1");
         assert!(head.ends_with("\r\n\r\n"), "{head}");
+
+        assert!(on_health("GET /readyz HTTP/1.1").starts_with("HTTP/1.1 503 "));
+        for path in ["/healthz?verbose", "/livez"] {
+            let r = on_health(&format!("GET {path} HTTP/1.1"));
+            assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+            assert!(r.contains("Content-Type: application/json\r\n"), "{r}");
+            assert!(r.contains("X-Content-Type-Options: nosniff\r\n"), "{r}");
+        }
+        assert!(on_health("GET /metrics HTTP/1.1").starts_with("HTTP/1.1 404 "));
+        assert!(on_health("GET /proxyMode HTTP/1.1").starts_with("HTTP/1.1 404 "));
     }
 
     #[tokio::test]
@@ -510,7 +762,18 @@ mod tests {
         let addr = probe.local_addr().unwrap();
         drop(probe);
         let m = Arc::new(metrics(Duration::from_secs(60)));
-        let server = tokio::spawn(serve(addr, m));
+        let respond = {
+            let m = m.clone();
+            Arc::new(move |head: &str| metrics_response(head, &m))
+        };
+        let connections = http::Connections::new(4, m.connections_shed(SERVER_METRICS));
+        let server = http::spawn(listen_and_serve(
+            addr,
+            "test",
+            "/metrics",
+            connections,
+            respond,
+        ));
         let mut body = String::new();
         for _ in 0..100 {
             if let Ok(mut s) = TcpStream::connect(addr).await {

@@ -23,6 +23,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod fake_apiserver;
 pub mod fib_node;
+pub mod hostile;
 pub mod loadgen;
 pub mod netns;
 pub mod servers;

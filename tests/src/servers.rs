@@ -265,13 +265,15 @@ fn serve_conn(
                 pending.extend_from_slice(&buf[..n]);
                 let mut start = 0;
                 while let Some(len) = pending[start..].iter().position(|&b| b == b'\n') {
+                    // Counted before the answer leaves, as for UDP.
+                    stats.tcp_replies.fetch_add(1, Ordering::Relaxed);
                     if stream
                         .write_all(answer(&pending[start..start + len]))
                         .is_err()
                     {
+                        stats.tcp_replies.fetch_sub(1, Ordering::Relaxed);
                         return;
                     }
-                    stats.tcp_replies.fetch_add(1, Ordering::Relaxed);
                     start += len + 1;
                 }
                 pending.drain(..start);
@@ -279,12 +281,13 @@ fn serve_conn(
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 // The client paused with a partial request: answer it.
                 if !pending.is_empty() {
+                    stats.tcp_replies.fetch_add(1, Ordering::Relaxed);
                     let failed = stream.write_all(answer(&pending)).is_err();
                     pending.clear();
                     if failed {
+                        stats.tcp_replies.fetch_sub(1, Ordering::Relaxed);
                         return;
                     }
-                    stats.tcp_replies.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -300,13 +303,17 @@ fn udp_loop(sock: UdpSocket, stop: Arc<AtomicBool>, stats: Arc<ServerStats>, nam
         match sock.recv_from(&mut buf) {
             Ok((n, peer)) => {
                 stats.saw(peer);
+                // Counted before the answer leaves: a client that has its
+                // reply must find it counted (a test reads the counters as
+                // soon as its last reply arrives).
+                stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
                 let sent = if is_whoami(&buf[..n]) {
                     sock.send_to(&whoami_reply(&name, peer), peer)
                 } else {
                     sock.send_to(&reply, peer)
                 };
-                if sent.is_ok() {
-                    stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
+                if sent.is_err() {
+                    stats.udp_datagrams.fetch_sub(1, Ordering::Relaxed);
                 }
             }
             Err(e)

@@ -4,7 +4,14 @@
 //! - every document deserializes into its typed k8s-openapi struct with no
 //!   unknown or misspelled field (a YAML → JSON → typed → JSON round trip
 //!   must give back the same JSON: serde drops what the type does not know);
-//! - the ClusterRole grants every API call the agent makes;
+//! - the ClusterRole grants every API call the agent makes, and nothing
+//!   else;
+//! - the agent container runs with the least privilege it documents
+//!   (capabilities, seccomp) and is probed on its health server.
+//!
+//! What the cluster would do with them (the runtime's seccomp profile, the
+//! probes against a running pod) cannot be checked here: there is no
+//! container runtime in CI.
 //! - every environment variable the DaemonSet sets (directly or from the
 //!   ConfigMap) is one the agent's `run` command reads.
 
@@ -12,9 +19,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, PodSpec, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -23,8 +31,7 @@ use serde_json::Value;
 /// Keep in step with proxy-userspace/src/kube_source.rs: one kube-runtime
 /// reflector (list + watch; `get` as kube-proxy's role has it) per resource:
 /// Services, discovery.k8s.io/v1 EndpointSlices, and its own Node (a field
-/// selector on metadata.name). Events as kube-proxy's role grants them, in
-/// both APIs.
+/// selector on metadata.name). It records no Events.
 const REQUIRED_RULES: &[(&str, &str, &[&str])] = &[
     ("", "services", &["get", "list", "watch"]),
     (
@@ -33,9 +40,12 @@ const REQUIRED_RULES: &[(&str, &str, &[&str])] = &[
         &["get", "list", "watch"],
     ),
     ("", "nodes", &["get", "list", "watch"]),
-    ("", "events", &["create", "patch"]),
-    ("events.k8s.io", "events", &["create", "patch"]),
 ];
+
+/// The capabilities the DaemonSet documents (each justified in its YAML).
+const CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
+/// Paths the agent's health server answers (proxy-userspace/src/metrics.rs).
+const HEALTH_PATHS: &[&str] = &["/healthz", "/livez", "/readyz"];
 
 /// Environment variables the manifests may set that are not `run` flags:
 /// the API server's address for the in-cluster client and the log filter.
@@ -346,6 +356,156 @@ fn cluster_role_grants_every_api_call_of_the_agent() {
     );
 }
 
+/// Every grant is one the agent needs: no other resource, verb or group, no
+/// wildcard (an unused grant is a credential an attacker could use).
+#[test]
+fn cluster_role_grants_nothing_the_agent_does_not_use() {
+    let o = typed_objects();
+    let role = &o.cluster_roles[0];
+    let mut extra = Vec::new();
+    for rule in role.rules.as_deref().unwrap_or_default() {
+        assert!(
+            rule.non_resource_urls.is_none() && rule.resource_names.is_none(),
+            "rbac.yaml: unexpected rule {rule:?}"
+        );
+        for group in rule.api_groups.as_deref().unwrap_or_default() {
+            for resource in rule.resources.as_deref().unwrap_or_default() {
+                for verb in &rule.verbs {
+                    let needed = REQUIRED_RULES.iter().any(|(g, r, verbs)| {
+                        g == group && r == resource && verbs.contains(&verb.as_str())
+                    });
+                    if !needed {
+                        extra.push(format!("{verb} {resource} (apiGroup {group:?})"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        extra.is_empty(),
+        "rbac.yaml: ClusterRole {:?} grants what the agent never calls: {}",
+        name_of(&role.metadata),
+        extra.join(", ")
+    );
+}
+
+/// The DaemonSet's agent container (the one started with `run`).
+fn agent_container(o: &Objects) -> (&PodSpec, &Container) {
+    let pod = o.daemon_sets[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec");
+    let agent = pod
+        .containers
+        .iter()
+        .find(|c| {
+            c.args
+                .as_deref()
+                .and_then(<[String]>::first)
+                .is_some_and(|a| a == "run")
+        })
+        .expect("a container with args [run, ...]");
+    (pod, agent)
+}
+
+#[test]
+fn agent_container_runs_with_least_privilege() {
+    let o = typed_objects();
+    let (pod, agent) = agent_container(&o);
+    let sc = agent
+        .security_context
+        .as_ref()
+        .expect("the agent container's securityContext");
+    assert_eq!(sc.privileged, Some(false), "privileged");
+    assert_eq!(
+        sc.allow_privilege_escalation,
+        Some(false),
+        "allowPrivilegeEscalation"
+    );
+    assert_eq!(
+        sc.read_only_root_filesystem,
+        Some(true),
+        "readOnlyRootFilesystem"
+    );
+    let caps = sc.capabilities.as_ref().expect("capabilities");
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]), "drop");
+    let mut added: Vec<&str> = caps
+        .add
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(String::as_str)
+        .collect();
+    added.sort_unstable();
+    assert_eq!(added, CAPABILITIES, "capabilities added");
+    // The container's own profile wins over the pod's.
+    let seccomp = sc.seccomp_profile.as_ref().or(pod
+        .security_context
+        .as_ref()
+        .and_then(|p| p.seccomp_profile.as_ref()));
+    assert_eq!(
+        seccomp.map(|p| p.type_.as_str()),
+        Some("RuntimeDefault"),
+        "the agent runs under the runtime's default seccomp profile"
+    );
+}
+
+/// The port the health server listens on: the ConfigMap's
+/// KEP_HEALTHZ_BIND_ADDRESS, else the agent's default (from its help).
+fn health_port(o: &Objects) -> i32 {
+    let configured = o
+        .config_maps
+        .iter()
+        .filter_map(|c| c.data.as_ref()?.get("KEP_HEALTHZ_BIND_ADDRESS"))
+        .next()
+        .cloned();
+    let addr = configured.unwrap_or_else(|| {
+        let help = run_help();
+        let flag = help
+            .split("--healthz-bind-address <")
+            .nth(1)
+            .expect("--healthz-bind-address in run --help");
+        let default = flag
+            .split("[default: ")
+            .nth(1)
+            .and_then(|d| d.split(']').next())
+            .expect("a default for --healthz-bind-address");
+        default.to_string()
+    });
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in health address {addr:?}"))
+}
+
+#[test]
+fn probes_reach_the_health_server() {
+    let o = typed_objects();
+    let (_, agent) = agent_container(&o);
+    let port = health_port(&o);
+    assert_eq!(port, 10256, "kube-proxy's healthz port");
+    for (what, probe) in [
+        ("livenessProbe", &agent.liveness_probe),
+        ("readinessProbe", &agent.readiness_probe),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("{what}: an httpGet probe"));
+        assert_eq!(get.port, IntOrString::Int(port), "{what} port");
+        let path = get.path.as_deref().unwrap_or("/");
+        assert!(HEALTH_PATHS.contains(&path), "{what}: {path}");
+    }
+    // A liveness probe on /healthz would restart the agent of a node being
+    // deleted (/healthz fails then, on purpose).
+    let live = agent
+        .liveness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref());
+    assert_eq!(live.and_then(|g| g.path.as_deref()), Some("/livez"));
+}
+
 /// `kube-ebpf-proxy run --help`, from $KEP_AGENT_BIN or the debug build.
 fn run_help() -> String {
     let bin = std::env::var_os("KEP_AGENT_BIN")
@@ -372,22 +532,7 @@ fn run_help() -> String {
 #[test]
 fn every_env_var_set_is_an_agent_flag() {
     let o = typed_objects();
-    let ds = &o.daemon_sets[0];
-    let pod = ds
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .expect("pod spec");
-    let agent = pod
-        .containers
-        .iter()
-        .find(|c| {
-            c.args
-                .as_deref()
-                .and_then(<[String]>::first)
-                .is_some_and(|a| a == "run")
-        })
-        .expect("a container with args [run, ...]");
+    let (_, agent) = agent_container(&o);
 
     // name → where it is set
     let mut names: BTreeMap<String, String> = BTreeMap::new();

@@ -1,16 +1,18 @@
-//! `/metrics`, `/healthz` and `/readyz` of the real agent in a lab: scraped
-//! from inside the node namespace, where the agent listens.
+//! The real agent's servers in a lab, at kube-proxy's URLs and defaults:
+//! metrics (`/metrics`, `/proxyMode`) on 127.0.0.1:10249, health
+//! (`/healthz`, `/livez`, `/readyz`) on 0.0.0.0:10256. Scraped from inside
+//! the node namespace, where the agent listens, as kubelet and the e2e test
+//! "should check kube-proxy urls" do (from a host-network pod).
 //!
 //! Needs root and the agent binary (`KEP_AGENT_BIN` or
 //! `target/debug/kube-ebpf-proxy`): without them it fails, it never skips.
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use lab::addr::{DEMO_VIP, HTTP_PORT};
-use lab::{Agent, Lab, loadgen, yaml};
+use lab::addr::{CLIENT_GW, DEMO_VIP, HTTP_PORT};
+use lab::{Agent, Lab, Netns, hostile, loadgen, yaml};
 
 const PROGRAMMED: &str = "datapath programmed";
 const AGENT_READY: Duration = Duration::from_secs(30);
@@ -20,33 +22,36 @@ const NEW_FLOWS: &str = "kep_datapath_packets_total{counter=\"new_flows\"}";
 #[derive(Debug)]
 struct Response {
     status: u16,
+    head: String,
     body: String,
 }
 
+/// kube-proxy's defaults.
+const METRICS: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249));
+const HEALTHZ_PORT: u16 = 10256;
+
 /// One HTTP/1.1 GET to the agent, from a thread in the lab's node namespace.
 fn get(lab: &Lab, addr: SocketAddr, path: &str) -> Response {
-    lab.node()
-        .run(move || -> std::io::Result<Response> {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut raw = String::new();
-            s.read_to_string(&mut raw)?;
-            let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("no status line in {raw:?}"));
-            Ok(Response {
-                status,
-                body: body.to_string(),
-            })
-        })
+    get_from(lab.node(), addr, path)
         .unwrap_or_else(|e| panic!("GET http://{addr}{path} in the node namespace: {e}"))
+}
+
+/// One HTTP/1.1 GET from a thread in `netns`: its headers lower-cased.
+fn get_from(netns: &Netns, addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    let SocketAddr::V4(addr) = addr else {
+        unreachable!("the lab is IPv4")
+    };
+    let path = path.to_string();
+    let r = netns.run(move || hostile::probe(None, addr, &path, Duration::from_secs(10)));
+    match (r.status, r.error) {
+        (Some(status), _) => Ok(Response {
+            status,
+            head: r.head.to_ascii_lowercase(),
+            body: r.body,
+        }),
+        (None, Some((kind, message))) => Err(std::io::Error::new(kind, message)),
+        (None, None) => unreachable!("a probe without a status has an error"),
+    }
 }
 
 /// The value of the sample whose name and labels are exactly `series`.
@@ -93,16 +98,6 @@ fn scrape_until(
     }
 }
 
-/// A port free in the node namespace (a fresh namespace: nearly any is).
-fn free_port(lab: &Lab) -> u16 {
-    lab.node().run(|| {
-        TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind a probe port in the node namespace")
-            .port()
-    })
-}
-
 #[test]
 fn metrics_health_and_readiness() {
     let lab = Lab::new().expect("lab setup (needs root)");
@@ -111,7 +106,8 @@ fn metrics_health_and_readiness() {
     lab.write_manifest("empty.yaml", &yaml::empty()).unwrap();
     // demo and empty.
     let services_written = 2.0;
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port(&lab)));
+    // The old flag name still works.
+    let addr = METRICS;
     let args: Vec<OsString> = vec![
         "--manifests".into(),
         lab.manifest_dir().into(),
@@ -122,20 +118,15 @@ fn metrics_health_and_readiness() {
     agent
         .wait_for_log(PROGRAMMED, AGENT_READY)
         .expect("agent programs the datapath");
-    // The server may bind a moment after the first sync was logged.
-    agent
-        .wait_for_log("serving /metrics", AGENT_READY)
-        .expect("agent serves metrics");
-
-    let ready = get(&lab, addr, "/readyz");
+    // The servers may bind a moment after the first sync was logged.
+    for what in ["serving /metrics", "serving /healthz"] {
+        agent.wait_for_log(what, AGENT_READY).expect(what);
+    }
+    let health_addr = SocketAddr::from((CLIENT_GW, HEALTHZ_PORT));
+    let ready = get(&lab, health_addr, "/readyz");
     assert_eq!(ready.status, 200, "/readyz after the first sync: {ready:?}");
-    let health = get(&lab, addr, "/healthz");
+    let health = get(&lab, health_addr, "/healthz");
     assert_eq!(health.status, 200, "/healthz: {health:?}");
-    assert!(
-        health.body.contains("\"lastUpdated\"") && health.body.contains("\"currentTime\""),
-        "/healthz body: {}",
-        health.body
-    );
     assert_eq!(get(&lab, addr, "/nope").status, 404);
 
     let before = scrape(&lab, addr);
@@ -213,7 +204,66 @@ fn metrics_health_and_readiness() {
         "a removed endpoint leaves the backends map\n{after_edit}"
     );
     assert_eq!(must(&after_edit, "kep_objects_skipped"), 0.0);
-    assert_eq!(get(&lab, addr, "/healthz").status, 200);
+    assert_eq!(get(&lab, health_addr, "/healthz").status, 200);
+    assert!(agent.is_running(), "{}", agent.log_tail(30));
+}
+
+/// kube-proxy's URLs with the agent's defaults, as Kubernetes' e2e test
+/// "should check kube-proxy urls" checks them (`/healthz` on 10256 answers
+/// 200 with `lastUpdated`, `/proxyMode` on 10249 answers 200), plus the
+/// rest of the layout: metrics only on loopback, health on every address.
+#[test]
+fn kube_proxy_urls_and_defaults() {
+    let lab = Lab::new().expect("lab setup (needs root)");
+    lab.write_manifest("demo.yaml", &yaml::demo(&[0])).unwrap();
+    let agent = lab.start_manifest_agent().expect("agent programs");
+    for what in ["serving /metrics", "serving /healthz"] {
+        agent.wait_for_log(what, AGENT_READY).expect(what);
+    }
+    let localhost_healthz = SocketAddr::from((Ipv4Addr::LOCALHOST, HEALTHZ_PORT));
+
+    let healthz = get(&lab, localhost_healthz, "/healthz");
+    assert_eq!(healthz.status, 200, "{healthz:?}");
+    assert!(
+        healthz.head.contains("content-type: application/json"),
+        "{healthz:?}"
+    );
+    assert!(
+        healthz.head.contains("x-content-type-options: nosniff"),
+        "{healthz:?}"
+    );
+    let body: serde_json::Value = serde_json::from_str(&healthz.body).expect("JSON");
+    assert!(body["lastUpdated"].is_string(), "{body}");
+    assert!(body["currentTime"].is_string(), "{body}");
+    assert_eq!(body["nodeEligible"], true, "{body}");
+    let livez = get(&lab, localhost_healthz, "/livez");
+    assert_eq!(livez.status, 200, "{livez:?}");
+    assert!(livez.body.contains("\"lastUpdated\""), "{livez:?}");
+    assert_eq!(get(&lab, localhost_healthz, "/readyz").status, 200);
+
+    let mode = get(&lab, METRICS, "/proxyMode");
+    assert_eq!((mode.status, mode.body.as_str()), (200, "ebpf"), "{mode:?}");
+    assert!(
+        mode.head
+            .contains("content-type: text/plain; charset=utf-8"),
+        "{mode:?}"
+    );
+    assert_eq!(get(&lab, METRICS, "/metrics").status, 200);
+    let ping = get(&lab, METRICS, "/healthz");
+    assert_eq!((ping.status, ping.body.as_str()), (200, "ok"), "{ping:?}");
+
+    // From a pod: the health server answers on the node's addresses (cloud
+    // load balancers check it); the metrics server is loopback only.
+    let from_pod =
+        |port: u16, path: &str| get_from(lab.client(), SocketAddr::from((CLIENT_GW, port)), path);
+    let r = from_pod(HEALTHZ_PORT, "/healthz").expect("health server from a pod");
+    assert_eq!(r.status, 200, "{r:?}");
+    let refused = from_pod(10249, "/metrics").map(|r| r.status);
+    assert_eq!(
+        refused.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "metrics must not be served beyond loopback by default"
+    );
     assert!(agent.is_running(), "{}", agent.log_tail(30));
 }
 
@@ -225,13 +275,13 @@ fn full_services_map_is_named_counted_and_spares_the_rest() {
     let lab = Lab::new().expect("lab setup (needs root)");
     lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
         .unwrap();
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port(&lab)));
+    let addr = METRICS;
     // demo: two ports of three endpoints each and its cluster IP's entry,
     // 9 entries; 16 leave room for one more such Service, not ten.
     let args: Vec<OsString> = vec![
         "--manifests".into(),
         lab.manifest_dir().into(),
-        "--metrics-addr".into(),
+        "--metrics-bind-address".into(),
         addr.to_string().into(),
         "--services-max".into(),
         "16".into(),

@@ -113,9 +113,10 @@ type Claim = (String, FrontendState);
 /// may have changed since the last [`Tracker::settle`].
 pub struct Tracker {
     node: NodeInfo,
-    /// Labels of Node objects by (name, origin); the one named as this node
-    /// gives its topology.
-    nodes: BTreeMap<(String, Origin), BTreeMap<String, String>>,
+    /// Node objects (trimmed) by (name, origin); the one named as this node
+    /// gives its topology labels (and, to the health server, whether it is
+    /// being deleted).
+    nodes: BTreeMap<(String, Origin), Node>,
     services: HashMap<ServiceName, Few<Origin, Box<Service>>>,
     slices: HashMap<SliceName, Slice>,
     slices_of: HashMap<ServiceName, Few<SliceName, ()>>,
@@ -237,11 +238,16 @@ impl Tracker {
     }
 
     /// Adds or replaces the copy `origin` of a Node.
-    pub fn put_node(&mut self, origin: Origin, node: Node) {
+    pub fn put_node(&mut self, origin: Origin, mut node: Node) {
+        crate::source::trim::node(&mut node);
         let name = node.metadata.name.clone().unwrap_or_default();
-        let labels = node.metadata.labels.clone().unwrap_or_default();
-        self.nodes.insert((name, origin), labels);
+        self.nodes.insert((name, origin), node);
         self.node_changed();
+    }
+
+    /// The Node objects held.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
     }
 
     pub fn delete_node(&mut self, origin: Origin, name: &str) {
@@ -277,7 +283,7 @@ impl Tracker {
             .nodes
             .iter()
             .filter(|((name, _), _)| !self.node.name.is_empty() && *name == self.node.name)
-            .map(|(_, labels)| labels.clone())
+            .map(|(_, node)| node.metadata.labels.clone().unwrap_or_default())
             .min()
             .unwrap_or_default();
         if labels != self.node.labels {

@@ -27,13 +27,13 @@ use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Deserialize;
 use serde_yaml::Value;
 use thiserror::Error;
 
 use super::inotify::{DirNotify, Woken};
 use super::{Changes, Delta, Objects, Source};
 use crate::model::{DEFAULT_NAMESPACE, Origin, SliceFacts};
+use crate::yaml_limits;
 
 /// Something in a file that was skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +63,8 @@ enum Problem {
     Read(std::io::Error),
     #[error("invalid YAML: {0}")]
     Yaml(serde_yaml::Error),
+    #[error("{0}")]
+    Limit(yaml_limits::LimitError),
     #[error("invalid JSON: {0}")]
     Json(serde_json::Error),
     #[error("document is not a mapping")]
@@ -345,7 +347,7 @@ fn load_file(
     out: &mut Reload,
     decode: Decode,
 ) {
-    let text = match fs::read_to_string(file) {
+    let text = match yaml_limits::read_to_string(file) {
         Ok(text) => text,
         Err(e) => return out.warnings.push(warning(file, None, Problem::Read(e))),
     };
@@ -559,8 +561,7 @@ fn parse_documents(text: &str, json: bool) -> Result<Vec<Value>, Problem> {
             .map_err(Problem::Json);
     }
     let mut documents = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let mut value = Value::deserialize(document).map_err(Problem::Yaml)?;
+    for mut value in yaml_limits::documents(text).map_err(Problem::Limit)? {
         // kubectl honours `<<` merge keys; serde_yaml leaves them to us.
         value.apply_merge().map_err(Problem::Yaml)?;
         documents.push(value);

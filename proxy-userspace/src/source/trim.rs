@@ -8,7 +8,7 @@
 //! they go as soon as an object arrives, as kube-rs' own examples do with
 //! `managed_fields_mut().clear()`.
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -41,9 +41,16 @@ pub fn slice(slice: &mut EndpointSlice) {
     }
 }
 
+/// Keeps, besides name and labels (topology), what tells whether the node
+/// may take traffic: its deletion timestamp and taints.
 pub fn node(node: &mut Node) {
+    let deleting = node.metadata.deletion_timestamp.take();
     metadata(&mut node.metadata);
-    node.spec = None;
+    node.metadata.deletion_timestamp = deleting;
+    node.spec = node.spec.take().map(|spec| NodeSpec {
+        taints: spec.taints,
+        ..NodeSpec::default()
+    });
     node.status = None;
 }
 
