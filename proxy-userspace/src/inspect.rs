@@ -39,7 +39,7 @@ fn open(bpffs: &Path, name: &'static str) -> Result<MapData, DatapathError> {
     })
 }
 
-fn read_hash<K: aya::Pod, V: aya::Pod>(
+fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
     bpffs: &Path,
     name: &'static str,
     lru: bool,
@@ -56,7 +56,7 @@ fn read_hash<K: aya::Pod, V: aya::Pod>(
         Map::HashMap(data)
     };
     let map: HashMap<MapData, K, V> = map.try_into().map_err(err)?;
-    let entries = map.iter().collect::<Result<_, _>>().map_err(err)?;
+    let entries = crate::datapath::read_hash(&map).map_err(err)?;
     Ok((entries, max))
 }
 

@@ -563,11 +563,11 @@ impl Datapath {
     }
 }
 
-/// Every entry of a hash map, read `BATCH` at a time with
+/// Every entry of a hash map (LRU too), read `BATCH` at a time with
 /// `BPF_MAP_LOOKUP_BATCH` (one syscall per batch instead of two per entry:
 /// what makes re-reading 150,000 services-map entries at every resync
 /// cheap), or entry by entry where the kernel has no batch lookup.
-fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
+pub(crate) fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
     map: &HashMap<MapData, K, V>,
 ) -> Result<Vec<(K, V)>, MapError> {
     match lookup_batch(map) {
