@@ -12,15 +12,19 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-use proxy_common::Backend;
+use proxy_common::{Backend, ServiceKey};
 
 use crate::{
+    contents::Footprint,
     datapath::{Datapath, DatapathConfig, Hook},
     diff::{MapOp, diff},
-    encode::{Encoder, LbAlgorithm},
+    encode::{Encoder, LbAlgorithms},
     healthcheck::HealthServers,
-    interfaces, manifests, metrics, model,
-    model::{HealthCheck, Ipv4Cidr},
+    interfaces, metrics,
+    metrics::SyncOutcome,
+    model,
+    model::{HealthCheck, Ipv4Cidr, Tracker},
+    source::{Changes, Source},
 };
 
 #[derive(Debug, Clone)]
@@ -36,8 +40,8 @@ pub struct RunConfig {
     /// of them (kube-proxy's `--nodeport-addresses`).
     pub nodeport_addresses: Vec<Ipv4Cidr>,
     pub datapath: DatapathConfig,
-    /// How new flows choose among a frontend's endpoints.
-    pub lb_algorithm: LbAlgorithm,
+    /// How new flows choose among a frontend's endpoints, per scope.
+    pub lb_algorithms: LbAlgorithms,
     /// cgroup v2 directory to attach the socket hooks to (the node's cgroup
     /// root in production); `None` leaves host processes untranslated.
     pub socket_lb_cgroup: Option<PathBuf>,
@@ -45,7 +49,7 @@ pub struct RunConfig {
     pub poll_interval: Duration,
     /// How often expired conntrack entries are deleted.
     pub conntrack_gc_interval: Duration,
-    /// Full re-derivation from the source and re-read of the maps, so an
+    /// Re-read of the maps and comparison with everything desired, so an
     /// entry changed behind the agent's back is put right.
     pub resync_interval: Duration,
     /// Where `/metrics` and `/proxyMode` are served; `None`: not served.
@@ -55,63 +59,61 @@ pub struct RunConfig {
     pub healthz_addr: Option<SocketAddr>,
 }
 
-/// What one sync did, for the log line tests and operators read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyncOutcome {
-    pub frontends: usize,
-    pub backends: usize,
-    pub ops: usize,
-    pub failed: usize,
-}
-
-/// Owns the datapath and the id allocation; turns objects into map writes.
+/// Owns the datapath, the tracker of what the source said, and the id
+/// allocation; turns changes into map writes.
 pub struct Syncer {
     datapath: Datapath,
     encoder: Encoder,
-    /// This node's name, for `internalTrafficPolicy: Local` and topology.
-    node_name: String,
-    /// Where NodePorts answer.
-    nodeport_addresses: Vec<Ipv4Addr>,
-    /// healthCheckNodePorts of the last sync.
-    health_checks: BTreeMap<u16, HealthCheck>,
+    tracker: Tracker,
+    /// The source's own warnings (unreadable files...).
+    source_warnings: Vec<String>,
     /// Warnings already logged, so a periodic resync does not repeat them.
     reported: BTreeSet<String>,
+    /// The source's warnings differ from those last reported.
+    warnings_changed: bool,
+    /// The next sync compares the whole maps, not only what changed: the
+    /// first one (what an earlier agent left may be stale) and resyncs.
+    whole: bool,
+    /// Keys of writes that failed, tried again at the next sync.
+    retry: Footprint,
 }
 
 impl Syncer {
-    pub fn new(datapath: Datapath, node_name: String, algorithm: LbAlgorithm) -> Self {
-        let mut encoder = Encoder::with_algorithm(algorithm);
+    pub fn new(datapath: Datapath, node_name: String, algorithms: LbAlgorithms) -> Self {
+        let mut encoder = Encoder::with_algorithms(algorithms);
         // A restarted agent keeps the ids already in the pinned maps, so its
         // first sync rewrites nothing that is already right.
         encoder.seed_from(datapath.live());
+        let node = model::NodeInfo {
+            name: node_name,
+            ..model::NodeInfo::default()
+        };
         Self {
             datapath,
             encoder,
-            node_name,
-            nodeport_addresses: Vec::new(),
-            health_checks: BTreeMap::new(),
+            tracker: Tracker::new(node),
+            source_warnings: Vec::new(),
             reported: BTreeSet::new(),
+            warnings_changed: false,
+            whole: true,
+            retry: Footprint::default(),
         }
     }
 
     /// Sets the node addresses NodePorts answer on; whether they changed
     /// (a sync is then due).
     pub fn set_nodeport_addresses(&mut self, addresses: Vec<Ipv4Addr>) -> bool {
-        if self.nodeport_addresses == addresses {
-            return false;
-        }
-        self.nodeport_addresses = addresses;
-        true
+        self.tracker.set_node_addresses(addresses)
     }
 
     /// The node addresses NodePorts answer on.
     pub fn nodeport_addresses(&self) -> &[Ipv4Addr] {
-        &self.nodeport_addresses
+        self.tracker.node_addresses()
     }
 
-    /// The health-check servers the last sync asked for.
+    /// The health-check servers the tracker asks for.
     pub fn health_checks(&self) -> &BTreeMap<u16, HealthCheck> {
-        &self.health_checks
+        self.tracker.health_checks()
     }
 
     pub fn datapath_mut(&mut self) -> &mut Datapath {
@@ -123,40 +125,108 @@ impl Syncer {
         self.reported.len()
     }
 
-    /// Computes the desired maps from `objects` and applies the difference.
+    /// Services, EndpointSlices and Nodes held.
+    pub fn object_counts(&self) -> (usize, usize, usize) {
+        self.tracker.object_counts()
+    }
+
+    /// The Node objects the source gave (trimmed).
+    pub fn nodes(&self) -> impl Iterator<Item = &k8s_openapi::api::core::v1::Node> {
+        self.tracker.nodes()
+    }
+
+    /// What the maps hold, as far as this process knows.
+    pub fn live(&self) -> &crate::contents::MapContents {
+        self.datapath.live()
+    }
+
+    /// Takes in what the source reported; [`Syncer::sync`] writes it.
+    pub fn take(&mut self, changes: Changes) {
+        for delta in changes.deltas {
+            delta.apply_to(&mut self.tracker);
+        }
+        if let Some(warnings) = changes.warnings
+            && warnings != self.source_warnings
+        {
+            self.source_warnings = warnings;
+            self.warnings_changed = true;
+        }
+    }
+
+    /// The next sync compares the whole maps, re-read from the kernel
+    /// (someone may have edited one by hand), with everything desired. No
+    /// object is derived again: the tracker already holds the result.
+    pub fn prepare_resync(&mut self) {
+        if let Err(e) = self.datapath.refresh_live() {
+            tracing::error!(error = %e, "re-reading maps");
+        }
+        self.whole = true;
+    }
+
+    /// Derives what changed since the last sync and applies the difference.
     /// Bad objects are skipped with one warning each; a failed map write is
     /// logged and the rest still applies.
-    pub fn sync(
-        &mut self,
-        objects: &manifests::Objects,
-        source_warnings: Vec<String>,
-    ) -> SyncOutcome {
-        let node = model::NodeInfo::from_objects(&self.node_name, &objects.nodes)
-            .with_addresses(self.nodeport_addresses.iter().copied());
-        let (desired, model_warnings) = model::compute(&objects.services, &objects.slices, &node);
-        let warnings: BTreeSet<String> = source_warnings
-            .into_iter()
-            .chain(model_warnings.iter().map(ToString::to_string))
-            .collect();
-        for w in warnings.difference(&self.reported) {
-            tracing::warn!("skipped: {w}");
+    pub fn sync(&mut self) -> SyncOutcome {
+        let touched = self.tracker.settle();
+        let tracker_warnings = self.tracker.warnings_changed();
+        if tracker_warnings || self.whole || std::mem::take(&mut self.warnings_changed) {
+            self.report_warnings();
         }
-        self.reported = warnings;
-
-        let contents = self.encoder.encode(&desired);
-        let ops = diff(self.datapath.live(), &contents);
+        let mut footprint = self.encoder.update(
+            touched
+                .iter()
+                .map(|frontend| (*frontend, self.tracker.frontend(frontend))),
+        );
+        let retry = std::mem::take(&mut self.retry);
+        footprint.services.extend(retry.services);
+        footprint.backends.extend(retry.backends);
+        footprint.svc_ids.extend(retry.svc_ids);
+        let whole = std::mem::take(&mut self.whole);
+        let ops = if whole {
+            diff(self.datapath.live(), self.encoder.desired())
+        } else {
+            diff(
+                &self.datapath.live().restricted(&footprint),
+                &self.encoder.desired().restricted(&footprint),
+            )
+        };
+        let live = self.datapath.live();
         let removed: Vec<Backend> = ops
             .iter()
             .filter_map(|op| match op {
-                MapOp::DeleteBackend(id) => self.datapath.live().backends.get(id).copied(),
+                MapOp::DeleteBackend(id) => live.backends.get(id).copied(),
                 _ => None,
             })
             .collect();
+        let desired = self.encoder.desired();
+        let sticky = |key: &ServiceKey| {
+            [live, desired].iter().any(|c| {
+                c.services
+                    .get(&key.with_slot(0))
+                    .is_some_and(|v| v.affinity_timeout_s != 0)
+            })
+        };
+        let affinity_touched = whole
+            || ops.iter().any(|op| match op {
+                MapOp::PutService(key, _) | MapOp::DeleteService(key) => sticky(key),
+                _ => false,
+            });
         let failed = self.datapath.apply(&ops);
+        let mut full: BTreeMap<&'static str, usize> = BTreeMap::new();
         for f in &failed {
-            tracing::error!(op = ?f.op, error = %f.error, "map update failed");
+            match f.full_map() {
+                Some((map, flag)) => {
+                    *full.entry(map).or_default() += 1;
+                    tracing::error!(
+                        op = ?f.op,
+                        "map {map} is full: raise {flag}; this entry is not programmed, everything else is"
+                    );
+                }
+                None => tracing::error!(op = ?f.op, error = %f.error, "map update failed"),
+            }
+            self.retry.add(&f.op);
         }
-        if let Err(e) = self.datapath.prune_affinity() {
+        if affinity_touched && let Err(e) = self.datapath.prune_affinity() {
             tracing::error!(error = %e, "pruning session affinity");
         }
         match self.datapath.forget_udp_backends(&removed) {
@@ -164,59 +234,28 @@ impl Syncer {
             Ok(n) => tracing::info!(entries = n, "deleted UDP flows of removed endpoints"),
             Err(e) => tracing::error!(error = %e, "deleting UDP flows of removed endpoints"),
         }
-        self.health_checks = desired.health_checks.clone();
         SyncOutcome {
-            frontends: desired.frontends.len(),
-            backends: contents.backends.len(),
+            frontends: self.tracker.frontend_count(),
+            backends: self.encoder.desired().backends.len(),
             ops: ops.len(),
             failed: failed.len(),
-        }
-    }
-}
-
-/// Where objects come from: a manifests directory, or the API server.
-///
-/// Both futures must be cancel-safe: the agent drops them whenever another
-/// event (a signal, the resync timer) wins.
-pub trait Source {
-    /// Resolves when the source may hold something new since the last
-    /// snapshot. The first call resolves only once the source has its
-    /// complete initial state, so nothing is written before that.
-    fn changed(&mut self) -> impl Future<Output = ()>;
-    /// Everything the source holds now, and what it had to skip.
-    fn snapshot(&mut self) -> (manifests::Objects, Vec<String>);
-}
-
-/// A directory of YAML files, polled.
-pub struct ManifestSource {
-    dir: PathBuf,
-    watcher: manifests::DirWatcher,
-    cache: manifests::DocCache,
-    poll_interval: Duration,
-}
-
-impl ManifestSource {
-    pub fn new(dir: PathBuf, poll_interval: Duration) -> Self {
-        Self {
-            watcher: manifests::DirWatcher::new(&dir),
-            cache: manifests::DocCache::default(),
-            dir,
-            poll_interval,
-        }
-    }
-}
-
-impl Source for ManifestSource {
-    async fn changed(&mut self) {
-        while !self.watcher.changed() {
-            tokio::time::sleep(self.poll_interval).await;
+            full,
+            skipped: self.reported.len(),
         }
     }
 
-    fn snapshot(&mut self) -> (manifests::Objects, Vec<String>) {
-        let (objects, warnings) = manifests::load_dir_cached(&self.dir, &mut self.cache);
-        tracing::debug!(parsed = self.cache.parsed(), "manifests read");
-        (objects, warnings.iter().map(ToString::to_string).collect())
+    /// Logs the warnings not logged before.
+    fn report_warnings(&mut self) {
+        let warnings: BTreeSet<String> = self
+            .source_warnings
+            .iter()
+            .cloned()
+            .chain(self.tracker.warnings().iter().map(ToString::to_string))
+            .collect();
+        for w in warnings.difference(&self.reported) {
+            tracing::warn!("skipped: {w}");
+        }
+        self.reported = warnings;
     }
 }
 
@@ -311,6 +350,10 @@ fn health_addresses(cfg: &RunConfig, syncer: &Syncer) -> Vec<IpAddr> {
         .collect()
 }
 
+/// A sync this large (the first one, a relist) leaves megabytes of freed
+/// transient memory (decoded objects, ops) that glibc keeps mapped.
+const LARGE_SYNC_OPS: usize = 10_000;
+
 /// Runs the agent on `source` until SIGTERM or SIGINT.
 pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&cfg.datapath).context("loading the datapath")?;
@@ -325,7 +368,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             .context("socket-level load balancing")?;
         tracing::info!(cgroup = %cgroup.display(), "attached socket hooks");
     }
-    let mut syncer = Syncer::new(datapath, cfg.node_name.clone(), cfg.lb_algorithm);
+    let mut syncer = Syncer::new(datapath, cfg.node_name.clone(), cfg.lb_algorithms);
     attach_matching(syncer.datapath_mut(), &cfg.interfaces, &cfg.node_interfaces);
     refresh_node_addresses(&mut syncer, &cfg);
     // Every attached program now reads this layout's maps; older layouts
@@ -368,7 +411,9 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = source.changed() => {
-                noticed = Some(Instant::now());
+                let changes = source.take_changes();
+                noticed = Some(changes.since.unwrap_or_else(Instant::now));
+                syncer.take(changes);
                 false
             }
             _ = resync.tick(), if synced => true,
@@ -399,37 +444,42 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
                 continue;
             }
         };
+        let started = Instant::now();
         if full {
             // Someone may have edited a map by hand: diff against what the
             // kernel really holds, not against memory.
-            if let Err(e) = syncer.datapath_mut().refresh_live() {
-                tracing::error!(error = %e, "re-reading maps");
-            }
+            syncer.prepare_resync();
         }
-        let started = Instant::now();
-        let (objects, warnings) = source.snapshot();
-        let out = syncer.sync(&objects, warnings);
+        let out = syncer.sync();
+        let written = Instant::now();
+        if out.ops >= LARGE_SYNC_OPS {
+            crate::yaml_limits::release_freed_memory();
+        }
+        let noticed = noticed.take().filter(|_| !full);
+        metrics.record_sync(
+            syncer.object_counts(),
+            syncer.nodes(),
+            syncer.live(),
+            &out,
+            started.elapsed(),
+            noticed,
+        );
         // Failures are logged by the servers and retried at the next sync.
         health.set_addresses(health_addresses(&cfg, &syncer)).await;
         health.update(syncer.health_checks()).await;
-        let skipped = syncer.warning_count();
-        metrics.record_sync(
-            &objects,
-            syncer.datapath_mut().live(),
-            &out,
-            skipped,
-            started.elapsed(),
-            noticed.take().filter(|_| !full),
-        );
         synced = true;
         generation += 1;
+        // since_event_us: from the source's first event of this batch to
+        // the last map write (what kep_network_programming_duration_seconds
+        // observes); took_us: the sync itself.
         tracing::info!(
-            "datapath programmed generation={generation} frontends={} backends={} ops={} failed={} took_us={}",
+            "datapath programmed generation={generation} frontends={} backends={} ops={} failed={} took_us={} since_event_us={}",
             out.frontends,
             out.backends,
             out.ops,
             out.failed,
-            started.elapsed().as_micros()
+            written.duration_since(started).as_micros(),
+            noticed.map_or(0, |n| written.saturating_duration_since(n).as_micros()),
         );
     }
     tracing::info!(

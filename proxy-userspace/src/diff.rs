@@ -27,7 +27,7 @@
 
 use proxy_common::{Backend, ServiceKey, ServiceValue};
 
-use crate::encode::{MapContents, RangeEntry};
+use crate::contents::{MapContents, RangeEntry};
 use crate::maglev::TableSpec;
 
 /// One map update.
@@ -107,7 +107,8 @@ pub fn diff(live: &MapContents, desired: &MapContents) -> Vec<MapOp> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encode::{Encoder, LbAlgorithm, addr_to_map, port_to_map};
+    use crate::contents::{addr_to_map, port_to_map};
+    use crate::encode::{Encoder, LbAlgorithm, LbAlgorithms};
     use crate::model::{DesiredState, EmptyAction, Endpoint, Frontend, FrontendState, Protocol};
     use std::net::Ipv4Addr;
 
@@ -383,7 +384,7 @@ mod tests {
                 maglev in any::<bool>(),
             ) {
                 let mut encoder = if maglev {
-                    Encoder::with_algorithm(LbAlgorithm::Maglev { table_size: 251 })
+                    Encoder::with_algorithms(LbAlgorithms::everywhere(LbAlgorithm::Maglev { table_size: 251 }))
                 } else {
                     Encoder::new()
                 };

@@ -15,50 +15,14 @@ use proxy_common::{
     scope,
 };
 
+use crate::contents::{
+    Footprint, MapContents, RangeEntry, addr_from_map, addr_to_map, port_from_map, port_to_map,
+};
 use crate::maglev::{TableBackend, TableSpec};
 use crate::model::{
-    DesiredState, EmptyAction, Endpoint, ExternalTraffic, Frontend, FrontendKind, Protocol,
+    DesiredState, EmptyAction, Endpoint, ExternalTraffic, Frontend, FrontendKind, FrontendState,
+    Protocol,
 };
-
-/// Map form of an IPv4 address: the `u32` whose in-memory bytes are the
-/// address's wire bytes, which is what the datapath compares against packets.
-pub fn addr_to_map(addr: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
-}
-
-/// Inverse of [`addr_to_map`].
-pub fn addr_from_map(addr: u32) -> Ipv4Addr {
-    Ipv4Addr::from(addr.to_ne_bytes())
-}
-
-/// Map form of an L4 port: network byte order, like [`addr_to_map`].
-pub fn port_to_map(port: u16) -> u16 {
-    port.to_be()
-}
-
-/// Inverse of [`port_to_map`].
-pub fn port_from_map(port: u16) -> u16 {
-    u16::from_be(port)
-}
-
-/// Everything the agent writes into the services, backends and maglev maps.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MapContents {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
-    pub backends: BTreeMap<u32, Backend>,
-    /// Maglev tables by svc id.
-    pub tables: BTreeMap<u32, TableSpec>,
-    /// loadBalancerSourceRanges of load-balancer frontends (both entries).
-    pub source_ranges: BTreeSet<RangeEntry>,
-}
-
-/// One allowed client prefix of one services-map entry (by its svc id).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RangeEntry {
-    pub svc_id: u32,
-    pub addr: Ipv4Addr,
-    pub prefix_len: u8,
-}
 
 /// The range entries of one services-map entry.
 fn source_ranges(svc_id: u32, external: &ExternalTraffic) -> impl Iterator<Item = RangeEntry> + '_ {
@@ -87,6 +51,40 @@ pub enum LbAlgorithm {
     /// flow's hash: the same flow reaches the same endpoint on every node,
     /// and an endpoint change moves few flows.
     Maglev { table_size: u32 },
+}
+
+/// The algorithm of each kind of services-map entry.
+///
+/// Traffic from outside the cluster (the `scope::EXTERNAL` entry of a
+/// NodePort, load-balancer IP or external IP) may reach any node, and after
+/// a node or its conntrack state is lost, another one: only a table every
+/// node builds alike sends the flow to the same endpoint there. Traffic
+/// from inside (cluster IPs, and pods or the node reaching any frontend) is
+/// always translated on the client's own node, which keeps the flow in its
+/// conntrack: consistent hashing buys little there and costs a table of
+/// `4 × (3 + M)` bytes per frontend, so it is `Random` by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbAlgorithms {
+    pub external: LbAlgorithm,
+    pub internal: LbAlgorithm,
+}
+
+impl LbAlgorithms {
+    /// The same algorithm for every entry.
+    pub const fn everywhere(algorithm: LbAlgorithm) -> Self {
+        Self {
+            external: algorithm,
+            internal: algorithm,
+        }
+    }
+
+    fn of(&self, entry_scope: u8) -> LbAlgorithm {
+        if entry_scope == scope::EXTERNAL {
+            self.external
+        } else {
+            self.internal
+        }
+    }
 }
 
 /// What a backend id stands for: the frontend's protocol is part of it
@@ -172,31 +170,61 @@ impl<K: Ord + Clone> Ids<K> {
         }
     }
 
-    /// Ends a round: frees the ids of keys not used in it and of orphans.
-    fn retain(&mut self, used: &BTreeSet<K>) {
-        let gone: Vec<(K, u32)> = self
-            .by_key
-            .iter()
-            .filter(|(key, _)| !used.contains(key))
-            .map(|(key, id)| (key.clone(), *id))
-            .collect();
-        for (key, id) in gone {
-            self.by_key.remove(&key);
+    /// Frees the id of `key`, if it has one.
+    fn release_key(&mut self, key: &K) {
+        if let Some(id) = self.by_key.remove(key) {
             self.release(id);
         }
+    }
+
+    /// Frees the ids seeding found without an owner: the round that
+    /// removes their entries from the maps has been computed.
+    fn release_orphans(&mut self) {
         for id in std::mem::take(&mut self.orphans) {
             self.release(id);
         }
     }
 }
 
-/// Turns desired states into map contents with ids stable across calls.
+/// What one frontend put into the maps, so that a change to it can take
+/// exactly that back.
+#[derive(Debug, Default)]
+struct Written {
+    /// Its services-map entries (both scopes, slot 0 and slots).
+    keys: Vec<ServiceKey>,
+    /// Its svc ids by scope: Maglev tables and source ranges hang off them.
+    svc_ids: Vec<(u8, u32)>,
+    /// Backend ids it references (slots and lingering endpoints), once each.
+    backends: Vec<u32>,
+    /// The cluster IP whose port-less entry it needs.
+    cluster_ip: Option<Ipv4Addr>,
+}
+
+/// One frontend's map contents, before they are merged.
+#[derive(Default)]
+struct Encoded {
+    written: Written,
+    services: Vec<(ServiceKey, ServiceValue)>,
+    tables: Vec<(u32, TableSpec)>,
+    ranges: Vec<RangeEntry>,
+    backends: BTreeMap<u32, (BackendKey, Backend)>,
+}
+
+/// Turns frontends into map contents with ids stable across calls, keeping
+/// the whole desired contents up to date one frontend at a time.
 #[derive(Debug)]
 pub struct Encoder {
     /// Per frontend and scope (`proxy_common::scope`).
     svc_ids: Ids<(Frontend, u8)>,
     backend_ids: Ids<BackendKey>,
-    algorithm: LbAlgorithm,
+    algorithms: LbAlgorithms,
+    /// Everything the maps should hold.
+    desired: MapContents,
+    written: std::collections::HashMap<Frontend, Written>,
+    /// Frontends referencing each backend id.
+    backend_refs: std::collections::HashMap<u32, u32>,
+    /// Cluster-IP frontends on each address (its port-less entry).
+    cluster_ip_refs: std::collections::HashMap<Ipv4Addr, u32>,
 }
 
 impl Default for Encoder {
@@ -207,16 +235,20 @@ impl Default for Encoder {
 
 impl Encoder {
     /// Random selection (no tables); the agent picks with
-    /// [`Encoder::with_algorithm`].
+    /// [`Encoder::with_algorithms`].
     pub fn new() -> Self {
-        Self::with_algorithm(LbAlgorithm::Random)
+        Self::with_algorithms(LbAlgorithms::everywhere(LbAlgorithm::Random))
     }
 
-    pub fn with_algorithm(algorithm: LbAlgorithm) -> Self {
+    pub fn with_algorithms(algorithms: LbAlgorithms) -> Self {
         Self {
             svc_ids: Ids::new(),
             backend_ids: Ids::new(),
-            algorithm,
+            algorithms,
+            desired: MapContents::default(),
+            written: Default::default(),
+            backend_refs: Default::default(),
+            cluster_ip_refs: Default::default(),
         }
     }
 
@@ -224,7 +256,7 @@ impl Encoder {
     /// (addr, port, proto) keeps its backend id and the same frontend keeps
     /// its svc_id, so a restart rewrites nothing and established flows keep
     /// matching their conntrack entries. Meant to be called before the first
-    /// [`Encoder::encode`]; ids already owned are never taken over.
+    /// [`Encoder::update`]; ids already owned are never taken over.
     pub fn seed_from(&mut self, live: &MapContents) {
         for (id, backend) in &live.backends {
             let key = Protocol::from_number(backend.proto).map(|proto| {
@@ -249,95 +281,266 @@ impl Encoder {
         }
     }
 
-    /// The exact map contents for `desired`. Ids of frontends and backends
-    /// absent from `desired` are released only after this call, so an id is
-    /// never reused within the update that removes its previous owner.
+    /// Everything the maps should hold after the updates so far.
+    pub fn desired(&self) -> &MapContents {
+        &self.desired
+    }
+
+    /// The exact map contents for `desired`, as a whole.
     pub fn encode(&mut self, desired: &DesiredState) -> MapContents {
-        let mut round = Round::default();
-        for (frontend, state) in &desired.frontends {
-            let key = ServiceKey::new(
-                addr_to_map(frontend.addr),
-                port_to_map(frontend.port),
-                frontend.proto.number(),
-                0,
-            );
-            let Some(mut entry) = self.entry(
-                &mut round,
-                *frontend,
-                key,
-                &state.service,
-                &state.endpoints,
-                state.empty_action,
-            ) else {
-                continue;
-            };
-            // Endpoints no longer chosen but still present keep their
-            // backend entry (no slot): the datapath keeps serving the flows
-            // they already have, and never picks them for a new one.
-            for endpoint in &state.lingering {
-                self.backend(&mut round, *frontend, *endpoint);
-            }
-            let affinity = state.affinity_timeout_s.unwrap_or(0);
-            if let Some(external) = &state.external {
-                let ext_key = key.with_scope(scope::EXTERNAL);
-                if let Some(mut ext) = self.entry(
-                    &mut round,
-                    *frontend,
-                    ext_key,
-                    &state.service,
-                    &external.endpoints,
-                    external.empty_action,
-                ) {
-                    if external.masquerade {
-                        ext.flags |= SVC_FLAG_MASQUERADE;
+        let gone: Vec<Frontend> = self
+            .written
+            .keys()
+            .filter(|f| !desired.frontends.contains_key(f))
+            .copied()
+            .collect();
+        self.update(
+            gone.into_iter().map(|f| (f, None)).chain(
+                desired
+                    .frontends
+                    .iter()
+                    .map(|(frontend, state)| (*frontend, Some(state))),
+            ),
+        );
+        self.desired.clone()
+    }
+
+    /// Re-encodes the frontends given (`None`: removed) and returns the keys
+    /// whose desired contents may have changed. Ids given up are released
+    /// only after this call, so an id is never reused within the update that
+    /// removes its previous owner.
+    pub fn update<'a>(
+        &mut self,
+        changes: impl IntoIterator<Item = (Frontend, Option<&'a FrontendState>)>,
+    ) -> Footprint {
+        let mut footprint = Footprint::default();
+        let mut dropped_frontends: Vec<(Frontend, u8)> = Vec::new();
+        let mut dropped_backends: Vec<BackendKey> = Vec::new();
+        for (frontend, state) in changes {
+            let new = state.map(|state| self.encode_frontend(frontend, state));
+            let old = self.written.remove(&frontend);
+            // Take references first, then drop the old ones, so what both
+            // use never drops to zero in between.
+            if let Some(new) = new {
+                for (id, (key, backend)) in new.backends {
+                    let refs = self.backend_refs.entry(id).or_default();
+                    *refs += 1;
+                    if *refs == 1 {
+                        self.desired.backends.insert(id, backend);
+                        footprint.backends.insert(id);
                     }
-                    if !external.source_ranges.is_empty() {
-                        // They guard pods too (kube-proxy applies them in
-                        // its service chain, whoever the client): both
-                        // entries check the same list under their own id.
-                        for value in [&mut ext, &mut entry] {
-                            value.flags |= SVC_FLAG_SOURCE_RANGES;
-                            round
-                                .out
-                                .source_ranges
-                                .extend(source_ranges(value.svc_id, external));
-                        }
-                    }
-                    if state.kind == FrontendKind::NodePort {
-                        ext.flags |= SVC_FLAG_NODE_ADDRESS;
-                    }
-                    round
-                        .out
-                        .services
-                        .insert(ext_key, ext.with_affinity(affinity));
-                    entry.flags |= SVC_FLAG_EXTERNAL_SCOPE;
+                    let _ = key;
                 }
-            }
-            if state.kind == FrontendKind::NodePort {
-                entry.flags |= SVC_FLAG_NODE_ADDRESS;
-            }
-            round
-                .out
-                .services
-                .insert(key, entry.with_affinity(affinity));
-            if state.kind == FrontendKind::ClusterIp {
-                round.cluster_ips.insert(frontend.addr);
+                if let Some(addr) = new.written.cluster_ip {
+                    let refs = self.cluster_ip_refs.entry(addr).or_default();
+                    *refs += 1;
+                    if *refs == 1 {
+                        let key = ServiceKey::cluster_ip(addr_to_map(addr));
+                        self.desired
+                            .services
+                            .insert(key, ServiceValue::service(0, 0, SVC_FLAG_REJECT));
+                        footprint.services.insert(key);
+                    }
+                }
+                if let Some(old) = &old {
+                    for key in &old.keys {
+                        self.desired.services.remove(key);
+                        footprint.services.insert(*key);
+                    }
+                    for (_, id) in &old.svc_ids {
+                        self.forget_svc_id(*id, &mut footprint);
+                    }
+                }
+                for (key, value) in new.services {
+                    self.desired.services.insert(key, value);
+                    footprint.services.insert(key);
+                }
+                for (id, table) in new.tables {
+                    self.desired.tables.insert(id, table);
+                }
+                self.desired.source_ranges.extend(new.ranges);
+                footprint
+                    .svc_ids
+                    .extend(new.written.svc_ids.iter().map(|(_, id)| *id));
+                if let Some(old) = old {
+                    self.drop_references(
+                        &old,
+                        Some(&new.written),
+                        frontend,
+                        &mut footprint,
+                        &mut dropped_frontends,
+                        &mut dropped_backends,
+                    );
+                }
+                self.written.insert(frontend, new.written);
+            } else if let Some(old) = old {
+                for key in &old.keys {
+                    self.desired.services.remove(key);
+                    footprint.services.insert(*key);
+                }
+                for (_, id) in &old.svc_ids {
+                    self.forget_svc_id(*id, &mut footprint);
+                }
+                self.drop_references(
+                    &old,
+                    None,
+                    frontend,
+                    &mut footprint,
+                    &mut dropped_frontends,
+                    &mut dropped_backends,
+                );
             }
         }
+        for key in dropped_frontends {
+            if !self
+                .written
+                .get(&key.0)
+                .is_some_and(|w| w.svc_ids.iter().any(|(scope, _)| *scope == key.1))
+            {
+                self.svc_ids.release_key(&key);
+            }
+        }
+        for key in dropped_backends {
+            let unused = self
+                .backend_ids
+                .by_key
+                .get(&key)
+                .is_some_and(|id| !self.backend_refs.contains_key(id));
+            if unused {
+                self.backend_ids.release_key(&key);
+            }
+        }
+        self.svc_ids.release_orphans();
+        self.backend_ids.release_orphans();
+        footprint
+    }
 
+    /// Removes the table and source ranges of `svc_id` from the desired
+    /// contents.
+    fn forget_svc_id(&mut self, svc_id: u32, footprint: &mut Footprint) {
+        self.desired.tables.remove(&svc_id);
+        let ranges: Vec<RangeEntry> = self.desired.ranges_of(svc_id).copied().collect();
+        for range in ranges {
+            self.desired.source_ranges.remove(&range);
+        }
+        footprint.svc_ids.insert(svc_id);
+    }
+
+    /// Drops what `old` referenced; ids nobody references any more are
+    /// released at the end of the update.
+    fn drop_references(
+        &mut self,
+        old: &Written,
+        new: Option<&Written>,
+        frontend: Frontend,
+        footprint: &mut Footprint,
+        dropped_frontends: &mut Vec<(Frontend, u8)>,
+        dropped_backends: &mut Vec<BackendKey>,
+    ) {
+        for (scope, _) in &old.svc_ids {
+            if !new.is_some_and(|n| n.svc_ids.iter().any(|(s, _)| s == scope)) {
+                dropped_frontends.push((frontend, *scope));
+            }
+        }
+        for id in &old.backends {
+            let Some(refs) = self.backend_refs.get_mut(id) else {
+                continue;
+            };
+            *refs -= 1;
+            if *refs == 0 {
+                self.backend_refs.remove(id);
+                if let Some(backend) = self.desired.backends.remove(id)
+                    && let Some(proto) = Protocol::from_number(backend.proto)
+                {
+                    dropped_backends.push((
+                        addr_from_map(backend.addr),
+                        port_from_map(backend.port),
+                        proto,
+                    ));
+                }
+                footprint.backends.insert(*id);
+            }
+        }
+        if let Some(addr) = old.cluster_ip {
+            let refs = self.cluster_ip_refs.entry(addr).or_default();
+            *refs = refs.saturating_sub(1);
+            if *refs == 0 {
+                self.cluster_ip_refs.remove(&addr);
+                let key = ServiceKey::cluster_ip(addr_to_map(addr));
+                self.desired.services.remove(&key);
+                footprint.services.insert(key);
+            }
+        }
+    }
+
+    /// One frontend's entries, with its ids.
+    fn encode_frontend(&mut self, frontend: Frontend, state: &FrontendState) -> Encoded {
+        let mut out = Encoded::default();
+        let key = ServiceKey::new(
+            addr_to_map(frontend.addr),
+            port_to_map(frontend.port),
+            frontend.proto.number(),
+            0,
+        );
+        let Some(mut entry) = self.entry(
+            &mut out,
+            frontend,
+            key,
+            &state.service,
+            &state.endpoints,
+            state.empty_action,
+        ) else {
+            return out;
+        };
+        // Endpoints no longer chosen but still present keep their backend
+        // entry (no slot): the datapath keeps serving the flows they already
+        // have, and never picks them for a new one.
+        for endpoint in &state.lingering {
+            self.backend(&mut out, frontend, *endpoint);
+        }
+        let affinity = state.affinity_timeout_s.unwrap_or(0);
+        if let Some(external) = &state.external {
+            let ext_key = key.with_scope(scope::EXTERNAL);
+            if let Some(mut ext) = self.entry(
+                &mut out,
+                frontend,
+                ext_key,
+                &state.service,
+                &external.endpoints,
+                external.empty_action,
+            ) {
+                if external.masquerade {
+                    ext.flags |= SVC_FLAG_MASQUERADE;
+                }
+                if !external.source_ranges.is_empty() {
+                    // They guard pods too (kube-proxy applies them in its
+                    // service chain, whoever the client): both entries check
+                    // the same list under their own id.
+                    for value in [&mut ext, &mut entry] {
+                        value.flags |= SVC_FLAG_SOURCE_RANGES;
+                        out.ranges.extend(source_ranges(value.svc_id, external));
+                    }
+                }
+                if state.kind == FrontendKind::NodePort {
+                    ext.flags |= SVC_FLAG_NODE_ADDRESS;
+                }
+                out.services.push((ext_key, ext.with_affinity(affinity)));
+                entry.flags |= SVC_FLAG_EXTERNAL_SCOPE;
+            }
+        }
+        if state.kind == FrontendKind::NodePort {
+            entry.flags |= SVC_FLAG_NODE_ADDRESS;
+        }
+        out.services.push((key, entry.with_affinity(affinity)));
+        out.written.keys = out.services.iter().map(|(k, _)| *k).collect();
+        out.written.backends = out.backends.keys().copied().collect();
         // Every cluster IP also gets its port-less entry, so the datapath can
         // tell "a cluster IP, but no such port" (REJECT) from "no cluster IP
         // at all" (DROP inside the service CIDR).
-        for addr in &round.cluster_ips {
-            round.out.services.insert(
-                ServiceKey::cluster_ip(addr_to_map(*addr)),
-                ServiceValue::service(0, 0, SVC_FLAG_REJECT),
-            );
+        if state.kind == FrontendKind::ClusterIp {
+            out.written.cluster_ip = Some(frontend.addr);
         }
-
-        self.svc_ids.retain(&round.used_frontends);
-        self.backend_ids.retain(&round.used_backends);
-        round.out
+        out
     }
 
     /// Writes the slots (and Maglev table) of one services-map entry for
@@ -345,7 +548,7 @@ impl Encoder {
     /// when no svc id is left.
     fn entry(
         &mut self,
-        round: &mut Round,
+        out: &mut Encoded,
         frontend: Frontend,
         key: ServiceKey,
         service: &str,
@@ -356,7 +559,7 @@ impl Encoder {
             tracing::error!("{service}: no service id left, frontend {frontend} skipped");
             return None;
         };
-        round.used_frontends.insert((frontend, key.scope));
+        out.written.svc_ids.push((key.scope, svc_id));
         if endpoints.len() > usize::from(u16::MAX) {
             tracing::warn!(
                 "{service}: {} endpoints, only the first {} are used",
@@ -367,7 +570,7 @@ impl Encoder {
         let mut count: u16 = 0;
         let mut table_backends = Vec::new();
         for endpoint in endpoints.iter().take(usize::from(u16::MAX)) {
-            let Some(id) = self.backend(round, frontend, *endpoint) else {
+            let Some(id) = self.backend(out, frontend, *endpoint) else {
                 tracing::error!(
                     "{service}: no backend id left, endpoint {}:{} skipped",
                     endpoint.addr,
@@ -381,23 +584,19 @@ impl Encoder {
                 port: endpoint.port,
                 id,
             });
-            round
-                .out
-                .services
-                .insert(key.with_slot(count), ServiceValue::slot(id));
+            out.services
+                .push((key.with_slot(count), ServiceValue::slot(id)));
         }
         let mut flags = match (count, empty_action) {
             (0, EmptyAction::Reject) => SVC_FLAG_REJECT,
             (0, EmptyAction::Drop) => SVC_FLAG_DROP,
             _ => 0,
         };
-        if let LbAlgorithm::Maglev { table_size } = self.algorithm
+        if let LbAlgorithm::Maglev { table_size } = self.algorithms.of(key.scope)
             && count > 0
         {
-            round
-                .out
-                .tables
-                .insert(svc_id, TableSpec::new(table_size, table_backends));
+            out.tables
+                .push((svc_id, TableSpec::new(table_size, table_backends)));
             flags |= SVC_FLAG_MAGLEV;
         }
         Some(ServiceValue::service(svc_id, count, flags))
@@ -406,32 +605,25 @@ impl Encoder {
     /// The backend entry of `endpoint` under `frontend`'s protocol.
     fn backend(
         &mut self,
-        round: &mut Round,
+        out: &mut Encoded,
         frontend: Frontend,
         endpoint: Endpoint,
     ) -> Option<u32> {
         let backend_key = (endpoint.addr, endpoint.port, frontend.proto);
         let id = self.backend_ids.get_or_alloc(&backend_key)?;
-        round.used_backends.insert(backend_key);
-        round.out.backends.insert(
+        out.backends.insert(
             id,
-            Backend::new(
-                addr_to_map(endpoint.addr),
-                port_to_map(endpoint.port),
-                frontend.proto.number(),
+            (
+                backend_key,
+                Backend::new(
+                    addr_to_map(endpoint.addr),
+                    port_to_map(endpoint.port),
+                    frontend.proto.number(),
+                ),
             ),
         );
         Some(id)
     }
-}
-
-/// What one [`Encoder::encode`] call builds up.
-#[derive(Default)]
-struct Round {
-    out: MapContents,
-    used_frontends: BTreeSet<(Frontend, u8)>,
-    used_backends: BTreeSet<BackendKey>,
-    cluster_ips: BTreeSet<Ipv4Addr>,
 }
 
 #[cfg(test)]
@@ -568,7 +760,9 @@ mod tests {
     fn maglev_tables_for_frontends_with_endpoints_only() {
         let web = frontend("10.96.0.10", 80);
         let empty = frontend("10.96.0.11", 80);
-        let mut encoder = Encoder::with_algorithm(LbAlgorithm::Maglev { table_size: 251 });
+        let mut encoder = Encoder::with_algorithms(LbAlgorithms::everywhere(LbAlgorithm::Maglev {
+            table_size: 251,
+        }));
         let out = encoder.encode(&desired(&[
             (web, state(&[("10.0.0.2", 8080), ("10.0.0.1", 8080)])),
             (empty, state(&[])),
@@ -790,7 +984,7 @@ mod tests {
         ids.next = u64::from(u32::MAX);
         assert_eq!(ids.get_or_alloc(&1), Some(u32::MAX));
         assert_eq!(ids.get_or_alloc(&2), None);
-        ids.retain(&BTreeSet::new());
+        ids.release_key(&1);
         assert_eq!(ids.get_or_alloc(&2), Some(u32::MAX));
     }
 

@@ -13,8 +13,8 @@ use proxy_common::{
 use serde::Serialize;
 
 use crate::{
+    contents::{addr_from_map, port_from_map},
     datapath::{DatapathError, maps_dir, monotonic_ns, sum_traffic},
-    encode::{addr_from_map, port_from_map},
 };
 
 /// Everything read from the pinned maps at one moment.
@@ -39,7 +39,7 @@ fn open(bpffs: &Path, name: &'static str) -> Result<MapData, DatapathError> {
     })
 }
 
-fn read_hash<K: aya::Pod, V: aya::Pod>(
+fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
     bpffs: &Path,
     name: &'static str,
     lru: bool,
@@ -56,7 +56,7 @@ fn read_hash<K: aya::Pod, V: aya::Pod>(
         Map::HashMap(data)
     };
     let map: HashMap<MapData, K, V> = map.try_into().map_err(err)?;
-    let entries = map.iter().collect::<Result<_, _>>().map_err(err)?;
+    let entries = crate::datapath::read_hash(&map).map_err(err)?;
     Ok((entries, max))
 }
 
@@ -346,7 +346,7 @@ pub fn table(rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encode::{addr_to_map, port_to_map};
+    use crate::contents::{addr_to_map, port_to_map};
 
     fn pinned() -> Pinned {
         let vip = addr_to_map("10.96.0.10".parse().unwrap());

@@ -3,6 +3,7 @@
 //! the datapath that owns the loaded eBPF object and its pinned maps.
 
 pub mod agent;
+pub mod contents;
 pub mod datapath;
 pub mod diff;
 pub mod encode;
@@ -10,10 +11,9 @@ pub mod healthcheck;
 pub mod http;
 pub mod inspect;
 pub mod interfaces;
-pub mod kube_source;
 pub mod maglev;
-pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod source;
 pub mod tables;
 pub mod yaml_limits;

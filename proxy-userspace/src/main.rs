@@ -6,13 +6,12 @@ use anyhow::Context as _;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use proxy_common::defaults;
 use proxy_userspace::{
-    agent::{self, ManifestSource, RunConfig},
+    agent::{self, RunConfig},
     datapath::{self, DatapathConfig},
-    encode::LbAlgorithm,
-    inspect, interfaces,
-    kube_source::KubeSource,
-    maglev,
+    encode::{LbAlgorithm, LbAlgorithms},
+    inspect, interfaces, maglev,
     model::Ipv4Cidr,
+    source::{ManifestSource, kube::KubeSource},
 };
 
 #[derive(Parser)]
@@ -135,25 +134,40 @@ struct RunArgs {
     /// Capacity of the conntrack map (two entries per flow).
     #[arg(long, env = "KEP_CONNTRACK_MAX", default_value_t = defaults::CONNTRACK_MAX)]
     conntrack_max: u32,
-    /// How new flows pick an endpoint: `maglev` (consistent hashing: a flow
-    /// reaches the same endpoint on every node, an endpoint change moves few
-    /// flows) or `random`.
+    /// How new flows from outside the cluster (NodePorts, load-balancer IPs
+    /// and external IPs reached through a node interface) pick an endpoint:
+    /// `maglev` (consistent hashing: a flow reaches the same endpoint
+    /// whichever node it arrives at, and after conntrack state is lost; an
+    /// endpoint change moves few flows) or `random`.
     #[arg(long, env = "KEP_LB_ALGORITHM", default_value = "maglev", value_parser = ["maglev", "random"])]
     lb_algorithm: String,
-    /// Maglev table size per frontend (prime, 251..=16381). Each frontend
-    /// with endpoints takes one 64 KiB map value whatever the size; larger
-    /// tables move fewer flows when one of many endpoints changes.
+    /// How new flows from inside the cluster (pods and the node's processes,
+    /// to cluster IPs and to every other frontend) pick an endpoint: `random`
+    /// (they are translated on the client's node, whose conntrack keeps the
+    /// flow) or `maglev` (the same choice on every node, at one 64 KiB table
+    /// per frontend with endpoints).
+    #[arg(long, env = "KEP_CLUSTER_LB_ALGORITHM", default_value = "random", value_parser = ["maglev", "random"])]
+    cluster_lb_algorithm: String,
+    /// Maglev table size per frontend (prime, 251..=16381). Each table
+    /// takes one 64 KiB map value whatever the size; larger tables move
+    /// fewer flows when one of many endpoints changes.
     #[arg(long, env = "KEP_MAGLEV_TABLE_SIZE", default_value_t = maglev::DEFAULT_SIZE, value_parser = parse_maglev_size)]
     maglev_table_size: u32,
-    /// Capacity of the Maglev map (frontends with a table).
+    /// Capacity of the Maglev map (frontends with a table). Tables are
+    /// allocated as needed, 64 KiB each; this only caps them.
     #[arg(long, env = "KEP_MAGLEV_MAX", default_value_t = defaults::MAGLEV_MAX)]
     maglev_max: u32,
-    /// How often the manifest directory and interfaces are checked, in ms
-    /// (1..=3600000).
+    /// Capacity of the loadBalancerSourceRanges map (one entry per range of
+    /// each load-balancer frontend entry).
+    #[arg(long, env = "KEP_SOURCE_RANGES_MAX", default_value_t = defaults::SOURCE_RANGES_MAX)]
+    source_ranges_max: u32,
+    /// How often the interfaces are checked (and a missing manifest
+    /// directory looked for), in ms (1..=3600000).
     #[arg(long, env = "KEP_POLL_INTERVAL_MS", default_value_t = 200,
           value_parser = clap::value_parser!(u64).range(1..=MAX_POLL_INTERVAL_MS))]
     poll_interval_ms: u64,
-    /// Full resync period in seconds (1..=604800).
+    /// Period of the safety-net resync (the maps re-read and compared with
+    /// everything desired), in seconds (1..=604800).
     #[arg(long, env = "KEP_RESYNC_INTERVAL_S", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=MAX_INTERVAL.as_secs()))]
     resync_interval_s: u64,
@@ -217,6 +231,7 @@ fn main() -> anyhow::Result<()> {
                     backends_max: args.backends_max,
                     conntrack_max: args.conntrack_max,
                     maglev_max: args.maglev_max,
+                    source_ranges_max: args.source_ranges_max,
                     service_cidrs: args.service_cidr.0,
                     hairpin_addr: Some(args.hairpin_snat_ip),
                     timeouts: datapath::CtTimeouts {
@@ -229,11 +244,17 @@ fn main() -> anyhow::Result<()> {
                         .parse()
                         .map_err(|e: String| anyhow::anyhow!(e))?,
                 },
-                lb_algorithm: match args.lb_algorithm.as_str() {
-                    "random" => LbAlgorithm::Random,
-                    _ => LbAlgorithm::Maglev {
-                        table_size: args.maglev_table_size,
-                    },
+                lb_algorithms: {
+                    let algorithm = |name: &str| match name {
+                        "maglev" => LbAlgorithm::Maglev {
+                            table_size: args.maglev_table_size,
+                        },
+                        _ => LbAlgorithm::Random,
+                    };
+                    LbAlgorithms {
+                        external: algorithm(&args.lb_algorithm),
+                        internal: algorithm(&args.cluster_lb_algorithm),
+                    }
                 },
                 socket_lb_cgroup: args.socket_lb_cgroup,
                 poll_interval,
@@ -246,9 +267,10 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             match args.manifests {
-                Some(dir) => {
-                    runtime.block_on(agent::run(cfg, ManifestSource::new(dir, poll_interval)))
-                }
+                // The inotify watch registers with the runtime's reactor.
+                Some(dir) => runtime.block_on(async {
+                    agent::run(cfg, ManifestSource::new(dir, poll_interval)).await
+                }),
                 None => runtime.block_on(async {
                     let client = kube_client(args.kubeconfig.as_deref()).await?;
                     let source = KubeSource::new(client, &cfg.node_name);

@@ -30,7 +30,24 @@ use prometheus_client::{
 };
 use proxy_common::{map_names, stat};
 
-use crate::{agent::SyncOutcome, datapath::DatapathConfig, encode::MapContents, http, manifests};
+use std::collections::BTreeMap;
+
+use crate::{contents::MapContents, datapath::DatapathConfig, http};
+
+/// What one sync did: what [`Metrics::record_sync`] records and the
+/// agent's `datapath programmed` line prints (its own type here, so the
+/// agent uses the metrics and never the other way round).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncOutcome {
+    pub frontends: usize,
+    pub backends: usize,
+    pub ops: usize,
+    pub failed: usize,
+    /// Failed writes because a map was full, by map name.
+    pub full: BTreeMap<&'static str, usize>,
+    /// Warnings standing after it (objects, ports or files skipped).
+    pub skipped: usize,
+}
 
 /// One label, e.g. `map="kep_services"`.
 type Label = [(&'static str, &'static str); 1];
@@ -58,6 +75,7 @@ pub struct Metrics {
     objects_skipped: Gauge,
     map_entries: Family<Label, Gauge>,
     map_update_errors: Counter,
+    map_full: Family<Label, Counter>,
     datapath_packets: Family<Label, Counter>,
     connections_shed: Family<Label, Counter>,
     /// This node's name, to find its Node object.
@@ -99,7 +117,9 @@ impl Metrics {
              sync_proxy_rules_duration_seconds). Resyncs included",
             sync_duration.clone(),
         );
-        let programming_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        // 0.1 ms .. ~13 s: one change is programmed in well under a
+        // millisecond, so the buckets start there.
+        let programming_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         registry.register(
             "kep_network_programming_duration_seconds",
             "Time from the moment the agent noticed a change in its source (the \
@@ -153,6 +173,14 @@ impl Metrics {
              still applied)",
             map_update_errors.clone(),
         );
+        let map_full = Family::<Label, Counter>::default();
+        registry.register(
+            "kep_map_full_errors",
+            "Map writes refused because the map was full, by map: raise its \
+             capacity flag (--services-max, --backends-max, --maglev-max, \
+             --source-ranges-max); the entries that fit stay programmed",
+            map_full.clone(),
+        );
         let datapath_packets = Family::<Label, Counter>::default();
         registry.register(
             "kep_datapath_packets",
@@ -182,6 +210,7 @@ impl Metrics {
             objects_skipped,
             map_entries,
             map_update_errors,
+            map_full,
             datapath_packets,
             connections_shed,
             node_name: node_name.to_string(),
@@ -196,13 +225,13 @@ impl Metrics {
 
     /// Records a finished sync. `took` is its duration; `noticed` is when
     /// the source reported the change it was for (`None` for a resync);
-    /// `skipped` the number of warnings it had.
-    pub fn record_sync(
+    /// `out.skipped` the number of warnings standing.
+    pub fn record_sync<'a>(
         &self,
-        objects: &manifests::Objects,
+        (services, slices, node_count): (usize, usize, usize),
+        nodes: impl IntoIterator<Item = &'a Node>,
         live: &MapContents,
         out: &SyncOutcome,
-        skipped: usize,
         took: Duration,
         noticed: Option<Instant>,
     ) {
@@ -213,17 +242,22 @@ impl Metrics {
                 .observe(now.saturating_duration_since(noticed).as_secs_f64());
         }
         for (kind, n) in [
-            ("service", objects.services.len()),
-            ("endpointslice", objects.slices.len()),
-            ("node", objects.nodes.len()),
+            ("service", services),
+            ("endpointslice", slices),
+            ("node", node_count),
         ] {
             self.objects.get_or_create(&[("kind", kind)]).set(gauge(n));
         }
-        self.objects_skipped.set(gauge(skipped));
+        self.objects_skipped.set(gauge(out.skipped));
         self.set_map_entries(map_names::SERVICES, live.services.len());
         self.set_map_entries(map_names::BACKENDS, live.backends.len());
         self.map_update_errors.inc_by(out.failed as u64);
-        let eligible = node_eligible(&objects.nodes, &self.node_name);
+        for (map, n) in &out.full {
+            self.map_full
+                .get_or_create(&[("map", *map)])
+                .inc_by(*n as u64);
+        }
+        let eligible = node_eligible(nodes, &self.node_name);
         let mut health = self.lock_health();
         health.last_sync = Some((now, SystemTime::now()));
         health.node_eligible = eligible;
@@ -344,9 +378,9 @@ impl Health {
 
 /// Whether node `name` may take traffic: its Node object (if the source has
 /// it) is neither being deleted nor tainted for deletion.
-fn node_eligible(nodes: &[Node], name: &str) -> bool {
+fn node_eligible<'a>(nodes: impl IntoIterator<Item = &'a Node>, name: &str) -> bool {
     let Some(node) = nodes
-        .iter()
+        .into_iter()
         .find(|n| n.metadata.name.as_deref() == Some(name))
     else {
         return true;
@@ -501,16 +535,22 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpStream;
 
+    use crate::source::Objects;
+
     fn metrics(resync: Duration) -> Metrics {
         Metrics::new(&DatapathConfig::new("/sys/fs/bpf/test"), resync, "node-a")
     }
 
-    fn sync(m: &Metrics, objects: &manifests::Objects) {
+    fn sync(m: &Metrics, objects: &Objects) {
         m.record_sync(
-            objects,
+            (
+                objects.services.len(),
+                objects.slices.len(),
+                objects.nodes.len(),
+            ),
+            &objects.nodes,
             &MapContents::default(),
             &outcome(0),
-            0,
             Duration::ZERO,
             None,
         );
@@ -539,6 +579,8 @@ mod tests {
             backends: 2,
             ops: 3,
             failed,
+            full: [(map_names::SERVICES, failed)].into_iter().collect(),
+            skipped: 0,
         }
     }
 
@@ -561,18 +603,18 @@ mod tests {
     #[test]
     fn renders_every_family() {
         let m = metrics(Duration::from_secs(60));
-        let objects = manifests::Objects::default();
+        let objects = (0, 0, 0);
         let mut live = MapContents::default();
         live.backends.insert(1, proxy_common::Backend::default());
         m.record_sync(
-            &objects,
+            objects,
+            [],
             &live,
             &outcome(2),
-            4,
             Duration::from_millis(3),
             Some(Instant::now()),
         );
-        m.record_sync(&objects, &live, &outcome(1), 0, Duration::ZERO, None);
+        m.record_sync(objects, [], &live, &outcome(1), Duration::ZERO, None);
         let mut stats = [0u64; stat::COUNT as usize];
         stats[stat::NEW_FLOWS as usize] = 42;
         m.observe_datapath(&stats);
@@ -590,6 +632,7 @@ mod tests {
                 f64::from(proxy_common::defaults::SERVICES_MAX),
             ),
             ("kep_map_update_errors_total", 3.0),
+            ("kep_map_full_errors_total{map=\"kep_services\"}", 3.0),
             ("kep_datapath_packets_total{counter=\"new_flows\"}", 42.0),
             ("kep_datapath_packets_total{counter=\"drops\"}", 0.0),
         ];
@@ -614,7 +657,7 @@ mod tests {
                 .status,
             503
         );
-        sync(&m, &manifests::Objects::default());
+        sync(&m, &Objects::default());
         assert_eq!(m.readyz().status, 200);
         let now = Instant::now();
         let a = m.healthz_at(now + Duration::from_secs(19), SystemTime::now());
@@ -650,7 +693,7 @@ mod tests {
             assert_eq!(a.status == 200, flag, "{}", a.body);
             flag
         };
-        let with = |nodes: Vec<Node>| manifests::Objects {
+        let with = |nodes: Vec<Node>| Objects {
             nodes,
             ..Default::default()
         };

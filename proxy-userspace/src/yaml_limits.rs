@@ -100,8 +100,8 @@ pub fn documents(text: &str) -> Result<Vec<Value>, LimitError> {
 /// Gives the heap's free memory back to the system. A refused document has
 /// just freed up to its whole budget in blocks glibc would otherwise keep
 /// for later (its mmap threshold rises after large frees), so the agent's
-/// RSS would stay that much higher.
-fn release_freed_memory() {
+/// RSS would stay that much higher; so has a large sync (the agent).
+pub(crate) fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe {

@@ -91,13 +91,23 @@ impl<'lab> Agent<'lab> {
         bpffs: &Path,
         log_path: &Path,
     ) -> Result<Agent<'lab>> {
-        Agent::spawn_in(lab.node(), crate::LAB_NODE, bin, args, bpffs, log_path)
+        Agent::spawn_in(
+            lab.node(),
+            crate::LAB_NODE,
+            bin,
+            args,
+            bpffs,
+            log_path,
+            None,
+        )
     }
 
     /// Starts the agent inside `node` with `NODE_NAME=node_name` (the
     /// `nodeName` of the endpoints local to it); otherwise as
     /// [`Agent::spawn`]. The agent borrows `node`, so it stops before the
-    /// namespace goes.
+    /// namespace goes. With `cgroup_procs` (a cgroup's `cgroup.procs`) it
+    /// joins that cgroup before it runs, so everything it allocates, BPF
+    /// maps included, is charged there.
     pub(crate) fn spawn_in(
         node: &'lab Netns,
         node_name: &str,
@@ -105,11 +115,15 @@ impl<'lab> Agent<'lab> {
         args: &[std::ffi::OsString],
         bpffs: &Path,
         log_path: &Path,
+        cgroup_procs: Option<&Path>,
     ) -> Result<Agent<'lab>> {
         ensure_bpffs()?;
         let netns =
             File::open(node.path()).with_context(|| format!("open {}", node.path().display()))?;
         let netns_fd = netns.as_raw_fd();
+        let cgroup = cgroup_procs
+            .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()))
+            .transpose()?;
         let log = Arc::new(Mutex::new(
             File::create(log_path).with_context(|| format!("create {}", log_path.display()))?,
         ));
@@ -135,6 +149,14 @@ impl<'lab> Agent<'lab> {
             cmd.pre_exec(move || {
                 if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(procs) = &cgroup {
+                    // "0" moves the writing process (the child) itself.
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
                 }
                 // If the test process dies without running destructors, the
                 // agent is told to stop too (the signal comes when the

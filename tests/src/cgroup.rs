@@ -39,6 +39,53 @@ impl TestCgroup {
         Ok(TestCgroup { path })
     }
 
+    /// A cgroup v1 memory cgroup (under `/sys/fs/cgroup/memory`) limited
+    /// to `limit` bytes, swap included.
+    pub fn memory_v1(limit: u64) -> Result<TestCgroup> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let root = Path::new("/sys/fs/cgroup/memory");
+        if !root.join("memory.limit_in_bytes").exists() {
+            bail!("no cgroup v1 memory controller at {}", root.display());
+        }
+        let path = root.join(format!(
+            "kep-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&path).with_context(|| format!("create cgroup {}", path.display()))?;
+        let cgroup = TestCgroup { path };
+        let set = |file: &str, value: u64| {
+            let file = cgroup.path.join(file);
+            std::fs::write(&file, value.to_string())
+                .with_context(|| format!("write {}", file.display()))
+        };
+        set("memory.limit_in_bytes", limit)?;
+        // No swap to hide in (absent when the kernel has no swap accounting).
+        if cgroup.path.join("memory.memsw.limit_in_bytes").exists() {
+            set("memory.memsw.limit_in_bytes", limit)?;
+        }
+        Ok(cgroup)
+    }
+
+    /// A v1 memory cgroup's counter (`memory.max_usage_in_bytes`,
+    /// `memory.failcnt`, ...).
+    pub fn read_u64(&self, file: &str) -> Result<u64> {
+        let file = self.path.join(file);
+        let text =
+            std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+        Ok(text.trim().parse()?)
+    }
+
+    /// `memory.oom_control`'s `oom_kill` count (0 when not reported).
+    pub fn oom_kills(&self) -> u64 {
+        std::fs::read_to_string(self.path.join("memory.oom_control"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

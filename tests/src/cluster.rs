@@ -502,6 +502,7 @@ impl Cluster {
             &args,
             &self.bpffs_dir(k),
             &self.dir.0.join(node_name(k)).join("agent.log"),
+            None,
         )
     }
 

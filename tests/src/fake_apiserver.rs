@@ -944,20 +944,56 @@ fn serve_conn(inner: &Inner, stream: TcpStream, watching: &AtomicBool) -> io::Re
         if let Some(d) = delay {
             std::thread::sleep(d);
         }
-        let (rv, items) = {
+        // Pages as the API server serves them (`limit`, `continue`), so a
+        // client's memory follows a page, not the whole list. The continue
+        // token is "<list resourceVersion>/<namespace>/<name>" of the last
+        // item sent; the next page starts after it. Objects changed between
+        // pages are not a snapshot, which no test relies on.
+        let limit = param("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .filter(|l| *l > 0);
+        let resume = param("continue").and_then(|c| {
+            let mut parts = c.splitn(3, '/');
+            let rv = parts.next()?.parse::<u64>().ok()?;
+            Some((rv, parts.next()?.to_string(), parts.next()?.to_string()))
+        });
+        let (rv, items, last, more) = {
             let st = lock(&inner.state);
-            let items: Vec<Value> = st
+            let start = match &resume {
+                Some((_, ns, name)) => {
+                    std::ops::Bound::Excluded((target.kind, ns.clone(), name.clone()))
+                }
+                None => std::ops::Bound::Included((target.kind, String::new(), String::new())),
+            };
+            let mut matching = st
                 .objects
-                .iter()
-                .filter(|((k, _, _), o)| *k == target.kind && selects(o))
-                .map(|(_, o)| o.clone())
+                .range((start, std::ops::Bound::Unbounded))
+                .take_while(|((k, _, _), _)| *k == target.kind)
+                .filter(|(_, o)| selects(o));
+            let page: Vec<(&Key, &Value)> = matching
+                .by_ref()
+                .take(limit.unwrap_or(usize::MAX))
                 .collect();
-            (st.rv, items)
+            let more = matching.next().is_some();
+            let last = page
+                .last()
+                .map(|((_, ns, name), _)| (ns.clone(), name.clone()));
+            let items: Vec<Value> = page.into_iter().map(|(_, o)| o.clone()).collect();
+            (
+                resume.as_ref().map_or(st.rv, |(rv, _, _)| *rv),
+                items,
+                last,
+                more,
+            )
         };
+        let mut metadata = json!({ "resourceVersion": rv.to_string() });
+        if let (true, Some((ns, name))) = (more, last) {
+            metadata["continue"] = json!(format!("{rv}/{ns}/{name}"));
+        }
         let body = json!({
             "kind": format!("{}List", target.kind.kind()),
             "apiVersion": target.kind.api_version(),
-            "metadata": { "resourceVersion": rv.to_string() },
+            "metadata": metadata,
             "items": items,
         });
         respond(&mut writer, 200, &body)?;
@@ -1032,7 +1068,9 @@ fn watch_stream(
                     let _ = w.shutdown(Shutdown::Both);
                     return Ok(());
                 }
-                for e in st.events.iter().filter(|e| e.rv > cursor && e.kind == kind) {
+                // Events are in resourceVersion order: start past the cursor.
+                let first = st.events.partition_point(|e| e.rv <= cursor);
+                for e in st.events[first..].iter().filter(|e| e.kind == kind) {
                     let now = selects(&e.object);
                     let before = e.old.as_ref().is_some_and(selects);
                     let t = match (e.event_type, before, now) {
@@ -1198,6 +1236,35 @@ mod tests {
         json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": "default", "labels": labels},
             "spec": {"clusterIP": "10.96.0.20"}})
+    }
+
+    #[test]
+    fn lists_come_in_pages_with_limit_and_continue() {
+        let server = FakeApiServer::start().unwrap();
+        for i in 0..5 {
+            server.apply(svc(&format!("s{i}"), json!({}))).unwrap();
+        }
+        let mut names = Vec::new();
+        let mut target = "/api/v1/services?limit=2".to_string();
+        let mut pages = 0;
+        loop {
+            let (_, body) = get(server.port(), &target);
+            let list: Value = serde_json::from_str(&body).unwrap();
+            pages += 1;
+            let items = list["items"].as_array().unwrap();
+            assert!(items.len() <= 2, "{list}");
+            names.extend(
+                items
+                    .iter()
+                    .map(|i| i["metadata"]["name"].as_str().unwrap().to_string()),
+            );
+            match list["metadata"]["continue"].as_str() {
+                Some(token) => target = format!("/api/v1/services?limit=2&continue={token}"),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        assert_eq!(names, ["s0", "s1", "s2", "s3", "s4"]);
     }
 
     #[test]

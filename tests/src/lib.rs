@@ -356,6 +356,24 @@ impl Lab {
         )
     }
 
+    /// [`Lab::start_agent_args`] with the agent in the cgroup whose
+    /// `cgroup.procs` is `procs` from its first instruction on.
+    pub fn start_agent_in_cgroup(
+        &self,
+        args: &[std::ffi::OsString],
+        procs: &Path,
+    ) -> Result<Agent<'_>> {
+        Agent::spawn_in(
+            self.node(),
+            LAB_NODE,
+            &agent::agent_bin()?,
+            args,
+            &self.bpffs_dir(),
+            &self.dir.0.join("agent.log"),
+            Some(procs),
+        )
+    }
+
     /// Prefix of every namespace this lab made: `kep-<id>-`.
     pub fn netns_prefix(&self) -> String {
         format!("kep-{}-", self.id)

@@ -18,9 +18,9 @@ use proxy_common::{
     scope, stat,
 };
 use proxy_userspace::{
+    contents::{addr_to_map, port_to_map},
     datapath::{CtTimeouts, Datapath, DatapathConfig, Hook, maps_dir, unpin_all},
     diff::MapOp,
-    encode::{addr_to_map, port_to_map},
     maglev::{TableBackend, TableSpec},
     tables::MaglevTables,
 };
@@ -452,6 +452,29 @@ fn ct_entries(fx: &Fixture) -> Vec<(CtKey, proxy_common::CtValue)> {
 }
 
 // ---- tests ---------------------------------------------------------------------------------
+
+/// Reading the maps back (batched lookups) gives exactly what was written,
+/// also across many hash buckets.
+#[test]
+fn maps_read_back_as_written() {
+    let mut fx = Fixture::new();
+    let mut ops = Vec::new();
+    for i in 0..5_000u32 {
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i);
+        let key = ServiceKey::new(addr_to_map(vip), port_to_map(SVC_PORT), proto::TCP, 0);
+        ops.push(MapOp::PutService(key.with_slot(1), ServiceValue::slot(1)));
+        ops.push(MapOp::PutService(
+            key,
+            ServiceValue::service(1_000 + i, 1, 0),
+        ));
+    }
+    let failed = fx.dp.apply(&ops);
+    assert!(failed.is_empty(), "{failed:?}");
+    let read = fx.dp.read_contents().expect("read the maps back");
+    assert_eq!(read.services.len(), fx.dp.live().services.len());
+    assert_eq!(&read.services, &fx.dp.live().services);
+    assert_eq!(&read.backends, &fx.dp.live().backends);
+}
 
 #[test]
 fn tcp_dnat_rewrites_destination_and_checksums() {

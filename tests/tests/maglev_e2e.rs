@@ -1,7 +1,9 @@
 //! Maglev selection end to end: a flow (same 5-tuple) reaches the same
 //! endpoint again after its conntrack state is gone, removing one of three
 //! endpoints moves essentially only that endpoint's flows, and
-//! `--lb-algorithm random` really is random.
+//! `--cluster-lb-algorithm random` really is random (ClusterIP traffic is
+//! what `--cluster-lb-algorithm` governs; `--lb-algorithm` is for traffic
+//! from outside the cluster, see nodeport_e2e).
 //!
 //! Needs root and the agent binary; fails loudly without them.
 
@@ -46,7 +48,7 @@ fn agent_args(lab: &Lab, algorithm: &str) -> Vec<std::ffi::OsString> {
     [
         "--manifests".into(),
         lab.manifest_dir().into(),
-        "--lb-algorithm".into(),
+        "--cluster-lb-algorithm".into(),
         algorithm.into(),
         "--conntrack-udp-timeout".into(),
         UDP_TIMEOUT.into(),

@@ -266,3 +266,66 @@ fn kube_proxy_urls_and_defaults() {
     );
     assert!(agent.is_running(), "{}", agent.log_tail(30));
 }
+
+/// A services map too small for what is added: one error line names the
+/// map and its capacity flag, `kep_map_full_errors_total` counts the
+/// refused writes, and the Services already programmed keep answering.
+#[test]
+fn full_services_map_is_named_counted_and_spares_the_rest() {
+    let lab = Lab::new().expect("lab setup (needs root)");
+    lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
+        .unwrap();
+    let addr = METRICS;
+    // demo: two ports of three endpoints each and its cluster IP's entry,
+    // 9 entries; 16 leave room for one more such Service, not ten.
+    let args: Vec<OsString> = vec![
+        "--manifests".into(),
+        lab.manifest_dir().into(),
+        "--metrics-bind-address".into(),
+        addr.to_string().into(),
+        "--services-max".into(),
+        "16".into(),
+    ];
+    let agent = lab.start_agent_args(&args).expect("start the agent");
+    agent
+        .wait_for_log(PROGRAMMED, AGENT_READY)
+        .expect("agent programs the datapath");
+    agent
+        .wait_for_log("serving /metrics", AGENT_READY)
+        .expect("agent serves metrics");
+    let more: Vec<String> = (0..10)
+        .map(|i| {
+            yaml::service(
+                &format!("more-{i}"),
+                &format!("10.96.5.{}", i + 1),
+                &[("http", 80, "TCP", "8080")],
+                "demo",
+            )
+        })
+        .collect();
+    let mark = agent.log_mark();
+    lab.write_manifest("more.yaml", &more.join("---\n"))
+        .unwrap();
+    agent
+        .wait_for_log_since(
+            mark,
+            "map kep_services is full: raise --services-max",
+            AGENT_READY,
+        )
+        .expect("the full map is named with its flag");
+    let series = "kep_map_full_errors_total{map=\"kep_services\"}";
+    scrape_until(
+        &lab,
+        &agent,
+        addr,
+        "full-map errors counted",
+        AGENT_READY,
+        |t| value(t, series).is_some_and(|v| v > 0.0),
+    );
+    let target = SocketAddrV4::new(DEMO_VIP, HTTP_PORT);
+    let r = lab.client().run(move || {
+        loadgen::tcp_requests(target, 20, Duration::from_secs(2), Duration::from_secs(20))
+    });
+    assert_eq!(r.error_count(), 0, "demo still answers: {r}");
+    assert!(agent.is_running(), "{}", agent.log_tail(20));
+}

@@ -294,3 +294,62 @@ fn http_get(from: &Netns, ip: Ipv4Addr, port: u16) -> (u16, String) {
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
 }
+
+/// `PORTS.len()` UDP flows from fixed source ports of the external client
+/// to `LB_IP:53`; the backend that answered each.
+fn backend_per_flow(cluster: &Cluster) -> Vec<String> {
+    const PORTS: std::ops::Range<u16> = 42_000..42_060;
+    cluster
+        .ext()
+        .run(|| {
+            PORTS
+                .map(|port| {
+                    let sock = std::net::UdpSocket::bind((addr::EXT_IP, port))?;
+                    sock.set_read_timeout(Some(TIMEOUT))?;
+                    sock.send_to(lab::servers::WHOAMI.as_bytes(), (LB_IP, 53))?;
+                    let mut buf = [0u8; 1500];
+                    let (n, _) = sock.recv_from(&mut buf)?;
+                    lab::servers::parse_whoami(&String::from_utf8_lossy(&buf[..n]))
+                        .map(|(backend, _)| backend)
+                        .ok_or_else(|| std::io::Error::other("not a whoami reply"))
+                })
+                .collect::<std::io::Result<Vec<String>>>()
+        })
+        .expect("every flow answered")
+}
+
+/// Traffic from outside may reach any node (an ECMP router, a load
+/// balancer failing over): with the default `--lb-algorithm maglev` both
+/// nodes build the same table for the LB IP, so a flow that arrives at the
+/// other node, with no conntrack state there, still reaches its endpoint.
+#[test]
+fn external_flows_pick_the_same_endpoint_on_every_node() {
+    let cluster = Cluster::new().unwrap();
+    cluster.route_external(&format!("{LB_IP}/32"), 0).unwrap();
+    let agents = start(
+        &cluster,
+        &web::manifest(
+            &cluster,
+            &[(0, 0), (0, 1), (1, 0), (1, 1)],
+            "",
+            &lb_status(LB_IP),
+        ),
+    );
+    let via_node0 = backend_per_flow(&cluster);
+    let distinct: std::collections::BTreeSet<&String> = via_node0.iter().collect();
+    assert!(distinct.len() >= 3, "flows spread: {distinct:?}");
+    cluster.unroute_external(&format!("{LB_IP}/32")).unwrap();
+    cluster.route_external(&format!("{LB_IP}/32"), 1).unwrap();
+    let via_node1 = backend_per_flow(&cluster);
+    let moved = via_node0
+        .iter()
+        .zip(&via_node1)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(
+        moved,
+        0,
+        "flows changed endpoint with the node\n{}",
+        debug_dump(&agents)
+    );
+}

@@ -163,3 +163,46 @@ fn generic_mode_works_and_auto_leaves_veth_to_tc() {
         "no XDP_TX once detached"
     );
 }
+
+/// `cleanup` after agents that served node interfaces removes everything
+/// they pinned, the TC node and XDP links included (their programs detach
+/// with the last reference), and exits 0.
+#[test]
+fn cleanup_removes_node_interface_hooks() {
+    let cluster = Cluster::new().unwrap();
+    {
+        let agents = start(&cluster, "native");
+        for a in agents {
+            // As after the DaemonSet is deleted: the pinned links outlive it.
+            a.kill_keeping_pins();
+        }
+    }
+    let dir = cluster.bpffs_dir(1);
+    let links = dir.join("links");
+    for pin in ["xdp-eth0", "tc-node-eth0"] {
+        assert!(links.join(pin).exists(), "{pin} pinned by the agent");
+    }
+    let out = std::process::Command::new(lab::agent::agent_bin().unwrap())
+        .args(["cleanup", "--bpffs"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cleanup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.exists(), "{} is gone", dir.display());
+    let node = cluster.node_ns(1);
+    let link = node
+        .exec("ip", &["-d", "link", "show", "dev", "eth0"])
+        .unwrap();
+    assert!(!link.contains("prog/xdp"), "XDP still attached:\n{link}");
+    let net = node
+        .exec("bpftool", &["net", "show", "dev", "eth0"])
+        .unwrap();
+    assert!(
+        !net.contains("kep_tc_node"),
+        "TC node program still attached:\n{net}"
+    );
+}

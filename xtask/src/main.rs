@@ -51,6 +51,10 @@ enum Task {
         /// whitespace-separated, e.g. `--nodeport-agent-args="--xdp-mode native"`.
         #[arg(long, allow_hyphen_values = true)]
         nodeport_agent_args: Option<String>,
+        /// Only the control plane at scale (both sources, no data plane or
+        /// NodePort part), e.g. `--control-plane-only --services 30000`.
+        #[arg(long)]
+        control_plane_only: bool,
     },
 }
 
@@ -77,7 +81,13 @@ fn main() {
             quick,
             services,
             nodeport_agent_args,
-        } => bench(quick, &services, nodeport_agent_args.as_deref()),
+            control_plane_only,
+        } => bench(
+            quick,
+            &services,
+            nodeport_agent_args.as_deref(),
+            control_plane_only,
+        ),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -333,6 +343,16 @@ fn build_ebpf() -> Result<PathBuf> {
 fn test() -> Result<()> {
     require_root("`cargo xtask test` (network namespaces, eBPF)")?;
     setup()?;
+    // The pure tier first: it needs neither the eBPF object (a stub is
+    // embedded when it is missing) nor root, and fails fastest.
+    run(cargo().args([
+        "test",
+        "-p",
+        "proxy-common",
+        "-p",
+        "proxy-userspace",
+        "--lib",
+    ]))?;
     build_ebpf()?;
     let agent = target_dir().join("debug/kube-ebpf-proxy");
     run(cargo().args(["build", "-p", "proxy-userspace"]))?;
@@ -431,7 +451,12 @@ fn demo() -> Result<()> {
         .env("KEP_AGENT_BIN", release.join("kube-ebpf-proxy")))
 }
 
-fn bench(quick: bool, services: &[usize], nodeport_agent_args: Option<&str>) -> Result<()> {
+fn bench(
+    quick: bool,
+    services: &[usize],
+    nodeport_agent_args: Option<&str>,
+    control_plane_only: bool,
+) -> Result<()> {
     let release = release_lab_build("`cargo xtask bench` (network namespaces, eBPF)")?;
     let ws = workspace();
     let mut cmd = Command::new(release.join("lab-bench"));
@@ -448,6 +473,9 @@ fn bench(quick: bool, services: &[usize], nodeport_agent_args: Option<&str>) -> 
     }
     if let Some(extra) = nodeport_agent_args {
         cmd.arg("--nodeport-agent-args").arg(extra);
+    }
+    if control_plane_only {
+        cmd.arg("--control-plane-only");
     }
     run(&mut cmd)
 }

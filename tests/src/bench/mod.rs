@@ -7,7 +7,9 @@
 //! 1 to endpoints on node 0); plus the TC program's per-packet cost with
 //! BPF_PROG_TEST_RUN. Writes `latest.md`, `latest.json` and `latest.svg`.
 //!
-//! - [`rules`]: the services and the manifest / iptables / nft text.
+//! - [`rules`]: the services and the manifest / iptables / nft text, and
+//!   the same objects as an API server stores them.
+//! - [`control`]: the control plane at scale, both sources.
 //! - [`peers`]: making one peer active, its trials, removal.
 //! - [`nodeport`]: the NodePort turns in the cluster lab.
 //! - [`stream`]: the iperf3 stream.
@@ -17,6 +19,7 @@
 //! - [`chart`]: the SVG.
 
 pub mod chart;
+pub mod control;
 pub mod nodeport;
 pub mod peers;
 pub mod report;
@@ -33,6 +36,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 
 use crate::{Lab, LabConfig};
+use control::ControlSettings;
 use peers::{Peer, TrialSettings, TurnPlan};
 use switch::SwitchSettings;
 
@@ -59,15 +63,16 @@ pub struct Settings {
     /// back and no conntrack flush ([`peers::Kind::TcpConnectAsIs`]), as a
     /// user has them: that is where reused ports show.
     pub client_sysctls: Vec<(String, String)>,
-    /// The agent's manifest poll interval (its default), which bounds how
-    /// soon it sees a rewritten manifest.
-    pub agent_poll_interval_ms: u64,
     /// Extra arguments for both agents of the NodePort measurement (after
     /// `--node-interfaces eth0`), e.g. an XDP mode.
     pub nodeport_agent_args: Vec<String>,
     /// Rounds of the NodePort measurement (at every N of
     /// `service_counts`).
     pub nodeport_rounds: usize,
+    /// The control plane at scale (its own N, both sources).
+    pub control: ControlSettings,
+    /// Only the control-plane part (`--control-plane-only`).
+    pub control_only: bool,
 }
 
 impl Settings {
@@ -98,11 +103,23 @@ impl Settings {
             testrun_repeat: 100_000,
             testrun_batches: 10,
             seed: rand::rng().random(),
-            agent_poll_interval_ms: 200,
             // The lab's fabric takes native XDP_TX frames, as a NIC's wire
             // does: what `auto` would pick on a node with a NIC.
             nodeport_agent_args: vec!["--xdp-mode".into(), "native".into()],
             nodeport_rounds: 2,
+            control: ControlSettings {
+                service_counts: vec![1, 1_000],
+                idle_s: 5,
+                switches: 5,
+                switch: SwitchSettings {
+                    repetitions: 1,
+                    probe_interval_us: 1_000,
+                    probe_timeout_ms: 1_000,
+                    max_s: 60,
+                    confirm: 20,
+                },
+            },
+            control_only: false,
             client_sysctls: vec![
                 ("net.ipv4.tcp_max_tw_buckets".into(), "0".into()),
                 ("net.ipv4.ip_local_port_range".into(), "10000 65001".into()),
@@ -143,6 +160,12 @@ impl Settings {
             // Five rounds, like the ClusterIP trials: each NodePort turn
             // restarts both agents or reloads the rules at that N.
             nodeport_rounds: 5,
+            control: ControlSettings {
+                service_counts: vec![1, 10_000, 30_000, 100_000],
+                idle_s: 60,
+                switches: 20,
+                ..Settings::quick().control
+            },
             ..Settings::quick()
         }
     }
@@ -165,6 +188,8 @@ pub struct Results {
     /// Peers not run at some N, and why.
     pub skipped: Vec<String>,
     pub packet_costs: Vec<testrun::PacketCost>,
+    /// The control plane at scale, per source and N.
+    pub control: Vec<control::ControlRun>,
     /// Turns or measurements that failed outright, with the error.
     pub failures: Vec<String>,
     pub duration_s: f64,
@@ -282,6 +307,7 @@ pub fn run(settings: Settings) -> Result<Results> {
         nodeport_programming: Vec::new(),
         skipped: Vec::new(),
         packet_costs: Vec::new(),
+        control: Vec::new(),
         failures: Vec::new(),
         duration_s: 0.0,
         loadavg_start: loadavg(),
@@ -325,7 +351,12 @@ pub fn run(settings: Settings) -> Result<Results> {
         })?;
         let sysctls = peers::ClientSysctls::apply(lab.client(), &settings.client_sysctls)?;
         let _iperf = stream::IperfServer::start(lab.backend(0))?;
-        for &n in &settings.service_counts {
+        let data_plane = if settings.control_only {
+            &[][..]
+        } else {
+            &settings.service_counts[..]
+        };
+        for &n in data_plane {
             let services = rules::services(n, settings.backends);
             for round in 0..settings.rounds {
                 let mut order: Vec<Peer> =
@@ -356,6 +387,20 @@ pub fn run(settings: Settings) -> Result<Results> {
                 }
             }
         }
+        results.control = control::run(&lab, &settings.control, settings.backends);
+        results
+            .failures
+            .extend(results.control.iter().filter_map(|r| {
+                r.error.as_ref().map(|e| {
+                    let source = r.source.map_or("?", control::CpSource::name);
+                    format!("control plane {source} N={}: {e}", r.services)
+                })
+            }));
+    }
+    if settings.control_only {
+        results.duration_s = started.elapsed().as_secs_f64();
+        results.loadavg_end = loadavg();
+        return Ok(results);
     }
     if let Err(e) = run_nodeport(&settings, &runs_at, &mut rng, &mut results) {
         let msg = format!("NodePort: {e:#}");

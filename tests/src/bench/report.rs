@@ -370,7 +370,7 @@ pub fn markdown(r: &Results) -> String {
          connections (connect, 6-byte request, reply line, close) after {} warm-up, \
          {} ms per-connection timeout, {} s deadline; conntrack flushed before each trial but the \
          as-is one; \
-         test_run {} repeats × {} batches; agent manifest poll {} ms; client sysctls {}. \
+         test_run {} repeats × {} batches; client sysctls {}. \
          Request/response: {} exchanges on one TCP connection, {} UDP exchanges on one socket and \
          {} with a new socket each ({} ms reply timeout), each after the same warm-up; one iperf3 \
          TCP stream of {} s. Endpoint switches: {} per peer at its largest N, probed every {} µs \
@@ -385,7 +385,6 @@ pub fn markdown(r: &Results) -> String {
         s.trial.deadline_s,
         s.testrun_repeat,
         s.testrun_batches,
-        s.agent_poll_interval_ms,
         s.client_sysctls
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
@@ -423,13 +422,14 @@ pub fn markdown(r: &Results) -> String {
         "\n`program all N`: ours = agent process start until its first `datapath programmed` \
          line (`agent took_us` = the sync itself); iptables = one `iptables-restore`; nftables = \
          one `nft -f`. `one endpoint change` (one endpoint removed, at each peer's largest N): ours = manifest rewrite until the \
-         next `datapath programmed` line (includes the poll interval); iptables/nftables = \
+         next `datapath programmed` line (the agent hears of it by inotify); iptables/nftables = \
          re-applying the full ruleset, as kube-proxy's sync does.\n\n",
     );
     out.push_str(&as_is_table(r));
     out.push_str(&request_response_table(r));
     out.push_str(&nodeport_table(r));
     out.push_str(&switch_table(r));
+    out.push_str(&control_table(r));
     out.push_str("## Per-packet cost of the programs (BPF_PROG_TEST_RUN)\n\n");
     out.push_str(
         "| N | packet | timed as | min | median | verdict | output |\n|---:|---|---|---:|---:|---:|---|\n",
@@ -680,6 +680,64 @@ fn connection_row(x: &Summary, change: Option<String>) -> String {
         format!("{:.1} MiB", v / 1024.0)
     }));
     format!("| {} |", cells.join(" | "))
+}
+
+/// The control plane at scale, per N and source.
+fn control_table(r: &Results) -> String {
+    if r.control.is_empty() {
+        return String::new();
+    }
+    let c = &r.settings.control;
+    let mut out = String::from("## Control plane at scale (both sources)\n\n");
+    out.push_str(
+        "| N | source | programmed | last Service answers | sync took | agent peak RSS | RSS idle | pinned maps (kernel) | idle CPU | change → map write p50 | p99 | change → client p50 | p99 | switches |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mib =
+        |kb: Option<u64>| kb.map_or("—".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+    for x in &r.control {
+        let event_ms: Vec<f64> = x.event_to_map_us.iter().map(|u| *u as f64 / 1e3).collect();
+        let q = |v: &[f64], p: f64| quantile(v.iter().copied(), p).map_or("—".into(), duration_ms);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} |",
+            x.services,
+            x.source.map_or("?", |s| s.name()),
+            opt(x.programmed_ms, duration_ms),
+            opt(x.last_answer_ms, duration_ms),
+            opt(x.agent_took_us.map(|u| u as f64 / 1e3), duration_ms),
+            mib(x.peak_rss_kb),
+            mib(x.rss_kb),
+            mib(x.map_memlock_bytes.map(|b| b / 1024)),
+            x.idle_cpu_percent
+                .map_or("—".into(), |p| format!("{p:.2} %")),
+            q(&event_ms, 0.5),
+            q(&event_ms, 0.99),
+            q(&x.seen_by_client_ms, 0.5),
+            q(&x.seen_by_client_ms, 0.99),
+            x.seen_by_client_ms.len(),
+            c.switches,
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nThe agent alone in the lab with N Services (port 80/TCP, 3 endpoints each) from one \
+         manifest file (`manifests`) or from the fake API server (`api`: list in pages of 500 and \
+         watch, objects as an API server stores them: uid, timestamps, managedFields, the \
+         last-applied annotation, the slices' ownerReferences and targetRefs). `programmed`: \
+         agent start until its first `datapath programmed` line; `last Service answers`: until a \
+         client's first answer from the last Service; `pinned maps (kernel)`: the sum of \
+         `bytes_memlock` of the agent's pinned maps (`bpftool map show`); `idle CPU`: user + \
+         system time over {} s with no change, in percent of one core; `RSS idle`: VmRSS after \
+         that. Then {} endpoint switches of the last Service (alternately to the spare backend \
+         and back): `change → map write` is the agent's own `since_event_us` (the change \
+         reaching its source — inotify, or the watch event — to its last map write, what \
+         `kep_network_programming_duration_seconds` observes); `change → client` from the \
+         manifest write or the slice's apply to the API server to a client's first answer from \
+         a new endpoint (a probe on a new connection every ~1 ms).\n",
+        c.idle_s, c.switches
+    );
+    out
 }
 
 fn switch_table(r: &Results) -> String {

@@ -40,11 +40,17 @@ pub const FIRST_NODE_PORT: u16 = 30_000;
 /// port each.
 pub const MAX_NODE_PORTS: usize = 32_767 - FIRST_NODE_PORT as usize + 1;
 
-/// ClusterIP of service `i`: 10.96.(1 + i / 250).(1 + i % 250), inside the
-/// default service CIDR and clear of the lab's demo VIPs (10.96.0.x).
+/// ClusterIP of service `i`: 10.96.0.0 + 256 × (1 + i / 250) + 1 + i % 250
+/// (10.96.(1 + i / 250).(1 + i % 250) below 63,750 services, then on into
+/// 10.97.x.y), inside the default service CIDR 10.96.0.0/12 and clear of the
+/// lab's demo VIPs (10.96.0.x).
 pub fn vip(i: usize) -> Ipv4Addr {
-    assert!(i < 250 * 200, "service index {i} too large");
-    Ipv4Addr::new(10, 96, 1 + (i / 250) as u8, 1 + (i % 250) as u8)
+    let offset = 256 * (1 + i / 250) + 1 + i % 250;
+    assert!(
+        offset < 1 << 20,
+        "service index {i} too large for 10.96.0.0/12"
+    );
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + offset as u32)
 }
 
 /// One benchmark service.
@@ -440,6 +446,105 @@ table ip {NFT_TABLE} {{
 {chains}}}
 "
     )
+}
+
+/// The objects of `services` as a real API server stores them (what
+/// `kubectl apply` and the EndpointSlice controller leave): the
+/// [`manifest`]'s Services and EndpointSlices with a uid, a creation time,
+/// the `kubectl.kubernetes.io/last-applied-configuration` annotation,
+/// `managedFields`, the slices' owner reference to their Service and their
+/// endpoints' `targetRef`s and zone. A proxy reads none of these; a proxy
+/// that keeps them pays for them.
+pub fn api_objects(services: &[BenchService]) -> Vec<serde_json::Value> {
+    use serde::Deserialize as _;
+    use serde_json::{Value, json};
+    let mut out = Vec::with_capacity(services.len() * 2);
+    for (i, s) in services.iter().enumerate() {
+        let text = manifest(std::slice::from_ref(s));
+        let mut service_uid = String::new();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let Ok(mut object) = Value::deserialize(doc) else {
+                continue;
+            };
+            if object.is_null() {
+                continue;
+            }
+            let kind = object["kind"].as_str().unwrap_or_default().to_string();
+            let uid = format!(
+                "{:08x}-{:04x}-4{:03x}-8000-{:012x}",
+                i,
+                out.len() % 0xffff,
+                i % 0xfff,
+                i * 7 + out.len()
+            );
+            let applied = object.to_string();
+            let manager = if kind == "EndpointSlice" {
+                "endpointslice-controller.k8s.io"
+            } else {
+                "kubectl-client-side-apply"
+            };
+            let managed = json!([{
+                "manager": manager,
+                "operation": "Update",
+                "apiVersion": object["apiVersion"],
+                "time": "2026-01-01T00:00:00Z",
+                "fieldsType": "FieldsV1",
+                "fieldsV1": fields_v1(&object),
+            }]);
+            let meta = &mut object["metadata"];
+            meta["uid"] = json!(uid);
+            meta["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+            meta["generation"] = json!(1);
+            meta["managedFields"] = managed;
+            if kind == "Service" {
+                service_uid = uid;
+                meta["annotations"] = json!({
+                    "kubectl.kubernetes.io/last-applied-configuration": applied,
+                });
+            } else {
+                meta["labels"]["endpointslice.kubernetes.io/managed-by"] =
+                    json!("endpointslice-controller.k8s.io");
+                meta["ownerReferences"] = json!([{
+                    "apiVersion": "v1", "kind": "Service", "name": s.name,
+                    "uid": service_uid, "controller": true, "blockOwnerDeletion": true,
+                }]);
+                if let Some(endpoints) = object["endpoints"].as_array_mut() {
+                    for (j, endpoint) in endpoints.iter_mut().enumerate() {
+                        endpoint["zone"] = json!("zone-a");
+                        endpoint["targetRef"] = json!({
+                            "kind": "Pod", "namespace": "default",
+                            "name": format!("{}-pod-{j}", s.name),
+                            "uid": format!("{:08x}-0000-4000-8000-{:012x}", i, j),
+                        });
+                    }
+                }
+            }
+            out.push(object);
+        }
+    }
+    out
+}
+
+/// The `fieldsV1` of a managed-fields entry owning every field of `value`
+/// (`f:<name>` per key, `{}` at the leaves), as the API server records it.
+fn fields_v1(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::{Map, Value};
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "apiVersion" | "kind"))
+                .map(|(k, v)| (format!("f:{k}"), fields_v1(v)))
+                .collect::<Map<String, Value>>(),
+        ),
+        Value::Array(items) => Value::Object(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("i:{i}"), fields_v1(v)))
+                .collect(),
+        ),
+        _ => Value::Object(Map::new()),
+    }
 }
 
 #[cfg(test)]

@@ -39,9 +39,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions};
 use proxy_common::proto;
+use proxy_userspace::contents::MapContents;
 use proxy_userspace::datapath::{Datapath, DatapathConfig, unpin_all};
-use proxy_userspace::encode::{Encoder, MapContents};
-use proxy_userspace::{diff, manifests, model};
+use proxy_userspace::encode::Encoder;
+use proxy_userspace::{diff, model, source::manifests};
 use serde::Serialize;
 
 use super::rules::{self, BenchService};

@@ -1,5 +1,5 @@
 //! `lab-bench [--quick] [--services N,N,...] [--nft-max-services N]
-//! [--nodeport-agent-args "ARG ..."] [--out DIR]`: runs the benchmark (see
+//! [--nodeport-agent-args "ARG ..."] [--control-plane-only] [--out DIR]`: runs the benchmark (see
 //! `lab::bench`) and writes `latest.md`, `latest.json` and `latest.svg` to
 //! DIR (default `<workspace>/bench/results`); `quick.*` with `--quick`,
 //! `partial.*` with `--services`, `--nft-max-services` or
@@ -30,10 +30,14 @@ fn run() -> Result<()> {
     let mut services = None;
     let mut nft_max = None;
     let mut nodeport_args = None;
+    let mut control_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => settings = Settings::quick(),
+            // Only the control plane at scale (both sources), e.g. with
+            // `--services 30000` for one N.
+            "--control-plane-only" => control_only = true,
             // Restricts N, e.g. `--services 1` for a smoke run of the full
             // settings; applied after `--quick` whatever the order.
             "--services" => match args.next() {
@@ -58,12 +62,14 @@ fn run() -> Result<()> {
             },
             other => bail!(
                 "unknown argument {other:?} (usage: lab-bench [--quick] [--services N,N,...] \
-                 [--nft-max-services N] [--nodeport-agent-args \"ARG ...\"] [--out DIR])"
+                 [--nft-max-services N] [--nodeport-agent-args \"ARG ...\"] \
+                 [--control-plane-only] [--out DIR])"
             ),
         }
     }
     // A quick or partial run never overwrites the published full results.
-    let stem = if services.is_some() || nft_max.is_some() || nodeport_args.is_some() {
+    let stem = if services.is_some() || nft_max.is_some() || nodeport_args.is_some() || control_only
+    {
         "partial"
     } else if settings.mode == "quick" {
         "quick"
@@ -71,8 +77,10 @@ fn run() -> Result<()> {
         "latest"
     };
     if let Some(list) = services {
+        settings.control.service_counts = list.clone();
         settings.service_counts = list;
     }
+    settings.control_only = control_only;
     if let Some(max) = nft_max {
         settings.nft_max_services = max;
     }
@@ -98,8 +106,8 @@ fn parse_services(list: &str) -> Result<Vec<usize>> {
             .trim()
             .parse()
             .map_err(|e| anyhow::anyhow!("--services: {part:?}: {e}"))?;
-        if n == 0 || n > 50_000 {
-            bail!("--services: {n} not in 1..=50000");
+        if n == 0 || n > 100_000 {
+            bail!("--services: {n} not in 1..=100000");
         }
         out.push(n);
     }

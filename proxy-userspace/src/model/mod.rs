@@ -1,5 +1,13 @@
 //! Services + EndpointSlices -> the frontends the datapath must serve.
 //!
+//! - `service`: one Service's ports, exposure and affinity, and the
+//!   frontends it claims;
+//! - `slices`: EndpointSlices reduced to what is read of them;
+//! - `topology`: which endpoints each frontend uses (traffic policies,
+//!   the terminating fallback, hints);
+//! - `tracker`: the objects as they change, and which frontends a change
+//!   touched; [`compute`] is the same from scratch.
+//!
 //! This is the part of kube-proxy's service and endpoint-slice caches that
 //! decides *what* to program, without anything about *how*: a pure function
 //! from API objects to a sorted, deduplicated [`DesiredState`]. Everything
@@ -66,6 +74,18 @@
 //!   filters down to nothing, and, like kube-proxy, only the hints count: the
 //!   `service.kubernetes.io/topology-mode` annotation is the EndpointSlice
 //!   controller's business, not the proxy's.
+
+mod service;
+mod slices;
+mod topology;
+mod tracker;
+
+use service::*;
+pub use slices::SliceFacts;
+use slices::*;
+use topology::*;
+
+pub use tracker::{Origin, ServiceName, Tracker};
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
@@ -407,7 +427,7 @@ impl fmt::Display for Warning {
 
 /// Why part of an object was skipped; rendered into [`Warning::reason`].
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-enum Problem {
+pub(super) enum Problem {
     #[error("no name")]
     NoName,
     #[error("defined more than once; using a single copy")]
@@ -466,7 +486,7 @@ enum Problem {
     BadAddress { index: usize, addr: String },
 }
 
-fn warn(warnings: &mut Vec<Warning>, object: &str, problem: Problem) {
+pub(super) fn warn(warnings: &mut Vec<Warning>, object: &str, problem: Problem) {
     warnings.push(Warning {
         object: object.to_string(),
         reason: problem.to_string(),
@@ -474,7 +494,8 @@ fn warn(warnings: &mut Vec<Warning>, object: &str, problem: Problem) {
 }
 
 /// Computes the frontends to program on `node` and the warnings about what
-/// was skipped.
+/// was skipped, from scratch: every object goes through a fresh
+/// [`Tracker`], the very code the agent runs one change at a time.
 ///
 /// The result does not depend on the order of either input: objects are
 /// processed in (namespace, name) order and warnings are returned sorted.
@@ -483,819 +504,37 @@ pub fn compute(
     slices: &[EndpointSlice],
     node: &NodeInfo,
 ) -> (DesiredState, Vec<Warning>) {
-    let mut warnings = Vec::new();
-    let slices = index_slices(slices, &mut warnings);
-    let mut desired = DesiredState::default();
-
-    let mut previous: Option<(&str, &str)> = None;
-    for service in sorted_services(services) {
-        let (namespace, name) = identity(service);
-        let object = format!("Service {namespace}/{name}");
-        if name.is_empty() {
-            warn(&mut warnings, &object, Problem::NoName);
-            continue;
-        }
-        if previous == Some((namespace, name)) {
-            warn(&mut warnings, &object, Problem::Duplicate);
-            continue;
-        }
-        previous = Some((namespace, name));
-        if !is_ours(&service.metadata) {
-            continue;
-        }
-        let Some(spec) = &service.spec else {
-            warn(&mut warnings, &object, Problem::NoClusterIp);
-            continue;
-        };
-        let addrs = match cluster_ips(spec, &object) {
-            Ok(Some(addrs)) => addrs,
-            Ok(None) => continue,
-            Err(problem) => {
-                warn(&mut warnings, &object, problem);
-                continue;
-            }
-        };
-        let service_slices = slices
-            .get(&(namespace.to_string(), name.to_string()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let policy = TrafficPolicy::of(spec);
-        let affinity_timeout_s = match session_affinity(spec) {
-            Ok(timeout) => timeout,
-            Err(problem) => {
-                // Without affinity the Service still works; only stickiness
-                // is lost, which is better than dropping the Service.
-                warn(&mut warnings, &object, problem);
-                None
-            }
-        };
-        let exposure = Exposure::of(service, spec, &mut |problem| {
-            warn(&mut warnings, &object, problem)
-        })
-        .allowing_node(&node.addresses);
-        let node_addresses: BTreeSet<Ipv4Addr> = node.addresses.iter().copied().collect();
-        let mut any_port = false;
-        for port in spec.ports.iter().flatten() {
-            let port_name = port.name.as_deref().unwrap_or("");
-            let (number, protocol) = match service_port(port) {
-                Ok(parsed) => parsed,
-                Err(problem) => {
-                    warn(&mut warnings, &object, problem);
-                    continue;
-                }
-            };
-            any_port = true;
-            let node_port = if exposure.node_ports {
-                match node_port(port) {
-                    Ok(node_port) => node_port,
-                    Err(problem) => {
-                        warn(&mut warnings, &object, problem);
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            let candidates = candidates_for(service_slices, port_name, protocol);
-            let sets = categorize(&candidates, policy, node);
-            let service = service_port_name(namespace, name, port_name);
-            let state =
-                |kind: FrontendKind| sets.state(&service, kind, &exposure, affinity_timeout_s);
-            let mut claims: Vec<(Frontend, FrontendKind)> = Vec::new();
-            let on = |addr: Ipv4Addr, port: u16| Frontend {
-                addr,
-                port,
-                proto: protocol,
-            };
-            claims.extend(
-                addrs
-                    .iter()
-                    .map(|a| (on(*a, number), FrontendKind::ClusterIp)),
-            );
-            if let Some(node_port) = node_port {
-                claims.extend(
-                    node_addresses
-                        .iter()
-                        .map(|a| (on(*a, node_port), FrontendKind::NodePort)),
-                );
-            }
-            claims.extend(
-                exposure
-                    .load_balancer_ips
-                    .iter()
-                    .map(|a| (on(*a, number), FrontendKind::LoadBalancer)),
-            );
-            claims.extend(
-                exposure
-                    .external_ips
-                    .iter()
-                    .map(|a| (on(*a, number), FrontendKind::ExternalIp)),
-            );
-            for (frontend, kind) in claims {
-                if let Some(owner) = desired.frontends.get(&frontend) {
-                    if owner.service == service {
-                        // One Service naming one address twice (an external
-                        // IP that is also its load-balancer IP): the first
-                        // kind in ClusterIp, NodePort, LoadBalancer,
-                        // ExternalIp order keeps it, so an LB IP keeps its
-                        // source ranges, as kube-proxy's firewall applies
-                        // them to any traffic to the LB IP.
-                        tracing::debug!(
-                            "{object}: {frontend} is both {:?} and {kind:?}",
-                            owner.kind
-                        );
-                        continue;
-                    }
-                    // Only reachable with invalid input (the API server
-                    // rejects duplicate ports and cluster IPs; external and
-                    // LB IPs are not checked across Services) or a stale
-                    // view of a reused IP; the first owner in sorted order
-                    // keeps it so the outcome does not depend on order.
-                    let problem = Problem::FrontendTaken {
-                        name: port_name.to_string(),
-                        frontend,
-                        owner: owner.service.clone(),
-                    };
-                    warn(&mut warnings, &object, problem);
-                    continue;
-                }
-                desired.frontends.insert(frontend, state(kind));
-            }
-        }
-        // kube-proxy keeps health checks per service port, so a Service
-        // without a usable port has none.
-        if let Some(port) = exposure.health_check_port.filter(|_| any_port) {
-            let check = HealthCheck {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-                local_endpoints: local_ready_addresses(service_slices, node),
-            };
-            match desired.health_checks.get(&port) {
-                Some(owner) => {
-                    let problem = Problem::HealthCheckPortTaken {
-                        port,
-                        owner: format!("{}/{}", owner.namespace, owner.name),
-                    };
-                    warn(&mut warnings, &object, problem);
-                }
-                None => {
-                    desired.health_checks.insert(port, check);
-                }
-            }
-        }
+    let mut tracker = Tracker::new(node.clone());
+    for (origin, service) in services.iter().enumerate() {
+        tracker.put_service(origin as u64, service.clone());
     }
-
-    warnings.sort();
-    (desired, warnings)
+    for (origin, slice) in slices.iter().enumerate() {
+        tracker.put_slice(origin as u64, slice.clone());
+    }
+    tracker.settle();
+    let desired = DesiredState {
+        frontends: tracker
+            .frontends()
+            .map(|(frontend, state)| (*frontend, state.clone()))
+            .collect(),
+        health_checks: tracker.health_checks().clone(),
+    };
+    (desired, tracker.warnings())
 }
 
-fn namespace_of(meta: &ObjectMeta) -> &str {
+pub(crate) fn namespace_of(meta: &ObjectMeta) -> &str {
     match meta.namespace.as_deref() {
         None | Some("") => DEFAULT_NAMESPACE,
         Some(namespace) => namespace,
     }
 }
 
-/// kube-proxy's `ServicePortName.String()`.
-fn service_port_name(namespace: &str, name: &str, port: &str) -> String {
-    if port.is_empty() {
-        format!("{namespace}/{name}")
-    } else {
-        format!("{namespace}/{name}:{port}")
-    }
-}
-
-/// Services in (namespace, name) order. Two copies of one name can only come
-/// from a broken static source; they are ordered by content so the copy that
-/// wins does not depend on file or list order.
-fn sorted_services(services: &[Service]) -> Vec<&Service> {
-    let mut sorted: Vec<&Service> = services.iter().collect();
-    sorted.sort_by(|a, b| identity(a).cmp(&identity(b)).then_with(|| by_content(a, b)));
-    sorted
-}
-
-fn identity(service: &Service) -> (&str, &str) {
-    let name = service.metadata.name.as_deref().unwrap_or("");
-    (namespace_of(&service.metadata), name)
-}
-
-fn by_content(a: &Service, b: &Service) -> Ordering {
-    let text = |s: &Service| serde_json::to_string(s).unwrap_or_default();
-    text(a).cmp(&text(b))
-}
-
 /// Whether this proxy should handle the object; objects carrying
 /// `service-proxy-name` (whatever its value) are for another proxy.
-fn is_ours(meta: &ObjectMeta) -> bool {
+pub(crate) fn is_ours(meta: &ObjectMeta) -> bool {
     meta.labels
         .as_ref()
         .is_none_or(|labels| !labels.contains_key(LABEL_SERVICE_PROXY_NAME))
-}
-
-/// `sessionAffinity: ClientIP` and its timeout (default 10800 s), as
-/// kube-proxy reads them; `None` (the default) is no affinity.
-fn session_affinity(spec: &ServiceSpec) -> Result<Option<u32>, Problem> {
-    match spec.session_affinity.as_deref() {
-        None | Some("") | Some("None") => Ok(None),
-        Some("ClientIP") => {
-            let timeout = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds);
-            match timeout {
-                None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT_S)),
-                Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S as i32).contains(&t) => Ok(Some(t as u32)),
-                Some(t) => Err(Problem::AffinityTimeout(t)),
-            }
-        }
-        Some(other) => Err(Problem::AffinityKind(other.to_string())),
-    }
-}
-
-/// The IPv4 cluster IPs, `None` for Services kube-proxy does not proxy.
-fn cluster_ips(spec: &ServiceSpec, object: &str) -> Result<Option<BTreeSet<Ipv4Addr>>, Problem> {
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return Ok(None);
-    }
-    let listed: Vec<&str> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-        _ => spec.cluster_ip.as_deref().into_iter().collect(),
-    };
-    if listed.contains(&"None") || spec.cluster_ip.as_deref() == Some("None") {
-        return Ok(None);
-    }
-    if listed.iter().all(|ip| ip.is_empty()) {
-        return Err(Problem::NoClusterIp);
-    }
-    let mut addrs = BTreeSet::new();
-    for ip in listed {
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(addr)) => {
-                addrs.insert(addr);
-            }
-            // This proxy programs IPv4 only; the IPv6 family of a dual-stack
-            // Service is expected, not an error.
-            Ok(IpAddr::V6(addr)) => tracing::debug!("{object}: ignoring IPv6 clusterIP {addr}"),
-            Err(_) => return Err(Problem::BadClusterIp(ip.to_string())),
-        }
-    }
-    Ok(Some(addrs))
-}
-
-fn service_port(port: &ServicePort) -> Result<(u16, Protocol), Problem> {
-    let name = port.name.clone().unwrap_or_default();
-    let protocol = Protocol::from_api(port.protocol.as_deref()).map_err(|source| {
-        Problem::ServicePortProtocol {
-            name: name.clone(),
-            source,
-        }
-    })?;
-    let number = port_number(port.port).ok_or(Problem::ServicePortRange {
-        name,
-        port: port.port,
-    })?;
-    Ok((number, protocol))
-}
-
-/// The port's `nodePort`; unset and 0 (what `allocateLoadBalancerNodePorts:
-/// false` leaves) mean none.
-fn node_port(port: &ServicePort) -> Result<Option<u16>, Problem> {
-    match port.node_port {
-        None | Some(0) => Ok(None),
-        Some(number) => port_number(number)
-            .map(Some)
-            .ok_or_else(|| Problem::NodePortRange {
-                name: port.name.clone().unwrap_or_default(),
-                port: number,
-            }),
-    }
-}
-
-/// What a Service exposes beyond its cluster IPs, read as kube-proxy's
-/// service change tracker reads it.
-struct Exposure {
-    /// Type NodePort or LoadBalancer: its ports' `nodePort`s are served. (The
-    /// API server only allows them on those types; kube-proxy itself does
-    /// not look at the type, which only matters for static manifests.)
-    node_ports: bool,
-    /// `externalTrafficPolicy: Local`, which only means something on the
-    /// NodePort and LoadBalancer types (kube-proxy's `ExternalPolicyLocal`):
-    /// the external IPs of a ClusterIP Service always use Cluster.
-    external_local: bool,
-    /// VIP-mode IPv4 ingress IPs, whatever the type, as kube-proxy.
-    load_balancer_ips: BTreeSet<Ipv4Addr>,
-    external_ips: BTreeSet<Ipv4Addr>,
-    source_ranges: Vec<Ipv4Cidr>,
-    /// See [`ExternalTraffic::allow_node`].
-    allow_node: bool,
-    health_check_port: Option<u16>,
-}
-
-impl Exposure {
-    /// kube-proxy's "allow from node": source ranges that contain a node
-    /// address also let in the Service's LB IPs and the node itself.
-    fn allowing_node(mut self, node_addresses: &[Ipv4Addr]) -> Self {
-        self.allow_node = self
-            .source_ranges
-            .iter()
-            .any(|range| node_addresses.iter().any(|a| range.contains(*a)));
-        if self.allow_node {
-            let mut ranges: BTreeSet<Ipv4Cidr> = self.source_ranges.drain(..).collect();
-            ranges.extend(
-                self.load_balancer_ips
-                    .iter()
-                    .filter_map(|ip| Ipv4Cidr::new(*ip, 32)),
-            );
-            self.source_ranges = ranges.into_iter().collect();
-        }
-        self
-    }
-
-    fn of(service: &Service, spec: &ServiceSpec, warn: &mut dyn FnMut(Problem)) -> Self {
-        let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
-        let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
-        let external_local = node_ports && spec.external_traffic_policy.as_deref() == Some("Local");
-
-        let mut external_ips = BTreeSet::new();
-        for ip in spec.external_ips.iter().flatten() {
-            match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(addr)) => {
-                    external_ips.insert(addr);
-                }
-                // The other family of a dual-stack Service.
-                Ok(IpAddr::V6(_)) => {}
-                Err(_) => warn(Problem::BadExternalIp(ip.clone())),
-            }
-        }
-
-        let mut load_balancer_ips = BTreeSet::new();
-        let ingress = service
-            .status
-            .as_ref()
-            .and_then(|status| status.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref());
-        for entry in ingress.into_iter().flatten() {
-            // `ipMode: Proxy` load balancers deliver to the node with the
-            // node as destination, so no rule may capture the LB IP (its
-            // traffic would skip the load balancer's proxying). Unset is VIP.
-            if entry.ip_mode.as_deref().is_some_and(|mode| mode != "VIP") {
-                continue;
-            }
-            // Hostname-only ingress entries have no IP to serve.
-            let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
-                continue;
-            };
-            match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(addr)) => {
-                    load_balancer_ips.insert(addr);
-                }
-                Ok(IpAddr::V6(_)) => {}
-                Err(_) => warn(Problem::BadIngressIp(ip.to_string())),
-            }
-        }
-
-        let mut source_ranges = BTreeSet::new();
-        for range in spec.load_balancer_source_ranges.iter().flatten() {
-            // API validation lets whitespace padding through; kube-proxy
-            // trims it.
-            let range = range.trim();
-            match range.parse::<Ipv4Cidr>() {
-                Ok(cidr) => {
-                    source_ranges.insert(cidr);
-                }
-                Err(_) if is_ipv6_cidr(range) => {}
-                Err(e) => warn(Problem::BadSourceRange(e)),
-            }
-        }
-
-        let health_check_port = if type_ == "LoadBalancer" && external_local {
-            match spec.health_check_node_port {
-                None | Some(0) => {
-                    warn(Problem::NoHealthCheckPort);
-                    None
-                }
-                Some(port) => {
-                    let number = port_number(port);
-                    if number.is_none() {
-                        warn(Problem::HealthCheckPortRange(port));
-                    }
-                    number
-                }
-            }
-        } else {
-            None
-        };
-
-        Self {
-            node_ports,
-            external_local,
-            load_balancer_ips,
-            external_ips,
-            source_ranges: source_ranges.into_iter().collect(),
-            allow_node: false,
-            health_check_port,
-        }
-    }
-}
-
-fn is_ipv6_cidr(text: &str) -> bool {
-    text.split_once('/').is_some_and(|(addr, len)| {
-        addr.parse::<std::net::Ipv6Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 128)
-    })
-}
-
-/// kube-proxy's health check count: distinct addresses of this node's ready
-/// endpoints over every port of the Service's slices.
-fn local_ready_addresses(slices: &[SliceEndpoints], node: &NodeInfo) -> usize {
-    slices
-        .iter()
-        .filter(|slice| !slice.ports.is_empty())
-        .flat_map(|slice| &slice.endpoints)
-        .filter(|info| info.ready && info.is_on(node))
-        .map(|info| info.addr)
-        .collect::<BTreeSet<_>>()
-        .len()
-}
-
-fn port_number(port: i32) -> Option<u16> {
-    u16::try_from(port).ok().filter(|port| *port != 0)
-}
-
-/// What one EndpointSlice contributes, validated once however many Service
-/// ports read it.
-struct SliceEndpoints {
-    /// (name, protocol, number)
-    ports: Vec<(String, Protocol, u16)>,
-    /// The endpoints that may ever be used: ready, or serving and
-    /// terminating.
-    endpoints: Vec<EndpointInfo>,
-}
-
-/// What the endpoint selection needs to know of one endpoint.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct EndpointInfo {
-    /// The first address.
-    addr: Ipv4Addr,
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-    node_name: Option<String>,
-    /// `hints.forZones` names; empty when there is no hint.
-    zone_hints: BTreeSet<String>,
-    /// `hints.forNodes` names; empty when there is no hint.
-    node_hints: BTreeSet<String>,
-}
-
-impl EndpointInfo {
-    fn from_api(addr: Ipv4Addr, endpoint: &ApiEndpoint) -> Self {
-        let conditions = endpoint.conditions.as_ref();
-        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let hints = endpoint.hints.as_ref();
-        Self {
-            addr,
-            ready,
-            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
-            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: endpoint.node_name.clone(),
-            zone_hints: hints
-                .and_then(|h| h.for_zones.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|zone| zone.name.clone())
-                .collect(),
-            node_hints: hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|node| node.name.clone())
-                .collect(),
-        }
-    }
-
-    /// Usable when no endpoint is ready (kube-proxy's terminating fallback).
-    fn serving_terminating(&self) -> bool {
-        self.serving && self.terminating
-    }
-
-    fn is_on(&self, node: &NodeInfo) -> bool {
-        !node.name.is_empty() && self.node_name.as_deref() == Some(node.name.as_str())
-    }
-}
-
-type SliceIndex = BTreeMap<(String, String), Vec<SliceEndpoints>>;
-
-/// Valid IPv4 slices keyed by (namespace, service name).
-fn index_slices(slices: &[EndpointSlice], warnings: &mut Vec<Warning>) -> SliceIndex {
-    let mut index = SliceIndex::new();
-    for slice in slices {
-        let namespace = namespace_of(&slice.metadata);
-        let name = slice.metadata.name.as_deref().unwrap_or("");
-        let object = format!("EndpointSlice {namespace}/{name}");
-        if slice.address_type != "IPv4" {
-            tracing::debug!("{object}: ignoring addressType {:?}", slice.address_type);
-            continue;
-        }
-        let labels = slice.metadata.labels.as_ref();
-        let Some(service) = labels.and_then(|labels| labels.get(LABEL_SERVICE_NAME)) else {
-            // Slices not managed for a Service are legal (custom controllers)
-            // and simply unused.
-            tracing::debug!("{object}: no {LABEL_SERVICE_NAME} label, ignoring");
-            continue;
-        };
-        if !is_ours(&slice.metadata) || labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
-            continue;
-        }
-        let parsed = SliceEndpoints {
-            ports: slice_ports(
-                slice.ports.as_deref().unwrap_or_default(),
-                &object,
-                warnings,
-            ),
-            endpoints: usable_endpoints(slice, &object, warnings),
-        };
-        index
-            .entry((namespace.to_string(), service.clone()))
-            .or_default()
-            .push(parsed);
-    }
-    index
-}
-
-fn slice_ports(
-    ports: &[EndpointPort],
-    object: &str,
-    warnings: &mut Vec<Warning>,
-) -> Vec<(String, Protocol, u16)> {
-    let mut valid = Vec::new();
-    for port in ports {
-        let name = port.name.clone().unwrap_or_default();
-        let protocol = match Protocol::from_api(port.protocol.as_deref()) {
-            Ok(protocol) => protocol,
-            Err(source) => {
-                warn(
-                    warnings,
-                    object,
-                    Problem::SlicePortProtocol { name, source },
-                );
-                continue;
-            }
-        };
-        let number = match port.port {
-            None => Err(Problem::SlicePortMissing { name: name.clone() }),
-            Some(port) => port_number(port).ok_or(Problem::SlicePortRange {
-                name: name.clone(),
-                port,
-            }),
-        };
-        match number {
-            Ok(number) => valid.push((name, protocol, number)),
-            Err(problem) => warn(warnings, object, problem),
-        }
-    }
-    valid
-}
-
-/// Every endpoint of a slice with a parseable address. Selection
-/// (`select_endpoints`) decides which ones new flows may use; the others
-/// still exist, so flows they already serve are kept.
-fn usable_endpoints(
-    slice: &EndpointSlice,
-    object: &str,
-    warnings: &mut Vec<Warning>,
-) -> Vec<EndpointInfo> {
-    let mut usable = Vec::new();
-    for (index, endpoint) in slice.endpoints.iter().enumerate() {
-        let Some(first) = endpoint.addresses.first() else {
-            warn(warnings, object, Problem::NoAddress { index });
-            continue;
-        };
-        let Ok(addr) = first.parse::<Ipv4Addr>() else {
-            let problem = Problem::BadAddress {
-                index,
-                addr: first.clone(),
-            };
-            warn(warnings, object, problem);
-            continue;
-        };
-        usable.push(EndpointInfo::from_api(addr, endpoint));
-    }
-    usable
-}
-
-/// How a Service's ClusterIP traffic may choose endpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct TrafficPolicy {
-    /// `internalTrafficPolicy: Local`; anything else is Cluster.
-    local: bool,
-    /// `trafficDistribution: PreferSameNode`: `hints.forNodes` count.
-    prefer_same_node: bool,
-}
-
-impl TrafficPolicy {
-    fn of(spec: &ServiceSpec) -> Self {
-        Self {
-            local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-            prefer_same_node: spec.traffic_distribution.as_deref() == Some("PreferSameNode"),
-        }
-    }
-}
-
-/// One endpoint of one Service port: the destination, and what decides
-/// whether it is used.
-#[derive(Clone, Copy, Debug)]
-struct Candidate<'a> {
-    endpoint: Endpoint,
-    info: &'a EndpointInfo,
-}
-
-/// The candidate endpoints of one Service port: every usable endpoint of
-/// every slice, with the number that slice gives the port's (name, protocol).
-/// An address in several slices is a candidate once per copy; the selection
-/// only asks "any" and "all" questions, so copies cannot make it depend on
-/// slice order.
-fn candidates_for<'a>(
-    slices: &'a [SliceEndpoints],
-    name: &str,
-    protocol: Protocol,
-) -> Vec<Candidate<'a>> {
-    let mut candidates = Vec::new();
-    for slice in slices {
-        let numbers = slice
-            .ports
-            .iter()
-            .filter(|(n, p, _)| n == name && *p == protocol)
-            .map(|(_, _, number)| *number);
-        for port in numbers {
-            candidates.extend(slice.endpoints.iter().map(|info| Candidate {
-                endpoint: Endpoint {
-                    addr: info.addr,
-                    port,
-                },
-                info,
-            }));
-        }
-    }
-    candidates
-}
-
-/// The endpoint sets of one Service port (kube-proxy's
-/// `CategorizeEndpoints`); every frontend of the port picks from them.
-struct EndpointSets {
-    /// Ready endpoints narrowed by topology, else the serving-terminating
-    /// ones: what the Cluster policies use.
-    cluster: BTreeSet<Endpoint>,
-    /// This node's ready endpoints, else its serving-terminating ones: what
-    /// the Local policies use.
-    local: BTreeSet<Endpoint>,
-    /// Whether any endpoint is usable anywhere: without one, new flows are
-    /// rejected whatever the policy; with one, a Local policy that left
-    /// nothing drops them.
-    any: bool,
-    /// Every candidate, for `lingering`.
-    all: BTreeSet<Endpoint>,
-    internal_local: bool,
-}
-
-fn categorize(
-    candidates: &[Candidate<'_>],
-    policy: TrafficPolicy,
-    node: &NodeInfo,
-) -> EndpointSets {
-    let ready: Vec<Candidate<'_>> = candidates
-        .iter()
-        .copied()
-        .filter(|c| c.info.ready)
-        .collect();
-    let serving_terminating = |keep: &dyn Fn(&Candidate<'_>) -> bool| -> BTreeSet<Endpoint> {
-        candidates
-            .iter()
-            .filter(|c| c.info.serving_terminating() && keep(c))
-            .map(|c| c.endpoint)
-            .collect()
-    };
-    let cluster: BTreeSet<Endpoint> = if ready.is_empty() {
-        serving_terminating(&|_| true)
-    } else {
-        prefer_topology(ready.clone(), policy, node)
-            .iter()
-            .map(|c| c.endpoint)
-            .collect()
-    };
-    let local_ready: BTreeSet<Endpoint> = ready
-        .iter()
-        .filter(|c| c.info.is_on(node))
-        .map(|c| c.endpoint)
-        .collect();
-    let local = if local_ready.is_empty() {
-        serving_terminating(&|c| c.info.is_on(node))
-    } else {
-        local_ready
-    };
-    EndpointSets {
-        any: !cluster.is_empty(),
-        cluster,
-        local,
-        all: candidates.iter().map(|c| c.endpoint).collect(),
-        internal_local: policy.local,
-    }
-}
-
-impl EndpointSets {
-    /// The state of one frontend of `kind` (see the module documentation
-    /// for the rules and their sources).
-    fn state(
-        &self,
-        service: &str,
-        kind: FrontendKind,
-        exposure: &Exposure,
-        affinity_timeout_s: Option<u32>,
-    ) -> FrontendState {
-        let choose = |local: bool| {
-            if local {
-                let action = if self.any {
-                    EmptyAction::Drop
-                } else {
-                    EmptyAction::Reject
-                };
-                (&self.local, action)
-            } else {
-                (&self.cluster, EmptyAction::Reject)
-            }
-        };
-        // Internal traffic policy only governs cluster IPs; in-cluster
-        // traffic to the other kinds uses the cluster-wide endpoints.
-        let (endpoints, empty_action) =
-            choose(kind == FrontendKind::ClusterIp && self.internal_local);
-        let external = (kind != FrontendKind::ClusterIp).then(|| {
-            let (endpoints, empty_action) = choose(exposure.external_local);
-            ExternalTraffic {
-                endpoints: endpoints.iter().copied().collect(),
-                empty_action,
-                masquerade: !exposure.external_local,
-                source_ranges: if kind == FrontendKind::LoadBalancer {
-                    exposure.source_ranges.clone()
-                } else {
-                    Vec::new()
-                },
-                allow_node: kind == FrontendKind::LoadBalancer && exposure.allow_node,
-            }
-        });
-        let lingering = self
-            .all
-            .iter()
-            .filter(|e| {
-                !endpoints.contains(e)
-                    && external
-                        .as_ref()
-                        .is_none_or(|x| x.endpoints.binary_search(e).is_err())
-            })
-            .copied()
-            .collect();
-        FrontendState {
-            service: service.to_string(),
-            kind,
-            endpoints: endpoints.iter().copied().collect(),
-            empty_action,
-            affinity_timeout_s,
-            lingering,
-            external,
-        }
-    }
-}
-
-/// kube-proxy's topology modes: narrows the ready endpoints to the ones
-/// hinted for this node, else for this node's zone, when every ready endpoint
-/// carries that kind of hint and at least one is hinted for us; otherwise
-/// keeps them all, so it never narrows to nothing.
-fn prefer_topology<'a>(
-    ready: Vec<Candidate<'a>>,
-    policy: TrafficPolicy,
-    node: &NodeInfo,
-) -> Vec<Candidate<'a>> {
-    let narrowed = |hints: fn(&EndpointInfo) -> &BTreeSet<String>, name: &str| {
-        if !ready.iter().all(|c| !hints(c.info).is_empty()) {
-            return None;
-        }
-        let same: Vec<Candidate<'a>> = ready
-            .iter()
-            .copied()
-            .filter(|c| hints(c.info).contains(name))
-            .collect();
-        (!same.is_empty()).then_some(same)
-    };
-    if policy.prefer_same_node
-        && !node.name.is_empty()
-        && let Some(same_node) = narrowed(|info| &info.node_hints, &node.name)
-    {
-        return same_node;
-    }
-    if let Some(zone) = node.zone()
-        && let Some(same_zone) = narrowed(|info| &info.zone_hints, zone)
-    {
-        return same_zone;
-    }
-    ready
 }
 
 #[cfg(test)]

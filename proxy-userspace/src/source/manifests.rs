@@ -17,12 +17,11 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
-use std::ffi::OsString;
 use std::fmt;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -31,17 +30,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_yaml::Value;
 use thiserror::Error;
 
-use crate::model::DEFAULT_NAMESPACE;
+use super::inotify::{DirNotify, Woken};
+use super::{Changes, Delta, Objects, Source};
+use crate::model::{DEFAULT_NAMESPACE, Origin, SliceFacts};
 use crate::yaml_limits;
-
-/// The objects a source holds: what the model is computed from.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    /// Node objects (the agent's own node gives its topology labels).
-    pub nodes: Vec<Node>,
-}
 
 /// Something in a file that was skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,32 +93,70 @@ const SLICE_API_VERSION: &str = "discovery.k8s.io/v1";
 /// `*.json` files directly in `dir`, in file name order. Problems are
 /// returned as warnings; whatever could be read is returned regardless.
 pub fn load_dir(dir: &Path) -> (Objects, Vec<SourceWarning>) {
-    load_dir_cached(dir, &mut DocCache::default())
+    let reload = reload(dir, &mut DocCache::default(), Decode::Objects);
+    let mut objects = Objects::default();
+    for delta in reload.deltas {
+        match delta {
+            Delta::Service(_, service) => objects.services.push(*service),
+            Delta::Slice(_, slice) => objects.slices.push(*slice),
+            Delta::Node(_, node) => objects.nodes.push(*node),
+            // A fresh cache has nothing to take back.
+            _ => {}
+        }
+    }
+    (objects, reload.warnings)
 }
 
-/// [`load_dir`], parsing only documents `cache` has not seen (in that file,
-/// with that text); the cache then holds this load's documents only.
-pub fn load_dir_cached(dir: &Path, cache: &mut DocCache) -> (Objects, Vec<SourceWarning>) {
-    let mut loader = Loader::default();
+/// What changed in a directory since the load that filled the cache.
+#[derive(Debug, Default)]
+pub struct Reload {
+    /// Objects of documents not seen before (each document's text is its
+    /// own origin), and removals of the objects of documents gone.
+    pub deltas: Vec<Delta>,
+    /// Every current warning, in file and document order.
+    pub warnings: Vec<SourceWarning>,
+}
+
+/// What a reload hands over for each object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decode {
+    /// The objects as decoded.
+    Objects,
+    /// What the model reads: Services trimmed, EndpointSlices reduced to
+    /// their facts as each document is decoded, so a large file never has
+    /// all its objects in memory at once.
+    Facts,
+}
+
+/// Reads `dir` again, parsing only documents `cache` has not seen (in that
+/// file, with that text), and returns the difference; the cache then holds
+/// this load's documents. It keeps the names each document defined, never
+/// the objects (the tracker holds those once).
+pub fn reload(dir: &Path, cache: &mut DocCache, decode: Decode) -> Reload {
+    let mut out = Reload::default();
     let mut next = DocCache::default();
     match manifest_files(dir) {
         Ok(files) => {
             for file in files {
-                loader.load_file(&file, cache, &mut next);
+                load_file(&file, cache, &mut next, &mut out, decode);
             }
         }
-        Err(e) => loader.warn(dir, None, Problem::ListDir(e)),
+        Err(e) => out.warnings.push(warning(dir, None, Problem::ListDir(e))),
+    }
+    for (origin, doc) in cache.documents.drain() {
+        out.deltas
+            .extend(doc.names.into_iter().map(|name| name.gone(origin)));
     }
     *cache = next;
-    (loader.objects, loader.warnings)
+    out
 }
 
-/// What each document of the last load produced, by a 64-bit hash of its
+/// What each document of the last load defined, by a 64-bit hash of its
 /// file's path and its text (two different documents colliding is a
 /// 2^-64 chance per pair; the files are the operator's own).
 #[derive(Default)]
 pub struct DocCache {
-    documents: HashMap<u64, Loader>,
+    documents: HashMap<u64, Doc>,
     /// Documents parsed (not found in the cache) by the load that made this.
     parsed: usize,
 }
@@ -135,6 +165,107 @@ impl DocCache {
     /// How many documents the load that filled this cache had to parse.
     pub fn parsed(&self) -> usize {
         self.parsed
+    }
+}
+
+/// One document's objects (by name) and warnings.
+#[derive(Default)]
+struct Doc {
+    names: Vec<Named>,
+    warnings: Vec<SourceWarning>,
+}
+
+/// An object a document defined.
+enum Named {
+    Service(String, String),
+    Slice(String, String),
+    Node(String),
+}
+
+impl Named {
+    fn gone(self, origin: Origin) -> Delta {
+        match self {
+            Named::Service(namespace, name) => Delta::ServiceGone {
+                origin,
+                namespace,
+                name,
+            },
+            Named::Slice(namespace, name) => Delta::SliceGone {
+                origin,
+                namespace,
+                name,
+            },
+            Named::Node(name) => Delta::NodeGone { origin, name },
+        }
+    }
+}
+
+/// A directory of YAML files: re-read when inotify reports a change, only
+/// the documents whose text changed parsed again.
+pub struct ManifestSource {
+    dir: PathBuf,
+    /// `None` while the directory does not exist (it is then looked for
+    /// every `missing_poll`).
+    notify: Option<DirNotify>,
+    /// The initial read is due.
+    initial: bool,
+    missing_poll: Duration,
+    cache: DocCache,
+}
+
+impl ManifestSource {
+    /// Watches `dir` (from now on, so nothing between this and the first
+    /// read is missed); a missing directory is looked for every
+    /// `missing_poll`.
+    pub fn new(dir: PathBuf, missing_poll: Duration) -> Self {
+        Self {
+            notify: DirNotify::new(&dir).ok(),
+            initial: true,
+            missing_poll,
+            cache: DocCache::default(),
+            dir,
+        }
+    }
+}
+
+impl Source for ManifestSource {
+    async fn changed(&mut self) {
+        if std::mem::take(&mut self.initial) {
+            return;
+        }
+        loop {
+            let Some(notify) = &self.notify else {
+                tokio::time::sleep(self.missing_poll).await;
+                self.notify = DirNotify::new(&self.dir).ok();
+                if self.notify.is_some() {
+                    tracing::info!(dir = %self.dir.display(), "manifest directory is back");
+                    return;
+                }
+                continue;
+            };
+            match notify.wait().await {
+                Ok(Woken::Changed) => return,
+                Ok(Woken::DirectoryGone) => {
+                    self.notify = None;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "inotify failed; watching afresh");
+                    self.notify = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn take_changes(&mut self) -> Changes {
+        let reload = reload(&self.dir, &mut self.cache, Decode::Facts);
+        tracing::debug!(parsed = self.cache.parsed(), "manifests read");
+        Changes {
+            deltas: reload.deltas,
+            warnings: Some(reload.warnings.iter().map(ToString::to_string).collect()),
+            since: None,
+        }
     }
 }
 
@@ -198,82 +329,106 @@ fn is_json(file: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("json"))
 }
 
-#[derive(Default)]
-struct Loader {
-    objects: Objects,
-    warnings: Vec<SourceWarning>,
-}
-
-impl Loader {
-    fn extend(&mut self, other: &Loader) {
-        self.objects
-            .services
-            .extend(other.objects.services.iter().cloned());
-        self.objects
-            .slices
-            .extend(other.objects.slices.iter().cloned());
-        self.objects
-            .nodes
-            .extend(other.objects.nodes.iter().cloned());
-        self.warnings.extend(other.warnings.iter().cloned());
+fn warning(file: &Path, object: Option<String>, problem: Problem) -> SourceWarning {
+    SourceWarning {
+        file: file.to_path_buf(),
+        object,
+        // Parser messages may span lines; a warning is one log line.
+        reason: problem.to_string().replace('\n', " "),
     }
 }
 
-impl Loader {
-    fn warn(&mut self, file: &Path, object: Option<String>, problem: Problem) {
-        self.warnings.push(SourceWarning {
-            file: file.to_path_buf(),
-            object,
-            // Parser messages may span lines; a warning is one log line.
-            reason: problem.to_string().replace('\n', " "),
-        });
-    }
-
-    fn load_file(&mut self, file: &Path, cache: &mut DocCache, next: &mut DocCache) {
-        let text = match yaml_limits::read_to_string(file) {
-            Ok(text) => text,
-            Err(e) => return self.warn(file, None, Problem::Read(e)),
-        };
-        let json = is_json(file);
-        let chunks = if json { None } else { split_documents(&text) };
-        let chunks = chunks.unwrap_or_else(|| vec![text.as_str()]);
-        let mut loaded = Vec::with_capacity(chunks.len());
-        let mut in_file = DefaultHasher::new();
-        file.hash(&mut in_file);
-        for chunk in chunks {
-            let mut hasher = in_file.clone();
-            chunk.hash(&mut hasher);
-            let key = hasher.finish();
-            // A document repeated in one file is loaded again, not shared.
-            let part = match cache.documents.remove(&key) {
-                Some(part) => part,
-                None => {
-                    next.parsed += 1;
-                    let mut part = Loader::default();
-                    match parse_documents(chunk, json) {
-                        Ok(documents) => {
-                            for document in documents {
-                                part.load_document(file, document, false);
-                            }
-                        }
-                        // The whole file is skipped (module doc): drop what
-                        // was read before, keep the parts for next time.
-                        Err(problem) => {
-                            for (key, part) in loaded {
-                                next.documents.insert(key, part);
-                            }
-                            return self.warn(file, None, problem);
-                        }
-                    }
-                    part
+/// Reads one file into `out`: the objects of its documents `cache` does not
+/// hold, and every current warning.
+fn load_file(
+    file: &Path,
+    cache: &mut DocCache,
+    next: &mut DocCache,
+    out: &mut Reload,
+    decode: Decode,
+) {
+    let text = match yaml_limits::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) => return out.warnings.push(warning(file, None, Problem::Read(e))),
+    };
+    let json = is_json(file);
+    let chunks = if json { None } else { split_documents(&text) };
+    let chunks = chunks.unwrap_or_else(|| vec![text.as_str()]);
+    let mut loaded: Vec<(u64, Loader)> = Vec::with_capacity(chunks.len());
+    let mut in_file = DefaultHasher::new();
+    file.hash(&mut in_file);
+    // A document repeated in one file is another copy: its n-th repetition
+    // gets an origin of its own.
+    let mut repeats: HashMap<u64, u64> = HashMap::new();
+    for chunk in chunks {
+        let mut hasher = in_file.clone();
+        chunk.hash(&mut hasher);
+        let mut key = hasher.finish();
+        let n = repeats.entry(key).or_default();
+        *n += 1;
+        if *n > 1 {
+            (key, *n).hash(&mut hasher);
+            key = hasher.finish();
+        }
+        if let Some(doc) = cache.documents.remove(&key) {
+            loaded.push((key, Loader::unchanged(key, doc, decode)));
+            continue;
+        }
+        next.parsed += 1;
+        let mut part = Loader::unchanged(key, Doc::default(), decode);
+        match parse_documents(chunk, json) {
+            Ok(documents) => {
+                for document in documents {
+                    part.load_document(file, document, false);
                 }
-            };
-            loaded.push((key, part));
+            }
+            // The whole file is skipped (module doc): what it defined
+            // before goes, and comes back whole once it parses.
+            Err(problem) => {
+                for (key, part) in loaded {
+                    cache.documents.insert(key, part.doc);
+                }
+                return out.warnings.push(warning(file, None, problem));
+            }
         }
-        for (key, part) in loaded {
-            self.extend(&part);
-            next.documents.insert(key, part);
+        loaded.push((key, part));
+    }
+    for (key, part) in loaded {
+        out.warnings.extend(part.doc.warnings.iter().cloned());
+        out.deltas.extend(part.deltas);
+        next.documents.insert(key, part.doc);
+    }
+}
+
+/// What parsing one document's text produced.
+struct Loader {
+    origin: Origin,
+    decode: Decode,
+    doc: Doc,
+    /// The objects decoded (none for a document found in the cache).
+    deltas: Vec<Delta>,
+}
+
+impl Loader {
+    fn unchanged(origin: Origin, doc: Doc, decode: Decode) -> Self {
+        Self {
+            origin,
+            decode,
+            doc,
+            deltas: Vec::new(),
         }
+    }
+
+    fn warn(&mut self, file: &Path, object: Option<String>, problem: Problem) {
+        self.doc.warnings.push(warning(file, object, problem));
+    }
+
+    /// `service` as this load hands it over.
+    fn kept(&self, mut service: Service) -> Service {
+        if self.decode == Decode::Facts {
+            super::trim::service(&mut service);
+        }
+        service
     }
 
     /// `in_list` bounds recursion: a List's items are objects, not Lists.
@@ -299,7 +454,11 @@ impl Loader {
                     &api_version,
                     SERVICE_API_VERSION,
                 ) {
-                    self.objects.services.push(with_default_namespace(service));
+                    let service = with_default_namespace(service);
+                    let (namespace, name) = names_of(&service.metadata);
+                    self.doc.names.push(Named::Service(namespace, name));
+                    self.deltas
+                        .push(Delta::Service(self.origin, Box::new(self.kept(service))));
                 }
             }
             "EndpointSlice" => {
@@ -310,7 +469,15 @@ impl Loader {
                     &api_version,
                     SLICE_API_VERSION,
                 ) {
-                    self.objects.slices.push(with_default_namespace(slice));
+                    let slice = with_default_namespace(slice);
+                    let (namespace, name) = names_of(&slice.metadata);
+                    self.doc.names.push(Named::Slice(namespace, name));
+                    self.deltas.push(match self.decode {
+                        Decode::Objects => Delta::Slice(self.origin, Box::new(slice)),
+                        Decode::Facts => {
+                            Delta::SliceFacts(self.origin, Box::new(SliceFacts::of(&slice)))
+                        }
+                    });
                 }
             }
             "Node" => {
@@ -318,7 +485,9 @@ impl Loader {
                     self.decode::<Node>(file, object, document, &api_version, NODE_API_VERSION)
                 {
                     // Cluster-scoped: no namespace to default.
-                    self.objects.nodes.push(node);
+                    let name = node.metadata.name.clone().unwrap_or_default();
+                    self.doc.names.push(Named::Node(name));
+                    self.deltas.push(Delta::Node(self.origin, Box::new(node)));
                 }
             }
             "List" | "ServiceList" | "EndpointSliceList" | "NodeList" if in_list => {
@@ -423,6 +592,13 @@ fn describe(document: &Value, kind: Option<&str>) -> String {
     }
 }
 
+fn names_of(meta: &ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
 fn with_default_namespace<T: Metadata<Ty = ObjectMeta>>(mut object: T) -> T {
     let meta = object.metadata_mut();
     if meta.namespace.as_deref().is_none_or(str::is_empty) {
@@ -431,95 +607,12 @@ fn with_default_namespace<T: Metadata<Ty = ObjectMeta>>(mut object: T) -> T {
     object
 }
 
-/// One manifest file's identity for change detection.
-#[derive(Debug, Eq)]
-struct FileStamp {
-    name: OsString,
-    len: u64,
-    modified: Option<SystemTime>,
-    /// Hash of the content, only for a file modified within
-    /// [`RECENT`]: catches a second edit that keeps the size within the
-    /// mtime granularity. Older files are not read at all: hashing every
-    /// manifest on every poll cost a whole core at 30,000 Services.
-    content: Option<u64>,
-}
-
-/// Files modified this recently have their content compared too.
-const RECENT: Duration = Duration::from_secs(2);
-
-impl PartialEq for FileStamp {
-    /// Content counts only where both sides have it, so a file ageing out
-    /// of [`RECENT`] is not a change.
-    fn eq(&self, other: &Self) -> bool {
-        let content_same = match (self.content, other.content) {
-            (Some(a), Some(b)) => a == b,
-            _ => true,
-        };
-        self.name == other.name
-            && self.len == other.len
-            && self.modified == other.modified
-            && content_same
-    }
-}
-
-/// Polling change detector for a manifest directory, cheap enough to call
-/// every poll: one directory listing and a stat per manifest, plus reading
-/// the ones modified in the last [`RECENT`].
-#[derive(Debug)]
-pub struct DirWatcher {
-    dir: PathBuf,
-    /// `None` until the first call; `Some(Err)` while the directory cannot
-    /// be listed, so only transitions report a change.
-    last: Option<Result<Vec<FileStamp>, std::io::ErrorKind>>,
-}
-
-impl DirWatcher {
-    pub fn new(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-            last: None,
-        }
-    }
-
-    /// True the first time and whenever a manifest was added, removed or
-    /// changed since the previous call.
-    pub fn changed(&mut self) -> bool {
-        let current = Some(fingerprint(&self.dir));
-        if current == self.last {
-            return false;
-        }
-        self.last = current;
-        true
-    }
-}
-
-fn fingerprint(dir: &Path) -> Result<Vec<FileStamp>, std::io::ErrorKind> {
-    let files = manifest_files(dir).map_err(|e| e.kind())?;
-    Ok(files
-        .into_iter()
-        .map(|path| {
-            let metadata = fs::metadata(&path).ok();
-            let modified = metadata.as_ref().and_then(|m| m.modified().ok());
-            // No mtime, or one in the future: read it to be safe.
-            let recent = modified.is_none_or(|m| !matches!(m.elapsed(), Ok(age) if age >= RECENT));
-            FileStamp {
-                name: path.file_name().map(OsString::from).unwrap_or_default(),
-                len: metadata.as_ref().map_or(0, fs::Metadata::len),
-                modified,
-                content: recent.then(|| fs::read(&path).ok()).flatten().map(|bytes| {
-                    let mut hasher = DefaultHasher::new();
-                    bytes.hash(&mut hasher);
-                    hasher.finish()
-                }),
-            }
-        })
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::SystemTime;
 
     /// A fresh directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
@@ -625,10 +718,104 @@ endpoints:
             .collect()
     }
 
+    /// A source's view through reloads: the objects every reload so far
+    /// added and did not take back, in a canonical order (the tracker does
+    /// not care about order).
+    #[derive(Default)]
+    struct Cached {
+        cache: DocCache,
+        held: BTreeMap<(u8, Origin, String, String), Delta>,
+    }
+
+    impl Cached {
+        fn parsed(&self) -> usize {
+            self.cache.parsed()
+        }
+    }
+
+    fn canonical(mut objects: Objects) -> Objects {
+        let key = |m: &ObjectMeta| (m.namespace.clone(), m.name.clone());
+        objects.services.sort_by_key(|o| key(&o.metadata));
+        objects.slices.sort_by_key(|o| key(&o.metadata));
+        objects.nodes.sort_by_key(|o| key(&o.metadata));
+        objects
+    }
+
+    fn load_dir_cached(dir: &Path, cached: &mut Cached) -> (Objects, Vec<SourceWarning>) {
+        let reload = reload(dir, &mut cached.cache, Decode::Objects);
+        for delta in reload.deltas {
+            let (kind, origin, ns, name, put) = match &delta {
+                Delta::Service(o, s) => (
+                    0,
+                    *o,
+                    s.metadata.namespace.clone(),
+                    s.metadata.name.clone(),
+                    true,
+                ),
+                Delta::ServiceGone {
+                    origin,
+                    namespace,
+                    name,
+                } => (
+                    0,
+                    *origin,
+                    Some(namespace.clone()),
+                    Some(name.clone()),
+                    false,
+                ),
+                Delta::Slice(o, s) => (
+                    1,
+                    *o,
+                    s.metadata.namespace.clone(),
+                    s.metadata.name.clone(),
+                    true,
+                ),
+                Delta::SliceGone {
+                    origin,
+                    namespace,
+                    name,
+                } => (
+                    1,
+                    *origin,
+                    Some(namespace.clone()),
+                    Some(name.clone()),
+                    false,
+                ),
+                Delta::Node(o, n) => (2, *o, None, n.metadata.name.clone(), true),
+                Delta::NodeGone { origin, name } => (2, *origin, None, Some(name.clone()), false),
+                Delta::SliceFacts(..) => unreachable!("decoded as objects"),
+            };
+            let key = (
+                kind,
+                origin,
+                ns.unwrap_or_default(),
+                name.unwrap_or_default(),
+            );
+            if put {
+                cached.held.insert(key, delta);
+            } else {
+                assert!(
+                    cached.held.remove(&key).is_some(),
+                    "took back {key:?}, never added"
+                );
+            }
+        }
+        let mut objects = Objects::default();
+        for delta in cached.held.values() {
+            match delta {
+                Delta::Service(_, s) => objects.services.push((**s).clone()),
+                Delta::Slice(_, s) => objects.slices.push((**s).clone()),
+                Delta::Node(_, n) => objects.nodes.push((**n).clone()),
+                _ => unreachable!("only additions are held"),
+            }
+        }
+        (canonical(objects), reload.warnings)
+    }
+
     #[test]
     fn cache_parses_only_changed_documents_and_loads_the_same() {
         let dir = TempDir::new();
-        let mut cache = DocCache::default();
+        let mut cache = Cached::default();
         dir.write("many.yaml", &many_services(100, None));
         dir.write("other.yaml", &format!("{SERVICE}---\n{SLICE}"));
         let (first, warnings) = load_dir_cached(&dir.0, &mut cache);
@@ -639,7 +826,7 @@ endpoints:
         dir.write("many.yaml", &many_services(100, Some(42)));
         let (second, _) = load_dir_cached(&dir.0, &mut cache);
         assert_eq!(cache.parsed(), 1);
-        assert_eq!(second, load_dir(&dir.0).0);
+        assert_eq!(second, canonical(load_dir(&dir.0).0));
         let port = |objects: &Objects, name: &str| {
             let svc = objects
                 .services
@@ -658,7 +845,7 @@ endpoints:
     #[test]
     fn cache_keeps_a_broken_file_skipped_whole_until_fixed() {
         let dir = TempDir::new();
-        let mut cache = DocCache::default();
+        let mut cache = Cached::default();
         dir.write("many.yaml", &many_services(10, None));
         assert_eq!(load_dir_cached(&dir.0, &mut cache).0.services.len(), 10);
         let broken = many_services(10, None).replace("name: s5\n", "name: [s5\n");
@@ -666,7 +853,8 @@ endpoints:
         let (objects, warnings) = load_dir_cached(&dir.0, &mut cache);
         assert_eq!(objects.services.len(), 0, "half a file is never used");
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert_eq!((objects, warnings), load_dir(&dir.0));
+        let (cold, cold_warnings) = load_dir(&dir.0);
+        assert_eq!((objects, warnings), (canonical(cold), cold_warnings));
         dir.write("many.yaml", &many_services(10, None));
         let (objects, warnings) = load_dir_cached(&dir.0, &mut cache);
         assert_eq!((objects.services.len(), warnings.len()), (10, 0));
@@ -798,6 +986,39 @@ endpoints:
     }
 
     #[test]
+    fn facts_give_the_model_what_objects_give() {
+        let dir = TempDir::new();
+        dir.write("many.yaml", &many_services(20, None));
+        dir.write(
+            "web.yaml",
+            &format!(
+                "{SERVICE}---\n{}",
+                SLICE.replace("namespace: prod", "namespace: default")
+            ),
+        );
+        let node = crate::model::NodeInfo::default();
+        let mut tracker = crate::model::Tracker::new(node.clone());
+        let facts = reload(&dir.0, &mut DocCache::default(), Decode::Facts);
+        assert!(
+            facts
+                .deltas
+                .iter()
+                .any(|d| matches!(d, Delta::SliceFacts(..))),
+            "slices arrive as facts"
+        );
+        for delta in facts.deltas {
+            delta.apply_to(&mut tracker);
+        }
+        tracker.settle();
+        let (objects, _) = load_dir(&dir.0);
+        let (expected, _) = crate::model::compute(&objects.services, &objects.slices, &node);
+        let got: std::collections::BTreeMap<_, _> =
+            tracker.frontends().map(|(f, s)| (*f, s.clone())).collect();
+        assert_eq!(got, expected.frontends);
+        assert_eq!(got.len(), 21);
+    }
+
+    #[test]
     fn objects_come_out_through_model() {
         let dir = TempDir::new();
         dir.write(
@@ -893,33 +1114,5 @@ metadata:
         assert_eq!(objects, Objects::default());
         assert_eq!(warnings.len(), 1);
         assert_eq!(warnings[0].file, gone);
-    }
-
-    #[test]
-    fn watcher_detects_edit_add_remove() {
-        let dir = TempDir::new();
-        let web = dir.write("web.yaml", SERVICE);
-        let mut watcher = DirWatcher::new(&dir.0);
-        assert!(watcher.changed(), "first call");
-        assert!(!watcher.changed(), "nothing happened");
-
-        // Same length, written immediately: only the content hash can tell.
-        fs::write(&web, SERVICE.replace("10.96.0.10", "10.96.0.11")).expect("edit");
-        assert!(watcher.changed(), "edit");
-        assert!(!watcher.changed());
-
-        dir.write("other.yml", SLICE);
-        assert!(watcher.changed(), "add");
-        dir.write("ignored.txt", "x");
-        dir.write(".hidden.yaml", "x");
-        assert!(!watcher.changed(), "non-manifests are not watched");
-
-        fs::remove_file(&web).expect("remove");
-        assert!(watcher.changed(), "remove");
-        assert!(!watcher.changed());
-
-        fs::remove_dir_all(&dir.0).expect("remove dir");
-        assert!(watcher.changed(), "directory gone");
-        assert!(!watcher.changed());
     }
 }

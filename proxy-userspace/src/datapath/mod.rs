@@ -2,34 +2,30 @@
 //! attached to. This is the only module that talks to the kernel's BPF
 //! objects; everything it writes comes from `diff::MapOp`s.
 
-use std::{
-    collections::BTreeMap,
-    ffi::CString,
-    io,
-    net::Ipv4Addr,
-    os::{fd::AsFd, unix::ffi::OsStrExt},
-    path::{Path, PathBuf},
-    time::Duration,
-};
+mod hooks;
+mod pins;
+mod upkeep;
+
+pub use hooks::{Hook, PINS, Pin};
+pub use pins::{ensure_bpffs, links_dir, maps_dir, pinned_links, unpin_all};
+pub use upkeep::sum_traffic;
+
+use std::{collections::BTreeMap, io, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::FdLink,
-    },
+    programs::{CgroupSockAddr, SchedClassifier, Xdp, XdpMode},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Cidr, Config, CtKey, CtValue, LAYOUT_VERSION,
-    MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, SourceRange, Traffic, defaults, map_names,
-    program_names, stat,
+    AffinityKey, AffinityValue, Backend, Cidr, Config, CtKey, CtValue, MAX_SERVICE_CIDRS,
+    ServiceKey, ServiceValue, SourceRange, Traffic, defaults, map_names, program_names,
 };
 use thiserror::Error;
 
 use crate::{
+    contents::{MapContents, RangeEntry, addr_from_map, addr_to_map},
     diff::MapOp,
-    encode::{MapContents, RangeEntry, addr_from_map, addr_to_map},
     maglev::TableSpec,
     tables::MaglevTables,
 };
@@ -39,15 +35,12 @@ use crate::{
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KEP_BPF_OBJECT"));
 
 /// The cgroup socket hooks, all loaded with the object.
-const SOCK_PROGRAMS: [&str; 4] = [
+pub(super) const SOCK_PROGRAMS: [&str; 4] = [
     program_names::SOCK_CONNECT4,
     program_names::SOCK_SENDMSG4,
     program_names::SOCK_RECVMSG4,
     program_names::SOCK_GETPEERNAME4,
 ];
-
-/// `statfs(2)` magic of a bpffs mount.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, Clone)]
 pub struct DatapathConfig {
@@ -58,6 +51,8 @@ pub struct DatapathConfig {
     pub conntrack_max: u32,
     /// Frontends that can have a Maglev table.
     pub maglev_max: u32,
+    /// loadBalancerSourceRanges entries.
+    pub source_ranges_max: u32,
     /// Service CIDRs (address, prefix length): traffic to an address inside
     /// that is no cluster IP is dropped; at most `MAX_SERVICE_CIDRS`.
     pub service_cidrs: Vec<(Ipv4Addr, u8)>,
@@ -161,6 +156,7 @@ impl DatapathConfig {
             backends_max: defaults::BACKENDS_MAX,
             conntrack_max: defaults::CONNTRACK_MAX,
             maglev_max: defaults::MAGLEV_MAX,
+            source_ranges_max: defaults::SOURCE_RANGES_MAX,
             service_cidrs: vec![DEFAULT_SERVICE_CIDR],
             hairpin_addr: Some(DEFAULT_HAIRPIN_ADDR),
             timeouts: CtTimeouts::default(),
@@ -238,7 +234,7 @@ pub enum DatapathError {
     },
 }
 
-fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+pub(super) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map {
         name,
         source: Box::new(source),
@@ -252,27 +248,23 @@ pub struct FailedOp {
     pub error: MapError,
 }
 
-/// Which TC program an interface gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
-    /// A pod's veth: traffic from pods.
-    Pod,
-    /// The node's own interface: traffic from outside the node.
-    Node,
-}
-
-impl Hook {
-    fn program(self) -> &'static str {
-        match self {
-            Hook::Pod => program_names::TC_POD_INGRESS,
-            Hook::Node => program_names::TC_NODE_INGRESS,
+impl FailedOp {
+    /// The map and the flag that sizes it, when the write failed because
+    /// the map is full (a hash map answers E2BIG, an LPM trie ENOSPC).
+    pub fn full_map(&self) -> Option<(&'static str, &'static str)> {
+        let MapError::SyscallError(e) = &self.error else {
+            return None;
+        };
+        let errno = e.io_error.raw_os_error()?;
+        if errno != libc::E2BIG && errno != libc::ENOSPC {
+            return None;
         }
-    }
-
-    fn pin_name(self, iface: &str) -> String {
-        match self {
-            Hook::Pod => format!("tc-ingress-{iface}"),
-            Hook::Node => format!("tc-node-{iface}"),
+        match self.op {
+            MapOp::PutService(..) => Some((map_names::SERVICES, "--services-max")),
+            MapOp::PutBackend(..) => Some((map_names::BACKENDS, "--backends-max")),
+            MapOp::PutTable(..) => Some((map_names::MAGLEV, "--maglev-max")),
+            MapOp::PutSourceRange(..) => Some((map_names::SOURCE_RANGES, "--source-ranges-max")),
+            _ => None,
         }
     }
 }
@@ -304,31 +296,18 @@ pub struct Datapath {
     xdp: XdpSetting,
 }
 
-fn xdp_pin_name(iface: &str) -> String {
-    format!("xdp-{iface}")
-}
-
-/// The egress program's link on `iface` (pod and node interfaces alike).
-fn egress_pin_name(iface: &str) -> String {
-    format!("tc-egress-{iface}")
-}
-
-/// Where this layout's maps are pinned under the agent's bpffs directory.
-pub fn maps_dir(bpffs: &Path) -> PathBuf {
-    bpffs.join(format!("maps-v{LAYOUT_VERSION}"))
-}
-
-/// Where the agent pins its links, so the programs stay attached (and the
-/// datapath keeps serving) while no agent runs.
-pub fn links_dir(bpffs: &Path) -> PathBuf {
-    bpffs.join("links")
-}
-
 impl Datapath {
     /// Loads the embedded object, creating the maps under `cfg.bpffs` or
     /// adopting the ones already pinned there (a restarted agent keeps the
     /// previous contents, so it only rewrites what differs).
     pub fn load(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+        if BPF_OBJECT.is_empty() {
+            return Err(DatapathError::Settings(
+                "this agent was built without its eBPF object (run `cargo xtask build-ebpf`, \
+                 then build the agent again)"
+                    .into(),
+            ));
+        }
         let netns_cookie = current_netns_cookie().map_err(|source| {
             DatapathError::Settings(format!("reading this network namespace's cookie: {source}"))
         })?;
@@ -350,7 +329,8 @@ impl Datapath {
             .map_max_entries(map_names::SERVICES, cfg.services_max)
             .map_max_entries(map_names::BACKENDS, cfg.backends_max)
             .map_max_entries(map_names::CONNTRACK, cfg.conntrack_max)
-            .map_max_entries(map_names::MAGLEV, cfg.maglev_max);
+            .map_max_entries(map_names::MAGLEV, cfg.maglev_max)
+            .map_max_entries(map_names::SOURCE_RANGES, cfg.source_ranges_max);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -467,29 +447,11 @@ impl Datapath {
         self.tc_program(program_names::TC_EGRESS)
     }
 
-    fn tc_program(&mut self, name: &str) -> &mut SchedClassifier {
+    pub(super) fn tc_program(&mut self, name: &str) -> &mut SchedClassifier {
         self.ebpf
             .program_mut(name)
             .and_then(|p| p.try_into().ok())
             .expect("checked in load")
-    }
-
-    /// Sets the source address masqueraded external flows get (the node's
-    /// primary address); `None` makes such flows fail (counted).
-    pub fn set_node_addr(&mut self, addr: Option<Ipv4Addr>) -> Result<(), DatapathError> {
-        let node_addr = addr.map(addr_to_map).unwrap_or(0);
-        if self.settings.node_addr == node_addr {
-            return Ok(());
-        }
-        let settings = Config {
-            node_addr,
-            ..self.settings
-        };
-        self.config
-            .set(0, settings, 0)
-            .map_err(map_err(map_names::CONFIG))?;
-        self.settings = settings;
-        Ok(())
     }
 
     /// Makes the datapath's set of the node's own addresses `addrs` (every
@@ -515,96 +477,22 @@ impl Datapath {
         Ok(have.symmetric_difference(&want).count())
     }
 
-    /// Attaches the TC program of `hook` at ingress of `iface` (index
-    /// `ifindex`), and the egress program at its egress, each through a
-    /// pinned TCX link. A link pinned by an earlier agent is adopted: its
-    /// program is swapped for this one atomically, so traffic never sees a
-    /// gap. Attaching twice is a no-op.
-    pub fn attach(&mut self, iface: &str, ifindex: u32, hook: Hook) -> Result<(), DatapathError> {
-        if self.attached.get(iface) == Some(&(ifindex, hook)) {
+    /// Sets the source address masqueraded external flows get (the node's
+    /// primary address); `None` makes such flows fail (counted).
+    pub fn set_node_addr(&mut self, addr: Option<Ipv4Addr>) -> Result<(), DatapathError> {
+        let node_addr = addr.map(addr_to_map).unwrap_or(0);
+        if self.settings.node_addr == node_addr {
             return Ok(());
         }
-        let links = links_dir(&self.bpffs);
-        for (program, pin, direction) in [
-            (hook.program(), hook.pin_name(iface), TcAttachType::Ingress),
-            (
-                program_names::TC_EGRESS,
-                egress_pin_name(iface),
-                TcAttachType::Egress,
-            ),
-        ] {
-            self.attach_tc(iface, program, &links.join(pin), direction)
-                .map_err(|source| DatapathError::Attach {
-                    iface: iface.to_string(),
-                    source,
-                })?;
-        }
-        if hook == Hook::Node {
-            self.attach_xdp(iface);
-        }
-        self.attached.insert(iface.to_string(), (ifindex, hook));
+        let settings = Config {
+            node_addr,
+            ..self.settings
+        };
+        self.config
+            .set(0, settings, 0)
+            .map_err(map_err(map_names::CONFIG))?;
+        self.settings = settings;
         Ok(())
-    }
-
-    /// `program` at `direction` of `iface` through the TCX link pinned at
-    /// `pin`: adopted when an earlier agent left one, else made and pinned.
-    fn attach_tc(
-        &mut self,
-        iface: &str,
-        program: &str,
-        pin: &Path,
-        direction: TcAttachType,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let prog = self.tc_program(program);
-        if !adopt_link(pin, prog.fd()?.as_fd()) {
-            let id = prog.attach(iface, direction)?;
-            pin_link(prog.take_link(id)?, pin)?;
-        }
-        Ok(())
-    }
-
-    /// The XDP fast path on a node interface, in the first mode of
-    /// [`XdpSetting::modes`] the kernel accepts; a fallback or a failure is
-    /// a warning, never fatal: the TC program, attached first, serves the
-    /// interface alone.
-    fn attach_xdp(&mut self, iface: &str) {
-        let pin = links_dir(&self.bpffs).join(xdp_pin_name(iface));
-        let (modes, why) = self.xdp.modes(iface);
-        if modes.is_empty() {
-            // An earlier agent's fast path goes with the setting.
-            if std::fs::remove_file(&pin).is_ok() {
-                tracing::info!(iface, "XDP fast path detached ({why})");
-            } else {
-                tracing::info!(iface, "no XDP fast path ({why})");
-            }
-            return;
-        }
-        let prog = self.xdp_program();
-        if let Ok(fd) = prog.fd()
-            && adopt_link(&pin, fd.as_fd())
-        {
-            return;
-        }
-        let mut failures = Vec::new();
-        for &(mode, name) in modes {
-            let attached = prog
-                .attach(iface, mode)
-                .map_err(|e| e.to_string())
-                .and_then(|id| prog.take_link(id).map_err(|e| e.to_string()))
-                .and_then(|link| pin_link(link, &pin).map_err(|e| e.to_string()));
-            match attached {
-                Ok(()) if failures.is_empty() => {
-                    tracing::info!(iface, mode = name, "XDP fast path attached ({why})");
-                    return;
-                }
-                Ok(()) => {
-                    tracing::warn!(iface, mode = name, refused = %failures.join("; "), "XDP fast path attached in a fallback mode");
-                    return;
-                }
-                Err(e) => failures.push(format!("{name}: {e}")),
-            }
-        }
-        tracing::warn!(iface, errors = %failures.join("; "), "no XDP fast path: the TC program serves this interface alone");
     }
 
     /// The node interfaces' XDP program, for attaching elsewhere or
@@ -614,131 +502,6 @@ impl Datapath {
             .program_mut(program_names::XDP_NODE)
             .and_then(|p| p.try_into().ok())
             .expect("loaded in Datapath::load")
-    }
-
-    /// Attaches the socket hooks to the cgroup v2 directory `path`: every
-    /// process below it, in this network namespace, reaches Services by
-    /// socket-level translation.
-    pub fn attach_cgroup(&mut self, path: &Path) -> Result<(), DatapathError> {
-        let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::AttachCgroup {
-            path: path.to_path_buf(),
-            source,
-        };
-        let cgroup = std::fs::File::open(path).map_err(|e| err(Box::new(e)))?;
-        // One pin per program and cgroup: a different cgroup next time is
-        // attached afresh, not confused with this one.
-        let tag: String = path
-            .to_string_lossy()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        let links = links_dir(&self.bpffs);
-        for name in SOCK_PROGRAMS {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .and_then(|p| p.try_into().ok())
-                .expect("checked in load");
-            let pin = links.join(format!("cgroup-{name}-{tag}"));
-            if adopt_link(&pin, prog.fd().map_err(|e| err(Box::new(e)))?.as_fd()) {
-                continue;
-            }
-            // aya attaches through a BPF link where the kernel has them; a
-            // link takes no attach flags (EINVAL otherwise) and never evicts
-            // other programs (a CNI's) from the cgroup.
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| err(Box::new(e)))?;
-            let link = prog.take_link(id).map_err(|e| err(Box::new(e)))?;
-            pin_link(link, &pin).map_err(err)?;
-        }
-        Ok(())
-    }
-
-    /// Whether `iface` with index `ifindex` runs this process's program of
-    /// `hook`.
-    pub fn is_attached(&self, iface: &str, ifindex: u32, hook: Hook) -> bool {
-        self.attached.get(iface) == Some(&(ifindex, hook))
-    }
-
-    /// Forgets interfaces whose pinned link was detached behind the agent's
-    /// back (`bpftool link detach`, another tool), so the next scan attaches
-    /// them again. Returns their names.
-    pub fn forget_detached(&mut self) -> Vec<String> {
-        let links = links_dir(&self.bpffs);
-        let dead: Vec<(String, Hook)> = self
-            .attached
-            .iter()
-            .filter(|(iface, (_, hook))| {
-                let live = |pin: String| matches!(link_ifindex(&links.join(pin)), Ok(Some(_)));
-                // A node interface's XDP link counts too, when there is one.
-                let xdp = xdp_pin_name(iface);
-                !live(hook.pin_name(iface))
-                    || !live(egress_pin_name(iface))
-                    || (*hook == Hook::Node && links.join(&xdp).exists() && !live(xdp))
-            })
-            .map(|(iface, (_, hook))| (iface.clone(), *hook))
-            .collect();
-        for (iface, hook) in &dead {
-            self.attached.remove(iface);
-            for pin in [
-                hook.pin_name(iface),
-                egress_pin_name(iface),
-                xdp_pin_name(iface),
-            ] {
-                let _ = std::fs::remove_file(links.join(pin));
-            }
-        }
-        dead.into_iter().map(|(iface, _)| iface).collect()
-    }
-
-    /// Forgets interfaces that no longer exist, or exist under a new index
-    /// (a pod went away, maybe another came under the same name): their TCX
-    /// links died with them, and their pins are removed, so the new
-    /// interface is attached afresh.
-    pub fn forget_missing(&mut self, present: &[(String, u32)]) -> Vec<String> {
-        let gone: Vec<(String, Hook)> = self
-            .attached
-            .iter()
-            .filter(|(name, (index, _))| !present.iter().any(|(n, i)| n == *name && i == index))
-            .map(|(name, (_, hook))| (name.clone(), *hook))
-            .collect();
-        for (iface, hook) in &gone {
-            self.attached.remove(iface);
-            if *hook == Hook::Node {
-                // Its XDP link died with the interface too.
-                let _ = std::fs::remove_file(links_dir(&self.bpffs).join(xdp_pin_name(iface)));
-            }
-            for pin in [hook.pin_name(iface), egress_pin_name(iface)] {
-                let pin = links_dir(&self.bpffs).join(pin);
-                if let Err(e) = std::fs::remove_file(&pin)
-                    && e.kind() != io::ErrorKind::NotFound
-                {
-                    tracing::warn!(pin = %pin.display(), error = %e, "removing a dead link's pin");
-                }
-            }
-        }
-        gone.into_iter().map(|(iface, _)| iface).collect()
-    }
-
-    /// Removes the maps of older layout versions. Call once this agent's
-    /// programs are attached everywhere: until then, old programs still
-    /// read them.
-    pub fn retire_old_layouts(&self) -> io::Result<Vec<PathBuf>> {
-        let current = maps_dir(&self.bpffs);
-        let mut retired = Vec::new();
-        for entry in std::fs::read_dir(&self.bpffs)? {
-            let path = entry?.path();
-            let is_layout = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("maps-v"));
-            if is_layout && path != current {
-                remove_pins(&path)?;
-                retired.push(path);
-            }
-        }
-        Ok(retired)
     }
 
     /// `svc_id`'s Maglev table as the datapath has it (backend id by
@@ -756,15 +519,17 @@ impl Datapath {
 
     /// Reads the service and backend maps back from the kernel.
     pub fn read_contents(&self) -> Result<MapContents, DatapathError> {
-        let mut contents = MapContents::default();
-        for item in self.services.iter() {
-            let (k, v) = item.map_err(map_err(map_names::SERVICES))?;
-            contents.services.insert(k, v);
-        }
-        for item in self.backends.iter() {
-            let (k, v) = item.map_err(map_err(map_names::BACKENDS))?;
-            contents.backends.insert(k, v);
-        }
+        let mut contents = MapContents {
+            services: read_hash(&self.services)
+                .map_err(map_err(map_names::SERVICES))?
+                .into_iter()
+                .collect(),
+            backends: read_hash(&self.backends)
+                .map_err(map_err(map_names::BACKENDS))?
+                .into_iter()
+                .collect(),
+            ..MapContents::default()
+        };
         contents.tables = self
             .tables
             .read_all(&self.live.tables)
@@ -868,95 +633,85 @@ impl Datapath {
         }
         failed
     }
+}
 
-    /// Datapath counters summed over CPUs, indexed by `proxy_common::stat`.
-    pub fn stats(&self) -> Result<[u64; stat::COUNT as usize], DatapathError> {
-        sum_stats(&self.stats)
-    }
-
-    /// Packets and bytes per frontend (svc id) and per backend id, summed
-    /// over CPUs.
-    pub fn traffic(&self) -> (BTreeMap<u32, Traffic>, BTreeMap<u32, Traffic>) {
-        (
-            sum_traffic(&self.svc_traffic),
-            sum_traffic(&self.backend_traffic),
-        )
-    }
-
-    /// Every conntrack entry (for inspection and tests).
-    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
-        self.conntrack
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map_names::CONNTRACK))
-    }
-
-    /// Deletes conntrack entries idle past their timeout (the datapath
-    /// already ignores them; this frees their space). Returns how many.
-    pub fn collect_conntrack(&mut self) -> Result<usize, DatapathError> {
-        let now = monotonic_ns();
-        let settings = self.settings;
-        self.delete_conntrack(|k, v| v.expired(k, &settings, now))
-    }
-
-    /// Deletes at once the UDP flows of backends that were removed, so a
-    /// client's next datagram is balanced to a live endpoint (kube-proxy's
-    /// UDP stale-flow cleanup; stale UDP state is what black-holes DNS).
-    /// TCP flows are left to end or expire. Returns how many entries.
-    pub fn forget_udp_backends(&mut self, gone: &[Backend]) -> Result<usize, DatapathError> {
-        let gone: Vec<&Backend> = gone
-            .iter()
-            .filter(|b| b.proto == proxy_common::proto::UDP)
-            .collect();
-        if gone.is_empty() {
-            return Ok(0);
+/// Every entry of a hash map (LRU too), read `BATCH` at a time with
+/// `BPF_MAP_LOOKUP_BATCH` (one syscall per batch instead of two per entry:
+/// what makes re-reading 150,000 services-map entries at every resync
+/// cheap), or entry by entry where the kernel has no batch lookup.
+pub(crate) fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
+    map: &HashMap<MapData, K, V>,
+) -> Result<Vec<(K, V)>, MapError> {
+    match lookup_batch(map) {
+        Ok(entries) => Ok(entries),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)
+            ) =>
+        {
+            map.iter().collect()
         }
-        self.delete_conntrack(|k, v| {
-            gone.iter().any(|b| {
-                k.proto == b.proto
-                    && if v.is_reply() {
-                        k.saddr == b.addr && k.sport == b.port
-                    } else {
-                        v.nat_addr == b.addr && v.nat_port == b.port
-                    }
-            })
-        })
+        Err(e) => Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error: e,
+        })),
     }
+}
 
-    /// Deletes session-affinity entries that no longer hold: the frontend
-    /// is gone or lost its affinity, or the endpoint left it (the datapath
-    /// only checks that the backend still exists somewhere). Returns how
-    /// many.
-    pub fn prune_affinity(&mut self) -> Result<usize, DatapathError> {
-        let mut valid: std::collections::HashMap<u32, std::collections::HashSet<u32>> =
-            std::collections::HashMap::new();
-        for (key, value) in &self.live.services {
-            if key.slot == 0 && value.affinity_timeout_s != 0 {
-                let backends = (1..=value.count)
-                    .filter_map(|slot| self.live.services.get(&key.with_slot(slot)))
-                    .map(|v| v.backend_id)
-                    .collect();
-                valid.insert(value.svc_id, backends);
-            }
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// The kernel's internal "not supported", which BPF commands let through.
+const ENOTSUPP: i32 = 524;
+/// Entries asked for per batch; a hash bucket never holds more.
+const BATCH: usize = 4096;
+
+fn lookup_batch<K: aya::Pod + Default, V: aya::Pod + Default>(
+    map: &HashMap<MapData, K, V>,
+) -> io::Result<Vec<(K, V)>> {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    // The leading fields of `union bpf_attr` for the batch commands.
+    #[repr(C)]
+    struct Batch {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let fd = map.map().fd().as_fd().as_raw_fd() as u32;
+    let mut keys = vec![K::default(); BATCH];
+    let mut values = vec![V::default(); BATCH];
+    // A hash map's cursor is a bucket index.
+    let mut cursor: [u64; 1] = [0];
+    let mut next: [u64; 1] = [0];
+    let mut out = Vec::new();
+    let mut first = true;
+    loop {
+        let mut attr = Batch {
+            in_batch: if first { 0 } else { cursor.as_mut_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let result = pins::bpf_syscall_mut(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = attr.count as usize;
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match result {
+            Ok(_) => {}
+            // The end of the map (with the last entries already counted).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
         }
-        Ok(delete_where(&mut self.affinity, |k, v| {
-            !valid
-                .get(&k.svc_id)
-                .is_some_and(|b| b.contains(&v.backend_id))
-        }))
-    }
-
-    /// Deletes every conntrack entry: established flows are chosen anew at
-    /// their next packet (for tests and benchmarks that need a clean table).
-    pub fn flush_conntrack(&mut self) -> Result<usize, DatapathError> {
-        self.delete_conntrack(|_, _| true)
-    }
-
-    fn delete_conntrack(
-        &mut self,
-        doomed: impl Fn(&CtKey, &CtValue) -> bool,
-    ) -> Result<usize, DatapathError> {
-        Ok(delete_where(&mut self.conntrack, doomed))
+        cursor = next;
+        first = false;
     }
 }
 
@@ -972,37 +727,6 @@ fn range_key(r: &RangeEntry) -> lpm_trie::Key<SourceRange> {
     )
 }
 
-/// Deletes the entries of `map` that `doomed` picks; returns how many went.
-/// An entry already gone (LRU eviction, a concurrent delete) is fine.
-fn delete_where<K: aya::Pod, V: aya::Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    doomed: impl Fn(&K, &V) -> bool,
-) -> usize {
-    let keys: Vec<K> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(k, v)| doomed(k, v))
-        .map(|(k, _)| k)
-        .collect();
-    keys.iter()
-        .filter(|key| ignore_missing(map.remove(key)).is_ok())
-        .count()
-}
-
-/// A per-CPU traffic map's entries, summed over CPUs.
-pub fn sum_traffic(map: &PerCpuHashMap<MapData, u32, Traffic>) -> BTreeMap<u32, Traffic> {
-    map.iter()
-        .filter_map(Result::ok)
-        .map(|(id, per_cpu)| {
-            let total = per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
-                packets: a.packets + t.packets,
-                bytes: a.bytes + t.bytes,
-            });
-            (id, total)
-        })
-        .collect()
-}
-
 fn take_traffic(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -1011,19 +735,6 @@ fn take_traffic(
         .ok_or(DatapathError::MissingMap(name))?
         .try_into()
         .map_err(map_err(name))
-}
-
-fn sum_stats(
-    stats: &PerCpuArray<MapData, u64>,
-) -> Result<[u64; stat::COUNT as usize], DatapathError> {
-    let mut out = [0u64; stat::COUNT as usize];
-    for (i, slot) in out.iter_mut().enumerate() {
-        let per_cpu = stats
-            .get(&(i as u32), 0)
-            .map_err(map_err(map_names::STATS))?;
-        *slot = per_cpu.iter().sum();
-    }
-    Ok(out)
 }
 
 /// Loads program `name` of type `P` into the kernel (aya gives the types'
@@ -1065,243 +776,12 @@ fn take_map<K: aya::Pod, V: aya::Pod>(
 }
 
 /// Deleting what is already gone is success: the goal state is reached.
-fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+pub(super) fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
     }
-}
-
-/// Makes sure `dir` exists on a bpffs mount, mounting bpffs on its parent
-/// when that parent is not one yet (a fresh node, or a container without the
-/// host's /sys/fs/bpf).
-pub fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
-    let err = |source| DatapathError::Bpffs {
-        path: dir.to_path_buf(),
-        source,
-    };
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    if !is_bpffs(parent).map_err(err)? {
-        std::fs::create_dir_all(parent).map_err(err)?;
-        mount_bpffs(parent).map_err(err)?;
-        tracing::info!(path = %parent.display(), "mounted bpffs");
-    }
-    std::fs::create_dir_all(dir).map_err(err)
-}
-
-fn is_bpffs(path: &Path) -> io::Result<bool> {
-    let c = CString::new(path.as_os_str().as_bytes())?;
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::NotFound {
-            Ok(false)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
-}
-
-fn mount_bpffs(path: &Path) -> io::Result<()> {
-    let target = CString::new(path.as_os_str().as_bytes())?;
-    let fstype = c"bpf";
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Removes everything the agent pinned under `dir` (links first, so the
-/// programs detach, then every layout's maps), and `dir` itself once empty.
-/// Only names the agent creates are touched, so a `--bpffs` pointing at a
-/// shared directory loses nothing else. Idempotent.
-pub fn unpin_all(dir: &Path) -> io::Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    let mut layouts = Vec::new();
-    for entry in entries {
-        let path = entry?.path();
-        match path.file_name().and_then(|n| n.to_str()) {
-            Some(n) if n.starts_with("maps-v") => layouts.push(path),
-            _ => {}
-        }
-    }
-    remove_pins(&links_dir(dir))?;
-    for layout in layouts {
-        remove_pins(&layout)?;
-    }
-    match std::fs::remove_dir(dir) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// Unpins the agent's objects in one of its directories (links, or one
-/// layout's maps), then removes the directory.
-fn remove_pins(dir: &Path) -> io::Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let path = entry?.path();
-        let ours = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-            ["tc-ingress-", "tc-node-", "tc-egress-", "xdp-", "cgroup-"]
-                .iter()
-                .any(|prefix| n.starts_with(prefix))
-                || map_names::ALL.contains(&n)
-        });
-        if ours {
-            std::fs::remove_file(&path)?;
-        }
-    }
-    match std::fs::remove_dir(dir) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// Pins a link just made (a TCX or cgroup link) at `pin`, so it outlives this
-/// process and the next agent can adopt it.
-fn pin_link<L>(link: L, pin: &Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
-{
-    let link = FdLink::try_from(link)?;
-    link.pin(pin)?;
-    Ok(())
-}
-
-/// Adopts the link pinned at `pin` by pointing it at `prog` (the kernel's
-/// BPF_LINK_UPDATE swaps the program atomically, so packets never see a
-/// moment without one). `false` when there is nothing to adopt: no pin, or a
-/// pin whose link is defunct (its interface is gone), which is removed so a
-/// fresh attach can take its place.
-fn adopt_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> bool {
-    if !pin.exists() {
-        return false;
-    }
-    match update_pinned_link(pin, prog) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(pin = %pin.display(), error = %e, "pinned link not adoptable; attaching afresh");
-            let _ = std::fs::remove_file(pin);
-            false
-        }
-    }
-}
-
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-
-/// The link pinned at `pin`, opened.
-fn open_pinned_link(pin: &Path) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // The leading fields of `union bpf_attr` for BPF_OBJ_GET; the kernel
-    // zero-fills the rest.
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let path = CString::new(pin.as_os_str().as_bytes())?;
-    let get = ObjGet {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    let fd = bpf_syscall(BPF_OBJ_GET, &get)?;
-    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// The agent's pinned links (TC and XDP hooks) by pin name, with the
-/// interface each runs on (`None`: detached, its interface gone).
-pub fn pinned_links(bpffs: &Path) -> io::Result<BTreeMap<String, Option<u32>>> {
-    let mut links = BTreeMap::new();
-    for entry in std::fs::read_dir(links_dir(bpffs))? {
-        let entry = entry?;
-        let ifindex = link_ifindex(&entry.path()).unwrap_or(None);
-        links.insert(entry.file_name().to_string_lossy().into_owned(), ifindex);
-    }
-    Ok(links)
-}
-
-/// The interface a pinned TCX or XDP link is attached to; `None` once it
-/// has been detached (the kernel reports ifindex 0 for a defunct link).
-fn link_ifindex(pin: &Path) -> io::Result<Option<u32>> {
-    use std::os::fd::AsRawFd;
-    let link = open_pinned_link(pin)?;
-    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the
-    // per-type union, whose tcx and xdp members start with the ifindex.
-    let mut info = [0u64; 16];
-    #[repr(C)]
-    struct InfoByFd {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let attr = InfoByFd {
-        bpf_fd: link.as_raw_fd() as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
-    let ifindex = (info[2] & 0xffff_ffff) as u32;
-    Ok((ifindex != 0).then_some(ifindex))
-}
-
-fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    #[repr(C)]
-    struct LinkUpdate {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-    let link = open_pinned_link(pin)?;
-    let update = LinkUpdate {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: prog.as_raw_fd() as u32,
-        flags: 0,
-        old_prog_fd: 0,
-    };
-    bpf_syscall(BPF_LINK_UPDATE, &update).map(|_| ())
-}
-
-/// `bpf(cmd, attr, sizeof attr)`; `attr` is the leading part of the
-/// command's `union bpf_attr` (the kernel zero-fills the rest).
-pub(crate) fn bpf_syscall<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *const T,
-            std::mem::size_of::<T>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(rc)
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14): the cookie `bpf_get_netns_cookie` returns

@@ -1,0 +1,312 @@
+//! Where the programs run, and the one naming scheme of their pinned links.
+//!
+//! Every link the agent makes is pinned under `links/` with a name from
+//! [`PINS`]: attach, adopt, forget, `status` and `cleanup` all go through
+//! [`Pin::pin_name`] and [`Pin::parse`], so a new kind of hook is one more
+//! row of that table and every one of them knows it at once.
+
+use std::{io, os::fd::AsFd, path::Path};
+
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, TcAttachType};
+use proxy_common::program_names;
+
+use super::{
+    Datapath, DatapathError, SOCK_PROGRAMS,
+    pins::{adopt_link, link_ifindex, links_dir, pin_link},
+};
+
+/// One kind of pinned link: what it attaches and how its pin is named
+/// (`<prefix><interface>`, or `<prefix><program>-<cgroup tag>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pin {
+    /// `kep_tc_ingress` at TC ingress of a pod-facing interface.
+    TcPod,
+    /// `kep_tc_node` at TC ingress of a node interface.
+    TcNode,
+    /// `kep_tc_egress` at TC egress of a pod or node interface (what the
+    /// node itself sends: a host endpoint's replies, its ICMP errors).
+    TcEgress,
+    /// `kep_xdp_node` on a node interface.
+    XdpNode,
+    /// One of the socket programs on a cgroup.
+    Cgroup,
+}
+
+/// Every kind of pin and its name prefix. No prefix is a prefix of another,
+/// so a name parses one way.
+pub const PINS: [(Pin, &str); 5] = [
+    (Pin::TcPod, "tc-ingress-"),
+    (Pin::TcNode, "tc-node-"),
+    (Pin::TcEgress, "tc-egress-"),
+    (Pin::XdpNode, "xdp-"),
+    (Pin::Cgroup, "cgroup-"),
+];
+
+impl Pin {
+    fn prefix(self) -> &'static str {
+        PINS.iter()
+            .find(|(pin, _)| *pin == self)
+            .map(|(_, prefix)| *prefix)
+            .expect("every pin kind has a row in PINS")
+    }
+
+    /// The pin's file name for `what` (an interface, or program and cgroup).
+    pub fn pin_name(self, what: &str) -> String {
+        format!("{}{what}", self.prefix())
+    }
+
+    /// The kind and subject of a pin's file name; `None` for a name the
+    /// agent never makes (which `cleanup` then leaves alone).
+    pub fn parse(name: &str) -> Option<(Pin, &str)> {
+        PINS.iter()
+            .find_map(|(pin, prefix)| name.strip_prefix(prefix).map(|rest| (*pin, rest)))
+            .filter(|(_, rest)| !rest.is_empty())
+    }
+}
+
+/// Which programs an interface gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// A pod's veth: traffic from pods.
+    Pod,
+    /// The node's own interface: traffic from outside the node (TC, and
+    /// XDP in front of it when the mode allows).
+    Node,
+}
+
+impl Hook {
+    pub(super) fn program(self) -> &'static str {
+        match self {
+            Hook::Pod => program_names::TC_POD_INGRESS,
+            Hook::Node => program_names::TC_NODE_INGRESS,
+        }
+    }
+
+    /// The TC link's pin kind.
+    fn tc(self) -> Pin {
+        match self {
+            Hook::Pod => Pin::TcPod,
+            Hook::Node => Pin::TcNode,
+        }
+    }
+
+    /// Every pin an interface with this hook may have.
+    fn pins(self) -> &'static [Pin] {
+        match self {
+            Hook::Pod => &[Pin::TcPod, Pin::TcEgress],
+            Hook::Node => &[Pin::TcNode, Pin::TcEgress, Pin::XdpNode],
+        }
+    }
+}
+
+impl Datapath {
+    /// Attaches the TC program of `hook` at ingress of `iface` (index
+    /// `ifindex`), and the egress program at its egress, each through a
+    /// pinned TCX link. A link pinned by an earlier agent is adopted: its
+    /// program is swapped for this one atomically, so traffic never sees a
+    /// gap. Attaching twice is a no-op.
+    pub fn attach(&mut self, iface: &str, ifindex: u32, hook: Hook) -> Result<(), DatapathError> {
+        if self.attached.get(iface) == Some(&(ifindex, hook)) {
+            return Ok(());
+        }
+        let links = links_dir(&self.bpffs);
+        for (program, pin, direction) in [
+            (hook.program(), hook.tc(), TcAttachType::Ingress),
+            (
+                program_names::TC_EGRESS,
+                Pin::TcEgress,
+                TcAttachType::Egress,
+            ),
+        ] {
+            self.attach_tc(iface, program, &links.join(pin.pin_name(iface)), direction)
+                .map_err(|source| DatapathError::Attach {
+                    iface: iface.to_string(),
+                    source,
+                })?;
+        }
+        if hook == Hook::Node {
+            self.attach_xdp(iface);
+        }
+        self.attached.insert(iface.to_string(), (ifindex, hook));
+        Ok(())
+    }
+
+    /// `program` at `direction` of `iface` through the TCX link pinned at
+    /// `pin`: adopted when an earlier agent left one, else made and pinned.
+    fn attach_tc(
+        &mut self,
+        iface: &str,
+        program: &str,
+        pin: &Path,
+        direction: TcAttachType,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let prog = self.tc_program(program);
+        if !adopt_link(pin, prog.fd()?.as_fd()) {
+            let id = prog.attach(iface, direction)?;
+            pin_link(prog.take_link(id)?, pin)?;
+        }
+        Ok(())
+    }
+
+    /// The XDP fast path on a node interface, in the first mode of
+    /// [`XdpSetting::modes`] the kernel accepts; a fallback or a failure is
+    /// a warning, never fatal: the TC program, attached first, serves the
+    /// interface alone.
+    fn attach_xdp(&mut self, iface: &str) {
+        let pin = links_dir(&self.bpffs).join(Pin::XdpNode.pin_name(iface));
+        let (modes, why) = self.xdp.modes(iface);
+        if modes.is_empty() {
+            // An earlier agent's fast path goes with the setting.
+            if std::fs::remove_file(&pin).is_ok() {
+                tracing::info!(iface, "XDP fast path detached ({why})");
+            } else {
+                tracing::info!(iface, "no XDP fast path ({why})");
+            }
+            return;
+        }
+        let prog = self.xdp_program();
+        if let Ok(fd) = prog.fd()
+            && adopt_link(&pin, fd.as_fd())
+        {
+            return;
+        }
+        let mut failures = Vec::new();
+        for &(mode, name) in modes {
+            let attached = prog
+                .attach(iface, mode)
+                .map_err(|e| e.to_string())
+                .and_then(|id| prog.take_link(id).map_err(|e| e.to_string()))
+                .and_then(|link| pin_link(link, &pin).map_err(|e| e.to_string()));
+            match attached {
+                Ok(()) if failures.is_empty() => {
+                    tracing::info!(iface, mode = name, "XDP fast path attached ({why})");
+                    return;
+                }
+                Ok(()) => {
+                    tracing::warn!(iface, mode = name, refused = %failures.join("; "), "XDP fast path attached in a fallback mode");
+                    return;
+                }
+                Err(e) => failures.push(format!("{name}: {e}")),
+            }
+        }
+        tracing::warn!(iface, errors = %failures.join("; "), "no XDP fast path: the TC program serves this interface alone");
+    }
+
+    /// Attaches the socket hooks to the cgroup v2 directory `path`: every
+    /// process below it, in this network namespace, reaches Services by
+    /// socket-level translation.
+    pub fn attach_cgroup(&mut self, path: &Path) -> Result<(), DatapathError> {
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::AttachCgroup {
+            path: path.to_path_buf(),
+            source,
+        };
+        let cgroup = std::fs::File::open(path).map_err(|e| err(Box::new(e)))?;
+        // One pin per program and cgroup: a different cgroup next time is
+        // attached afresh, not confused with this one.
+        let tag: String = path
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let links = links_dir(&self.bpffs);
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .expect("checked in load");
+            let pin = links.join(Pin::Cgroup.pin_name(&format!("{name}-{tag}")));
+            if adopt_link(&pin, prog.fd().map_err(|e| err(Box::new(e)))?.as_fd()) {
+                continue;
+            }
+            // aya attaches through a BPF link where the kernel has them; a
+            // link takes no attach flags (EINVAL otherwise) and never evicts
+            // other programs (a CNI's) from the cgroup.
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| err(Box::new(e)))?;
+            let link = prog.take_link(id).map_err(|e| err(Box::new(e)))?;
+            pin_link(link, &pin).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `iface` with index `ifindex` runs this process's program of
+    /// `hook`.
+    pub fn is_attached(&self, iface: &str, ifindex: u32, hook: Hook) -> bool {
+        self.attached.get(iface) == Some(&(ifindex, hook))
+    }
+
+    /// Forgets interfaces whose pinned link was detached behind the agent's
+    /// back (`bpftool link detach`, another tool), so the next scan attaches
+    /// them again. Returns their names.
+    pub fn forget_detached(&mut self) -> Vec<String> {
+        let links = links_dir(&self.bpffs);
+        let dead: Vec<(String, Hook)> = self
+            .attached
+            .iter()
+            .filter(|(iface, (_, hook))| {
+                // The TC link must run; an XDP link counts when there is one
+                // (the mode may have left it out).
+                hook.pins().iter().any(|pin| {
+                    let path = links.join(pin.pin_name(iface));
+                    let optional = *pin == Pin::XdpNode && !path.exists();
+                    !optional && !matches!(link_ifindex(&path), Ok(Some(_)))
+                })
+            })
+            .map(|(iface, (_, hook))| (iface.clone(), *hook))
+            .collect();
+        for (iface, hook) in &dead {
+            self.attached.remove(iface);
+            self.unpin_hook(iface, *hook);
+        }
+        dead.into_iter().map(|(iface, _)| iface).collect()
+    }
+
+    /// Removes every pin of `iface`'s hook; the links die with their last
+    /// reference.
+    fn unpin_hook(&self, iface: &str, hook: Hook) {
+        for pin in hook.pins() {
+            let path = links_dir(&self.bpffs).join(pin.pin_name(iface));
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(pin = %path.display(), error = %e, "removing a dead link's pin");
+            }
+        }
+    }
+
+    /// Forgets interfaces that no longer exist, or exist under a new index
+    /// (a pod went away, maybe another came under the same name): their TCX
+    /// links died with them, and their pins are removed, so the new
+    /// interface is attached afresh.
+    pub fn forget_missing(&mut self, present: &[(String, u32)]) -> Vec<String> {
+        let gone: Vec<(String, Hook)> = self
+            .attached
+            .iter()
+            .filter(|(name, (index, _))| !present.iter().any(|(n, i)| n == *name && i == index))
+            .map(|(name, (_, hook))| (name.clone(), *hook))
+            .collect();
+        for (iface, hook) in &gone {
+            self.attached.remove(iface);
+            self.unpin_hook(iface, *hook);
+        }
+        gone.into_iter().map(|(iface, _)| iface).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pin_name_parses_back_to_its_kind() {
+        for (pin, _) in PINS {
+            let name = pin.pin_name("eth0");
+            assert_eq!(Pin::parse(&name), Some((pin, "eth0")), "{name}");
+        }
+        for other in ["kep_services", "tc-ingress-", "README", "tcx-eth0"] {
+            assert_eq!(Pin::parse(other), None, "{other}");
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The agent's bpffs directory: where maps and links are pinned, mounting
+//! bpffs when needed, adopting and reading pinned links, and removing
+//! exactly what the agent pinned (`cleanup`, older layouts).
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    io,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::links::FdLink;
+use proxy_common::{LAYOUT_VERSION, map_names};
+
+use super::{Datapath, DatapathError, hooks::Pin};
+
+/// `statfs(2)` magic of a bpffs mount.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where this layout's maps are pinned under the agent's bpffs directory.
+pub fn maps_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join(format!("maps-v{LAYOUT_VERSION}"))
+}
+
+/// Where the agent pins its links, so the programs stay attached (and the
+/// datapath keeps serving) while no agent runs.
+pub fn links_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("links")
+}
+
+/// Makes sure `dir` exists on a bpffs mount, mounting bpffs on its parent
+/// when that parent is not one yet (a fresh node, or a container without the
+/// host's /sys/fs/bpf).
+pub fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    let err = |source| DatapathError::Bpffs {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    if !is_bpffs(parent).map_err(err)? {
+        std::fs::create_dir_all(parent).map_err(err)?;
+        mount_bpffs(parent).map_err(err)?;
+        tracing::info!(path = %parent.display(), "mounted bpffs");
+    }
+    std::fs::create_dir_all(dir).map_err(err)
+}
+
+fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::NotFound {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+fn mount_bpffs(path: &Path) -> io::Result<()> {
+    let target = CString::new(path.as_os_str().as_bytes())?;
+    let fstype = c"bpf";
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes everything the agent pinned under `dir` (links first, so the
+/// programs detach, then every layout's maps), and `dir` itself once empty.
+/// Only names the agent creates are touched, so a `--bpffs` pointing at a
+/// shared directory loses nothing else. Idempotent.
+pub fn unpin_all(dir: &Path) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut layouts = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        match path.file_name().and_then(|n| n.to_str()) {
+            Some(n) if n.starts_with("maps-v") => layouts.push(path),
+            _ => {}
+        }
+    }
+    remove_pins(&links_dir(dir))?;
+    for layout in layouts {
+        remove_pins(&layout)?;
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Unpins the agent's objects in one of its directories (links, or one
+/// layout's maps), then removes the directory.
+pub(super) fn remove_pins(dir: &Path) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let ours = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| Pin::parse(n).is_some() || map_names::ALL.contains(&n));
+        if ours {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Pins a link just made (a TCX or cgroup link) at `pin`, so it outlives this
+/// process and the next agent can adopt it.
+pub(super) fn pin_link<L>(
+    link: L,
+    pin: &Path,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    let link = FdLink::try_from(link)?;
+    link.pin(pin)?;
+    Ok(())
+}
+
+/// Adopts the link pinned at `pin` by pointing it at `prog` (the kernel's
+/// BPF_LINK_UPDATE swaps the program atomically, so packets never see a
+/// moment without one). `false` when there is nothing to adopt: no pin, or a
+/// pin whose link is defunct (its interface is gone), which is removed so a
+/// fresh attach can take its place.
+pub(super) fn adopt_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> bool {
+    if !pin.exists() {
+        return false;
+    }
+    match update_pinned_link(pin, prog) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(pin = %pin.display(), error = %e, "pinned link not adoptable; attaching afresh");
+            let _ = std::fs::remove_file(pin);
+            false
+        }
+    }
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// The link pinned at `pin`, opened.
+pub(super) fn open_pinned_link(pin: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // The leading fields of `union bpf_attr` for BPF_OBJ_GET; the kernel
+    // zero-fills the rest.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let path = CString::new(pin.as_os_str().as_bytes())?;
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf_syscall(BPF_OBJ_GET, &get)?;
+    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The agent's pinned links (TC and XDP hooks) by pin name, with the
+/// interface each runs on (`None`: detached, its interface gone).
+pub fn pinned_links(bpffs: &Path) -> io::Result<BTreeMap<String, Option<u32>>> {
+    let mut links = BTreeMap::new();
+    for entry in std::fs::read_dir(links_dir(bpffs))? {
+        let entry = entry?;
+        let ifindex = link_ifindex(&entry.path()).unwrap_or(None);
+        links.insert(entry.file_name().to_string_lossy().into_owned(), ifindex);
+    }
+    Ok(links)
+}
+
+/// The interface a pinned TCX or XDP link is attached to; `None` once it
+/// has been detached (the kernel reports ifindex 0 for a defunct link).
+pub(super) fn link_ifindex(pin: &Path) -> io::Result<Option<u32>> {
+    use std::os::fd::AsRawFd;
+    let link = open_pinned_link(pin)?;
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the
+    // per-type union, whose tcx and xdp members start with the ifindex.
+    let mut info = [0u64; 16];
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoByFd {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    let ifindex = (info[2] & 0xffff_ffff) as u32;
+    Ok((ifindex != 0).then_some(ifindex))
+}
+
+fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let link = open_pinned_link(pin)?;
+    let update = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf_syscall(BPF_LINK_UPDATE, &update).map(|_| ())
+}
+
+/// [`bpf_syscall`] for commands that write their answer into `attr`.
+pub(crate) fn bpf_syscall_mut<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// `bpf(cmd, attr, sizeof attr)`; `attr` is the leading part of the
+/// command's `union bpf_attr` (the kernel zero-fills the rest).
+pub(crate) fn bpf_syscall<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+impl Datapath {
+    /// Removes the maps of older layout versions. Call once this agent's
+    /// programs are attached everywhere: until then, old programs still
+    /// read them.
+    pub fn retire_old_layouts(&self) -> io::Result<Vec<PathBuf>> {
+        let current = maps_dir(&self.bpffs);
+        let mut retired = Vec::new();
+        for entry in std::fs::read_dir(&self.bpffs)? {
+            let path = entry?.path();
+            let is_layout = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("maps-v"));
+            if is_layout && path != current {
+                remove_pins(&path)?;
+                retired.push(path);
+            }
+        }
+        Ok(retired)
+    }
+}
