@@ -187,6 +187,16 @@ pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) ->
         count(stat::CT_INSERT_FAILED);
         return Opened::Drop;
     }
+    if !direct && flow.proto == proto::UDP && is_node_address(backend.addr) {
+        // A UDP server of the node bound to 0.0.0.0 answers from the
+        // address its route to the client prefers (say the node's address
+        // on the client's veth), not necessarily the one it was reached at:
+        // the reply is found by [`any_node_address`] whatever node address
+        // it comes from. (netfilter, hence kube-proxy, loses such replies.)
+        // Without this entry only answers from the endpoint's own address
+        // are translated.
+        let _ = CONNTRACK.insert(any_node_address(&reply_key), reply, 0);
+    }
     let forward = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
@@ -205,6 +215,17 @@ pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) ->
         stat::NEW_FLOWS
     });
     Opened::Flow(forward)
+}
+
+/// The key of a UDP host endpoint's reply entry with the source address
+/// left out (0, never a real source): where the node's answer is looked up
+/// when it leaves from another of the node's addresses.
+#[inline(always)]
+pub fn any_node_address(reply_key: &CtKey) -> CtKey {
+    CtKey {
+        saddr: 0,
+        ..*reply_key
+    }
 }
 
 /// Whether the entry `held` at `key`, the reply key a new flow wants, may

@@ -26,13 +26,16 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{CtValue, FragKey, stat};
+use proxy_common::{CtValue, FragKey, proto, stat};
 
 use crate::fib::fib_redirect;
-use crate::flow::{Opened, Origin, Tuple, live_entry, mark_closing, open_flow, translated, usable};
+use crate::flow::{
+    Opened, Origin, Tuple, any_node_address, live_entry, mark_closing, open_flow, translated,
+    usable,
+};
 use crate::frag::{self, First};
 use crate::icmp;
-use crate::maps::{account, config, count};
+use crate::maps::{CONNTRACK, account, config, count, is_node_address};
 use crate::packet::{
     Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Icmp, Parsed, TCP_FIN, TCP_RST, fragment, parse,
 };
@@ -168,13 +171,34 @@ fn try_egress(ctx: &TcContext) -> Result<Verdict, ()> {
         Parsed::Other => return Ok(Verdict::Act(TC_ACT_OK)),
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some((entry, ct)) = live_entry(&flow, config(), now)
-        && ct.is_reply()
-    {
-        established(ctx, &flow, entry, &ct, now)?;
+    match live_entry(&flow, config(), now) {
+        Some((entry, ct)) => {
+            if ct.is_reply() {
+                established(ctx, &flow, entry, &ct, now)?;
+            }
+        }
+        None => host_udp_reply(ctx, &flow, now)?,
     }
     // Already routed: it leaves where the stack sends it.
     Ok(Verdict::Act(TC_ACT_OK))
+}
+
+/// A UDP answer of a host endpoint from another of the node's addresses
+/// than the one its client's flow was sent to (see
+/// [`any_node_address`]): translated by that flow's reply entry.
+#[inline(always)]
+fn host_udp_reply(ctx: &TcContext, flow: &Flow, now: u64) -> Result<(), ()> {
+    if flow.proto != proto::UDP || !is_node_address(flow.saddr) {
+        return Ok(());
+    }
+    let key = any_node_address(&flow.key());
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        let ct = unsafe { *entry };
+        if ct.is_reply() && !config().is_some_and(|c| ct.expired(&key, c, now)) {
+            established(ctx, flow, entry, &ct, now)?;
+        }
+    }
+    Ok(())
 }
 
 /// A packet of a known flow: reverse-translate a reply, or translate

@@ -104,6 +104,35 @@ fn pods_reach_a_host_endpoint_on_their_own_node() {
     servers.stop();
 }
 
+/// The same with the endpoint at another of the node's addresses (its end
+/// of a backend pod's link): the node's UDP server, bound to 0.0.0.0,
+/// answers from the address its route to the client prefers (its end of
+/// the client's link), not the one it was reached at, yet the client hears
+/// the VIP (netfilter, hence kube-proxy, would lose that answer). TCP
+/// answers always come from the address connected to.
+#[test]
+fn a_host_endpoint_answering_udp_from_another_node_address_is_translated() {
+    let lab = Lab::new().expect("lab setup (needs root)");
+    let endpoint = lab::addr::backend_gw(0);
+    assert_ne!(
+        endpoint, CLIENT_GW,
+        "the answer must leave from another address"
+    );
+    lab.write_manifest(
+        "kubernetes.yaml",
+        &host_service("ClusterIP", "", endpoint, LAB_NODE),
+    )
+    .unwrap();
+    let agent = lab.start_manifest_agent().expect("agent programs");
+    let mut servers = Servers::new();
+    servers
+        .start(lab.node(), "node", HOST_TCP, HOST_UDP)
+        .expect("servers on the node");
+    let log = || agent.log_tail(20);
+    exchange(lab.client(), VIP, (TCP_PORT, UDP_PORT), "node", &log);
+    servers.stop();
+}
+
 fn node_args() -> Vec<OsString> {
     vec!["--node-interfaces".into(), "eth0".into()]
 }
