@@ -259,6 +259,42 @@ impl Syncer {
     }
 }
 
+/// Puts back pins removed behind the agent's back and re-attaches socket
+/// hooks someone detached; a datapath that cannot be restored makes the
+/// agent unhealthy (logged once, when it starts and when it ends).
+fn keep_pins(datapath: &mut Datapath, metrics: &metrics::Metrics) {
+    let restored = datapath.restore_pins().and_then(|restored| {
+        let hooks = datapath.check_cgroup()?;
+        Ok((restored, hooks))
+    });
+    let fault = match restored {
+        Ok((restored, hooks)) => {
+            if !restored.is_empty() {
+                tracing::warn!(
+                    ?restored,
+                    "pins were removed behind the agent's back; pinned again"
+                );
+            }
+            if !hooks.is_empty() {
+                tracing::warn!(
+                    ?hooks,
+                    "socket hooks were detached by someone else; re-attached"
+                );
+            }
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(change) = metrics.set_datapath_fault(fault) {
+        match change {
+            Some(fault) => {
+                tracing::error!(error = %fault, "the datapath's pins cannot be restored: unhealthy until they are")
+            }
+            None => tracing::info!("the datapath's pins are restored: healthy again"),
+        }
+    }
+}
+
 /// Attaches to every present interface matching `pods` (pod program) or
 /// `nodes` (node program; it wins where both match) that is not attached
 /// yet. Failures are logged and retried on the next scan.
@@ -418,6 +454,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             }
             _ = resync.tick(), if synced => true,
             _ = iface_scan.tick() => {
+                keep_pins(syncer.datapath_mut(), &metrics);
                 attach_matching(syncer.datapath_mut(), &cfg.interfaces, &cfg.node_interfaces);
                 // New node addresses change the NodePort frontends; before
                 // the first sync they are simply used by it.

@@ -44,10 +44,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove every map the agent pinned (like `kube-proxy --cleanup`).
+    /// Remove every link and map the agent pinned (like `kube-proxy
+    /// --cleanup`). Refused while an agent runs on the directory.
     Cleanup {
         #[arg(long, env = "KEP_BPFFS", default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
         bpffs: PathBuf,
+        /// Remove it even while an agent holds it (that agent pins
+        /// everything again at once; stop it to keep the datapath gone).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -93,8 +98,11 @@ struct RunArgs {
     /// (falls back to generic with a warning), `generic` or `off`.
     #[arg(long, env = "KEP_XDP_MODE", default_value = "auto", value_parser = ["auto", "native", "generic", "off"])]
     xdp_mode: String,
-    /// Directory on bpffs where maps are pinned; bpffs is mounted on its
-    /// parent if it is not mounted yet.
+    /// Directory on bpffs where maps and links are pinned, locked by the
+    /// agent. bpffs is mounted at /sys/fs/bpf when the directory is below
+    /// it and it is not mounted yet; any other path must already be on a
+    /// bpffs. The directory and its ancestors must not be writable by other
+    /// users.
     #[arg(long, env = "KEP_BPFFS", default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
     bpffs: PathBuf,
     /// Service CIDRs, comma separated (kube-apiserver's
@@ -317,8 +325,8 @@ fn main() -> anyhow::Result<()> {
             let pinned = read_pinned(&bpffs)?;
             dump(&pinned, what, json)
         }
-        Command::Cleanup { bpffs } => {
-            datapath::unpin_all(&bpffs)
+        Command::Cleanup { bpffs, force } => {
+            datapath::cleanup(&bpffs, force)
                 .with_context(|| format!("removing pinned maps under {}", bpffs.display()))?;
             println!("removed pinned maps under {}", bpffs.display());
             Ok(())

@@ -92,6 +92,9 @@ struct Health {
     /// Whether this node may take traffic: not being deleted, not tainted
     /// for deletion (true until its Node object says otherwise).
     node_eligible: bool,
+    /// Why the datapath is not as the agent keeps it (its pins cannot be
+    /// restored): unhealthy while set.
+    datapath_fault: Option<String>,
 }
 
 /// What a health endpoint answers: the status code and a JSON body.
@@ -219,6 +222,7 @@ impl Metrics {
                 timeout: resync_interval.saturating_mul(2),
                 last_sync: None,
                 node_eligible: true,
+                datapath_fault: None,
             }),
         }
     }
@@ -356,6 +360,17 @@ impl Metrics {
         }
     }
 
+    /// Sets why the datapath is broken (`None`: it is not); returns the
+    /// new state when it changed.
+    pub fn set_datapath_fault(&self, fault: Option<String>) -> Option<Option<String>> {
+        let mut h = self.lock_health();
+        if h.datapath_fault == fault {
+            return None;
+        }
+        h.datapath_fault = fault.clone();
+        Some(fault)
+    }
+
     fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
         self.health.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -364,7 +379,7 @@ impl Metrics {
 impl Health {
     fn healthy_at(&self, now: Instant) -> bool {
         let since = self.last_sync.map_or(self.started, |(at, _)| at);
-        now.saturating_duration_since(since) < self.timeout
+        now.saturating_duration_since(since) < self.timeout && self.datapath_fault.is_none()
     }
 
     /// The last completed sync as a JSON string, `null` before the first.

@@ -356,6 +356,20 @@ impl Lab {
         )
     }
 
+    /// [`Lab::start_agent_args`] on `bpffs` instead of the lab's own
+    /// directory; the test removes what it made there.
+    pub fn start_agent_on(&self, bpffs: &Path, args: &[std::ffi::OsString]) -> Result<Agent<'_>> {
+        let mut agent = Agent::spawn(
+            self,
+            &agent::agent_bin()?,
+            args,
+            bpffs,
+            &self.dir.0.join("agent.log"),
+        )?;
+        agent.leave_directory();
+        Ok(agent)
+    }
+
     /// [`Lab::start_agent_args`] with the agent in the cgroup whose
     /// `cgroup.procs` is `procs` from its first instruction on.
     pub fn start_agent_in_cgroup(

@@ -5,15 +5,30 @@
 //! [`Pin::pin_name`] and [`Pin::parse`], so a new kind of hook is one more
 //! row of that table and every one of them knows it at once.
 
-use std::{io, os::fd::AsFd, path::Path};
+use std::{
+    io,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
 
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, TcAttachType};
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, TcAttachType, tc::SchedClassifierLink, xdp::XdpLink,
+};
 use proxy_common::program_names;
 
 use super::{
     Datapath, DatapathError, SOCK_PROGRAMS,
-    pins::{adopt_link, link_ifindex, links_dir, pin_link},
+    pins::{adopt_link, adopt_pinned, link_target, links_dir, pin_link},
 };
+
+/// Removes a dead link's pin; gone already is fine.
+fn remove_pin(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(pin = %path.display(), error = %e, "removing a dead link's pin");
+    }
+}
 
 /// One kind of pinned link: what it attaches and how its pin is named
 /// (`<prefix><interface>`, or `<prefix><program>-<cgroup tag>`).
@@ -141,7 +156,13 @@ impl Datapath {
         direction: TcAttachType,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let prog = self.tc_program(program);
-        if !adopt_link(pin, prog.fd()?.as_fd()) {
+        let adopted = adopt_pinned(pin, |link| {
+            let id = prog.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+            // The pin keeps it attached; this process needs no handle.
+            drop(prog.take_link(id)?);
+            Ok(())
+        });
+        if !adopted {
             let id = prog.attach(iface, direction)?;
             pin_link(prog.take_link(id)?, pin)?;
         }
@@ -165,9 +186,11 @@ impl Datapath {
             return;
         }
         let prog = self.xdp_program();
-        if let Ok(fd) = prog.fd()
-            && adopt_link(&pin, fd.as_fd())
-        {
+        if adopt_pinned(&pin, |link| {
+            let id = prog.attach_to_link(XdpLink::try_from(link)?)?;
+            drop(prog.take_link(id)?);
+            Ok(())
+        }) {
             return;
         }
         let mut failures = Vec::new();
@@ -194,41 +217,74 @@ impl Datapath {
 
     /// Attaches the socket hooks to the cgroup v2 directory `path`: every
     /// process below it, in this network namespace, reaches Services by
-    /// socket-level translation.
+    /// socket-level translation. [`Datapath::check_cgroup`] keeps them
+    /// attached from then on.
     pub fn attach_cgroup(&mut self, path: &Path) -> Result<(), DatapathError> {
-        let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::AttachCgroup {
-            path: path.to_path_buf(),
-            source,
+        for name in SOCK_PROGRAMS {
+            self.attach_sock(name, path)?;
+        }
+        self.cgroup = Some(path.to_path_buf());
+        Ok(())
+    }
+
+    /// Socket hooks detached behind the agent's back (`bpftool link
+    /// detach`, their pin removed) are attached again; returns their
+    /// programs' names.
+    pub fn check_cgroup(&mut self) -> Result<Vec<&'static str>, DatapathError> {
+        let Some(path) = self.cgroup.clone() else {
+            return Ok(Vec::new());
         };
-        let cgroup = std::fs::File::open(path).map_err(|e| err(Box::new(e)))?;
-        // One pin per program and cgroup: a different cgroup next time is
-        // attached afresh, not confused with this one.
-        let tag: String = path
+        let mut redone = Vec::new();
+        for name in SOCK_PROGRAMS {
+            let pin = self.sock_pin(name, &path);
+            if matches!(link_target(&pin), Ok(Some(_))) {
+                continue;
+            }
+            remove_pin(&pin);
+            self.attach_sock(name, &path)?;
+            redone.push(name);
+        }
+        Ok(redone)
+    }
+
+    /// One pin per program and cgroup: a different cgroup next time is
+    /// attached afresh, not confused with this one.
+    fn sock_pin(&self, program: &str, cgroup: &Path) -> PathBuf {
+        let tag: String = cgroup
             .to_string_lossy()
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        let links = links_dir(&self.bpffs);
-        for name in SOCK_PROGRAMS {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .and_then(|p| p.try_into().ok())
-                .expect("checked in load");
-            let pin = links.join(Pin::Cgroup.pin_name(&format!("{name}-{tag}")));
-            if adopt_link(&pin, prog.fd().map_err(|e| err(Box::new(e)))?.as_fd()) {
-                continue;
-            }
-            // aya attaches through a BPF link where the kernel has them; a
-            // link takes no attach flags (EINVAL otherwise) and never evicts
-            // other programs (a CNI's) from the cgroup.
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| err(Box::new(e)))?;
-            let link = prog.take_link(id).map_err(|e| err(Box::new(e)))?;
-            pin_link(link, &pin).map_err(err)?;
+        links_dir(&self.bpffs).join(Pin::Cgroup.pin_name(&format!("{program}-{tag}")))
+    }
+
+    /// Socket program `name` on cgroup `path` through its pinned link,
+    /// adopted or made.
+    fn attach_sock(&mut self, name: &'static str, path: &Path) -> Result<(), DatapathError> {
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::AttachCgroup {
+            path: path.to_path_buf(),
+            source,
+        };
+        let pin = self.sock_pin(name, path);
+        let prog: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked in load");
+        // aya has no attach_to_link for cgroup programs: the pinned link is
+        // updated with BPF_LINK_UPDATE directly.
+        if adopt_link(&pin, prog.fd().map_err(|e| err(Box::new(e)))?.as_fd()) {
+            return Ok(());
         }
-        Ok(())
+        let cgroup = std::fs::File::open(path).map_err(|e| err(Box::new(e)))?;
+        // aya attaches through a BPF link where the kernel has them; a
+        // link takes no attach flags (EINVAL otherwise) and never evicts
+        // other programs (a CNI's) from the cgroup.
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|e| err(Box::new(e)))?;
+        let link = prog.take_link(id).map_err(|e| err(Box::new(e)))?;
+        pin_link(link, &pin).map_err(err)
     }
 
     /// Whether `iface` with index `ifindex` runs this process's program of
@@ -251,7 +307,7 @@ impl Datapath {
                 hook.pins().iter().any(|pin| {
                     let path = links.join(pin.pin_name(iface));
                     let optional = *pin == Pin::XdpNode && !path.exists();
-                    !optional && !matches!(link_ifindex(&path), Ok(Some(_)))
+                    !optional && !matches!(link_target(&path), Ok(Some(_)))
                 })
             })
             .map(|(iface, (_, hook))| (iface.clone(), *hook))
@@ -267,12 +323,7 @@ impl Datapath {
     /// reference.
     fn unpin_hook(&self, iface: &str, hook: Hook) {
         for pin in hook.pins() {
-            let path = links_dir(&self.bpffs).join(pin.pin_name(iface));
-            if let Err(e) = std::fs::remove_file(&path)
-                && e.kind() != io::ErrorKind::NotFound
-            {
-                tracing::warn!(pin = %path.display(), error = %e, "removing a dead link's pin");
-            }
+            remove_pin(&links_dir(&self.bpffs).join(pin.pin_name(iface)));
         }
     }
 

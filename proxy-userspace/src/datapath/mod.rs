@@ -2,12 +2,14 @@
 //! attached to. This is the only module that talks to the kernel's BPF
 //! objects; everything it writes comes from `diff::MapOp`s.
 
+mod bpffs;
 mod hooks;
 mod pins;
 mod upkeep;
 
+pub use bpffs::{BPFFS_MOUNT, DirError, DirLock, ensure_dir};
 pub use hooks::{Hook, PINS, Pin};
-pub use pins::{ensure_bpffs, links_dir, maps_dir, pinned_links, unpin_all};
+pub use pins::{cleanup, links_dir, maps_dir, pinned_links, unpin_all};
 pub use upkeep::sum_traffic;
 
 use std::{collections::BTreeMap, io, net::Ipv4Addr, path::PathBuf, time::Duration};
@@ -201,8 +203,14 @@ impl DatapathConfig {
 
 #[derive(Debug, Error)]
 pub enum DatapathError {
-    #[error("bpffs at {path}: {source}")]
-    Bpffs { path: PathBuf, source: io::Error },
+    #[error("--bpffs {path}: {source}")]
+    Bpffs { path: PathBuf, source: DirError },
+    #[error(
+        "an agent{} is running on {path}: stop it first, or pass --force to remove its \
+         datapath from under it (it will pin everything again)",
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    InUse { path: PathBuf, holder: Option<u32> },
     #[error("loading the eBPF object (pinned maps under {path}): {source}")]
     Load {
         path: PathBuf,
@@ -291,8 +299,14 @@ pub struct Datapath {
     /// Interfaces (name -> ifindex, hook) whose pinned TC link runs this
     /// process's program.
     attached: BTreeMap<String, (u32, Hook)>,
+    /// The cgroup the socket hooks are attached to.
+    cgroup: Option<PathBuf>,
+    /// Every pinned map by name, to pin again if its pin is removed.
+    pinned: Vec<(&'static str, MapData)>,
     config: Array<MapData, Config>,
     bpffs: PathBuf,
+    /// This agent's hold on `bpffs`.
+    lock: DirLock,
     xdp: XdpSetting,
 }
 
@@ -312,13 +326,13 @@ impl Datapath {
             DatapathError::Settings(format!("reading this network namespace's cookie: {source}"))
         })?;
         let settings = cfg.to_map(netns_cookie)?;
-        ensure_bpffs(&cfg.bpffs)?;
+        ensure_dir(&cfg.bpffs)?;
+        // Before anything is pinned or attached: a second agent here
+        // would undo this one's writes at every sync.
+        let lock = DirLock::acquire(&cfg.bpffs)?;
         let maps = maps_dir(&cfg.bpffs);
         for dir in [&maps, &links_dir(&cfg.bpffs)] {
-            std::fs::create_dir_all(dir).map_err(|source| DatapathError::Bpffs {
-                path: dir.clone(),
-                source,
-            })?;
+            bpffs::ensure_subdir(dir)?;
         }
         let pins: Vec<(&'static str, PathBuf)> = map_names::ALL
             .iter()
@@ -383,6 +397,10 @@ impl Datapath {
         config
             .set(0, settings, 0)
             .map_err(map_err(map_names::CONFIG))?;
+        let pinned = pins
+            .iter()
+            .map(|(name, path)| Ok((*name, MapData::from_pin(path).map_err(map_err(name))?)))
+            .collect::<Result<_, DatapathError>>()?;
         let mut dp = Self {
             settings,
             ebpf,
@@ -399,8 +417,11 @@ impl Datapath {
             endpoints,
             live: MapContents::default(),
             attached: BTreeMap::new(),
+            cgroup: None,
+            pinned,
             config,
             bpffs: cfg.bpffs.clone(),
+            lock,
             xdp: cfg.xdp,
         };
         dp.live = dp.read_contents()?;
