@@ -15,9 +15,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use proxy_common::{Backend, ServiceKey};
 
 use crate::{
+    capacity,
     contents::Footprint,
     datapath::{Datapath, DatapathConfig, Hook},
-    diff::{MapOp, diff},
+    diff::MapOp,
     encode::{Encoder, LbAlgorithms},
     healthcheck::HealthServers,
     interfaces, metrics,
@@ -74,8 +75,11 @@ pub struct Syncer {
     /// The next sync compares the whole maps, not only what changed: the
     /// first one (what an earlier agent left may be stale) and resyncs.
     whole: bool,
-    /// Keys of writes that failed, tried again at the next sync.
+    /// Keys of writes that failed or did not fit, tried again at the next
+    /// sync (soon: see [`Syncer::needs_retry`]).
     retry: Footprint,
+    /// Objects not programmed as desired, and why, as last logged.
+    incomplete: BTreeMap<String, String>,
 }
 
 impl Syncer {
@@ -97,6 +101,7 @@ impl Syncer {
             warnings_changed: false,
             whole: true,
             retry: Footprint::default(),
+            incomplete: BTreeMap::new(),
         }
     }
 
@@ -182,14 +187,17 @@ impl Syncer {
         footprint.backends.extend(retry.backends);
         footprint.svc_ids.extend(retry.svc_ids);
         let whole = std::mem::take(&mut self.whole);
-        let ops = if whole {
-            diff(self.datapath.live(), self.encoder.desired())
+        let room = self.datapath.capacity().room(self.datapath.live());
+        let plan = if whole {
+            capacity::plan(self.datapath.live(), self.encoder.desired(), room)
         } else {
-            diff(
+            capacity::plan(
                 &self.datapath.live().restricted(&footprint),
                 &self.encoder.desired().restricted(&footprint),
+                room,
             )
         };
+        let ops = plan.ops;
         let live = self.datapath.live();
         let removed: Vec<Backend> = ops
             .iter()
@@ -213,19 +221,31 @@ impl Syncer {
             });
         let failed = self.datapath.apply(&ops);
         let mut full: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut incomplete: BTreeMap<String, String> = BTreeMap::new();
+        for h in &plan.held {
+            *full.entry(h.map).or_default() += 1;
+            incomplete
+                .entry(self.object_of(&h.frontend))
+                .or_insert(format!(
+                    "map {} is full: raise {} ({} new entries needed, {} free)",
+                    h.map, h.flag, h.needed, h.free
+                ));
+        }
+        for op in &plan.pending {
+            self.retry.add(op);
+        }
         for f in &failed {
-            match f.full_map() {
+            let why = match f.full_map() {
                 Some((map, flag)) => {
                     *full.entry(map).or_default() += 1;
-                    tracing::error!(
-                        op = ?f.op,
-                        "map {map} is full: raise {flag}; this entry is not programmed, everything else is"
-                    );
+                    format!("map {map} is full: raise {flag}")
                 }
-                None => tracing::error!(op = ?f.op, error = %f.error, "map update failed"),
-            }
+                None => format!("map update failed: {}", f.error),
+            };
+            incomplete.entry(self.op_object(&f.op)).or_insert(why);
             self.retry.add(&f.op);
         }
+        self.report_incomplete(incomplete);
         if affinity_touched && let Err(e) = self.datapath.prune_affinity() {
             tracing::error!(error = %e, "pruning session affinity");
         }
@@ -241,7 +261,58 @@ impl Syncer {
             failed: failed.len(),
             full,
             skipped: self.reported.len(),
+            incomplete: self.incomplete.len(),
         }
+    }
+
+    /// Whether some writes failed or did not fit and wait to be retried.
+    pub fn needs_retry(&self) -> bool {
+        !self.retry.is_empty()
+    }
+
+    /// The object a services-map entry belongs to, for a log line: its
+    /// Service port (`namespace/name:port`) and frontend.
+    fn object_of(&self, key: &ServiceKey) -> String {
+        let addr = crate::contents::addr_from_map(key.addr);
+        let port = crate::contents::port_from_map(key.port);
+        let Some(proto) = model::Protocol::from_number(key.proto) else {
+            return format!("cluster IP {addr}");
+        };
+        let frontend = model::Frontend { addr, port, proto };
+        match self.tracker.frontend(&frontend) {
+            Some(state) => format!("Service {} ({addr}:{port}/{proto:?})", state.service),
+            None => format!("frontend {addr}:{port}/{proto:?}"),
+        }
+    }
+
+    /// The object a failed op belongs to.
+    fn op_object(&self, op: &MapOp) -> String {
+        match op {
+            MapOp::PutService(k, _) | MapOp::DeleteService(k) => self.object_of(k),
+            MapOp::PutBackend(id, _) | MapOp::DeleteBackend(id) => format!("backend {id}"),
+            MapOp::PutTable(id, _) | MapOp::DeleteTable(id) => format!("Maglev table {id}"),
+            MapOp::PutSourceRange(r) | MapOp::DeleteSourceRange(r) => {
+                format!("source ranges of {}", r.svc_id)
+            }
+        }
+    }
+
+    /// One warning per object that is not programmed (again only when its
+    /// reason changes), and one line when it is programmed at last.
+    fn report_incomplete(&mut self, now: BTreeMap<String, String>) {
+        for (object, why) in &now {
+            if self.incomplete.get(object) != Some(why) {
+                tracing::warn!(
+                    "not programmed, retrying: {object}: {why}; everything else is programmed"
+                );
+            }
+        }
+        for object in self.incomplete.keys() {
+            if !now.contains_key(object) {
+                tracing::info!("programmed now: {object}");
+            }
+        }
+        self.incomplete = now;
     }
 
     /// Logs the warnings not logged before.
@@ -386,6 +457,16 @@ fn health_addresses(cfg: &RunConfig, syncer: &Syncer) -> Vec<IpAddr> {
         .collect()
 }
 
+/// First and longest wait before failed writes are tried again.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A deadline no timer reaches (for a disabled `select!` branch, whose
+/// future is still built).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
+}
+
 /// A sync this large (the first one, a relist) leaves megabytes of freed
 /// transient memory (decoded objects, ops) that glibc keeps mapped.
 const LARGE_SYNC_OPS: usize = 10_000;
@@ -417,11 +498,14 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         Err(e) => tracing::warn!(error = %e, "removing maps of older layouts"),
     }
 
-    let metrics = Arc::new(metrics::Metrics::new(
-        &cfg.datapath,
-        cfg.resync_interval,
-        &cfg.node_name,
-    ));
+    let metrics = {
+        let datapath = syncer.datapath_mut();
+        Arc::new(metrics::Metrics::new(
+            |name| datapath.max_entries(name),
+            cfg.resync_interval,
+            &cfg.node_name,
+        ))
+    };
     metrics::serve(cfg.metrics_addr, cfg.healthz_addr, &metrics);
     let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
     let proxy_healthy = {
@@ -440,6 +524,11 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
     resync.tick().await;
     let mut generation: u64 = 0;
     let mut synced = false;
+    // Writes that failed or did not fit are tried again soon, backing off
+    // while they keep failing (a full map frees up when the operator acts or
+    // Services go).
+    let mut retry_delay = RETRY_FIRST;
+    let mut retry_at: Option<tokio::time::Instant> = None;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
@@ -453,6 +542,8 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
                 false
             }
             _ = resync.tick(), if synced => true,
+            // A sync follows, which sets the next retry if one is due.
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(far_future)), if retry_at.is_some() => false,
             _ = iface_scan.tick() => {
                 keep_pins(syncer.datapath_mut(), &metrics);
                 attach_matching(syncer.datapath_mut(), &cfg.interfaces, &cfg.node_interfaces);
@@ -506,6 +597,13 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         health.update(syncer.health_checks()).await;
         synced = true;
         generation += 1;
+        if syncer.needs_retry() {
+            retry_at = Some(tokio::time::Instant::now() + retry_delay);
+            retry_delay = (retry_delay * 2).min(RETRY_MAX);
+        } else {
+            retry_at = None;
+            retry_delay = RETRY_FIRST;
+        }
         // since_event_us: from the source's first event of this batch to
         // the last map write (what kep_network_programming_duration_seconds
         // observes); took_us: the sync itself.

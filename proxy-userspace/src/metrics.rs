@@ -32,7 +32,7 @@ use proxy_common::{map_names, stat};
 
 use std::collections::BTreeMap;
 
-use crate::{contents::MapContents, datapath::DatapathConfig, http};
+use crate::{contents::MapContents, http};
 
 /// What one sync did: what [`Metrics::record_sync`] records and the
 /// agent's `datapath programmed` line prints (its own type here, so the
@@ -47,6 +47,9 @@ pub struct SyncOutcome {
     pub full: BTreeMap<&'static str, usize>,
     /// Warnings standing after it (objects, ports or files skipped).
     pub skipped: usize,
+    /// Objects it could not program as desired (a map full, a failed
+    /// write): retried, and `/readyz` says so meanwhile.
+    pub incomplete: usize,
 }
 
 /// One label, e.g. `map="kep_services"`.
@@ -73,6 +76,7 @@ pub struct Metrics {
     programming_duration: Histogram,
     objects: Family<Label, Gauge>,
     objects_skipped: Gauge,
+    incomplete: Gauge,
     map_entries: Family<Label, Gauge>,
     map_update_errors: Counter,
     map_full: Family<Label, Counter>,
@@ -95,6 +99,8 @@ struct Health {
     /// Why the datapath is not as the agent keeps it (its pins cannot be
     /// restored): unhealthy while set.
     datapath_fault: Option<String>,
+    /// Objects the last sync could not program: not ready while any.
+    incomplete: usize,
 }
 
 /// What a health endpoint answers: the status code and a JSON body.
@@ -105,9 +111,13 @@ pub struct Answer {
 }
 
 impl Metrics {
-    /// `resync_interval` sets the `/healthz` deadline; `datapath` gives the
-    /// map capacities; `node_name` is this node's.
-    pub fn new(datapath: &DatapathConfig, resync_interval: Duration, node_name: &str) -> Self {
+    /// `resync_interval` sets the `/healthz` deadline; `capacity` gives the
+    /// maps' real sizes (`max_entries` by name); `node_name` is this node's.
+    pub fn new(
+        capacity: impl Fn(&'static str) -> u32,
+        resync_interval: Duration,
+        node_name: &str,
+    ) -> Self {
         // The encoder ends each help text with a period and adds `_total`
         // to counter names.
         let mut registry = Registry::default();
@@ -146,6 +156,14 @@ impl Metrics {
              they were invalid or unsupported",
             objects_skipped.clone(),
         );
+        let incomplete = Gauge::default();
+        registry.register(
+            "kep_programming_incomplete",
+            "Objects (Service ports, or backends and tables) the last sync could \
+             not program as desired: a map was full or a write failed. They keep \
+             what they had, are retried with backoff, and /readyz fails meanwhile",
+            incomplete.clone(),
+        );
         let map_entries = Family::<Label, Gauge>::default();
         registry.register(
             "kep_map_entries",
@@ -160,14 +178,16 @@ impl Metrics {
             "Maximum entries of a datapath map",
             map_capacity.clone(),
         );
-        for (name, max) in [
-            (map_names::SERVICES, datapath.services_max),
-            (map_names::BACKENDS, datapath.backends_max),
-            (map_names::CONNTRACK, datapath.conntrack_max),
+        for name in [
+            map_names::SERVICES,
+            map_names::BACKENDS,
+            map_names::CONNTRACK,
+            map_names::MAGLEV,
+            map_names::SOURCE_RANGES,
         ] {
             map_capacity
                 .get_or_create(&[("map", name)])
-                .set(i64::from(max));
+                .set(i64::from(capacity(name)));
         }
         let map_update_errors = Counter::default();
         registry.register(
@@ -211,6 +231,7 @@ impl Metrics {
             programming_duration,
             objects,
             objects_skipped,
+            incomplete,
             map_entries,
             map_update_errors,
             map_full,
@@ -223,6 +244,7 @@ impl Metrics {
                 last_sync: None,
                 node_eligible: true,
                 datapath_fault: None,
+                incomplete: 0,
             }),
         }
     }
@@ -253,6 +275,7 @@ impl Metrics {
             self.objects.get_or_create(&[("kind", kind)]).set(gauge(n));
         }
         self.objects_skipped.set(gauge(out.skipped));
+        self.incomplete.set(gauge(out.incomplete));
         self.set_map_entries(map_names::SERVICES, live.services.len());
         self.set_map_entries(map_names::BACKENDS, live.backends.len());
         self.map_update_errors.inc_by(out.failed as u64);
@@ -265,6 +288,7 @@ impl Metrics {
         let mut health = self.lock_health();
         health.last_sync = Some((now, SystemTime::now()));
         health.node_eligible = eligible;
+        health.incomplete = out.incomplete;
     }
 
     /// Sets the entry count of map `name` (e.g. after counting conntrack).
@@ -351,12 +375,29 @@ impl Metrics {
         }
     }
 
-    /// `/readyz`: ready once the first sync wrote the datapath.
+    /// `/readyz`: ready once the first sync wrote the datapath, and while
+    /// the last one programmed everything.
     pub fn readyz(&self) -> Answer {
-        let ready = self.lock_health().last_sync.is_some();
+        let h = self.lock_health();
+        let synced = h.last_sync.is_some();
+        let ready = synced && h.incomplete == 0;
+        let reason = if !synced {
+            "not synced yet".to_string()
+        } else if !ready {
+            format!(
+                "programming incomplete: {} objects not programmed",
+                h.incomplete
+            )
+        } else {
+            String::new()
+        };
         Answer {
             status: if ready { 200 } else { 503 },
-            body: format!("{{\"ready\": {ready}}}"),
+            body: if ready {
+                "{\"ready\": true}".into()
+            } else {
+                format!("{{\"ready\": false, \"reason\": \"{reason}\"}}")
+            },
         }
     }
 
@@ -550,10 +591,19 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpStream;
 
+    use crate::datapath::DatapathConfig;
     use crate::source::Objects;
 
     fn metrics(resync: Duration) -> Metrics {
-        Metrics::new(&DatapathConfig::new("/sys/fs/bpf/test"), resync, "node-a")
+        let cfg = DatapathConfig::new("/sys/fs/bpf/test");
+        Metrics::new(
+            move |name| match name {
+                map_names::SERVICES => cfg.services_max,
+                _ => 1,
+            },
+            resync,
+            "node-a",
+        )
     }
 
     fn sync(m: &Metrics, objects: &Objects) {
@@ -596,6 +646,7 @@ mod tests {
             failed,
             full: [(map_names::SERVICES, failed)].into_iter().collect(),
             skipped: 0,
+            incomplete: 0,
         }
     }
 

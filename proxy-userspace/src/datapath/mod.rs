@@ -26,6 +26,7 @@ use proxy_common::{
 use thiserror::Error;
 
 use crate::{
+    capacity::Capacity,
     contents::{MapContents, RangeEntry, addr_from_map, addr_to_map},
     diff::MapOp,
     maglev::TableSpec,
@@ -249,18 +250,28 @@ pub(super) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathEr
     }
 }
 
-/// A map update that failed; the op was not applied.
+/// A map update that was not applied.
 #[derive(Debug)]
 pub struct FailedOp {
     pub op: MapOp,
-    pub error: MapError,
+    pub error: OpError,
+}
+
+#[derive(Debug, Error)]
+pub enum OpError {
+    #[error(transparent)]
+    Map(#[from] MapError),
+    /// Skipped: an op it depends on failed, so applying it would point the
+    /// datapath at something missing (or delete what is still used).
+    #[error("skipped: {0}")]
+    Dependency(&'static str),
 }
 
 impl FailedOp {
     /// The map and the flag that sizes it, when the write failed because
     /// the map is full (a hash map answers E2BIG, an LPM trie ENOSPC).
     pub fn full_map(&self) -> Option<(&'static str, &'static str)> {
-        let MapError::SyscallError(e) = &self.error else {
+        let OpError::Map(MapError::SyscallError(e)) = &self.error else {
             return None;
         };
         let errno = e.io_error.raw_os_error()?;
@@ -303,6 +314,9 @@ pub struct Datapath {
     cgroup: Option<PathBuf>,
     /// Every pinned map by name, to pin again if its pin is removed.
     pinned: Vec<(&'static str, MapData)>,
+    /// Every map's real `max_entries`, by name (an adopted map keeps the
+    /// size it was made with).
+    max_entries: BTreeMap<&'static str, u32>,
     config: Array<MapData, Config>,
     bpffs: PathBuf,
     /// This agent's hold on `bpffs`.
@@ -397,9 +411,13 @@ impl Datapath {
         config
             .set(0, settings, 0)
             .map_err(map_err(map_names::CONFIG))?;
-        let pinned = pins
+        let pinned: Vec<(&'static str, MapData)> = pins
             .iter()
             .map(|(name, path)| Ok((*name, MapData::from_pin(path).map_err(map_err(name))?)))
+            .collect::<Result<_, DatapathError>>()?;
+        let max_entries = pinned
+            .iter()
+            .map(|(name, map)| Ok((*name, map.info().map_err(map_err(name))?.max_entries())))
             .collect::<Result<_, DatapathError>>()?;
         let mut dp = Self {
             settings,
@@ -419,6 +437,7 @@ impl Datapath {
             attached: BTreeMap::new(),
             cgroup: None,
             pinned,
+            max_entries,
             config,
             bpffs: cfg.bpffs.clone(),
             lock,
@@ -533,6 +552,21 @@ impl Datapath {
             .map_err(map_err(map_names::MAGLEV))
     }
 
+    /// `max_entries` of map `name` as the kernel has it.
+    pub fn max_entries(&self, name: &str) -> u32 {
+        self.max_entries.get(name).copied().unwrap_or(0)
+    }
+
+    /// The real capacity of the maps the agent writes.
+    pub fn capacity(&self) -> Capacity {
+        Capacity {
+            services: self.max_entries(map_names::SERVICES),
+            backends: self.max_entries(map_names::BACKENDS),
+            tables: self.max_entries(map_names::MAGLEV),
+            source_ranges: self.max_entries(map_names::SOURCE_RANGES),
+        }
+    }
+
     /// What the maps hold, as far as this process knows.
     pub fn live(&self) -> &MapContents {
         &self.live
@@ -575,11 +609,14 @@ impl Datapath {
         Ok(())
     }
 
-    /// Applies `ops` in order. An op that fails is reported and skipped; the
-    /// rest still apply, so one bad entry (a full map) never blocks every
-    /// other service. `live` follows exactly what succeeded.
+    /// Applies `ops` in order. An op that fails is reported and skipped, and
+    /// so is every later op that depends on it ([`Guard`]); the rest still
+    /// apply, so one bad entry (a full map) never blocks every other
+    /// service, and the datapath never sees a slot without its backend.
+    /// `live` follows exactly what succeeded.
     pub fn apply(&mut self, ops: &[MapOp]) -> Vec<FailedOp> {
         let mut failed = Vec::new();
+        let mut guard = Guard::default();
         // Tables of a run of PutTable ops are built a chunk at a time on all
         // cores; a chunk bounds the memory they take (64 KiB each).
         const TABLE_CHUNK: usize = 64;
@@ -595,6 +632,14 @@ impl Datapath {
                     .take(TABLE_CHUNK)
                     .collect();
                 built.extend(crate::maglev::build_all(&specs));
+            }
+            if let Err(why) = guard.check(op, &self.live) {
+                guard.fail(op, &self.live);
+                failed.push(FailedOp {
+                    op: op.clone(),
+                    error: OpError::Dependency(why),
+                });
+                continue;
             }
             let result = match op {
                 MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0).map(|()| {
@@ -640,9 +685,10 @@ impl Datapath {
                 }
             };
             if let Err(error) = result {
+                guard.fail(op, &self.live);
                 failed.push(FailedOp {
                     op: op.clone(),
-                    error,
+                    error: error.into(),
                 });
             }
         }
@@ -653,6 +699,100 @@ impl Datapath {
             self.sync_endpoints();
         }
         failed
+    }
+}
+
+/// What a failed op leaves that later ops must not build on: ops are
+/// planned as if every one succeeds, so after a failure the frontend it
+/// belongs to keeps its old entries, and nothing of it is changed further
+/// (its old backends, tables and ranges are kept), and nothing is pointed
+/// at a backend or table that was not written. Empty, and free, while
+/// nothing fails.
+#[derive(Default)]
+struct Guard {
+    /// Frontends (slot-0 keys) left as they are.
+    frontends: std::collections::BTreeSet<ServiceKey>,
+    /// Their svc ids, and those of failed table or range writes.
+    svc_ids: std::collections::BTreeSet<u32>,
+    /// Backends something may still point at.
+    kept: std::collections::BTreeSet<u32>,
+}
+
+impl Guard {
+    fn check(&self, op: &MapOp, live: &MapContents) -> Result<(), &'static str> {
+        if self.frontends.is_empty() && self.svc_ids.is_empty() && self.kept.is_empty() {
+            // Nothing failed: the plan holds as it is.
+            return Ok(());
+        }
+        match op {
+            MapOp::PutService(k, _) | MapOp::DeleteService(k)
+                if self.frontends.contains(&k.with_slot(0)) =>
+            {
+                Err("an earlier write of this frontend failed")
+            }
+            MapOp::PutService(k, v)
+                if k.slot != 0 && !live.backends.contains_key(&v.backend_id) =>
+            {
+                Err("its backend was not written")
+            }
+            MapOp::PutService(k, v)
+                if k.slot == 0
+                    && (self.svc_ids.contains(&v.svc_id)
+                        || (1..=v.count).any(|s| !live.services.contains_key(&k.with_slot(s)))
+                        || (v.uses_maglev() && !live.tables.contains_key(&v.svc_id))) =>
+            {
+                Err("its slots, table or ranges were not written")
+            }
+            MapOp::PutTable(_, spec)
+                if spec
+                    .backends()
+                    .iter()
+                    .any(|b| !live.backends.contains_key(&b.id)) =>
+            {
+                Err("its backends were not written")
+            }
+            MapOp::DeleteTable(id) | MapOp::DeleteSourceRange(RangeEntry { svc_id: id, .. })
+                if self.svc_ids.contains(id) =>
+            {
+                Err("its frontend was left as it is")
+            }
+            MapOp::DeleteBackend(id) if self.kept.contains(id) => {
+                Err("a slot or table left as it is still points at it")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Records that `op` was not applied.
+    fn fail(&mut self, op: &MapOp, live: &MapContents) {
+        let frontend = match op {
+            MapOp::PutService(k, _) | MapOp::DeleteService(k) => Some(k.with_slot(0)),
+            MapOp::PutTable(id, _) | MapOp::PutSourceRange(RangeEntry { svc_id: id, .. }) => {
+                self.svc_ids.insert(*id);
+                None
+            }
+            _ => None,
+        };
+        let Some(frontend) = frontend else { return };
+        if !self.frontends.insert(frontend) {
+            return;
+        }
+        if let Some(v) = live.services.get(&frontend) {
+            self.svc_ids.insert(v.svc_id);
+            if let Some(table) = live.tables.get(&v.svc_id) {
+                self.kept.extend(table.backends().iter().map(|b| b.id));
+            }
+        }
+        // Every slot it has, covered or not (a failed shrink keeps them);
+        // keys order by slot before protocol and scope, hence the filter.
+        let first = frontend.with_slot(1);
+        let last = frontend.with_slot(u16::MAX);
+        self.kept.extend(
+            live.services
+                .range(first..=last)
+                .filter(|(k, _)| k.with_slot(0) == frontend)
+                .map(|(_, v)| v.backend_id),
+        );
     }
 }
 
