@@ -188,15 +188,12 @@ impl Syncer {
         footprint.svc_ids.extend(retry.svc_ids);
         let whole = std::mem::take(&mut self.whole);
         let room = self.datapath.capacity().room(self.datapath.live());
-        let plan = if whole {
-            capacity::plan(self.datapath.live(), self.encoder.desired(), room)
-        } else {
-            capacity::plan(
-                &self.datapath.live().restricted(&footprint),
-                &self.encoder.desired().restricted(&footprint),
-                room,
-            )
-        };
+        let plan = capacity::plan(
+            self.datapath.live(),
+            self.encoder.desired(),
+            (!whole).then_some(&footprint),
+            room,
+        );
         let ops = plan.ops;
         let live = self.datapath.live();
         let removed: Vec<Backend> = ops
@@ -227,8 +224,8 @@ impl Syncer {
             incomplete
                 .entry(self.object_of(&h.frontend))
                 .or_insert(format!(
-                    "map {} is full: raise {} ({} new entries needed, {} free)",
-                    h.map, h.flag, h.needed, h.free
+                    "map {} is full: raise {} (it needs {} new entries)",
+                    h.map, h.flag, h.needed
                 ));
         }
         for op in &plan.pending {
@@ -279,9 +276,10 @@ impl Syncer {
             return format!("cluster IP {addr}");
         };
         let frontend = model::Frontend { addr, port, proto };
+        let at = format!("{addr}:{port}/{}", format!("{proto:?}").to_uppercase());
         match self.tracker.frontend(&frontend) {
-            Some(state) => format!("Service {} ({addr}:{port}/{proto:?})", state.service),
-            None => format!("frontend {addr}:{port}/{proto:?}"),
+            Some(state) => format!("Service {} ({at})", state.service),
+            None => format!("frontend {at}"),
         }
     }
 

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use proxy_common::{ServiceKey, ServiceValue, map_names};
 
-use crate::contents::{MapContents, RangeEntry};
+use crate::contents::{Footprint, MapContents, RangeEntry};
 use crate::diff::{MapOp, diff};
 
 /// Entries each map the agent writes can still take.
@@ -88,16 +88,49 @@ pub struct Plan {
 /// once others freed room.
 const PASSES: usize = 4;
 
-/// The ops turning `live` into `desired` (both restricted to the same keys,
-/// or whole) that fit in `room` (what the whole maps have left).
-pub fn plan(live: &MapContents, desired: &MapContents, room: Room) -> Plan {
-    let ops = diff(live, desired);
+/// The ops turning `live` into `desired` that fit in `room` (what the maps
+/// have left), over the keys `keys` only (a change's footprint) or over
+/// everything.
+pub fn plan(
+    live: &MapContents,
+    desired: &MapContents,
+    keys: Option<&Footprint>,
+    room: Room,
+) -> Plan {
+    let ops = match keys {
+        Some(keys) => diff(&live.restricted(keys), &desired.restricted(keys)),
+        None => diff(live, desired),
+    };
     if fits(live, &ops, room) {
         return Plan {
             ops,
             ..Plan::default()
         };
     }
+    // The ordering below looks backends up by the slots and tables that
+    // point at them, so a restriction must hold those too.
+    let views = keys.map(|keys| {
+        let mut keys = keys.clone();
+        for contents in [live, desired] {
+            let part = contents.restricted(&keys);
+            keys.backends.extend(
+                part.services
+                    .iter()
+                    .filter(|(k, _)| k.slot != 0)
+                    .map(|(_, v)| v.backend_id)
+                    .chain(
+                        part.tables
+                            .values()
+                            .flat_map(|t| t.backends().iter().map(|b| b.id)),
+                    ),
+            );
+        }
+        (live.restricted(&keys), desired.restricted(&keys))
+    });
+    let (live, desired) = match &views {
+        Some((l, d)) => (l, d),
+        None => (live, desired),
+    };
     let mut sim = Sim::new(live, desired, room);
     sim.free_unused();
     let mut held = Vec::new();

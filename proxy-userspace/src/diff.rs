@@ -256,7 +256,7 @@ mod tests {
         cap: &Capacity,
     ) -> (crate::capacity::Plan, MapContents) {
         check_consistent(live).expect("starting state is consistent");
-        let plan = crate::capacity::plan(live, desired, cap.room(live));
+        let plan = crate::capacity::plan(live, desired, None, cap.room(live));
         let mut state = live.clone();
         for (i, op) in plan.ops.iter().enumerate() {
             apply(&mut state, op);
