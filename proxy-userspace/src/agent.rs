@@ -486,6 +486,16 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
     let mut syncer = Syncer::new(datapath, cfg.node_name.clone(), cfg.lb_algorithms);
     attach_matching(syncer.datapath_mut(), &cfg.interfaces, &cfg.node_interfaces);
     refresh_node_addresses(&mut syncer, &cfg);
+    // Every attached program now runs on this agent's maps: conntrack
+    // entries the old programs made in a resized map's place meanwhile are
+    // carried over.
+    match syncer.datapath_mut().finish_resize() {
+        0 => {}
+        n => tracing::info!(
+            entries = n,
+            "copied the last conntrack entries into the resized map"
+        ),
+    }
     // Every attached program now reads this layout's maps; older layouts
     // (an agent of an earlier version) can go.
     match syncer.datapath_mut().retire_old_layouts() {

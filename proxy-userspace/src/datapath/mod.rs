@@ -5,6 +5,7 @@
 mod bpffs;
 mod hooks;
 mod pins;
+mod resize;
 mod upkeep;
 
 pub use bpffs::{BPFFS_MOUNT, DirError, DirLock, ensure_dir};
@@ -317,6 +318,9 @@ pub struct Datapath {
     /// Every map's real `max_entries`, by name (an adopted map keeps the
     /// size it was made with).
     max_entries: BTreeMap<&'static str, u32>,
+    /// The conntrack map replaced by a resize, until the old programs are
+    /// switched off it.
+    old_conntrack: Option<HashMap<MapData, CtKey, CtValue>>,
     config: Array<MapData, Config>,
     bpffs: PathBuf,
     /// This agent's hold on `bpffs`.
@@ -348,9 +352,14 @@ impl Datapath {
         for dir in [&maps, &links_dir(&cfg.bpffs)] {
             bpffs::ensure_subdir(dir)?;
         }
+        // Maps pinned with other sizes get new ones, filled below.
+        let resized = resize::find(&maps, cfg)?;
         let pins: Vec<(&'static str, PathBuf)> = map_names::ALL
             .iter()
-            .map(|name| (*name, maps.join(name)))
+            .map(|name| match resized.iter().any(|r| r.name == *name) {
+                true => (*name, resize::staging_pin(&maps, name)),
+                false => (*name, maps.join(name)),
+            })
             .collect();
         let mut loader = EbpfLoader::new();
         loader
@@ -438,12 +447,17 @@ impl Datapath {
             cgroup: None,
             pinned,
             max_entries,
+            old_conntrack: None,
             config,
             bpffs: cfg.bpffs.clone(),
             lock,
             xdp: cfg.xdp,
         };
         dp.live = dp.read_contents()?;
+        if !resized.is_empty() {
+            dp.migrate(resized)?;
+            dp.live = dp.read_contents()?;
+        }
         dp.sync_endpoints();
         Ok(dp)
     }
@@ -589,15 +603,8 @@ impl Datapath {
             .tables
             .read_all(&self.live.tables)
             .map_err(map_err(map_names::MAGLEV))?;
-        for key in self.source_ranges.keys() {
-            let key = key.map_err(map_err(map_names::SOURCE_RANGES))?;
-            let data = key.data();
-            contents.source_ranges.insert(RangeEntry {
-                svc_id: u32::from_be(data.svc_id_be),
-                addr: addr_from_map(data.addr),
-                prefix_len: key.prefix_len().saturating_sub(SourceRange::SVC_BITS) as u8,
-            });
-        }
+        contents.source_ranges =
+            read_ranges(&self.source_ranges).map_err(map_err(map_names::SOURCE_RANGES))?;
         Ok(contents)
     }
 
@@ -874,6 +881,23 @@ fn lookup_batch<K: aya::Pod + Default, V: aya::Pod + Default>(
         cursor = next;
         first = false;
     }
+}
+
+/// Every allowed prefix in a source-ranges trie.
+fn read_ranges(
+    trie: &LpmTrie<MapData, SourceRange, u8>,
+) -> Result<std::collections::BTreeSet<RangeEntry>, MapError> {
+    trie.keys()
+        .map(|key| {
+            let key = key?;
+            let data = key.data();
+            Ok(RangeEntry {
+                svc_id: u32::from_be(data.svc_id_be),
+                addr: addr_from_map(data.addr),
+                prefix_len: key.prefix_len().saturating_sub(SourceRange::SVC_BITS) as u8,
+            })
+        })
+        .collect()
 }
 
 /// The trie key of one allowed prefix: the svc id matched whole, then the

@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
-use proxy_common::{LAYOUT_VERSION, map_names};
+use proxy_common::LAYOUT_VERSION;
 
 use super::{
     Datapath, DatapathError,
@@ -98,7 +98,7 @@ pub(super) fn remove_pins(dir: &Path) -> io::Result<()> {
         let ours = path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| Pin::parse(n).is_some() || map_names::ALL.contains(&n));
+            .is_some_and(|n| Pin::parse(n).is_some() || super::resize::is_map_pin(n));
         if ours {
             std::fs::remove_file(&path)?;
         }
