@@ -366,8 +366,14 @@ fn keep_pins(datapath: &mut Datapath, metrics: &metrics::Metrics) {
 
 /// Attaches to every present interface matching `pods` (pod program) or
 /// `nodes` (node program; it wins where both match) that is not attached
-/// yet. Failures are logged and retried on the next scan.
-fn attach_matching(datapath: &mut Datapath, pods: &[String], nodes: &[String]) {
+/// yet, and forgets interfaces that went. A failure is logged once (again
+/// only when it changes) and retried on the next scan.
+fn attach_matching(
+    datapath: &mut Datapath,
+    pods: &[String],
+    nodes: &[String],
+    failing: &mut BTreeMap<String, String>,
+) {
     let names = match interfaces::list() {
         Ok(n) => n,
         Err(e) => {
@@ -378,9 +384,7 @@ fn attach_matching(datapath: &mut Datapath, pods: &[String], nodes: &[String]) {
     for gone in datapath.forget_missing(&names) {
         tracing::info!(iface = %gone, "interface gone or replaced");
     }
-    for detached in datapath.forget_detached() {
-        tracing::warn!(iface = %detached, "TC program was detached by someone else; re-attaching");
-    }
+    failing.retain(|name, _| names.iter().any(|(n, _)| n == name));
     for (name, index) in names {
         let hook = if interfaces::matches_any(nodes, &name) {
             Hook::Node
@@ -393,9 +397,54 @@ fn attach_matching(datapath: &mut Datapath, pods: &[String], nodes: &[String]) {
             continue;
         }
         match datapath.attach(&name, index, hook) {
-            Ok(()) => tracing::info!(iface = %name, ?hook, "attached TC ingress"),
-            Err(e) => tracing::error!(iface = %name, error = %e, "attach failed"),
+            Ok(()) => {
+                failing.remove(&name);
+                tracing::info!(iface = %name, ?hook, "attached TC ingress");
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if failing.get(&name) != Some(&e) {
+                    tracing::error!(iface = %name, error = %e, "attach failed; retrying at each scan");
+                    failing.insert(name, e);
+                }
+            }
         }
+    }
+}
+
+/// Forgets interfaces whose links were detached behind the agent's back;
+/// whether there were any (a scan then attaches them again). No netlink
+/// event says a link was detached, so this runs at the poll interval.
+fn check_links(datapath: &mut Datapath) -> bool {
+    let detached = datapath.forget_detached();
+    for iface in &detached {
+        tracing::warn!(iface = %iface, "TC program was detached by someone else; re-attaching");
+    }
+    !detached.is_empty()
+}
+
+/// Attaches to new interfaces, forgets gone ones and reads the node's
+/// addresses again; whether the NodePort addresses changed.
+fn rescan_interfaces(
+    syncer: &mut Syncer,
+    cfg: &RunConfig,
+    failing: &mut BTreeMap<String, String>,
+) -> bool {
+    attach_matching(
+        syncer.datapath_mut(),
+        &cfg.interfaces,
+        &cfg.node_interfaces,
+        failing,
+    );
+    refresh_node_addresses(syncer, cfg)
+}
+
+/// Waits for the next interface or address change, forever without a
+/// subscription.
+async fn link_event(events: &Option<interfaces::LinkEvents>) -> std::io::Result<()> {
+    match events {
+        Some(events) => events.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -455,6 +504,10 @@ fn health_addresses(cfg: &RunConfig, syncer: &Syncer) -> Vec<IpAddr> {
         .collect()
 }
 
+/// Interfaces and addresses are listed again this often even without a
+/// netlink event.
+const SAFETY_RESCAN: Duration = Duration::from_secs(30);
+
 /// First and longest wait before failed writes are tried again.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -484,7 +537,22 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         tracing::info!(cgroup = %cgroup.display(), "attached socket hooks");
     }
     let mut syncer = Syncer::new(datapath, cfg.node_name.clone(), cfg.lb_algorithms);
-    attach_matching(syncer.datapath_mut(), &cfg.interfaces, &cfg.node_interfaces);
+    // Subscribed before the first scan, so nothing that changes after it
+    // is missed.
+    let mut link_events = match interfaces::LinkEvents::subscribe() {
+        Ok(events) => Some(events),
+        Err(e) => {
+            tracing::warn!(error = %e, "no netlink interface events: interfaces are listed at every poll interval");
+            None
+        }
+    };
+    let mut attach_failing = BTreeMap::new();
+    attach_matching(
+        syncer.datapath_mut(),
+        &cfg.interfaces,
+        &cfg.node_interfaces,
+        &mut attach_failing,
+    );
     refresh_node_addresses(&mut syncer, &cfg);
     // Every attached program now runs on this agent's maps: conntrack
     // entries the old programs made in a resized map's place meanwhile are
@@ -524,7 +592,11 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
     let mut health = HealthServers::new(health_addresses(&cfg, &syncer), proxy_healthy, shed);
     // When the source reported the change the next sync is for.
     let mut noticed = None;
-    let mut iface_scan = tokio::time::interval(cfg.poll_interval);
+    let mut link_check = tokio::time::interval(cfg.poll_interval);
+    // Events can be lost (a full socket buffer says so, but a bug might
+    // not): everything is listed again now and then regardless.
+    let mut rescan = tokio::time::interval(SAFETY_RESCAN);
+    rescan.tick().await;
     let mut conntrack_gc = tokio::time::interval(cfg.conntrack_gc_interval);
     let mut resync = tokio::time::interval(cfg.resync_interval);
     // The first tick of an interval is immediate; the initial sync is the
@@ -552,12 +624,34 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             _ = resync.tick(), if synced => true,
             // A sync follows, which sets the next retry if one is due.
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(far_future)), if retry_at.is_some() => false,
-            _ = iface_scan.tick() => {
+            _ = link_check.tick() => {
                 keep_pins(syncer.datapath_mut(), &metrics);
-                attach_matching(syncer.datapath_mut(), &cfg.interfaces, &cfg.node_interfaces);
+                if !check_links(syncer.datapath_mut()) && link_events.is_some() {
+                    continue;
+                }
                 // New node addresses change the NodePort frontends; before
                 // the first sync they are simply used by it.
-                if !(refresh_node_addresses(&mut syncer, &cfg) && synced) {
+                if !(rescan_interfaces(&mut syncer, &cfg, &mut attach_failing) && synced) {
+                    continue;
+                }
+                false
+            }
+            changed = link_event(&link_events) => {
+                if let Err(e) = changed {
+                    tracing::warn!(error = %e, "netlink interface events failed: interfaces are listed at every poll interval");
+                    link_events = None;
+                }
+                // New node addresses change the NodePort frontends; before
+                // the first sync they are simply used by it.
+                if !(rescan_interfaces(&mut syncer, &cfg, &mut attach_failing) && synced) {
+                    continue;
+                }
+                false
+            }
+            _ = rescan.tick() => {
+                // New node addresses change the NodePort frontends; before
+                // the first sync they are simply used by it.
+                if !(rescan_interfaces(&mut syncer, &cfg, &mut attach_failing) && synced) {
                     continue;
                 }
                 false

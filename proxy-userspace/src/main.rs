@@ -221,6 +221,7 @@ fn main() -> anyhow::Result<()> {
                     .error(clap::error::ErrorKind::ArgumentConflict, conflict)
                     .exit();
             }
+            raise_fd_limit();
             let poll_interval = Duration::from_millis(args.poll_interval_ms);
             let node_name = match args.node_name {
                 Some(n) => n,
@@ -354,6 +355,23 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
     };
     tracing::info!(server = %config.cluster_url, "API server source");
     kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Raises the soft limit on open files to the hard one: the agent keeps
+/// one fd per link it checks (two or three per interface), and the usual
+/// soft limit of 1024 would run out at a few hundred pods.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 fn hostname() -> std::io::Result<String> {

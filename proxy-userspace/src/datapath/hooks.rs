@@ -5,11 +5,7 @@
 //! [`Pin::pin_name`] and [`Pin::parse`], so a new kind of hook is one more
 //! row of that table and every one of them knows it at once.
 
-use std::{
-    io,
-    os::fd::AsFd,
-    path::{Path, PathBuf},
-};
+use std::{os::fd::AsFd, path::Path};
 
 use aya::programs::{
     CgroupAttachMode, CgroupSockAddr, TcAttachType, tc::SchedClassifierLink, xdp::XdpLink,
@@ -18,17 +14,10 @@ use proxy_common::program_names;
 
 use super::{
     Datapath, DatapathError, SOCK_PROGRAMS,
-    pins::{adopt_link, adopt_pinned, link_target, links_dir, pin_link},
+    pins::{
+        adopt_link, adopt_pinned, link_target, links_dir, open_pinned_link, pin_link, unpin_link,
+    },
 };
-
-/// Removes a dead link's pin; gone already is fine.
-fn remove_pin(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path)
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        tracing::warn!(pin = %path.display(), error = %e, "removing a dead link's pin");
-    }
-}
 
 /// One kind of pinned link: what it attaches and how its pin is named
 /// (`<prefix><interface>`, or `<prefix><program>-<cgroup tag>`).
@@ -133,6 +122,8 @@ impl Datapath {
                 TcAttachType::Egress,
             ),
         ] {
+            // A link checked before under this name is not the one made now.
+            self.links.remove(&pin.pin_name(iface));
             self.attach_tc(iface, program, &links.join(pin.pin_name(iface)), direction)
                 .map_err(|source| DatapathError::Attach {
                     iface: iface.to_string(),
@@ -175,10 +166,12 @@ impl Datapath {
     /// interface alone.
     fn attach_xdp(&mut self, iface: &str) {
         let pin = links_dir(&self.bpffs).join(Pin::XdpNode.pin_name(iface));
+        let held = self.links.remove(&Pin::XdpNode.pin_name(iface));
         let (modes, why) = self.xdp.modes(iface);
         if modes.is_empty() {
             // An earlier agent's fast path goes with the setting.
-            if std::fs::remove_file(&pin).is_ok() {
+            if pin.exists() {
+                unpin_link(&pin, held);
                 tracing::info!(iface, "XDP fast path detached ({why})");
             } else {
                 tracing::info!(iface, "no XDP fast path ({why})");
@@ -234,28 +227,32 @@ impl Datapath {
         let Some(path) = self.cgroup.clone() else {
             return Ok(Vec::new());
         };
+        let (seen, present) = self.link_pins();
         let mut redone = Vec::new();
         for name in SOCK_PROGRAMS {
             let pin = self.sock_pin(name, &path);
-            if matches!(link_target(&pin), Ok(Some(_))) {
+            if self.link_alive(&pin, &present) {
                 continue;
             }
-            remove_pin(&pin);
+            self.unpin(&pin);
             self.attach_sock(name, &path)?;
             redone.push(name);
+        }
+        if redone.is_empty() {
+            self.link_names = (seen, present);
         }
         Ok(redone)
     }
 
     /// One pin per program and cgroup: a different cgroup next time is
     /// attached afresh, not confused with this one.
-    fn sock_pin(&self, program: &str, cgroup: &Path) -> PathBuf {
+    fn sock_pin(&self, program: &str, cgroup: &Path) -> String {
         let tag: String = cgroup
             .to_string_lossy()
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        links_dir(&self.bpffs).join(Pin::Cgroup.pin_name(&format!("{program}-{tag}")))
+        Pin::Cgroup.pin_name(&format!("{program}-{tag}"))
     }
 
     /// Socket program `name` on cgroup `path` through its pinned link,
@@ -265,7 +262,9 @@ impl Datapath {
             path: path.to_path_buf(),
             source,
         };
-        let pin = self.sock_pin(name, path);
+        let pin_name = self.sock_pin(name, path);
+        self.links.remove(&pin_name);
+        let pin = links_dir(&self.bpffs).join(pin_name);
         let prog: &mut CgroupSockAddr = self
             .ebpf
             .program_mut(name)
@@ -297,21 +296,26 @@ impl Datapath {
     /// back (`bpftool link detach`, another tool), so the next scan attaches
     /// them again. Returns their names.
     pub fn forget_detached(&mut self) -> Vec<String> {
-        let links = links_dir(&self.bpffs);
-        let dead: Vec<(String, Hook)> = self
+        let (seen, present) = self.link_pins();
+        let mut dead: Vec<(String, Hook)> = Vec::new();
+        let attached: Vec<(String, Hook)> = self
             .attached
             .iter()
-            .filter(|(iface, (_, hook))| {
-                // The TC link must run; an XDP link counts when there is one
-                // (the mode may have left it out).
-                hook.pins().iter().any(|pin| {
-                    let path = links.join(pin.pin_name(iface));
-                    let optional = *pin == Pin::XdpNode && !path.exists();
-                    !optional && !matches!(link_target(&path), Ok(Some(_)))
-                })
-            })
             .map(|(iface, (_, hook))| (iface.clone(), *hook))
             .collect();
+        for (iface, hook) in attached {
+            // The TC links must run; an XDP link counts when there is one
+            // (the mode may have left it out).
+            let broken = hook.pins().iter().any(|pin| {
+                let name = pin.pin_name(&iface);
+                let optional = *pin == Pin::XdpNode && !present.contains(&name);
+                !optional && !self.link_alive(&name, &present)
+            });
+            if broken {
+                dead.push((iface, hook));
+            }
+        }
+        self.link_names = (seen, present);
         for (iface, hook) in &dead {
             self.attached.remove(iface);
             self.unpin_hook(iface, *hook);
@@ -319,12 +323,66 @@ impl Datapath {
         dead.into_iter().map(|(iface, _)| iface).collect()
     }
 
+    /// The names of the pins in `links/`, read again only when the
+    /// directory changed (its mtime moves with every pin and unpin): one
+    /// `stat` per check instead of a lookup per pin.
+    /// Taken out of the cache while in use (for borrowing's sake: an early
+    /// return leaves the cache empty, to be read again) and put back with
+    /// `self.link_names = ...`.
+    fn link_pins(
+        &mut self,
+    ) -> (
+        Option<std::time::SystemTime>,
+        std::collections::BTreeSet<String>,
+    ) {
+        let dir = links_dir(&self.bpffs);
+        let changed = dir.metadata().and_then(|m| m.modified()).ok();
+        if changed.is_none() || changed != self.link_names.0 {
+            let names = std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.link_names = (changed, names);
+        }
+        std::mem::take(&mut self.link_names)
+    }
+
+    /// Whether the link pinned as `name` (in `present`) is attached. Its fd
+    /// is kept open from the first check on, so each later one is a single
+    /// syscall (a node with 300 pods has 600 links, checked every poll
+    /// interval).
+    fn link_alive(&mut self, name: &str, present: &std::collections::BTreeSet<String>) -> bool {
+        if !present.contains(name) {
+            self.links.remove(name);
+            return false;
+        }
+        if !self.links.contains_key(name) {
+            match open_pinned_link(&links_dir(&self.bpffs).join(name)) {
+                Ok(fd) => {
+                    self.links.insert(name.to_string(), fd);
+                }
+                Err(_) => return false,
+            }
+        }
+        matches!(self.links.get(name).map(link_target), Some(Ok(Some(_))))
+    }
+
     /// Removes every pin of `iface`'s hook; the links die with their last
     /// reference.
-    fn unpin_hook(&self, iface: &str, hook: Hook) {
+    fn unpin_hook(&mut self, iface: &str, hook: Hook) {
         for pin in hook.pins() {
-            remove_pin(&links_dir(&self.bpffs).join(pin.pin_name(iface)));
+            self.unpin(&pin.pin_name(iface));
         }
+    }
+
+    /// Removes the link pin `name`; the link is gone when this returns.
+    fn unpin(&mut self, name: &str) {
+        let held = self.links.remove(name);
+        unpin_link(&links_dir(&self.bpffs).join(name), held);
     }
 
     /// Forgets interfaces that no longer exist, or exist under a new index

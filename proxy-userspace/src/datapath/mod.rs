@@ -313,6 +313,13 @@ pub struct Datapath {
     attached: BTreeMap<String, (u32, Hook)>,
     /// The cgroup the socket hooks are attached to.
     cgroup: Option<PathBuf>,
+    /// The links checked so far, open, by pin name (see `link_alive`).
+    links: BTreeMap<String, std::os::fd::OwnedFd>,
+    /// The pin names under `links/`, and the directory's mtime then.
+    link_names: (
+        Option<std::time::SystemTime>,
+        std::collections::BTreeSet<String>,
+    ),
     /// Every pinned map by name, to pin again if its pin is removed.
     pinned: Vec<(&'static str, MapData)>,
     /// Every map's real `max_entries`, by name (an adopted map keeps the
@@ -445,6 +452,8 @@ impl Datapath {
             live: MapContents::default(),
             attached: BTreeMap::new(),
             cgroup: None,
+            links: BTreeMap::new(),
+            link_names: Default::default(),
             pinned,
             max_entries,
             old_conntrack: None,

@@ -170,7 +170,7 @@ pub fn pinned_links(bpffs: &Path) -> io::Result<BTreeMap<String, Option<u32>>> {
     let mut links = BTreeMap::new();
     for entry in std::fs::read_dir(links_dir(bpffs))? {
         let entry = entry?;
-        let target = link_target(&entry.path()).unwrap_or(None);
+        let target = pinned_link_target(&entry.path()).unwrap_or(None);
         links.insert(
             entry.file_name().to_string_lossy().into_owned(),
             target.map(|t| t as u32),
@@ -183,10 +183,14 @@ pub fn pinned_links(bpffs: &Path) -> io::Result<BTreeMap<String, Option<u32>>> {
 /// index, or its cgroup's id; `None` once it has been detached (the kernel
 /// reports 0 for a defunct link). aya's `LinkInfo` does not expose the
 /// per-type part of `struct bpf_link_info`, hence the raw call.
-pub(super) fn link_target(pin: &Path) -> io::Result<Option<u64>> {
+pub(super) fn pinned_link_target(pin: &Path) -> io::Result<Option<u64>> {
+    link_target(&open_pinned_link(pin)?)
+}
+
+/// [`pinned_link_target`] of a link already open.
+pub(super) fn link_target(link: &std::os::fd::OwnedFd) -> io::Result<Option<u64>> {
     use std::os::fd::AsRawFd;
     const BPF_LINK_TYPE_CGROUP: u64 = 3;
-    let link = open_pinned_link(pin)?;
     // struct bpf_link_info: type, id, prog_id, then (8-aligned) the
     // per-type union, whose tcx and xdp members start with the ifindex
     // (u32) and whose cgroup member starts with the cgroup id (u64).
@@ -235,8 +239,23 @@ pub(super) fn adopt_pinned(
 
 fn not_adoptable(pin: &Path, e: &dyn std::fmt::Display) -> bool {
     tracing::warn!(pin = %pin.display(), error = %e, "pinned link not adoptable; attaching afresh");
-    let _ = std::fs::remove_file(pin);
+    unpin_link(pin, None);
     false
+}
+
+/// Removes a link's pin so that the link is gone when this returns: the
+/// kernel frees a link whose last reference was its pin later, in a
+/// workqueue, and attaching the same program to the same hook before then
+/// fails (EEXIST); with the link held open (`held`, or opened here) across
+/// the unlink, the close is the last reference and frees it at once.
+pub(super) fn unpin_link(pin: &Path, held: Option<std::os::fd::OwnedFd>) {
+    let held = held.or_else(|| open_pinned_link(pin).ok());
+    if let Err(e) = std::fs::remove_file(pin)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(pin = %pin.display(), error = %e, "removing a dead link's pin");
+    }
+    drop(held);
 }
 
 fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
