@@ -169,8 +169,10 @@ struct RunArgs {
     /// each load-balancer frontend entry).
     #[arg(long, env = "KEP_SOURCE_RANGES_MAX", default_value_t = defaults::SOURCE_RANGES_MAX)]
     source_ranges_max: u32,
-    /// How often the interfaces are checked (and a missing manifest
-    /// directory looked for), in ms (1..=3600000).
+    /// How often the pinned links are checked (re-attached when detached
+    /// or unpinned behind the agent's back; interfaces and addresses are
+    /// followed by netlink events), and a missing manifest directory looked
+    /// for, in ms (1..=3600000).
     #[arg(long, env = "KEP_POLL_INTERVAL_MS", default_value_t = 200,
           value_parser = clap::value_parser!(u64).range(1..=MAX_POLL_INTERVAL_MS))]
     poll_interval_ms: u64,
@@ -186,8 +188,10 @@ struct RunArgs {
           default_value = "127.0.0.1:10249", value_parser = parse_metrics_address)]
     metrics_bind_address: BindAddress,
     /// Health server: `/healthz` (fails once no sync completed for 2 x the
-    /// resync interval, or when this node is being deleted), `/livez` (the
-    /// same, whatever the node) and `/readyz` (the first sync is written),
+    /// resync interval, when the pinned datapath cannot be restored, or
+    /// when this node is being deleted), `/livez` (the same, whatever the
+    /// node) and `/readyz` (the first sync is written and nothing is left
+    /// unprogrammed),
     /// as kube-proxy's --healthz-bind-address. `IP:port`, or an IP alone for
     /// port 10256; empty: not served.
     #[arg(long, env = "KEP_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256",
