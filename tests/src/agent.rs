@@ -370,6 +370,18 @@ impl Agent<'_> {
         }
     }
 
+    /// The `ops=` of the first `datapath programmed` line: 0 when an agent
+    /// adopting pinned maps found them as it wants them.
+    pub fn first_sync_ops(&self) -> Option<u64> {
+        let lines = self.lock_lines();
+        let first = lines.iter().find(|l| l.contains("datapath programmed"))?;
+        first
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("ops="))?
+            .parse()
+            .ok()
+    }
+
     /// SIGKILL, as an OOM kill or a node problem would, leaving the pinned
     /// maps and links in place for the next agent to adopt (the lab removes
     /// them when it is dropped).

@@ -9,8 +9,6 @@
 
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lab::addr::{DEMO_VIP, HTTP_PORT};
@@ -74,29 +72,14 @@ fn endpoints_are_replaced_without_an_outage_in_a_nearly_full_backends_map() {
         ])
         .expect("agent programs the datapath");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let prober = {
-        let stop = stop.clone();
-        let target = SocketAddrV4::new(DEMO_VIP, HTTP_PORT);
-        lab.client()
-            .spawn("prober", move || {
-                let (mut ok, mut failed, mut samples) = (0u64, 0u64, Vec::new());
-                let end = Instant::now() + Duration::from_secs(30);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                    let r = loadgen::tcp_requests(
-                        target,
-                        10,
-                        Duration::from_secs(1),
-                        Duration::from_secs(5),
-                    );
-                    ok += r.ok;
-                    failed += r.error_count();
-                    samples.extend(r.error_samples.iter().take(3).cloned());
-                }
-                (ok, failed, samples)
-            })
-            .unwrap()
-    };
+    let prober = loadgen::Prober::start(
+        lab.client(),
+        SocketAddrV4::new(DEMO_VIP, HTTP_PORT),
+        10,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let mark = agent.log_mark();
     lab.write_manifest("demo.yaml", &yaml::demo(&[3, 4, 5]))
@@ -106,8 +89,7 @@ fn endpoints_are_replaced_without_an_outage_in_a_nearly_full_backends_map() {
         .expect("the change is programmed");
     // Whatever retries there are come within 2 s.
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed, samples) = prober.join();
+    let (ok, failed, samples) = prober.stop();
     assert!(ok > 50, "too few requests to mean anything: {ok}");
     assert_eq!(
         failed,

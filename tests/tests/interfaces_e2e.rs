@@ -4,7 +4,7 @@
 //!
 //! Needs root and the agent binary; fails loudly without them.
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use lab::addr::{DEMO_VIP, HTTP_PORT, backend_gw, backend_ip};
@@ -25,39 +25,7 @@ fn a_recreated_pod_interface_is_attached_again() {
     let node = lab.node();
     node.ip(&["link", "del", "veth-b2"]).unwrap();
     let mark = agent.log_mark();
-    node.ip(&[
-        "link",
-        "add",
-        "veth-b2",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        pod.name(),
-    ])
-    .unwrap();
-    node.ip(&[
-        "addr",
-        "add",
-        &format!("{}/24", backend_gw(2)),
-        "dev",
-        "veth-b2",
-    ])
-    .unwrap();
-    node.ip(&["link", "set", "veth-b2", "up"]).unwrap();
-    pod.ip(&[
-        "addr",
-        "add",
-        &format!("{}/24", backend_ip(2)),
-        "dev",
-        "eth0",
-    ])
-    .unwrap();
-    pod.ip(&["link", "set", "eth0", "up"]).unwrap();
-    pod.ip(&["route", "add", "default", "via", &backend_gw(2).to_string()])
-        .unwrap();
+    lab::wire_pod(node, pod, "veth-b2", backend_ip(2), backend_gw(2)).unwrap();
     let rebuilt = Instant::now();
 
     agent
@@ -163,30 +131,8 @@ fn a_client_pod_created_after_the_agent_started_is_translated() {
 /// (and so the veth pair) when the test ends.
 fn new_pod(lab: &Lab, n: u8) -> lab::Netns {
     let pod = lab::Netns::create(&format!("{}c{n}", lab.netns_prefix())).unwrap();
-    let node = lab.node();
-    let veth = format!("veth-c{n}");
-    node.ip(&[
-        "link",
-        "add",
-        &veth,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        pod.name(),
-    ])
-    .unwrap();
-    node.ip(&["addr", "add", &format!("10.244.{n}.1/24"), "dev", &veth])
-        .unwrap();
-    node.ip(&["link", "set", &veth, "up"]).unwrap();
-    pod.ip(&["link", "set", "lo", "up"]).unwrap();
-    pod.ip(&["addr", "add", &format!("10.244.{n}.2/24"), "dev", "eth0"])
-        .unwrap();
-    pod.ip(&["link", "set", "eth0", "up"]).unwrap();
-    pod.ip(&["route", "add", "default", "via", &format!("10.244.{n}.1")])
-        .unwrap();
+    let (ip, gw) = (Ipv4Addr::new(10, 244, n, 2), Ipv4Addr::new(10, 244, n, 1));
+    lab::wire_pod(lab.node(), &pod, &format!("veth-c{n}"), ip, gw).unwrap();
     pod
 }
 

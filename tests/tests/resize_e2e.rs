@@ -94,14 +94,11 @@ fn new_map_sizes_are_migrated_into_keeping_flows() {
                 "round {round}: {map} metric"
             );
         }
-        let logs = agent.logs();
-        let first = logs
-            .lines()
-            .find(|l| l.contains("datapath programmed"))
-            .unwrap();
-        assert!(
-            first.contains(" ops=0 "),
-            "round {round}: the copied maps were rewritten: {first}"
+        assert_eq!(
+            agent.first_sync_ops(),
+            Some(0),
+            "round {round}: the copied maps were rewritten:\n{}",
+            agent.log_tail(20)
         );
         let got = lab.client().run(|| session.request());
         assert_eq!(
