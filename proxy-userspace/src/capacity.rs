@@ -305,15 +305,15 @@ impl<'a> Sim<'a> {
             self.free_backend(id);
         }
         // Rewrites of existing backends take no room and break nothing.
-        let rewrites: Vec<(u32, proxy_common::Backend)> = self
+        let rewrites: Vec<u32> = self
             .desired
             .backends
             .iter()
             .filter(|(id, b)| self.state.backends.get(id).is_some_and(|old| old != *b))
-            .map(|(id, b)| (*id, *b))
+            .map(|(id, _)| *id)
             .collect();
-        for (id, b) in rewrites {
-            self.emit(MapOp::PutBackend(id, b));
+        for id in rewrites {
+            self.put_backend(id);
         }
     }
 

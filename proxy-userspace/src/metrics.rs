@@ -742,6 +742,56 @@ mod tests {
         );
     }
 
+    /// A datapath whose pins cannot be restored fails /healthz and /livez
+    /// until it is restored; objects left unprogrammed fail /readyz with
+    /// the reason.
+    #[test]
+    fn datapath_faults_and_incomplete_programming_are_reported() {
+        let m = metrics(Duration::from_secs(60));
+        sync(&m, &Objects::default());
+        let now = Instant::now();
+        assert_eq!(m.set_datapath_fault(None), None, "no change");
+        assert_eq!(
+            m.set_datapath_fault(Some("gone".into())),
+            Some(Some("gone".into()))
+        );
+        assert_eq!(m.set_datapath_fault(Some("gone".into())), None);
+        assert_eq!(m.healthz_at(now, SystemTime::now()).status, 503);
+        assert_eq!(m.livez_at(now, SystemTime::now()).status, 503);
+        assert!(!m.proxy_healthy());
+        assert_eq!(m.set_datapath_fault(None), Some(None));
+        assert_eq!(m.livez_at(now, SystemTime::now()).status, 200);
+
+        assert_eq!(m.readyz().status, 200);
+        let mut out = outcome(0);
+        out.incomplete = 2;
+        m.record_sync(
+            (0, 0, 0),
+            [],
+            &MapContents::default(),
+            &out,
+            Duration::ZERO,
+            None,
+        );
+        let a = m.readyz();
+        assert_eq!(a.status, 503);
+        assert!(
+            a.body.contains("programming incomplete: 2 objects"),
+            "{}",
+            a.body
+        );
+        assert_eq!(sample(&m.render(), "kep_programming_incomplete"), Some(2.0));
+        m.record_sync(
+            (0, 0, 0),
+            [],
+            &MapContents::default(),
+            &outcome(0),
+            Duration::ZERO,
+            None,
+        );
+        assert_eq!(m.readyz().status, 200);
+    }
+
     /// kube-proxy's node eligibility: a node being deleted, or tainted by
     /// the cluster autoscaler for deletion, fails /healthz (load balancers
     /// drain it) but not /livez (no restart) nor the service health checks.
