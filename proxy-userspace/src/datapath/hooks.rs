@@ -297,7 +297,7 @@ impl Datapath {
     /// them again. Returns their names.
     pub fn forget_detached(&mut self) -> Vec<String> {
         let (seen, present) = self.link_pins();
-        let mut dead: Vec<(String, Hook)> = Vec::new();
+        let mut dead: Vec<(String, Vec<String>)> = Vec::new();
         let attached: Vec<(String, Hook)> = self
             .attached
             .iter()
@@ -306,19 +306,28 @@ impl Datapath {
         for (iface, hook) in attached {
             // The TC links must run; an XDP link counts when there is one
             // (the mode may have left it out).
-            let broken = hook.pins().iter().any(|pin| {
-                let name = pin.pin_name(&iface);
-                let optional = *pin == Pin::XdpNode && !present.contains(&name);
-                !optional && !self.link_alive(&name, &present)
-            });
-            if broken {
-                dead.push((iface, hook));
+            let pins: Vec<String> = hook
+                .pins()
+                .iter()
+                .filter(|pin| {
+                    let name = pin.pin_name(&iface);
+                    let optional = **pin == Pin::XdpNode && !present.contains(&name);
+                    !optional && !self.link_alive(&name, &present)
+                })
+                .map(|pin| pin.pin_name(&iface))
+                .collect();
+            if !pins.is_empty() {
+                dead.push((iface, pins));
             }
         }
         self.link_names = (seen, present);
-        for (iface, hook) in &dead {
+        // Only the dead links go: the next attach adopts the live ones
+        // (their traffic never pauses) and makes the others anew.
+        for (iface, pins) in &dead {
             self.attached.remove(iface);
-            self.unpin_hook(iface, *hook);
+            for pin in pins {
+                self.unpin(pin);
+            }
         }
         dead.into_iter().map(|(iface, _)| iface).collect()
     }
