@@ -15,9 +15,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use proxy_common::{Backend, ServiceKey};
 
 use crate::{
+    capacity,
     contents::Footprint,
     datapath::{Datapath, DatapathConfig, Hook},
-    diff::{MapOp, diff},
+    diff::MapOp,
     encode::{Encoder, LbAlgorithms},
     healthcheck::HealthServers,
     interfaces, metrics,
@@ -74,8 +75,11 @@ pub struct Syncer {
     /// The next sync compares the whole maps, not only what changed: the
     /// first one (what an earlier agent left may be stale) and resyncs.
     whole: bool,
-    /// Keys of writes that failed, tried again at the next sync.
+    /// Keys of writes that failed or did not fit, tried again at the next
+    /// sync (soon: see [`Syncer::needs_retry`]).
     retry: Footprint,
+    /// Objects not programmed as desired, and why, as last logged.
+    incomplete: BTreeMap<String, String>,
 }
 
 impl Syncer {
@@ -97,6 +101,7 @@ impl Syncer {
             warnings_changed: false,
             whole: true,
             retry: Footprint::default(),
+            incomplete: BTreeMap::new(),
         }
     }
 
@@ -182,14 +187,14 @@ impl Syncer {
         footprint.backends.extend(retry.backends);
         footprint.svc_ids.extend(retry.svc_ids);
         let whole = std::mem::take(&mut self.whole);
-        let ops = if whole {
-            diff(self.datapath.live(), self.encoder.desired())
-        } else {
-            diff(
-                &self.datapath.live().restricted(&footprint),
-                &self.encoder.desired().restricted(&footprint),
-            )
-        };
+        let room = self.datapath.capacity().room(self.datapath.live());
+        let plan = capacity::plan(
+            self.datapath.live(),
+            self.encoder.desired(),
+            (!whole).then_some(&footprint),
+            room,
+        );
+        let ops = plan.ops;
         let live = self.datapath.live();
         let removed: Vec<Backend> = ops
             .iter()
@@ -213,19 +218,31 @@ impl Syncer {
             });
         let failed = self.datapath.apply(&ops);
         let mut full: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut incomplete: BTreeMap<String, String> = BTreeMap::new();
+        for h in &plan.held {
+            *full.entry(h.map).or_default() += 1;
+            incomplete
+                .entry(self.object_of(&h.frontend))
+                .or_insert(format!(
+                    "map {} is full: raise {} (it needs {} new entries)",
+                    h.map, h.flag, h.needed
+                ));
+        }
+        for op in &plan.pending {
+            self.retry.add(op);
+        }
         for f in &failed {
-            match f.full_map() {
+            let why = match f.full_map() {
                 Some((map, flag)) => {
                     *full.entry(map).or_default() += 1;
-                    tracing::error!(
-                        op = ?f.op,
-                        "map {map} is full: raise {flag}; this entry is not programmed, everything else is"
-                    );
+                    format!("map {map} is full: raise {flag}")
                 }
-                None => tracing::error!(op = ?f.op, error = %f.error, "map update failed"),
-            }
+                None => format!("map update failed: {}", f.error),
+            };
+            incomplete.entry(self.op_object(&f.op)).or_insert(why);
             self.retry.add(&f.op);
         }
+        self.report_incomplete(incomplete);
         if affinity_touched && let Err(e) = self.datapath.prune_affinity() {
             tracing::error!(error = %e, "pruning session affinity");
         }
@@ -241,7 +258,59 @@ impl Syncer {
             failed: failed.len(),
             full,
             skipped: self.reported.len(),
+            incomplete: self.incomplete.len(),
         }
+    }
+
+    /// Whether some writes failed or did not fit and wait to be retried.
+    pub fn needs_retry(&self) -> bool {
+        !self.retry.is_empty()
+    }
+
+    /// The object a services-map entry belongs to, for a log line: its
+    /// Service port (`namespace/name:port`) and frontend.
+    fn object_of(&self, key: &ServiceKey) -> String {
+        let addr = crate::contents::addr_from_map(key.addr);
+        let port = crate::contents::port_from_map(key.port);
+        let Some(proto) = model::Protocol::from_number(key.proto) else {
+            return format!("cluster IP {addr}");
+        };
+        let frontend = model::Frontend { addr, port, proto };
+        let at = format!("{addr}:{port}/{}", format!("{proto:?}").to_uppercase());
+        match self.tracker.frontend(&frontend) {
+            Some(state) => format!("Service {} ({at})", state.service),
+            None => format!("frontend {at}"),
+        }
+    }
+
+    /// The object a failed op belongs to.
+    fn op_object(&self, op: &MapOp) -> String {
+        match op {
+            MapOp::PutService(k, _) | MapOp::DeleteService(k) => self.object_of(k),
+            MapOp::PutBackend(id, _) | MapOp::DeleteBackend(id) => format!("backend {id}"),
+            MapOp::PutTable(id, _) | MapOp::DeleteTable(id) => format!("Maglev table {id}"),
+            MapOp::PutSourceRange(r) | MapOp::DeleteSourceRange(r) => {
+                format!("source ranges of {}", r.svc_id)
+            }
+        }
+    }
+
+    /// One warning per object that is not programmed (again only when its
+    /// reason changes), and one line when it is programmed at last.
+    fn report_incomplete(&mut self, now: BTreeMap<String, String>) {
+        for (object, why) in &now {
+            if self.incomplete.get(object) != Some(why) {
+                tracing::warn!(
+                    "not programmed, retrying: {object}: {why}; everything else is programmed"
+                );
+            }
+        }
+        for object in self.incomplete.keys() {
+            if !now.contains_key(object) {
+                tracing::info!("programmed now: {object}");
+            }
+        }
+        self.incomplete = now;
     }
 
     /// Logs the warnings not logged before.
@@ -259,10 +328,52 @@ impl Syncer {
     }
 }
 
+/// Puts back pins removed behind the agent's back and re-attaches socket
+/// hooks someone detached; a datapath that cannot be restored makes the
+/// agent unhealthy (logged once, when it starts and when it ends).
+fn keep_pins(datapath: &mut Datapath, metrics: &metrics::Metrics) {
+    let restored = datapath.restore_pins().and_then(|restored| {
+        let hooks = datapath.check_cgroup()?;
+        Ok((restored, hooks))
+    });
+    let fault = match restored {
+        Ok((restored, hooks)) => {
+            if !restored.is_empty() {
+                tracing::warn!(
+                    ?restored,
+                    "pins were removed behind the agent's back; pinned again"
+                );
+            }
+            if !hooks.is_empty() {
+                tracing::warn!(
+                    ?hooks,
+                    "socket hooks were detached by someone else; re-attached"
+                );
+            }
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(change) = metrics.set_datapath_fault(fault) {
+        match change {
+            Some(fault) => {
+                tracing::error!(error = %fault, "the datapath's pins cannot be restored: unhealthy until they are")
+            }
+            None => tracing::info!("the datapath's pins are restored: healthy again"),
+        }
+    }
+}
+
 /// Attaches to every present interface matching `pods` (pod program) or
 /// `nodes` (node program; it wins where both match) that is not attached
-/// yet. Failures are logged and retried on the next scan.
-fn attach_matching(datapath: &mut Datapath, pods: &[String], nodes: &[String]) {
+/// yet, and forgets interfaces that went. A failure is logged once (again
+/// only when it changes) and retried on the next scan.
+fn attach_matching(
+    datapath: &mut Datapath,
+    pods: &[String],
+    nodes: &[String],
+    failing: &mut BTreeMap<String, String>,
+) {
     let names = match interfaces::list() {
         Ok(n) => n,
         Err(e) => {
@@ -273,9 +384,7 @@ fn attach_matching(datapath: &mut Datapath, pods: &[String], nodes: &[String]) {
     for gone in datapath.forget_missing(&names) {
         tracing::info!(iface = %gone, "interface gone or replaced");
     }
-    for detached in datapath.forget_detached() {
-        tracing::warn!(iface = %detached, "TC program was detached by someone else; re-attaching");
-    }
+    failing.retain(|name, _| names.iter().any(|(n, _)| n == name));
     for (name, index) in names {
         let hook = if interfaces::matches_any(nodes, &name) {
             Hook::Node
@@ -288,9 +397,54 @@ fn attach_matching(datapath: &mut Datapath, pods: &[String], nodes: &[String]) {
             continue;
         }
         match datapath.attach(&name, index, hook) {
-            Ok(()) => tracing::info!(iface = %name, ?hook, "attached TC ingress"),
-            Err(e) => tracing::error!(iface = %name, error = %e, "attach failed"),
+            Ok(()) => {
+                failing.remove(&name);
+                tracing::info!(iface = %name, ?hook, "attached TC ingress");
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if failing.get(&name) != Some(&e) {
+                    tracing::error!(iface = %name, error = %e, "attach failed; retrying at each scan");
+                    failing.insert(name, e);
+                }
+            }
         }
+    }
+}
+
+/// Forgets interfaces whose links were detached behind the agent's back;
+/// whether there were any (a scan then attaches them again). No netlink
+/// event says a link was detached, so this runs at the poll interval.
+fn check_links(datapath: &mut Datapath) -> bool {
+    let detached = datapath.forget_detached();
+    for iface in &detached {
+        tracing::warn!(iface = %iface, "TC program was detached by someone else; re-attaching");
+    }
+    !detached.is_empty()
+}
+
+/// Attaches to new interfaces, forgets gone ones and reads the node's
+/// addresses again; whether the NodePort addresses changed.
+fn rescan_interfaces(
+    syncer: &mut Syncer,
+    cfg: &RunConfig,
+    failing: &mut BTreeMap<String, String>,
+) -> bool {
+    attach_matching(
+        syncer.datapath_mut(),
+        &cfg.interfaces,
+        &cfg.node_interfaces,
+        failing,
+    );
+    refresh_node_addresses(syncer, cfg)
+}
+
+/// Waits for the next interface or address change, forever without a
+/// subscription.
+async fn link_event(events: &Option<interfaces::LinkEvents>) -> std::io::Result<()> {
+    match events {
+        Some(events) => events.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -350,6 +504,20 @@ fn health_addresses(cfg: &RunConfig, syncer: &Syncer) -> Vec<IpAddr> {
         .collect()
 }
 
+/// Interfaces and addresses are listed again this often even without a
+/// netlink event.
+const SAFETY_RESCAN: Duration = Duration::from_secs(30);
+
+/// First and longest wait before failed writes are tried again.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A deadline no timer reaches (for a disabled `select!` branch, whose
+/// future is still built).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
+}
+
 /// A sync this large (the first one, a relist) leaves megabytes of freed
 /// transient memory (decoded objects, ops) that glibc keeps mapped.
 const LARGE_SYNC_OPS: usize = 10_000;
@@ -369,8 +537,33 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         tracing::info!(cgroup = %cgroup.display(), "attached socket hooks");
     }
     let mut syncer = Syncer::new(datapath, cfg.node_name.clone(), cfg.lb_algorithms);
-    attach_matching(syncer.datapath_mut(), &cfg.interfaces, &cfg.node_interfaces);
+    // Subscribed before the first scan, so nothing that changes after it
+    // is missed.
+    let mut link_events = match interfaces::LinkEvents::subscribe() {
+        Ok(events) => Some(events),
+        Err(e) => {
+            tracing::warn!(error = %e, "no netlink interface events: interfaces are listed at every poll interval");
+            None
+        }
+    };
+    let mut attach_failing = BTreeMap::new();
+    attach_matching(
+        syncer.datapath_mut(),
+        &cfg.interfaces,
+        &cfg.node_interfaces,
+        &mut attach_failing,
+    );
     refresh_node_addresses(&mut syncer, &cfg);
+    // Every attached program now runs on this agent's maps: conntrack
+    // entries the old programs made in a resized map's place meanwhile are
+    // carried over.
+    match syncer.datapath_mut().finish_resize() {
+        0 => {}
+        n => tracing::info!(
+            entries = n,
+            "copied the last conntrack entries into the resized map"
+        ),
+    }
     // Every attached program now reads this layout's maps; older layouts
     // (an agent of an earlier version) can go.
     match syncer.datapath_mut().retire_old_layouts() {
@@ -381,11 +574,14 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         Err(e) => tracing::warn!(error = %e, "removing maps of older layouts"),
     }
 
-    let metrics = Arc::new(metrics::Metrics::new(
-        &cfg.datapath,
-        cfg.resync_interval,
-        &cfg.node_name,
-    ));
+    let metrics = {
+        let datapath = syncer.datapath_mut();
+        Arc::new(metrics::Metrics::new(
+            |name| datapath.max_entries(name),
+            cfg.resync_interval,
+            &cfg.node_name,
+        ))
+    };
     metrics::serve(cfg.metrics_addr, cfg.healthz_addr, &metrics);
     let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
     let proxy_healthy = {
@@ -396,7 +592,11 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
     let mut health = HealthServers::new(health_addresses(&cfg, &syncer), proxy_healthy, shed);
     // When the source reported the change the next sync is for.
     let mut noticed = None;
-    let mut iface_scan = tokio::time::interval(cfg.poll_interval);
+    let mut link_check = tokio::time::interval(cfg.poll_interval);
+    // Events can be lost (a full socket buffer says so, but a bug might
+    // not): everything is listed again now and then regardless.
+    let mut rescan = tokio::time::interval(SAFETY_RESCAN);
+    rescan.tick().await;
     let mut conntrack_gc = tokio::time::interval(cfg.conntrack_gc_interval);
     let mut resync = tokio::time::interval(cfg.resync_interval);
     // The first tick of an interval is immediate; the initial sync is the
@@ -404,6 +604,11 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
     resync.tick().await;
     let mut generation: u64 = 0;
     let mut synced = false;
+    // Writes that failed or did not fit are tried again soon, backing off
+    // while they keep failing (a full map frees up when the operator acts or
+    // Services go).
+    let mut retry_delay = RETRY_FIRST;
+    let mut retry_at: Option<tokio::time::Instant> = None;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
@@ -417,11 +622,36 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
                 false
             }
             _ = resync.tick(), if synced => true,
-            _ = iface_scan.tick() => {
-                attach_matching(syncer.datapath_mut(), &cfg.interfaces, &cfg.node_interfaces);
+            // A sync follows, which sets the next retry if one is due.
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(far_future)), if retry_at.is_some() => false,
+            _ = link_check.tick() => {
+                keep_pins(syncer.datapath_mut(), &metrics);
+                if !check_links(syncer.datapath_mut()) && link_events.is_some() {
+                    continue;
+                }
                 // New node addresses change the NodePort frontends; before
                 // the first sync they are simply used by it.
-                if !(refresh_node_addresses(&mut syncer, &cfg) && synced) {
+                if !(rescan_interfaces(&mut syncer, &cfg, &mut attach_failing) && synced) {
+                    continue;
+                }
+                false
+            }
+            changed = link_event(&link_events) => {
+                if let Err(e) = changed {
+                    tracing::warn!(error = %e, "netlink interface events failed: interfaces are listed at every poll interval");
+                    link_events = None;
+                }
+                // New node addresses change the NodePort frontends; before
+                // the first sync they are simply used by it.
+                if !(rescan_interfaces(&mut syncer, &cfg, &mut attach_failing) && synced) {
+                    continue;
+                }
+                false
+            }
+            _ = rescan.tick() => {
+                // New node addresses change the NodePort frontends; before
+                // the first sync they are simply used by it.
+                if !(rescan_interfaces(&mut syncer, &cfg, &mut attach_failing) && synced) {
                     continue;
                 }
                 false
@@ -469,6 +699,13 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         health.update(syncer.health_checks()).await;
         synced = true;
         generation += 1;
+        if syncer.needs_retry() {
+            retry_at = Some(tokio::time::Instant::now() + retry_delay);
+            retry_delay = (retry_delay * 2).min(RETRY_MAX);
+        } else {
+            retry_at = None;
+            retry_delay = RETRY_FIRST;
+        }
         // since_event_us: from the source's first event of this batch to
         // the last map write (what kep_network_programming_duration_seconds
         // observes); took_us: the sync itself.

@@ -107,6 +107,7 @@ pub fn diff(live: &MapContents, desired: &MapContents) -> Vec<MapOp> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capacity::Capacity;
     use crate::contents::{addr_to_map, port_to_map};
     use crate::encode::{Encoder, LbAlgorithm, LbAlgorithms};
     use crate::model::{DesiredState, EmptyAction, Endpoint, Frontend, FrontendState, Protocol};
@@ -244,6 +245,93 @@ mod tests {
         }
         assert_eq!(&state, desired);
         ops
+    }
+
+    /// Applies `plan(live, desired, room)` op by op, checking consistency
+    /// and that no op asks a full map for a new entry, as the kernel would
+    /// refuse it; returns the plan and the state it leaves.
+    fn apply_planned(
+        live: &MapContents,
+        desired: &MapContents,
+        cap: &Capacity,
+    ) -> (crate::capacity::Plan, MapContents) {
+        check_consistent(live).expect("starting state is consistent");
+        let plan = crate::capacity::plan(live, desired, None, cap.room(live));
+        let mut state = live.clone();
+        for (i, op) in plan.ops.iter().enumerate() {
+            apply(&mut state, op);
+            if let Err(e) = check_consistent(&state) {
+                panic!("after op {i} {op:?}: {e}\nops: {:#?}", plan.ops);
+            }
+            let over = state.services.len() > cap.services as usize
+                || state.backends.len() > cap.backends as usize
+                || state.tables.len() > cap.tables as usize
+                || state.source_ranges.len() > cap.source_ranges as usize;
+            assert!(!over, "op {i} {op:?} overfills a map: {cap:?}");
+        }
+        if plan.held.is_empty() && plan.pending.is_empty() {
+            assert_eq!(&state, desired);
+        }
+        assert_eq!(diff(&state, desired), plan.pending);
+        (plan, state)
+    }
+
+    fn capacity(services: u32, backends: u32) -> Capacity {
+        Capacity {
+            services,
+            backends,
+            tables: 64,
+            source_ranges: 64,
+        }
+    }
+
+    /// issue 17 item 8: with `--backends-max 8`, replacing one Service's
+    /// three endpoints while another holds three more used to fail the new
+    /// backends and point the slots at nothing; now the endpoints are
+    /// swapped through the two free entries, never leaving a slot without
+    /// its backend, and the change completes in one plan.
+    #[test]
+    fn endpoints_are_replaced_through_little_room() {
+        let (web, dns) = (frontend(10, 80), frontend(11, 53));
+        let mut encoder = Encoder::new();
+        let live = encoder.encode(&desired(&[(web, &[1, 2, 3]), (dns, &[4, 5, 6])]));
+        let next = encoder.encode(&desired(&[(web, &[7, 8, 9]), (dns, &[4, 5, 6])]));
+        let cap = capacity(64, 8);
+        let (plan, state) = apply_planned(&live, &next, &cap);
+        assert!(plan.held.is_empty() && plan.pending.is_empty(), "{plan:#?}");
+        assert_eq!(state, next);
+        // The diff's own order would need all 9 backends at once.
+        let mut peak = live.clone();
+        let most = diff(&live, &next)
+            .iter()
+            .map(|op| {
+                apply(&mut peak, op);
+                peak.backends.len()
+            })
+            .max();
+        assert_eq!(most, Some(9));
+    }
+
+    /// A Service too big for the services map is held whole; the ones
+    /// after it are programmed (it used to fill the map with slots it could
+    /// never use, and nothing after it was programmed).
+    #[test]
+    fn a_frontend_too_big_holds_only_itself() {
+        let big: Vec<u8> = (1..=100).collect();
+        let small = [frontend(20, 80), frontend(21, 80), frontend(22, 80)];
+        let mut entries: Vec<(Frontend, &[u8])> = vec![(frontend(10, 80), &big)];
+        entries.extend(small.iter().map(|f| (*f, &[1u8, 2][..])));
+        let next = Encoder::new().encode(&desired(&entries));
+        let cap = capacity(64, 128);
+        let (plan, state) = apply_planned(&MapContents::default(), &next, &cap);
+        assert_eq!(plan.held.len(), 1, "{:#?}", plan.held);
+        assert_eq!(plan.held[0].frontend, key(frontend(10, 80), 0));
+        assert_eq!(plan.held[0].map, proxy_common::map_names::SERVICES);
+        for f in small {
+            let k = key(f, 0);
+            assert_eq!(state.services.get(&k), next.services.get(&k), "{f:?}");
+        }
+        assert!(!state.services.contains_key(&key(frontend(10, 80), 1)));
     }
 
     #[test]
@@ -400,6 +488,46 @@ mod tests {
                         + live.tables.keys().filter(|k| !next.tables.contains_key(k)).count();
                     prop_assert_eq!(ops.len(), changed);
                     live = next;
+                }
+            }
+
+            /// The same with maps too small for some states: every op is
+            /// consistent and fits, a state that fits with room to spare is
+            /// reached, and one that does not fit is reached once retries
+            /// have the room.
+            #[test]
+            fn every_intermediate_state_fits_and_is_consistent(
+                states in prop::collection::vec(arb_desired(), 1..6),
+                services in 0u32..48,
+                backends in 0u32..12,
+                tables in 0u32..6,
+                maglev in any::<bool>(),
+            ) {
+                let mut encoder = if maglev {
+                    Encoder::with_algorithms(LbAlgorithms::everywhere(LbAlgorithm::Maglev { table_size: 251 }))
+                } else {
+                    Encoder::new()
+                };
+                let cap = Capacity { services, backends, tables, source_ranges: 64 };
+                let mut live = MapContents::default();
+                for state in &states {
+                    let next = encoder.encode(state);
+                    // Retries, as the agent does, until nothing changes.
+                    for _ in 0..4 {
+                        let (plan, after) = apply_planned(&live, &next, &cap);
+                        let done = plan.ops.is_empty();
+                        live = after;
+                        if done {
+                            break;
+                        }
+                    }
+                    let roomy = live.services.len().max(next.services.len()) + next.services.len()
+                        <= cap.services as usize
+                        && live.backends.len() + next.backends.len() <= cap.backends as usize
+                        && live.tables.len() + next.tables.len() <= cap.tables as usize;
+                    if roomy {
+                        prop_assert_eq!(&live, &next);
+                    }
                 }
             }
         }

@@ -158,6 +158,103 @@ pub fn driver_info(iface: &str) -> io::Result<(String, String)> {
     Ok((text(&info.driver), text(&info.bus_info)))
 }
 
+/// rtnetlink's multicast groups (`RTMGRP_*`, the bit of each `RTNLGRP_*`):
+/// links appearing, going or changing, and IPv4 addresses.
+const RTMGRP_LINK: u32 = 1;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+
+/// The kernel's word that interfaces or addresses changed in this network
+/// namespace (rtnetlink's link and IPv4 address groups), so they are read
+/// again when they change and not polled: a node with 300 pod interfaces
+/// spent 5.8 % of a core listing them every 200 ms.
+pub struct LinkEvents {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl LinkEvents {
+    /// Joins the groups on a socket of the calling thread's network
+    /// namespace (events of other namespaces never arrive).
+    pub fn subscribe() -> io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscalls; the fd is owned at once.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        // SAFETY: all-zero is a valid sockaddr_nl.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR;
+        let rc = unsafe {
+            libc::bind(
+                raw,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the
+        // same for as long as it lives.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(io::Error::from)?;
+        Ok(Self { fd })
+    }
+
+    /// Waits until something changed, and reads every queued event (a
+    /// burst, such as a pod's veth pair and its addresses, is one wake-up).
+    /// A queue that overflowed (ENOBUFS: events were lost) counts as a
+    /// change: the caller reads everything again. Cancel-safe.
+    pub async fn changed(&self) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| drain_netlink(fd.get_ref())) {
+                Ok(Ok(true)) => return Ok(()),
+                Ok(Ok(false)) | Err(_) => continue,
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Reads every queued message; whether there was any (or an overflow).
+/// The messages themselves are not needed: the caller lists what is there.
+fn drain_netlink(fd: &std::os::fd::OwnedFd) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 16384];
+    let mut any = false;
+    loop {
+        // SAFETY: reading into a buffer we own, of its size.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOBUFS) => Ok(true),
+                _ if e.kind() == io::ErrorKind::WouldBlock && any => Ok(true),
+                _ => Err(e),
+            };
+        }
+        any = true;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 //! the datapath that owns the loaded eBPF object and its pinned maps.
 
 pub mod agent;
+pub mod capacity;
 pub mod contents;
 pub mod datapath;
 pub mod diff;

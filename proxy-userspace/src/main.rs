@@ -44,10 +44,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove every map the agent pinned (like `kube-proxy --cleanup`).
+    /// Remove every link and map the agent pinned (like `kube-proxy
+    /// --cleanup`). Refused while an agent runs on the directory.
     Cleanup {
         #[arg(long, env = "KEP_BPFFS", default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
         bpffs: PathBuf,
+        /// Remove it even while an agent holds it (that agent pins
+        /// everything again at once; stop it to keep the datapath gone).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -93,8 +98,11 @@ struct RunArgs {
     /// (falls back to generic with a warning), `generic` or `off`.
     #[arg(long, env = "KEP_XDP_MODE", default_value = "auto", value_parser = ["auto", "native", "generic", "off"])]
     xdp_mode: String,
-    /// Directory on bpffs where maps are pinned; bpffs is mounted on its
-    /// parent if it is not mounted yet.
+    /// Directory on bpffs where maps and links are pinned, locked by the
+    /// agent. bpffs is mounted at /sys/fs/bpf when the directory is below
+    /// it and it is not mounted yet; any other path must already be on a
+    /// bpffs. The directory and its ancestors must not be writable by other
+    /// users.
     #[arg(long, env = "KEP_BPFFS", default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
     bpffs: PathBuf,
     /// Service CIDRs, comma separated (kube-apiserver's
@@ -161,8 +169,10 @@ struct RunArgs {
     /// each load-balancer frontend entry).
     #[arg(long, env = "KEP_SOURCE_RANGES_MAX", default_value_t = defaults::SOURCE_RANGES_MAX)]
     source_ranges_max: u32,
-    /// How often the interfaces are checked (and a missing manifest
-    /// directory looked for), in ms (1..=3600000).
+    /// How often the pinned links are checked (re-attached when detached
+    /// or unpinned behind the agent's back; interfaces and addresses are
+    /// followed by netlink events), and a missing manifest directory looked
+    /// for, in ms (1..=3600000).
     #[arg(long, env = "KEP_POLL_INTERVAL_MS", default_value_t = 200,
           value_parser = clap::value_parser!(u64).range(1..=MAX_POLL_INTERVAL_MS))]
     poll_interval_ms: u64,
@@ -178,8 +188,10 @@ struct RunArgs {
           default_value = "127.0.0.1:10249", value_parser = parse_metrics_address)]
     metrics_bind_address: BindAddress,
     /// Health server: `/healthz` (fails once no sync completed for 2 x the
-    /// resync interval, or when this node is being deleted), `/livez` (the
-    /// same, whatever the node) and `/readyz` (the first sync is written),
+    /// resync interval, when the pinned datapath cannot be restored, or
+    /// when this node is being deleted), `/livez` (the same, whatever the
+    /// node) and `/readyz` (the first sync is written and nothing is left
+    /// unprogrammed),
     /// as kube-proxy's --healthz-bind-address. `IP:port`, or an IP alone for
     /// port 10256; empty: not served.
     #[arg(long, env = "KEP_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256",
@@ -213,6 +225,7 @@ fn main() -> anyhow::Result<()> {
                     .error(clap::error::ErrorKind::ArgumentConflict, conflict)
                     .exit();
             }
+            raise_fd_limit();
             let poll_interval = Duration::from_millis(args.poll_interval_ms);
             let node_name = match args.node_name {
                 Some(n) => n,
@@ -317,8 +330,8 @@ fn main() -> anyhow::Result<()> {
             let pinned = read_pinned(&bpffs)?;
             dump(&pinned, what, json)
         }
-        Command::Cleanup { bpffs } => {
-            datapath::unpin_all(&bpffs)
+        Command::Cleanup { bpffs, force } => {
+            datapath::cleanup(&bpffs, force)
                 .with_context(|| format!("removing pinned maps under {}", bpffs.display()))?;
             println!("removed pinned maps under {}", bpffs.display());
             Ok(())
@@ -346,6 +359,23 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
     };
     tracing::info!(server = %config.cluster_url, "API server source");
     kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Raises the soft limit on open files to the hard one: the agent keeps
+/// one fd per link it checks (two or three per interface), and the usual
+/// soft limit of 1024 would run out at a few hundred pods.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 fn hostname() -> std::io::Result<String> {

@@ -32,7 +32,7 @@ use proxy_common::{map_names, stat};
 
 use std::collections::BTreeMap;
 
-use crate::{contents::MapContents, datapath::DatapathConfig, http};
+use crate::{contents::MapContents, http};
 
 /// What one sync did: what [`Metrics::record_sync`] records and the
 /// agent's `datapath programmed` line prints (its own type here, so the
@@ -47,6 +47,9 @@ pub struct SyncOutcome {
     pub full: BTreeMap<&'static str, usize>,
     /// Warnings standing after it (objects, ports or files skipped).
     pub skipped: usize,
+    /// Objects it could not program as desired (a map full, a failed
+    /// write): retried, and `/readyz` says so meanwhile.
+    pub incomplete: usize,
 }
 
 /// One label, e.g. `map="kep_services"`.
@@ -73,6 +76,7 @@ pub struct Metrics {
     programming_duration: Histogram,
     objects: Family<Label, Gauge>,
     objects_skipped: Gauge,
+    incomplete: Gauge,
     map_entries: Family<Label, Gauge>,
     map_update_errors: Counter,
     map_full: Family<Label, Counter>,
@@ -92,6 +96,11 @@ struct Health {
     /// Whether this node may take traffic: not being deleted, not tainted
     /// for deletion (true until its Node object says otherwise).
     node_eligible: bool,
+    /// Why the datapath is not as the agent keeps it (its pins cannot be
+    /// restored): unhealthy while set.
+    datapath_fault: Option<String>,
+    /// Objects the last sync could not program: not ready while any.
+    incomplete: usize,
 }
 
 /// What a health endpoint answers: the status code and a JSON body.
@@ -102,9 +111,13 @@ pub struct Answer {
 }
 
 impl Metrics {
-    /// `resync_interval` sets the `/healthz` deadline; `datapath` gives the
-    /// map capacities; `node_name` is this node's.
-    pub fn new(datapath: &DatapathConfig, resync_interval: Duration, node_name: &str) -> Self {
+    /// `resync_interval` sets the `/healthz` deadline; `capacity` gives the
+    /// maps' real sizes (`max_entries` by name); `node_name` is this node's.
+    pub fn new(
+        capacity: impl Fn(&'static str) -> u32,
+        resync_interval: Duration,
+        node_name: &str,
+    ) -> Self {
         // The encoder ends each help text with a period and adds `_total`
         // to counter names.
         let mut registry = Registry::default();
@@ -143,6 +156,14 @@ impl Metrics {
              they were invalid or unsupported",
             objects_skipped.clone(),
         );
+        let incomplete = Gauge::default();
+        registry.register(
+            "kep_programming_incomplete",
+            "Objects (Service ports, or backends and tables) the last sync could \
+             not program as desired: a map was full or a write failed. They keep \
+             what they had, are retried with backoff, and /readyz fails meanwhile",
+            incomplete.clone(),
+        );
         let map_entries = Family::<Label, Gauge>::default();
         registry.register(
             "kep_map_entries",
@@ -157,14 +178,16 @@ impl Metrics {
             "Maximum entries of a datapath map",
             map_capacity.clone(),
         );
-        for (name, max) in [
-            (map_names::SERVICES, datapath.services_max),
-            (map_names::BACKENDS, datapath.backends_max),
-            (map_names::CONNTRACK, datapath.conntrack_max),
+        for name in [
+            map_names::SERVICES,
+            map_names::BACKENDS,
+            map_names::CONNTRACK,
+            map_names::MAGLEV,
+            map_names::SOURCE_RANGES,
         ] {
             map_capacity
                 .get_or_create(&[("map", name)])
-                .set(i64::from(max));
+                .set(i64::from(capacity(name)));
         }
         let map_update_errors = Counter::default();
         registry.register(
@@ -208,6 +231,7 @@ impl Metrics {
             programming_duration,
             objects,
             objects_skipped,
+            incomplete,
             map_entries,
             map_update_errors,
             map_full,
@@ -219,6 +243,8 @@ impl Metrics {
                 timeout: resync_interval.saturating_mul(2),
                 last_sync: None,
                 node_eligible: true,
+                datapath_fault: None,
+                incomplete: 0,
             }),
         }
     }
@@ -249,6 +275,7 @@ impl Metrics {
             self.objects.get_or_create(&[("kind", kind)]).set(gauge(n));
         }
         self.objects_skipped.set(gauge(out.skipped));
+        self.incomplete.set(gauge(out.incomplete));
         self.set_map_entries(map_names::SERVICES, live.services.len());
         self.set_map_entries(map_names::BACKENDS, live.backends.len());
         self.map_update_errors.inc_by(out.failed as u64);
@@ -261,6 +288,7 @@ impl Metrics {
         let mut health = self.lock_health();
         health.last_sync = Some((now, SystemTime::now()));
         health.node_eligible = eligible;
+        health.incomplete = out.incomplete;
     }
 
     /// Sets the entry count of map `name` (e.g. after counting conntrack).
@@ -347,13 +375,41 @@ impl Metrics {
         }
     }
 
-    /// `/readyz`: ready once the first sync wrote the datapath.
+    /// `/readyz`: ready once the first sync wrote the datapath, and while
+    /// the last one programmed everything.
     pub fn readyz(&self) -> Answer {
-        let ready = self.lock_health().last_sync.is_some();
+        let h = self.lock_health();
+        let synced = h.last_sync.is_some();
+        let ready = synced && h.incomplete == 0;
+        let reason = if !synced {
+            "not synced yet".to_string()
+        } else if !ready {
+            format!(
+                "programming incomplete: {} objects not programmed",
+                h.incomplete
+            )
+        } else {
+            String::new()
+        };
         Answer {
             status: if ready { 200 } else { 503 },
-            body: format!("{{\"ready\": {ready}}}"),
+            body: if ready {
+                "{\"ready\": true}".into()
+            } else {
+                format!("{{\"ready\": false, \"reason\": \"{reason}\"}}")
+            },
         }
+    }
+
+    /// Sets why the datapath is broken (`None`: it is not); returns the
+    /// new state when it changed.
+    pub fn set_datapath_fault(&self, fault: Option<String>) -> Option<Option<String>> {
+        let mut h = self.lock_health();
+        if h.datapath_fault == fault {
+            return None;
+        }
+        h.datapath_fault = fault.clone();
+        Some(fault)
     }
 
     fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
@@ -364,7 +420,7 @@ impl Metrics {
 impl Health {
     fn healthy_at(&self, now: Instant) -> bool {
         let since = self.last_sync.map_or(self.started, |(at, _)| at);
-        now.saturating_duration_since(since) < self.timeout
+        now.saturating_duration_since(since) < self.timeout && self.datapath_fault.is_none()
     }
 
     /// The last completed sync as a JSON string, `null` before the first.
@@ -535,10 +591,19 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpStream;
 
+    use crate::datapath::DatapathConfig;
     use crate::source::Objects;
 
     fn metrics(resync: Duration) -> Metrics {
-        Metrics::new(&DatapathConfig::new("/sys/fs/bpf/test"), resync, "node-a")
+        let cfg = DatapathConfig::new("/sys/fs/bpf/test");
+        Metrics::new(
+            move |name| match name {
+                map_names::SERVICES => cfg.services_max,
+                _ => 1,
+            },
+            resync,
+            "node-a",
+        )
     }
 
     fn sync(m: &Metrics, objects: &Objects) {
@@ -581,6 +646,7 @@ mod tests {
             failed,
             full: [(map_names::SERVICES, failed)].into_iter().collect(),
             skipped: 0,
+            incomplete: 0,
         }
     }
 
@@ -674,6 +740,56 @@ mod tests {
                 .status,
             503
         );
+    }
+
+    /// A datapath whose pins cannot be restored fails /healthz and /livez
+    /// until it is restored; objects left unprogrammed fail /readyz with
+    /// the reason.
+    #[test]
+    fn datapath_faults_and_incomplete_programming_are_reported() {
+        let m = metrics(Duration::from_secs(60));
+        sync(&m, &Objects::default());
+        let now = Instant::now();
+        assert_eq!(m.set_datapath_fault(None), None, "no change");
+        assert_eq!(
+            m.set_datapath_fault(Some("gone".into())),
+            Some(Some("gone".into()))
+        );
+        assert_eq!(m.set_datapath_fault(Some("gone".into())), None);
+        assert_eq!(m.healthz_at(now, SystemTime::now()).status, 503);
+        assert_eq!(m.livez_at(now, SystemTime::now()).status, 503);
+        assert!(!m.proxy_healthy());
+        assert_eq!(m.set_datapath_fault(None), Some(None));
+        assert_eq!(m.livez_at(now, SystemTime::now()).status, 200);
+
+        assert_eq!(m.readyz().status, 200);
+        let mut out = outcome(0);
+        out.incomplete = 2;
+        m.record_sync(
+            (0, 0, 0),
+            [],
+            &MapContents::default(),
+            &out,
+            Duration::ZERO,
+            None,
+        );
+        let a = m.readyz();
+        assert_eq!(a.status, 503);
+        assert!(
+            a.body.contains("programming incomplete: 2 objects"),
+            "{}",
+            a.body
+        );
+        assert_eq!(sample(&m.render(), "kep_programming_incomplete"), Some(2.0));
+        m.record_sync(
+            (0, 0, 0),
+            [],
+            &MapContents::default(),
+            &outcome(0),
+            Duration::ZERO,
+            None,
+        );
+        assert_eq!(m.readyz().status, 200);
     }
 
     /// kube-proxy's node eligibility: a node being deleted, or tainted by

@@ -44,6 +44,11 @@ impl MaglevTables {
         self.map.insert(svc_id, value.as_ref(), 0)
     }
 
+    /// Writes a table value as it is (copied from another map).
+    pub fn put_raw(&mut self, svc_id: u32, value: &MaglevTable) -> Result<(), MapError> {
+        self.map.insert(svc_id, value, 0)
+    }
+
     pub fn delete(&mut self, svc_id: u32) -> Result<(), MapError> {
         self.map.remove(&svc_id)
     }

@@ -343,6 +343,45 @@ impl<'lab> Agent<'lab> {
 }
 
 impl Agent<'_> {
+    /// Drop leaves the bpffs directory alone: it is another agent's (a test
+    /// of two agents on one directory) or the test's own.
+    pub fn leave_directory(&mut self) {
+        self.keep_pins = true;
+    }
+
+    /// Waits for the agent to exit by itself (a refused start), and
+    /// returns its status and everything it printed; fails if it is still
+    /// running after `timeout`.
+    pub fn wait_exit(&self, timeout: Duration) -> Result<(ExitStatus, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit_status()? {
+                // Let the output readers catch up with the exited process.
+                std::thread::sleep(Duration::from_millis(100));
+                return Ok((status, self.logs()));
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "agent still running after {timeout:?}:\n{}",
+                    self.log_tail(20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The `ops=` of the first `datapath programmed` line: 0 when an agent
+    /// adopting pinned maps found them as it wants them.
+    pub fn first_sync_ops(&self) -> Option<u64> {
+        let lines = self.lock_lines();
+        let first = lines.iter().find(|l| l.contains("datapath programmed"))?;
+        first
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("ops="))?
+            .parse()
+            .ok()
+    }
+
     /// SIGKILL, as an OOM kill or a node problem would, leaving the pinned
     /// maps and links in place for the next agent to adopt (the lab removes
     /// them when it is dropped).

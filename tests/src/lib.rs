@@ -356,6 +356,20 @@ impl Lab {
         )
     }
 
+    /// [`Lab::start_agent_args`] on `bpffs` instead of the lab's own
+    /// directory; the test removes what it made there.
+    pub fn start_agent_on(&self, bpffs: &Path, args: &[std::ffi::OsString]) -> Result<Agent<'_>> {
+        let mut agent = Agent::spawn(
+            self,
+            &agent::agent_bin()?,
+            args,
+            bpffs,
+            &self.dir.0.join("agent.log"),
+        )?;
+        agent.leave_directory();
+        Ok(agent)
+    }
+
     /// [`Lab::start_agent_args`] with the agent in the cgroup whose
     /// `cgroup.procs` is `procs` from its first instruction on.
     pub fn start_agent_in_cgroup(
@@ -406,17 +420,7 @@ fn make_pod(
     gw: Ipv4Addr,
 ) -> Result<Pod> {
     let netns = Netns::create(ns_name)?;
-    // Made in the node namespace with the peer put straight into the pod's:
-    // neither end ever exists in the root namespace.
-    node.ip(&[
-        "link", "add", node_if, "type", "veth", "peer", "name", "eth0", "netns", ns_name,
-    ])?;
-    node.ip(&["addr", "add", &format!("{gw}/24"), "dev", node_if])?;
-    node.sysctl(&format!("net.ipv4.conf.{node_if}.rp_filter"), "0")?;
-    node.ip(&["link", "set", node_if, "up"])?;
-    netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-    netns.ip(&["link", "set", "eth0", "up"])?;
-    netns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
+    wire_pod(node, &netns, node_if, ip, gw)?;
     Ok(Pod {
         name: pod_name.to_string(),
         ip,
@@ -424,6 +428,39 @@ fn make_pod(
         node_if: node_if.to_string(),
         netns,
     })
+}
+
+/// Joins `pod` to `node` as a CNI does: a veth pair, `node_if` in the node
+/// with `gw/24`, `eth0` in the pod with `ip/24` and a default route via
+/// `gw`. Made in the node namespace with the peer put straight into the
+/// pod's: neither end ever exists in the root namespace.
+pub fn wire_pod(
+    node: &Netns,
+    pod: &Netns,
+    node_if: &str,
+    ip: Ipv4Addr,
+    gw: Ipv4Addr,
+) -> Result<()> {
+    node.ip(&[
+        "link",
+        "add",
+        node_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod.name(),
+    ])?;
+    node.ip(&["addr", "add", &format!("{gw}/24"), "dev", node_if])?;
+    node.sysctl(&format!("net.ipv4.conf.{node_if}.rp_filter"), "0")?;
+    node.ip(&["link", "set", node_if, "up"])?;
+    pod.ip(&["link", "set", "lo", "up"])?;
+    pod.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    pod.ip(&["link", "set", "eth0", "up"])?;
+    pod.ip(&["route", "add", "default", "via", &gw.to_string()])?;
+    Ok(())
 }
 
 /// Deletes namespaces (`kep-<pid>-*`) and bpffs dirs

@@ -587,3 +587,45 @@ pub fn switch_prober(
     }
     p
 }
+
+/// New TCP connections to `target`, batch after batch, from a thread in a
+/// namespace, while something changes (a restart, an endpoint switch), to
+/// count what fails meanwhile. Bounded: it stops when told, or after
+/// `limit` whatever happens.
+pub struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: crate::netns::NsThread<(u64, u64, Vec<String>)>,
+}
+
+impl Prober {
+    /// Batches of `batch` connections, each given `per_conn` to answer.
+    pub fn start(
+        netns: &crate::Netns,
+        target: SocketAddrV4,
+        batch: usize,
+        per_conn: Duration,
+        limit: Duration,
+    ) -> anyhow::Result<Prober> {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = netns.spawn("prober", move || {
+            let (mut ok, mut failed, mut samples) = (0u64, 0u64, Vec::new());
+            let end = Instant::now() + limit;
+            while !stopped.load(Ordering::Relaxed) && Instant::now() < end {
+                let r = tcp_requests(target, batch, per_conn, per_conn * 5);
+                ok += r.ok;
+                failed += r.error_count();
+                samples.extend(r.error_samples.iter().take(3).cloned());
+            }
+            (ok, failed, samples)
+        })?;
+        Ok(Prober { stop, thread })
+    }
+
+    /// Stops it: (answered, failed, a few failures' messages).
+    pub fn stop(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join()
+    }
+}

@@ -7,8 +7,6 @@
 //! Needs root and the agent binary; fails loudly without them.
 
 use std::net::SocketAddrV4;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lab::addr::{DEMO_VIP, HTTP_PORT};
@@ -31,28 +29,14 @@ fn sigkill_and_restart_three_times_without_a_failure() {
         .expect("long-lived connection");
     let backend = lab.client().run(|| session.request()).unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_stream = stop.clone();
-    let stream = lab
-        .client()
-        .spawn("new-connections", move || {
-            let (mut ok, mut failed, mut samples) = (0u64, 0u64, Vec::new());
-            // Bounded: stops when told, or after 60 s whatever happens.
-            let end = std::time::Instant::now() + Duration::from_secs(60);
-            while !stop_stream.load(Ordering::Relaxed) && std::time::Instant::now() < end {
-                let r = loadgen::tcp_requests(
-                    target,
-                    20,
-                    Duration::from_secs(2),
-                    Duration::from_secs(10),
-                );
-                ok += r.ok;
-                failed += r.error_count();
-                samples.extend(r.error_samples.iter().take(3).cloned());
-            }
-            (ok, failed, samples)
-        })
-        .unwrap();
+    let stream = loadgen::Prober::start(
+        lab.client(),
+        target,
+        20,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .unwrap();
 
     for round in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
@@ -68,14 +52,10 @@ fn sigkill_and_restart_three_times_without_a_failure() {
         agent = lab
             .start_manifest_agent()
             .expect("agent programs the datapath");
-        let logs = agent.logs();
-        let first = logs
-            .lines()
-            .find(|l| l.contains("datapath programmed"))
-            .unwrap();
-        assert!(
-            first.contains(" ops=0 "),
-            "round {round}: the adopting agent rewrote entries: {first}"
+        assert_eq!(
+            agent.first_sync_ops(),
+            Some(0),
+            "round {round}: the adopting agent rewrote entries"
         );
         let got = lab.client().run(|| session.request());
         assert_eq!(
@@ -85,8 +65,7 @@ fn sigkill_and_restart_three_times_without_a_failure() {
         );
     }
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed, samples) = stream.join();
+    let (ok, failed, samples) = stream.stop();
     assert!(ok > 100, "too few connections to mean anything: {ok}");
     assert_eq!(
         failed,

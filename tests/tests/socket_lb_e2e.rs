@@ -268,3 +268,55 @@ fn host_process_reaches_its_own_node_as_an_endpoint() {
     }
     servers.stop();
 }
+
+/// The socket hooks are kept attached as the TC and XDP ones are: detached
+/// behind the agent's back (`bpftool link detach`, as the conformance row
+/// "should recreate its iptables rules if they are deleted" does), they are
+/// attached again within 2 s, so host processes reach ClusterIPs again
+/// (they got ENETUNREACH until the agent restarted).
+#[test]
+fn detached_socket_hooks_are_attached_again() {
+    let lab = Lab::new().unwrap();
+    let cgroup = TestCgroup::new().unwrap();
+    let agent = start(&lab, &cgroup);
+    let links = proxy_userspace::datapath::links_dir(&lab.bpffs_dir());
+    let pins: Vec<std::path::PathBuf> = std::fs::read_dir(&links)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("cgroup-")
+        })
+        .collect();
+    assert_eq!(pins.len(), 4, "{pins:?}");
+    // Every id first: the agent may re-pin under the same name at once.
+    let ids: Vec<String> = pins
+        .iter()
+        .map(|pin| {
+            let out = Command::new("bpftool")
+                .args(["-j", "link", "show", "pinned"])
+                .arg(pin)
+                .output()
+                .expect("run bpftool");
+            assert!(out.status.success(), "{out:?}");
+            let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            info["id"].as_u64().expect("link id").to_string()
+        })
+        .collect();
+    let mark = agent.log_mark();
+    for id in &ids {
+        let status = Command::new("bpftool")
+            .args(["link", "detach", "id", id])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    agent
+        .wait_for_log_since(mark, "socket hooks were detached", Duration::from_secs(2))
+        .expect("re-attached within 2 s");
+    let http = format!("{DEMO_VIP}:{HTTP_PORT}");
+    let o = host_process(&lab, Some(&cgroup), "tcp", &http, 30);
+    assert_spread(&o, 30, &http, &agent);
+}

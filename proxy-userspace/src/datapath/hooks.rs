@@ -5,14 +5,18 @@
 //! [`Pin::pin_name`] and [`Pin::parse`], so a new kind of hook is one more
 //! row of that table and every one of them knows it at once.
 
-use std::{io, os::fd::AsFd, path::Path};
+use std::{os::fd::AsFd, path::Path};
 
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, TcAttachType};
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, TcAttachType, tc::SchedClassifierLink, xdp::XdpLink,
+};
 use proxy_common::program_names;
 
 use super::{
     Datapath, DatapathError, SOCK_PROGRAMS,
-    pins::{adopt_link, link_ifindex, links_dir, pin_link},
+    pins::{
+        adopt_link, adopt_pinned, link_target, links_dir, open_pinned_link, pin_link, unpin_link,
+    },
 };
 
 /// One kind of pinned link: what it attaches and how its pin is named
@@ -118,6 +122,8 @@ impl Datapath {
                 TcAttachType::Egress,
             ),
         ] {
+            // A link checked before under this name is not the one made now.
+            self.links.remove(&pin.pin_name(iface));
             self.attach_tc(iface, program, &links.join(pin.pin_name(iface)), direction)
                 .map_err(|source| DatapathError::Attach {
                     iface: iface.to_string(),
@@ -141,7 +147,13 @@ impl Datapath {
         direction: TcAttachType,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let prog = self.tc_program(program);
-        if !adopt_link(pin, prog.fd()?.as_fd()) {
+        let adopted = adopt_pinned(pin, |link| {
+            let id = prog.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+            // The pin keeps it attached; this process needs no handle.
+            drop(prog.take_link(id)?);
+            Ok(())
+        });
+        if !adopted {
             let id = prog.attach(iface, direction)?;
             pin_link(prog.take_link(id)?, pin)?;
         }
@@ -154,10 +166,12 @@ impl Datapath {
     /// interface alone.
     fn attach_xdp(&mut self, iface: &str) {
         let pin = links_dir(&self.bpffs).join(Pin::XdpNode.pin_name(iface));
+        let held = self.links.remove(&Pin::XdpNode.pin_name(iface));
         let (modes, why) = self.xdp.modes(iface);
         if modes.is_empty() {
             // An earlier agent's fast path goes with the setting.
-            if std::fs::remove_file(&pin).is_ok() {
+            if pin.exists() {
+                unpin_link(&pin, held);
                 tracing::info!(iface, "XDP fast path detached ({why})");
             } else {
                 tracing::info!(iface, "no XDP fast path ({why})");
@@ -165,9 +179,11 @@ impl Datapath {
             return;
         }
         let prog = self.xdp_program();
-        if let Ok(fd) = prog.fd()
-            && adopt_link(&pin, fd.as_fd())
-        {
+        if adopt_pinned(&pin, |link| {
+            let id = prog.attach_to_link(XdpLink::try_from(link)?)?;
+            drop(prog.take_link(id)?);
+            Ok(())
+        }) {
             return;
         }
         let mut failures = Vec::new();
@@ -194,41 +210,80 @@ impl Datapath {
 
     /// Attaches the socket hooks to the cgroup v2 directory `path`: every
     /// process below it, in this network namespace, reaches Services by
-    /// socket-level translation.
+    /// socket-level translation. [`Datapath::check_cgroup`] keeps them
+    /// attached from then on.
     pub fn attach_cgroup(&mut self, path: &Path) -> Result<(), DatapathError> {
-        let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::AttachCgroup {
-            path: path.to_path_buf(),
-            source,
+        for name in SOCK_PROGRAMS {
+            self.attach_sock(name, path)?;
+        }
+        self.cgroup = Some(path.to_path_buf());
+        Ok(())
+    }
+
+    /// Socket hooks detached behind the agent's back (`bpftool link
+    /// detach`, their pin removed) are attached again; returns their
+    /// programs' names.
+    pub fn check_cgroup(&mut self) -> Result<Vec<&'static str>, DatapathError> {
+        let Some(path) = self.cgroup.clone() else {
+            return Ok(Vec::new());
         };
-        let cgroup = std::fs::File::open(path).map_err(|e| err(Box::new(e)))?;
-        // One pin per program and cgroup: a different cgroup next time is
-        // attached afresh, not confused with this one.
-        let tag: String = path
+        let (seen, present) = self.link_pins();
+        let mut redone = Vec::new();
+        for name in SOCK_PROGRAMS {
+            let pin = self.sock_pin(name, &path);
+            if self.link_alive(&pin, &present) {
+                continue;
+            }
+            self.unpin(&pin);
+            self.attach_sock(name, &path)?;
+            redone.push(name);
+        }
+        if redone.is_empty() {
+            self.link_names = (seen, present);
+        }
+        Ok(redone)
+    }
+
+    /// One pin per program and cgroup: a different cgroup next time is
+    /// attached afresh, not confused with this one.
+    fn sock_pin(&self, program: &str, cgroup: &Path) -> String {
+        let tag: String = cgroup
             .to_string_lossy()
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        let links = links_dir(&self.bpffs);
-        for name in SOCK_PROGRAMS {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .and_then(|p| p.try_into().ok())
-                .expect("checked in load");
-            let pin = links.join(Pin::Cgroup.pin_name(&format!("{name}-{tag}")));
-            if adopt_link(&pin, prog.fd().map_err(|e| err(Box::new(e)))?.as_fd()) {
-                continue;
-            }
-            // aya attaches through a BPF link where the kernel has them; a
-            // link takes no attach flags (EINVAL otherwise) and never evicts
-            // other programs (a CNI's) from the cgroup.
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| err(Box::new(e)))?;
-            let link = prog.take_link(id).map_err(|e| err(Box::new(e)))?;
-            pin_link(link, &pin).map_err(err)?;
+        Pin::Cgroup.pin_name(&format!("{program}-{tag}"))
+    }
+
+    /// Socket program `name` on cgroup `path` through its pinned link,
+    /// adopted or made.
+    fn attach_sock(&mut self, name: &'static str, path: &Path) -> Result<(), DatapathError> {
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::AttachCgroup {
+            path: path.to_path_buf(),
+            source,
+        };
+        let pin_name = self.sock_pin(name, path);
+        self.links.remove(&pin_name);
+        let pin = links_dir(&self.bpffs).join(pin_name);
+        let prog: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked in load");
+        // aya has no attach_to_link for cgroup programs: the pinned link is
+        // updated with BPF_LINK_UPDATE directly.
+        if adopt_link(&pin, prog.fd().map_err(|e| err(Box::new(e)))?.as_fd()) {
+            return Ok(());
         }
-        Ok(())
+        let cgroup = std::fs::File::open(path).map_err(|e| err(Box::new(e)))?;
+        // aya attaches through a BPF link where the kernel has them; a
+        // link takes no attach flags (EINVAL otherwise) and never evicts
+        // other programs (a CNI's) from the cgroup.
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|e| err(Box::new(e)))?;
+        let link = prog.take_link(id).map_err(|e| err(Box::new(e)))?;
+        pin_link(link, &pin).map_err(err)
     }
 
     /// Whether `iface` with index `ifindex` runs this process's program of
@@ -241,39 +296,102 @@ impl Datapath {
     /// back (`bpftool link detach`, another tool), so the next scan attaches
     /// them again. Returns their names.
     pub fn forget_detached(&mut self) -> Vec<String> {
-        let links = links_dir(&self.bpffs);
-        let dead: Vec<(String, Hook)> = self
+        let (seen, present) = self.link_pins();
+        let mut dead: Vec<(String, Vec<String>)> = Vec::new();
+        let attached: Vec<(String, Hook)> = self
             .attached
             .iter()
-            .filter(|(iface, (_, hook))| {
-                // The TC link must run; an XDP link counts when there is one
-                // (the mode may have left it out).
-                hook.pins().iter().any(|pin| {
-                    let path = links.join(pin.pin_name(iface));
-                    let optional = *pin == Pin::XdpNode && !path.exists();
-                    !optional && !matches!(link_ifindex(&path), Ok(Some(_)))
-                })
-            })
             .map(|(iface, (_, hook))| (iface.clone(), *hook))
             .collect();
-        for (iface, hook) in &dead {
+        for (iface, hook) in attached {
+            // The TC links must run; an XDP link counts when there is one
+            // (the mode may have left it out).
+            let pins: Vec<String> = hook
+                .pins()
+                .iter()
+                .filter(|pin| {
+                    let name = pin.pin_name(&iface);
+                    let optional = **pin == Pin::XdpNode && !present.contains(&name);
+                    !optional && !self.link_alive(&name, &present)
+                })
+                .map(|pin| pin.pin_name(&iface))
+                .collect();
+            if !pins.is_empty() {
+                dead.push((iface, pins));
+            }
+        }
+        self.link_names = (seen, present);
+        // Only the dead links go: the next attach adopts the live ones
+        // (their traffic never pauses) and makes the others anew.
+        for (iface, pins) in &dead {
             self.attached.remove(iface);
-            self.unpin_hook(iface, *hook);
+            for pin in pins {
+                self.unpin(pin);
+            }
         }
         dead.into_iter().map(|(iface, _)| iface).collect()
     }
 
-    /// Removes every pin of `iface`'s hook; the links die with their last
-    /// reference.
-    fn unpin_hook(&self, iface: &str, hook: Hook) {
-        for pin in hook.pins() {
-            let path = links_dir(&self.bpffs).join(pin.pin_name(iface));
-            if let Err(e) = std::fs::remove_file(&path)
-                && e.kind() != io::ErrorKind::NotFound
-            {
-                tracing::warn!(pin = %path.display(), error = %e, "removing a dead link's pin");
+    /// The names of the pins in `links/`, read again only when the
+    /// directory changed (its mtime moves with every pin and unpin): one
+    /// `stat` per check instead of a lookup per pin.
+    /// Taken out of the cache while in use (for borrowing's sake: an early
+    /// return leaves the cache empty, to be read again) and put back with
+    /// `self.link_names = ...`.
+    fn link_pins(
+        &mut self,
+    ) -> (
+        Option<std::time::SystemTime>,
+        std::collections::BTreeSet<String>,
+    ) {
+        let dir = links_dir(&self.bpffs);
+        let changed = dir.metadata().and_then(|m| m.modified()).ok();
+        if changed.is_none() || changed != self.link_names.0 {
+            let names = std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.link_names = (changed, names);
+        }
+        std::mem::take(&mut self.link_names)
+    }
+
+    /// Whether the link pinned as `name` (in `present`) is attached. Its fd
+    /// is kept open from the first check on, so each later one is a single
+    /// syscall (a node with 300 pods has 600 links, checked every poll
+    /// interval).
+    fn link_alive(&mut self, name: &str, present: &std::collections::BTreeSet<String>) -> bool {
+        if !present.contains(name) {
+            self.links.remove(name);
+            return false;
+        }
+        if !self.links.contains_key(name) {
+            match open_pinned_link(&links_dir(&self.bpffs).join(name)) {
+                Ok(fd) => {
+                    self.links.insert(name.to_string(), fd);
+                }
+                Err(_) => return false,
             }
         }
+        matches!(self.links.get(name).map(link_target), Some(Ok(Some(_))))
+    }
+
+    /// Removes every pin of `iface`'s hook; the links die with their last
+    /// reference.
+    fn unpin_hook(&mut self, iface: &str, hook: Hook) {
+        for pin in hook.pins() {
+            self.unpin(&pin.pin_name(iface));
+        }
+    }
+
+    /// Removes the link pin `name`; the link is gone when this returns.
+    fn unpin(&mut self, name: &str) {
+        let held = self.links.remove(name);
+        unpin_link(&links_dir(&self.bpffs).join(name), held);
     }
 
     /// Forgets interfaces that no longer exist, or exist under a new index

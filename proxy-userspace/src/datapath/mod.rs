@@ -2,12 +2,15 @@
 //! attached to. This is the only module that talks to the kernel's BPF
 //! objects; everything it writes comes from `diff::MapOp`s.
 
+mod bpffs;
 mod hooks;
 mod pins;
+mod resize;
 mod upkeep;
 
+pub use bpffs::{BPFFS_MOUNT, DirError, DirLock, ensure_dir};
 pub use hooks::{Hook, PINS, Pin};
-pub use pins::{ensure_bpffs, links_dir, maps_dir, pinned_links, unpin_all};
+pub use pins::{cleanup, links_dir, maps_dir, pinned_links, unpin_all};
 pub use upkeep::sum_traffic;
 
 use std::{collections::BTreeMap, io, net::Ipv4Addr, path::PathBuf, time::Duration};
@@ -24,6 +27,7 @@ use proxy_common::{
 use thiserror::Error;
 
 use crate::{
+    capacity::Capacity,
     contents::{MapContents, RangeEntry, addr_from_map, addr_to_map},
     diff::MapOp,
     maglev::TableSpec,
@@ -201,8 +205,14 @@ impl DatapathConfig {
 
 #[derive(Debug, Error)]
 pub enum DatapathError {
-    #[error("bpffs at {path}: {source}")]
-    Bpffs { path: PathBuf, source: io::Error },
+    #[error("--bpffs {path}: {source}")]
+    Bpffs { path: PathBuf, source: DirError },
+    #[error(
+        "an agent{} is running on {path}: stop it first, or pass --force to remove its \
+         datapath from under it (it will pin everything again)",
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    InUse { path: PathBuf, holder: Option<u32> },
     #[error("loading the eBPF object (pinned maps under {path}): {source}")]
     Load {
         path: PathBuf,
@@ -241,18 +251,28 @@ pub(super) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathEr
     }
 }
 
-/// A map update that failed; the op was not applied.
+/// A map update that was not applied.
 #[derive(Debug)]
 pub struct FailedOp {
     pub op: MapOp,
-    pub error: MapError,
+    pub error: OpError,
+}
+
+#[derive(Debug, Error)]
+pub enum OpError {
+    #[error(transparent)]
+    Map(#[from] MapError),
+    /// Skipped: an op it depends on failed, so applying it would point the
+    /// datapath at something missing (or delete what is still used).
+    #[error("skipped: {0}")]
+    Dependency(&'static str),
 }
 
 impl FailedOp {
     /// The map and the flag that sizes it, when the write failed because
     /// the map is full (a hash map answers E2BIG, an LPM trie ENOSPC).
     pub fn full_map(&self) -> Option<(&'static str, &'static str)> {
-        let MapError::SyscallError(e) = &self.error else {
+        let OpError::Map(MapError::SyscallError(e)) = &self.error else {
             return None;
         };
         let errno = e.io_error.raw_os_error()?;
@@ -291,8 +311,27 @@ pub struct Datapath {
     /// Interfaces (name -> ifindex, hook) whose pinned TC link runs this
     /// process's program.
     attached: BTreeMap<String, (u32, Hook)>,
+    /// The cgroup the socket hooks are attached to.
+    cgroup: Option<PathBuf>,
+    /// The links checked so far, open, by pin name (see `link_alive`).
+    links: BTreeMap<String, std::os::fd::OwnedFd>,
+    /// The pin names under `links/`, and the directory's mtime then.
+    link_names: (
+        Option<std::time::SystemTime>,
+        std::collections::BTreeSet<String>,
+    ),
+    /// Every pinned map by name, to pin again if its pin is removed.
+    pinned: Vec<(&'static str, MapData)>,
+    /// Every map's real `max_entries`, by name (an adopted map keeps the
+    /// size it was made with).
+    max_entries: BTreeMap<&'static str, u32>,
+    /// The conntrack map replaced by a resize, until the old programs are
+    /// switched off it.
+    old_conntrack: Option<HashMap<MapData, CtKey, CtValue>>,
     config: Array<MapData, Config>,
     bpffs: PathBuf,
+    /// This agent's hold on `bpffs`.
+    lock: DirLock,
     xdp: XdpSetting,
 }
 
@@ -312,17 +351,22 @@ impl Datapath {
             DatapathError::Settings(format!("reading this network namespace's cookie: {source}"))
         })?;
         let settings = cfg.to_map(netns_cookie)?;
-        ensure_bpffs(&cfg.bpffs)?;
+        ensure_dir(&cfg.bpffs)?;
+        // Before anything is pinned or attached: a second agent here
+        // would undo this one's writes at every sync.
+        let lock = DirLock::acquire(&cfg.bpffs)?;
         let maps = maps_dir(&cfg.bpffs);
         for dir in [&maps, &links_dir(&cfg.bpffs)] {
-            std::fs::create_dir_all(dir).map_err(|source| DatapathError::Bpffs {
-                path: dir.clone(),
-                source,
-            })?;
+            bpffs::ensure_subdir(dir)?;
         }
+        // Maps pinned with other sizes get new ones, filled below.
+        let resized = resize::find(&maps, cfg)?;
         let pins: Vec<(&'static str, PathBuf)> = map_names::ALL
             .iter()
-            .map(|name| (*name, maps.join(name)))
+            .map(|name| match resized.iter().any(|r| r.name == *name) {
+                true => (*name, resize::staging_pin(&maps, name)),
+                false => (*name, maps.join(name)),
+            })
             .collect();
         let mut loader = EbpfLoader::new();
         loader
@@ -383,6 +427,14 @@ impl Datapath {
         config
             .set(0, settings, 0)
             .map_err(map_err(map_names::CONFIG))?;
+        let pinned: Vec<(&'static str, MapData)> = pins
+            .iter()
+            .map(|(name, path)| Ok((*name, MapData::from_pin(path).map_err(map_err(name))?)))
+            .collect::<Result<_, DatapathError>>()?;
+        let max_entries = pinned
+            .iter()
+            .map(|(name, map)| Ok((*name, map.info().map_err(map_err(name))?.max_entries())))
+            .collect::<Result<_, DatapathError>>()?;
         let mut dp = Self {
             settings,
             ebpf,
@@ -399,11 +451,22 @@ impl Datapath {
             endpoints,
             live: MapContents::default(),
             attached: BTreeMap::new(),
+            cgroup: None,
+            links: BTreeMap::new(),
+            link_names: Default::default(),
+            pinned,
+            max_entries,
+            old_conntrack: None,
             config,
             bpffs: cfg.bpffs.clone(),
+            lock,
             xdp: cfg.xdp,
         };
         dp.live = dp.read_contents()?;
+        if !resized.is_empty() {
+            dp.migrate(resized)?;
+            dp.live = dp.read_contents()?;
+        }
         dp.sync_endpoints();
         Ok(dp)
     }
@@ -512,6 +575,21 @@ impl Datapath {
             .map_err(map_err(map_names::MAGLEV))
     }
 
+    /// `max_entries` of map `name` as the kernel has it.
+    pub fn max_entries(&self, name: &str) -> u32 {
+        self.max_entries.get(name).copied().unwrap_or(0)
+    }
+
+    /// The real capacity of the maps the agent writes.
+    pub fn capacity(&self) -> Capacity {
+        Capacity {
+            services: self.max_entries(map_names::SERVICES),
+            backends: self.max_entries(map_names::BACKENDS),
+            tables: self.max_entries(map_names::MAGLEV),
+            source_ranges: self.max_entries(map_names::SOURCE_RANGES),
+        }
+    }
+
     /// What the maps hold, as far as this process knows.
     pub fn live(&self) -> &MapContents {
         &self.live
@@ -534,15 +612,8 @@ impl Datapath {
             .tables
             .read_all(&self.live.tables)
             .map_err(map_err(map_names::MAGLEV))?;
-        for key in self.source_ranges.keys() {
-            let key = key.map_err(map_err(map_names::SOURCE_RANGES))?;
-            let data = key.data();
-            contents.source_ranges.insert(RangeEntry {
-                svc_id: u32::from_be(data.svc_id_be),
-                addr: addr_from_map(data.addr),
-                prefix_len: key.prefix_len().saturating_sub(SourceRange::SVC_BITS) as u8,
-            });
-        }
+        contents.source_ranges =
+            read_ranges(&self.source_ranges).map_err(map_err(map_names::SOURCE_RANGES))?;
         Ok(contents)
     }
 
@@ -554,11 +625,14 @@ impl Datapath {
         Ok(())
     }
 
-    /// Applies `ops` in order. An op that fails is reported and skipped; the
-    /// rest still apply, so one bad entry (a full map) never blocks every
-    /// other service. `live` follows exactly what succeeded.
+    /// Applies `ops` in order. An op that fails is reported and skipped, and
+    /// so is every later op that depends on it ([`Guard`]); the rest still
+    /// apply, so one bad entry (a full map) never blocks every other
+    /// service, and the datapath never sees a slot without its backend.
+    /// `live` follows exactly what succeeded.
     pub fn apply(&mut self, ops: &[MapOp]) -> Vec<FailedOp> {
         let mut failed = Vec::new();
+        let mut guard = Guard::default();
         // Tables of a run of PutTable ops are built a chunk at a time on all
         // cores; a chunk bounds the memory they take (64 KiB each).
         const TABLE_CHUNK: usize = 64;
@@ -574,6 +648,14 @@ impl Datapath {
                     .take(TABLE_CHUNK)
                     .collect();
                 built.extend(crate::maglev::build_all(&specs));
+            }
+            if let Err(why) = guard.check(op, &self.live) {
+                guard.fail(op, &self.live);
+                failed.push(FailedOp {
+                    op: op.clone(),
+                    error: OpError::Dependency(why),
+                });
+                continue;
             }
             let result = match op {
                 MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0).map(|()| {
@@ -619,9 +701,10 @@ impl Datapath {
                 }
             };
             if let Err(error) = result {
+                guard.fail(op, &self.live);
                 failed.push(FailedOp {
                     op: op.clone(),
-                    error,
+                    error: error.into(),
                 });
             }
         }
@@ -632,6 +715,100 @@ impl Datapath {
             self.sync_endpoints();
         }
         failed
+    }
+}
+
+/// What a failed op leaves that later ops must not build on: ops are
+/// planned as if every one succeeds, so after a failure the frontend it
+/// belongs to keeps its old entries, and nothing of it is changed further
+/// (its old backends, tables and ranges are kept), and nothing is pointed
+/// at a backend or table that was not written. Empty, and free, while
+/// nothing fails.
+#[derive(Default)]
+struct Guard {
+    /// Frontends (slot-0 keys) left as they are.
+    frontends: std::collections::BTreeSet<ServiceKey>,
+    /// Their svc ids, and those of failed table or range writes.
+    svc_ids: std::collections::BTreeSet<u32>,
+    /// Backends something may still point at.
+    kept: std::collections::BTreeSet<u32>,
+}
+
+impl Guard {
+    fn check(&self, op: &MapOp, live: &MapContents) -> Result<(), &'static str> {
+        if self.frontends.is_empty() && self.svc_ids.is_empty() && self.kept.is_empty() {
+            // Nothing failed: the plan holds as it is.
+            return Ok(());
+        }
+        match op {
+            MapOp::PutService(k, _) | MapOp::DeleteService(k)
+                if self.frontends.contains(&k.with_slot(0)) =>
+            {
+                Err("an earlier write of this frontend failed")
+            }
+            MapOp::PutService(k, v)
+                if k.slot != 0 && !live.backends.contains_key(&v.backend_id) =>
+            {
+                Err("its backend was not written")
+            }
+            MapOp::PutService(k, v)
+                if k.slot == 0
+                    && (self.svc_ids.contains(&v.svc_id)
+                        || (1..=v.count).any(|s| !live.services.contains_key(&k.with_slot(s)))
+                        || (v.uses_maglev() && !live.tables.contains_key(&v.svc_id))) =>
+            {
+                Err("its slots, table or ranges were not written")
+            }
+            MapOp::PutTable(_, spec)
+                if spec
+                    .backends()
+                    .iter()
+                    .any(|b| !live.backends.contains_key(&b.id)) =>
+            {
+                Err("its backends were not written")
+            }
+            MapOp::DeleteTable(id) | MapOp::DeleteSourceRange(RangeEntry { svc_id: id, .. })
+                if self.svc_ids.contains(id) =>
+            {
+                Err("its frontend was left as it is")
+            }
+            MapOp::DeleteBackend(id) if self.kept.contains(id) => {
+                Err("a slot or table left as it is still points at it")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Records that `op` was not applied.
+    fn fail(&mut self, op: &MapOp, live: &MapContents) {
+        let frontend = match op {
+            MapOp::PutService(k, _) | MapOp::DeleteService(k) => Some(k.with_slot(0)),
+            MapOp::PutTable(id, _) | MapOp::PutSourceRange(RangeEntry { svc_id: id, .. }) => {
+                self.svc_ids.insert(*id);
+                None
+            }
+            _ => None,
+        };
+        let Some(frontend) = frontend else { return };
+        if !self.frontends.insert(frontend) {
+            return;
+        }
+        if let Some(v) = live.services.get(&frontend) {
+            self.svc_ids.insert(v.svc_id);
+            if let Some(table) = live.tables.get(&v.svc_id) {
+                self.kept.extend(table.backends().iter().map(|b| b.id));
+            }
+        }
+        // Every slot it has, covered or not (a failed shrink keeps them);
+        // keys order by slot before protocol and scope, hence the filter.
+        let first = frontend.with_slot(1);
+        let last = frontend.with_slot(u16::MAX);
+        self.kept.extend(
+            live.services
+                .range(first..=last)
+                .filter(|(k, _)| k.with_slot(0) == frontend)
+                .map(|(_, v)| v.backend_id),
+        );
     }
 }
 
@@ -713,6 +890,23 @@ fn lookup_batch<K: aya::Pod + Default, V: aya::Pod + Default>(
         cursor = next;
         first = false;
     }
+}
+
+/// Every allowed prefix in a source-ranges trie.
+fn read_ranges(
+    trie: &LpmTrie<MapData, SourceRange, u8>,
+) -> Result<std::collections::BTreeSet<RangeEntry>, MapError> {
+    trie.keys()
+        .map(|key| {
+            let key = key?;
+            let data = key.data();
+            Ok(RangeEntry {
+                svc_id: u32::from_be(data.svc_id_be),
+                addr: addr_from_map(data.addr),
+                prefix_len: key.prefix_len().saturating_sub(SourceRange::SVC_BITS) as u8,
+            })
+        })
+        .collect()
 }
 
 /// The trie key of one allowed prefix: the svc id matched whole, then the

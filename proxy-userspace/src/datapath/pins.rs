@@ -1,6 +1,6 @@
-//! The agent's bpffs directory: where maps and links are pinned, mounting
-//! bpffs when needed, adopting and reading pinned links, and removing
-//! exactly what the agent pinned (`cleanup`, older layouts).
+//! Inside the agent's bpffs directory: where maps and links are pinned,
+//! adopting and reading pinned links, and removing exactly what the agent
+//! pinned (`cleanup`, older layouts).
 
 use std::{
     collections::BTreeMap,
@@ -10,13 +10,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::links::FdLink;
-use proxy_common::{LAYOUT_VERSION, map_names};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use proxy_common::LAYOUT_VERSION;
 
-use super::{Datapath, DatapathError, hooks::Pin};
-
-/// `statfs(2)` magic of a bpffs mount.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+use super::{
+    Datapath, DatapathError,
+    bpffs::{DirError, DirLock, ensure_dir, ensure_subdir},
+    hooks::Pin,
+};
 
 /// Where this layout's maps are pinned under the agent's bpffs directory.
 pub fn maps_dir(bpffs: &Path) -> PathBuf {
@@ -29,53 +30,31 @@ pub fn links_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("links")
 }
 
-/// Makes sure `dir` exists on a bpffs mount, mounting bpffs on its parent
-/// when that parent is not one yet (a fresh node, or a container without the
-/// host's /sys/fs/bpf).
-pub fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
-    let err = |source| DatapathError::Bpffs {
+/// `kube-ebpf-proxy cleanup`: [`unpin_all`], refused while an agent holds
+/// `dir` (it would be serving from what this removes) unless `force`; the
+/// lock is held while removing, so no agent starts on a half-removed
+/// directory.
+pub fn cleanup(dir: &Path, force: bool) -> Result<(), DatapathError> {
+    let _lock = match DirLock::acquire(dir) {
+        Ok(lock) => Some(lock),
+        Err(DatapathError::Bpffs {
+            source: DirError::Io(e),
+            ..
+        }) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(DatapathError::Bpffs {
+            source: DirError::Locked { .. },
+            ..
+        }) if force => None,
+        Err(DatapathError::Bpffs {
+            path,
+            source: DirError::Locked { holder },
+        }) => return Err(DatapathError::InUse { path, holder }),
+        Err(e) => return Err(e),
+    };
+    unpin_all(dir).map_err(|source| DatapathError::Bpffs {
         path: dir.to_path_buf(),
-        source,
-    };
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    if !is_bpffs(parent).map_err(err)? {
-        std::fs::create_dir_all(parent).map_err(err)?;
-        mount_bpffs(parent).map_err(err)?;
-        tracing::info!(path = %parent.display(), "mounted bpffs");
-    }
-    std::fs::create_dir_all(dir).map_err(err)
-}
-
-fn is_bpffs(path: &Path) -> io::Result<bool> {
-    let c = CString::new(path.as_os_str().as_bytes())?;
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::NotFound {
-            Ok(false)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
-}
-
-fn mount_bpffs(path: &Path) -> io::Result<()> {
-    let target = CString::new(path.as_os_str().as_bytes())?;
-    let fstype = c"bpf";
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+        source: DirError::Io(source),
+    })
 }
 
 /// Removes everything the agent pinned under `dir` (links first, so the
@@ -119,7 +98,7 @@ pub(super) fn remove_pins(dir: &Path) -> io::Result<()> {
         let ours = path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| Pin::parse(n).is_some() || map_names::ALL.contains(&n));
+            .is_some_and(|n| Pin::parse(n).is_some() || super::resize::is_map_pin(n));
         if ours {
             std::fs::remove_file(&path)?;
         }
@@ -144,22 +123,15 @@ where
     Ok(())
 }
 
-/// Adopts the link pinned at `pin` by pointing it at `prog` (the kernel's
-/// BPF_LINK_UPDATE swaps the program atomically, so packets never see a
-/// moment without one). `false` when there is nothing to adopt: no pin, or a
-/// pin whose link is defunct (its interface is gone), which is removed so a
-/// fresh attach can take its place.
+/// [`adopt_pinned`] for links aya cannot update (cgroup programs have no
+/// `attach_to_link`): BPF_LINK_UPDATE on the pinned link.
 pub(super) fn adopt_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> bool {
     if !pin.exists() {
         return false;
     }
     match update_pinned_link(pin, prog) {
         Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(pin = %pin.display(), error = %e, "pinned link not adoptable; attaching afresh");
-            let _ = std::fs::remove_file(pin);
-            false
-        }
+        Err(e) => not_adoptable(pin, &e),
     }
 }
 
@@ -191,25 +163,37 @@ pub(super) fn open_pinned_link(pin: &Path) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// The agent's pinned links (TC and XDP hooks) by pin name, with the
-/// interface each runs on (`None`: detached, its interface gone).
+/// The agent's pinned links (TC, XDP and socket hooks) by pin name, with
+/// what each is attached to (interface index, or cgroup id; `None`:
+/// detached, its interface gone).
 pub fn pinned_links(bpffs: &Path) -> io::Result<BTreeMap<String, Option<u32>>> {
     let mut links = BTreeMap::new();
     for entry in std::fs::read_dir(links_dir(bpffs))? {
         let entry = entry?;
-        let ifindex = link_ifindex(&entry.path()).unwrap_or(None);
-        links.insert(entry.file_name().to_string_lossy().into_owned(), ifindex);
+        let target = pinned_link_target(&entry.path()).unwrap_or(None);
+        links.insert(
+            entry.file_name().to_string_lossy().into_owned(),
+            target.map(|t| t as u32),
+        );
     }
     Ok(links)
 }
 
-/// The interface a pinned TCX or XDP link is attached to; `None` once it
-/// has been detached (the kernel reports ifindex 0 for a defunct link).
-pub(super) fn link_ifindex(pin: &Path) -> io::Result<Option<u32>> {
+/// What a pinned TCX, XDP or cgroup link is attached to: its interface
+/// index, or its cgroup's id; `None` once it has been detached (the kernel
+/// reports 0 for a defunct link). aya's `LinkInfo` does not expose the
+/// per-type part of `struct bpf_link_info`, hence the raw call.
+pub(super) fn pinned_link_target(pin: &Path) -> io::Result<Option<u64>> {
+    link_target(&open_pinned_link(pin)?)
+}
+
+/// [`pinned_link_target`] of a link already open.
+pub(super) fn link_target(link: &std::os::fd::OwnedFd) -> io::Result<Option<u64>> {
     use std::os::fd::AsRawFd;
-    let link = open_pinned_link(pin)?;
+    const BPF_LINK_TYPE_CGROUP: u64 = 3;
     // struct bpf_link_info: type, id, prog_id, then (8-aligned) the
-    // per-type union, whose tcx and xdp members start with the ifindex.
+    // per-type union, whose tcx and xdp members start with the ifindex
+    // (u32) and whose cgroup member starts with the cgroup id (u64).
     let mut info = [0u64; 16];
     #[repr(C)]
     struct InfoByFd {
@@ -223,8 +207,55 @@ pub(super) fn link_ifindex(pin: &Path) -> io::Result<Option<u32>> {
         info: info.as_mut_ptr() as u64,
     };
     bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
-    let ifindex = (info[2] & 0xffff_ffff) as u32;
-    Ok((ifindex != 0).then_some(ifindex))
+    let target = if info[0] & 0xffff_ffff == BPF_LINK_TYPE_CGROUP {
+        info[2]
+    } else {
+        info[2] & 0xffff_ffff
+    };
+    Ok((target != 0).then_some(target))
+}
+
+/// The link pinned at `pin`, for `adopt` to point at this process's
+/// program (aya's `attach_to_link`: BPF_LINK_UPDATE swaps the program
+/// atomically, so packets never see a moment without one). `false` when
+/// there is nothing to adopt: no pin, or a pin whose link is defunct or of
+/// another kind, which is removed so a fresh attach can take its place.
+pub(super) fn adopt_pinned(
+    pin: &Path,
+    adopt: impl FnOnce(FdLink) -> Result<(), Box<dyn std::error::Error + Send + Sync>>,
+) -> bool {
+    let link = match PinnedLink::from_pin(pin) {
+        Ok(link) => FdLink::from(link),
+        Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+            return false;
+        }
+        Err(e) => return not_adoptable(pin, &e),
+    };
+    match adopt(link) {
+        Ok(()) => true,
+        Err(e) => not_adoptable(pin, &*e),
+    }
+}
+
+fn not_adoptable(pin: &Path, e: &dyn std::fmt::Display) -> bool {
+    tracing::warn!(pin = %pin.display(), error = %e, "pinned link not adoptable; attaching afresh");
+    unpin_link(pin, None);
+    false
+}
+
+/// Removes a link's pin so that the link is gone when this returns: the
+/// kernel frees a link whose last reference was its pin later, in a
+/// workqueue, and attaching the same program to the same hook before then
+/// fails (EEXIST); with the link held open (`held`, or opened here) across
+/// the unlink, the close is the last reference and frees it at once.
+pub(super) fn unpin_link(pin: &Path, held: Option<std::os::fd::OwnedFd>) {
+    let held = held.or_else(|| open_pinned_link(pin).ok());
+    if let Err(e) = std::fs::remove_file(pin)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(pin = %pin.display(), error = %e, "removing a dead link's pin");
+    }
+    drop(held);
 }
 
 fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
@@ -273,6 +304,43 @@ pub(crate) fn bpf_syscall<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_
 }
 
 impl Datapath {
+    /// Puts back what was removed from the agent's directory behind its
+    /// back (a forced `cleanup`, `rm`): the directory, its lock, its
+    /// subdirectories and the map pins (this process still holds every
+    /// map). Links are the hooks' business: a missing link pin reads as a
+    /// detached link and is attached again. Returns what was put back; an
+    /// error means the pins cannot be restored (the agent is then
+    /// unhealthy).
+    pub fn restore_pins(&mut self) -> Result<Vec<String>, DatapathError> {
+        let mut restored = Vec::new();
+        if !self.lock.still_there() {
+            ensure_dir(&self.bpffs)?;
+            self.lock = DirLock::acquire(&self.bpffs)?;
+            restored.push(self.bpffs.display().to_string());
+        }
+        let maps = maps_dir(&self.bpffs);
+        for dir in [&maps, &links_dir(&self.bpffs)] {
+            if dir.symlink_metadata().is_err() {
+                ensure_subdir(dir)?;
+                restored.push(dir.display().to_string());
+            }
+        }
+        for (name, map) in &self.pinned {
+            let pin = maps.join(name);
+            if pin.symlink_metadata().is_err() {
+                map.pin(&pin).map_err(|e| DatapathError::Map {
+                    name,
+                    source: Box::new(aya::maps::MapError::PinError {
+                        name: Some(name.to_string()),
+                        error: e,
+                    }),
+                })?;
+                restored.push(pin.display().to_string());
+            }
+        }
+        Ok(restored)
+    }
+
     /// Removes the maps of older layout versions. Call once this agent's
     /// programs are attached everywhere: until then, old programs still
     /// read them.

@@ -20,40 +20,83 @@ pub(super) fn cases() -> Vec<Case> {
         };
     }
     vec![
-        row!("should function for pod-Service: http", |env| function_for(env, Client::Pod(0), Proto::Tcp)),
-        row!("should function for pod-Service: udp", |env| function_for(env, Client::Pod(0), Proto::Udp)),
-        row!("should function for node-Service: http", |env| function_for(env, Client::Host(0), Proto::Tcp)),
-        row!("should function for node-Service: udp", |env| function_for(env, Client::Host(0), Proto::Udp)),
+        row!("should function for pod-Service: http", |env| function_for(
+            env,
+            Client::Pod(0),
+            Proto::Tcp
+        )),
+        row!("should function for pod-Service: udp", |env| function_for(
+            env,
+            Client::Pod(0),
+            Proto::Udp
+        )),
+        row!(
+            "should function for node-Service: http",
+            |env| function_for(env, Client::Host(0), Proto::Tcp)
+        ),
+        row!("should function for node-Service: udp", |env| function_for(
+            env,
+            Client::Host(0),
+            Proto::Udp
+        )),
         row!("should function for endpoint-Service: http", |env| {
             function_for(env, Client::Backend(0, 0), Proto::Tcp)
         }),
         row!("should function for endpoint-Service: udp", |env| {
             function_for(env, Client::Backend(0, 0), Proto::Udp)
         }),
-        row!("should function for multiple endpoint-Services with same selector", same_selector),
-        row!("should update endpoints: http", |env| update_endpoints(env, Proto::Tcp)),
-        row!("should update endpoints: udp", |env| update_endpoints(env, Proto::Udp)),
-        row!("should update nodePort: http [Slow]", |env| update_node_port(env, Proto::Tcp)),
+        row!(
+            "should function for multiple endpoint-Services with same selector",
+            same_selector
+        ),
+        row!("should update endpoints: http", |env| update_endpoints(
+            env,
+            Proto::Tcp
+        )),
+        row!("should update endpoints: udp", |env| update_endpoints(
+            env,
+            Proto::Udp
+        )),
+        row!("should update nodePort: http [Slow]", |env| {
+            update_node_port(env, Proto::Tcp)
+        }),
         row!("should support basic nodePort: udp functionality", |env| {
             config(env, &endpoints(env, &ENDPOINT_PODS))?;
             let target = at(env.node_ip(0), NODE_PORT_UDP);
-            all_answer(env, Client::Host(0), Proto::Udp, target, &names(env, &ENDPOINT_PODS))
+            all_answer(
+                env,
+                Client::Host(0),
+                Proto::Udp,
+                target,
+                &names(env, &ENDPOINT_PODS),
+            )
         }),
-        row!("should update nodePort: udp [Slow]", |env| update_node_port(env, Proto::Udp)),
-        row!("should function for client IP based session affinity: http [LinuxOnly]", |env| {
-            session_affinity(env, Proto::Tcp)
+        row!(
+            "should update nodePort: udp [Slow]",
+            |env| update_node_port(env, Proto::Udp)
+        ),
+        row!(
+            "should function for client IP based session affinity: http [LinuxOnly]",
+            |env| { session_affinity(env, Proto::Tcp) }
+        ),
+        row!(
+            "should function for client IP based session affinity: udp [LinuxOnly]",
+            |env| { session_affinity(env, Proto::Udp) }
+        ),
+        row!("should be able to handle large requests: http", |env| {
+            large_request(env, Proto::Tcp, false)
         }),
-        row!("should function for client IP based session affinity: udp [LinuxOnly]", |env| {
-            session_affinity(env, Proto::Udp)
+        row!("should be able to handle large requests: udp", |env| {
+            large_request(env, Proto::Udp, false)
         }),
-        row!("should be able to handle large requests: http", |env| large_request(env, Proto::Tcp, false)),
-        row!("should be able to handle large requests: udp", |env| large_request(env, Proto::Udp, false)),
-        row!("should function for service endpoints using hostNetwork", host_network_endpoints),
+        row!(
+            "should function for service endpoints using hostNetwork",
+            host_network_endpoints
+        ),
         Case::run(
             "[sig-network] Networking should recreate its iptables rules if they are deleted [Disruptive]",
             recreate_rules,
-        )
-        .pending("bug: detached cgroup socket-hook links are never re-attached (TC and XDP are)"),
+        ),
         Case::run(
             "[sig-network] Networking should check kube-proxy urls",
             kube_proxy_urls,
