@@ -6,7 +6,7 @@
 //! interfaces), `xdp` (node interfaces' fast path), `sock` (the node's own
 //! sockets), with `fib` (sending past the stack), `reject` (kube-proxy's
 //! REJECT answer), `icmp` (ICMP errors about translated flows), `frag` (IP
-//! fragments) and `csum` (checksums) beside them.
+//! fragments), `sctp` (its CRC32c) and `csum` (checksums) beside them.
 #![no_std]
 #![no_main]
 // Inline assembly on the BPF target (an empty barrier, see `frag`).
@@ -21,6 +21,7 @@ mod lb;
 mod maps;
 mod packet;
 mod reject;
+mod sctp;
 mod sock;
 mod tc;
 mod xdp;

@@ -73,6 +73,8 @@ pub struct Settings {
     pub control: ControlSettings,
     /// Only the control-plane part (`--control-plane-only`).
     pub control_only: bool,
+    /// Only the per-packet rows (`--packet-costs-only`): no lab.
+    pub packet_costs_only: bool,
 }
 
 impl Settings {
@@ -120,6 +122,7 @@ impl Settings {
                 },
             },
             control_only: false,
+            packet_costs_only: false,
             client_sysctls: vec![
                 ("net.ipv4.tcp_max_tw_buckets".into(), "0".into()),
                 ("net.ipv4.ip_local_port_range".into(), "10000 65001".into()),
@@ -313,7 +316,12 @@ pub fn run(settings: Settings) -> Result<Results> {
         loadavg_start: loadavg(),
         loadavg_end: String::new(),
     };
-    let largest = settings.service_counts.iter().copied().max().unwrap_or(1);
+    if settings.packet_costs_only {
+        packet_costs(&settings, &mut results);
+        results.duration_s = started.elapsed().as_secs_f64();
+        results.loadavg_end = loadavg();
+        return Ok(results);
+    }
     let runs_at = |peer: Peer, n: usize| {
         peer != Peer::Nftables || settings.nft_max_services.is_none_or(|max| n <= max)
     };
@@ -411,6 +419,16 @@ pub fn run(settings: Settings) -> Result<Results> {
     report::fill_ratios(&mut results.nodeport_trials);
     report::fill_throughput_ratios(&mut results.throughput);
 
+    packet_costs(&settings, &mut results);
+    results.duration_s = started.elapsed().as_secs_f64();
+    results.loadavg_end = loadavg();
+    Ok(results)
+}
+
+/// The per-packet rows (BPF_PROG_TEST_RUN) at the smallest and largest N,
+/// into `results`; a failure is recorded like a failed trial.
+fn packet_costs(settings: &Settings, results: &mut Results) {
+    let largest = settings.service_counts.iter().copied().max().unwrap_or(1);
     let mut sizes = vec![settings.service_counts.iter().copied().min().unwrap_or(1)];
     if largest != sizes[0] {
         sizes.push(largest);
@@ -438,7 +456,4 @@ pub fn run(settings: Settings) -> Result<Results> {
             }
         }
     }
-    results.duration_s = started.elapsed().as_secs_f64();
-    results.loadavg_end = loadavg();
-    Ok(results)
 }
