@@ -876,7 +876,8 @@ fn fin_from_one_side_half_closes_both_from_both_or_rst_closes() {
     let mut fx = Fixture::new();
     // (port, packets after the SYN: (from the backend?, flags), and how
     // many of the flow's entries are then half-closed and closed).
-    let cases: [(u16, &[(bool, u8)], usize, usize); 3] = [
+    type Case = (u16, &'static [(bool, u8)], usize, usize);
+    let cases: [Case; 3] = [
         (48000, &[(false, FIN | ACK)], 2, 0),
         (48001, &[(false, FIN | ACK), (true, FIN | ACK)], 0, 2),
         (48002, &[(true, RST)], 0, 2),
