@@ -399,6 +399,14 @@ pub const CT_FLAG_SEEN_REPLY: u16 = 1 << 5;
 pub const CT_FLAG_FIN_FORWARD: u16 = 1 << 6;
 /// The endpoint sent a FIN; see [`CT_FLAG_FIN_FORWARD`].
 pub const CT_FLAG_FIN_REPLY: u16 = 1 << 7;
+/// Fast path: this direction's packets are delivered straight into a pod
+/// on this node (`bpf_redirect_peer` into the peer of host interface
+/// `ifindex`, with `macs`), past the host's routing and netfilter.
+pub const CT_FLAG_PEER: u16 = 1 << 8;
+/// Fast path: this direction's packets leave by node interface `ifindex`
+/// towards an endpoint on another node (`bpf_redirect_neigh`: the kernel's
+/// route and neighbour, no netfilter).
+pub const CT_FLAG_NEIGH: u16 = 1 << 9;
 
 /// Conntrack value.
 #[repr(C)]
@@ -425,6 +433,12 @@ pub struct CtValue {
     pub _pad: u16,
     /// Host byte order. `bpf_ktime_get_coarse_ns` of the last packet seen.
     pub last_seen_ns: u64,
+    /// Host byte order; with `CT_FLAG_PEER` or `CT_FLAG_NEIGH` only: the
+    /// interface this direction's packets are sent to past the stack.
+    pub ifindex: u32,
+    /// With `CT_FLAG_PEER` only: destination then source MAC address
+    /// written before the redirect.
+    pub macs: [u8; 12],
 }
 
 impl CtValue {
@@ -446,6 +460,11 @@ impl CtValue {
 
     pub const fn is_direct(&self) -> bool {
         self.flags & CT_FLAG_DIRECT != 0
+    }
+
+    /// Sent past the stack (`CT_FLAG_PEER`, `CT_FLAG_NEIGH`).
+    pub const fn has_fast_path(&self) -> bool {
+        self.flags & (CT_FLAG_PEER | CT_FLAG_NEIGH) != 0
     }
 
     pub const fn seen_reply(&self) -> bool {
@@ -514,7 +533,7 @@ impl CtValue {
 
     /// The flow's other entry as it is written when the flow opens (also
     /// when one of the two was lost, e.g. evicted): the same flow state,
-    /// seen at `now_ns`.
+    /// no fast path of its own (it learns one again), seen at `now_ns`.
     pub const fn twin(&self, key: &CtKey, now_ns: u64) -> (CtKey, CtValue) {
         let twin_key = self.twin_key(key);
         let (snat_addr, snat_port) = if !self.is_snat() {
@@ -534,13 +553,15 @@ impl CtValue {
         let value = CtValue {
             nat_addr,
             nat_port,
-            flags: self.flags ^ CT_FLAG_REPLY,
+            flags: (self.flags ^ CT_FLAG_REPLY) & !(CT_FLAG_PEER | CT_FLAG_NEIGH),
             backend_id: self.backend_id,
             svc_id: self.svc_id,
             snat_addr,
             snat_port,
             _pad: 0,
             last_seen_ns: now_ns,
+            ifindex: 0,
+            macs: [0; 12],
         };
         (twin_key, value)
     }
@@ -587,7 +608,8 @@ pub struct Config {
     /// Network byte order. Source given to masqueraded external flows (the
     /// node's primary address); 0: none, such flows are dropped.
     pub node_addr: u32,
-    pub _pad: u32,
+    /// Host byte order. `CONFIG_FLAG_*`.
+    pub flags: u32,
     /// Host byte order, nanoseconds. Idle timeouts of conntrack entries: an
     /// expired entry is never reused (the flow is chosen anew) and the
     /// agent's garbage collection deletes it. 0 expires at once.
@@ -604,8 +626,13 @@ pub struct Config {
     /// it sends); 0: no limit.
     pub reject_interval_ns: u64,
     pub reject_burst: u32,
-    pub _pad2: u32,
+    pub _pad: u32,
 }
+
+/// `Config::flags`: Service flows between pods (and to endpoints on other
+/// nodes) are delivered past the host's routing and netfilter
+/// (`CT_FLAG_PEER`, `CT_FLAG_NEIGH`).
+pub const CONFIG_FLAG_FAST_PATH: u32 = 1 << 0;
 
 /// Data of a source-ranges LPM trie key (the trie's key is this behind a
 /// `prefix_len`): a frontend (svc id of its external entry) and a client
@@ -916,8 +943,13 @@ pub mod stat {
     /// CRC32c (a packet longer than the CRC tables cover), passed
     /// untranslated.
     pub const SCTP_CRC_FAILED: u32 = 21;
+    /// Packets delivered straight into a pod on this node (`CT_FLAG_PEER`).
+    pub const FAST_PATH_PEER: u32 = 22;
+    /// Packets sent straight to an endpoint on another node
+    /// (`CT_FLAG_NEIGH`).
+    pub const FAST_PATH_NEIGH: u32 = 23;
     /// Number of counters; the size of the stats array.
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 24;
     /// Names in index order, for the CLI and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flows",
@@ -942,6 +974,8 @@ pub mod stat {
         "ct_restored",
         "reject_rate_limited",
         "sctp_crc_failed",
+        "fast_path_peer",
+        "fast_path_neigh",
     ];
 }
 
@@ -954,7 +988,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtValue>() == 32);
+    assert!(core::mem::size_of::<CtValue>() == 48);
     assert!(core::mem::size_of::<SourceRange>() == 8);
     assert!(core::mem::align_of::<CtValue>() == 8);
     assert!(core::mem::size_of::<Config>() == 8 * MAX_SERVICE_CIDRS + 80);

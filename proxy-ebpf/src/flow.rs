@@ -188,7 +188,7 @@ pub fn open_flow(flow: &Flow, origin: Origin, now: u64, out: &mut CtValue) -> u3
     if snat {
         flags |= CT_FLAG_SNAT;
     }
-    let forward = CtValue {
+    *out = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
         flags,
@@ -198,13 +198,21 @@ pub fn open_flow(flow: &Flow, origin: Origin, now: u64, out: &mut CtValue) -> u3
         snat_port: if snat { snat_port } else { 0 },
         _pad: 0,
         last_seen_ns: now,
+        ifindex: 0,
+        macs: [0; 12],
     };
-    let (key, reply) = forward.twin(&flow.key(), now);
-    if CONNTRACK.insert(key, reply, 0).is_err() {
+    // The reply entry is built in per-CPU map memory: on the stack, with
+    // the forward one, it took the frames past the verifier's budget.
+    let Some(scratch) = CT_SCRATCH.get_ptr_mut(0) else {
+        return DROP;
+    };
+    let scratch = unsafe { &mut *scratch };
+    (scratch.0, scratch.1) = out.twin(&flow.key(), now);
+    if CONNTRACK.insert(&scratch.0, &scratch.1, 0).is_err() {
         count(stat::CT_INSERT_FAILED);
         return DROP;
     }
-    if CONNTRACK.insert(flow.key(), forward, 0).is_err() {
+    if CONNTRACK.insert(flow.key(), &*out, 0).is_err() {
         // Still translated: this packet is fine, a later one re-chooses.
         count(stat::CT_INSERT_FAILED);
     }
@@ -213,7 +221,6 @@ pub fn open_flow(flow: &Flow, origin: Origin, now: u64, out: &mut CtValue) -> u3
     } else {
         stat::NEW_FLOWS
     });
-    *out = forward;
     opened::FLOW
 }
 

@@ -17,7 +17,7 @@
 //! later over the packet as it then is. A real CRC of zero (one packet in
 //! 2^32) is then left wrong, and the peer's retransmission carries another.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{cty::c_void, helpers::bpf_loop, programs::TcContext};
 use proxy_common::stat;
 
 use crate::maps::count;
@@ -65,18 +65,36 @@ const fn zero_bytes_table() -> [u32; MAX_LEN] {
 
 static ZERO_BYTES: [u32; MAX_LEN] = zero_bytes_table();
 
-/// `a * b mod P` in the reflected representation; branch-free, so the
-/// verifier walks one path.
+/// One step of [`multiply`]: bit `i` (from the top) of `a`.
+#[repr(C)]
+struct Product {
+    a: u32,
+    b: u32,
+    product: u32,
+}
+
+unsafe extern "C" fn multiply_step(i: u32, ctx: *mut c_void) -> i64 {
+    let p = unsafe { &mut *(ctx as *mut Product) };
+    p.product ^= p.b & 0u32.wrapping_sub((p.a >> (31 - (i & 31))) & 1);
+    p.b = (p.b >> 1) ^ (POLY & 0u32.wrapping_sub(p.b & 1));
+    0
+}
+
+/// `a * b mod P` in the reflected representation, by `bpf_loop`: the
+/// verifier checks the step once instead of 32 unrolled copies on every
+/// path that reaches it.
 #[inline(always)]
-fn multiply(a: u32, mut b: u32) -> u32 {
-    let mut product = 0u32;
-    let mut i = 0;
-    while i < 32 {
-        product ^= b & 0u32.wrapping_sub((a >> (31 - i)) & 1);
-        b = (b >> 1) ^ (POLY & 0u32.wrapping_sub(b & 1));
-        i += 1;
-    }
-    product
+fn multiply(a: u32, b: u32) -> u32 {
+    let mut p = Product { a, b, product: 0 };
+    unsafe {
+        bpf_loop(
+            32,
+            multiply_step as *mut c_void,
+            &mut p as *mut Product as *mut c_void,
+            0,
+        )
+    };
+    p.product
 }
 
 /// The CRC change of a packet of `len` bytes whose first four bytes change

@@ -30,6 +30,7 @@ use network_types::ip::Ipv4Hdr;
 use proxy_common::{CtValue, FragKey, proto, stat};
 
 use crate::csum;
+use crate::fast;
 use crate::fib::fib_redirect;
 use crate::flow::{Origin, Tuple, live_entry, open_flow, opened, touch, translated, usable};
 use crate::frag::{self, First};
@@ -107,7 +108,7 @@ fn first_fragment(ctx: &TcContext) -> Option<FragKey> {
 #[inline(always)]
 fn run(ctx: &TcContext, origin: Origin) -> i32 {
     let first = first_fragment(ctx);
-    let mut verdict = try_ingress(ctx);
+    let mut verdict = try_ingress(ctx, origin);
     if let Ok(Verdict::Open) = verdict {
         verdict = try_open(ctx, origin);
     }
@@ -132,7 +133,7 @@ fn run(ctx: &TcContext, origin: Origin) -> i32 {
 }
 
 #[inline(never)]
-fn try_ingress(ctx: &TcContext) -> Result<Verdict, ()> {
+fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
     let flow = match parse(ctx)? {
         Parsed::L4(flow) => flow,
         Parsed::Icmp(msg) => return Ok(Verdict::Icmp(msg)),
@@ -145,9 +146,17 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, ()> {
     let cfg = config();
     if let Some((entry, ct)) = live_entry(&flow, cfg, now) {
         if usable(&ct) {
+            // The flow's first reply tells how its requests can be sent
+            // past the stack (where its endpoint is).
+            if ct.is_reply() && !ct.seen_reply() {
+                fast::learn_endpoint(ctx, &flow, &ct, origin == Origin::Node);
+            }
             touch(&flow, entry, &ct, now);
             translate(ctx, &flow, &translated(&flow, &ct))?;
             count_hit(ctx, &ct);
+            if fast::applies(&ct, &flow, cfg) {
+                return Ok(Verdict::Act(fast::send(ctx, &ct)));
+            }
             return Ok(out(&ct));
         }
         // The backend this flow used is gone: choose again below, as a new
@@ -169,6 +178,9 @@ fn try_open(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
     let mut forward = CtValue::default();
     match open_flow(&flow, origin, now, &mut forward) {
         opened::FLOW => {
+            if origin == Origin::Pod {
+                fast::remember_client(ctx, &flow, &forward);
+            }
             translate(ctx, &flow, &translated(&flow, &forward))?;
             if !forward.is_direct() {
                 account(forward.svc_id, forward.backend_id, ctx.len());

@@ -127,6 +127,12 @@ struct RunArgs {
     /// (netfilter's SYN_SENT).
     #[arg(long, env = "KEP_CONNTRACK_TCP_TIMEOUT_SYN_SENT", default_value = "2m", value_parser = parse_duration)]
     conntrack_tcp_timeout_syn_sent: Duration,
+    /// Service flows between pods (and to endpoints on other nodes)
+    /// delivered past the host's routing and netfilter once their first
+    /// reply is seen: `on` or `off`. Turn it off where netfilter must see
+    /// that traffic (e.g. a CNI enforcing NetworkPolicy with iptables).
+    #[arg(long, env = "KEP_FAST_PATH", default_value = "on", value_parser = ["on", "off"])]
+    fast_path: String,
 
     /// Idle timeout of UDP flows.
     #[arg(long, env = "KEP_CONNTRACK_UDP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -250,6 +256,7 @@ fn main() -> anyhow::Result<()> {
                         tcp_syn_sent: args.conntrack_tcp_timeout_syn_sent,
                         tcp_close_wait: args.conntrack_tcp_timeout_close_wait,
                     },
+                    fast_path: args.fast_path == "on",
                     reject_limit: datapath::RejectLimit::of_node(),
                     xdp: args
                         .xdp_mode

@@ -2889,3 +2889,70 @@ fn sctp_flows_are_translated_with_their_crc32c() {
     assert_eq!(stats[stat::NEW_FLOWS as usize], 2);
     assert_eq!(stats[stat::REPLY_HITS as usize], 2);
 }
+
+fn ttl_of(p: &[u8]) -> u8 {
+    p[ETH + 8]
+}
+
+/// The fast path: the reply direction learns the client pod's interface
+/// and MACs from the flow's first packet, the request direction the
+/// endpoint's from the first reply; from then on both go past the stack
+/// (`bpf_redirect_peer`), MACs written and TTL decremented as a router
+/// would. `--fast-path off` keeps every packet on the stack, and so does a
+/// hairpin flow.
+#[test]
+fn the_fast_path_is_learnt_from_each_directions_first_packet() {
+    // `lo`: every namespace has it, and its MTU passes the MTU check.
+    const LO: u32 = 1;
+    for fast in [true, false] {
+        let mut fx = Fixture::with_settings(|cfg| cfg.fast_path = fast);
+        let syn = tcp(CLIENT, VIP, 46000, SVC_PORT, SYN);
+        let (ret, out) = fx.run_hook_on(Hook::Pod, &syn, LO);
+        assert_eq!(ret, TC_ACT_OK, "the first packet takes the stack");
+        let backend = ip_dst(&out);
+        // The backend's answer comes in on its own interface, MACs its own.
+        let mut syn_ack = tcp(backend, CLIENT, BACKEND_PORT, 46000, SYN | ACK);
+        syn_ack[..12]
+            .copy_from_slice(&[[0x02, 0, 0, 0, 0, 0xcc], [0x02, 0, 0, 0, 0, 0xdd]].concat());
+        let (ret, back) = fx.run_hook_on(Hook::Pod, &syn_ack, LO);
+        let (ret2, fwd) = fx.run_hook_on(Hook::Pod, &tcp(CLIENT, VIP, 46000, SVC_PORT, ACK), LO);
+        assert_eq!(ip_src(&back), VIP);
+        assert_eq!(ip_dst(&fwd), backend);
+        assert_checksums(&back);
+        assert_checksums(&fwd);
+        if !fast {
+            assert_eq!((ret, ret2), (TC_ACT_OK, TC_ACT_OK), "fast path off");
+            assert_eq!((ttl_of(&back), ttl_of(&fwd)), (64, 64));
+            assert_eq!(fx.dp.stats().unwrap()[stat::FAST_PATH_PEER as usize], 0);
+            continue;
+        }
+        assert_eq!((ret, ret2), (TC_ACT_REDIRECT, TC_ACT_REDIRECT));
+        // Into the client: to its MAC (the SYN's source), from its gateway's.
+        assert_eq!(&back[..6], &MAC_A, "{back:02x?}");
+        assert_eq!(&back[6..12], &MAC_B);
+        // Into the endpoint: to its MAC (the answer's source).
+        assert_eq!(&fwd[..6], &[0x02, 0, 0, 0, 0, 0xdd]);
+        assert_eq!(&fwd[6..12], &[0x02, 0, 0, 0, 0, 0xcc]);
+        assert_eq!((ttl_of(&back), ttl_of(&fwd)), (63, 63));
+        assert_eq!(fx.dp.stats().unwrap()[stat::FAST_PATH_PEER as usize], 2);
+
+        // A pod reaching itself (its Service's one endpoint) keeps the
+        // stack.
+        let mut fx = Fixture::with_settings(|cfg| cfg.fast_path = true);
+        add_vip_one(&mut fx);
+        let (_, out) = fx.run_hook_on(
+            Hook::Pod,
+            &tcp(BACKENDS[0], VIP_ONE, 46001, SVC_PORT, SYN),
+            LO,
+        );
+        assert_eq!((ip_src(&out), ip_dst(&out)), (HAIRPIN, BACKENDS[0]));
+        let answer = tcp(BACKENDS[0], HAIRPIN, BACKEND_PORT, 46001, SYN | ACK);
+        let (ret, _) = fx.run_hook_on(Hook::Pod, &answer, LO);
+        let (ret2, _) = fx.run_hook_on(
+            Hook::Pod,
+            &tcp(BACKENDS[0], VIP_ONE, 46001, SVC_PORT, ACK),
+            LO,
+        );
+        assert_eq!((ret, ret2), (TC_ACT_OK, TC_ACT_OK), "hairpin");
+    }
+}

@@ -149,7 +149,9 @@ fn upload(
 /// client's full-size segments with "fragmentation needed" about the DNAT-ed
 /// packet. Translated (from the VIP, quoting client -> VIP), it teaches the
 /// client's socket to the VIP the path's MTU and the upload completes; the
-/// same upload straight to the pod is the control.
+/// same upload straight to the pod is the control. The fast path is off:
+/// it delivers into the endpoint's pod past the node's routes, so their
+/// MTU (what this test is about) would not apply (see the README).
 #[test]
 fn path_mtu_discovery_works_through_a_cluster_ip() {
     let lab = Lab::new().expect("lab setup (needs root)");
@@ -158,7 +160,14 @@ fn path_mtu_discovery_works_through_a_cluster_ip() {
         &one_endpoint_service("upload", UPLOAD_VIP, UPLOAD_PORT, "TCP", UPLOAD_PORT),
     )
     .unwrap();
-    let agent = lab.start_manifest_agent().expect("agent programs");
+    let agent = lab
+        .start_agent_programmed(&[
+            "--manifests".into(),
+            lab.manifest_dir().into(),
+            "--fast-path".into(),
+            "off".into(),
+        ])
+        .expect("agent programs");
     let subnet = format!("{}/24", Ipv4Addr::from(u32::from(backend_ip(0)) & !0xff));
     lab.node()
         .ip(&["route", "change", &subnet, "dev", "veth-b0", "mtu", "1400"])
@@ -178,23 +187,9 @@ fn path_mtu_discovery_works_through_a_cluster_ip() {
         );
     }
     assert!(
-        agent_counter(&lab, proxy_common::stat::ICMP_ERRORS) > 0,
+        agent.counter(proxy_common::stat::ICMP_ERRORS).unwrap() > 0,
         "the node's fragmentation-needed was translated"
     );
-}
-
-/// A datapath counter, read through `kube-ebpf-proxy status --json`.
-fn agent_counter(lab: &Lab, index: u32) -> u64 {
-    let out = std::process::Command::new(lab::agent::agent_bin().unwrap())
-        .args(["status", "--json", "--bpffs"])
-        .arg(lab.bpffs_dir())
-        .output()
-        .expect("run status");
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
-    let name = proxy_common::stat::NAMES[index as usize];
-    status["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("counter {name} in {status}"))
 }
 
 /// A UDP endpoint with nothing on the target port answers "port

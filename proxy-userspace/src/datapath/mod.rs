@@ -18,8 +18,9 @@ use aya::{
     programs::{CgroupSockAddr, SchedClassifier, Xdp, XdpMode},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Cidr, Config, CtKey, CtValue, MAX_SERVICE_CIDRS,
-    ServiceKey, ServiceValue, SourceRange, Traffic, defaults, map_names, program_names,
+    AffinityKey, AffinityValue, Backend, CONFIG_FLAG_FAST_PATH, Cidr, Config, CtKey, CtValue,
+    MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, SourceRange, Traffic, defaults, map_names,
+    program_names,
 };
 use thiserror::Error;
 
@@ -62,6 +63,9 @@ pub struct DatapathConfig {
     pub timeouts: CtTimeouts,
     /// How the XDP fast path is attached to node interfaces.
     pub xdp: XdpSetting,
+    /// Service flows between pods delivered past the host's routing and
+    /// netfilter (see `proxy-ebpf/src/fast.rs`).
+    pub fast_path: bool,
     /// REJECT answers to one client: at most one per interval on average,
     /// with a burst (the kernel's `icmp_ratelimit`); `None`: no limit.
     pub reject_limit: Option<RejectLimit>,
@@ -205,6 +209,7 @@ impl DatapathConfig {
             hairpin_addr: Some(DEFAULT_HAIRPIN_ADDR),
             timeouts: CtTimeouts::default(),
             xdp: XdpSetting::Auto,
+            fast_path: true,
             reject_limit: Some(RejectLimit::KERNEL_DEFAULT),
         }
     }
@@ -242,6 +247,9 @@ impl DatapathConfig {
         cfg.ct_udp_ns = ns(self.timeouts.udp);
         cfg.ct_tcp_syn_sent_ns = ns(self.timeouts.tcp_syn_sent);
         cfg.ct_tcp_close_wait_ns = ns(self.timeouts.tcp_close_wait);
+        if self.fast_path {
+            cfg.flags |= CONFIG_FLAG_FAST_PATH;
+        }
         if let Some(limit) = self.reject_limit {
             // Bounded so that interval x burst never overflows in the
             // datapath.

@@ -15,11 +15,13 @@
 //! - [`stream`]: the iperf3 stream.
 //! - [`switch`]: probing an endpoint switch from the client.
 //! - [`testrun`]: per-packet cost.
+//! - [`live`]: per-packet cost under the trials' traffic (bpf_stats).
 //! - [`report`]: summaries, the Markdown table, the JSON.
 //! - [`chart`]: the SVG.
 
 pub mod chart;
 pub mod control;
+pub mod live;
 pub mod nodeport;
 pub mod peers;
 pub mod report;
@@ -183,6 +185,8 @@ pub struct Results {
     pub throughput: Vec<stream::Throughput>,
     pub programming: Vec<peers::Programming>,
     pub switches: Vec<switch::Switch>,
+    /// The agent's programs' run time per packet during ours' trials.
+    pub live_costs: Vec<live::LiveCost>,
     /// NodePort: one [`peers::Kind::TcpConnect`] trial per peer, N and
     /// round.
     pub nodeport_trials: Vec<peers::Trial>,
@@ -306,6 +310,7 @@ pub fn run(settings: Settings) -> Result<Results> {
         throughput: Vec::new(),
         programming: Vec::new(),
         switches: Vec::new(),
+        live_costs: Vec::new(),
         nodeport_trials: Vec::new(),
         nodeport_programming: Vec::new(),
         skipped: Vec::new(),
@@ -385,6 +390,7 @@ pub fn run(settings: Settings) -> Result<Results> {
                             results.throughput.push(turn.throughput);
                             results.programming.extend(turn.programming);
                             results.switches.extend(turn.switches);
+                            results.live_costs.extend(turn.live);
                         }
                         Err(e) => {
                             let msg = format!("N={n} round {round} {peer}: {e:#}");
