@@ -212,6 +212,17 @@ pub fn open_flow(flow: &Flow, origin: Origin, now: u64, out: &mut CtValue) -> u3
         count(stat::CT_INSERT_FAILED);
         return DROP;
     }
+    if !direct && flow.proto == proto::UDP && is_node_address(backend.addr) {
+        // A UDP server of the node bound to 0.0.0.0 answers from the
+        // address its route to the client prefers (say the node's address
+        // on the client's veth), not necessarily the one it was reached at:
+        // the reply is found by [`any_node_address`] whatever node address
+        // it comes from. (netfilter, hence kube-proxy, loses such replies.)
+        // Without this entry only answers from the endpoint's own address
+        // are translated.
+        scratch.0 = any_node_address(&scratch.0);
+        let _ = CONNTRACK.insert(&scratch.0, &scratch.1, 0);
+    }
     if CONNTRACK.insert(flow.key(), &*out, 0).is_err() {
         // Still translated: this packet is fine, a later one re-chooses.
         count(stat::CT_INSERT_FAILED);
@@ -222,6 +233,17 @@ pub fn open_flow(flow: &Flow, origin: Origin, now: u64, out: &mut CtValue) -> u3
         stat::NEW_FLOWS
     });
     opened::FLOW
+}
+
+/// The key of a UDP host endpoint's reply entry with the source address
+/// left out (0, never a real source): where the node's answer is looked up
+/// when it leaves from another of the node's addresses.
+#[inline(always)]
+pub fn any_node_address(reply_key: &CtKey) -> CtKey {
+    CtKey {
+        saddr: 0,
+        ..*reply_key
+    }
 }
 
 /// Whether the entry `held` at `key`, the reply key a new flow wants, may

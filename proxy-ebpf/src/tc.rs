@@ -32,10 +32,12 @@ use proxy_common::{CtValue, FragKey, proto, stat};
 use crate::csum;
 use crate::fast;
 use crate::fib::fib_redirect;
-use crate::flow::{Origin, Tuple, live_entry, open_flow, opened, touch, translated, usable};
+use crate::flow::{
+    Origin, Tuple, any_node_address, live_entry, open_flow, opened, touch, translated, usable,
+};
 use crate::frag::{self, First};
 use crate::icmp;
-use crate::maps::{account, config, count};
+use crate::maps::{CONNTRACK, account, config, count, is_node_address};
 use crate::packet::{ETH_HLEN, Flow, Icmp, Parsed, fragment, parse, ptr_at};
 use crate::reject;
 use crate::sctp;
@@ -211,13 +213,34 @@ fn try_egress(ctx: &TcContext) -> Result<Verdict, ()> {
         Parsed::Other => return Ok(Verdict::Act(TC_ACT_OK)),
     };
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if let Some((entry, ct)) = live_entry(&flow, config(), now)
-        && ct.is_reply()
-    {
-        established(ctx, &flow, entry, &ct, now)?;
+    match live_entry(&flow, config(), now) {
+        Some((entry, ct)) => {
+            if ct.is_reply() {
+                established(ctx, &flow, entry, &ct, now)?;
+            }
+        }
+        None => host_udp_reply(ctx, &flow, now)?,
     }
     // Already routed: it leaves where the stack sends it.
     Ok(Verdict::Act(TC_ACT_OK))
+}
+
+/// A UDP answer of a host endpoint from another of the node's addresses
+/// than the one its client's flow was sent to (see
+/// [`any_node_address`]): translated by that flow's reply entry.
+#[inline(always)]
+fn host_udp_reply(ctx: &TcContext, flow: &Flow, now: u64) -> Result<(), ()> {
+    if flow.proto != proto::UDP || !is_node_address(flow.saddr) {
+        return Ok(());
+    }
+    let key = any_node_address(&flow.key());
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        let ct = unsafe { *entry };
+        if ct.is_reply() && !config().is_some_and(|c| ct.expired(&key, c, now)) {
+            established(ctx, flow, entry, &ct, now)?;
+        }
+    }
+    Ok(())
 }
 
 /// A reply the node itself sends, by its flow's reply entry.

@@ -185,71 +185,35 @@ pub fn empty() -> String {
     )
 }
 
-/// One port of [`node_endpoint_service`]: `(name, port, protocol,
-/// targetPort, nodePort)`; the nodePort is written for types other than
-/// ClusterIP.
-pub type NodeEndpointPort<'a> = (&'a str, u16, &'a str, u16, u16);
-
-/// Service `kubernetes` in `default` at `cluster_ip`, of type `kind` with
-/// `spec_extra` in its spec (indented, e.g. `"  externalTrafficPolicy:
-/// Local\n"`), whose one endpoint is the node itself: address `node_ip` on
-/// node `node`, no Pod behind it (as the API server's own Service, or a
-/// hostNetwork pod's).
-pub fn node_endpoint_service(
-    kind: &str,
-    spec_extra: &str,
-    cluster_ip: Ipv4Addr,
-    ports: &[NodeEndpointPort<'_>],
-    node_ip: Ipv4Addr,
-    node: &str,
-) -> String {
-    let mut svc = format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: kubernetes
-  namespace: default
-spec:
-  type: {kind}
-  clusterIP: {cluster_ip}
-{spec_extra}  ports:
-"
-    );
-    let mut slice = "---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: kubernetes
-  namespace: default
-  labels:
-    kubernetes.io/service-name: kubernetes
-addressType: IPv4
-ports:
-"
-    .to_string();
-    for (name, port, proto, target, node_port) in ports {
-        let _ = writeln!(
-            svc,
-            "  - name: {name}\n    port: {port}\n    protocol: {proto}\n    targetPort: {target}"
-        );
-        if kind != "ClusterIP" {
-            let _ = writeln!(svc, "    nodePort: {node_port}");
-        }
-        let _ = writeln!(
-            slice,
-            "- name: {name}\n  port: {target}\n  protocol: {proto}"
-        );
-    }
-    let _ = write!(
-        slice,
-        "endpoints:
-- addresses: [\"{node_ip}\"]
-  conditions:
-    ready: true
-  nodeName: {node}
-"
-    );
-    svc + &slice
+/// `service` (as rendered by [`Svc::render`]) and its one EndpointSlice,
+/// whose one endpoint is the node itself: address `node_ip` on node `node`,
+/// ready, no Pod behind it (as the API server's own Service, or a
+/// hostNetwork pod's). The slice's ports are the Service's target ports.
+pub fn node_endpoint_service(service: &Svc, node_ip: Ipv4Addr, node: &str) -> String {
+    let slice = Slice {
+        name: service.name.clone(),
+        service: service.name.clone(),
+        ports: service
+            .ports
+            .iter()
+            .map(|p| {
+                let target = p
+                    .target
+                    .parse()
+                    .expect("a node endpoint's targetPort is a number");
+                (p.name.clone(), target, p.protocol.clone())
+            })
+            .collect(),
+        endpoints: vec![SliceEndpoint {
+            ip: node_ip,
+            node: node.into(),
+            ready: true,
+            serving: true,
+            terminating: false,
+        }],
+        labels: Vec::new(),
+    };
+    format!("{}---\n{}", service.render(), slice.render())
 }
 
 /// One port of a [`Svc`]: `targetPort` is written verbatim (a number or a

@@ -15,6 +15,7 @@ use std::time::Duration;
 use lab::addr::CLIENT_GW;
 use lab::cluster::{Cluster, ClusterConfig, Whoami, tcp_whoami, udp_whoami};
 use lab::servers::Servers;
+use lab::yaml::{Svc, SvcPort};
 use lab::{Agent, LAB_NODE, Lab, Netns, yaml};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
@@ -29,20 +30,33 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const ROUNDS: usize = 20;
 
 /// Service `kubernetes` at [`VIP`] (TCP 443 -> 9090, UDP 53 -> 9053), as
-/// `kind` with `spec_extra` in its spec, whose one endpoint is `node_ip` on
-/// node `node`.
-fn host_service(kind: &str, spec_extra: &str, node_ip: Ipv4Addr, node: &str) -> String {
-    yaml::node_endpoint_service(
-        kind,
-        spec_extra,
+/// `kind` (with externalTrafficPolicy Local when `local`), whose one
+/// endpoint is `node_ip` on node `node`.
+fn host_service(kind: &str, local: bool, node_ip: Ipv4Addr, node: &str) -> String {
+    let node_port = |p: SvcPort, n| {
+        if kind == "ClusterIP" {
+            p
+        } else {
+            p.node_port(n)
+        }
+    };
+    let mut svc = Svc::cluster_ip(
+        "kubernetes",
         VIP,
-        &[
-            ("https", TCP_PORT, "TCP", HOST_TCP, NODE_PORT_TCP),
-            ("dns", UDP_PORT, "UDP", HOST_UDP, NODE_PORT_UDP),
+        vec![
+            node_port(
+                SvcPort::new("https", TCP_PORT, "TCP", &HOST_TCP.to_string()),
+                NODE_PORT_TCP,
+            ),
+            node_port(
+                SvcPort::new("dns", UDP_PORT, "UDP", &HOST_UDP.to_string()),
+                NODE_PORT_UDP,
+            ),
         ],
-        node_ip,
-        node,
     )
+    .of_type(kind);
+    svc.external_traffic_local = local;
+    yaml::node_endpoint_service(&svc, node_ip, node)
 }
 
 /// `ROUNDS` TCP and `ROUNDS` UDP whoami requests from `from` to `ip`
@@ -87,7 +101,7 @@ fn pods_reach_a_host_endpoint_on_their_own_node() {
     let lab = Lab::new().expect("lab setup (needs root)");
     lab.write_manifest(
         "kubernetes.yaml",
-        &host_service("ClusterIP", "", CLIENT_GW, LAB_NODE),
+        &host_service("ClusterIP", false, CLIENT_GW, LAB_NODE),
     )
     .unwrap();
     let agent = lab.start_manifest_agent().expect("agent programs");
@@ -101,6 +115,35 @@ fn pods_reach_a_host_endpoint_on_their_own_node() {
         seen.iter().all(|a| a.ip() == lab::addr::CLIENT_IP),
         "the node sees the pod's own address: {seen:?}"
     );
+    servers.stop();
+}
+
+/// The same with the endpoint at another of the node's addresses (its end
+/// of a backend pod's link): the node's UDP server, bound to 0.0.0.0,
+/// answers from the address its route to the client prefers (its end of
+/// the client's link), not the one it was reached at, yet the client hears
+/// the VIP (netfilter, hence kube-proxy, would lose that answer). TCP
+/// answers always come from the address connected to.
+#[test]
+fn a_host_endpoint_answering_udp_from_another_node_address_is_translated() {
+    let lab = Lab::new().expect("lab setup (needs root)");
+    let endpoint = lab::addr::backend_gw(0);
+    assert_ne!(
+        endpoint, CLIENT_GW,
+        "the answer must leave from another address"
+    );
+    lab.write_manifest(
+        "kubernetes.yaml",
+        &host_service("ClusterIP", false, endpoint, LAB_NODE),
+    )
+    .unwrap();
+    let agent = lab.start_manifest_agent().expect("agent programs");
+    let mut servers = Servers::new();
+    servers
+        .start(lab.node(), "node", HOST_TCP, HOST_UDP)
+        .expect("servers on the node");
+    let log = || agent.log_tail(20);
+    exchange(lab.client(), VIP, (TCP_PORT, UDP_PORT), "node", &log);
     servers.stop();
 }
 
@@ -139,7 +182,7 @@ fn pods_reach_a_host_endpoint_on_another_node() {
     cluster
         .write_manifest(
             "kubernetes.yaml",
-            &host_service("ClusterIP", "", cluster.node_ip(1), "node-1"),
+            &host_service("ClusterIP", false, cluster.node_ip(1), "node-1"),
         )
         .unwrap();
     let args = node_args();
@@ -171,11 +214,10 @@ fn a_nodeport_reaches_a_host_endpoint_on_the_node_asked() {
     let node0 = cluster.node_ip(0);
     for xdp in ["native", "off"] {
         for policy in ["Cluster", "Local"] {
-            let extra = format!("  externalTrafficPolicy: {policy}\n");
             cluster
                 .write_manifest(
                     "kubernetes.yaml",
-                    &host_service("NodePort", &extra, node0, "node-0"),
+                    &host_service("NodePort", policy == "Local", node0, "node-0"),
                 )
                 .unwrap();
             let mut args = node_args();

@@ -235,10 +235,14 @@ fn host_process_reaches_its_own_node_as_an_endpoint() {
     lab.write_manifest(
         "kubernetes.yaml",
         &yaml::node_endpoint_service(
-            "ClusterIP",
-            "",
-            vip,
-            &[("https", 443, "TCP", 9090, 0), ("dns", 53, "UDP", 9053, 0)],
+            &yaml::Svc::cluster_ip(
+                "kubernetes",
+                vip,
+                vec![
+                    yaml::SvcPort::new("https", 443, "TCP", "9090"),
+                    yaml::SvcPort::new("dns", 53, "UDP", "9053"),
+                ],
+            ),
             lab::addr::CLIENT_GW,
             lab::LAB_NODE,
         ),

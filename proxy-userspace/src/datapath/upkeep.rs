@@ -87,7 +87,11 @@ impl Datapath {
             gone.iter().any(|b| {
                 k.proto == b.proto
                     && if v.is_reply() {
-                        k.saddr == b.addr && k.sport == b.port
+                        // saddr 0: a host endpoint's "from any node address"
+                        // reply entry (the datapath's `any_node_address`);
+                        // another host endpoint on the same port may lose
+                        // its own, which only costs its odd-source answers.
+                        (k.saddr == b.addr || k.saddr == 0) && k.sport == b.port
                     } else {
                         v.nat_addr == b.addr && v.nat_port == b.port
                     }
