@@ -26,7 +26,7 @@
 /// maps beside the old one and switches the attached programs over, instead
 /// of reading old bytes with new types. A new map needs no bump (it is
 /// simply created beside the pinned ones).
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Names of the maps as declared by the eBPF object and pinned under the
 /// agent's bpffs directory. Kernel map names are limited to 15 bytes.
@@ -57,8 +57,10 @@ pub mod map_names {
     pub const FRAG_STASH: &str = "kep_frag_stash";
     /// Per-CPU room for one fragment's bytes while stashing or replaying.
     pub const FRAG_BUF: &str = "kep_frag_buf";
+    /// REJECT answers' rate, per client address ([`crate::RejectBucket`]).
+    pub const REJECT_RATE: &str = "kep_reject_rate";
     /// Every map the agent pins, in creation order.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         SERVICES,
         BACKENDS,
         CONNTRACK,
@@ -75,6 +77,7 @@ pub mod map_names {
         FRAGS,
         FRAG_STASH,
         FRAG_BUF,
+        REJECT_RATE,
     ];
 }
 
@@ -118,6 +121,9 @@ pub mod defaults {
     /// Early fragments held at once, all datagrams together (preallocated:
     /// `FRAG_STASH_MAX` x ~9 KiB).
     pub const FRAG_STASH_MAX: u32 = 256;
+    /// Clients whose REJECT answers are rate-limited at once (an LRU: the
+    /// least recently answered is forgotten, and starts afresh).
+    pub const REJECT_RATE_MAX: u32 = 16_384;
 }
 
 /// IANA protocol numbers as carried in the IPv4 header.
@@ -355,7 +361,7 @@ impl CtKey {
 
 /// The entry is the reply direction (backend -> client): rewrite the source.
 /// Without it the entry is the forward direction: rewrite the destination.
-pub const CT_FLAG_REPLY: u8 = 1 << 0;
+pub const CT_FLAG_REPLY: u16 = 1 << 0;
 
 /// The flow's source is translated too (`snat_addr:snat_port`): a hairpin
 /// (a pod reaching itself through a Service gets `Config::hairpin_addr`, so
@@ -364,16 +370,16 @@ pub const CT_FLAG_REPLY: u8 = 1 << 0;
 /// node). On the forward entry `snat_*` is the source written; on the reply
 /// entry it is the client's original address and port, written back as the
 /// destination.
-pub const CT_FLAG_SNAT: u8 = 1 << 1;
-/// A FIN or RST was seen in either direction: the flow expires after the
-/// short closing timeout instead of the established one. Set on both
-/// entries of the flow.
-pub const CT_FLAG_CLOSING: u8 = 1 << 2;
+pub const CT_FLAG_SNAT: u16 = 1 << 1;
+/// The flow is over: an RST, or a FIN from both sides. It expires after
+/// the short closing timeout, and a new connection may take its tuple. Set
+/// on both entries of the flow.
+pub const CT_FLAG_CLOSING: u16 = 1 << 2;
 /// After translation the flow's packets carry one of the node's own
 /// addresses as source (a NodePort's reply, a masqueraded request), which
 /// the node's stack would drop as a martian: they are sent out directly,
 /// by a FIB lookup and redirect. Set on both entries.
-pub const CT_FLAG_REDIRECT: u8 = 1 << 3;
+pub const CT_FLAG_REDIRECT: u16 = 1 << 3;
 
 /// Not a Service flow: a connection straight to an endpoint's address,
 /// tracked so that its replies are never taken for those of a Service flow
@@ -381,7 +387,26 @@ pub const CT_FLAG_REDIRECT: u8 = 1 << 3;
 /// translate nothing, unless a clash with a live flow gave it another
 /// source port (`CT_FLAG_SNAT` with the client's own address). Set on both
 /// entries; `svc_id` and `backend_id` are 0.
-pub const CT_FLAG_DIRECT: u8 = 1 << 4;
+pub const CT_FLAG_DIRECT: u16 = 1 << 4;
+
+/// A packet of the reply direction has been seen: the flow is no longer
+/// SYN-sent/unreplied (netfilter's `SEEN_REPLY`), so it gets its
+/// protocol's established timeout. Set on both entries.
+pub const CT_FLAG_SEEN_REPLY: u16 = 1 << 5;
+/// The client sent a FIN. With only one side's FIN the connection is
+/// half-closed (netfilter's CLOSE_WAIT, 1 h under kube-proxy): the other
+/// side may still send. Set on both entries.
+pub const CT_FLAG_FIN_FORWARD: u16 = 1 << 6;
+/// The endpoint sent a FIN; see [`CT_FLAG_FIN_FORWARD`].
+pub const CT_FLAG_FIN_REPLY: u16 = 1 << 7;
+/// Fast path: this direction's packets are delivered straight into a pod
+/// on this node (`bpf_redirect_peer` into the peer of host interface
+/// `ifindex`, with `macs`), past the host's routing and netfilter.
+pub const CT_FLAG_PEER: u16 = 1 << 8;
+/// Fast path: this direction's packets leave by node interface `ifindex`
+/// towards an endpoint on another node (`bpf_redirect_neigh`: the kernel's
+/// route and neighbour, no netfilter).
+pub const CT_FLAG_NEIGH: u16 = 1 << 9;
 
 /// Conntrack value.
 #[repr(C)]
@@ -393,8 +418,7 @@ pub struct CtValue {
     /// Network byte order. Forward: backend port. Reply: service port.
     pub nat_port: u16,
     /// Host byte order. `CT_FLAG_*` bits.
-    pub flags: u8,
-    pub _pad: u8,
+    pub flags: u16,
     /// Host byte order. Backend chosen for this flow; the forward path checks
     /// it still exists before reusing the entry.
     pub backend_id: u32,
@@ -406,9 +430,15 @@ pub struct CtValue {
     pub snat_addr: u32,
     /// Network byte order; with `CT_FLAG_SNAT` only, like `snat_addr`.
     pub snat_port: u16,
-    pub _pad2: u16,
-    /// Host byte order. `bpf_ktime_get_ns` of the last packet seen.
+    pub _pad: u16,
+    /// Host byte order. `bpf_ktime_get_coarse_ns` of the last packet seen.
     pub last_seen_ns: u64,
+    /// Host byte order; with `CT_FLAG_PEER` or `CT_FLAG_NEIGH` only: the
+    /// interface this direction's packets are sent to past the stack.
+    pub ifindex: u32,
+    /// With `CT_FLAG_PEER` only: destination then source MAC address
+    /// written before the redirect.
+    pub macs: [u8; 12],
 }
 
 impl CtValue {
@@ -432,17 +462,108 @@ impl CtValue {
         self.flags & CT_FLAG_DIRECT != 0
     }
 
-    /// How long this entry may stay idle, by protocol and state.
+    /// Sent past the stack (`CT_FLAG_PEER`, `CT_FLAG_NEIGH`).
+    pub const fn has_fast_path(&self) -> bool {
+        self.flags & (CT_FLAG_PEER | CT_FLAG_NEIGH) != 0
+    }
+
+    pub const fn seen_reply(&self) -> bool {
+        self.flags & CT_FLAG_SEEN_REPLY != 0
+    }
+
+    /// A FIN from one side only: the other may still send.
+    pub const fn is_half_closed(&self) -> bool {
+        !self.is_closing() && self.flags & (CT_FLAG_FIN_FORWARD | CT_FLAG_FIN_REPLY) != 0
+    }
+
+    /// The flow's state bits (shared by both entries).
+    pub const STATE: u16 =
+        CT_FLAG_SEEN_REPLY | CT_FLAG_FIN_FORWARD | CT_FLAG_FIN_REPLY | CT_FLAG_CLOSING;
+
+    /// How long this entry may stay idle, by protocol and state, as
+    /// netfilter's: a connection-oriented flow (TCP, SCTP) without a reply
+    /// yet gets the SYN-sent timeout, a half-closed one the CLOSE_WAIT
+    /// timeout, a closed one the closing timeout.
     pub const fn timeout_ns(&self, key: &CtKey, cfg: &Config) -> u64 {
-        if key.proto == proto::TCP {
+        if key.proto == proto::TCP || key.proto == proto::SCTP {
             if self.is_closing() {
                 cfg.ct_tcp_closing_ns
+            } else if !self.seen_reply() {
+                cfg.ct_tcp_syn_sent_ns
+            } else if self.is_half_closed() {
+                cfg.ct_tcp_close_wait_ns
             } else {
                 cfg.ct_tcp_established_ns
             }
         } else {
             cfg.ct_udp_ns
         }
+    }
+
+    /// What this entry makes of a packet keyed `key` (as it came):
+    /// `(saddr, daddr, sport, dport)` after translation. A reply leaves from
+    /// the frontend (towards the client's own address and port with
+    /// `CT_FLAG_SNAT`); a forward packet goes to the backend (from the
+    /// translated source with `CT_FLAG_SNAT`). The one definition every
+    /// hook translates by.
+    pub const fn translate(&self, key: &CtKey) -> (u32, u32, u16, u16) {
+        if self.is_reply() {
+            let (daddr, dport) = if self.is_snat() {
+                (self.snat_addr, self.snat_port)
+            } else {
+                (key.daddr, key.dport)
+            };
+            (self.nat_addr, daddr, self.nat_port, dport)
+        } else {
+            let (saddr, sport) = if self.is_snat() {
+                (self.snat_addr, self.snat_port)
+            } else {
+                (key.saddr, key.sport)
+            };
+            (saddr, self.nat_addr, sport, self.nat_port)
+        }
+    }
+
+    /// The key of the flow's entry for the other direction (the answer to
+    /// a packet translated by this one).
+    pub const fn twin_key(&self, key: &CtKey) -> CtKey {
+        let (saddr, daddr, sport, dport) = self.translate(key);
+        CtKey::new(daddr, saddr, dport, sport, key.proto)
+    }
+
+    /// The flow's other entry as it is written when the flow opens (also
+    /// when one of the two was lost, e.g. evicted): the same flow state,
+    /// no fast path of its own (it learns one again), seen at `now_ns`.
+    pub const fn twin(&self, key: &CtKey, now_ns: u64) -> (CtKey, CtValue) {
+        let twin_key = self.twin_key(key);
+        let (snat_addr, snat_port) = if !self.is_snat() {
+            (0, 0)
+        } else if self.is_reply() {
+            // The forward entry writes the source this reply goes back to.
+            (key.daddr, key.dport)
+        } else {
+            // The reply entry writes back the client's own address.
+            (key.saddr, key.sport)
+        };
+        let (nat_addr, nat_port) = if self.is_reply() {
+            (key.saddr, key.sport)
+        } else {
+            (key.daddr, key.dport)
+        };
+        let value = CtValue {
+            nat_addr,
+            nat_port,
+            flags: (self.flags ^ CT_FLAG_REPLY) & !(CT_FLAG_PEER | CT_FLAG_NEIGH),
+            backend_id: self.backend_id,
+            svc_id: self.svc_id,
+            snat_addr,
+            snat_port,
+            _pad: 0,
+            last_seen_ns: now_ns,
+            ifindex: 0,
+            macs: [0; 12],
+        };
+        (twin_key, value)
     }
 
     /// Idle for longer than its timeout at `now_ns` (monotonic clock).
@@ -487,14 +608,31 @@ pub struct Config {
     /// Network byte order. Source given to masqueraded external flows (the
     /// node's primary address); 0: none, such flows are dropped.
     pub node_addr: u32,
-    pub _pad: u32,
+    /// Host byte order. `CONFIG_FLAG_*`.
+    pub flags: u32,
     /// Host byte order, nanoseconds. Idle timeouts of conntrack entries: an
     /// expired entry is never reused (the flow is chosen anew) and the
     /// agent's garbage collection deletes it. 0 expires at once.
     pub ct_tcp_established_ns: u64,
     pub ct_tcp_closing_ns: u64,
     pub ct_udp_ns: u64,
+    /// A TCP/SCTP flow that has not seen a reply (netfilter's SYN_SENT).
+    pub ct_tcp_syn_sent_ns: u64,
+    /// A TCP flow with a FIN from one side only (netfilter's CLOSE_WAIT).
+    pub ct_tcp_close_wait_ns: u64,
+    /// Host byte order, nanoseconds. REJECT answers to one client address
+    /// come at most one per interval on average, with a burst of
+    /// `reject_burst` (the kernel's `icmp_ratelimit` for every ICMP error
+    /// it sends); 0: no limit.
+    pub reject_interval_ns: u64,
+    pub reject_burst: u32,
+    pub _pad: u32,
 }
+
+/// `Config::flags`: Service flows between pods (and to endpoints on other
+/// nodes) are delivered past the host's routing and netfilter
+/// (`CT_FLAG_PEER`, `CT_FLAG_NEIGH`).
+pub const CONFIG_FLAG_FAST_PATH: u32 = 1 << 0;
 
 /// Data of a source-ranges LPM trie key (the trie's key is this behind a
 /// `prefix_len`): a frontend (svc id of its external entry) and a client
@@ -545,6 +683,19 @@ pub struct AffinityValue {
 pub struct Traffic {
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// One client's REJECT answers (key: its address, network byte order): a
+/// token bucket as the kernel's `inet_peer_xrlim_allow`, in nanoseconds of
+/// credit. Host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RejectBucket {
+    /// Credit: an answer costs `Config::reject_interval_ns`; it grows with
+    /// time up to `reject_burst` answers.
+    pub credit_ns: u64,
+    /// `bpf_ktime_get_coarse_ns` of the last answer or refusal.
+    pub last_ns: u64,
 }
 
 /// Key of the socket reverse-NAT map: which backend a socket was sent to.
@@ -781,8 +932,24 @@ pub mod stat {
     /// [`crate::FRAG_STASH_BYTES`]) and went on untranslated, or held ones
     /// whose first fragment was too big to replay them with.
     pub const FRAG_UNTRANSLATED: u32 = 18;
+    /// A flow's entry written again from its other one after it was lost
+    /// (evicted from a full table): the flow goes on instead of breaking.
+    pub const CT_RESTORED: u32 = 19;
+    /// REJECT answers not sent: the client had its share
+    /// (`Config::reject_interval_ns`, the kernel's `icmp_ratelimit`); the
+    /// request is dropped, as the kernel drops what it may not answer.
+    pub const REJECT_RATE_LIMITED: u32 = 20;
+    /// SCTP packets whose ports could not be translated with a right
+    /// CRC32c (a packet longer than the CRC tables cover), passed
+    /// untranslated.
+    pub const SCTP_CRC_FAILED: u32 = 21;
+    /// Packets delivered straight into a pod on this node (`CT_FLAG_PEER`).
+    pub const FAST_PATH_PEER: u32 = 22;
+    /// Packets sent straight to an endpoint on another node
+    /// (`CT_FLAG_NEIGH`).
+    pub const FAST_PATH_NEIGH: u32 = 23;
     /// Number of counters; the size of the stats array.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 24;
     /// Names in index order, for the CLI and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flows",
@@ -804,6 +971,11 @@ pub mod stat {
         "frag_stashed",
         "frag_replayed",
         "frag_untranslated",
+        "ct_restored",
+        "reject_rate_limited",
+        "sctp_crc_failed",
+        "fast_path_peer",
+        "fast_path_neigh",
     ];
 }
 
@@ -812,13 +984,14 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceValue>() == 16);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<Traffic>() == 16);
+    assert!(core::mem::size_of::<RejectBucket>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtValue>() == 32);
+    assert!(core::mem::size_of::<CtValue>() == 48);
     assert!(core::mem::size_of::<SourceRange>() == 8);
     assert!(core::mem::align_of::<CtValue>() == 8);
-    assert!(core::mem::size_of::<Config>() == 8 * MAX_SERVICE_CIDRS + 48);
+    assert!(core::mem::size_of::<Config>() == 8 * MAX_SERVICE_CIDRS + 80);
     assert!(core::mem::size_of::<SockRevNatKey>() == 16);
     assert!(core::mem::size_of::<SockRevNat>() == 8);
     assert!(core::mem::size_of::<FragKey>() == 12);
@@ -842,6 +1015,7 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::RejectBucket {}
     unsafe impl aya::Pod for super::SourceRange {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}

@@ -13,8 +13,10 @@ use crate::packet::{ETH_HLEN, IP_CSUM_OFF, IP_TTL_OFF, ptr_at};
 const AF_INET: u8 = 2;
 
 /// The FIB's answer for forwarding an IPv4 packet (`tot_len` bytes, `src`
-/// to `dst`, protocol `proto`) that came in on `ifindex`: the return code
-/// and the filled-in parameters (egress interface, MACs).
+/// to `dst`, protocol `proto`) that came in on `ifindex`: the return code,
+/// and the parameters (egress interface, MACs) filled in `params` (not
+/// returned: a copy of them took the callers' frames past the verifier's
+/// budget).
 #[inline(always)]
 pub fn fib_lookup<C: EbpfContext>(
     ctx: &C,
@@ -23,23 +25,23 @@ pub fn fib_lookup<C: EbpfContext>(
     src: u32,
     dst: u32,
     ifindex: u32,
-) -> (i64, aya_ebpf::bindings::bpf_fib_lookup) {
-    let mut params: aya_ebpf::bindings::bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params: &mut aya_ebpf::bindings::bpf_fib_lookup,
+) -> i64 {
+    *params = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = proto;
     params.__bindgen_anon_1.tot_len = tot_len;
     params.__bindgen_anon_3.ipv4_src = src;
     params.__bindgen_anon_4.ipv4_dst = dst;
     params.ifindex = ifindex;
-    let rc = unsafe {
+    unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
-            &mut params,
+            params,
             core::mem::size_of::<aya_ebpf::bindings::bpf_fib_lookup>() as i32,
             0,
         )
-    };
-    (rc, params)
+    }
 }
 
 /// Sends the (translated) packet out of the interface the FIB picks for its
@@ -55,7 +57,8 @@ pub fn fib_redirect(ctx: &TcContext) -> i32 {
         // The stack sends the ICMP time-exceeded a router owes.
         return TC_ACT_OK;
     }
-    let (rc, params) = unsafe {
+    let mut params = unsafe { core::mem::zeroed() };
+    let rc = unsafe {
         fib_lookup(
             ctx,
             l4proto,
@@ -63,6 +66,7 @@ pub fn fib_redirect(ctx: &TcContext) -> i32 {
             u32::from_ne_bytes((*ip).src_addr),
             u32::from_ne_bytes((*ip).dst_addr),
             (*ctx.skb.skb).ingress_ifindex,
+            &mut params,
         )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {

@@ -3,13 +3,19 @@
 //! what an entry does to a packet of its flow ([`translated`]).
 
 use proxy_common::{
-    Backend, CT_FLAG_CLOSING, CT_FLAG_DIRECT, CT_FLAG_REDIRECT, CT_FLAG_REPLY, CT_FLAG_SNAT,
-    Config, CtKey, CtValue, maglev, proto, stat,
+    Backend, CT_FLAG_CLOSING, CT_FLAG_DIRECT, CT_FLAG_FIN_FORWARD, CT_FLAG_FIN_REPLY,
+    CT_FLAG_REDIRECT, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, Config, CtKey, CtValue, maglev, proto,
+    stat,
 };
 
 use crate::lb;
-use crate::maps::{BACKENDS, CONNTRACK, count, is_endpoint, is_node_address};
-use crate::packet::{Flow, TCP_ACK, TCP_SYN};
+use crate::maps::{BACKENDS, CONNTRACK, CT_SCRATCH, config, count, is_endpoint, is_node_address};
+use crate::packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
+/// A flow idle this long has its other entry looked at on its next
+/// packet (and re-created if it was lost, e.g. evicted from the full
+/// table), so a flow never stays broken for want of one of its entries.
+const TWIN_CHECK_NS: u64 = 1_000_000_000;
 
 /// Where a packet entered the node.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -34,29 +40,26 @@ const SNAT_PORT_SPAN: u32 = 28_000;
 /// an endpoint the Service may no longer have chosen.
 #[inline(always)]
 pub fn live_entry(flow: &Flow, cfg: Option<&Config>, now: u64) -> Option<(*mut CtValue, CtValue)> {
-    let entry = CONNTRACK.get_ptr_mut(flow.key())?;
+    let key = flow.key();
+    let entry = CONNTRACK.get_ptr_mut(key)?;
     let ct = unsafe { *entry };
-    let expired = match cfg {
-        Some(c) => ct.expired(&flow.key(), c, now),
-        None => false,
-    };
-    let reopened =
-        ct.is_closing() && !ct.is_reply() && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if expired || reopened {
-        None
-    } else {
-        Some((entry, ct))
+    let ended = ct.flags & (CT_FLAG_CLOSING | CT_FLAG_FIN_FORWARD | CT_FLAG_FIN_REPLY) != 0;
+    let reopened = ended && !ct.is_reply() && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if reopened {
+        return None;
+    }
+    match cfg {
+        Some(c) if ct.expired(&key, c, now) && !twin_alive(&key, &ct, c, now) => None,
+        _ => Some((entry, ct)),
     }
 }
 
-/// What a packet without a live conntrack entry becomes.
-pub enum Opened {
-    /// A new flow: both conntrack entries are in; this is the forward one,
-    /// which the packet is to be translated with.
-    Flow(CtValue),
-    Pass,
-    Drop,
-    Reject,
+/// Whether the other entry of an idle-looking entry's flow is still in use
+/// (a one-way stream refreshes only one of them): the flow lives on.
+#[inline(never)]
+fn twin_alive(key: &CtKey, ct: &CtValue, cfg: &Config, now: u64) -> bool {
+    let twin = ct.twin_key(key);
+    unsafe { CONNTRACK.get(twin) }.is_some_and(|t| !t.expired(&twin, cfg, now))
 }
 
 /// Chooses the endpoint of a new flow and writes its conntrack entries:
@@ -75,8 +78,22 @@ pub enum Opened {
 /// done) or by an earlier flow of this very client to this very frontend,
 /// it is taken over. Held by another live flow, the new flow's source port
 /// is remapped, as netfilter's NAT does for a clashing tuple.
+/// What a packet without a live conntrack entry becomes (see
+/// [`open_flow`]): a new flow (its forward entry written out), or not.
+pub mod opened {
+    pub const FLOW: u32 = 0;
+    pub const PASS: u32 = 1;
+    pub const DROP: u32 = 2;
+    pub const REJECT: u32 = 3;
+}
+use opened::{DROP, PASS, REJECT};
+
+/// Opens the flow of `flow`'s packet: both conntrack entries are written,
+/// and the forward one (the packet is to be translated with) also to
+/// `out`. Returns an [`opened`] code.
 #[inline(always)]
-pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) -> Opened {
+pub fn open_flow(flow: &Flow, origin: Origin, now: u64, out: &mut CtValue) -> u32 {
+    let cfg = config();
     let hash = maglev::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     let (backend_id, backend, svc_id, mut masquerade, mut node_address) = match lb::choose(
         flow.daddr,
@@ -96,12 +113,12 @@ pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) ->
         lb::Choice::Pass => {
             let to = Backend::new(flow.daddr, flow.dport, flow.proto);
             if !opens_connection(flow) || !is_endpoint(&to) {
-                return Opened::Pass;
+                return PASS;
             }
             (0, to, 0, false, false)
         }
-        lb::Choice::Drop => return Opened::Drop,
-        lb::Choice::Reject => return Opened::Reject,
+        lb::Choice::Drop => return DROP,
+        lb::Choice::Reject => return REJECT,
     };
     let direct = svc_id == 0;
 
@@ -128,7 +145,7 @@ pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) ->
     };
     if masquerade && snat_addr == 0 {
         count(stat::SNAT_FAILED);
-        return Opened::Drop;
+        return DROP;
     }
     let mut flags = if direct { CT_FLAG_DIRECT } else { 0 };
     if masquerade || node_address {
@@ -150,12 +167,12 @@ pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) ->
     let shared = snat_addr != 0;
     let mut tries = 0;
     while let Some(held) = unsafe { CONNTRACK.get(reply_key) } {
-        if taken_over(held, &reply_key, flow, shared, cfg, now) {
+        if taken_over(held, &reply_key, flow, shared, now) {
             break;
         }
         if tries == SNAT_PORT_TRIES {
             count(stat::SNAT_FAILED);
-            return Opened::Drop;
+            return DROP;
         }
         if snat_addr == 0 {
             // The client keeps its address; only its port moves.
@@ -171,21 +188,29 @@ pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) ->
     if snat {
         flags |= CT_FLAG_SNAT;
     }
-    let reply = CtValue {
-        nat_addr: flow.daddr,
-        nat_port: flow.dport,
-        flags: CT_FLAG_REPLY | flags,
-        _pad: 0,
+    *out = CtValue {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        flags,
         backend_id,
         svc_id,
-        snat_addr: if snat { flow.saddr } else { 0 },
-        snat_port: if snat { flow.sport } else { 0 },
-        _pad2: 0,
+        snat_addr,
+        snat_port: if snat { snat_port } else { 0 },
+        _pad: 0,
         last_seen_ns: now,
+        ifindex: 0,
+        macs: [0; 12],
     };
-    if CONNTRACK.insert(reply_key, reply, 0).is_err() {
+    // The reply entry is built in per-CPU map memory: on the stack, with
+    // the forward one, it took the frames past the verifier's budget.
+    let Some(scratch) = CT_SCRATCH.get_ptr_mut(0) else {
+        return DROP;
+    };
+    let scratch = unsafe { &mut *scratch };
+    (scratch.0, scratch.1) = out.twin(&flow.key(), now);
+    if CONNTRACK.insert(&scratch.0, &scratch.1, 0).is_err() {
         count(stat::CT_INSERT_FAILED);
-        return Opened::Drop;
+        return DROP;
     }
     if !direct && flow.proto == proto::UDP && is_node_address(backend.addr) {
         // A UDP server of the node bound to 0.0.0.0 answers from the
@@ -195,17 +220,10 @@ pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) ->
         // it comes from. (netfilter, hence kube-proxy, loses such replies.)
         // Without this entry only answers from the endpoint's own address
         // are translated.
-        let _ = CONNTRACK.insert(any_node_address(&reply_key), reply, 0);
+        scratch.0 = any_node_address(&scratch.0);
+        let _ = CONNTRACK.insert(&scratch.0, &scratch.1, 0);
     }
-    let forward = CtValue {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        flags,
-        snat_addr,
-        snat_port: if snat { snat_port } else { 0 },
-        ..reply
-    };
-    if CONNTRACK.insert(flow.key(), forward, 0).is_err() {
+    if CONNTRACK.insert(flow.key(), &*out, 0).is_err() {
         // Still translated: this packet is fine, a later one re-chooses.
         count(stat::CT_INSERT_FAILED);
     }
@@ -214,7 +232,7 @@ pub fn open_flow(flow: &Flow, origin: Origin, cfg: Option<&Config>, now: u64) ->
     } else {
         stat::NEW_FLOWS
     });
-    Opened::Flow(forward)
+    opened::FLOW
 }
 
 /// The key of a UDP host endpoint's reply entry with the source address
@@ -232,17 +250,12 @@ pub fn any_node_address(reply_key: &CtKey) -> CtKey {
 /// be taken over: it is over (idle past its timeout, or closing, unless
 /// the source is `shared` with other clients), or it is the reply entry of
 /// an earlier flow of the same client tuple to the same frontend
-/// (re-chosen after expiry, a reopen or a backend's removal).
-#[inline(always)]
-fn taken_over(
-    held: &CtValue,
-    key: &CtKey,
-    flow: &Flow,
-    shared: bool,
-    cfg: Option<&Config>,
-    now: u64,
-) -> bool {
-    if (held.is_closing() && !shared) || cfg.is_some_and(|c| held.expired(key, c, now)) {
+/// (re-chosen after expiry, a reopen or a backend's removal). (A frame of
+/// its own: inlined into the port search, its branches multiplied the
+/// verifier's states past its limit.)
+#[inline(never)]
+fn taken_over(held: &CtValue, key: &CtKey, flow: &Flow, shared: bool, now: u64) -> bool {
+    if (held.is_closing() && !shared) || config().is_some_and(|c| held.expired(key, c, now)) {
         return true;
     }
     let client = if held.is_snat() {
@@ -255,20 +268,75 @@ fn taken_over(
         && (held.nat_addr, held.nat_port) == (flow.daddr, flow.dport)
 }
 
-/// The first packet of a connection: a TCP SYN, or any UDP datagram.
+/// The first packet of a connection: a TCP SYN, an SCTP INIT, or any UDP
+/// datagram.
 #[inline(always)]
 fn opens_connection(flow: &Flow) -> bool {
-    flow.proto != proto::TCP || flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    flow.proto == proto::UDP || flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// FIN or RST: both entries of the flow switch to the closing timeout, so a
-/// closed connection's state goes soon instead of after a day.
+/// The flow state bits a packet adds: its first reply, a FIN from its
+/// side, an RST; FINs from both sides close the flow (netfilter: a
+/// half-closed connection lives on in CLOSE_WAIT, a closed one goes soon).
 #[inline(always)]
-pub fn mark_closing(entry: *mut CtValue, ct: &CtValue, flow: &Flow) {
-    unsafe { (*entry).flags |= CT_FLAG_CLOSING };
-    let twin = translated(flow, ct).reversed(flow.proto);
-    if let Some(other) = CONNTRACK.get_ptr_mut(twin) {
-        unsafe { (*other).flags |= CT_FLAG_CLOSING };
+pub fn state_after(flow: &Flow, ct: &CtValue) -> u16 {
+    let mut flags = ct.flags;
+    if ct.is_reply() {
+        flags |= CT_FLAG_SEEN_REPLY;
+    }
+    if flow.tcp_flags & TCP_FIN != 0 {
+        flags |= if ct.is_reply() {
+            CT_FLAG_FIN_REPLY
+        } else {
+            CT_FLAG_FIN_FORWARD
+        };
+    }
+    if flow.tcp_flags & TCP_RST != 0
+        || flags & (CT_FLAG_FIN_FORWARD | CT_FLAG_FIN_REPLY)
+            == CT_FLAG_FIN_FORWARD | CT_FLAG_FIN_REPLY
+    {
+        flags |= CT_FLAG_CLOSING;
+    }
+    flags & CtValue::STATE & !ct.flags
+}
+
+/// Brings the flow's other entry up to date with the state bits `added` by
+/// this packet. An entry that was lost (evicted from a full table) is
+/// written again from this one, so both entries of a flow live or go
+/// together.
+#[inline(never)]
+pub fn sync_twin(flow: &Flow, ct: &CtValue, added: u16, now: u64) {
+    let key = flow.key();
+    if let Some(twin) = CONNTRACK.get_ptr_mut(ct.twin_key(&key)) {
+        unsafe { (*twin).flags |= added };
+        return;
+    }
+    // Built in per-CPU map memory: on the stack the pair took this frame
+    // past the verifier's budget.
+    let Some(scratch) = CT_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let scratch = unsafe { &mut *scratch };
+    (scratch.0, scratch.1) = ct.twin(&key, now);
+    if CONNTRACK.insert(&scratch.0, &scratch.1, 0).is_ok() {
+        count(stat::CT_RESTORED);
+    }
+}
+
+/// Per-packet bookkeeping of a live entry: its last-seen time, and the
+/// flow's state on both entries when this packet changes it (or the flow
+/// was idle: its other entry is checked).
+#[inline(always)]
+pub fn touch(flow: &Flow, entry: *mut CtValue, ct: &CtValue, now: u64) {
+    let added = state_after(flow, ct);
+    unsafe {
+        if added != 0 {
+            (*entry).flags |= added;
+        }
+        (*entry).last_seen_ns = now;
+    }
+    if added != 0 || now.saturating_sub(ct.last_seen_ns) > TWIN_CHECK_NS {
+        sync_twin(flow, ct, added, now);
     }
 }
 
@@ -287,46 +355,18 @@ impl Tuple {
         (self.saddr, self.daddr, self.sport, self.dport)
             == (flow.saddr, flow.daddr, flow.sport, flow.dport)
     }
-
-    /// The key of the flow's entry for the other direction: the answer to
-    /// a packet leaving as this tuple.
-    #[inline(always)]
-    pub fn reversed(&self, proto: u8) -> CtKey {
-        CtKey::new(self.daddr, self.saddr, self.dport, self.sport, proto)
-    }
 }
 
-/// What the conntrack entry `ct` makes of this packet of its flow: a reply
-/// leaves from the frontend (and, with `CT_FLAG_SNAT`, goes to the client's
-/// own address and port, which the forward direction hid); a forward packet
-/// goes to the backend (from the translated source with `CT_FLAG_SNAT`).
-/// The one definition both hooks translate by.
+/// What the conntrack entry `ct` makes of this packet of its flow
+/// ([`CtValue::translate`]).
 #[inline(always)]
 pub fn translated(flow: &Flow, ct: &CtValue) -> Tuple {
-    if ct.is_reply() {
-        let (daddr, dport) = if ct.is_snat() {
-            (ct.snat_addr, ct.snat_port)
-        } else {
-            (flow.daddr, flow.dport)
-        };
-        Tuple {
-            saddr: ct.nat_addr,
-            sport: ct.nat_port,
-            daddr,
-            dport,
-        }
-    } else {
-        let (saddr, sport) = if ct.is_snat() {
-            (ct.snat_addr, ct.snat_port)
-        } else {
-            (flow.saddr, flow.sport)
-        };
-        Tuple {
-            saddr,
-            sport,
-            daddr: ct.nat_addr,
-            dport: ct.nat_port,
-        }
+    let (saddr, daddr, sport, dport) = ct.translate(&flow.key());
+    Tuple {
+        saddr,
+        daddr,
+        sport,
+        dport,
     }
 }
 

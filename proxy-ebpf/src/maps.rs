@@ -4,13 +4,13 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, FragKey, FragValue, FragmentBytes,
-    ServiceKey, ServiceValue, SockRevNat, SockRevNatKey, SourceRange, StashKey, Traffic, defaults,
-    maglev, stat,
+    RejectBucket, ServiceKey, ServiceValue, SockRevNat, SockRevNatKey, SourceRange, StashKey,
+    Traffic, defaults, maglev, stat,
 };
 
 // Static names are the pinned map names (`proxy_common::map_names`), which
@@ -47,13 +47,16 @@ pub static kep_affinity: LruHashMap<
     { defaults::AFFINITY_MAX as usize },
 > = LruHashMap::new();
 
+/// Indexed by svc id (dense, from 1): a per-CPU array's lookup is a few
+/// instructions the verifier inlines, where a hash map's is a call.
 #[btf_map]
-pub static kep_svc_traffic: LruPerCpuHashMap<u32, Traffic, { defaults::TRAFFIC_MAX as usize }> =
-    LruPerCpuHashMap::new();
+pub static kep_svc_traffic: PerCpuArray<Traffic, { defaults::TRAFFIC_MAX as usize }> =
+    PerCpuArray::new();
 
+/// Indexed by backend id, likewise.
 #[btf_map]
-pub static kep_be_traffic: LruPerCpuHashMap<u32, Traffic, { defaults::TRAFFIC_MAX as usize }> =
-    LruPerCpuHashMap::new();
+pub static kep_be_traffic: PerCpuArray<Traffic, { defaults::TRAFFIC_MAX as usize }> =
+    PerCpuArray::new();
 
 /// No preallocation: 64 KiB per table, allocated only for frontends that
 /// have one, and a replaced value is swapped in whole under RCU.
@@ -100,13 +103,25 @@ pub static kep_frag_stash: LruHashMap<
 #[btf_map]
 pub static kep_frag_buf: PerCpuArray<FragmentBytes, 1> = PerCpuArray::new();
 
+/// REJECT answers' rate per client address.
+#[btf_map]
+pub static kep_reject_rate: LruHashMap<u32, RejectBucket, { defaults::REJECT_RATE_MAX as usize }> =
+    LruHashMap::new();
+
+/// Per-CPU room to build a conntrack entry (key and value) in, off the
+/// stack.
+#[btf_map]
+pub static kep_ct_scratch: PerCpuArray<(CtKey, CtValue), 1> = PerCpuArray::new();
+
 pub use kep_affinity as AFFINITY;
 pub use kep_backends as BACKENDS;
 pub use kep_conntrack as CONNTRACK;
+pub use kep_ct_scratch as CT_SCRATCH;
 pub use kep_frag_buf as FRAG_BUF;
 pub use kep_frag_stash as FRAG_STASH;
 pub use kep_frags as FRAGS;
 pub use kep_maglev as MAGLEV;
+pub use kep_reject_rate as REJECT_RATE;
 pub use kep_services as SERVICES;
 pub use kep_sock_rnat as SOCK_REVNAT;
 pub use kep_src_ranges as SOURCE_RANGES;
@@ -146,25 +161,14 @@ pub fn account(svc_id: u32, backend_id: u32, bytes: u32) {
 }
 
 #[inline(always)]
-fn bump(
-    map: &LruPerCpuHashMap<u32, Traffic, { defaults::TRAFFIC_MAX as usize }>,
-    key: u32,
-    bytes: u32,
-) {
-    match map.get_ptr_mut(key) {
+fn bump(map: &PerCpuArray<Traffic, { defaults::TRAFFIC_MAX as usize }>, id: u32, bytes: u32) {
+    // An id past the array is not counted (the agent says so when it hands
+    // one out).
+    if let Some(t) = map.get_ptr_mut(id) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
-        Some(t) => unsafe {
+        unsafe {
             (*t).packets += 1;
             (*t).bytes += bytes as u64;
-        },
-        None => {
-            let first = Traffic {
-                packets: 1,
-                bytes: bytes as u64,
-            };
-            // Losing one count to a racing first insert on another CPU is
-            // accepted; the flow itself is unaffected.
-            let _ = map.insert(key, first, 0);
         }
     }
 }

@@ -25,6 +25,12 @@ pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
+/// SCTP chunk types whose meaning the flow's state follows (as TCP flags).
+const SCTP_INIT: u8 = 1;
+const SCTP_ABORT: u8 = 6;
+const SCTP_SHUTDOWN: u8 = 7;
+const SCTP_SHUTDOWN_ACK: u8 = 8;
+const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
 /// Fragment offset bits of `frag_off`.
 const IP_OFFSET_MASK: u16 = 0x1fff;
 /// More-fragments flag of `frag_off`.
@@ -71,7 +77,10 @@ pub struct Flow {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ...); 0 for UDP.
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ...); for SCTP its
+    /// first chunk as TCP would say it (INIT: SYN, SHUTDOWN and
+    /// SHUTDOWN ACK: FIN, ABORT and SHUTDOWN COMPLETE: RST, others: ACK);
+    /// 0 for UDP.
     pub tcp_flags: u8,
     pub ttl: u8,
     /// The first fragment of a fragmented datagram.
@@ -84,7 +93,7 @@ impl Flow {
         CtKey::new(self.saddr, self.daddr, self.sport, self.dport, self.proto)
     }
 
-    /// Offset of the L4 checksum field.
+    /// Offset of the L4 checksum field (TCP and UDP).
     pub fn csum_off(&self) -> usize {
         self.l4_off + if self.proto == proto::TCP { 16 } else { 6 }
     }
@@ -163,22 +172,35 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Parsed, ()> {
             icmp_off: l4_off,
         }));
     }
-    if l4proto != proto::TCP && l4proto != proto::UDP {
+    if l4proto != proto::TCP && l4proto != proto::UDP && l4proto != proto::SCTP {
         return Ok(Parsed::Other);
     }
-    // Ports are the first four bytes of both TCP and UDP; the whole fixed
-    // header (with the checksum) must be present before anything is
-    // rewritten.
-    let ports = ptr_at::<_, [u16; 2]>(ctx, l4_off)?;
-    let hdr_end = l4_off + if l4proto == proto::TCP { 20 } else { 8 };
-    if ctx.start() + hdr_end > ctx.end() {
-        return Err(());
+    // The CRC32c of an SCTP datagram covers every fragment.
+    if first_fragment && l4proto == proto::SCTP {
+        return Ok(Parsed::Other);
     }
-    let [sport, dport] = unsafe { *ports };
-    let tcp_flags = if l4proto == proto::TCP {
-        unsafe { *ptr_at::<_, u8>(ctx, l4_off + 13)? }
-    } else {
-        0
+    // The whole fixed header (with the checksum, and SCTP's first chunk
+    // type) must be present before anything is rewritten; each is read
+    // whole, through the one bounds check the verifier sees.
+    let ((sport, dport), tcp_flags) = match l4proto {
+        proto::TCP => {
+            let h = unsafe { *ptr_at::<_, [u8; 20]>(ctx, l4_off)? };
+            (ports_of(&h), h[13])
+        }
+        proto::UDP => {
+            let h = unsafe { *ptr_at::<_, [u8; 8]>(ctx, l4_off)? };
+            (ports_of(&h), 0)
+        }
+        _ => {
+            let h = unsafe { *ptr_at::<_, [u8; 16]>(ctx, l4_off)? };
+            let flags = match h[12] {
+                SCTP_INIT => TCP_SYN,
+                SCTP_SHUTDOWN | SCTP_SHUTDOWN_ACK => TCP_FIN | TCP_ACK,
+                SCTP_ABORT | SCTP_SHUTDOWN_COMPLETE => TCP_RST | TCP_ACK,
+                _ => TCP_ACK,
+            };
+            (ports_of(&h), flags)
+        }
     };
     Ok(Parsed::L4(Flow {
         saddr,
@@ -191,6 +213,15 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Parsed, ()> {
         first_fragment,
         l4_off,
     }))
+}
+
+/// The ports (as stored) at the start of an L4 header.
+#[inline(always)]
+fn ports_of<const N: usize>(h: &[u8; N]) -> (u16, u16) {
+    (
+        u16::from_ne_bytes([h[0], h[1]]),
+        u16::from_ne_bytes([h[2], h[3]]),
+    )
 }
 
 /// The datagram of a TCP/UDP fragment, as it comes (before any

@@ -26,13 +26,59 @@
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     cty::c_void,
-    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use proxy_common::proto;
+use proxy_common::{RejectBucket, proto};
 
 use crate::csum;
-use crate::packet::ETH_HLEN;
+use crate::maps::{REJECT_RATE, config};
+use crate::packet::{ETH_HLEN, IP_SRC_OFF};
+
+/// Whether the client of the request in `ctx` may get another answer: the
+/// kernel limits every ICMP error it sends per destination
+/// (`icmp_ratelimit`: one per interval, a burst of six), iptables' REJECT
+/// included, so a client hammering a Service without endpoints cannot make
+/// the node answer every packet. A refused request is dropped: the client
+/// retransmits, as under kube-proxy.
+#[inline(always)]
+pub fn allowed(ctx: &TcContext) -> bool {
+    let Some(cfg) = config() else {
+        return true;
+    };
+    let interval = cfg.reject_interval_ns;
+    if interval == 0 {
+        return true;
+    }
+    let Ok(client) = ctx.load::<u32>(IP_SRC_OFF) else {
+        return true;
+    };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // The agent keeps both small enough not to overflow.
+    let cap = interval.wrapping_mul(cfg.reject_burst as u64);
+    let Some(bucket) = REJECT_RATE.get_ptr_mut(client) else {
+        // A client not seen (lately) starts with a full bucket.
+        let fresh = RejectBucket {
+            credit_ns: cap - interval.min(cap),
+            last_ns: now,
+        };
+        let _ = REJECT_RATE.insert(client, fresh, 0);
+        return true;
+    };
+    let b = unsafe { &mut *bucket };
+    let credit = b
+        .credit_ns
+        .saturating_add(now.saturating_sub(b.last_ns))
+        .min(cap);
+    b.last_ns = now;
+    if credit >= interval {
+        b.credit_ns = credit - interval;
+        true
+    } else {
+        b.credit_ns = credit;
+        false
+    }
+}
 
 const IP_HLEN: usize = 20;
 const ICMP_HLEN: usize = 8;

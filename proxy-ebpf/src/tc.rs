@@ -22,24 +22,25 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::classifier,
     programs::TcContext,
 };
+use network_types::ip::Ipv4Hdr;
 use proxy_common::{CtValue, FragKey, proto, stat};
 
+use crate::csum;
+use crate::fast;
 use crate::fib::fib_redirect;
 use crate::flow::{
-    Opened, Origin, Tuple, any_node_address, live_entry, mark_closing, open_flow, translated,
-    usable,
+    Origin, Tuple, any_node_address, live_entry, open_flow, opened, touch, translated, usable,
 };
 use crate::frag::{self, First};
 use crate::icmp;
 use crate::maps::{CONNTRACK, account, config, count, is_node_address};
-use crate::packet::{
-    Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Icmp, Parsed, TCP_FIN, TCP_RST, fragment, parse,
-};
+use crate::packet::{ETH_HLEN, Flow, Icmp, Parsed, fragment, parse, ptr_at};
 use crate::reject;
+use crate::sctp;
 
 #[classifier]
 pub fn kep_tc_ingress(ctx: TcContext) -> i32 {
@@ -65,11 +66,12 @@ pub fn kep_tc_egress(ctx: TcContext) -> i32 {
         return TC_ACT_SHOT;
     }
     match verdict {
+        // Already routed: it leaves where the stack sends it.
+        Ok(Verdict::Act(FIB_REDIRECT) | Verdict::Reject { .. }) | Err(()) => TC_ACT_OK,
         Ok(Verdict::Act(verdict)) => verdict,
         Ok(Verdict::Icmp(msg)) => related(&ctx, &msg, false),
         Ok(Verdict::Fragment) => frag::later(&ctx, false),
-        // Already routed: it leaves where the stack sends it.
-        Ok(Verdict::Redirect | Verdict::Reject { .. }) | Err(()) => TC_ACT_OK,
+        Ok(Verdict::Open) => TC_ACT_OK,
     }
 }
 
@@ -77,9 +79,10 @@ pub fn kep_tc_egress(ctx: TcContext) -> i32 {
 /// sent, and ICMP read, from here, outside its stack frame, so the frames
 /// never add up past the verifier's 512 bytes.
 enum Verdict {
+    /// A TC action, or [`FIB_REDIRECT`]. (A variant of its own for the
+    /// redirect let the compiler store an undefined payload, which the
+    /// verifier refuses.)
     Act(i32),
-    /// Translated; sent past the stack by FIB redirect.
-    Redirect,
     Reject {
         proto: u8,
         l4_off: usize,
@@ -87,7 +90,13 @@ enum Verdict {
     Icmp(Icmp),
     /// A later fragment: [`frag::later`] reads it again.
     Fragment,
+    /// No live conntrack entry: [`try_open`] opens the flow.
+    Open,
 }
+
+/// Translated; to be sent past the stack by FIB redirect (no TC action
+/// has this value).
+const FIB_REDIRECT: i32 = i32::MIN;
 
 /// The datagram of a first fragment, as it comes.
 #[inline(always)]
@@ -101,11 +110,14 @@ fn first_fragment(ctx: &TcContext) -> Option<FragKey> {
 #[inline(always)]
 fn run(ctx: &TcContext, origin: Origin) -> i32 {
     let first = first_fragment(ctx);
-    let verdict = try_ingress(ctx, origin);
+    let mut verdict = try_ingress(ctx, origin);
+    if let Ok(Verdict::Open) = verdict {
+        verdict = try_open(ctx, origin);
+    }
     if let Some(key) = first {
         let outcome = match verdict {
             Ok(Verdict::Act(TC_ACT_SHOT) | Verdict::Reject { .. }) => First::Drop,
-            Ok(Verdict::Redirect) => First::Forward { redirect: true },
+            Ok(Verdict::Act(FIB_REDIRECT)) => First::Forward { redirect: true },
             _ => First::Forward { redirect: false },
         };
         if !frag::first(ctx, &key, outcome, true) {
@@ -113,12 +125,12 @@ fn run(ctx: &TcContext, origin: Origin) -> i32 {
         }
     }
     match verdict {
+        Ok(Verdict::Act(FIB_REDIRECT)) => fib_redirect(ctx),
         Ok(Verdict::Act(verdict)) => verdict,
-        Ok(Verdict::Redirect) => fib_redirect(ctx),
         Ok(Verdict::Reject { proto, l4_off }) => send_reject(ctx, proto, l4_off),
         Ok(Verdict::Icmp(msg)) => related(ctx, &msg, true),
         Ok(Verdict::Fragment) => frag::later(ctx, true),
-        Err(()) => TC_ACT_OK,
+        Ok(Verdict::Open) | Err(()) => TC_ACT_OK,
     }
 }
 
@@ -130,29 +142,59 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
         Parsed::Fragment => return Ok(Verdict::Fragment),
         Parsed::Other => return Ok(Verdict::Act(TC_ACT_OK)),
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (the last tick's time) is all idle timeouts of
+    // seconds need, and costs a load instead of a clock read.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let cfg = config();
     if let Some((entry, ct)) = live_entry(&flow, cfg, now) {
-        if established(ctx, &flow, entry, &ct, now)? {
+        if usable(&ct) {
+            // The flow's first reply tells how its requests can be sent
+            // past the stack (where its endpoint is).
+            if ct.is_reply() && !ct.seen_reply() {
+                fast::learn_endpoint(ctx, &flow, &ct, origin == Origin::Node);
+            }
+            touch(&flow, entry, &ct, now);
+            translate(ctx, &flow, &translated(&flow, &ct))?;
+            count_hit(ctx, &ct);
+            if fast::applies(&ct, &flow, cfg) {
+                return Ok(Verdict::Act(fast::send(ctx, &ct)));
+            }
             return Ok(out(&ct));
         }
         // The backend this flow used is gone: choose again below, as a new
         // flow, instead of sending it to an address that no longer serves.
     }
-    match open_flow(&flow, origin, cfg, now) {
-        Opened::Flow(forward) => {
+    Ok(Verdict::Open)
+}
+
+/// A packet without a live conntrack entry: the flow it opens (or what
+/// becomes of it). In a frame of its own beside [`try_ingress`]'s (the
+/// packet is parsed again): stacked on it, the frames passed the
+/// verifier's 512 bytes.
+#[inline(never)]
+fn try_open(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
+    let Parsed::L4(flow) = parse(ctx)? else {
+        return Ok(Verdict::Act(TC_ACT_OK));
+    };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let mut forward = CtValue::default();
+    match open_flow(&flow, origin, now, &mut forward) {
+        opened::FLOW => {
+            if origin == Origin::Pod {
+                fast::remember_client(ctx, &flow, &forward);
+            }
             translate(ctx, &flow, &translated(&flow, &forward))?;
             if !forward.is_direct() {
                 account(forward.svc_id, forward.backend_id, ctx.len());
             }
             Ok(out(&forward))
         }
-        Opened::Pass => Ok(Verdict::Act(TC_ACT_OK)),
-        Opened::Drop => Ok(Verdict::Act(TC_ACT_SHOT)),
-        Opened::Reject => Ok(Verdict::Reject {
+        opened::PASS => Ok(Verdict::Act(TC_ACT_OK)),
+        opened::REJECT => Ok(Verdict::Reject {
             proto: flow.proto,
             l4_off: flow.l4_off,
         }),
+        _ => Ok(Verdict::Act(TC_ACT_SHOT)),
     }
 }
 
@@ -170,7 +212,7 @@ fn try_egress(ctx: &TcContext) -> Result<Verdict, ()> {
         Parsed::Fragment => return Ok(Verdict::Fragment),
         Parsed::Other => return Ok(Verdict::Act(TC_ACT_OK)),
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     match live_entry(&flow, config(), now) {
         Some((entry, ct)) => {
             if ct.is_reply() {
@@ -201,10 +243,7 @@ fn host_udp_reply(ctx: &TcContext, flow: &Flow, now: u64) -> Result<(), ()> {
     Ok(())
 }
 
-/// A packet of a known flow: reverse-translate a reply, or translate
-/// forward to the flow's backend while it exists (`false` otherwise); a
-/// direct flow's packets keep their tuple (or get their remapped port). A
-/// FIN or RST starts the flow's closing timeout either way.
+/// A reply the node itself sends, by its flow's reply entry.
 #[inline(always)]
 fn established(
     ctx: &TcContext,
@@ -212,16 +251,16 @@ fn established(
     entry: *mut CtValue,
     ct: &CtValue,
     now: u64,
-) -> Result<bool, ()> {
-    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && !ct.is_closing() {
-        mark_closing(entry, ct, flow);
-    }
-    if !usable(ct) {
-        return Ok(false);
-    }
-    unsafe { (*entry).last_seen_ns = now };
+) -> Result<(), ()> {
+    touch(flow, entry, ct, now);
     translate(ctx, flow, &translated(flow, ct))?;
-    // A direct flow belongs to no Service.
+    count_hit(ctx, ct);
+    Ok(())
+}
+
+/// Counts a packet of a Service flow (a direct flow belongs to none).
+#[inline(always)]
+fn count_hit(ctx: &TcContext, ct: &CtValue) {
     if !ct.is_direct() {
         count(if ct.is_reply() {
             stat::REPLY_HITS
@@ -230,7 +269,6 @@ fn established(
         });
         account(ct.svc_id, ct.backend_id, ctx.len());
     }
-    Ok(true)
 }
 
 /// An ICMP error about a packet of a tracked flow: translated like a
@@ -243,7 +281,7 @@ fn related(ctx: &TcContext, msg: &Icmp, ingress: bool) -> i32 {
         return TC_ACT_OK;
     };
     let flow = error.flow();
-    let Some((_, ct)) = live_entry(&flow, config(), unsafe { bpf_ktime_get_ns() }) else {
+    let Some((_, ct)) = live_entry(&flow, config(), unsafe { bpf_ktime_get_coarse_ns() }) else {
         return TC_ACT_OK;
     };
     let to = translated(&flow, &ct);
@@ -259,15 +297,48 @@ fn related(ctx: &TcContext, msg: &Icmp, ingress: bool) -> i32 {
     }
 }
 
-/// Rewrites the packet to `to` (what is unchanged is left alone).
-#[inline(always)]
+/// Rewrites the packet to `to` (what is unchanged is left alone): the L4
+/// checksum by the kernel's helpers (they know how the skb carries it: a
+/// partial checksum holds the pseudo-header sum, a complete one also
+/// updates `skb->csum`), the IPv4 header and the ports in place. (A frame
+/// of its own keeps its temporaries off the callers' stacks.)
+#[inline(never)]
 fn translate(ctx: &TcContext, flow: &Flow, to: &Tuple) -> Result<(), ()> {
-    rewrite(
-        ctx, flow, IP_SRC_OFF, flow.saddr, to.saddr, 0, flow.sport, to.sport,
-    )?;
-    rewrite(
-        ctx, flow, IP_DST_OFF, flow.daddr, to.daddr, 2, flow.dport, to.dport,
-    )
+    if to.unchanged(flow) {
+        return Ok(());
+    }
+    if flow.proto == proto::SCTP {
+        // CRC32c covers no pseudo-header: only the ports count.
+        sctp::ports_changed(ctx, flow, to.sport, to.dport)?;
+    } else {
+        let csum_off = flow.csum_off();
+        let flags = flow.l4_csum_flags();
+        let pseudo = flags | BPF_F_PSEUDO_HDR as u64 | 4;
+        for (old, new) in [(flow.saddr, to.saddr), (flow.daddr, to.daddr)] {
+            if old != new {
+                ctx.l4_csum_replace(csum_off, old as u64, new as u64, pseudo)
+                    .map_err(|_| ())?;
+            }
+        }
+        for (old, new) in [(flow.sport, to.sport), (flow.dport, to.dport)] {
+            if old != new {
+                ctx.l4_csum_replace(csum_off, old as u64, new as u64, flags | 2)
+                    .map_err(|_| ())?;
+            }
+        }
+    }
+    let ip = ptr_at::<_, Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let mut check = u16::from_ne_bytes(unsafe { (*ip).check });
+    check = csum::replace32(check, flow.saddr, to.saddr);
+    check = csum::replace32(check, flow.daddr, to.daddr);
+    unsafe {
+        (*ip).src_addr = to.saddr.to_ne_bytes();
+        (*ip).dst_addr = to.daddr.to_ne_bytes();
+        (*ip).check = check.to_ne_bytes();
+    }
+    let ports = ptr_at::<_, [u16; 2]>(ctx, flow.l4_off)?;
+    unsafe { *ports = [to.sport, to.dport] };
+    Ok(())
 }
 
 /// The verdict for a translated packet of the flow `ct`: on to the stack,
@@ -275,7 +346,7 @@ fn translate(ctx: &TcContext, flow: &Flow, to: &Tuple) -> Result<(), ()> {
 #[inline(always)]
 fn out(ct: &CtValue) -> Verdict {
     if ct.redirects() {
-        Verdict::Redirect
+        Verdict::Act(FIB_REDIRECT)
     } else {
         Verdict::Act(TC_ACT_OK)
     }
@@ -285,44 +356,17 @@ fn out(ct: &CtValue) -> Verdict {
 /// stack once (and never above [`try_ingress`]'s frame).
 #[inline(never)]
 fn send_reject(ctx: &TcContext, proto: u8, l4_off: usize) -> i32 {
+    // No ICMP answer quotes SCTP here: a sender's offloaded CRC32c sits
+    // past what the answer keeps, where the kernel would still complete
+    // it. Dropped instead (the association attempt times out).
+    if proto == proto::SCTP {
+        count(stat::DROPS);
+        return TC_ACT_SHOT;
+    }
+    if !reject::allowed(ctx) {
+        count(stat::REJECT_RATE_LIMITED);
+        return TC_ACT_SHOT;
+    }
     count(stat::REJECTS);
     reject::icmp_port_unreachable(ctx, proto, l4_off)
-}
-
-/// Rewrites one address (at `addr_off`) and the port at `l4_off + port_rel`,
-/// updating the IPv4 header checksum and the L4 checksum (whose pseudo-header
-/// covers the address) incrementally.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn rewrite(
-    ctx: &TcContext,
-    flow: &Flow,
-    addr_off: usize,
-    old_addr: u32,
-    new_addr: u32,
-    port_rel: usize,
-    old_port: u16,
-    new_port: u16,
-) -> Result<(), ()> {
-    let csum_off = flow.csum_off();
-    let flags = flow.l4_csum_flags();
-    if old_addr != new_addr {
-        ctx.l4_csum_replace(
-            csum_off,
-            old_addr as u64,
-            new_addr as u64,
-            flags | BPF_F_PSEUDO_HDR as u64 | 4,
-        )
-        .map_err(|_| ())?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)
-            .map_err(|_| ())?;
-        ctx.store(addr_off, &new_addr, 0).map_err(|_| ())?;
-    }
-    if old_port != new_port {
-        ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, flags | 2)
-            .map_err(|_| ())?;
-        ctx.store(flow.l4_off + port_rel, &new_port, 0)
-            .map_err(|_| ())?;
-    }
-    Ok(())
 }

@@ -21,15 +21,15 @@
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, xdp_action},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::xdp,
     programs::XdpContext,
 };
-use proxy_common::{proto, stat};
+use proxy_common::{CtValue, proto, stat};
 
 use crate::csum;
 use crate::fib::fib_lookup;
-use crate::flow::{Opened, Origin, Tuple, live_entry, open_flow, translated, usable};
+use crate::flow::{Origin, Tuple, live_entry, open_flow, opened, touch, translated, usable};
 use crate::maps::{account, config, count};
 use crate::packet::{ETH_HLEN, Flow, Parsed, TCP_FIN, TCP_RST, parse, ptr_at};
 
@@ -48,18 +48,26 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let Parsed::L4(flow) = parse(ctx)? else {
         return PASS;
     };
-    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 || flow.ttl <= 1 || flow.first_fragment {
+    // SCTP's CRC is updated by TC's skb helpers.
+    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0
+        || flow.ttl <= 1
+        || flow.first_fragment
+        || flow.proto == proto::SCTP
+    {
         return PASS;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let cfg = config();
     let (entry, ct) = match live_entry(&flow, cfg, now) {
         Some((entry, ct)) if usable(&ct) => (Some(entry), ct),
-        _ => match open_flow(&flow, Origin::Node, cfg, now) {
-            Opened::Flow(forward) => (None, forward),
-            Opened::Drop => return Ok(xdp_action::XDP_DROP),
-            Opened::Pass | Opened::Reject => return PASS,
-        },
+        _ => {
+            let mut forward = CtValue::default();
+            match open_flow(&flow, Origin::Node, now, &mut forward) {
+                opened::FLOW => (None, forward),
+                opened::DROP => return Ok(xdp_action::XDP_DROP),
+                _ => return PASS,
+            }
+        }
     };
     // Flows the stack forwards itself (client address kept, endpoint on
     // this node) are the TC program's: XDP only does earlier what it would
@@ -76,7 +84,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         *ptr_at::<_, [[u8; 6]; 2]>(ctx, 0)? = macs;
     }
     if let Some(entry) = entry {
-        unsafe { (*entry).last_seen_ns = now };
+        touch(&flow, entry, &ct, now);
         count(if ct.is_reply() {
             stat::REPLY_HITS
         } else {
@@ -99,7 +107,16 @@ fn same_way_out(ctx: &XdpContext, flow: &Flow, to: &Tuple) -> Option<[[u8; 6]; 2
     let ip = ptr_at::<_, network_types::ip::Ipv4Hdr>(ctx, ETH_HLEN).ok()?;
     let ingress = ctx.ingress_ifindex() as u32;
     let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len });
-    let (rc, params) = fib_lookup(ctx, flow.proto, tot_len, to.saddr, to.daddr, ingress);
+    let mut params = unsafe { core::mem::zeroed() };
+    let rc = fib_lookup(
+        ctx,
+        flow.proto,
+        tot_len,
+        to.saddr,
+        to.daddr,
+        ingress,
+        &mut params,
+    );
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || params.ifindex != ingress {
         return None;
     }

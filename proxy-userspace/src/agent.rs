@@ -658,11 +658,19 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             }
             _ = conntrack_gc.tick() => {
                 match syncer.datapath_mut().collect_conntrack() {
-                    Ok(n) => tracing::debug!(entries = n, "conntrack garbage collected"),
+                    Ok(sweep) => {
+                        tracing::debug!(deleted = sweep.deleted, "conntrack garbage collected");
+                        metrics.set_map_entries(proxy_common::map_names::CONNTRACK, sweep.remaining);
+                        if sweep.near_full() {
+                            metrics.record_conntrack_near_full();
+                            tracing::warn!(
+                                entries = sweep.remaining,
+                                capacity = sweep.capacity,
+                                "conntrack table nearly full: new flows evict idle ones; raise --conntrack-max"
+                            );
+                        }
+                    }
                     Err(e) => tracing::error!(error = %e, "conntrack garbage collection"),
-                }
-                if let Ok(entries) = syncer.datapath_mut().conntrack() {
-                    metrics.set_map_entries(proxy_common::map_names::CONNTRACK, entries.len());
                 }
                 continue;
             }

@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceValue, Traffic,
     map_names, proto, stat,
@@ -62,8 +62,10 @@ fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
 
 impl Pinned {
     pub fn read(bpffs: &Path) -> Result<Self, DatapathError> {
-        let (services, svc_max) = read_hash(bpffs, map_names::SERVICES, false)?;
-        let (backends, be_max) = read_hash(bpffs, map_names::BACKENDS, false)?;
+        let (services, svc_max): (Vec<(ServiceKey, ServiceValue)>, _) =
+            read_hash(bpffs, map_names::SERVICES, false)?;
+        let (backends, be_max): (Vec<(u32, Backend)>, _) =
+            read_hash(bpffs, map_names::BACKENDS, false)?;
         let (conntrack, ct_max) = read_hash(bpffs, map_names::CONNTRACK, true)?;
         let (affinity, aff_max) = read_hash(bpffs, map_names::AFFINITY, true)?;
         let stats_map: PerCpuArray<MapData, u64> = Map::PerCpuArray(open(bpffs, map_names::STATS)?)
@@ -72,18 +74,28 @@ impl Pinned {
                 name: map_names::STATS,
                 source: Box::new(source),
             })?;
-        let traffic = |name: &'static str| -> Result<BTreeMap<u32, Traffic>, DatapathError> {
-            let map: PerCpuHashMap<MapData, u32, Traffic> =
-                Map::PerCpuLruHashMap(open(bpffs, name)?)
-                    .try_into()
-                    .map_err(|source| DatapathError::Map {
-                        name,
-                        source: Box::new(source),
-                    })?;
-            Ok(sum_traffic(&map))
+        let traffic = |name: &'static str,
+                       ids: &mut dyn Iterator<Item = u32>|
+         -> Result<BTreeMap<u32, Traffic>, DatapathError> {
+            let map: PerCpuArray<MapData, Traffic> = Map::PerCpuArray(open(bpffs, name)?)
+                .try_into()
+                .map_err(|source| DatapathError::Map {
+                    name,
+                    source: Box::new(source),
+                })?;
+            Ok(sum_traffic(&map, ids))
         };
-        let svc_traffic = traffic(map_names::SVC_TRAFFIC)?;
-        let backend_traffic = traffic(map_names::BACKEND_TRAFFIC)?;
+        let svc_traffic = traffic(
+            map_names::SVC_TRAFFIC,
+            &mut services
+                .iter()
+                .filter(|(k, _)| k.slot == 0)
+                .map(|(_, v)| v.svc_id),
+        )?;
+        let backend_traffic = traffic(
+            map_names::BACKEND_TRAFFIC,
+            &mut backends.iter().map(|(id, _)| *id),
+        )?;
         let mut stats = [0u64; stat::COUNT as usize];
         for (i, slot) in stats.iter_mut().enumerate() {
             if let Ok(per_cpu) = stats_map.get(&(i as u32), 0) {

@@ -124,9 +124,24 @@ struct RunArgs {
     /// Idle timeout of established TCP flows (e.g. 24h, 90m, 30s).
     #[arg(long, env = "KEP_CONNTRACK_TCP_TIMEOUT_ESTABLISHED", default_value = "24h", value_parser = parse_duration)]
     conntrack_tcp_timeout_established: Duration,
-    /// Idle timeout of TCP flows after a FIN or RST.
+    /// Idle timeout of TCP flows after an RST, or a FIN from both sides.
     #[arg(long, env = "KEP_CONNTRACK_TCP_TIMEOUT_CLOSING", default_value = "10s", value_parser = parse_duration)]
     conntrack_tcp_timeout_closing: Duration,
+    /// Idle timeout of half-closed TCP flows (a FIN from one side only), as
+    /// kube-proxy's flag of this name (netfilter's CLOSE_WAIT).
+    #[arg(long, env = "KEP_CONNTRACK_TCP_TIMEOUT_CLOSE_WAIT", default_value = "1h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_close_wait: Duration,
+    /// Idle timeout of TCP (and SCTP) flows that have seen no reply
+    /// (netfilter's SYN_SENT).
+    #[arg(long, env = "KEP_CONNTRACK_TCP_TIMEOUT_SYN_SENT", default_value = "2m", value_parser = parse_duration)]
+    conntrack_tcp_timeout_syn_sent: Duration,
+    /// Service flows between pods (and to endpoints on other nodes)
+    /// delivered past the host's routing and netfilter once their first
+    /// reply is seen: `on` or `off`. Turn it off where netfilter must see
+    /// that traffic (e.g. a CNI enforcing NetworkPolicy with iptables).
+    #[arg(long, env = "KEP_FAST_PATH", default_value = "on", value_parser = ["on", "off"])]
+    fast_path: String,
+
     /// Idle timeout of UDP flows.
     #[arg(long, env = "KEP_CONNTRACK_UDP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     conntrack_udp_timeout: Duration,
@@ -251,7 +266,11 @@ fn main() -> anyhow::Result<()> {
                         tcp_established: args.conntrack_tcp_timeout_established,
                         tcp_closing: args.conntrack_tcp_timeout_closing,
                         udp: args.conntrack_udp_timeout,
+                        tcp_syn_sent: args.conntrack_tcp_timeout_syn_sent,
+                        tcp_close_wait: args.conntrack_tcp_timeout_close_wait,
                     },
+                    fast_path: args.fast_path == "on",
+                    reject_limit: datapath::RejectLimit::of_node(),
                     xdp: args
                         .xdp_mode
                         .parse()

@@ -80,6 +80,7 @@ pub struct Metrics {
     map_entries: Family<Label, Gauge>,
     map_update_errors: Counter,
     map_full: Family<Label, Counter>,
+    conntrack_near_full: Counter,
     datapath_packets: Family<Label, Counter>,
     connections_shed: Family<Label, Counter>,
     /// This node's name, to find its Node object.
@@ -204,6 +205,14 @@ impl Metrics {
              --source-ranges-max); the entries that fit stay programmed",
             map_full.clone(),
         );
+        let conntrack_near_full = Counter::default();
+        registry.register(
+            "kep_conntrack_near_full",
+            "Conntrack garbage collections that found the table at least 90 % \
+             full (the LRU map then evicts idle flows to make room): raise \
+             --conntrack-max",
+            conntrack_near_full.clone(),
+        );
         let datapath_packets = Family::<Label, Counter>::default();
         registry.register(
             "kep_datapath_packets",
@@ -235,6 +244,7 @@ impl Metrics {
             map_entries,
             map_update_errors,
             map_full,
+            conntrack_near_full,
             datapath_packets,
             connections_shed,
             node_name: node_name.to_string(),
@@ -289,6 +299,11 @@ impl Metrics {
         health.last_sync = Some((now, SystemTime::now()));
         health.node_eligible = eligible;
         health.incomplete = out.incomplete;
+    }
+
+    /// A conntrack garbage collection found the table nearly full.
+    pub fn record_conntrack_near_full(&self) {
+        self.conntrack_near_full.inc();
     }
 
     /// Sets the entry count of map `name` (e.g. after counting conntrack).

@@ -219,6 +219,21 @@ impl<'lab> Agent<'lab> {
         &self.bpffs
     }
 
+    /// A datapath counter (`proxy_common::stat` index), read through
+    /// `kube-ebpf-proxy status --json` from this agent's pinned maps.
+    pub fn counter(&self, index: u32) -> Result<u64> {
+        let out = std::process::Command::new(agent_bin()?)
+            .args(["status", "--json", "--bpffs"])
+            .arg(&self.bpffs)
+            .output()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("status --json: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let name = proxy_common::stat::NAMES[index as usize];
+        status["counters"][name]
+            .as_u64()
+            .with_context(|| format!("counter {name} in {status}"))
+    }
+
     /// File with everything the agent printed.
     pub fn log_path(&self) -> &Path {
         &self.log_path

@@ -55,6 +55,7 @@ const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbb];
 struct Fixture {
     dp: Datapath,
     _pins: PinDir,
+    pin_dir: PathBuf,
 }
 
 /// Unpins on drop, also when loading failed half way (maps pinned, program
@@ -78,22 +79,31 @@ impl Fixture {
     }
 
     fn with_timeouts(timeouts: CtTimeouts) -> Self {
+        Self::with_settings(|cfg| cfg.timeouts = timeouts)
+    }
+
+    /// The fixture with its datapath settings changed by `change`.
+    fn with_settings(change: impl FnOnce(&mut DatapathConfig)) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/kep-testrun-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
-        let cfg = DatapathConfig {
+        let mut cfg = DatapathConfig {
             conntrack_max: 4096,
-            timeouts,
             ..DatapathConfig::new(&pin_dir)
         };
-        let pins = PinDir(pin_dir);
+        change(&mut cfg);
+        let pins = PinDir(pin_dir.clone());
         let dp = Datapath::load(&cfg).unwrap_or_else(|e| {
             panic!("cannot load the eBPF datapath (this test needs root and bpffs): {e:#}")
         });
-        let mut fx = Self { dp, _pins: pins };
+        let mut fx = Self {
+            dp,
+            _pins: pins,
+            pin_dir,
+        };
         let mut ops = Vec::new();
         for (i, addr) in BACKENDS.iter().enumerate() {
             for (j, p) in [proto::TCP, proto::UDP].into_iter().enumerate() {
@@ -860,36 +870,178 @@ fn syn_on_a_closing_tuple_starts_a_new_flow() {
 }
 
 #[test]
-fn fin_or_rst_marks_both_directions_closing() {
+fn fin_from_one_side_half_closes_both_from_both_or_rst_closes() {
     const FIN: u8 = 0x01;
     const RST: u8 = 0x04;
     let mut fx = Fixture::new();
-    for (port, flags, from_backend) in [(48000, FIN | ACK, false), (48001, RST, true)] {
+    // (port, packets after the SYN: (from the backend?, flags), and how
+    // many of the flow's entries are then half-closed and closed).
+    type Case = (u16, &'static [(bool, u8)], usize, usize);
+    let cases: [Case; 3] = [
+        (48000, &[(false, FIN | ACK)], 2, 0),
+        (48001, &[(false, FIN | ACK), (true, FIN | ACK)], 0, 2),
+        (48002, &[(true, RST)], 0, 2),
+    ];
+    for (port, packets, half, closed) in cases {
         let (_, out) = fx.run(&tcp(CLIENT, VIP, port, SVC_PORT, SYN));
         let backend = ip_dst(&out);
-        let closing = |fx: &Fixture| {
-            ct_entries(fx)
-                .into_iter()
-                .filter(|(k, v)| {
-                    (k.sport == port_to_map(port) || k.dport == port_to_map(port)) && v.is_closing()
-                })
-                .count()
-        };
-        assert_eq!(closing(&fx), 0);
-        let packet = if from_backend {
-            tcp(backend, CLIENT, BACKEND_PORT, port, flags)
-        } else {
-            tcp(CLIENT, VIP, port, SVC_PORT, flags)
-        };
-        let (ret, out) = fx.run(&packet);
-        assert_eq!(ret, TC_ACT_OK);
-        assert_checksums(&out);
+        for &(from_backend, flags) in packets {
+            let packet = if from_backend {
+                tcp(backend, CLIENT, BACKEND_PORT, port, flags)
+            } else {
+                tcp(CLIENT, VIP, port, SVC_PORT, flags)
+            };
+            let (ret, out) = fx.run(&packet);
+            assert_eq!(ret, TC_ACT_OK);
+            assert_checksums(&out);
+        }
+        let flow: Vec<_> = ct_entries(&fx)
+            .into_iter()
+            .filter(|(k, _)| k.sport == port_to_map(port) || k.dport == port_to_map(port))
+            .collect();
+        assert_eq!(flow.len(), 2, "{flow:?}");
+        let count =
+            |f: fn(&proxy_common::CtValue) -> bool| flow.iter().filter(|(_, v)| f(v)).count();
         assert_eq!(
-            closing(&fx),
-            2,
-            "both entries of flow {port} must be closing"
+            (count(|v| v.is_half_closed()), count(|v| v.is_closing())),
+            (half, closed),
+            "flow {port}: (half-closed, closed) entries"
         );
     }
+}
+
+/// kube-proxy keeps a half-closed connection (FIN from one side) for an hour
+/// (netfilter's CLOSE_WAIT): the other side may go on sending long after.
+#[test]
+fn a_half_closed_connection_outlives_the_closing_timeout() {
+    const FIN: u8 = 0x01;
+    let mut fx = Fixture::with_timeouts(CtTimeouts {
+        tcp_closing: std::time::Duration::ZERO,
+        ..CtTimeouts::default()
+    });
+    let (_, out) = fx.run(&tcp(CLIENT, VIP, 48100, SVC_PORT, SYN));
+    let backend = ip_dst(&out);
+    fx.run(&tcp(backend, CLIENT, BACKEND_PORT, 48100, SYN | ACK));
+    fx.run(&tcp(CLIENT, VIP, 48100, SVC_PORT, FIN | ACK));
+    // Longer than a tick: the datapath reads the coarse clock.
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    // The endpoint goes on sending; the client acknowledges.
+    let (_, reply) = fx.run(&tcp(backend, CLIENT, BACKEND_PORT, 48100, ACK));
+    assert_eq!(
+        ip_src(&reply),
+        VIP,
+        "the endpoint's data is still translated"
+    );
+    assert_checksums(&reply);
+    let (_, ack) = fx.run(&tcp(CLIENT, VIP, 48100, SVC_PORT, ACK));
+    assert_eq!(ip_dst(&ack), backend);
+    assert_eq!(fx.dp.stats().unwrap()[stat::NEW_FLOWS as usize], 1);
+    assert_eq!(fx.dp.collect_conntrack().unwrap().deleted, 0);
+}
+
+/// A connection that never got an answer goes after netfilter's SYN-sent
+/// timeout, not the established one.
+#[test]
+fn an_unanswered_syn_expires_after_the_syn_sent_timeout() {
+    let mut fx = Fixture::with_timeouts(CtTimeouts {
+        tcp_syn_sent: std::time::Duration::ZERO,
+        ..CtTimeouts::default()
+    });
+    fx.run(&tcp(CLIENT, VIP, 48200, SVC_PORT, SYN));
+    let (_, out) = fx.run(&tcp(CLIENT, VIP, 48201, SVC_PORT, SYN));
+    fx.run(&tcp(ip_dst(&out), CLIENT, BACKEND_PORT, 48201, SYN | ACK));
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    let sweep = fx.dp.collect_conntrack().unwrap();
+    assert_eq!(sweep.deleted, 2, "the unanswered flow's two entries");
+    let left = ct_entries(&fx);
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(
+        left.iter().all(|(k, v)| v.seen_reply()
+            && (k.sport == port_to_map(48201) || k.dport == port_to_map(48201)))
+    );
+}
+
+/// Deletes one conntrack entry behind the datapath's back, as the LRU
+/// evicts one from a full table.
+fn evict(fx: &Fixture, key: &CtKey) {
+    let pin = maps_dir(&fx.pin_dir).join(proxy_common::map_names::CONNTRACK);
+    let data = aya::maps::MapData::from_pin(&pin).expect("open the pinned conntrack map");
+    let mut map: aya::maps::HashMap<_, CtKey, proxy_common::CtValue> =
+        aya::maps::Map::LruHashMap(data).try_into().unwrap();
+    map.remove(key).expect("the entry was there");
+}
+
+/// A flow that lost its reply entry (evicted from a full table) gets it
+/// back from its forward entry at its next packet after a pause, instead
+/// of staying broken; and the other way round.
+#[test]
+fn a_flow_whose_entry_was_evicted_gets_it_back() {
+    let mut fx = Fixture::new();
+    for (port, lose_reply) in [(48300u16, true), (48301, false)] {
+        let (_, out) = fx.run(&tcp(CLIENT, VIP, port, SVC_PORT, SYN));
+        let backend = ip_dst(&out);
+        fx.run(&tcp(backend, CLIENT, BACKEND_PORT, port, SYN | ACK));
+        let entries: Vec<_> = ct_entries(&fx)
+            .into_iter()
+            .filter(|(k, _)| k.sport == port_to_map(port) || k.dport == port_to_map(port))
+            .collect();
+        let (lost, _) = entries
+            .iter()
+            .find(|(_, v)| v.is_reply() == lose_reply)
+            .unwrap();
+        evict(&fx, lost);
+        // Idle past the check interval (1 s), as the connections of the
+        // issue were.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        if lose_reply {
+            let (_, fwd) = fx.run(&tcp(CLIENT, VIP, port, SVC_PORT, ACK));
+            assert_eq!(ip_dst(&fwd), backend);
+            let (_, reply) = fx.run(&tcp(backend, CLIENT, BACKEND_PORT, port, ACK));
+            assert_eq!(ip_src(&reply), VIP, "the answer is translated again");
+            assert_checksums(&reply);
+        } else {
+            let (_, reply) = fx.run(&tcp(backend, CLIENT, BACKEND_PORT, port, ACK));
+            assert_eq!(ip_src(&reply), VIP);
+            let (_, fwd) = fx.run(&tcp(CLIENT, VIP, port, SVC_PORT, ACK));
+            assert_eq!(ip_dst(&fwd), backend, "the request keeps its endpoint");
+        }
+        let back = ct_entries(&fx);
+        assert!(
+            back.iter().any(|(k, v)| k == lost && v.seen_reply()),
+            "{back:?}"
+        );
+    }
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::CT_RESTORED as usize], 2);
+    assert_eq!(stats[stat::NEW_FLOWS as usize], 2);
+}
+
+/// The kernel rate-limits the ICMP errors it sends per destination
+/// (`icmp_ratelimit`: a burst of 6, then one per interval), iptables'
+/// REJECT included: so are these answers.
+#[test]
+fn reject_answers_are_rate_limited_per_client() {
+    let mut fx = Fixture::new();
+    let mut answered = 0;
+    for port in 0..10u16 {
+        let (ret, _) = fx.run(&tcp(CLIENT, VIP_EMPTY, 47000 + port, SVC_PORT, SYN));
+        match ret {
+            TC_ACT_REDIRECT => answered += 1,
+            other => assert_eq!(other, TC_ACT_SHOT, "a refused answer drops the request"),
+        }
+    }
+    assert_eq!(answered, 6, "the burst, then nothing within the interval");
+    let other = Ipv4Addr::new(10, 244, 1, 3);
+    let (ret, out) = fx.run(&tcp(other, VIP_EMPTY, 47100, SVC_PORT, SYN));
+    assert_eq!(ret, TC_ACT_REDIRECT, "another client has its own share");
+    assert_eq!(ip_dst(&out), other);
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::REJECTS as usize], 7);
+    assert_eq!(stats[stat::REJECT_RATE_LIMITED as usize], 4);
+    // A second later the client has one more answer.
+    std::thread::sleep(std::time::Duration::from_millis(1050));
+    let (ret, _) = fx.run(&tcp(CLIENT, VIP_EMPTY, 47200, SVC_PORT, SYN));
+    assert_eq!(ret, TC_ACT_REDIRECT);
 }
 
 #[test]
@@ -900,7 +1052,8 @@ fn expired_flows_are_chosen_anew_and_collected() {
         ..CtTimeouts::default()
     });
     fx.run(&udp(CLIENT, VIP, 49000, SVC_PORT));
-    std::thread::sleep(std::time::Duration::from_millis(2));
+    // Longer than a tick: the datapath reads the coarse clock.
+    std::thread::sleep(std::time::Duration::from_millis(10));
     fx.run(&udp(CLIENT, VIP, 49000, SVC_PORT));
     fx.run(&tcp(CLIENT, VIP, 49001, SVC_PORT, SYN));
     fx.run(&tcp(CLIENT, VIP, 49001, SVC_PORT, ACK));
@@ -911,14 +1064,15 @@ fn expired_flows_are_chosen_anew_and_collected() {
         "the idle UDP flow was chosen anew"
     );
     assert_eq!(stats[stat::FORWARD_HITS as usize], 1);
-    std::thread::sleep(std::time::Duration::from_millis(2));
+    // Longer than a tick: the datapath reads the coarse clock.
+    std::thread::sleep(std::time::Duration::from_millis(10));
     // The forward entry and one reply entry per backend the flow had.
     let udp_entries = ct_entries(&fx)
         .iter()
         .filter(|(k, _)| k.proto == proto::UDP)
         .count();
     assert!(udp_entries >= 2);
-    let deleted = fx.dp.collect_conntrack().unwrap();
+    let deleted = fx.dp.collect_conntrack().unwrap().deleted;
     assert_eq!(deleted, udp_entries, "every expired UDP entry");
     let left = ct_entries(&fx);
     assert_eq!(left.len(), 2, "{left:?}");
@@ -1557,7 +1711,8 @@ fn a_direct_connection_on_a_closed_service_flows_tuple_is_not_translated() {
     });
     add_vip_one(&mut fx);
     fx.run(&udp(CLIENT, VIP_ONE, port, SVC_PORT));
-    std::thread::sleep(std::time::Duration::from_millis(2));
+    // Longer than a tick: the datapath reads the coarse clock.
+    std::thread::sleep(std::time::Duration::from_millis(10));
     let direct = udp(CLIENT, b, port, BACKEND_PORT);
     assert_eq!(fx.run(&direct).1, direct);
     let answer = udp(b, CLIENT, BACKEND_PORT, port);
@@ -2438,7 +2593,9 @@ fn pad_to_test_run_minimum(p: &mut Vec<u8>) {
 
 #[test]
 fn fuzz_every_output_is_unchanged_or_a_correct_translation() {
-    let mut fx = Fixture::new();
+    // Every REJECT answered, so that each is checked (the rate limit has
+    // its own test).
+    let mut fx = Fixture::with_settings(|cfg| cfg.reject_limit = None);
     let seed: u64 = std::env::var("KEP_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -2622,4 +2779,180 @@ fn xdp_drops_and_passes_what_it_must() {
     last_hop[ETH + 8] = 1;
     let (ret, _) = node.ns.run(|| fx.run_xdp(&last_hop, node.eth0));
     assert_eq!(ret, XDP_PASS);
+}
+
+/// CRC32c (Castagnoli) as RFC 4960 appendix B computes it, bit by bit (an
+/// independent check of the datapath's table-driven update).
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Ethernet + IPv4 + SCTP with one chunk of `chunk_type` and `payload`,
+/// its CRC32c right (or left 0, as a sender offloading it leaves it).
+fn sctp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    chunk_type: u8,
+    payload: &[u8],
+    crc: bool,
+) -> Vec<u8> {
+    let chunk_len = 4 + payload.len();
+    let l4_len = 12 + chunk_len;
+    let mut p = packet(src, dst, sport, dport, proto::UDP, 0, &[]);
+    p.truncate(ETH + 20);
+    p[ETH + 2..ETH + 4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+    p[ETH + 9] = proto::SCTP;
+    p[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
+    let ipc = checksum(&p[ETH..ETH + 20]);
+    p[ETH + 10..ETH + 12].copy_from_slice(&ipc.to_be_bytes());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0x0a, 0x0b, 0x0c, 0x0d, 0, 0, 0, 0]);
+    p.extend_from_slice(&[chunk_type, 0]);
+    p.extend_from_slice(&(chunk_len as u16).to_be_bytes());
+    p.extend_from_slice(payload);
+    if crc {
+        let c = crc32c(&p[ETH + 20..]);
+        p[ETH + 28..ETH + 32].copy_from_slice(&c.to_le_bytes());
+    }
+    p
+}
+
+/// The stored CRC32c of an SCTP packet, and the one its bytes call for.
+fn sctp_crcs(p: &[u8]) -> (u32, u32) {
+    let l4 = ETH + ihl(p);
+    let stored = u32::from_le_bytes(p[l4 + 8..l4 + 12].try_into().unwrap());
+    let mut zeroed = p[l4..].to_vec();
+    zeroed[8..12].copy_from_slice(&[0; 4]);
+    (stored, crc32c(&zeroed))
+}
+
+/// SCTP Services are translated like TCP ones (Kubernetes allows a
+/// targetPort other than the port): addresses, and ports with the CRC32c
+/// updated; a CRC left to offload (0) stays 0.
+#[test]
+fn sctp_flows_are_translated_with_their_crc32c() {
+    const INIT: u8 = 1;
+    const DATA: u8 = 0;
+    let mut fx = Fixture::new();
+    let key = ServiceKey::new(addr_to_map(VIP), port_to_map(SVC_PORT), proto::SCTP, 0);
+    let mut ops = Vec::new();
+    for (i, addr) in BACKENDS.iter().enumerate() {
+        let id = 100 + i as u32;
+        ops.push(MapOp::PutBackend(
+            id,
+            Backend::new(addr_to_map(*addr), port_to_map(BACKEND_PORT), proto::SCTP),
+        ));
+        ops.push(MapOp::PutService(
+            key.with_slot(i as u16 + 1),
+            ServiceValue::slot(id),
+        ));
+    }
+    ops.push(MapOp::PutService(key, ServiceValue::service(40, 3, 0)));
+    assert!(fx.dp.apply(&ops).is_empty());
+    let payload = [0x11u8; 97];
+    for (port, crc) in [(36412u16, true), (36413, false)] {
+        let init = sctp(CLIENT, VIP, port, SVC_PORT, INIT, &payload, crc);
+        let (ret, out) = fx.run(&init);
+        assert_eq!(ret, TC_ACT_OK);
+        let backend = ip_dst(&out);
+        assert!(BACKENDS.contains(&backend), "{out:02x?}");
+        assert_eq!((sport(&out), dport(&out)), (port, BACKEND_PORT));
+        assert!(ip_csum_ok(&out));
+        let (stored, right) = sctp_crcs(&out);
+        if crc {
+            assert_eq!(stored, right, "the CRC32c follows the port");
+        } else {
+            assert_eq!(stored, 0, "an offloaded CRC is left to the sender's kernel");
+        }
+        let answer = sctp(backend, CLIENT, BACKEND_PORT, port, DATA, &payload, crc);
+        let (_, back) = fx.run(&answer);
+        assert_eq!((ip_src(&back), sport(&back)), (VIP, SVC_PORT));
+        assert!(ip_csum_ok(&back));
+        let (stored, right) = sctp_crcs(&back);
+        assert_eq!(stored, if crc { right } else { 0 });
+    }
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::NEW_FLOWS as usize], 2);
+    assert_eq!(stats[stat::REPLY_HITS as usize], 2);
+}
+
+fn ttl_of(p: &[u8]) -> u8 {
+    p[ETH + 8]
+}
+
+/// The fast path: the reply direction learns the client pod's interface
+/// and MACs from the flow's first packet, the request direction the
+/// endpoint's from the first reply; from then on both go past the stack
+/// (`bpf_redirect_peer`), MACs written and TTL decremented as a router
+/// would. `--fast-path off` keeps every packet on the stack, and so does a
+/// hairpin flow.
+#[test]
+fn the_fast_path_is_learnt_from_each_directions_first_packet() {
+    // `lo`: every namespace has it, and its MTU passes the MTU check.
+    const LO: u32 = 1;
+    for fast in [true, false] {
+        let mut fx = Fixture::with_settings(|cfg| cfg.fast_path = fast);
+        let syn = tcp(CLIENT, VIP, 46000, SVC_PORT, SYN);
+        let (ret, out) = fx.run_hook_on(Hook::Pod, &syn, LO);
+        assert_eq!(ret, TC_ACT_OK, "the first packet takes the stack");
+        let backend = ip_dst(&out);
+        // The backend's answer comes in on its own interface, MACs its own.
+        let mut syn_ack = tcp(backend, CLIENT, BACKEND_PORT, 46000, SYN | ACK);
+        syn_ack[..12]
+            .copy_from_slice(&[[0x02, 0, 0, 0, 0, 0xcc], [0x02, 0, 0, 0, 0, 0xdd]].concat());
+        let (ret, back) = fx.run_hook_on(Hook::Pod, &syn_ack, LO);
+        let (ret2, fwd) = fx.run_hook_on(Hook::Pod, &tcp(CLIENT, VIP, 46000, SVC_PORT, ACK), LO);
+        assert_eq!(ip_src(&back), VIP);
+        assert_eq!(ip_dst(&fwd), backend);
+        assert_checksums(&back);
+        assert_checksums(&fwd);
+        if !fast {
+            assert_eq!((ret, ret2), (TC_ACT_OK, TC_ACT_OK), "fast path off");
+            assert_eq!((ttl_of(&back), ttl_of(&fwd)), (64, 64));
+            assert_eq!(fx.dp.stats().unwrap()[stat::FAST_PATH_PEER as usize], 0);
+            continue;
+        }
+        assert_eq!((ret, ret2), (TC_ACT_REDIRECT, TC_ACT_REDIRECT));
+        // Into the client: to its MAC (the SYN's source), from its gateway's.
+        assert_eq!(&back[..6], &MAC_A, "{back:02x?}");
+        assert_eq!(&back[6..12], &MAC_B);
+        // Into the endpoint: to its MAC (the answer's source).
+        assert_eq!(&fwd[..6], &[0x02, 0, 0, 0, 0, 0xdd]);
+        assert_eq!(&fwd[6..12], &[0x02, 0, 0, 0, 0, 0xcc]);
+        assert_eq!((ttl_of(&back), ttl_of(&fwd)), (63, 63));
+        assert_eq!(fx.dp.stats().unwrap()[stat::FAST_PATH_PEER as usize], 2);
+
+        // A pod reaching itself (its Service's one endpoint) keeps the
+        // stack.
+        let mut fx = Fixture::with_settings(|cfg| cfg.fast_path = true);
+        add_vip_one(&mut fx);
+        let (_, out) = fx.run_hook_on(
+            Hook::Pod,
+            &tcp(BACKENDS[0], VIP_ONE, 46001, SVC_PORT, SYN),
+            LO,
+        );
+        assert_eq!((ip_src(&out), ip_dst(&out)), (HAIRPIN, BACKENDS[0]));
+        let answer = tcp(BACKENDS[0], HAIRPIN, BACKEND_PORT, 46001, SYN | ACK);
+        let (ret, _) = fx.run_hook_on(Hook::Pod, &answer, LO);
+        let (ret2, _) = fx.run_hook_on(
+            Hook::Pod,
+            &tcp(BACKENDS[0], VIP_ONE, 46001, SVC_PORT, ACK),
+            LO,
+        );
+        assert_eq!((ret, ret2), (TC_ACT_OK, TC_ACT_OK), "hairpin");
+    }
 }

@@ -11,18 +11,19 @@ mod upkeep;
 pub use bpffs::{BPFFS_MOUNT, DirError, DirLock, ensure_dir};
 pub use hooks::{Hook, PINS, Pin};
 pub use pins::{cleanup, links_dir, maps_dir, pinned_links, unpin_all};
-pub use upkeep::sum_traffic;
+pub use upkeep::{CtSweep, sum_traffic};
 
 use std::{collections::BTreeMap, io, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie},
     programs::{CgroupSockAddr, SchedClassifier, Xdp, XdpMode},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Cidr, Config, CtKey, CtValue, MAX_SERVICE_CIDRS,
-    ServiceKey, ServiceValue, SourceRange, Traffic, defaults, map_names, program_names,
+    AffinityKey, AffinityValue, Backend, CONFIG_FLAG_FAST_PATH, Cidr, Config, CtKey, CtValue,
+    MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, SourceRange, Traffic, defaults, map_names,
+    program_names,
 };
 use thiserror::Error;
 
@@ -66,6 +67,45 @@ pub struct DatapathConfig {
     pub timeouts: CtTimeouts,
     /// How the XDP fast path is attached to node interfaces.
     pub xdp: XdpSetting,
+    /// Service flows between pods delivered past the host's routing and
+    /// netfilter (see `proxy-ebpf/src/fast.rs`).
+    pub fast_path: bool,
+    /// REJECT answers to one client: at most one per interval on average,
+    /// with a burst (the kernel's `icmp_ratelimit`); `None`: no limit.
+    pub reject_limit: Option<RejectLimit>,
+}
+
+/// The rate of REJECT answers to one client address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RejectLimit {
+    pub interval: Duration,
+    pub burst: u32,
+}
+
+impl RejectLimit {
+    /// The kernel's: `net.ipv4.icmp_ratelimit` (1000 ms) between answers
+    /// to one destination, a burst of 6 (`XRLIM_BURST_FACTOR`).
+    pub const KERNEL_DEFAULT: RejectLimit = RejectLimit {
+        interval: Duration::from_millis(1000),
+        burst: 6,
+    };
+
+    /// The node's own setting (`/proc/sys/net/ipv4/icmp_ratelimit`, in
+    /// milliseconds; 0 turns limiting off), or the kernel's default where
+    /// it cannot be read.
+    pub fn of_node() -> Option<RejectLimit> {
+        let ms = std::fs::read_to_string("/proc/sys/net/ipv4/icmp_ratelimit")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        match ms {
+            Some(0) => None,
+            Some(ms) => Some(RejectLimit {
+                interval: Duration::from_millis(ms),
+                ..Self::KERNEL_DEFAULT
+            }),
+            None => Some(Self::KERNEL_DEFAULT),
+        }
+    }
 }
 
 /// How `kep_xdp_node` is attached to a node interface (beside the TC
@@ -131,10 +171,16 @@ impl XdpSetting {
 pub struct CtTimeouts {
     /// kube-proxy's --conntrack-tcp-timeout-established default.
     pub tcp_established: Duration,
-    /// After a FIN or RST in either direction.
+    /// After an RST, or a FIN from both sides.
     pub tcp_closing: Duration,
     /// The kernel's nf_conntrack_udp_timeout.
     pub udp: Duration,
+    /// A TCP (or SCTP) flow that has seen no reply: netfilter's
+    /// nf_conntrack_tcp_timeout_syn_sent.
+    pub tcp_syn_sent: Duration,
+    /// A FIN from one side only (half-closed): kube-proxy's
+    /// --conntrack-tcp-timeout-close-wait default.
+    pub tcp_close_wait: Duration,
 }
 
 impl Default for CtTimeouts {
@@ -143,6 +189,8 @@ impl Default for CtTimeouts {
             tcp_established: Duration::from_secs(24 * 3600),
             tcp_closing: Duration::from_secs(10),
             udp: Duration::from_secs(30),
+            tcp_syn_sent: Duration::from_secs(120),
+            tcp_close_wait: Duration::from_secs(3600),
         }
     }
 }
@@ -165,6 +213,8 @@ impl DatapathConfig {
             hairpin_addr: Some(DEFAULT_HAIRPIN_ADDR),
             timeouts: CtTimeouts::default(),
             xdp: XdpSetting::Auto,
+            fast_path: true,
+            reject_limit: Some(RejectLimit::KERNEL_DEFAULT),
         }
     }
 
@@ -199,6 +249,17 @@ impl DatapathConfig {
         cfg.ct_tcp_established_ns = ns(self.timeouts.tcp_established);
         cfg.ct_tcp_closing_ns = ns(self.timeouts.tcp_closing);
         cfg.ct_udp_ns = ns(self.timeouts.udp);
+        cfg.ct_tcp_syn_sent_ns = ns(self.timeouts.tcp_syn_sent);
+        cfg.ct_tcp_close_wait_ns = ns(self.timeouts.tcp_close_wait);
+        if self.fast_path {
+            cfg.flags |= CONFIG_FLAG_FAST_PATH;
+        }
+        if let Some(limit) = self.reject_limit {
+            // Bounded so that interval x burst never overflows in the
+            // datapath.
+            cfg.reject_interval_ns = ns(limit.interval).clamp(1, 3_600_000_000_000);
+            cfg.reject_burst = limit.burst.clamp(1, 1_000);
+        }
         Ok(cfg)
     }
 }
@@ -294,9 +355,11 @@ pub struct Datapath {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    /// The conntrack map's capacity, for its near-full warning.
+    conntrack_max: u32,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
-    svc_traffic: PerCpuHashMap<MapData, u32, Traffic>,
-    backend_traffic: PerCpuHashMap<MapData, u32, Traffic>,
+    svc_traffic: PerCpuArray<MapData, Traffic>,
+    backend_traffic: PerCpuArray<MapData, Traffic>,
     stats: PerCpuArray<MapData, u64>,
     tables: MaglevTables,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
@@ -441,6 +504,7 @@ impl Datapath {
             services,
             backends,
             conntrack,
+            conntrack_max: cfg.conntrack_max,
             affinity,
             svc_traffic,
             backend_traffic,
@@ -671,12 +735,12 @@ impl Datapath {
                     {
                         // Its id may be handed to another frontend: its
                         // counters must not carry over.
-                        let _ = self.svc_traffic.remove(&gone.svc_id);
+                        upkeep::clear_traffic(&mut self.svc_traffic, gone.svc_id);
                     }
                 }),
                 MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(id)).map(|()| {
                     self.live.backends.remove(id);
-                    let _ = self.backend_traffic.remove(id);
+                    upkeep::clear_traffic(&mut self.backend_traffic, *id);
                 }),
                 MapOp::PutTable(svc_id, spec) => {
                     let table = built.pop_front().unwrap_or_else(|| spec.build());
@@ -924,7 +988,7 @@ fn range_key(r: &RangeEntry) -> lpm_trie::Key<SourceRange> {
 fn take_traffic(
     ebpf: &mut Ebpf,
     name: &'static str,
-) -> Result<PerCpuHashMap<MapData, u32, Traffic>, DatapathError> {
+) -> Result<PerCpuArray<MapData, Traffic>, DatapathError> {
     ebpf.take_map(name)
         .ok_or(DatapathError::MissingMap(name))?
         .try_into()

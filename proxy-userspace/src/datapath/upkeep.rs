@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
 use proxy_common::{Backend, CtKey, CtValue, Traffic, map_names, stat};
 
 use super::{Datapath, DatapathError, ignore_missing, map_err, monotonic_ns};
@@ -16,11 +16,17 @@ impl Datapath {
     }
 
     /// Packets and bytes per frontend (svc id) and per backend id, summed
-    /// over CPUs.
+    /// over CPUs; ids without traffic are left out.
     pub fn traffic(&self) -> (BTreeMap<u32, Traffic>, BTreeMap<u32, Traffic>) {
+        let svc_ids = self
+            .live
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(_, v)| v.svc_id);
         (
-            sum_traffic(&self.svc_traffic),
-            sum_traffic(&self.backend_traffic),
+            sum_traffic(&self.svc_traffic, svc_ids),
+            sum_traffic(&self.backend_traffic, self.live.backends.keys().copied()),
         )
     }
 
@@ -32,12 +38,37 @@ impl Datapath {
             .map_err(map_err(map_names::CONNTRACK))
     }
 
-    /// Deletes conntrack entries idle past their timeout (the datapath
-    /// already ignores them; this frees their space). Returns how many.
-    pub fn collect_conntrack(&mut self) -> Result<usize, DatapathError> {
+    /// Deletes the flows idle past their timeout (the datapath already
+    /// ignores them; this frees their space): both entries of a flow go
+    /// together, once neither is in use (a one-way stream refreshes only
+    /// one), and so does an entry whose other one is gone. Says how full
+    /// the table is after.
+    pub fn collect_conntrack(&mut self) -> Result<CtSweep, DatapathError> {
         let now = monotonic_ns();
         let settings = self.settings;
-        self.delete_conntrack(|k, v| v.expired(k, &settings, now))
+        let entries: std::collections::HashMap<CtKey, CtValue> =
+            self.conntrack.iter().filter_map(Result::ok).collect();
+        let doomed: Vec<CtKey> = entries
+            .iter()
+            .filter(|(k, v)| {
+                v.expired(k, &settings, now) && {
+                    let twin = v.twin_key(k);
+                    entries
+                        .get(&twin)
+                        .is_none_or(|t| t.expired(&twin, &settings, now))
+                }
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        let deleted = doomed
+            .iter()
+            .filter(|key| ignore_missing(self.conntrack.remove(key)).is_ok())
+            .count();
+        Ok(CtSweep {
+            deleted,
+            remaining: entries.len() - deleted,
+            capacity: self.conntrack_max as usize,
+        })
     }
 
     /// Deletes at once the UDP flows of backends that were removed, so a
@@ -105,6 +136,22 @@ impl Datapath {
     }
 }
 
+/// What a conntrack garbage collection left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtSweep {
+    pub deleted: usize,
+    pub remaining: usize,
+    pub capacity: usize,
+}
+
+impl CtSweep {
+    /// At 90 % the LRU map is about to evict live flows (each new flow
+    /// takes two entries): time to raise `--conntrack-max`.
+    pub fn near_full(&self) -> bool {
+        self.remaining * 10 >= self.capacity * 9
+    }
+}
+
 /// Deletes the entries of `map` that `doomed` picks; returns how many went.
 /// An entry already gone (LRU eviction, a concurrent delete) is fine.
 fn delete_where<K: aya::Pod, V: aya::Pod>(
@@ -122,18 +169,32 @@ fn delete_where<K: aya::Pod, V: aya::Pod>(
         .count()
 }
 
-/// A per-CPU traffic map's entries, summed over CPUs.
-pub fn sum_traffic(map: &PerCpuHashMap<MapData, u32, Traffic>) -> BTreeMap<u32, Traffic> {
-    map.iter()
-        .filter_map(Result::ok)
-        .map(|(id, per_cpu)| {
+/// The traffic counted for `ids` in a per-CPU traffic array (indexed by
+/// id), summed over CPUs; ids without traffic (or past the array) are left
+/// out. Only ids in use are read: one lookup each.
+pub fn sum_traffic(
+    map: &PerCpuArray<MapData, Traffic>,
+    ids: impl IntoIterator<Item = u32>,
+) -> BTreeMap<u32, Traffic> {
+    ids.into_iter()
+        .filter_map(|id| {
+            let per_cpu = map.get(&id, 0).ok()?;
             let total = per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
                 packets: a.packets + t.packets,
                 bytes: a.bytes + t.bytes,
             });
-            (id, total)
+            (total.packets != 0).then_some((id, total))
         })
         .collect()
+}
+
+/// Zeroes `id`'s counters (it is no longer in use and may be handed to
+/// another frontend or backend). An id past the array has none.
+pub fn clear_traffic(map: &mut PerCpuArray<MapData, Traffic>, id: u32) {
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n);
+    if let Ok(zero) = PerCpuValues::try_from(vec![Traffic::default(); cpus]) {
+        let _ = map.set(id, zero, 0);
+    }
 }
 
 fn sum_stats(

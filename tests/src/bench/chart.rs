@@ -19,6 +19,7 @@ fn colour(p: Peer) -> &'static str {
     match p {
         Peer::Direct => "#555555",
         Peer::Ours => "#1f77b4",
+        Peer::OursStack => "#17becf",
         Peer::OursTc => "#9467bd",
         Peer::Iptables => "#d62728",
         Peer::Nftables => "#2ca02c",

@@ -15,11 +15,13 @@
 //! - [`stream`]: the iperf3 stream.
 //! - [`switch`]: probing an endpoint switch from the client.
 //! - [`testrun`]: per-packet cost.
+//! - [`live`]: per-packet cost under the trials' traffic (bpf_stats).
 //! - [`report`]: summaries, the Markdown table, the JSON.
 //! - [`chart`]: the SVG.
 
 pub mod chart;
 pub mod control;
+pub mod live;
 pub mod nodeport;
 pub mod peers;
 pub mod report;
@@ -73,6 +75,8 @@ pub struct Settings {
     pub control: ControlSettings,
     /// Only the control-plane part (`--control-plane-only`).
     pub control_only: bool,
+    /// Only the per-packet rows (`--packet-costs-only`): no lab.
+    pub packet_costs_only: bool,
 }
 
 impl Settings {
@@ -120,6 +124,7 @@ impl Settings {
                 },
             },
             control_only: false,
+            packet_costs_only: false,
             client_sysctls: vec![
                 ("net.ipv4.tcp_max_tw_buckets".into(), "0".into()),
                 ("net.ipv4.ip_local_port_range".into(), "10000 65001".into()),
@@ -180,6 +185,8 @@ pub struct Results {
     pub throughput: Vec<stream::Throughput>,
     pub programming: Vec<peers::Programming>,
     pub switches: Vec<switch::Switch>,
+    /// The agent's programs' run time per packet during ours' trials.
+    pub live_costs: Vec<live::LiveCost>,
     /// NodePort: one [`peers::Kind::TcpConnect`] trial per peer, N and
     /// round.
     pub nodeport_trials: Vec<peers::Trial>,
@@ -303,6 +310,7 @@ pub fn run(settings: Settings) -> Result<Results> {
         throughput: Vec::new(),
         programming: Vec::new(),
         switches: Vec::new(),
+        live_costs: Vec::new(),
         nodeport_trials: Vec::new(),
         nodeport_programming: Vec::new(),
         skipped: Vec::new(),
@@ -313,7 +321,12 @@ pub fn run(settings: Settings) -> Result<Results> {
         loadavg_start: loadavg(),
         loadavg_end: String::new(),
     };
-    let largest = settings.service_counts.iter().copied().max().unwrap_or(1);
+    if settings.packet_costs_only {
+        packet_costs(&settings, &mut results);
+        results.duration_s = started.elapsed().as_secs_f64();
+        results.loadavg_end = loadavg();
+        return Ok(results);
+    }
     let runs_at = |peer: Peer, n: usize| {
         peer != Peer::Nftables || settings.nft_max_services.is_none_or(|max| n <= max)
     };
@@ -377,6 +390,7 @@ pub fn run(settings: Settings) -> Result<Results> {
                             results.throughput.push(turn.throughput);
                             results.programming.extend(turn.programming);
                             results.switches.extend(turn.switches);
+                            results.live_costs.extend(turn.live);
                         }
                         Err(e) => {
                             let msg = format!("N={n} round {round} {peer}: {e:#}");
@@ -411,6 +425,16 @@ pub fn run(settings: Settings) -> Result<Results> {
     report::fill_ratios(&mut results.nodeport_trials);
     report::fill_throughput_ratios(&mut results.throughput);
 
+    packet_costs(&settings, &mut results);
+    results.duration_s = started.elapsed().as_secs_f64();
+    results.loadavg_end = loadavg();
+    Ok(results)
+}
+
+/// The per-packet rows (BPF_PROG_TEST_RUN) at the smallest and largest N,
+/// into `results`; a failure is recorded like a failed trial.
+fn packet_costs(settings: &Settings, results: &mut Results) {
+    let largest = settings.service_counts.iter().copied().max().unwrap_or(1);
     let mut sizes = vec![settings.service_counts.iter().copied().min().unwrap_or(1)];
     if largest != sizes[0] {
         sizes.push(largest);
@@ -438,7 +462,4 @@ pub fn run(settings: Settings) -> Result<Results> {
             }
         }
     }
-    results.duration_s = started.elapsed().as_secs_f64();
-    results.loadavg_end = loadavg();
-    Ok(results)
 }

@@ -142,6 +142,7 @@ pub fn turn(
             detach_leftovers(cluster);
             undone(result, remove_manifest(cluster))
         }
+        Peer::OursStack => anyhow::bail!("{peer} is a ClusterIP peer"),
         Peer::Iptables | Peer::Nftables => {
             let node = cluster.node_ns(ENTRY);
             let result = rules_turn(cluster, peer, services, round, plan);

@@ -26,6 +26,9 @@ use crate::{Agent, Lab, addr, backend_name};
 pub enum Peer {
     Direct,
     Ours,
+    /// ClusterIP only: the agent with `--fast-path off`, so every packet
+    /// takes the node's stack after the program (as `direct`'s do).
+    OursStack,
     /// NodePort only: the agents with `--xdp-mode off`, so the TC node
     /// program does alone what `ours` does with XDP in front of it.
     OursTc,
@@ -35,7 +38,13 @@ pub enum Peer {
 
 impl Peer {
     /// The ClusterIP peers (no node interface, so no XDP either way).
-    pub const ALL: [Peer; 4] = [Peer::Direct, Peer::Ours, Peer::Iptables, Peer::Nftables];
+    pub const ALL: [Peer; 5] = [
+        Peer::Direct,
+        Peer::Ours,
+        Peer::OursStack,
+        Peer::Iptables,
+        Peer::Nftables,
+    ];
     /// The NodePort peers.
     pub const NODEPORT: [Peer; 5] = [
         Peer::Direct,
@@ -49,6 +58,7 @@ impl Peer {
         match self {
             Peer::Direct => "direct",
             Peer::Ours => "ours",
+            Peer::OursStack => "ours-stack",
             Peer::OursTc => "ours-tc",
             Peer::Iptables => "iptables",
             Peer::Nftables => "nftables",
@@ -184,6 +194,8 @@ pub struct Turn {
     pub throughput: Throughput,
     pub programming: Vec<Programming>,
     pub switches: Vec<Switch>,
+    /// Ours: the pod program's run time per packet during the trials.
+    pub live: Vec<super::live::LiveCost>,
 }
 
 /// The client sysctls the benchmark sets (see
@@ -457,9 +469,10 @@ pub fn turn(
                 throughput,
                 programming: Vec::new(),
                 switches: Vec::new(),
+                live: Vec::new(),
             })
         }
-        Peer::Ours => ours(lab, services, round, plan),
+        Peer::Ours | Peer::OursStack => ours(lab, peer, services, round, plan),
         Peer::OursTc => bail!("{peer} is a NodePort peer"),
         Peer::Iptables | Peer::Nftables => {
             let result = rules_turn(lab, peer, services, round, plan);
@@ -528,16 +541,28 @@ pub(super) fn peak_rss_kb(pid: u32) -> Option<u64> {
         .ok()
 }
 
-fn ours(lab: &Lab, services: &[BenchService], round: usize, plan: &TurnPlan<'_>) -> Result<Turn> {
+fn ours(
+    lab: &Lab,
+    peer: Peer,
+    services: &[BenchService],
+    round: usize,
+    plan: &TurnPlan<'_>,
+) -> Result<Turn> {
     let n = services.len();
     let timeout = Duration::from_secs(300);
     lab.write_manifest(MANIFEST, &rules::manifest(services))?;
     let t0 = Instant::now();
-    let agent = lab.start_agent(&lab.manifest_dir())?;
+    let fast_path = if peer == Peer::OursStack { "off" } else { "on" };
+    let agent = lab.start_agent_args(&[
+        "--manifests".into(),
+        lab.manifest_dir().into(),
+        "--fast-path".into(),
+        fast_path.into(),
+    ])?;
     let took = wait_programmed(&agent, 1, timeout)?;
     let wall = t0.elapsed();
     let mut programming = vec![Programming {
-        peer: Peer::Ours,
+        peer,
         services: n,
         round,
         what: "load".into(),
@@ -545,16 +570,29 @@ fn ours(lab: &Lab, services: &[BenchService], round: usize, plan: &TurnPlan<'_>)
         agent_took_us: took,
         agent_peak_rss_kb: peak_rss_kb(agent.pid()),
     }];
-    let (trials, throughput) = run_all(lab, Peer::Ours, services, round, plan)?;
+    let link = lab
+        .bpffs_dir()
+        .join("links")
+        .join(format!("tc-ingress-{}", lab.client_pod().node_if));
+    let sampler = super::live::Sampler::start(&link, "kep_tc_ingress");
+    let (trials, throughput) = run_all(lab, peer, services, round, plan)?;
+    let live = match sampler.and_then(|s| s.finish(peer, n, round)) {
+        Ok(cost) => vec![cost],
+        Err(e) => {
+            eprintln!("bench: bpf_stats of {peer} at N={n}: {e:#}");
+            Vec::new()
+        }
+    };
     let mut switches = Vec::new();
-    if plan.changes {
+    // Endpoint changes are the control plane's: measured with `ours` only.
+    if plan.changes && peer == Peer::Ours {
         let text = rules::manifest(&one_endpoint_less(services));
         let before = agent.log_count(PROGRAMMED);
         let t0 = Instant::now();
         lab.write_manifest(MANIFEST, &text)?;
         let took = wait_programmed(&agent, before + 1, timeout)?;
         programming.push(Programming {
-            peer: Peer::Ours,
+            peer,
             services: n,
             round,
             what: "endpoint change".into(),
@@ -565,13 +603,13 @@ fn ours(lab: &Lab, services: &[BenchService], round: usize, plan: &TurnPlan<'_>)
         for rep in 0..plan.switch.repetitions {
             let (changed, to) = switch_target(services, plan, rep);
             let text = rules::manifest(&changed);
-            let prober = Prober::start(lab, target(Peer::Ours, services), &to, plan.switch)?;
+            let prober = Prober::start(lab, target(peer, services), &to, plan.switch)?;
             let before = agent.log_count(PROGRAMMED);
             let t0 = Instant::now();
             lab.write_manifest(MANIFEST, &text)?;
             let waited = wait_programmed(&agent, before + 1, timeout);
             let programmed = t0.elapsed();
-            let switch = prober.finish(Peer::Ours, n, rep, to, t0, programmed);
+            let switch = prober.finish(peer, n, rep, to, t0, programmed);
             waited?;
             switches.push(switch);
         }
@@ -584,6 +622,7 @@ fn ours(lab: &Lab, services: &[BenchService], round: usize, plan: &TurnPlan<'_>)
         throughput,
         programming,
         switches,
+        live,
     })
 }
 
@@ -693,6 +732,7 @@ fn rules_turn(
         throughput,
         programming,
         switches,
+        live: Vec::new(),
     })
 }
 

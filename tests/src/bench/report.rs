@@ -458,6 +458,25 @@ pub fn markdown(r: &Results) -> String {
          node programs (XDP, TC node) run in a namespace with a node's routes, since they look \
          up the FIB; test_run cannot show what XDP saves beyond its own run (no skb, no stack).\n",
     );
+    if !r.live_costs.is_empty() {
+        out.push_str(
+            "\n## Live per-packet cost during the trials (bpf_stats)\n\n\
+             | N | peer | round | program | packets | ns per packet |\n|---:|---|---:|---|---:|---:|\n",
+        );
+        for c in &r.live_costs {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {:.0} |",
+                c.services, c.peer, c.round, c.program, c.packets, c.ns_per_packet
+            );
+        }
+        out.push_str(
+            "\nThe kernel's `run_time_ns / run_cnt` of the pod program over one peer's trials \
+             (every pod interface runs the same program): real skbs, both directions, new and \
+             established flows together, statistics on only while sampled (`BPF_ENABLE_STATS`). \
+             `ours-stack` is the agent with `--fast-path off`.\n",
+        );
+    }
     if !r.failures.is_empty() {
         out.push_str("\n## Failures\n\n");
         for f in &r.failures {

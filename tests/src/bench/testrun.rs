@@ -341,7 +341,7 @@ pub fn measure(n: usize, backends: usize, repeat: u32, batches: usize) -> Result
             tcp_packet(client, addr::backend_ip(0), 40_003, rules::TARGET_PORT, SYN),
         ),
         (
-            "service without endpoints (REJECT)",
+            REJECT,
             tcp_packet(client, EMPTY_VIP, 40_002, rules::SERVICE_PORT, SYN),
         ),
     ];
@@ -368,7 +368,16 @@ pub fn measure(n: usize, backends: usize, repeat: u32, batches: usize) -> Result
         let mut single = Vec::with_capacity(calls);
         let mut verdict = 0;
         let mut output = String::new();
-        for _ in 0..calls {
+        for i in 0..calls {
+            // REJECT answers are rate-limited per client (as the kernel's
+            // ICMP errors): every call comes from a client of its own, so
+            // every call is answered.
+            let packet = if case == REJECT {
+                let client = Ipv4Addr::new(10, 245, (i / 250) as u8, (i % 250) as u8 + 1);
+                tcp_packet(client, EMPTY_VIP, 40_002, rules::SERVICE_PORT, SYN)
+            } else {
+                packet.clone()
+            };
             let (v, d, o) = fx.run_on(hook, &packet, 1)?;
             verdict = v;
             output = o;
@@ -491,6 +500,7 @@ const DIRECT: &str = "straight to an endpoint (tracked, untranslated)";
 const EGRESS_FORWARDED: &str = "egress: forwarded packet (returns at once)";
 const EGRESS_OWN: &str = "egress: the node's own packet, no flow";
 const ESTABLISHED: &str = "established flow (conntrack hit)";
+const REJECT: &str = "service without endpoints (REJECT, a client's first)";
 const NEW_FLOW: &str = "new flow (service hit, conntrack miss)";
 const NET: &str = "1 run per call − harness overhead";
 

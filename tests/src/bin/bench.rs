@@ -1,5 +1,6 @@
 //! `lab-bench [--quick] [--services N,N,...] [--nft-max-services N]
-//! [--nodeport-agent-args "ARG ..."] [--control-plane-only] [--out DIR]`: runs the benchmark (see
+//! [--nodeport-agent-args "ARG ..."] [--control-plane-only] [--packet-costs-only]
+//! [--out DIR]`: runs the benchmark (see
 //! `lab::bench`) and writes `latest.md`, `latest.json` and `latest.svg` to
 //! DIR (default `<workspace>/bench/results`); `quick.*` with `--quick`,
 //! `partial.*` with `--services`, `--nft-max-services` or
@@ -31,6 +32,7 @@ fn run() -> Result<()> {
     let mut nft_max = None;
     let mut nodeport_args = None;
     let mut control_only = false;
+    let mut packet_costs_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -38,6 +40,9 @@ fn run() -> Result<()> {
             // Only the control plane at scale (both sources), e.g. with
             // `--services 30000` for one N.
             "--control-plane-only" => control_only = true,
+            // Only the per-packet rows (BPF_PROG_TEST_RUN) at the smallest
+            // and largest N: no lab, no peers.
+            "--packet-costs-only" => packet_costs_only = true,
             // Restricts N, e.g. `--services 1` for a smoke run of the full
             // settings; applied after `--quick` whatever the order.
             "--services" => match args.next() {
@@ -63,12 +68,16 @@ fn run() -> Result<()> {
             other => bail!(
                 "unknown argument {other:?} (usage: lab-bench [--quick] [--services N,N,...] \
                  [--nft-max-services N] [--nodeport-agent-args \"ARG ...\"] \
-                 [--control-plane-only] [--out DIR])"
+                 [--control-plane-only] [--packet-costs-only] [--out DIR])"
             ),
         }
     }
     // A quick or partial run never overwrites the published full results.
-    let stem = if services.is_some() || nft_max.is_some() || nodeport_args.is_some() || control_only
+    let stem = if services.is_some()
+        || nft_max.is_some()
+        || nodeport_args.is_some()
+        || control_only
+        || packet_costs_only
     {
         "partial"
     } else if settings.mode == "quick" {
@@ -81,6 +90,7 @@ fn run() -> Result<()> {
         settings.service_counts = list;
     }
     settings.control_only = control_only;
+    settings.packet_costs_only = packet_costs_only;
     if let Some(max) = nft_max {
         settings.nft_max_services = max;
     }
