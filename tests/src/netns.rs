@@ -251,6 +251,22 @@ impl<R> NsThread<R> {
     }
 }
 
+/// Adds `ip/len` to `dev` in `ns` with `nodad`: the address is usable at
+/// once instead of after duplicate address detection (about a second), and
+/// a lab link holds no other claimant.
+pub fn add_addr6(ns: &Netns, dev: &str, ip: std::net::Ipv6Addr, len: u8) -> Result<()> {
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{ip}/{len}"),
+        "dev",
+        dev,
+        "nodad",
+    ])
+    .map(|_| ())
+}
+
 /// Names of all namespaces in `/run/netns` starting with `prefix`.
 pub fn list_netns(prefix: &str) -> Result<Vec<String>> {
     let dir = match std::fs::read_dir(NETNS_RUN_DIR) {
