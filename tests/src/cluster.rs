@@ -112,7 +112,7 @@ pub mod addr {
 
     /// The fourth group of pod j of node k's /64: (k+1)0j (hex).
     const fn pod_group6(k: usize, j: usize) -> u16 {
-        (k as u16 + 1) << 8 | j as u16
+        ((k as u16 + 1) << 8) | j as u16
     }
 
     /// Node k's IPv6 pod range: fd00:10:244:(k+1)00::/56.

@@ -107,7 +107,7 @@ pub mod addr {
     /// so that an IPv6 address reads like its IPv4 twin.
     pub const fn dec_group(n: u16) -> u16 {
         assert!(n < 10_000, "four decimal digits at most");
-        (n / 1000) << 12 | (n / 100 % 10) << 8 | (n / 10 % 10) << 4 | n % 10
+        ((n / 1000) << 12) | ((n / 100 % 10) << 8) | ((n / 10 % 10) << 4) | (n % 10)
     }
 
     /// Prefix length of every pod link's IPv6 subnet.
@@ -604,6 +604,26 @@ pub(crate) fn make_pod(
         node_if: node_if.to_string(),
         netns,
     })
+}
+
+/// Lines of the root namespace's `ip -6 addr` and `ip -6 route` (all
+/// tables) naming an address of the labs' IPv6 plans (pods
+/// fd00:10:244::/48, services fd00:10:96::/108, the cluster fabric
+/// fd00:192:168:50::/64): the self-tests' check that nothing of a lab is
+/// reachable from the host.
+pub fn root_ipv6_leaks() -> Result<Vec<String>> {
+    let addrs = netns::run_cmd("ip", &["-6", "-o", "addr", "show"])?;
+    let routes = netns::run_cmd("ip", &["-6", "route", "show", "table", "all"])?;
+    Ok(addrs
+        .lines()
+        .chain(routes.lines())
+        .filter(|l| {
+            ["fd00:10:244:", "fd00:10:96:", "fd00:192:168:50:"]
+                .iter()
+                .any(|p| l.contains(p))
+        })
+        .map(str::to_string)
+        .collect())
 }
 
 /// Deletes namespaces (`kep-<pid>-*`) and bpffs dirs

@@ -207,3 +207,106 @@ fn cleanup_stale_removes_only_dead_owners() {
     assert!(netns::list_netns(stale).unwrap().is_empty());
     assert_eq!(netns::list_netns(&live.netns_prefix()).unwrap().len(), 3);
 }
+
+#[test]
+fn lab_routes_ipv6_between_client_node_and_backends_and_nothing_leaks() {
+    use lab::addr;
+    use lab::cluster::tcp_whoami;
+    use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+
+    let lab = Lab::new().expect("lab setup (needs root and iproute2)");
+    assert_eq!(lab::root_ipv6_leaks().unwrap(), Vec::<String>::new());
+    let forwarding = lab
+        .node()
+        .exec("cat", &["/proc/sys/net/ipv6/conf/all/forwarding"])
+        .unwrap();
+    assert_eq!(forwarding.trim(), "1");
+    // The lab's addresses are usable at once (nodad): none is tentative
+    // (link-local ones still go through DAD; the lab does not use them).
+    for ns in [lab.node(), lab.client(), lab.backend(0)] {
+        let addrs = ns
+            .ip(&["-6", "-o", "addr", "show", "scope", "global"])
+            .unwrap();
+        assert!(addrs.contains("fd00:10:244:"), "{}:\n{addrs}", ns.name());
+        assert!(!addrs.contains("tentative"), "{}:\n{addrs}", ns.name());
+    }
+    assert_eq!(lab.client_pod().ip6, addr::CLIENT_IP6);
+    assert_eq!(lab.backends()[2].ip6, addr::backend_ip6(2));
+
+    for i in 0..3 {
+        let name = lab::backend_name(i);
+        let (tcp, udp) = (lab.backend_tcp6(i), lab.backend_udp6(i));
+        let (t, u, session) = lab.client().run(move || {
+            let t = loadgen::tcp_requests(tcp, 5, TIMEOUT, Duration::from_secs(10));
+            let u = loadgen::udp_requests(udp, 5, TIMEOUT, Duration::from_secs(10));
+            let mut s = loadgen::TcpSession::connect(tcp, TIMEOUT).expect("connect over IPv6");
+            let replies: Vec<String> = (0..3).map(|_| s.request().expect("request")).collect();
+            (t, u, replies)
+        });
+        assert_eq!(t.error_count(), 0, "{t}");
+        assert_eq!(t.count(&name), 5, "{t}");
+        assert_eq!(t.peers.iter().collect::<Vec<_>>(), vec![&tcp.into()], "{t}");
+        assert_eq!(u.error_count(), 0, "{u}");
+        assert_eq!(u.count(&name), 5, "{u}");
+        assert_eq!(u.peers.iter().collect::<Vec<_>>(), vec![&udp.into()], "{u}");
+        assert_eq!(session, vec![name.clone(); 3]);
+        let stats = lab.backend_stats(i);
+        assert_eq!(stats.tcp_connections, 6, "{stats:?}");
+        assert_eq!(stats.udp_datagrams, 5, "{stats:?}");
+        assert_eq!(
+            stats.peers.into_iter().collect::<Vec<_>>(),
+            vec![IpAddr::from(addr::CLIENT_IP6)]
+        );
+    }
+
+    // The servers answer both families, each seeing the client's address
+    // of that family.
+    let w6 = tcp_whoami(lab.client(), lab.backend_tcp6(1), TIMEOUT).expect("whoami over IPv6");
+    assert_eq!(w6.seen_from.ip(), IpAddr::from(addr::CLIENT_IP6), "{w6:?}");
+    assert!(w6.client_ip_preserved(), "{w6:?}");
+    let w4 = tcp_whoami(lab.client(), lab.backend_tcp(1), TIMEOUT).expect("whoami over IPv4");
+    assert_eq!(w4.seen_from.ip(), IpAddr::from(addr::CLIENT_IP), "{w4:?}");
+    // The node reaches a pod from its own address on the pod's link.
+    let w = tcp_whoami(lab.node(), lab.backend_tcp6(2), TIMEOUT).expect("node to pod");
+    assert_eq!(
+        w.seen_from.ip(),
+        IpAddr::from(addr::backend_gw6(2)),
+        "{w:?}"
+    );
+
+    // The client reaches the node itself.
+    let gw = SocketAddrV6::new(addr::CLIENT_GW6, 9000, 0, 0);
+    let listener = lab
+        .node()
+        .run(move || std::net::TcpListener::bind(gw))
+        .expect("listen on the node");
+    lab.client()
+        .run(move || std::net::TcpStream::connect_timeout(&gw.into(), TIMEOUT))
+        .expect("client to node over IPv6");
+    let (_, from) = listener.accept().unwrap();
+    assert_eq!(from.ip(), IpAddr::from(addr::CLIENT_IP6));
+
+    // Without an agent the IPv6 ClusterIP goes nowhere: the node has no
+    // route for it (and no default route at all).
+    let vip = SocketAddr::new(addr::DEMO_VIP6.into(), 80);
+    assert!(
+        lab.node()
+            .ip(&["-6", "route", "get", &addr::DEMO_VIP6.to_string()])
+            .is_err()
+    );
+    let probe = lab
+        .client()
+        .run(move || loadgen::tcp_probe(vip, Duration::from_secs(1)));
+    assert!(
+        matches!(
+            probe.error_kind(),
+            Some(ErrorKind::Unreachable | ErrorKind::Timeout)
+        ),
+        "{probe:?}"
+    );
+
+    let prefix = lab.netns_prefix();
+    drop(lab);
+    assert_eq!(netns::list_netns(&prefix).unwrap(), Vec::<String>::new());
+    assert_eq!(lab::root_ipv6_leaks().unwrap(), Vec::<String>::new());
+}

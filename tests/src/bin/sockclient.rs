@@ -36,7 +36,7 @@ struct Ask {
 
 fn tcp(target: SocketAddr, ask: Ask) -> std::io::Result<(String, SocketAddr)> {
     let mut s = if ask.src_port == 0 {
-        TcpStream::connect_timeout(&target.into(), TIMEOUT)?
+        TcpStream::connect_timeout(&target, TIMEOUT)?
     } else {
         bound_tcp(target, ask.src_port)?
     };
