@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
+use lab::addr::IpFamily;
 use lab::cluster::{
     Cluster, ClusterConfig, addr, backend_name, client_name, node_name, tcp_whoami, udp_whoami,
 };
@@ -136,53 +137,68 @@ fn external_client_reaches_both_nodes_and_routed_prefixes() {
 
     // An address outside the fabric (as an LB IP would be) is reachable
     // only once the external client routes it via a node.
-    let lb = Ipv4Addr::new(203, 0, 113, 10);
-    c.node_ns(0)
-        .ip(&["addr", "add", &format!("{lb}/32"), "dev", "lo"])
-        .unwrap();
-    let probe = c
-        .ext()
-        .run(move || loadgen::tcp_probe(v4(lb, 9000), Duration::from_secs(1)));
-    assert_eq!(
-        probe.error_kind(),
-        Some(ErrorKind::Unreachable),
-        "{probe:?}"
-    );
-    c.route_external("203.0.113.0/24", 0).unwrap();
-    let t = tcp_whoami(c.ext(), v4(lb, 9000), TIMEOUT).expect("TCP to a routed prefix");
+    reachable_only_once_routed(&c, "203.0.113.10/32", "203.0.113.0/24");
+}
+
+/// `lb` (an address outside the fabric, as an LB IP would be, put on node
+/// 0's `lo`) is reachable from the external client only while it routes
+/// `prefix` via node 0 (of either family), and then with the client's own
+/// address.
+fn reachable_only_once_routed(c: &Cluster, lb: &str, prefix: &str) {
+    c.node_ns(0).ip(&["addr", "add", lb, "dev", "lo"]).unwrap();
+    let ip: IpAddr = lb.split('/').next().unwrap().parse().unwrap();
+    let target = SocketAddr::new(ip, 9000);
+    let unreachable = || {
+        let probe = c
+            .ext()
+            .run(move || loadgen::tcp_probe(target, Duration::from_secs(1)));
+        assert_eq!(
+            probe.error_kind(),
+            Some(ErrorKind::Unreachable),
+            "{probe:?}"
+        );
+    };
+    unreachable();
+    c.route_external(prefix, 0).unwrap();
+    let t = tcp_whoami(c.ext(), target, TIMEOUT).expect("TCP to a routed prefix");
     assert_eq!(t.backend, "node-0-srv");
-    assert_eq!(t.seen_from.ip(), IpAddr::from(addr::EXT_IP));
-    c.unroute_external("203.0.113.0/24").unwrap();
-    let probe = c
-        .ext()
-        .run(move || loadgen::tcp_probe(v4(lb, 9000), Duration::from_secs(1)));
-    assert_eq!(
-        probe.error_kind(),
-        Some(ErrorKind::Unreachable),
-        "{probe:?}"
-    );
+    assert!(t.client_ip_preserved(), "{t:?}");
+    c.unroute_external(prefix).unwrap();
+    unreachable();
+}
+
+/// Each node's client pod reaches both backends of the other node over
+/// `family`, TCP and UDP, and the backends see the pod's own address.
+fn client_pods_reach_the_other_nodes_backends(c: &Cluster, family: IpFamily) {
+    for (from, to) in [(0, 1), (1, 0)] {
+        let client = c.client(from);
+        for j in 0..2 {
+            let name = backend_name(to, j);
+            let ip = c.backend(to, j).ip_of(family);
+            let (tcp, udp) = (
+                SocketAddr::new(ip, c.config().tcp_port),
+                SocketAddr::new(ip, c.config().udp_port),
+            );
+            let t = tcp_whoami(&client.netns, tcp, TIMEOUT)
+                .unwrap_or_else(|e| panic!("TCP {} -> {name}: {e}", client.name));
+            assert_eq!(t.backend, name);
+            assert_eq!(t.seen_from.ip(), client.ip_of(family), "{t:?}");
+            assert!(t.client_ip_preserved(), "{t:?}");
+            assert_eq!(t.reply_from, tcp);
+            let u = udp_whoami(&client.netns, udp, TIMEOUT)
+                .unwrap_or_else(|e| panic!("UDP {} -> {name}: {e}", client.name));
+            assert_eq!(u.backend, name);
+            assert_eq!(u.seen_from, u.local, "{u:?}");
+            assert_eq!(u.local.ip(), client.ip_of(family));
+            assert_eq!(u.reply_from, udp);
+        }
+    }
 }
 
 #[test]
 fn pods_reach_pods_on_the_other_node_with_their_own_address() {
     let c = Cluster::new().expect("cluster setup");
-    for (from, to) in [(0, 1), (1, 0)] {
-        let client = c.client(from);
-        for j in 0..2 {
-            let name = backend_name(to, j);
-            let t = tcp_whoami(&client.netns, c.backend_tcp(to, j), TIMEOUT)
-                .unwrap_or_else(|e| panic!("TCP {} -> {name}: {e}", client.name));
-            assert_eq!(t.backend, name);
-            assert_eq!(t.seen_from.ip(), IpAddr::from(client.ip), "{t:?}");
-            assert!(t.client_ip_preserved(), "{t:?}");
-            let u = udp_whoami(&client.netns, c.backend_udp(to, j), TIMEOUT)
-                .unwrap_or_else(|e| panic!("UDP {} -> {name}: {e}", client.name));
-            assert_eq!(u.backend, name);
-            assert_eq!(u.seen_from, u.local, "{u:?}");
-            assert_eq!(u.local.ip(), IpAddr::from(client.ip));
-            assert_eq!(u.reply_from, SocketAddr::from(c.backend_udp(to, j)));
-        }
-    }
+    client_pods_reach_the_other_nodes_backends(&c, IpFamily::V4);
     // Backend to backend across nodes, and plain requests (not `whoami`)
     // still get the bare name.
     let (tcp, udp) = (c.backend_tcp(1, 1), c.backend_udp(1, 1));
@@ -436,24 +452,7 @@ fn every_link_is_dual_stack_and_nothing_reaches_the_root_namespace() {
 #[test]
 fn pods_reach_pods_on_the_other_node_over_ipv6_with_their_own_address() {
     let c = Cluster::new().expect("cluster setup");
-    for (from, to) in [(0, 1), (1, 0)] {
-        let client = c.client(from);
-        for j in 0..2 {
-            let name = backend_name(to, j);
-            let t = tcp_whoami(&client.netns, c.backend_tcp6(to, j), TIMEOUT)
-                .unwrap_or_else(|e| panic!("TCP {} -> {name}: {e}", client.name));
-            assert_eq!(t.backend, name);
-            assert_eq!(t.seen_from.ip(), IpAddr::from(client.ip6), "{t:?}");
-            assert!(t.client_ip_preserved(), "{t:?}");
-            assert_eq!(t.reply_from, SocketAddr::from(c.backend_tcp6(to, j)));
-            let u = udp_whoami(&client.netns, c.backend_udp6(to, j), TIMEOUT)
-                .unwrap_or_else(|e| panic!("UDP {} -> {name}: {e}", client.name));
-            assert_eq!(u.backend, name);
-            assert_eq!(u.seen_from, u.local, "{u:?}");
-            assert_eq!(u.local.ip(), IpAddr::from(client.ip6));
-            assert_eq!(u.reply_from, SocketAddr::from(c.backend_udp6(to, j)));
-        }
-    }
+    client_pods_reach_the_other_nodes_backends(&c, IpFamily::V6);
     // Plain requests from a backend of the other node, both families to
     // the same servers.
     let (tcp6, udp6, tcp4) = (
@@ -554,23 +553,7 @@ fn nodes_and_external_client_over_ipv6_and_no_route_from_outside_to_pods() {
     )
     .expect("TCP to node 1's secondary IPv6 address");
     assert_eq!(t.backend, "node-1-srv");
-    let lb: std::net::Ipv6Addr = "fd00:203:0:113::10".parse().unwrap();
-    c.node_ns(0)
-        .ip(&["-6", "addr", "add", &format!("{lb}/128"), "dev", "lo"])
-        .unwrap();
-    let probe = c
-        .ext()
-        .run(move || loadgen::tcp_probe(v6(lb, 9000), Duration::from_secs(1)));
-    assert_eq!(
-        probe.error_kind(),
-        Some(ErrorKind::Unreachable),
-        "{probe:?}"
-    );
-    c.route_external("fd00:203:0:113::/64", 0).unwrap();
-    let t = tcp_whoami(c.ext(), v6(lb, 9000), TIMEOUT).expect("TCP to a routed IPv6 prefix");
-    assert_eq!(t.backend, "node-0-srv");
-    assert_eq!(t.seen_from.ip(), IpAddr::from(addr::EXT_IP6));
-    c.unroute_external("fd00:203:0:113::/64").unwrap();
+    reachable_only_once_routed(&c, "fd00:203:0:113::10/128", "fd00:203:0:113::/64");
 
     let prefix = c.netns_prefix();
     drop(c);

@@ -2,12 +2,62 @@
 //! directly through the node, and dropping the lab removes everything.
 //! Needs root; fails (never skips) when it cannot run.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use lab::addr::IpFamily;
 use lab::loadgen::{self, ErrorKind};
 use lab::{Lab, LabConfig, netns};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The client reaches every backend directly over `family`: TCP and UDP
+/// requests on new sockets and one long-lived connection, all answered by
+/// that backend, which saw only the client's address of that family.
+fn client_reaches_each_backend(lab: &Lab, family: IpFamily) {
+    let client_ip = lab.client_pod().ip_of(family);
+    for (i, pod) in lab.backends().iter().enumerate() {
+        let name = lab::backend_name(i);
+        let tcp = SocketAddr::new(pod.ip_of(family), lab.config().tcp_port);
+        let udp = SocketAddr::new(pod.ip_of(family), lab.config().udp_port);
+        let (t, u, session) = lab.client().run(move || {
+            let t = loadgen::tcp_requests(tcp, 5, TIMEOUT, Duration::from_secs(10));
+            let u = loadgen::udp_requests(udp, 5, TIMEOUT, Duration::from_secs(10));
+            // One long-lived connection answering several requests.
+            let mut s = loadgen::TcpSession::connect(tcp, TIMEOUT).expect("connect");
+            let replies: Vec<String> = (0..3).map(|_| s.request().expect("request")).collect();
+            (t, u, replies)
+        });
+        assert_eq!(t.error_count(), 0, "{t}");
+        assert_eq!(t.count(&name), 5, "{t}");
+        assert_eq!(t.peers.iter().collect::<Vec<_>>(), vec![&tcp], "{t}");
+        assert_eq!(u.error_count(), 0, "{u}");
+        assert_eq!(u.count(&name), 5, "{u}");
+        assert_eq!(u.peers.iter().collect::<Vec<_>>(), vec![&udp], "{u}");
+        assert_eq!(session, vec![name.clone(); 3]);
+        let stats = lab.backend_stats(i);
+        assert_eq!(stats.tcp_connections, 6, "{stats:?}");
+        assert_eq!(stats.udp_datagrams, 5, "{stats:?}");
+        assert_eq!(stats.peers.into_iter().collect::<Vec<_>>(), vec![client_ip]);
+    }
+}
+
+/// Without an agent a ClusterIP goes nowhere: the node has no route for
+/// `vip` (and no default route at all), so the client's connection fails.
+fn goes_nowhere(lab: &Lab, vip: std::net::IpAddr) {
+    assert!(lab.node().ip(&["route", "get", &vip.to_string()]).is_err());
+    let target = SocketAddr::new(vip, 80);
+    let probe = lab
+        .client()
+        .run(move || loadgen::tcp_probe(target, Duration::from_secs(1)));
+    assert!(
+        matches!(
+            probe.error_kind(),
+            Some(ErrorKind::Unreachable | ErrorKind::Timeout)
+        ),
+        "{probe:?}"
+    );
+}
 
 #[test]
 fn lab_routes_client_to_each_backend_and_cleans_up() {
@@ -31,46 +81,11 @@ fn lab_routes_client_to_each_backend_and_cleans_up() {
         "lab interfaces leaked into the root namespace:\n{root_links}"
     );
 
-    for i in 0..3 {
-        let name = lab::backend_name(i);
-        let (tcp, udp) = (lab.backend_tcp(i), lab.backend_udp(i));
-        let (t, u, session) = lab.client().run(move || {
-            let t = loadgen::tcp_requests(tcp, 5, TIMEOUT, Duration::from_secs(10));
-            let u = loadgen::udp_requests(udp, 5, TIMEOUT, Duration::from_secs(10));
-            // One long-lived connection answering several requests.
-            let mut s = loadgen::TcpSession::connect(tcp, TIMEOUT).expect("connect");
-            let replies: Vec<String> = (0..3).map(|_| s.request().expect("request")).collect();
-            (t, u, replies)
-        });
-        assert_eq!(t.error_count(), 0, "{t}");
-        assert_eq!(t.count(&name), 5, "{t}");
-        assert_eq!(t.peers.iter().collect::<Vec<_>>(), vec![&tcp.into()], "{t}");
-        assert_eq!(u.error_count(), 0, "{u}");
-        assert_eq!(u.count(&name), 5, "{u}");
-        assert_eq!(u.peers.iter().collect::<Vec<_>>(), vec![&udp.into()], "{u}");
-        assert_eq!(session, vec![name.clone(); 3]);
-        let stats = lab.backend_stats(i);
-        assert_eq!(stats.tcp_connections, 6, "{stats:?}");
-        assert_eq!(stats.udp_datagrams, 5, "{stats:?}");
-        assert_eq!(
-            stats.peers.into_iter().collect::<Vec<_>>(),
-            vec![std::net::IpAddr::from(lab::addr::CLIENT_IP)]
-        );
-    }
+    client_reaches_each_backend(&lab, IpFamily::V4);
 
     // Without an agent the ClusterIP goes nowhere: the node has no route for
     // it (and no default route at all).
-    let vip = std::net::SocketAddrV4::new(lab::addr::DEMO_VIP, 80);
-    let probe = lab
-        .client()
-        .run(move || loadgen::tcp_probe(vip, Duration::from_secs(1)));
-    assert!(
-        matches!(
-            probe.error_kind(),
-            Some(ErrorKind::Unreachable | ErrorKind::Timeout)
-        ),
-        "{probe:?}"
-    );
+    goes_nowhere(&lab, lab::addr::DEMO_VIP.into());
 
     let dir = lab.dir().to_path_buf();
     lab.write_manifest("x.yaml", "a: 1\n").unwrap();
@@ -212,7 +227,7 @@ fn cleanup_stale_removes_only_dead_owners() {
 fn lab_routes_ipv6_between_client_node_and_backends_and_nothing_leaks() {
     use lab::addr;
     use lab::cluster::tcp_whoami;
-    use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+    use std::net::{IpAddr, SocketAddrV6};
 
     let lab = Lab::new().expect("lab setup (needs root and iproute2)");
     assert_eq!(lab::root_ipv6_leaks().unwrap(), Vec::<String>::new());
@@ -233,31 +248,7 @@ fn lab_routes_ipv6_between_client_node_and_backends_and_nothing_leaks() {
     assert_eq!(lab.client_pod().ip6, addr::CLIENT_IP6);
     assert_eq!(lab.backends()[2].ip6, addr::backend_ip6(2));
 
-    for i in 0..3 {
-        let name = lab::backend_name(i);
-        let (tcp, udp) = (lab.backend_tcp6(i), lab.backend_udp6(i));
-        let (t, u, session) = lab.client().run(move || {
-            let t = loadgen::tcp_requests(tcp, 5, TIMEOUT, Duration::from_secs(10));
-            let u = loadgen::udp_requests(udp, 5, TIMEOUT, Duration::from_secs(10));
-            let mut s = loadgen::TcpSession::connect(tcp, TIMEOUT).expect("connect over IPv6");
-            let replies: Vec<String> = (0..3).map(|_| s.request().expect("request")).collect();
-            (t, u, replies)
-        });
-        assert_eq!(t.error_count(), 0, "{t}");
-        assert_eq!(t.count(&name), 5, "{t}");
-        assert_eq!(t.peers.iter().collect::<Vec<_>>(), vec![&tcp.into()], "{t}");
-        assert_eq!(u.error_count(), 0, "{u}");
-        assert_eq!(u.count(&name), 5, "{u}");
-        assert_eq!(u.peers.iter().collect::<Vec<_>>(), vec![&udp.into()], "{u}");
-        assert_eq!(session, vec![name.clone(); 3]);
-        let stats = lab.backend_stats(i);
-        assert_eq!(stats.tcp_connections, 6, "{stats:?}");
-        assert_eq!(stats.udp_datagrams, 5, "{stats:?}");
-        assert_eq!(
-            stats.peers.into_iter().collect::<Vec<_>>(),
-            vec![IpAddr::from(addr::CLIENT_IP6)]
-        );
-    }
+    client_reaches_each_backend(&lab, IpFamily::V6);
 
     // The servers answer both families, each seeing the client's address
     // of that family.
@@ -288,22 +279,7 @@ fn lab_routes_ipv6_between_client_node_and_backends_and_nothing_leaks() {
 
     // Without an agent the IPv6 ClusterIP goes nowhere: the node has no
     // route for it (and no default route at all).
-    let vip = SocketAddr::new(addr::DEMO_VIP6.into(), 80);
-    assert!(
-        lab.node()
-            .ip(&["-6", "route", "get", &addr::DEMO_VIP6.to_string()])
-            .is_err()
-    );
-    let probe = lab
-        .client()
-        .run(move || loadgen::tcp_probe(vip, Duration::from_secs(1)));
-    assert!(
-        matches!(
-            probe.error_kind(),
-            Some(ErrorKind::Unreachable | ErrorKind::Timeout)
-        ),
-        "{probe:?}"
-    );
+    goes_nowhere(&lab, addr::DEMO_VIP6.into());
 
     let prefix = lab.netns_prefix();
     drop(lab);
