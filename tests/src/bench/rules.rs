@@ -994,7 +994,8 @@ mod tests {
             let listed = ns.exec("nft", &["list", "ruleset", family]).unwrap();
             let last = services.last().unwrap();
             assert!(listed.contains(&last.vip.to_string()), "{peer}:\n{listed}");
-            let dnat = host_port(last.endpoints[0], TARGET_PORT);
+            // As the kernel has it (IPv6 in brackets), not as we wrote it.
+            let dnat = SocketAddr::new(last.endpoints[0].into(), TARGET_PORT);
             assert!(
                 listed.contains(&format!("dnat to {dnat}")),
                 "{peer}:\n{listed}"
