@@ -236,12 +236,10 @@ fn lab_routes_ipv6_between_client_node_and_backends_and_nothing_leaks() {
         .exec("cat", &["/proc/sys/net/ipv6/conf/all/forwarding"])
         .unwrap();
     assert_eq!(forwarding.trim(), "1");
-    // The lab's addresses are usable at once (nodad): none is tentative
-    // (link-local ones still go through DAD; the lab does not use them).
+    // Every address is usable at once (no duplicate address detection),
+    // link-local ones included: none is tentative.
     for ns in [lab.node(), lab.client(), lab.backend(0)] {
-        let addrs = ns
-            .ip(&["-6", "-o", "addr", "show", "scope", "global"])
-            .unwrap();
+        let addrs = ns.ip(&["-6", "-o", "addr", "show"]).unwrap();
         assert!(addrs.contains("fd00:10:244:"), "{}:\n{addrs}", ns.name());
         assert!(!addrs.contains("tentative"), "{}:\n{addrs}", ns.name());
     }
@@ -285,4 +283,72 @@ fn lab_routes_ipv6_between_client_node_and_backends_and_nothing_leaks() {
     drop(lab);
     assert_eq!(netns::list_netns(&prefix).unwrap(), Vec::<String>::new());
     assert_eq!(lab::root_ipv6_leaks().unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn sockclient_targets_either_family() {
+    let lab = Lab::with_config(LabConfig {
+        backends: 1,
+        ..LabConfig::default()
+    })
+    .expect("lab");
+    let bin = env!("CARGO_BIN_EXE_lab-sockclient");
+    let cases = [
+        (
+            "tcp-whoami",
+            lab.backend_tcp(0).to_string(),
+            lab::addr::CLIENT_IP.to_string(),
+            None,
+        ),
+        (
+            "udp-whoami",
+            lab.backend_udp(0).to_string(),
+            lab::addr::CLIENT_IP.to_string(),
+            None,
+        ),
+        (
+            "tcp-whoami",
+            lab.backend_tcp6(0).to_string(),
+            lab::addr::CLIENT_IP6.to_string(),
+            None,
+        ),
+        (
+            "udp-whoami",
+            lab.backend_udp6(0).to_string(),
+            lab::addr::CLIENT_IP6.to_string(),
+            None,
+        ),
+        // A fixed source port (bind before connect) over IPv6.
+        (
+            "tcp-whoami",
+            lab.backend_tcp6(0).to_string(),
+            lab::addr::CLIENT_IP6.to_string(),
+            Some("41000"),
+        ),
+        (
+            "udp-whoami",
+            lab.backend_udp6(0).to_string(),
+            lab::addr::CLIENT_IP6.to_string(),
+            Some("41001"),
+        ),
+    ];
+    for (mode, target, client, port) in cases {
+        let mut args = vec![mode, target.as_str(), "2"];
+        args.extend(port);
+        let out = lab.client().exec(bin, &args).expect("lab-sockclient runs");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{mode} {target}: {out}");
+        for line in lines {
+            // `ok <backend> <source the server saw> <peer>`
+            let f: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(f.first(), Some(&"ok"), "{mode} {target}: {line}");
+            assert_eq!(f[1], "backend-0", "{line}");
+            let seen: SocketAddr = f[2].parse().expect("source address");
+            assert_eq!(seen.ip().to_string(), client, "{line}");
+            if let Some(p) = port {
+                assert_eq!(seen.port().to_string(), p, "{line}");
+            }
+            assert_eq!(f[3], target, "{line}");
+        }
+    }
 }
