@@ -19,6 +19,14 @@
 //! | pod j of node k | `kep-<id>-n<k>-p<j>` | `eth0` | 10.244.(128+16k+j).2/24, default via .1 |
 //! | external client | `kep-<id>-ext` | `eth0` | 192.168.50.100/24, no other route |
 //!
+//! Every link also carries IPv6 (added `nodad`; the nodes forward both
+//! families): the fabric is fd00:192:168:50::/64 (node k ::(10+k), the
+//! external client ::100, written as the IPv4 addresses read), node k's
+//! pods are in fd00:10:244:(k+1)00::/56, pod j on fd00:10:244:(k+1)0j::/64
+//! (j in hex) at `::2` with a default route via `::1`, and node k routes
+//! the other node's /56 via the other node's fabric address. The external
+//! client again has only its fabric subnet.
+//!
 //! Backend pods are `j = 0..backends_per_node[k]`, named `n<k>-backend-<j>`;
 //! the optional client pod of node k is `j = 15` ([`addr::CLIENT_POD`]),
 //! named `n<k>-client`. Node k routes the other node's pod range
@@ -26,23 +34,26 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+use crate::addr::IpFamily;
 use crate::agent::{self, Agent};
 use crate::netns::Netns;
 use crate::servers::{self, Servers, StatsSnapshot};
 use crate::xdp_pass;
 use crate::yaml::NodeEndpoint;
-use crate::{Pod, TempDir};
+use crate::{Pod, PodAddrs, TempDir, netns};
 
 /// Fixed cluster addresses.
 pub mod addr {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use crate::addr::dec_group;
 
     /// Number of nodes.
     pub const NODES: usize = 2;
@@ -78,6 +89,54 @@ pub mod addr {
     /// Node k's client pod.
     pub const fn client_ip(k: usize) -> Ipv4Addr {
         pod_ip(k, CLIENT_POD)
+    }
+
+    /// The fabric's IPv6 prefix length.
+    pub const FABRIC_PREFIX_LEN6: u8 = 64;
+    /// The external client's IPv6 address on the fabric.
+    pub const EXT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x50, 0, 0, 0, 0x100);
+
+    /// Node k's `eth0` IPv6 address: fd00:192:168:50::(10+k).
+    pub const fn node_ip6(k: usize) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd00,
+            0x192,
+            0x168,
+            0x50,
+            0,
+            0,
+            0,
+            dec_group(10 + k as u16),
+        )
+    }
+
+    /// The fourth group of pod j of node k's /64: (k+1)0j (hex).
+    const fn pod_group6(k: usize, j: usize) -> u16 {
+        ((k as u16 + 1) << 8) | j as u16
+    }
+
+    /// Node k's IPv6 pod range: fd00:10:244:(k+1)00::/56.
+    pub const fn pod_cidr6(k: usize) -> (Ipv6Addr, u8) {
+        (
+            Ipv6Addr::new(0xfd00, 0x10, 0x244, pod_group6(k, 0), 0, 0, 0, 0),
+            56,
+        )
+    }
+
+    /// Pod j of node k over IPv6: fd00:10:244:(k+1)0j::2.
+    pub const fn pod_ip6(k: usize, j: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, pod_group6(k, j), 0, 0, 0, 2)
+    }
+
+    /// Node-side IPv6 address of pod j's veth on node k:
+    /// fd00:10:244:(k+1)0j::1.
+    pub const fn pod_gw6(k: usize, j: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, pod_group6(k, j), 0, 0, 0, 1)
+    }
+
+    /// Node k's client pod over IPv6.
+    pub const fn client_ip6(k: usize) -> Ipv6Addr {
+        pod_ip6(k, CLIENT_POD)
     }
 }
 
@@ -152,12 +211,17 @@ fn parse_reply(line: &str) -> io::Result<(String, SocketAddr)> {
     })
 }
 
-/// One TCP `whoami` request to `target` from inside `from` (a new
-/// connection; `timeout` bounds the connect and the reply).
-pub fn tcp_whoami(from: &Netns, target: SocketAddrV4, timeout: Duration) -> io::Result<Whoami> {
+/// One TCP `whoami` request to `target` (either family) from inside `from`
+/// (a new connection; `timeout` bounds the connect and the reply).
+pub fn tcp_whoami(
+    from: &Netns,
+    target: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<Whoami> {
+    let target: SocketAddr = target.into();
     from.try_run(move || -> io::Result<Whoami> {
         use std::io::{BufRead, BufReader, Write};
-        let mut stream = TcpStream::connect_timeout(&target.into(), timeout)?;
+        let mut stream = TcpStream::connect_timeout(&target, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.write_all(format!("{}\n", servers::WHOAMI).as_bytes())?;
@@ -180,24 +244,29 @@ pub fn tcp_whoami(from: &Netns, target: SocketAddrV4, timeout: Duration) -> io::
     .map_err(|e| io::Error::other(format!("{e:#}")))?
 }
 
-/// One UDP `whoami` datagram to `target` from inside `from`, on an
-/// unconnected socket (so a reply from an unexpected source is still
-/// received, and shows in [`Whoami::reply_from`]).
-pub fn udp_whoami(from: &Netns, target: SocketAddrV4, timeout: Duration) -> io::Result<Whoami> {
+/// One UDP `whoami` datagram to `target` (either family) from inside
+/// `from`, on an unconnected socket (so a reply from an unexpected source is
+/// still received, and shows in [`Whoami::reply_from`]).
+pub fn udp_whoami(
+    from: &Netns,
+    target: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<Whoami> {
+    let target: SocketAddr = target.into();
     from.try_run(move || -> io::Result<Whoami> {
-        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let sock = crate::loadgen::unbound_udp(target)?;
         sock.set_read_timeout(Some(timeout))?;
         sock.send_to(servers::WHOAMI.as_bytes(), target)?;
         let mut buf = [0u8; 1500];
         let (n, reply_from) = sock.recv_from(&mut buf)?;
         let (backend, seen_from) = parse_reply(&String::from_utf8_lossy(&buf[..n]))?;
-        // An unconnected socket bound to 0.0.0.0 has no local address of its
-        // own; the route towards the target says which one was used.
-        let local_ip = source_ip_towards(*target.ip())?;
+        // An unconnected socket bound to 0.0.0.0 (or ::) has no local address
+        // of its own; the route towards the target says which one was used.
+        let local_ip = source_ip_towards(target.ip())?;
         Ok(Whoami {
             backend,
             seen_from,
-            local: SocketAddr::new(local_ip.into(), sock.local_addr()?.port()),
+            local: SocketAddr::new(local_ip, sock.local_addr()?.port()),
             reply_from,
         })
     })
@@ -206,13 +275,11 @@ pub fn udp_whoami(from: &Netns, target: SocketAddrV4, timeout: Duration) -> io::
 
 /// The source address this namespace uses towards `dst` (a connected UDP
 /// socket sends nothing).
-fn source_ip_towards(dst: Ipv4Addr) -> io::Result<Ipv4Addr> {
-    let probe = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    probe.connect((dst, 9))?;
-    match probe.local_addr()? {
-        SocketAddr::V4(a) => Ok(*a.ip()),
-        SocketAddr::V6(a) => Err(io::Error::other(format!("IPv6 source {a}"))),
-    }
+fn source_ip_towards(dst: IpAddr) -> io::Result<IpAddr> {
+    let target = SocketAddr::new(dst, 9);
+    let probe = crate::loadgen::unbound_udp(target)?;
+    probe.connect(target)?;
+    Ok(probe.local_addr()?.ip())
 }
 
 /// One node: its namespace and pods. Fields drop in declaration order, so
@@ -221,6 +288,7 @@ fn source_ip_towards(dst: Ipv4Addr) -> io::Result<Ipv4Addr> {
 pub struct Node {
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub backends: Vec<Pod>,
     pub client: Option<Pod>,
     pub netns: Netns,
@@ -281,11 +349,23 @@ impl Cluster {
         // Every guard below is owned by a local until the Cluster is built,
         // so an error half way deletes what was made so far.
         let fabric = Netns::create(&format!("kep-{id}-fabric"))?;
-        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        // No multicast snooping: neighbour discovery's solicited-node
+        // multicast must reach every port, including ports whose MLD
+        // report the bridge missed while they were still down (a real
+        // switch without an MLD querier floods too).
+        fabric.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
         fabric.ip(&["link", "set", "br0", "up"])?;
 
         let ext = Netns::create(&format!("kep-{id}-ext"))?;
-        attach_to_fabric(&fabric, "veth-x", &ext, addr::EXT_IP)?;
+        attach_to_fabric(&fabric, "veth-x", &ext, addr::EXT_IP, addr::EXT_IP6)?;
 
         let mut nodes = Vec::with_capacity(addr::NODES);
         let mut fabric_xdp = Vec::with_capacity(addr::NODES);
@@ -355,6 +435,11 @@ impl Cluster {
         self.nodes[k].ip
     }
 
+    /// Node k's `eth0` IPv6 address.
+    pub fn node_ip6(&self, k: usize) -> Ipv6Addr {
+        self.nodes[k].ip6
+    }
+
     /// Backend pod j of node k.
     pub fn backend(&self, k: usize, j: usize) -> &Pod {
         &self.nodes[k].backends[j]
@@ -368,6 +453,16 @@ impl Cluster {
     /// Backend pod j of node k's UDP server address.
     pub fn backend_udp(&self, k: usize, j: usize) -> SocketAddrV4 {
         SocketAddrV4::new(self.backend(k, j).ip, self.config.udp_port)
+    }
+
+    /// Backend pod j of node k's TCP server address over IPv6.
+    pub fn backend_tcp6(&self, k: usize, j: usize) -> SocketAddrV6 {
+        SocketAddrV6::new(self.backend(k, j).ip6, self.config.tcp_port, 0, 0)
+    }
+
+    /// Backend pod j of node k's UDP server address over IPv6.
+    pub fn backend_udp6(&self, k: usize, j: usize) -> SocketAddrV6 {
+        SocketAddrV6::new(self.backend(k, j).ip6, self.config.udp_port, 0, 0)
     }
 
     /// Node k's client pod; panics if the cluster was made without them.
@@ -391,7 +486,7 @@ impl Cluster {
         )
     }
 
-    /// Starts echo servers named `name` on 0.0.0.0 in node k's namespace
+    /// Starts echo servers named `name` on 0.0.0.0 and :: in node k's namespace
     /// (e.g. to reach the node itself, or a port a NodePort must not hide).
     pub fn serve_on_node(
         &mut self,
@@ -411,10 +506,15 @@ impl Cluster {
     }
 
     /// Adds a route on the external client for `prefix` (e.g.
-    /// `203.0.113.10/32`, an LB or externalIP range) via node k's IP.
+    /// `203.0.113.10/32`, an LB or externalIP range; or an IPv6 one) via
+    /// node k's address of the prefix's family.
     pub fn route_external(&self, prefix: &str, k: usize) -> Result<()> {
+        let via = match prefix_family(prefix) {
+            IpFamily::V4 => IpAddr::from(self.node_ip(k)),
+            IpFamily::V6 => IpAddr::from(self.node_ip6(k)),
+        };
         self.ext
-            .ip(&["route", "add", prefix, "via", &self.node_ip(k).to_string()])
+            .ip(&["route", "add", prefix, "via", &via.to_string()])
             .map(|_| ())
     }
 
@@ -423,20 +523,27 @@ impl Cluster {
         self.ext.ip(&["route", "del", prefix]).map(|_| ())
     }
 
-    /// Adds `cidr` (e.g. `192.168.50.20/24`) as a secondary address on node
-    /// k's `eth0`.
+    /// Adds `cidr` (e.g. `192.168.50.20/24`, or an IPv6 one, added
+    /// `nodad`) as a secondary address on node k's `eth0`.
     pub fn add_node_address(&self, k: usize, cidr: &str) -> Result<()> {
-        self.node_ns(k)
-            .ip(&["addr", "add", cidr, "dev", "eth0"])
-            .map(|_| ())
+        let mut args = vec!["addr", "add", cidr, "dev", "eth0"];
+        if prefix_family(cidr) == IpFamily::V6 {
+            args.push("nodad");
+        }
+        self.node_ns(k).ip(&args).map(|_| ())
     }
 
     /// Endpoints for backend pods `pods` (`(node, j)`), ready, each with
     /// the `nodeName` of its node.
     pub fn endpoints(&self, pods: &[(usize, usize)]) -> Vec<NodeEndpoint> {
+        self.endpoints_of(IpFamily::V4, pods)
+    }
+
+    /// [`Cluster::endpoints`] with the pods' addresses of `family`.
+    pub fn endpoints_of(&self, family: IpFamily, pods: &[(usize, usize)]) -> Vec<NodeEndpoint> {
         pods.iter()
             .map(|&(k, j)| NodeEndpoint {
-                ip: self.backend(k, j).ip,
+                ip: self.backend(k, j).ip_of(family),
                 pod: backend_name(k, j),
                 ready: true,
                 node: node_name(k),
@@ -548,9 +655,24 @@ impl Drop for Cluster {
     }
 }
 
+/// The family of an address or prefix written as text.
+fn prefix_family(prefix: &str) -> IpFamily {
+    if prefix.contains(':') {
+        IpFamily::V6
+    } else {
+        IpFamily::V4
+    }
+}
+
 /// Links `ns` to the fabric bridge: `fabric_if` in the fabric (a bridge
-/// port), `eth0` in `ns` with `ip/24`.
-fn attach_to_fabric(fabric: &Netns, fabric_if: &str, ns: &Netns, ip: Ipv4Addr) -> Result<()> {
+/// port), `eth0` in `ns` with `ip/24` and `ip6/64`.
+fn attach_to_fabric(
+    fabric: &Netns,
+    fabric_if: &str,
+    ns: &Netns,
+    ip: Ipv4Addr,
+    ip6: Ipv6Addr,
+) -> Result<()> {
     // Made in the fabric with the peer put straight into `ns`: neither end
     // ever exists in the root namespace.
     fabric.ip(&[
@@ -574,6 +696,7 @@ fn attach_to_fabric(fabric: &Netns, fabric_if: &str, ns: &Netns, ip: Ipv4Addr) -
         "dev",
         "eth0",
     ])?;
+    netns::add_addr6(ns, "eth0", ip6, addr::FABRIC_PREFIX_LEN6)?;
     // A wire carries finished checksums. Without this, veth hands partial
     // ones (CHECKSUM_PARTIAL skbs) across the fabric, which native XDP on
     // the receiving node cannot see nor keep.
@@ -586,13 +709,14 @@ fn make_node(fabric: &Netns, id: &str, k: usize, config: &ClusterConfig) -> Resu
     let ns_name = format!("kep-{id}-n{k}");
     let netns = Netns::create(&ns_name)?;
     netns.sysctl("net.ipv4.ip_forward", "1")?;
+    netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
     // Before any interface exists, so every one inherits 0: traffic between
     // pods of different nodes can come in on an interface other than the
     // one its reply leaves by once the datapath redirects it.
     netns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
     netns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
-    let ip = addr::node_ip(k);
-    attach_to_fabric(fabric, &format!("veth-n{k}"), &netns, ip)?;
+    let (ip, ip6) = (addr::node_ip(k), addr::node_ip6(k));
+    attach_to_fabric(fabric, &format!("veth-n{k}"), &netns, ip, ip6)?;
     netns.sysctl("net.ipv4.conf.eth0.rp_filter", "0")?;
     let other = 1 - k;
     let (net, len) = addr::pod_cidr(other);
@@ -603,10 +727,20 @@ fn make_node(fabric: &Netns, id: &str, k: usize, config: &ClusterConfig) -> Resu
         "via",
         &addr::node_ip(other).to_string(),
     ])?;
+    let (net6, len6) = addr::pod_cidr6(other);
+    netns.ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{net6}/{len6}"),
+        "via",
+        &addr::node_ip6(other).to_string(),
+    ])?;
 
     let mut node = Node {
         name: node_name(k),
         ip,
+        ip6,
         backends: Vec::with_capacity(config.backends_per_node[k]),
         client: None,
         netns,
@@ -633,28 +767,21 @@ fn make_node(fabric: &Netns, id: &str, k: usize, config: &ClusterConfig) -> Resu
     Ok(node)
 }
 
-/// Pod j of node k: `veth-p<j>` in the node with the pod's gateway /24,
-/// `eth0` in the pod with its /24 and a default route via the gateway.
+/// Pod j of node k: `veth-p<j>` in the node with the pod's gateways, `eth0`
+/// in the pod with its addresses and default routes via the gateways.
 fn make_pod(node: &Netns, ns_name: &str, pod_name: &str, k: usize, j: usize) -> Result<Pod> {
-    let (ip, gw) = (addr::pod_ip(k, j), addr::pod_gw(k, j));
-    let node_if = format!("veth-p{j}");
-    let netns = Netns::create(ns_name)?;
-    node.ip(&[
-        "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns", ns_name,
-    ])?;
-    node.ip(&["addr", "add", &format!("{gw}/24"), "dev", &node_if])?;
-    node.sysctl(&format!("net.ipv4.conf.{node_if}.rp_filter"), "0")?;
-    node.ip(&["link", "set", &node_if, "up"])?;
-    netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-    netns.ip(&["link", "set", "eth0", "up"])?;
-    netns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
-    Ok(Pod {
-        name: pod_name.to_string(),
-        ip,
-        gateway: gw,
-        node_if,
-        netns,
-    })
+    crate::make_pod(
+        node,
+        ns_name,
+        pod_name,
+        &format!("veth-p{j}"),
+        PodAddrs {
+            ip: addr::pod_ip(k, j),
+            gateway: addr::pod_gw(k, j),
+            ip6: addr::pod_ip6(k, j),
+            gateway6: addr::pod_gw6(k, j),
+        },
+    )
 }
 
 /// `web`, the cluster tests' exposed Service: type LoadBalancer, TCP 80 ->

@@ -16,6 +16,13 @@
 //! | node | `kep-<id>-node` | `veth-c0`, `veth-b<i>` | 10.244.1.1/24, 10.244.(10+i).1/24 |
 //! | client | `kep-<id>-client` | `eth0` | 10.244.1.2/24, default via 10.244.1.1 |
 //! | backend i | `kep-<id>-b<i>` | `eth0` | 10.244.(10+i).2/24, default via 10.244.(10+i).1 |
+//!
+//! Every link is dual-stack: each IPv4 address above has an IPv6 twin that
+//! reads the same, `a.b.c.d/24` becoming `fd00:a:b:c::d/64` (the groups
+//! written with the decimal digits, see [`addr::dec_group`]): the client is
+//! fd00:10:244:1::2, backend i fd00:10:244:(10+i)::2, each with a default
+//! route via its `::1`. IPv6 addresses are added `nodad` (nothing waits for
+//! duplicate address detection) and the node forwards both families.
 
 pub mod agent;
 pub mod bench;
@@ -31,7 +38,7 @@ pub mod servers;
 pub mod xdp_pass;
 pub mod yaml;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -42,9 +49,128 @@ pub use loadgen::Report;
 pub use netns::Netns;
 pub use servers::StatsSnapshot;
 
-/// Fixed lab addresses.
+/// Fixed lab addresses, IPv4 and IPv6 (see the module docs).
 pub mod addr {
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    /// An address family, as Kubernetes names them in `ipFamilies` and an
+    /// EndpointSlice's `addressType`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub enum IpFamily {
+        V4,
+        V6,
+    }
+
+    impl IpFamily {
+        pub const fn of(ip: IpAddr) -> IpFamily {
+            match ip {
+                IpAddr::V4(_) => IpFamily::V4,
+                IpAddr::V6(_) => IpFamily::V6,
+            }
+        }
+
+        /// `IPv4` or `IPv6`.
+        pub const fn k8s_name(self) -> &'static str {
+            match self {
+                IpFamily::V4 => "IPv4",
+                IpFamily::V6 => "IPv6",
+            }
+        }
+
+        /// The unspecified address (`0.0.0.0`, `::`).
+        pub const fn unspecified(self) -> IpAddr {
+            match self {
+                IpFamily::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpFamily::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            }
+        }
+    }
+
+    /// An address of one family, for code written once for both (e.g. the
+    /// benchmark's rule renderers).
+    pub trait FamilyAddr:
+        Copy + Ord + std::fmt::Display + std::fmt::Debug + Into<IpAddr> + Send + Sync + 'static
+    {
+        const FAMILY: IpFamily;
+    }
+
+    impl FamilyAddr for Ipv4Addr {
+        const FAMILY: IpFamily = IpFamily::V4;
+    }
+
+    impl FamilyAddr for Ipv6Addr {
+        const FAMILY: IpFamily = IpFamily::V6;
+    }
+
+    /// The 16-bit group that reads as `n` (below 10,000) in decimal:
+    /// `dec_group(244) == 0x244`. The IPv6 plan writes IPv4 octets this way
+    /// so that an IPv6 address reads like its IPv4 twin.
+    pub const fn dec_group(n: u16) -> u16 {
+        assert!(n < 10_000, "four decimal digits at most");
+        ((n / 1000) << 12) | ((n / 100 % 10) << 8) | ((n / 10 % 10) << 4) | (n % 10)
+    }
+
+    /// Prefix length of every pod link's IPv6 subnet.
+    pub const POD_PREFIX_LEN6: u8 = 64;
+
+    /// The IPv6 service CIDR: fd00:10:96::/108, as many addresses (20 bits)
+    /// as the default IPv4 10.96.0.0/12 and the most kube-apiserver allows
+    /// for IPv6.
+    pub const SERVICE_CIDR6: (Ipv6Addr, u8) =
+        (Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0), 108);
+
+    /// Address `n` of [`SERVICE_CIDR6`] (fd00:10:96:: + n).
+    pub const fn service_ip6(n: u32) -> Ipv6Addr {
+        assert!(n < 1 << 20, "outside the IPv6 service CIDR");
+        Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, (n >> 16) as u16, n as u16)
+    }
+
+    pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 2);
+    pub const CLIENT_GW6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 1);
+    /// IPv6 ClusterIP for a `demo`-like Service: fd00:10:96::10.
+    pub const DEMO_VIP6: Ipv6Addr = service_ip6(0x10);
+    /// IPv6 ClusterIP for an `empty`-like Service: fd00:10:96::11.
+    pub const EMPTY_VIP6: Ipv6Addr = service_ip6(0x11);
+
+    /// IPv6 pod address of backend `i`: fd00:10:244:(10+i)::2.
+    pub const fn backend_ip6(i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, dec_group(10 + i as u16), 0, 0, 0, 2)
+    }
+
+    /// Node-side IPv6 address of backend `i`'s veth: fd00:10:244:(10+i)::1.
+    pub const fn backend_gw6(i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, dec_group(10 + i as u16), 0, 0, 0, 1)
+    }
+
+    /// The inverse of [`dec_group`]: `None` for a group with a hex digit.
+    pub const fn undec_group(g: u16) -> Option<u16> {
+        let digits = [g >> 12, g >> 8 & 0xf, g >> 4 & 0xf, g & 0xf];
+        let mut n = 0;
+        let mut i = 0;
+        while i < 4 {
+            if digits[i] > 9 {
+                return None;
+            }
+            n = n * 10 + digits[i];
+            i += 1;
+        }
+        Some(n)
+    }
+
+    /// The backend whose pod address (either family) is `ip`.
+    pub fn backend_index(ip: IpAddr) -> Option<usize> {
+        let subnet = match ip {
+            IpAddr::V4(v4) => u16::from(v4.octets()[2]),
+            IpAddr::V6(v6) => undec_group(v6.segments()[3])?,
+        };
+        let i = usize::from(subnet.checked_sub(10)?);
+        let same = i < crate::MAX_BACKENDS
+            && match ip {
+                IpAddr::V4(v4) => v4 == backend_ip(i),
+                IpAddr::V6(v6) => v6 == backend_ip6(i),
+            };
+        same.then_some(i)
+    }
 
     pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
     pub const CLIENT_GW: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
@@ -65,6 +191,9 @@ pub mod addr {
         Ipv4Addr::new(10, 244, 10 + i as u8, 1)
     }
 }
+
+/// Most backends a [`Lab`] can have (10.244.(10+i).0/24 up to .210).
+pub const MAX_BACKENDS: usize = 200;
 
 /// The node name the lab's agent runs as (`NODE_NAME`), and the `nodeName`
 /// of the lab's endpoints.
@@ -118,9 +247,30 @@ pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
     pub gateway: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    pub gateway6: Ipv6Addr,
     /// The node-side end of its veth, in the node namespace.
     pub node_if: String,
     pub netns: Netns,
+}
+
+impl Pod {
+    /// The pod's address of `family`.
+    pub fn ip_of(&self, family: addr::IpFamily) -> IpAddr {
+        match family {
+            addr::IpFamily::V4 => self.ip.into(),
+            addr::IpFamily::V6 => self.ip6.into(),
+        }
+    }
+}
+
+/// A pod's addresses and its node-side gateways, per family.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PodAddrs {
+    pub(crate) ip: Ipv4Addr,
+    pub(crate) gateway: Ipv4Addr,
+    pub(crate) ip6: Ipv6Addr,
+    pub(crate) gateway6: Ipv6Addr,
 }
 
 /// A temp dir removed on drop.
@@ -174,8 +324,8 @@ impl Lab {
         if unsafe { libc::geteuid() } != 0 {
             bail!("the lab needs root (network namespaces, veth, bpffs): run as root");
         }
-        if config.backends > 200 {
-            bail!("at most 200 backends (10.244.(10+i).0/24)");
+        if config.backends > MAX_BACKENDS {
+            bail!("at most {MAX_BACKENDS} backends (10.244.(10+i).0/24)");
         }
         let id = format!(
             "{}-{}",
@@ -189,6 +339,7 @@ impl Lab {
         // an error half way deletes what was made so far.
         let node = Netns::create(&format!("kep-{id}-node"))?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
 
@@ -197,8 +348,12 @@ impl Lab {
             &format!("kep-{id}-client"),
             "client",
             "veth-c0",
-            addr::CLIENT_IP,
-            addr::CLIENT_GW,
+            PodAddrs {
+                ip: addr::CLIENT_IP,
+                gateway: addr::CLIENT_GW,
+                ip6: addr::CLIENT_IP6,
+                gateway6: addr::CLIENT_GW6,
+            },
         )?;
         let mut backends = Vec::with_capacity(config.backends);
         for i in 0..config.backends {
@@ -207,8 +362,12 @@ impl Lab {
                 &format!("kep-{id}-b{i}"),
                 &backend_name(i),
                 &format!("veth-b{i}"),
-                addr::backend_ip(i),
-                addr::backend_gw(i),
+                PodAddrs {
+                    ip: addr::backend_ip(i),
+                    gateway: addr::backend_gw(i),
+                    ip6: addr::backend_ip6(i),
+                    gateway6: addr::backend_gw6(i),
+                },
             )?);
         }
 
@@ -268,6 +427,16 @@ impl Lab {
     /// Backend `i`'s UDP server address.
     pub fn backend_udp(&self, i: usize) -> SocketAddrV4 {
         SocketAddrV4::new(self.backends[i].ip, self.config.udp_port)
+    }
+
+    /// Backend `i`'s TCP server address over IPv6.
+    pub fn backend_tcp6(&self, i: usize) -> SocketAddrV6 {
+        SocketAddrV6::new(self.backends[i].ip6, self.config.tcp_port, 0, 0)
+    }
+
+    /// Backend `i`'s UDP server address over IPv6.
+    pub fn backend_udp6(&self, i: usize) -> SocketAddrV6 {
+        SocketAddrV6::new(self.backends[i].ip6, self.config.udp_port, 0, 0)
     }
 
     /// What backend `i`'s servers have seen.
@@ -409,22 +578,34 @@ impl Drop for Lab {
 }
 
 /// Creates a pod namespace joined to the node by a veth pair: `node_if` in
-/// the node with `gw/24`, `eth0` in the pod with `ip/24` and a default route
-/// via `gw`.
-fn make_pod(
+/// the node with the gateways (`/24`, `/64`), `eth0` in the pod with its
+/// addresses and a default route of each family via its gateway.
+pub(crate) fn make_pod(
     node: &Netns,
     ns_name: &str,
     pod_name: &str,
     node_if: &str,
-    ip: Ipv4Addr,
-    gw: Ipv4Addr,
+    a: PodAddrs,
 ) -> Result<Pod> {
     let netns = Netns::create(ns_name)?;
-    wire_pod(node, &netns, node_if, ip, gw)?;
+    wire_pod(node, &netns, node_if, a.ip, a.gateway)?;
+    // The IPv6 half of the dual-stack lab, beside the CNI-style IPv4 wiring.
+    netns::add_addr6(node, node_if, a.gateway6, addr::POD_PREFIX_LEN6)?;
+    netns::add_addr6(&netns, "eth0", a.ip6, addr::POD_PREFIX_LEN6)?;
+    netns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &a.gateway6.to_string(),
+    ])?;
     Ok(Pod {
         name: pod_name.to_string(),
-        ip,
-        gateway: gw,
+        ip: a.ip,
+        gateway: a.gateway,
+        ip6: a.ip6,
+        gateway6: a.gateway6,
         node_if: node_if.to_string(),
         netns,
     })
@@ -463,6 +644,26 @@ pub fn wire_pod(
     Ok(())
 }
 
+/// Lines of the root namespace's `ip -6 addr` and `ip -6 route` (all
+/// tables) naming an address of the labs' IPv6 plans (pods
+/// fd00:10:244::/48, services fd00:10:96::/108, the cluster fabric
+/// fd00:192:168:50::/64): the self-tests' check that nothing of a lab is
+/// reachable from the host.
+pub fn root_ipv6_leaks() -> Result<Vec<String>> {
+    let addrs = netns::run_cmd("ip", &["-6", "-o", "addr", "show"])?;
+    let routes = netns::run_cmd("ip", &["-6", "route", "show", "table", "all"])?;
+    Ok(addrs
+        .lines()
+        .chain(routes.lines())
+        .filter(|l| {
+            ["fd00:10:244:", "fd00:10:96:", "fd00:192:168:50:"]
+                .iter()
+                .any(|p| l.contains(p))
+        })
+        .map(str::to_string)
+        .collect())
+}
+
 /// Deletes namespaces (`kep-<pid>-*`) and bpffs dirs
 /// (`/sys/fs/bpf/kep-lab-<pid>-*`) left by lab processes that no longer
 /// run (e.g. killed by SIGKILL). Returns what it removed.
@@ -494,4 +695,75 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::addr::*;
+    use super::cluster::addr as c;
+    use std::net::{IpAddr, Ipv6Addr};
+
+    /// Whether `ip` is in `net/len`.
+    fn in_prefix(ip: Ipv6Addr, (net, len): (Ipv6Addr, u8)) -> bool {
+        let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+        u128::from(ip) & mask == u128::from(net)
+    }
+
+    #[test]
+    fn ipv6_addresses_read_like_their_ipv4_twins() {
+        assert_eq!(dec_group(244), 0x244);
+        assert_eq!(dec_group(9), 9);
+        assert_eq!(undec_group(0x210), Some(210));
+        assert_eq!(undec_group(0x10f), None);
+        assert_eq!(CLIENT_IP6.to_string(), "fd00:10:244:1::2");
+        assert_eq!(backend_ip6(0).to_string(), "fd00:10:244:10::2");
+        assert_eq!(backend_gw6(199).to_string(), "fd00:10:244:209::1");
+        assert_eq!(DEMO_VIP6.to_string(), "fd00:10:96::10");
+        assert_eq!(c::node_ip6(1).to_string(), "fd00:192:168:50::11");
+        assert_eq!(c::EXT_IP6.to_string(), "fd00:192:168:50::100");
+    }
+
+    #[test]
+    fn backend_index_inverts_both_families() {
+        for i in [0, 1, 99, crate::MAX_BACKENDS - 1] {
+            assert_eq!(backend_index(backend_ip(i).into()), Some(i));
+            assert_eq!(backend_index(backend_ip6(i).into()), Some(i));
+        }
+        for ip in [
+            IpAddr::from(CLIENT_IP),
+            CLIENT_IP6.into(),
+            backend_gw6(3).into(),
+            "fd00:10:244:a::2".parse().unwrap(),
+            "fd00:10:244:9999::2".parse().unwrap(),
+        ] {
+            assert_eq!(backend_index(ip), None, "{ip}");
+        }
+    }
+
+    #[test]
+    fn cluster_pods_lie_in_their_nodes_ranges_only() {
+        for k in 0..c::NODES {
+            for j in 0..=c::CLIENT_POD {
+                assert!(in_prefix(c::pod_ip6(k, j), c::pod_cidr6(k)));
+                assert!(!in_prefix(c::pod_ip6(k, j), c::pod_cidr6(1 - k)));
+                assert_eq!(
+                    u128::from(c::pod_gw6(k, j)) + 1,
+                    u128::from(c::pod_ip6(k, j))
+                );
+            }
+        }
+        assert_eq!(c::pod_ip6(1, 15).to_string(), "fd00:10:244:20f::2");
+        assert_eq!(c::pod_cidr6(0).0.to_string(), "fd00:10:244:100::");
+    }
+
+    #[test]
+    fn service_ips6_fill_the_service_cidr() {
+        assert!(in_prefix(service_ip6(0), SERVICE_CIDR6));
+        assert!(in_prefix(service_ip6((1 << 20) - 1), SERVICE_CIDR6));
+        assert!(!in_prefix(
+            Ipv6Addr::from(u128::from(service_ip6((1 << 20) - 1)) + 1),
+            SERVICE_CIDR6
+        ));
+        assert_eq!(service_ip6(0x1_0000).to_string(), "fd00:10:96::1:0");
+    }
 }

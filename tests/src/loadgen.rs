@@ -2,6 +2,9 @@
 //! [`crate::Netns::run`]. Nothing here panics on network errors: every
 //! failure is counted by kind in the [`Report`].
 //!
+//! Targets are `SocketAddr`s of either family (an IPv4 call site passes its
+//! `SocketAddrV4` as before).
+//!
 //! Every request uses a new socket (so a new source port, so a new flow for
 //! the datapath's conntrack): N requests spread over the backends — except
 //! the `*_session_requests` generators, which reuse one flow.
@@ -9,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 /// Why a request failed.
@@ -245,9 +248,9 @@ fn read_line(reader: &mut BufReader<&TcpStream>) -> io::Result<String> {
 
 /// One TCP request: connect, send `hello\n`, read a reply line. Returns the
 /// name and `peer_addr()`.
-fn tcp_once(target: SocketAddrV4, timeout: Duration) -> io::Result<(String, SocketAddr)> {
+fn tcp_once(target: SocketAddr, timeout: Duration) -> io::Result<(String, SocketAddr)> {
     let start = Instant::now();
-    let stream = TcpStream::connect_timeout(&target.into(), timeout)?;
+    let stream = TcpStream::connect_timeout(&target, timeout)?;
     let peer = stream.peer_addr()?;
     let left = timeout
         .saturating_sub(start.elapsed())
@@ -265,11 +268,12 @@ fn tcp_once(target: SocketAddrV4, timeout: Duration) -> io::Result<(String, Sock
 /// close). Stops starting new ones after `overall_deadline`; those count as
 /// [`ErrorKind::Deadline`].
 pub fn tcp_requests(
-    target: SocketAddrV4,
+    target: impl Into<SocketAddr>,
     count: usize,
     per_conn_timeout: Duration,
     overall_deadline: Duration,
 ) -> Report {
+    let target: SocketAddr = target.into();
     let mut r = Report::new(format!("TCP {target}"), count as u64);
     let start = Instant::now();
     for i in 0..count {
@@ -297,11 +301,12 @@ pub fn tcp_requests(
 /// An unconnected socket does not see ICMP errors: a rejected request is a
 /// timeout here (see [`udp_connected_request`]).
 pub fn udp_requests(
-    target: SocketAddrV4,
+    target: impl Into<SocketAddr>,
     count: usize,
     timeout: Duration,
     overall_deadline: Duration,
 ) -> Report {
+    let target: SocketAddr = target.into();
     let mut r = Report::new(format!("UDP {target}"), count as u64);
     let start = Instant::now();
     let mut buf = [0u8; 1500];
@@ -316,7 +321,7 @@ pub fn udp_requests(
         }
         let t = Instant::now();
         let result = (|| -> io::Result<(String, SocketAddr)> {
-            let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            let sock = unbound_udp(target)?;
             sock.set_read_timeout(Some(timeout))?;
             sock.send_to(b"hello\n", target)?;
             let (n, from) = sock.recv_from(&mut buf)?;
@@ -329,6 +334,13 @@ pub fn udp_requests(
     }
     r.elapsed = start.elapsed();
     r
+}
+
+/// A UDP socket on an ephemeral port of the unspecified address of
+/// `target`'s family (0.0.0.0 or ::), so the route picks the source.
+pub fn unbound_udp(target: SocketAddr) -> io::Result<UdpSocket> {
+    let any = crate::addr::IpFamily::of(target.ip()).unspecified();
+    UdpSocket::bind(SocketAddr::new(any, 0))
 }
 
 fn parse_name(bytes: &[u8]) -> String {
@@ -351,7 +363,8 @@ impl Probe {
 
 /// One TCP request (connect, `hello\n`, reply line) with its time; for
 /// checking e.g. that a connect is refused, and how fast.
-pub fn tcp_probe(target: SocketAddrV4, timeout: Duration) -> Probe {
+pub fn tcp_probe(target: impl Into<SocketAddr>, timeout: Duration) -> Probe {
+    let target: SocketAddr = target.into();
     let t = Instant::now();
     let result = tcp_once(target, timeout).map(|(name, _)| name);
     Probe {
@@ -362,10 +375,11 @@ pub fn tcp_probe(target: SocketAddrV4, timeout: Duration) -> Probe {
 
 /// One UDP request on a connected socket, so that an ICMP port unreachable
 /// surfaces as `ECONNREFUSED` (`io::ErrorKind::ConnectionRefused`) on recv.
-pub fn udp_connected_request(target: SocketAddrV4, timeout: Duration) -> Probe {
+pub fn udp_connected_request(target: impl Into<SocketAddr>, timeout: Duration) -> Probe {
+    let target: SocketAddr = target.into();
     let t = Instant::now();
     let result = (|| -> io::Result<String> {
-        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let sock = unbound_udp(target)?;
         sock.connect(target)?;
         sock.set_read_timeout(Some(timeout))?;
         sock.send(b"hello\n")?;
@@ -387,7 +401,7 @@ pub struct TcpSession {
 
 impl TcpSession {
     /// Connects to `target`; `timeout` bounds the connect and every request.
-    pub fn connect(target: SocketAddrV4, timeout: Duration) -> io::Result<TcpSession> {
+    pub fn connect(target: impl Into<SocketAddr>, timeout: Duration) -> io::Result<TcpSession> {
         let stream = TcpStream::connect_timeout(&target.into(), timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
@@ -434,11 +448,12 @@ fn deadline_passed(r: &mut Report, count: usize, i: usize, deadline: Duration) {
 /// failed exchange is counted and the next one reconnects. Stops starting
 /// exchanges after `overall_deadline` ([`ErrorKind::Deadline`]).
 pub fn tcp_session_requests(
-    target: SocketAddrV4,
+    target: impl Into<SocketAddr>,
     count: usize,
     timeout: Duration,
     overall_deadline: Duration,
 ) -> Report {
+    let target: SocketAddr = target.into();
     let mut r = Report::new(format!("TCP session {target}"), count as u64);
     let start = Instant::now();
     let mut session: Option<TcpSession> = None;
@@ -476,14 +491,15 @@ pub fn tcp_session_requests(
 /// timeout error (a reply arriving later would be taken for the next
 /// request's, but the trial is already incomplete then).
 pub fn udp_session_requests(
-    target: SocketAddrV4,
+    target: impl Into<SocketAddr>,
     count: usize,
     timeout: Duration,
     overall_deadline: Duration,
 ) -> Report {
+    let target: SocketAddr = target.into();
     let mut r = Report::new(format!("UDP session {target}"), count as u64);
     let start = Instant::now();
-    let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+    let sock = match unbound_udp(target)
         .and_then(|s| s.connect(target).map(|_| s))
         .and_then(|s| s.set_read_timeout(Some(timeout)).map(|_| s))
     {
@@ -540,13 +556,14 @@ pub struct SwitchProbes {
 /// or `max` has passed. For measuring how soon a changed endpoint set
 /// serves new connections.
 pub fn switch_prober(
-    target: SocketAddrV4,
+    target: impl Into<SocketAddr>,
     interval: Duration,
     per_probe_timeout: Duration,
     max: Duration,
     confirm: u64,
     wanted: impl Fn(&str) -> bool,
 ) -> SwitchProbes {
+    let target: SocketAddr = target.into();
     let mut p = SwitchProbes::default();
     let start = Instant::now();
     let mut in_a_row = 0;
@@ -601,7 +618,7 @@ impl Prober {
     /// Batches of `batch` connections, each given `per_conn` to answer.
     pub fn start(
         netns: &crate::Netns,
-        target: SocketAddrV4,
+        target: impl Into<SocketAddr>,
         batch: usize,
         per_conn: Duration,
         limit: Duration,
@@ -609,6 +626,7 @@ impl Prober {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = stop.clone();
+        let target = target.into();
         let thread = netns.spawn("prober", move || {
             let (mut ok, mut failed, mut samples) = (0u64, 0u64, Vec::new());
             let end = Instant::now() + limit;

@@ -80,6 +80,21 @@ impl Netns {
             path,
             delete_on_drop: true,
         };
+        // No duplicate address detection on the links made in here, not
+        // even for link-local addresses (`nodad` covers only the addresses
+        // the labs add): while a router's link-local address is tentative
+        // it sends no neighbour solicitation for a packet it forwards, so
+        // the first seconds of a new lab would lose IPv6 traffic. A real
+        // node's links have been up far longer than DAD takes.
+        ns.exec(
+            "sysctl",
+            &[
+                "-q",
+                "-w",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        )?;
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -249,6 +264,22 @@ impl<R> NsThread<R> {
     pub fn is_finished(&self) -> bool {
         self.handle.is_finished()
     }
+}
+
+/// Adds `ip/len` to `dev` in `ns` with `nodad`: the address is usable at
+/// once instead of after duplicate address detection (about a second), and
+/// a lab link holds no other claimant.
+pub fn add_addr6(ns: &Netns, dev: &str, ip: std::net::Ipv6Addr, len: u8) -> Result<()> {
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{ip}/{len}"),
+        "dev",
+        dev,
+        "nodad",
+    ])
+    .map(|_| ())
 }
 
 /// Names of all namespaces in `/run/netns` starting with `prefix`.

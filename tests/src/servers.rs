@@ -8,7 +8,9 @@
 //! instead: the source address the server saw, so a test can tell SNAT from a
 //! preserved client address per request (see [`parse_whoami`]). A request
 //! `echo <text>` is answered `<text>` (Kubernetes' large-request checks
-//! compare the echo). The sockets are created inside the backend's
+//! compare the echo). Every server listens on both families, 0.0.0.0 and
+//! `::` (IPv6 only, so IPv4 clients keep plain IPv4 sockets), and reports
+//! peers as the family they came in on. The sockets are created inside the backend's
 //! namespace; the threads that serve them run in the root namespace, which
 //! does not matter since a socket keeps the namespace it was made in.
 //!
@@ -17,7 +19,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::addr::IpFamily;
 use crate::netns::Netns;
 
 const TICK: Duration = Duration::from_millis(100);
@@ -120,21 +123,22 @@ impl Servers {
         }
     }
 
-    /// Starts a TCP and a UDP server answering `name` inside `ns`, both on
-    /// 0.0.0.0. Returns the index of its stats.
+    /// Starts a TCP and a UDP server answering `name` inside `ns`, each on
+    /// 0.0.0.0 and `::`. Returns the index of its stats.
     pub fn start(&mut self, ns: &Netns, name: &str, tcp_port: u16, udp_port: u16) -> Result<usize> {
-        let any = Ipv4Addr::UNSPECIFIED;
-        let (listener, udp) = ns
-            .try_run(move || -> Result<(TcpListener, UdpSocket)> {
-                let l = TcpListener::bind((any, tcp_port))
-                    .with_context(|| format!("bind TCP {any}:{tcp_port}"))?;
-                let u = UdpSocket::bind((any, udp_port))
-                    .with_context(|| format!("bind UDP {any}:{udp_port}"))?;
-                Ok((l, u))
+        let (listeners, udp) = ns
+            .try_run(move || -> Result<(Vec<TcpListener>, Vec<UdpSocket>)> {
+                let mut listeners = Vec::new();
+                let mut udp = Vec::new();
+                for family in [IpFamily::V4, IpFamily::V6] {
+                    let tcp = SocketAddr::new(family.unspecified(), tcp_port);
+                    listeners.push(listener(tcp).with_context(|| format!("bind TCP {tcp}"))?);
+                    let u = SocketAddr::new(family.unspecified(), udp_port);
+                    udp.push(udp_socket(u).with_context(|| format!("bind UDP {u}"))?);
+                }
+                Ok((listeners, udp))
             })?
             .with_context(|| format!("servers for {name} in {}", ns.name()))?;
-        listener.set_nonblocking(true)?;
-        udp.set_read_timeout(Some(TICK))?;
 
         let stats = Arc::new(ServerStats::default());
         let who: Arc<str> = name.into();
@@ -148,7 +152,7 @@ impl Servers {
         self.threads.push(
             std::thread::Builder::new()
                 .name(format!("{name}-tcp"))
-                .spawn(move || tcp_accept_loop(listener, stop, conns, st, w))?,
+                .spawn(move || tcp_accept_loop(listeners, stop, conns, st, w))?,
         );
         let (stop, st) = (self.stop.clone(), stats.clone());
         self.threads.push(
@@ -198,50 +202,102 @@ impl Drop for Servers {
     }
 }
 
-fn wait_readable(fd: i32, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; errors (EINTR) just mean we look again.
-    unsafe {
-        libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int);
+/// A non-blocking socket bound to `addr`; an IPv6 one takes IPv6 only, so
+/// that it shares its port with the IPv4 one.
+fn bound_socket(addr: SocketAddr, kind: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
     }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock)
+}
+
+fn listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = bound_socket(addr, socket2::Type::STREAM)?;
+    // std's TcpListener::bind backlog.
+    sock.listen(128)?;
+    Ok(sock.into())
+}
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    Ok(bound_socket(addr, socket2::Type::DGRAM)?.into())
+}
+
+/// Waits until one of `fds` is readable or `timeout` passes; returns the
+/// readable ones.
+fn wait_readable(fds: &[i32], timeout: Duration) -> Vec<bool> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: valid pollfds; errors (EINTR) just mean we look again.
+    unsafe {
+        libc::poll(
+            pfds.as_mut_ptr(),
+            pfds.len() as libc::nfds_t,
+            timeout.as_millis() as libc::c_int,
+        );
+    }
+    pfds.iter().map(|p| p.revents != 0).collect()
 }
 
 fn tcp_accept_loop(
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     stats: Arc<ServerStats>,
     name: Arc<str>,
 ) {
+    let fds: Vec<i32> = listeners.iter().map(|l| l.as_raw_fd()).collect();
+    let mut ready = vec![true; listeners.len()];
     while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                stats.tcp_connections.fetch_add(1, Ordering::Relaxed);
-                stats.saw(peer);
-                let (stop, stats, name) = (stop.clone(), stats.clone(), name.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("lab-conn".into())
-                    .spawn(move || serve_conn(stream, peer, stop, stats, &name));
-                let mut list = conns.lock().unwrap_or_else(|e| e.into_inner());
-                list.retain(|h| !h.is_finished());
-                match spawned {
-                    Ok(h) => list.push(h),
-                    Err(e) => eprintln!("lab: cannot spawn connection thread: {e}"),
-                }
+        let mut accepted = false;
+        for (listener, _) in listeners.iter().zip(&ready).filter(|(_, r)| **r) {
+            accepted |= tcp_accept(listener, &stop, &conns, &stats, &name);
+        }
+        if !accepted {
+            ready = wait_readable(&fds, TICK);
+        }
+    }
+}
+
+/// Accepts one connection from `listener` and starts serving it; false when
+/// there was none.
+fn tcp_accept(
+    listener: &TcpListener,
+    stop: &Arc<AtomicBool>,
+    conns: &Mutex<Vec<JoinHandle<()>>>,
+    stats: &Arc<ServerStats>,
+    name: &Arc<str>,
+) -> bool {
+    match listener.accept() {
+        Ok((stream, peer)) => {
+            stats.tcp_connections.fetch_add(1, Ordering::Relaxed);
+            stats.saw(peer);
+            let (stop, stats, name) = (stop.clone(), stats.clone(), name.clone());
+            let spawned = std::thread::Builder::new()
+                .name("lab-conn".into())
+                .spawn(move || serve_conn(stream, peer, stop, stats, &name));
+            let mut list = conns.lock().unwrap_or_else(|e| e.into_inner());
+            list.retain(|h| !h.is_finished());
+            match spawned {
+                Ok(h) => list.push(h),
+                Err(e) => eprintln!("lab: cannot spawn connection thread: {e}"),
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                wait_readable(listener.as_raw_fd(), TICK);
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => {
-                // ECONNABORTED and friends: the client is gone; go on.
-                eprintln!("lab: accept: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            true
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => false,
+        Err(e) => {
+            // ECONNABORTED and friends: the client is gone; go on.
+            eprintln!("lab: accept: {e}");
+            std::thread::sleep(Duration::from_millis(10));
+            false
         }
     }
 }
@@ -313,36 +369,40 @@ fn serve_conn(
     }
 }
 
-fn udp_loop(sock: UdpSocket, stop: Arc<AtomicBool>, stats: Arc<ServerStats>, name: Arc<str>) {
+fn udp_loop(socks: Vec<UdpSocket>, stop: Arc<AtomicBool>, stats: Arc<ServerStats>, name: Arc<str>) {
     let reply = format!("{name}\n").into_bytes();
     let mut buf = [0u8; 4096];
+    let fds: Vec<i32> = socks.iter().map(|s| s.as_raw_fd()).collect();
     while !stop.load(Ordering::SeqCst) {
-        match sock.recv_from(&mut buf) {
-            Ok((n, peer)) => {
-                stats.saw(peer);
-                // Counted before the answer leaves: a client that has its
-                // reply must find it counted (a test reads the counters as
-                // soon as its last reply arrives).
-                stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
-                let sent = if is_whoami(&buf[..n]) {
-                    sock.send_to(&whoami_reply(&name, peer), peer)
-                } else if let Some(text) = echo_text(&buf[..n]) {
-                    sock.send_to(text, peer)
-                } else {
-                    sock.send_to(&reply, peer)
-                };
-                if sent.is_err() {
-                    stats.udp_datagrams.fetch_sub(1, Ordering::Relaxed);
+        let ready = wait_readable(&fds, TICK);
+        for (sock, _) in socks.iter().zip(ready).filter(|(_, r)| *r) {
+            match sock.recv_from(&mut buf) {
+                Ok((n, peer)) => {
+                    stats.saw(peer);
+                    // Counted before the answer leaves: a client that has its
+                    // reply must find it counted (a test reads the counters as
+                    // soon as its last reply arrives).
+                    stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
+                    let sent = if is_whoami(&buf[..n]) {
+                        sock.send_to(&whoami_reply(&name, peer), peer)
+                    } else if let Some(text) = echo_text(&buf[..n]) {
+                        sock.send_to(text, peer)
+                    } else {
+                        sock.send_to(&reply, peer)
+                    };
+                    if sent.is_err() {
+                        stats.udp_datagrams.fetch_sub(1, Ordering::Relaxed);
+                    }
                 }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
+                // ICMP errors from earlier sends surface here (e.g.
+                // ECONNREFUSED); they concern a past peer, not this socket.
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) => {}
-            // ICMP errors from earlier sends surface here (e.g. ECONNREFUSED);
-            // they concern a past peer, not this socket.
-            Err(_) => std::thread::sleep(Duration::from_millis(1)),
         }
     }
 }
@@ -369,6 +429,13 @@ mod tests {
         assert_eq!(
             parse_whoami(&reply),
             Some(("n0-backend-0".to_string(), peer))
+        );
+        let peer6: SocketAddr = "[fd00:10:244:100::2]:40000".parse().unwrap();
+        let reply = String::from_utf8(whoami_reply("n0-backend-0", peer6)).unwrap();
+        assert_eq!(reply, "n0-backend-0 [fd00:10:244:100::2]:40000\n");
+        assert_eq!(
+            parse_whoami(&reply),
+            Some(("n0-backend-0".to_string(), peer6))
         );
         assert_eq!(parse_whoami("n0-backend-0"), None);
         assert_eq!(parse_whoami("n0-backend-0 nonsense"), None);

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
+use lab::addr::IpFamily;
 use lab::cluster::{
     Cluster, ClusterConfig, addr, backend_name, client_name, node_name, tcp_whoami, udp_whoami,
 };
@@ -136,53 +137,68 @@ fn external_client_reaches_both_nodes_and_routed_prefixes() {
 
     // An address outside the fabric (as an LB IP would be) is reachable
     // only once the external client routes it via a node.
-    let lb = Ipv4Addr::new(203, 0, 113, 10);
-    c.node_ns(0)
-        .ip(&["addr", "add", &format!("{lb}/32"), "dev", "lo"])
-        .unwrap();
-    let probe = c
-        .ext()
-        .run(move || loadgen::tcp_probe(v4(lb, 9000), Duration::from_secs(1)));
-    assert_eq!(
-        probe.error_kind(),
-        Some(ErrorKind::Unreachable),
-        "{probe:?}"
-    );
-    c.route_external("203.0.113.0/24", 0).unwrap();
-    let t = tcp_whoami(c.ext(), v4(lb, 9000), TIMEOUT).expect("TCP to a routed prefix");
+    reachable_only_once_routed(&c, "203.0.113.10/32", "203.0.113.0/24");
+}
+
+/// `lb` (an address outside the fabric, as an LB IP would be, put on node
+/// 0's `lo`) is reachable from the external client only while it routes
+/// `prefix` via node 0 (of either family), and then with the client's own
+/// address.
+fn reachable_only_once_routed(c: &Cluster, lb: &str, prefix: &str) {
+    c.node_ns(0).ip(&["addr", "add", lb, "dev", "lo"]).unwrap();
+    let ip: IpAddr = lb.split('/').next().unwrap().parse().unwrap();
+    let target = SocketAddr::new(ip, 9000);
+    let unreachable = || {
+        let probe = c
+            .ext()
+            .run(move || loadgen::tcp_probe(target, Duration::from_secs(1)));
+        assert_eq!(
+            probe.error_kind(),
+            Some(ErrorKind::Unreachable),
+            "{probe:?}"
+        );
+    };
+    unreachable();
+    c.route_external(prefix, 0).unwrap();
+    let t = tcp_whoami(c.ext(), target, TIMEOUT).expect("TCP to a routed prefix");
     assert_eq!(t.backend, "node-0-srv");
-    assert_eq!(t.seen_from.ip(), IpAddr::from(addr::EXT_IP));
-    c.unroute_external("203.0.113.0/24").unwrap();
-    let probe = c
-        .ext()
-        .run(move || loadgen::tcp_probe(v4(lb, 9000), Duration::from_secs(1)));
-    assert_eq!(
-        probe.error_kind(),
-        Some(ErrorKind::Unreachable),
-        "{probe:?}"
-    );
+    assert!(t.client_ip_preserved(), "{t:?}");
+    c.unroute_external(prefix).unwrap();
+    unreachable();
+}
+
+/// Each node's client pod reaches both backends of the other node over
+/// `family`, TCP and UDP, and the backends see the pod's own address.
+fn client_pods_reach_the_other_nodes_backends(c: &Cluster, family: IpFamily) {
+    for (from, to) in [(0, 1), (1, 0)] {
+        let client = c.client(from);
+        for j in 0..2 {
+            let name = backend_name(to, j);
+            let ip = c.backend(to, j).ip_of(family);
+            let (tcp, udp) = (
+                SocketAddr::new(ip, c.config().tcp_port),
+                SocketAddr::new(ip, c.config().udp_port),
+            );
+            let t = tcp_whoami(&client.netns, tcp, TIMEOUT)
+                .unwrap_or_else(|e| panic!("TCP {} -> {name}: {e}", client.name));
+            assert_eq!(t.backend, name);
+            assert_eq!(t.seen_from.ip(), client.ip_of(family), "{t:?}");
+            assert!(t.client_ip_preserved(), "{t:?}");
+            assert_eq!(t.reply_from, tcp);
+            let u = udp_whoami(&client.netns, udp, TIMEOUT)
+                .unwrap_or_else(|e| panic!("UDP {} -> {name}: {e}", client.name));
+            assert_eq!(u.backend, name);
+            assert_eq!(u.seen_from, u.local, "{u:?}");
+            assert_eq!(u.local.ip(), client.ip_of(family));
+            assert_eq!(u.reply_from, udp);
+        }
+    }
 }
 
 #[test]
 fn pods_reach_pods_on_the_other_node_with_their_own_address() {
     let c = Cluster::new().expect("cluster setup");
-    for (from, to) in [(0, 1), (1, 0)] {
-        let client = c.client(from);
-        for j in 0..2 {
-            let name = backend_name(to, j);
-            let t = tcp_whoami(&client.netns, c.backend_tcp(to, j), TIMEOUT)
-                .unwrap_or_else(|e| panic!("TCP {} -> {name}: {e}", client.name));
-            assert_eq!(t.backend, name);
-            assert_eq!(t.seen_from.ip(), IpAddr::from(client.ip), "{t:?}");
-            assert!(t.client_ip_preserved(), "{t:?}");
-            let u = udp_whoami(&client.netns, c.backend_udp(to, j), TIMEOUT)
-                .unwrap_or_else(|e| panic!("UDP {} -> {name}: {e}", client.name));
-            assert_eq!(u.backend, name);
-            assert_eq!(u.seen_from, u.local, "{u:?}");
-            assert_eq!(u.local.ip(), IpAddr::from(client.ip));
-            assert_eq!(u.reply_from, SocketAddr::from(c.backend_udp(to, j)));
-        }
-    }
+    client_pods_reach_the_other_nodes_backends(&c, IpFamily::V4);
     // Backend to backend across nodes, and plain requests (not `whoami`)
     // still get the bare name.
     let (tcp, udp) = (c.backend_tcp(1, 1), c.backend_udp(1, 1));
@@ -384,4 +400,163 @@ fn agents_run_per_node_with_own_pins_and_serve_a_same_node_clusterip() {
     for p in &pins {
         assert!(!p.exists(), "{} left behind", p.display());
     }
+}
+
+fn v6(ip: std::net::Ipv6Addr, port: u16) -> std::net::SocketAddrV6 {
+    std::net::SocketAddrV6::new(ip, port, 0, 0)
+}
+
+#[test]
+fn every_link_is_dual_stack_and_nothing_reaches_the_root_namespace() {
+    let c = Cluster::new().expect("cluster setup");
+    assert_eq!(lab::root_ipv6_leaks().unwrap(), Vec::<String>::new());
+    for k in 0..2 {
+        let eth0 = c
+            .node_ns(k)
+            .ip(&["-6", "-o", "addr", "show", "eth0"])
+            .unwrap();
+        assert!(
+            eth0.contains(&format!("{}/64", addr::node_ip6(k))),
+            "{eth0}"
+        );
+        assert!(!eth0.contains("tentative"), "{eth0}");
+        assert_eq!(c.node_ip6(k), addr::node_ip6(k));
+        let forwarding = c
+            .node_ns(k)
+            .exec("cat", &["/proc/sys/net/ipv6/conf/all/forwarding"])
+            .unwrap();
+        assert_eq!(forwarding.trim(), "1");
+        for pod in [c.backend(k, 0), c.backend(k, 1), c.client(k)] {
+            let a = pod.netns.ip(&["-6", "-o", "addr", "show", "eth0"]).unwrap();
+            assert!(a.contains(&format!("{}/64", pod.ip6)), "{a}");
+            let default = pod.netns.ip(&["-6", "route", "show", "default"]).unwrap();
+            assert!(
+                default.contains(&format!("via {}", pod.gateway6)),
+                "{default}"
+            );
+        }
+    }
+    assert_eq!(c.client(1).ip6, addr::client_ip6(1));
+    assert_eq!(c.backend(0, 1).ip6.to_string(), "fd00:10:244:101::2");
+    // The external client has its fabric subnet and link-local routes only:
+    // no default route, no route to any pod.
+    let ext_routes = c.ext().ip(&["-6", "route", "show"]).unwrap();
+    let mut nets: Vec<&str> = ext_routes
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    nets.sort();
+    assert_eq!(nets, ["fd00:192:168:50::/64", "fe80::/64"], "{ext_routes}");
+}
+
+#[test]
+fn pods_reach_pods_on_the_other_node_over_ipv6_with_their_own_address() {
+    let c = Cluster::new().expect("cluster setup");
+    client_pods_reach_the_other_nodes_backends(&c, IpFamily::V6);
+    // Plain requests from a backend of the other node, both families to
+    // the same servers.
+    let (tcp6, udp6, tcp4) = (
+        c.backend_tcp6(1, 1),
+        c.backend_udp6(1, 1),
+        c.backend_tcp(1, 1),
+    );
+    let (t6, u6, t4) = c.backend(0, 0).netns.run(move || {
+        (
+            loadgen::tcp_requests(tcp6, 3, TIMEOUT, Duration::from_secs(10)),
+            loadgen::udp_requests(udp6, 3, TIMEOUT, Duration::from_secs(10)),
+            loadgen::tcp_requests(tcp4, 3, TIMEOUT, Duration::from_secs(10)),
+        )
+    });
+    assert_eq!(t6.count("n1-backend-1"), 3, "{t6}");
+    assert_eq!(u6.count("n1-backend-1"), 3, "{u6}");
+    assert_eq!(t4.count("n1-backend-1"), 3, "{t4}");
+    let peers = c.server_stats("n1-backend-1").unwrap().peers;
+    assert_eq!(
+        peers,
+        BTreeSet::from([
+            IpAddr::from(addr::client_ip6(0)),
+            IpAddr::from(c.backend(0, 0).ip),
+            IpAddr::from(c.backend(0, 0).ip6),
+        ])
+    );
+}
+
+#[test]
+fn nodes_and_external_client_over_ipv6_and_no_route_from_outside_to_pods() {
+    let mut c = Cluster::with_config(ClusterConfig {
+        backends_per_node: [1, 1],
+        client_pod: true,
+        ..ClusterConfig::default()
+    })
+    .expect("cluster setup");
+    for k in 0..2 {
+        c.serve_on_node(k, &format!("{}-srv", node_name(k)), 9000, 9001)
+            .expect("servers in the node namespace");
+    }
+    for k in 0..2 {
+        let name = format!("{}-srv", node_name(k));
+        let t = tcp_whoami(c.ext(), v6(c.node_ip6(k), 9000), TIMEOUT).expect("TCP to node");
+        assert_eq!(t.backend, name);
+        assert_eq!(t.seen_from.ip(), IpAddr::from(addr::EXT_IP6), "{t:?}");
+        let u = udp_whoami(c.ext(), v6(c.node_ip6(k), 9001), TIMEOUT).expect("UDP to node");
+        assert_eq!(u.backend, name);
+        assert_eq!(u.local.ip(), IpAddr::from(addr::EXT_IP6), "{u:?}");
+        assert_eq!(u.reply_from, SocketAddr::from(v6(c.node_ip6(k), 9001)));
+        // A pod reaches its own node and the other one.
+        for from in 0..2 {
+            let pod = c.client(from);
+            let t = tcp_whoami(&pod.netns, v6(c.node_ip6(k), 9000), TIMEOUT)
+                .unwrap_or_else(|e| panic!("{} -> {name}: {e}", pod.name));
+            assert_eq!(t.backend, name);
+            assert_eq!(t.seen_from.ip(), IpAddr::from(pod.ip6), "{t:?}");
+        }
+    }
+
+    // A pod's datagram reaches the external client with the pod's address;
+    // the external client has no route back (nothing translates without
+    // an agent), as over IPv4.
+    let ext_sock = c
+        .ext()
+        .run(|| std::net::UdpSocket::bind(v6(addr::EXT_IP6, 9100)))
+        .expect("socket on the external client");
+    ext_sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    c.client(1)
+        .netns
+        .run(|| {
+            let s = std::net::UdpSocket::bind("[::]:0")?;
+            s.send_to(b"hi", v6(addr::EXT_IP6, 9100))
+        })
+        .expect("send from a pod");
+    let mut buf = [0u8; 16];
+    let (_, from) = ext_sock
+        .recv_from(&mut buf)
+        .expect("the pod's datagram arrives");
+    assert_eq!(from.ip(), IpAddr::from(c.client(1).ip6));
+    for (k, j) in [(0, 0), (1, 0)] {
+        let pod = c.backend(k, j).ip6;
+        let route = c.ext().ip(&["-6", "route", "get", &pod.to_string()]);
+        assert!(
+            route.is_err(),
+            "external client has a route to {pod}: {route:?}"
+        );
+        let t = tcp_whoami(c.ext(), c.backend_tcp6(k, j), TIMEOUT).expect_err("TCP to a pod");
+        assert_eq!(ErrorKind::of(&t), ErrorKind::Unreachable, "{t}");
+    }
+
+    // A secondary IPv6 node address, and an IPv6 prefix outside the fabric
+    // reachable only once routed via a node.
+    c.add_node_address(1, "fd00:192:168:50::21/64").unwrap();
+    let t = tcp_whoami(
+        c.ext(),
+        v6("fd00:192:168:50::21".parse().unwrap(), 9000),
+        TIMEOUT,
+    )
+    .expect("TCP to node 1's secondary IPv6 address");
+    assert_eq!(t.backend, "node-1-srv");
+    reachable_only_once_routed(&c, "fd00:203:0:113::10/128", "fd00:203:0:113::/64");
+
+    let prefix = c.netns_prefix();
+    drop(c);
+    assert_eq!(netns::list_netns(&prefix).unwrap(), Vec::<String>::new());
+    assert_eq!(lab::root_ipv6_leaks().unwrap(), Vec::<String>::new());
 }

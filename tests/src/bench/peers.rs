@@ -17,6 +17,7 @@ use serde::Serialize;
 use super::rules::{self, BenchService};
 use super::stream::{self, Throughput};
 use super::switch::{Prober, Switch, SwitchSettings};
+use crate::addr::{FamilyAddr, IpFamily};
 use crate::loadgen::{self, Report};
 use crate::netns::Netns;
 use crate::{Agent, Lab, addr, backend_name};
@@ -646,13 +647,17 @@ pub(super) struct StagedRules {
 
 impl StagedRules {
     /// Writes `peer`'s rules for `services` (rendered by `rules`' iptables
-    /// or nft generator) into `dir`.
-    pub(super) fn write(dir: &Path, peer: Peer, services: &[BenchService]) -> Result<StagedRules> {
+    /// or nft generator, for the services' family) into `dir`.
+    pub(super) fn write<A: FamilyAddr>(
+        dir: &Path,
+        peer: Peer,
+        services: &[BenchService<A>],
+    ) -> Result<StagedRules> {
         let (text, file, program) = match peer {
             Peer::Iptables => (
                 rules::iptables_restore(services),
                 "iptables.rules",
-                "iptables-restore",
+                rules::restore_program(A::FAMILY),
             ),
             Peer::Nftables => (rules::nft_script(services), "nftables.nft", "nft"),
             _ => bail!("{peer} has no rules"),
@@ -740,15 +745,23 @@ fn rules_turn(
 /// so no NAT hook (and so no netfilter conntrack) is left for the next
 /// peer.
 pub(super) fn remove_rules(node: &Netns, peer: Peer) -> Result<()> {
+    remove_family_rules(node, peer, IpFamily::V4)
+}
+
+/// [`remove_rules`] for the rules of `family` (`ip6tables`, the `ip6`
+/// tables).
+pub(super) fn remove_family_rules(node: &Netns, peer: Peer, family: IpFamily) -> Result<()> {
+    let nft_family = rules::nft_family(family);
     match peer {
         Peer::Iptables => {
-            node.exec("iptables", &["-t", "nat", "-F"])?;
-            node.exec("iptables", &["-t", "nat", "-X"])?;
+            let iptables = rules::iptables_program(family);
+            node.exec(iptables, &["-t", "nat", "-F"])?;
+            node.exec(iptables, &["-t", "nat", "-X"])?;
             // iptables-nft keeps the base chains (and their hooks) otherwise.
-            let _ = node.exec("nft", &["delete", "table", "ip", "nat"]);
+            let _ = node.exec("nft", &["delete", "table", nft_family, "nat"]);
         }
         Peer::Nftables => {
-            node.exec("nft", &["delete", "table", "ip", rules::NFT_TABLE])?;
+            node.exec("nft", &["delete", "table", nft_family, rules::NFT_TABLE])?;
         }
         _ => {}
     }

@@ -19,10 +19,17 @@
 //! [`MAX_NODE_PORTS`] TCP node ports, so above that N the rest stay
 //! ClusterIP-only, as they would in a real cluster: their ClusterIP rules
 //! still come first in kube-proxy's KUBE-SERVICES chain.
+//!
+//! The same services exist for IPv6 ([`services6`], VIPs [`vip6`], the lab
+//! pods' IPv6 addresses as endpoints): kube-proxy runs one proxier per
+//! family, so the renderers write the rules of the services' family, an
+//! `ip6tables-restore` file or an `ip6` nftables table in the shapes
+//! kube-proxy writes for IPv6 Services.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::addr::{FamilyAddr, IpFamily};
 use crate::yaml::{self, NodeEndpoint};
 use crate::{addr, backend_name};
 
@@ -53,18 +60,30 @@ pub fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + offset as u32)
 }
 
-/// One benchmark service.
+/// ClusterIP of IPv6 service `i`: fd00:10:96::1:0 + i, in
+/// [`addr::SERVICE_CIDR6`] and clear of the lab's IPv6 VIPs (below
+/// fd00:10:96::1:0).
+pub fn vip6(i: usize) -> Ipv6Addr {
+    let offset = 0x1_0000 + i;
+    assert!(
+        offset < 1 << 20,
+        "service index {i} too large for the IPv6 service CIDR"
+    );
+    addr::service_ip6(offset as u32)
+}
+
+/// One benchmark service, IPv4 unless `A` is `Ipv6Addr`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BenchService {
+pub struct BenchService<A = Ipv4Addr> {
     pub name: String,
-    pub vip: Ipv4Addr,
+    pub vip: A,
     /// Endpoint addresses (port [`TARGET_PORT`], and [`UDP_TARGET_PORT`]
     /// when `udp`).
-    pub endpoints: Vec<Ipv4Addr>,
+    pub endpoints: Vec<A>,
     /// Also serves `dns` [`UDP_SERVICE_PORT`]/UDP on `endpoints`.
     pub udp: bool,
     /// Also serves `iperf` [`IPERF_PORT`]/TCP on this one endpoint.
-    pub iperf: Option<Ipv4Addr>,
+    pub iperf: Option<A>,
     /// Type NodePort (externalTrafficPolicy Cluster) with this node port on
     /// `http`.
     pub node_port: Option<u16>,
@@ -74,13 +93,26 @@ pub struct BenchService {
 /// 0..backends); the last also has the UDP port and the iperf3 port (on
 /// backend 0).
 pub fn services(n: usize, backends: usize) -> Vec<BenchService> {
+    services_with(n, vip, (0..backends).map(addr::backend_ip).collect())
+}
+
+/// [`services`] over IPv6: VIPs [`vip6`], the backends' IPv6 addresses.
+pub fn services6(n: usize, backends: usize) -> Vec<BenchService<Ipv6Addr>> {
+    services_with(n, vip6, (0..backends).map(addr::backend_ip6).collect())
+}
+
+fn services_with<A: FamilyAddr>(
+    n: usize,
+    vip: fn(usize) -> A,
+    endpoints: Vec<A>,
+) -> Vec<BenchService<A>> {
     (0..n)
         .map(|i| BenchService {
             name: format!("svc-{i:05}"),
             vip: vip(i),
-            endpoints: (0..backends).map(addr::backend_ip).collect(),
+            endpoints: endpoints.clone(),
             udp: i + 1 == n,
-            iperf: (i + 1 == n).then(|| addr::backend_ip(0)),
+            iperf: endpoints.first().copied().filter(|_| i + 1 == n),
             node_port: None,
         })
         .collect()
@@ -104,17 +136,17 @@ pub fn node_port_services(n: usize, endpoints: &[Ipv4Addr]) -> Vec<BenchService>
 }
 
 /// One service port as the rule renderers see it.
-struct PortSpec<'a> {
+struct PortSpec<'a, A> {
     name: &'static str,
     /// `tcp` or `udp`.
     proto: &'static str,
     port: u16,
     target: u16,
-    endpoints: &'a [Ipv4Addr],
+    endpoints: &'a [A],
     node_port: Option<u16>,
 }
 
-fn port_specs(s: &BenchService) -> Vec<PortSpec<'_>> {
+fn port_specs<A: FamilyAddr>(s: &BenchService<A>) -> Vec<PortSpec<'_, A>> {
     let mut out = vec![PortSpec {
         name: "http",
         proto: "tcp",
@@ -164,30 +196,31 @@ fn hash_tag(text: &str) -> String {
     out
 }
 
-fn svc_port_name(s: &BenchService, port: &str) -> String {
+fn svc_port_name<A>(s: &BenchService<A>, port: &str) -> String {
     format!("default/{}:{port}", s.name)
 }
 
-/// The lab pod name of a backend address 10.244.(10+i).2.
-fn pod_name(ip: Ipv4Addr) -> String {
-    backend_name(usize::from(ip.octets()[2]).saturating_sub(10))
+/// The lab pod name of a backend address (10.244.(10+i).2 or its IPv6
+/// twin).
+fn pod_name<A: FamilyAddr>(ip: A) -> String {
+    backend_name(addr::backend_index(ip.into()).expect("a lab backend address"))
 }
 
 /// All services as one multi-document manifest (Service + EndpointSlice
 /// each), in service order, endpoints on the one-node lab's node.
-pub fn manifest(services: &[BenchService]) -> String {
+pub fn manifest<A: FamilyAddr>(services: &[BenchService<A>]) -> String {
     manifest_on(services, crate::LAB_NODE, &pod_name)
 }
 
 /// [`manifest`] with every endpoint on node `node`, its pod named by
 /// `pod_name`.
-pub fn manifest_on(
-    services: &[BenchService],
+pub fn manifest_on<A: FamilyAddr>(
+    services: &[BenchService<A>],
     node: &str,
-    pod_name: &dyn Fn(Ipv4Addr) -> String,
+    pod_name: &dyn Fn(A) -> String,
 ) -> String {
-    let endpoint = |ip: Ipv4Addr| NodeEndpoint {
-        ip,
+    let endpoint = |ip: A| NodeEndpoint {
+        ip: ip.into(),
         pod: pod_name(ip),
         ready: true,
         node: node.to_string(),
@@ -242,6 +275,67 @@ pub fn manifest_on(
     out
 }
 
+/// What the rules of one family spell differently.
+struct Syntax {
+    /// An address's prefix length in iptables' `-d`/`-s` (`/32`, `/128`).
+    host_len: u8,
+    /// What kube-proxy adds to the KUBE-NODEPORTS jump: IPv6 node ports
+    /// never answer on `::1`.
+    iptables_no_localhost: &'static str,
+    /// nftables table family and address match (`ip`, `ip6`).
+    nft_family: &'static str,
+    nft_addr_type: &'static str,
+    nft_no_localhost: &'static str,
+    nft_reject: &'static str,
+}
+
+fn syntax(family: IpFamily) -> Syntax {
+    match family {
+        IpFamily::V4 => Syntax {
+            host_len: 32,
+            iptables_no_localhost: "",
+            nft_family: "ip",
+            nft_addr_type: "ipv4_addr",
+            nft_no_localhost: "ip daddr != 127.0.0.0/8",
+            nft_reject: "reject with icmp type port-unreachable",
+        },
+        IpFamily::V6 => Syntax {
+            host_len: 128,
+            iptables_no_localhost: " ! -d ::1/128",
+            nft_family: "ip6",
+            nft_addr_type: "ipv6_addr",
+            nft_no_localhost: "ip6 daddr != ::1",
+            nft_reject: "reject with icmpv6 type port-unreachable",
+        },
+    }
+}
+
+/// `ip:port`, `[ip]:port` for IPv6, as kube-proxy writes endpoints.
+fn host_port<A: FamilyAddr>(ip: A, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// `iptables`, or `ip6tables` for IPv6.
+pub fn iptables_program(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "iptables",
+        IpFamily::V6 => "ip6tables",
+    }
+}
+
+/// The `iptables-restore` of `family` (`ip6tables-restore` for IPv6).
+pub fn restore_program(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "iptables-restore",
+        IpFamily::V6 => "ip6tables-restore",
+    }
+}
+
+/// The nftables family kube-proxy's table has for `family`.
+pub fn nft_family(family: IpFamily) -> &'static str {
+    syntax(family).nft_family
+}
+
 /// kube-proxy's iptables-mode nat table for `services` (the shape of
 /// `pkg/proxy/iptables/proxier.go`): PREROUTING -> KUBE-SERVICES, one rule
 /// per service port jumping to KUBE-SVC-*, which picks a KUBE-SEP-* with
@@ -250,8 +344,11 @@ pub fn manifest_on(
 /// KUBE-NODEPORTS for local destinations, where one rule per node port
 /// (`--dport`) jumps to KUBE-EXT-*, which marks for masquerade
 /// (externalTrafficPolicy Cluster) and jumps to the service's KUBE-SVC-*.
-/// For one `iptables-restore` (the whole nat table is replaced).
-pub fn iptables_restore(services: &[BenchService]) -> String {
+/// For one `iptables-restore` (the whole nat table is replaced); for IPv6
+/// services, for one `ip6tables-restore`.
+pub fn iptables_restore<A: FamilyAddr>(services: &[BenchService<A>]) -> String {
+    let syn = syntax(A::FAMILY);
+    let len = syn.host_len;
     let mut chains = String::new();
     let mut rules = String::new();
     let mut node_port_rules = String::new();
@@ -278,7 +375,7 @@ pub fn iptables_restore(services: &[BenchService]) -> String {
             let _ = writeln!(chains, ":{svc_chain} - [0:0]");
             let _ = writeln!(
                 rules,
-                "-A KUBE-SERVICES -m comment --comment \"{port_name} cluster IP\" -d {}/32 -p {proto} -m {proto} --dport {} -j {svc_chain}",
+                "-A KUBE-SERVICES -m comment --comment \"{port_name} cluster IP\" -d {}/{len} -p {proto} -m {proto} --dport {} -j {svc_chain}",
                 s.vip, p.port
             );
             if let Some(np) = p.node_port {
@@ -309,24 +406,25 @@ pub fn iptables_restore(services: &[BenchService]) -> String {
                 } else {
                     String::new()
                 };
+                let dest = host_port(*ep, p.target);
                 let _ = writeln!(
                     svc_rules,
-                    "-A {svc_chain} -m comment --comment \"{port_name} -> {ep}:{}\"{pick} -j {sep_chain}",
-                    p.target
+                    "-A {svc_chain} -m comment --comment \"{port_name} -> {dest}\"{pick} -j {sep_chain}"
                 );
                 let _ = writeln!(
                     sep_rules,
-                    "-A {sep_chain} -m comment --comment \"{port_name}\" -s {ep}/32 -j KUBE-MARK-MASQ\n\
-                     -A {sep_chain} -m comment --comment \"{port_name}\" -p {proto} -m {proto} -j DNAT --to-destination {ep}:{}",
-                    p.target
+                    "-A {sep_chain} -m comment --comment \"{port_name}\" -s {ep}/{len} -j KUBE-MARK-MASQ\n\
+                     -A {sep_chain} -m comment --comment \"{port_name}\" -p {proto} -m {proto} -j DNAT --to-destination {dest}"
                 );
             }
         }
     }
     if !node_port_rules.is_empty() {
         chains.push_str(":KUBE-NODEPORTS - [0:0]\n");
-        rules.push_str(
-            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n",
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL{} -j KUBE-NODEPORTS",
+            syn.iptables_no_localhost
         );
     }
     format!("*nat\n{chains}{rules}{node_port_rules}{ext_rules}{svc_rules}{sep_rules}COMMIT\n")
@@ -344,8 +442,11 @@ pub const NFT_TABLE: &str = "kube-proxy";
 /// local`), goes to one `external-*` chain per node port, which marks for
 /// masquerade (externalTrafficPolicy Cluster) and goes to the service's
 /// chain. One `nft -f` transaction; it deletes any previous copy of the
-/// table first, which makes it the full resync too.
-pub fn nft_script(services: &[BenchService]) -> String {
+/// table first, which makes it the full resync too. IPv6 services get
+/// kube-proxy's `ip6` table (its IPv6 proxier's), same names.
+pub fn nft_script<A: FamilyAddr>(services: &[BenchService<A>]) -> String {
+    let syn = syntax(A::FAMILY);
+    let family = syn.nft_family;
     let mut elements = Vec::with_capacity(services.len());
     let mut node_port_elements = Vec::new();
     let mut chains = String::new();
@@ -377,14 +478,15 @@ pub fn nft_script(services: &[BenchService]) -> String {
                 arms.push(format!("{j} : goto {ep_chain}"));
                 let _ = writeln!(
                     chains,
-                    "  chain {ep_chain} {{\n    ip saddr {ep} jump mark-for-masquerade\n    meta l4proto {proto} dnat to {ep}:{}\n  }}",
-                    p.target
+                    "  chain {ep_chain} {{\n    {family} saddr {ep} jump mark-for-masquerade\n    meta l4proto {proto} dnat to {}\n  }}",
+                    host_port(*ep, p.target)
                 );
             }
             if arms.is_empty() {
                 let _ = writeln!(
                     chains,
-                    "  chain {svc_chain} {{\n    reject with icmp type port-unreachable\n  }}"
+                    "  chain {svc_chain} {{\n    {}\n  }}",
+                    syn.nft_reject
                 );
             } else {
                 let _ = writeln!(
@@ -410,15 +512,17 @@ pub fn nft_script(services: &[BenchService]) -> String {
                  elements = {{ {} }}\n  }}\n",
                 node_port_elements.join(",\n      ")
             ),
-            "\n    fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"
-                .to_string(),
+            format!(
+                "\n    fib daddr type local {} meta l4proto . th dport vmap @service-nodeports",
+                syn.nft_no_localhost
+            ),
         )
     };
     format!(
-        "table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n\
-table ip {NFT_TABLE} {{
+        "table {family} {NFT_TABLE} {{}}\ndelete table {family} {NFT_TABLE}\n\
+table {family} {NFT_TABLE} {{
   map service-ips {{
-    type ipv4_addr . inet_proto . inet_service : verdict{map_elements}
+    type {} . inet_proto . inet_service : verdict{map_elements}
   }}
 {node_port_map}  chain nat-prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
@@ -441,10 +545,11 @@ table ip {NFT_TABLE} {{
     masquerade fully-random
   }}
   chain services {{
-    ip daddr . meta l4proto . th dport vmap @service-ips{node_port_rule}
+    {family} daddr . meta l4proto . th dport vmap @service-ips{node_port_rule}
   }}
 {chains}}}
-"
+",
+        syn.nft_addr_type
     )
 }
 
@@ -793,5 +898,120 @@ mod tests {
         assert_eq!(text.matches("nodeName: node-0").count(), 4);
         assert!(text.contains("name: pod-129"));
         assert!(!text.contains("protocol: UDP"));
+    }
+
+    #[test]
+    fn vips6_are_distinct_and_in_the_service_cidr() {
+        assert_eq!(vip6(0).to_string(), "fd00:10:96::1:0");
+        assert_eq!(vip6(99_999).to_string(), "fd00:10:96::2:869f");
+        let all: std::collections::BTreeSet<_> = (0..100_000).map(vip6).collect();
+        assert_eq!(all.len(), 100_000);
+        assert!(!all.contains(&addr::DEMO_VIP6));
+    }
+
+    #[test]
+    fn ip6tables_text_for_two_services() {
+        let text = iptables_restore(&services6(2, 3));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.first(), Some(&"*nat"));
+        assert_eq!(lines.last(), Some(&"COMMIT"));
+        assert_eq!(lines.iter().filter(|l| l.starts_with(':')).count(), 17);
+        assert!(
+            text.contains("-d fd00:10:96::1:1/128 -p udp -m udp --dport 53 -j KUBE-SVC-"),
+            "{text}"
+        );
+        assert!(text.contains("-d fd00:10:96::1:0/128 -p tcp -m tcp --dport 80 -j KUBE-SVC-"));
+        assert!(text.contains("-p udp -m udp -j DNAT --to-destination [fd00:10:244:11::2]:5353"));
+        assert!(text.contains("default/svc-00001:http -> [fd00:10:244:12::2]:8080\""));
+        assert_eq!(
+            text.matches("-s fd00:10:244:10::2/128 -j KUBE-MARK-MASQ")
+                .count(),
+            4,
+            "http twice, dns, iperf"
+        );
+        assert!(!text.contains("/32"), "{text}");
+        // Node ports: never on ::1, as kube-proxy's IPv6 proxier.
+        let mut np = services6(2, 3);
+        np[1].node_port = Some(30_001);
+        let text = iptables_restore(&np);
+        assert!(text.contains("-m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS\n"));
+        assert!(text.contains("-p tcp -m tcp --dport 30001 -j KUBE-EXT-"));
+    }
+
+    #[test]
+    fn nft_ip6_text_for_two_services() {
+        let text = nft_script(&services6(2, 3));
+        assert!(text.starts_with("table ip6 kube-proxy {}\ndelete table ip6 kube-proxy\n"));
+        assert!(text.contains("type ipv6_addr . inet_proto . inet_service : verdict"));
+        assert!(text.contains("ip6 daddr . meta l4proto . th dport vmap @service-ips"));
+        assert!(text.contains("fd00:10:96::1:0 . tcp . 80 : goto service-"));
+        assert!(text.contains("fd00:10:96::1:1 . udp . 53 : goto service-"));
+        assert!(text.contains("meta l4proto udp dnat to [fd00:10:244:12::2]:5353"));
+        assert_eq!(
+            text.matches("ip6 saddr fd00:10:244:10::2 jump mark-for-masquerade")
+                .count(),
+            4
+        );
+        assert!(!text.contains("ip saddr") && !text.contains("ip daddr"));
+        assert_well_formed(&text);
+        let mut np = services6(2, 3);
+        np[1].node_port = Some(30_001);
+        np[0].endpoints.clear();
+        let text = nft_script(&np);
+        assert!(text.contains(
+            "fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @service-nodeports"
+        ));
+        assert!(text.contains("reject with icmpv6 type port-unreachable"));
+        assert_well_formed(&text);
+    }
+
+    #[test]
+    fn manifest6_lists_ipv6_services_and_slices() {
+        let text = manifest(&services6(2, 3));
+        assert_eq!(text.matches("ipFamilies: [IPv6]").count(), 2);
+        assert!(text.contains("clusterIP: fd00:10:96::1:1\n"));
+        assert_eq!(text.matches("addressType: IPv6").count(), 3);
+        assert_eq!(text.matches("\"fd00:10:244:12::2\"").count(), 2);
+        assert!(text.contains("name: backend-2"));
+    }
+
+    /// Loads `services`' rules of both peers into a namespace of their own,
+    /// as the benchmark does, lists them back, and removes them: the kernel
+    /// and the tools accept every line of them.
+    fn loads_and_unloads<A: FamilyAddr>(services: &[BenchService<A>]) {
+        use crate::bench::peers::{Peer, StagedRules, remove_family_rules};
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}-rules{n}", std::process::id());
+        let ns = crate::Netns::create(&format!("kep-{id}")).expect("namespace (needs root)");
+        let dir = crate::TempDir::create(std::env::temp_dir().join(format!("kep-{id}"))).unwrap();
+        let family = nft_family(A::FAMILY);
+        for peer in [Peer::Iptables, Peer::Nftables] {
+            StagedRules::write(&dir.0, peer, services)
+                .and_then(|r| r.apply(&ns))
+                .unwrap_or_else(|e| panic!("{peer} rules for {:?}: {e:#}", A::FAMILY));
+            let listed = ns.exec("nft", &["list", "ruleset", family]).unwrap();
+            let last = services.last().unwrap();
+            assert!(listed.contains(&last.vip.to_string()), "{peer}:\n{listed}");
+            // As the kernel has it (IPv6 in brackets), not as we wrote it.
+            let dnat = SocketAddr::new(last.endpoints[0].into(), TARGET_PORT);
+            assert!(
+                listed.contains(&format!("dnat to {dnat}")),
+                "{peer}:\n{listed}"
+            );
+            remove_family_rules(&ns, peer, A::FAMILY).unwrap();
+            let left = ns.exec("nft", &["list", "ruleset"]).unwrap();
+            assert!(!left.contains("dnat"), "{peer} left rules:\n{left}");
+        }
+    }
+
+    #[test]
+    fn both_families_rules_load_in_a_kernel() {
+        loads_and_unloads(&services(3, 3));
+        loads_and_unloads(&services6(3, 3));
+        let mut np = services6(2, 2);
+        np[1].node_port = Some(30_001);
+        loads_and_unloads(&np);
     }
 }

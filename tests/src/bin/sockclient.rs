@@ -10,9 +10,10 @@
 //! instead and print `ok <backend name> <source the server saw> <peer>`.
 //! An optional fifth argument binds every socket to that local port (UDP
 //! clients that keep one source port, as Kubernetes' conntrack tests do).
+//! ADDR is of either family (`[fd00::1]:80` for IPv6).
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -33,9 +34,9 @@ struct Ask {
     src_port: u16,
 }
 
-fn tcp(target: SocketAddrV4, ask: Ask) -> std::io::Result<(String, SocketAddr)> {
+fn tcp(target: SocketAddr, ask: Ask) -> std::io::Result<(String, SocketAddr)> {
     let mut s = if ask.src_port == 0 {
-        TcpStream::connect_timeout(&target.into(), TIMEOUT)?
+        TcpStream::connect_timeout(&target, TIMEOUT)?
     } else {
         bound_tcp(target, ask.src_port)?
     };
@@ -48,61 +49,36 @@ fn tcp(target: SocketAddrV4, ask: Ask) -> std::io::Result<(String, SocketAddr)> 
 }
 
 /// A TCP connection from local port `port` (std has no bind-then-connect).
-fn bound_tcp(target: SocketAddrV4, port: u16) -> std::io::Result<TcpStream> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain socket calls on a descriptor this function owns; it is
-    // handed to TcpStream (which closes it) once connected.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let stream = TcpStream::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        );
-        let sin = |a: SocketAddrV4| libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*a.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let local = sin(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port));
-        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
-        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let remote = sin(target);
-        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(stream)
-    }
+fn bound_tcp(target: SocketAddr, port: u16) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&any_addr(target, port).into())?;
+    s.connect(&target.into())?;
+    Ok(s.into())
 }
 
-fn udp_socket(ask: Ask) -> std::io::Result<UdpSocket> {
-    let s = UdpSocket::bind(("0.0.0.0", ask.src_port))?;
+/// The unspecified address of `target`'s family with `port`.
+fn any_addr(target: SocketAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(lab::addr::IpFamily::of(target.ip()).unspecified(), port)
+}
+
+fn udp_socket(target: SocketAddr, ask: Ask) -> std::io::Result<UdpSocket> {
+    let s = UdpSocket::bind(any_addr(target, ask.src_port))?;
     s.set_read_timeout(Some(TIMEOUT))?;
     Ok(s)
 }
 
-fn udp_sendto(target: SocketAddrV4, ask: Ask) -> std::io::Result<(String, SocketAddr)> {
-    let s = udp_socket(ask)?;
+fn udp_sendto(target: SocketAddr, ask: Ask) -> std::io::Result<(String, SocketAddr)> {
+    let s = udp_socket(target, ask)?;
     s.send_to(ask.request, target)?;
     let mut buf = [0u8; 256];
     let (n, from) = s.recv_from(&mut buf)?;
     Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
 }
 
-fn udp_connect(target: SocketAddrV4, ask: Ask) -> std::io::Result<(String, SocketAddr)> {
-    let s = udp_socket(ask)?;
+fn udp_connect(target: SocketAddr, ask: Ask) -> std::io::Result<(String, SocketAddr)> {
+    let s = udp_socket(target, ask)?;
     s.connect(target)?;
     let peer = s.peer_addr()?;
     s.send(ask.request)?;
@@ -124,9 +100,9 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let target: SocketAddrV4 = target.parse().expect("ADDR:PORT");
+    let target: SocketAddr = target.parse().expect("ADDR:PORT");
     let count: usize = count.parse().expect("COUNT");
-    type Request = fn(SocketAddrV4, Ask) -> std::io::Result<(String, SocketAddr)>;
+    type Request = fn(SocketAddr, Ask) -> std::io::Result<(String, SocketAddr)>;
     let (request, body): (Request, &'static [u8]) = match mode.as_str() {
         "tcp" => (tcp, b"hello\n"),
         "udp-sendto" => (udp_sendto, b"hello\n"),

@@ -248,7 +248,7 @@ impl<'c> Env<'c> {
     /// terminating)` (see [`pod_conditions`]).
     pub fn endpoint_with(&self, k: usize, j: usize, c: (bool, bool, bool)) -> SliceEndpoint {
         SliceEndpoint {
-            ip: self.pod_ip(k, j),
+            ip: self.pod_ip(k, j).into(),
             node: self.node_name(k),
             ready: c.0,
             serving: c.1,
@@ -259,7 +259,7 @@ impl<'c> Env<'c> {
     /// A ready endpoint at node k's own address (a hostNetwork pod).
     pub fn host_endpoint(&self, k: usize) -> SliceEndpoint {
         SliceEndpoint {
-            ip: self.node_ip(k),
+            ip: self.node_ip(k).into(),
             node: self.node_name(k),
             ready: true,
             serving: true,
