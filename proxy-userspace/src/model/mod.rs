@@ -1,8 +1,10 @@
 //! Services + EndpointSlices -> the frontends the datapath must serve.
 //!
-//! - `service`: one Service's ports, exposure and affinity, and the
-//!   frontends it claims;
-//! - `slices`: EndpointSlices reduced to what is read of them;
+//! - `api`: Services and EndpointSlices as decoded: only the fields read;
+//! - `service`: one Service's ports, exposure and affinity, read once
+//!   ([`ServiceFacts`]), and the frontends it claims;
+//! - `slices`: EndpointSlices reduced to what is read of them
+//!   ([`SliceFacts`]);
 //! - `topology`: which endpoints each frontend uses (traffic policies,
 //!   the terminating fallback, hints);
 //! - `tracker`: the objects as they change, and which frontends a change
@@ -75,25 +77,29 @@
 //!   `service.kubernetes.io/topology-mode` annotation is the EndpointSlice
 //!   controller's business, not the proxy's.
 
+pub mod api;
+mod intern;
 mod service;
 mod slices;
 mod topology;
 mod tracker;
 
+pub use intern::intern;
+pub use service::ServiceFacts;
 use service::*;
 pub use slices::SliceFacts;
 use slices::*;
 use topology::*;
 
-pub use tracker::{Origin, ServiceName, Tracker};
+pub use tracker::{Origin, Tracker};
 
-use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::{Endpoint as ApiEndpoint, EndpointPort, EndpointSlice};
+use api::{EndpointSlice, Service};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use proxy_common::proto;
 use thiserror::Error;
@@ -225,8 +231,9 @@ pub enum FrontendKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendState {
     /// kube-proxy's service port name: `namespace/name:port`, or
-    /// `namespace/name` for an unnamed port, so logs read the same as its.
-    pub service: String,
+    /// `namespace/name` for an unnamed port, so logs read the same as its
+    /// (one string shared by the port's frontends).
+    pub service: Arc<str>,
     pub kind: FrontendKind,
     /// What traffic from inside the cluster (pods, the host) gets: the
     /// internalTrafficPolicy-filtered endpoints on a cluster IP; on the
@@ -443,6 +450,14 @@ pub(super) enum Problem {
         name: String,
         source: UnsupportedProtocol,
     },
+    #[error(
+        "{field}: {addr} is the cluster IP of Service {owner}; refused (a cluster IP belongs to the Service it was allocated to)"
+    )]
+    ClusterIpTaken {
+        field: &'static str,
+        addr: Ipv4Addr,
+        owner: String,
+    },
     #[error("port {name:?}: frontend {frontend} already belongs to {owner}")]
     FrontendTaken {
         name: String,
@@ -522,11 +537,45 @@ pub fn compute(
     (desired, tracker.warnings())
 }
 
+/// A Service's namespace and name: cheap to clone (both strings shared),
+/// ordered by namespace, then name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceName {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl ServiceName {
+    /// `namespace/name`; an empty namespace is the default one.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        let namespace = if namespace.is_empty() {
+            DEFAULT_NAMESPACE
+        } else {
+            namespace
+        };
+        Self {
+            namespace: intern(namespace),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 pub(crate) fn namespace_of(meta: &ObjectMeta) -> &str {
     match meta.namespace.as_deref() {
         None | Some("") => DEFAULT_NAMESPACE,
         Some(namespace) => namespace,
     }
+}
+
+/// An object's namespace (defaulted) and name (empty when it has none).
+pub(crate) fn identity(meta: &ObjectMeta) -> (&str, &str) {
+    (namespace_of(meta), meta.name.as_deref().unwrap_or(""))
 }
 
 /// Whether this proxy should handle the object; objects carrying
@@ -542,8 +591,7 @@ pub(crate) mod fixtures {
     //! Builders for API objects, going through JSON so the objects are the
     //! ones a real API server or manifest would produce.
 
-    use k8s_openapi::api::core::v1::Service;
-    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use super::api::{EndpointSlice, Service};
     use serde_json::{Value, json};
 
     /// A ClusterIP Service in `default`; `ports` is a list of
@@ -601,6 +649,7 @@ pub(crate) mod fixtures {
 
 #[cfg(test)]
 mod tests {
+    use super::api::ServiceSpec;
     use super::fixtures::{from, service, slice};
     use super::*;
     use serde_json::{Value, json};
@@ -653,7 +702,7 @@ mod tests {
             [ep("10.0.0.1", 8080), ep("10.0.0.2", 9090)]
         );
         assert_eq!(
-            state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].service,
+            &*state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].service,
             "default/web:http"
         );
     }
@@ -801,7 +850,7 @@ mod tests {
         assert_eq!(warnings, []);
         let frontend = fe("10.96.0.10", 80, Protocol::Tcp);
         assert_eq!(endpoints_of(&state, frontend), [ep("10.0.0.1", 8080)]);
-        assert_eq!(state.frontends[&frontend].service, "default/web");
+        assert_eq!(&*state.frontends[&frontend].service, "default/web");
     }
 
     #[test]
@@ -1095,7 +1144,7 @@ mod tests {
         assert_eq!(warnings.len(), 1);
         assert_eq!(warnings[0].object, "Service default/b");
         assert_eq!(
-            state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].service,
+            &*state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].service,
             "default/a:http"
         );
     }
@@ -1660,7 +1709,7 @@ mod tests {
             None
         );
         let np = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
-        assert_eq!(np.service, "default/web:http");
+        assert_eq!(&*np.service, "default/web:http");
         assert_eq!(np.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
         assert_eq!(
             np.external,
@@ -2059,7 +2108,7 @@ mod tests {
         );
         let st = &state.frontends[&fe(LB_IP, 80, Protocol::Tcp)];
         assert_eq!(
-            (st.service.as_str(), st.kind),
+            (&*st.service, st.kind),
             ("default/a:http", FrontendKind::ExternalIp)
         );
         // b keeps its other frontends.

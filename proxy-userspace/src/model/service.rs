@@ -1,105 +1,188 @@
-//! One Service's frontends and health check on this node: its cluster IPs,
-//! ports, node ports, load-balancer and external IPs (what it exposes),
-//! session affinity, and the claims it makes before conflicts with other
-//! Services are settled by the tracker.
+//! One Service: what it asks for, read and validated once as it arrives
+//! ([`ServiceFacts`]: its cluster IPs, ports, exposure and affinity), and
+//! its frontends and health check on this node ([`derive_service`]), the
+//! claims it makes before conflicts with other Services are settled by the
+//! tracker.
 
 use super::*;
+
+/// Everything the model reads of one Service, validated once: a few
+/// hundred bytes in place of the object, which is what the tracker keeps
+/// for each of them.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceFacts {
+    pub name: ServiceName,
+    /// `None` when nothing is programmed for it: another proxy's, headless,
+    /// ExternalName, or unusable (a warning says why).
+    pub(crate) spec: Option<Box<Spec>>,
+    /// What was skipped while reading it.
+    pub(crate) warnings: Vec<Warning>,
+}
+
+/// The valid part of a Service's spec (and status).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Spec {
+    /// The IPv4 cluster IPs, sorted (none for an IPv6-only Service).
+    pub(crate) cluster_ips: Box<[Ipv4Addr]>,
+    /// The valid ports, in spec order.
+    pub(super) ports: Box<[Port]>,
+    pub(super) policy: TrafficPolicy,
+    pub(super) affinity_timeout_s: Option<u32>,
+    pub(crate) exposure: Exposure,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Port {
+    pub(super) name: Arc<str>,
+    pub(super) number: u16,
+    pub(super) protocol: Protocol,
+    /// Served only on types NodePort and LoadBalancer.
+    pub(super) node_port: Option<u16>,
+}
+
+impl ServiceFacts {
+    /// Reads `service` (see the module documentation of [`super`] for the
+    /// rules); problems become warnings, skipped as narrowly as possible.
+    pub fn of(service: &api::Service) -> Self {
+        let (namespace, name) = identity(&service.metadata);
+        let mut out = Self {
+            name: ServiceName::new(namespace, name),
+            spec: None,
+            warnings: Vec::new(),
+        };
+        let object = format!("Service {namespace}/{name}");
+        let warnings = &mut out.warnings;
+        if name.is_empty() {
+            warn(warnings, &object, Problem::NoName);
+            return out;
+        }
+        if !is_ours(&service.metadata) {
+            return out;
+        }
+        let Some(spec) = &service.spec else {
+            warn(warnings, &object, Problem::NoClusterIp);
+            return out;
+        };
+        let cluster_ips = match cluster_ips(spec, &object) {
+            Ok(Some(addrs)) => addrs,
+            Ok(None) => return out,
+            Err(problem) => {
+                warn(warnings, &object, problem);
+                return out;
+            }
+        };
+        let affinity_timeout_s = match session_affinity(spec) {
+            Ok(timeout) => timeout,
+            Err(problem) => {
+                // Without affinity the Service still works; only stickiness
+                // is lost, which is better than dropping the Service.
+                warn(warnings, &object, problem);
+                None
+            }
+        };
+        let exposure = Exposure::of(service, spec, &mut |problem| {
+            warn(warnings, &object, problem)
+        });
+        let mut ports = Vec::new();
+        for port in spec.ports.iter().flatten() {
+            let (number, protocol) = match service_port(port) {
+                Ok(parsed) => parsed,
+                Err(problem) => {
+                    warn(warnings, &object, problem);
+                    continue;
+                }
+            };
+            let node_port = if exposure.node_ports {
+                node_port(port).unwrap_or_else(|problem| {
+                    warn(warnings, &object, problem);
+                    None
+                })
+            } else {
+                None
+            };
+            ports.push(Port {
+                name: intern(port.name.as_deref().unwrap_or("")),
+                number,
+                protocol,
+                node_port,
+            });
+        }
+        out.spec = Some(Box::new(Spec {
+            cluster_ips: cluster_ips.into_iter().collect(),
+            ports: ports.into(),
+            policy: TrafficPolicy::of(spec),
+            affinity_timeout_s,
+            exposure,
+        }));
+        out
+    }
+}
 
 /// What one Service asks for, before conflicts with other Services are
 /// settled: every frontend it claims and its health check.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Derived {
     /// (frontend, the Service port's name, its state), in claim order.
-    pub claims: Vec<(Frontend, String, FrontendState)>,
+    pub claims: Vec<(Frontend, Arc<str>, FrontendState)>,
     pub health_check: Option<(u16, HealthCheck)>,
+    /// Problems of this derivation (the Service's own are in its facts).
     pub warnings: Vec<Warning>,
+    /// Load-balancer and external IPs refused because they are another
+    /// Service's cluster IP.
+    pub refused: usize,
 }
 
-/// One Service's frontends and health check on `node`, from the Service and
-/// its slices (see the module documentation for the rules).
+/// One Service's frontends and health check on `node`, from its facts and
+/// slices (see the module documentation for the rules). `cluster_ip_owner`
+/// names the Service whose cluster IP an address is, if that is another
+/// Service: such an address is never taken as a load-balancer or external
+/// IP (the API server allocated it to that Service; kube-proxy lets any
+/// Service's `externalIPs` capture it, CVE-2020-8554).
 pub(crate) fn derive_service(
-    service: &Service,
+    name: &ServiceName,
+    spec: &Spec,
     service_slices: &[&SliceEndpoints],
     node: &NodeInfo,
+    cluster_ip_owner: &dyn Fn(Ipv4Addr) -> Option<ServiceName>,
 ) -> Derived {
     let mut out = Derived::default();
-    let (namespace, name) = identity(service);
-    let object = format!("Service {namespace}/{name}");
-    let warnings = &mut out.warnings;
-    if name.is_empty() {
-        warn(warnings, &object, Problem::NoName);
-        return out;
-    }
-    if !is_ours(&service.metadata) {
-        return out;
-    }
-    let Some(spec) = &service.spec else {
-        warn(warnings, &object, Problem::NoClusterIp);
-        return out;
-    };
-    let addrs = match cluster_ips(spec, &object) {
-        Ok(Some(addrs)) => addrs,
-        Ok(None) => return out,
-        Err(problem) => {
-            warn(warnings, &object, problem);
-            return out;
-        }
-    };
-    let policy = TrafficPolicy::of(spec);
-    let affinity_timeout_s = match session_affinity(spec) {
-        Ok(timeout) => timeout,
-        Err(problem) => {
-            // Without affinity the Service still works; only stickiness
-            // is lost, which is better than dropping the Service.
-            warn(warnings, &object, problem);
-            None
-        }
-    };
-    let exposure = Exposure::of(service, spec, &mut |problem| {
-        warn(warnings, &object, problem)
-    })
-    .allowing_node(&node.addresses);
+    let (namespace, service_name) = (&*name.namespace, &*name.name);
+    let exposure = spec.exposure.clone().allowing_node(&node.addresses);
     let node_addresses: BTreeSet<Ipv4Addr> = node.addresses.iter().copied().collect();
+    // Addresses of another Service's cluster IP, refused once each.
+    let mut taken: BTreeMap<Ipv4Addr, Option<ServiceName>> = BTreeMap::new();
+    let mut refuse = |addr: Ipv4Addr, kind: FrontendKind, out: &mut Derived| {
+        let owner = taken.entry(addr).or_insert_with(|| {
+            let owner = cluster_ip_owner(addr).filter(|owner| owner != name);
+            if let Some(owner) = &owner {
+                out.refused += 1;
+                out.warnings.push(cluster_ip_taken(name, kind, addr, owner));
+            }
+            owner
+        });
+        owner.is_some()
+    };
     // Frontends this Service claimed, by the port that claimed them.
-    let mut own: BTreeMap<Frontend, String> = BTreeMap::new();
-    let mut any_port = false;
-    for port in spec.ports.iter().flatten() {
-        let port_name = port.name.as_deref().unwrap_or("");
-        let (number, protocol) = match service_port(port) {
-            Ok(parsed) => parsed,
-            Err(problem) => {
-                warn(warnings, &object, problem);
-                continue;
-            }
+    let mut own: BTreeMap<Frontend, Arc<str>> = BTreeMap::new();
+    for port in &spec.ports {
+        let candidates = candidates_for(service_slices, &port.name, port.protocol);
+        let sets = categorize(&candidates, spec.policy, node);
+        let label: Arc<str> = service_port_name(namespace, service_name, &port.name).into();
+        let state = |kind: FrontendKind| {
+            sets.state(label.clone(), kind, &exposure, spec.affinity_timeout_s)
         };
-        any_port = true;
-        let node_port = if exposure.node_ports {
-            match node_port(port) {
-                Ok(node_port) => node_port,
-                Err(problem) => {
-                    warn(warnings, &object, problem);
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let candidates = candidates_for(service_slices, port_name, protocol);
-        let sets = categorize(&candidates, policy, node);
-        let service = service_port_name(namespace, name, port_name);
-        let state = |kind: FrontendKind| sets.state(&service, kind, &exposure, affinity_timeout_s);
         let mut claims: Vec<(Frontend, FrontendKind)> = Vec::new();
-        let on = |addr: Ipv4Addr, port: u16| Frontend {
+        let on = |addr: Ipv4Addr, number: u16| Frontend {
             addr,
-            port,
-            proto: protocol,
+            port: number,
+            proto: port.protocol,
         };
         claims.extend(
-            addrs
+            spec.cluster_ips
                 .iter()
-                .map(|a| (on(*a, number), FrontendKind::ClusterIp)),
+                .map(|a| (on(*a, port.number), FrontendKind::ClusterIp)),
         );
-        if let Some(node_port) = node_port {
+        if let Some(node_port) = port.node_port {
             claims.extend(
                 node_addresses
                     .iter()
@@ -110,47 +193,54 @@ pub(crate) fn derive_service(
             exposure
                 .load_balancer_ips
                 .iter()
-                .map(|a| (on(*a, number), FrontendKind::LoadBalancer)),
+                .map(|a| (on(*a, port.number), FrontendKind::LoadBalancer)),
         );
         claims.extend(
             exposure
                 .external_ips
                 .iter()
-                .map(|a| (on(*a, number), FrontendKind::ExternalIp)),
+                .map(|a| (on(*a, port.number), FrontendKind::ExternalIp)),
         );
         for (frontend, kind) in claims {
+            if matches!(kind, FrontendKind::LoadBalancer | FrontendKind::ExternalIp)
+                && refuse(frontend.addr, kind, &mut out)
+            {
+                continue;
+            }
             if let Some(owner) = own.get(&frontend) {
-                if *owner == port_name {
+                if *owner == port.name {
                     // One Service naming one address twice (an external
                     // IP that is also its load-balancer IP): the first
                     // kind in ClusterIp, NodePort, LoadBalancer,
                     // ExternalIp order keeps it, so an LB IP keeps its
                     // source ranges, as kube-proxy's firewall applies
                     // them to any traffic to the LB IP.
-                    tracing::debug!("{object}: {frontend} is claimed twice ({kind:?})");
+                    tracing::debug!("Service {name}: {frontend} is claimed twice ({kind:?})");
                     continue;
                 }
                 // Two ports of one Service on one frontend: only invalid
                 // input gets here (the API server rejects duplicate ports).
                 let problem = Problem::FrontendTaken {
-                    name: port_name.to_string(),
+                    name: port.name.to_string(),
                     frontend,
-                    owner: service_port_name(namespace, name, owner),
+                    owner: service_port_name(namespace, service_name, owner),
                 };
-                warn(warnings, &object, problem);
+                warn(&mut out.warnings, &format!("Service {name}"), problem);
                 continue;
             }
-            own.insert(frontend, port_name.to_string());
-            out.claims
-                .push((frontend, port_name.to_string(), state(kind)));
+            own.insert(frontend, port.name.clone());
+            out.claims.push((frontend, port.name.clone(), state(kind)));
         }
     }
     // kube-proxy keeps health checks per service port, so a Service
     // without a usable port has none.
-    if let Some(port) = exposure.health_check_port.filter(|_| any_port) {
+    if let Some(port) = exposure
+        .health_check_port
+        .filter(|_| !spec.ports.is_empty())
+    {
         let check = HealthCheck {
             namespace: namespace.to_string(),
-            name: name.to_string(),
+            name: service_name.to_string(),
             local_endpoints: local_ready_addresses(service_slices, node),
         };
         out.health_check = Some((port, check));
@@ -158,10 +248,33 @@ pub(crate) fn derive_service(
     out
 }
 
+/// The warning of a Service whose load-balancer or external IP `addr` is
+/// `owner`'s cluster IP.
+fn cluster_ip_taken(
+    service: &ServiceName,
+    kind: FrontendKind,
+    addr: Ipv4Addr,
+    owner: &ServiceName,
+) -> Warning {
+    let field = match kind {
+        FrontendKind::LoadBalancer => "status.loadBalancer.ingress",
+        _ => "externalIPs",
+    };
+    Warning {
+        object: format!("Service {service}"),
+        reason: Problem::ClusterIpTaken {
+            field,
+            addr,
+            owner: owner.to_string(),
+        }
+        .to_string(),
+    }
+}
+
 /// The warning of a Service that lost `frontend` (claimed by its port
 /// `port_name`) to `owner`, a Service earlier in (namespace, name) order.
 pub(crate) fn frontend_taken(
-    service: &str,
+    service: &ServiceName,
     port_name: &str,
     frontend: Frontend,
     owner: &str,
@@ -178,7 +291,7 @@ pub(crate) fn frontend_taken(
 }
 
 /// The warning of a Service that lost health check `port` to `owner`.
-pub(crate) fn health_check_taken(service: &str, port: u16, owner: &HealthCheck) -> Warning {
+pub(crate) fn health_check_taken(service: &ServiceName, port: u16, owner: &HealthCheck) -> Warning {
     Warning {
         object: format!("Service {service}"),
         reason: Problem::HealthCheckPortTaken {
@@ -190,7 +303,7 @@ pub(crate) fn health_check_taken(service: &str, port: u16, owner: &HealthCheck) 
 }
 
 /// The warning of each extra copy of one Service name.
-pub(crate) fn duplicate(service: &str) -> Warning {
+pub(crate) fn duplicate(service: &ServiceName) -> Warning {
     Warning {
         object: format!("Service {service}"),
         reason: Problem::Duplicate.to_string(),
@@ -206,22 +319,9 @@ pub(super) fn service_port_name(namespace: &str, name: &str, port: &str) -> Stri
     }
 }
 
-pub(crate) fn identity(service: &Service) -> (&str, &str) {
-    let name = service.metadata.name.as_deref().unwrap_or("");
-    (namespace_of(&service.metadata), name)
-}
-
-/// Two copies of one Service name can only come from a broken static
-/// source; the smaller by content wins, so the outcome does not depend on
-/// file or list order.
-pub(crate) fn by_content(a: &Service, b: &Service) -> Ordering {
-    let text = |s: &Service| serde_json::to_string(s).unwrap_or_default();
-    text(a).cmp(&text(b))
-}
-
 /// `sessionAffinity: ClientIP` and its timeout (default 10800 s), as
 /// kube-proxy reads them; `None` (the default) is no affinity.
-pub(super) fn session_affinity(spec: &ServiceSpec) -> Result<Option<u32>, Problem> {
+pub(super) fn session_affinity(spec: &api::ServiceSpec) -> Result<Option<u32>, Problem> {
     match spec.session_affinity.as_deref() {
         None | Some("") | Some("None") => Ok(None),
         Some("ClientIP") => {
@@ -242,7 +342,7 @@ pub(super) fn session_affinity(spec: &ServiceSpec) -> Result<Option<u32>, Proble
 
 /// The IPv4 cluster IPs, `None` for Services kube-proxy does not proxy.
 pub(super) fn cluster_ips(
-    spec: &ServiceSpec,
+    spec: &api::ServiceSpec,
     object: &str,
 ) -> Result<Option<BTreeSet<Ipv4Addr>>, Problem> {
     if spec.type_.as_deref() == Some("ExternalName") {
@@ -273,7 +373,7 @@ pub(super) fn cluster_ips(
     Ok(Some(addrs))
 }
 
-pub(super) fn service_port(port: &ServicePort) -> Result<(u16, Protocol), Problem> {
+pub(super) fn service_port(port: &api::ServicePort) -> Result<(u16, Protocol), Problem> {
     let name = port.name.clone().unwrap_or_default();
     let protocol = Protocol::from_api(port.protocol.as_deref()).map_err(|source| {
         Problem::ServicePortProtocol {
@@ -290,7 +390,7 @@ pub(super) fn service_port(port: &ServicePort) -> Result<(u16, Protocol), Proble
 
 /// The port's `nodePort`; unset and 0 (what `allocateLoadBalancerNodePorts:
 /// false` leaves) mean none.
-pub(super) fn node_port(port: &ServicePort) -> Result<Option<u16>, Problem> {
+pub(super) fn node_port(port: &api::ServicePort) -> Result<Option<u16>, Problem> {
     match port.node_port {
         None | Some(0) => Ok(None),
         Some(number) => port_number(number)
@@ -304,7 +404,8 @@ pub(super) fn node_port(port: &ServicePort) -> Result<Option<u16>, Problem> {
 
 /// What a Service exposes beyond its cluster IPs, read as kube-proxy's
 /// service change tracker reads it.
-pub(super) struct Exposure {
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Exposure {
     /// Type NodePort or LoadBalancer: its ports' `nodePort`s are served. (The
     /// API server only allows them on those types; kube-proxy itself does
     /// not look at the type, which only matters for static manifests.)
@@ -313,11 +414,13 @@ pub(super) struct Exposure {
     /// NodePort and LoadBalancer types (kube-proxy's `ExternalPolicyLocal`):
     /// the external IPs of a ClusterIP Service always use Cluster.
     pub(super) external_local: bool,
-    /// VIP-mode IPv4 ingress IPs, whatever the type, as kube-proxy.
-    pub(super) load_balancer_ips: BTreeSet<Ipv4Addr>,
-    pub(super) external_ips: BTreeSet<Ipv4Addr>,
+    /// VIP-mode IPv4 ingress IPs, whatever the type, as kube-proxy. Sorted.
+    pub(crate) load_balancer_ips: Vec<Ipv4Addr>,
+    /// Sorted.
+    pub(crate) external_ips: Vec<Ipv4Addr>,
     pub(super) source_ranges: Vec<Ipv4Cidr>,
-    /// See [`ExternalTraffic::allow_node`].
+    /// See [`ExternalTraffic::allow_node`]; set per node by
+    /// [`Exposure::allowing_node`].
     pub(super) allow_node: bool,
     pub(super) health_check_port: Option<u16>,
 }
@@ -342,7 +445,25 @@ impl Exposure {
         self
     }
 
-    pub(super) fn of(service: &Service, spec: &ServiceSpec, warn: &mut dyn FnMut(Problem)) -> Self {
+    /// The addresses this Service asks for beyond its cluster IPs (and
+    /// node ports), sorted.
+    pub(crate) fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        let mut all: Vec<Ipv4Addr> = self
+            .load_balancer_ips
+            .iter()
+            .chain(&self.external_ips)
+            .copied()
+            .collect();
+        all.sort();
+        all.dedup();
+        all.into_iter()
+    }
+
+    pub(super) fn of(
+        service: &api::Service,
+        spec: &api::ServiceSpec,
+        warn: &mut dyn FnMut(Problem),
+    ) -> Self {
         let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
         let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
         let external_local = node_ports && spec.external_traffic_policy.as_deref() == Some("Local");
@@ -420,8 +541,8 @@ impl Exposure {
         Self {
             node_ports,
             external_local,
-            load_balancer_ips,
-            external_ips,
+            load_balancer_ips: load_balancer_ips.into_iter().collect(),
+            external_ips: external_ips.into_iter().collect(),
             source_ranges: source_ranges.into_iter().collect(),
             allow_node: false,
             health_check_port,

@@ -25,11 +25,18 @@ pub(super) fn port_number(port: i32) -> Option<u16> {
 /// ports read it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SliceEndpoints {
-    /// (name, protocol, number)
-    pub(super) ports: Vec<(String, Protocol, u16)>,
+    pub(super) ports: Box<[SlicePort]>,
     /// The endpoints that may ever be used: ready, or serving and
     /// terminating.
-    pub(super) endpoints: Vec<EndpointInfo>,
+    pub(super) endpoints: Box<[EndpointInfo]>,
+}
+
+/// A port of a slice: its name, protocol and number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct SlicePort {
+    pub(super) name: Arc<str>,
+    pub(super) protocol: Protocol,
+    pub(super) number: u16,
 }
 
 /// What the endpoint selection needs to know of one endpoint.
@@ -40,36 +47,58 @@ pub(super) struct EndpointInfo {
     pub(super) ready: bool,
     pub(super) serving: bool,
     pub(super) terminating: bool,
-    pub(super) node_name: Option<String>,
-    /// `hints.forZones` names; empty when there is no hint.
-    pub(super) zone_hints: BTreeSet<String>,
-    /// `hints.forNodes` names; empty when there is no hint.
-    pub(super) node_hints: BTreeSet<String>,
+    pub(super) node_name: Option<Arc<str>>,
+    /// `None` when it carries no hint (most endpoints).
+    pub(super) hints: Option<Box<Hints>>,
+}
+
+/// An endpoint's topology hints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Hints {
+    /// `hints.forZones` names, sorted; empty when there is none.
+    pub(super) zones: Box<[Arc<str>]>,
+    /// `hints.forNodes` names, sorted; empty when there is none.
+    pub(super) nodes: Box<[Arc<str>]>,
+}
+
+impl Hints {
+    fn names(hints: Option<&Vec<api::Named>>) -> Box<[Arc<str>]> {
+        let names: BTreeSet<&str> = hints
+            .into_iter()
+            .flatten()
+            .map(|hint| hint.name.as_str())
+            .collect();
+        names.into_iter().map(intern).collect()
+    }
+}
+
+/// Hint names, sorted; the empty list for an endpoint without hints.
+pub(super) fn hinted(info: &EndpointInfo, names: fn(&Hints) -> &[Arc<str>]) -> &[Arc<str>] {
+    info.hints.as_deref().map_or(&[], names)
+}
+
+/// Whether sorted hint `names` hold `name`.
+pub(super) fn hints_name(names: &[Arc<str>], name: &str) -> bool {
+    names.binary_search_by(|n| (**n).cmp(name)).is_ok()
 }
 
 impl EndpointInfo {
-    pub(super) fn from_api(addr: Ipv4Addr, endpoint: &ApiEndpoint) -> Self {
+    pub(super) fn from_api(addr: Ipv4Addr, endpoint: &api::Endpoint) -> Self {
         let conditions = endpoint.conditions.as_ref();
         let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let hints = endpoint.hints.as_ref();
+        let hints = endpoint.hints.as_ref().map(|h| Hints {
+            zones: Hints::names(h.for_zones.as_ref()),
+            nodes: Hints::names(h.for_nodes.as_ref()),
+        });
         Self {
             addr,
             ready,
             serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: endpoint.node_name.clone(),
-            zone_hints: hints
-                .and_then(|h| h.for_zones.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|zone| zone.name.clone())
-                .collect(),
-            node_hints: hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|node| node.name.clone())
-                .collect(),
+            node_name: endpoint.node_name.as_deref().map(intern),
+            hints: hints
+                .filter(|h| !h.zones.is_empty() || !h.nodes.is_empty())
+                .map(Box::new),
         }
     }
 
@@ -89,46 +118,50 @@ impl EndpointInfo {
 /// objects themselves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceFacts {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// Its Service and what it contributes; `None` when no Service of ours
     /// reads it.
-    pub(crate) parsed: Option<((String, String), SliceEndpoints)>,
+    pub(crate) parsed: Option<(ServiceName, SliceEndpoints)>,
     pub(crate) warnings: Vec<Warning>,
 }
 
 impl SliceFacts {
-    pub fn of(slice: &EndpointSlice) -> Self {
+    pub fn of(slice: &api::EndpointSlice) -> Self {
         let mut warnings = Vec::new();
         let parsed = parse_slice(slice, &mut warnings);
+        let (namespace, name) = identity(&slice.metadata);
         Self {
-            namespace: namespace_of(&slice.metadata).to_string(),
-            name: slice.metadata.name.clone().unwrap_or_default(),
+            namespace: intern(namespace),
+            name: name.into(),
             parsed,
             warnings,
         }
     }
 }
 
-/// A slice's Service (namespace, name) and what it contributes; `None` for
-/// slices no Service of ours reads (another address family, no Service
-/// label, another proxy's, a headless Service's).
+/// A slice's Service and what it contributes; `None` for slices no Service
+/// of ours reads (another address family, no Service label, another
+/// proxy's, a headless Service's).
 pub(super) fn parse_slice(
-    slice: &EndpointSlice,
+    slice: &api::EndpointSlice,
     warnings: &mut Vec<Warning>,
-) -> Option<((String, String), SliceEndpoints)> {
-    let namespace = namespace_of(&slice.metadata);
-    let name = slice.metadata.name.as_deref().unwrap_or("");
-    let object = format!("EndpointSlice {namespace}/{name}");
+) -> Option<(ServiceName, SliceEndpoints)> {
+    let (namespace, name) = identity(&slice.metadata);
+    let object = || format!("EndpointSlice {namespace}/{name}");
     if slice.address_type != "IPv4" {
-        tracing::debug!("{object}: ignoring addressType {:?}", slice.address_type);
+        tracing::debug!(
+            "{}: ignoring addressType {:?}",
+            object(),
+            slice.address_type
+        );
         return None;
     }
     let labels = slice.metadata.labels.as_ref();
     let Some(service) = labels.and_then(|labels| labels.get(LABEL_SERVICE_NAME)) else {
         // Slices not managed for a Service are legal (custom controllers)
         // and simply unused.
-        tracing::debug!("{object}: no {LABEL_SERVICE_NAME} label, ignoring");
+        tracing::debug!("{}: no {LABEL_SERVICE_NAME} label, ignoring", object());
         return None;
     };
     if !is_ours(&slice.metadata) || labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
@@ -142,55 +175,62 @@ pub(super) fn parse_slice(
         ),
         endpoints: usable_endpoints(slice, &object, warnings),
     };
-    Some(((namespace.to_string(), service.clone()), parsed))
+    Some((ServiceName::new(namespace, service), parsed))
 }
 
 pub(super) fn slice_ports(
-    ports: &[EndpointPort],
-    object: &str,
+    ports: &[api::EndpointPort],
+    object: &dyn Fn() -> String,
     warnings: &mut Vec<Warning>,
-) -> Vec<(String, Protocol, u16)> {
+) -> Box<[SlicePort]> {
     let mut valid = Vec::new();
     for port in ports {
-        let name = port.name.clone().unwrap_or_default();
+        let name = port.name.as_deref().unwrap_or("");
         let protocol = match Protocol::from_api(port.protocol.as_deref()) {
             Ok(protocol) => protocol,
             Err(source) => {
+                let name = name.to_string();
                 warn(
                     warnings,
-                    object,
+                    &object(),
                     Problem::SlicePortProtocol { name, source },
                 );
                 continue;
             }
         };
         let number = match port.port {
-            None => Err(Problem::SlicePortMissing { name: name.clone() }),
+            None => Err(Problem::SlicePortMissing {
+                name: name.to_string(),
+            }),
             Some(port) => port_number(port).ok_or(Problem::SlicePortRange {
-                name: name.clone(),
+                name: name.to_string(),
                 port,
             }),
         };
         match number {
-            Ok(number) => valid.push((name, protocol, number)),
-            Err(problem) => warn(warnings, object, problem),
+            Ok(number) => valid.push(SlicePort {
+                name: intern(name),
+                protocol,
+                number,
+            }),
+            Err(problem) => warn(warnings, &object(), problem),
         }
     }
-    valid
+    valid.into()
 }
 
 /// Every endpoint of a slice with a parseable address. Selection
 /// (`select_endpoints`) decides which ones new flows may use; the others
 /// still exist, so flows they already serve are kept.
 pub(super) fn usable_endpoints(
-    slice: &EndpointSlice,
-    object: &str,
+    slice: &api::EndpointSlice,
+    object: &dyn Fn() -> String,
     warnings: &mut Vec<Warning>,
-) -> Vec<EndpointInfo> {
-    let mut usable = Vec::new();
+) -> Box<[EndpointInfo]> {
+    let mut usable = Vec::with_capacity(slice.endpoints.len());
     for (index, endpoint) in slice.endpoints.iter().enumerate() {
         let Some(first) = endpoint.addresses.first() else {
-            warn(warnings, object, Problem::NoAddress { index });
+            warn(warnings, &object(), Problem::NoAddress { index });
             continue;
         };
         let Ok(addr) = first.parse::<Ipv4Addr>() else {
@@ -198,12 +238,12 @@ pub(super) fn usable_endpoints(
                 index,
                 addr: first.clone(),
             };
-            warn(warnings, object, problem);
+            warn(warnings, &object(), problem);
             continue;
         };
         usable.push(EndpointInfo::from_api(addr, endpoint));
     }
-    usable
+    usable.into()
 }
 
 /// One endpoint of one Service port: the destination, and what decides
@@ -229,8 +269,8 @@ pub(super) fn candidates_for<'a>(
         let numbers = slice
             .ports
             .iter()
-            .filter(|(n, p, _)| n == name && *p == protocol)
-            .map(|(_, _, number)| *number);
+            .filter(|p| &*p.name == name && p.protocol == protocol)
+            .map(|p| p.number);
         for port in numbers {
             candidates.extend(slice.endpoints.iter().map(|info| Candidate {
                 endpoint: Endpoint {

@@ -5,7 +5,7 @@
 use super::*;
 
 /// How a Service's ClusterIP traffic may choose endpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct TrafficPolicy {
     /// `internalTrafficPolicy: Local`; anything else is Cluster.
     pub(super) local: bool,
@@ -14,7 +14,7 @@ pub(super) struct TrafficPolicy {
 }
 
 impl TrafficPolicy {
-    pub(super) fn of(spec: &ServiceSpec) -> Self {
+    pub(super) fn of(spec: &api::ServiceSpec) -> Self {
         Self {
             local: spec.internal_traffic_policy.as_deref() == Some("Local"),
             prefer_same_node: spec.traffic_distribution.as_deref() == Some("PreferSameNode"),
@@ -89,7 +89,7 @@ impl EndpointSets {
     /// for the rules and their sources).
     pub(super) fn state(
         &self,
-        service: &str,
+        service: Arc<str>,
         kind: FrontendKind,
         exposure: &Exposure,
         affinity_timeout_s: Option<u32>,
@@ -136,7 +136,7 @@ impl EndpointSets {
             .copied()
             .collect();
         FrontendState {
-            service: service.to_string(),
+            service,
             kind,
             endpoints: endpoints.iter().copied().collect(),
             empty_action,
@@ -156,25 +156,25 @@ pub(super) fn prefer_topology<'a>(
     policy: TrafficPolicy,
     node: &NodeInfo,
 ) -> Vec<Candidate<'a>> {
-    let narrowed = |hints: fn(&EndpointInfo) -> &BTreeSet<String>, name: &str| {
-        if !ready.iter().all(|c| !hints(c.info).is_empty()) {
+    let narrowed = |names: fn(&Hints) -> &[Arc<str>], name: &str| {
+        if !ready.iter().all(|c| !hinted(c.info, names).is_empty()) {
             return None;
         }
         let same: Vec<Candidate<'a>> = ready
             .iter()
             .copied()
-            .filter(|c| hints(c.info).contains(name))
+            .filter(|c| hints_name(hinted(c.info, names), name))
             .collect();
         (!same.is_empty()).then_some(same)
     };
     if policy.prefer_same_node
         && !node.name.is_empty()
-        && let Some(same_node) = narrowed(|info| &info.node_hints, &node.name)
+        && let Some(same_node) = narrowed(|h| &h.nodes, &node.name)
     {
         return same_node;
     }
     if let Some(zone) = node.zone()
-        && let Some(same_zone) = narrowed(|info| &info.zone_hints, zone)
+        && let Some(same_zone) = narrowed(|h| &h.zones, zone)
     {
         return same_zone;
     }
