@@ -241,6 +241,7 @@ impl Syncer {
             failed: failed.len(),
             full,
             skipped: self.reported.len(),
+            refused: self.tracker.refused(),
         }
     }
 
@@ -350,6 +351,21 @@ fn health_addresses(cfg: &RunConfig, syncer: &Syncer) -> Vec<IpAddr> {
         .collect()
 }
 
+/// Logs a source outage as it starts and ends, and tells `/readyz`.
+fn source_outage(metrics: &metrics::Metrics, current: &mut Option<String>, now: Option<String>) {
+    if *current == now {
+        return;
+    }
+    match &now {
+        Some(why) => tracing::warn!(
+            "source unavailable: {why}; keeping what the maps hold, not ready until it is back"
+        ),
+        None => tracing::info!("source available again"),
+    }
+    metrics.set_source_unavailable(now.clone());
+    *current = now;
+}
+
 /// A sync this large (the first one, a relist) leaves megabytes of freed
 /// transient memory (decoded objects, ops) that glibc keeps mapped.
 const LARGE_SYNC_OPS: usize = 10_000;
@@ -404,6 +420,8 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
     resync.tick().await;
     let mut generation: u64 = 0;
     let mut synced = false;
+    // Why the source cannot be read, during an outage.
+    let mut unavailable: Option<String> = None;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
@@ -413,6 +431,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             _ = source.changed() => {
                 let changes = source.take_changes();
                 noticed = Some(changes.since.unwrap_or_else(Instant::now));
+                source_outage(&metrics, &mut unavailable, changes.unavailable.clone());
                 syncer.take(changes);
                 false
             }

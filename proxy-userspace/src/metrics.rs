@@ -47,6 +47,9 @@ pub struct SyncOutcome {
     pub full: BTreeMap<&'static str, usize>,
     /// Warnings standing after it (objects, ports or files skipped).
     pub skipped: usize,
+    /// Load-balancer and external IPs refused as another Service's
+    /// cluster IP.
+    pub refused: usize,
 }
 
 /// One label, e.g. `map="kep_services"`.
@@ -73,6 +76,8 @@ pub struct Metrics {
     programming_duration: Histogram,
     objects: Family<Label, Gauge>,
     objects_skipped: Gauge,
+    ips_refused: Gauge,
+    source_available: Gauge,
     map_entries: Family<Label, Gauge>,
     map_update_errors: Counter,
     map_full: Family<Label, Counter>,
@@ -92,6 +97,8 @@ struct Health {
     /// Whether this node may take traffic: not being deleted, not tainted
     /// for deletion (true until its Node object says otherwise).
     node_eligible: bool,
+    /// Why the source cannot be read, during an outage.
+    source_unavailable: Option<String>,
 }
 
 /// What a health endpoint answers: the status code and a JSON body.
@@ -143,6 +150,23 @@ impl Metrics {
              they were invalid or unsupported",
             objects_skipped.clone(),
         );
+        let ips_refused = Gauge::default();
+        registry.register(
+            "kep_service_ips_refused",
+            "Load-balancer and external IPs not served because they are another \
+             Service's cluster IP (the cluster IP keeps the address; kube-proxy \
+             would let them take it, CVE-2020-8554), one per Service and address",
+            ips_refused.clone(),
+        );
+        let source_available = Gauge::default();
+        registry.register(
+            "kep_source_available",
+            "1 while the source (API server watches, manifest directory) can be \
+             read; 0 during an outage, while the maps keep what they had and \
+             /readyz answers 503",
+            source_available.clone(),
+        );
+        source_available.set(1);
         let map_entries = Family::<Label, Gauge>::default();
         registry.register(
             "kep_map_entries",
@@ -208,6 +232,8 @@ impl Metrics {
             programming_duration,
             objects,
             objects_skipped,
+            ips_refused,
+            source_available,
             map_entries,
             map_update_errors,
             map_full,
@@ -219,6 +245,7 @@ impl Metrics {
                 timeout: resync_interval.saturating_mul(2),
                 last_sync: None,
                 node_eligible: true,
+                source_unavailable: None,
             }),
         }
     }
@@ -249,6 +276,7 @@ impl Metrics {
             self.objects.get_or_create(&[("kind", kind)]).set(gauge(n));
         }
         self.objects_skipped.set(gauge(out.skipped));
+        self.ips_refused.set(gauge(out.refused));
         self.set_map_entries(map_names::SERVICES, live.services.len());
         self.set_map_entries(map_names::BACKENDS, live.backends.len());
         self.map_update_errors.inc_by(out.failed as u64);
@@ -347,12 +375,31 @@ impl Metrics {
         }
     }
 
-    /// `/readyz`: ready once the first sync wrote the datapath.
+    /// Records whether the source can be read (`None`) or why not.
+    pub fn set_source_unavailable(&self, why: Option<String>) {
+        self.source_available.set(i64::from(why.is_none()));
+        self.lock_health().source_unavailable = why;
+    }
+
+    /// `/readyz`: ready once the first sync wrote the datapath, and while
+    /// the source can be read (during an outage the maps keep what they
+    /// had, which may be stale).
     pub fn readyz(&self) -> Answer {
-        let ready = self.lock_health().last_sync.is_some();
+        let health = self.lock_health();
+        let ready = health.last_sync.is_some() && health.source_unavailable.is_none();
+        let reason = health
+            .source_unavailable
+            .as_ref()
+            .map(|why| {
+                format!(
+                    ", \"sourceUnavailable\": {}",
+                    serde_json::Value::from(why.as_str())
+                )
+            })
+            .unwrap_or_default();
         Answer {
             status: if ready { 200 } else { 503 },
-            body: format!("{{\"ready\": {ready}}}"),
+            body: format!("{{\"ready\": {ready}{reason}}}"),
         }
     }
 
@@ -581,6 +628,7 @@ mod tests {
             failed,
             full: [(map_names::SERVICES, failed)].into_iter().collect(),
             skipped: 0,
+            refused: failed,
         }
     }
 
@@ -625,6 +673,8 @@ mod tests {
             ("kep_network_programming_duration_seconds_count", 1.0),
             ("kep_objects{kind=\"service\"}", 0.0),
             ("kep_objects_skipped", 0.0),
+            ("kep_service_ips_refused", 1.0),
+            ("kep_source_available", 1.0),
             ("kep_map_entries{map=\"kep_backends\"}", 1.0),
             ("kep_map_entries{map=\"kep_conntrack\"}", 7.0),
             (
@@ -659,6 +709,16 @@ mod tests {
         );
         sync(&m, &Objects::default());
         assert_eq!(m.readyz().status, 200);
+        // A source outage: not ready (the maps are kept), then ready again.
+        m.set_source_unavailable(Some("cannot list \"/x\"".into()));
+        let a = m.readyz();
+        assert_eq!(a.status, 503);
+        let body: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+        assert_eq!(body["sourceUnavailable"], "cannot list \"/x\"");
+        assert!(m.render().contains("kep_source_available 0"));
+        m.set_source_unavailable(None);
+        assert_eq!(m.readyz().status, 200);
+        assert!(m.render().contains("kep_source_available 1"));
         let now = Instant::now();
         let a = m.healthz_at(now + Duration::from_secs(19), SystemTime::now());
         assert_eq!(a.status, 200);

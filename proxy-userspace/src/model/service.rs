@@ -555,3 +555,131 @@ pub(super) fn is_ipv6_cidr(text: &str) -> bool {
         addr.parse::<std::net::Ipv6Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 128)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::from;
+    use super::*;
+    use serde_json::json;
+
+    fn kube_dns() -> Service {
+        from(json!({
+            "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+            ]},
+        }))
+    }
+
+    /// Namespace `aaa` sorts before `kube-system`: by name order alone it
+    /// would win every frontend it shares with kube-dns.
+    fn external_ip_thief() -> Service {
+        from(json!({
+            "metadata": {"name": "x", "namespace": "aaa"},
+            "spec": {"clusterIP": "10.96.5.5", "externalIPs": ["10.96.0.10", "192.0.2.7"],
+                     "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                               {"name": "web", "port": 8080}]},
+        }))
+    }
+
+    fn lb_ip_thief() -> Service {
+        from(json!({
+            "metadata": {"name": "y", "namespace": "aab"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.5.6",
+                     "ports": [{"name": "dns", "port": 53, "protocol": "TCP", "nodePort": 30053}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "10.96.0.10"}]}},
+        }))
+    }
+
+    fn fe(addr: &str, port: u16, proto: Protocol) -> Frontend {
+        Frontend {
+            addr: addr.parse().unwrap(),
+            port,
+            proto,
+        }
+    }
+
+    /// Issue 17.4 (kube-proxy's CVE-2020-8554): an external or
+    /// load-balancer IP never takes another Service's cluster IP, on any
+    /// port and in any order; the refusal names both Services and is
+    /// counted.
+    #[test]
+    fn a_cluster_ip_is_never_taken_by_another_services_external_or_lb_ip() {
+        let services = [kube_dns(), external_ip_thief(), lb_ip_thief()];
+        let node = NodeInfo {
+            name: "node-a".into(),
+            ..NodeInfo::default()
+        }
+        .with_addresses(["192.168.0.2".parse().unwrap()]);
+        for order in [[0, 1, 2], [2, 1, 0], [1, 0, 2]] {
+            let services: Vec<Service> = order.iter().map(|i| services[*i].clone()).collect();
+            let (state, warnings) = compute(&services, &[], &node);
+            let dns = &state.frontends[&fe("10.96.0.10", 53, Protocol::Udp)];
+            assert_eq!(
+                (&*dns.service, dns.kind),
+                ("kube-system/kube-dns:dns", FrontendKind::ClusterIp)
+            );
+            let dns_tcp = &state.frontends[&fe("10.96.0.10", 53, Protocol::Tcp)];
+            assert_eq!(dns_tcp.kind, FrontendKind::ClusterIp);
+            // Not even a port the owner does not serve.
+            assert!(
+                !state
+                    .frontends
+                    .contains_key(&fe("10.96.0.10", 8080, Protocol::Tcp))
+            );
+            // The thieves keep everything else.
+            for kept in [
+                fe("10.96.5.5", 53, Protocol::Udp),
+                fe("192.0.2.7", 8080, Protocol::Tcp),
+                fe("10.96.5.6", 53, Protocol::Tcp),
+                fe("192.168.0.2", 30053, Protocol::Tcp),
+            ] {
+                assert!(state.frontends.contains_key(&kept), "{kept}");
+            }
+            let refusals: Vec<&Warning> = warnings
+                .iter()
+                .filter(|w| w.reason.contains("is the cluster IP of"))
+                .collect();
+            assert_eq!(refusals.len(), 2, "{warnings:?}");
+            assert_eq!(refusals[0].object, "Service aaa/x");
+            assert!(
+                refusals[0].reason.starts_with("externalIPs: 10.96.0.10")
+                    && refusals[0].reason.contains("Service kube-system/kube-dns"),
+                "{}",
+                refusals[0]
+            );
+            assert_eq!(refusals[1].object, "Service aab/y");
+            assert!(
+                refusals[1]
+                    .reason
+                    .starts_with("status.loadBalancer.ingress: 10.96.0.10"),
+                "{}",
+                refusals[1]
+            );
+            assert_eq!(warnings.len(), 2, "nothing else: {warnings:?}");
+            let mut tracker = Tracker::new(node.clone());
+            for service in services {
+                tracker.put_service(0, service);
+            }
+            tracker.settle();
+            assert_eq!(tracker.refused(), 2);
+        }
+    }
+
+    /// A Service may name its own cluster IP among its external IPs: that
+    /// is one frontend, the cluster IP's, and nothing is refused.
+    #[test]
+    fn its_own_cluster_ip_as_an_external_ip_is_no_refusal() {
+        let svc: Service = from(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.20", "externalIPs": ["10.96.0.20"],
+                     "ports": [{"name": "http", "port": 80}]},
+        }));
+        let (state, warnings) = compute(&[svc], &[], &NodeInfo::default());
+        assert_eq!(warnings, []);
+        assert_eq!(state.frontends.len(), 1);
+        let st = &state.frontends[&fe("10.96.0.20", 80, Protocol::Tcp)];
+        assert_eq!(st.kind, FrontendKind::ClusterIp);
+    }
+}

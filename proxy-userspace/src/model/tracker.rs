@@ -734,6 +734,54 @@ mod tests {
 }
 
 #[cfg(test)]
+mod cluster_ips {
+    use super::super::fixtures::from;
+    use super::*;
+    use serde_json::json;
+
+    /// The Service asking for 10.96.0.10 as an external IP arrives first
+    /// and gets it; once the cluster IP's owner arrives it is taken back
+    /// (the first Service derived again), and given back when the owner
+    /// goes.
+    #[test]
+    fn a_cluster_ip_takes_its_address_back_whatever_came_first() {
+        let mut t = Tracker::new(NodeInfo::default());
+        t.put_service(
+            0,
+            from(json!({
+                "metadata": {"name": "x", "namespace": "aaa"},
+                "spec": {"clusterIP": "10.96.5.5", "externalIPs": ["10.96.0.10"],
+                         "ports": [{"port": 53, "protocol": "UDP"}]},
+            })),
+        );
+        t.settle();
+        let dns = Frontend {
+            addr: "10.96.0.10".parse().unwrap(),
+            port: 53,
+            proto: super::super::Protocol::Udp,
+        };
+        assert_eq!(&*t.frontend(&dns).unwrap().service, "aaa/x");
+        t.put_service(
+            0,
+            from(json!({
+                "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+                "spec": {"clusterIP": "10.96.0.10",
+                         "ports": [{"port": 53, "protocol": "UDP"}]},
+            })),
+        );
+        assert!(t.settle().contains(&dns));
+        assert_eq!(&*t.frontend(&dns).unwrap().service, "kube-system/kube-dns");
+        assert_eq!(t.refused(), 1);
+        assert!(t.warnings_changed());
+        assert_eq!(t.warnings().len(), 1, "{:?}", t.warnings());
+        t.delete_service(0, "kube-system", "kube-dns");
+        assert!(t.settle().contains(&dns));
+        assert_eq!(&*t.frontend(&dns).unwrap().service, "aaa/x");
+        assert_eq!((t.refused(), t.warnings().len()), (0, 0));
+    }
+}
+
+#[cfg(test)]
 mod properties {
     //! Any sequence of changes leaves the tracker where a derivation from
     //! scratch of the final objects lands.
@@ -744,9 +792,11 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
+    /// A Service `s` with (cluster IP, port, external IP) from small
+    /// pools, so Services collide on frontends and addresses.
     #[derive(Clone, Debug)]
     enum Step {
-        Service(u8, Option<(u8, u16)>),
+        Service(u8, Option<(u8, u16, Option<u8>)>),
         Slice(u8, u8, Option<Vec<(u8, bool)>>),
     }
 
@@ -754,7 +804,11 @@ mod properties {
         prop_oneof![
             (
                 0u8..4,
-                prop::option::of((0u8..3, prop::sample::select(vec![80u16, 53])))
+                prop::option::of((
+                    0u8..3,
+                    prop::sample::select(vec![80u16, 53]),
+                    prop::option::of(0u8..4)
+                ))
             )
                 .prop_map(|(s, spec)| Step::Service(s, spec)),
             (
@@ -781,9 +835,11 @@ mod properties {
             let mut slices: BTreeMap<(u8, u8), EndpointSlice> = BTreeMap::new();
             for step in steps {
                 match step {
-                    Step::Service(s, Some((ip, port))) => {
-                        // Few cluster IPs, so Services collide on frontends.
-                        let svc = service(&format!("s{s}"), &format!("10.96.0.{ip}"), &[("", i32::from(port), "TCP")]);
+                    Step::Service(s, Some((ip, port, external))) => {
+                        let mut svc = service(&format!("s{s}"), &format!("10.96.0.{ip}"), &[("", i32::from(port), "TCP")]);
+                        if let (Some(spec), Some(e)) = (svc.spec.as_mut(), external) {
+                            spec.external_ips = Some(vec![format!("10.96.0.{e}")]);
+                        }
                         services.insert(s, svc.clone());
                         t.put_service(0, svc);
                     }
@@ -817,6 +873,15 @@ mod properties {
             };
             prop_assert_eq!(got, expected);
             prop_assert_eq!(t.warnings(), warnings);
+            let mut fresh = Tracker::new(node);
+            for service in services {
+                fresh.put_service(0, service);
+            }
+            for slice in slices {
+                fresh.put_slice(0, slice);
+            }
+            fresh.settle();
+            prop_assert_eq!(t.refused(), fresh.refused());
         }
     }
 }
