@@ -11,22 +11,15 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use lab::addr::{CLIENT_GW, DEMO_VIP, HTTP_PORT};
-use lab::{Agent, Lab, backend_name, hostile, loadgen, yaml};
+use lab::{Agent, Lab, backend_name, loadgen, yaml};
 
 const PROGRAMMED: &str = "datapath programmed";
 const AGENT_READY: Duration = Duration::from_secs(30);
 const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
 const HEALTH: SocketAddrV4 = SocketAddrV4::new(CLIENT_GW, 10256);
 
-/// (status, body) of a GET from the node namespace, where the agent listens.
-fn get(lab: &Lab, addr: SocketAddrV4, path: &'static str) -> (u16, String) {
-    let r = lab
-        .node()
-        .run(move || hostile::probe(None, addr, path, Duration::from_secs(10)));
-    let status = r
-        .status
-        .unwrap_or_else(|| panic!("GET http://{addr}{path}: {:?}", r.error));
-    (status, r.body)
+fn get(lab: &Lab, addr: SocketAddrV4, path: &str) -> (u16, String) {
+    lab.agent_get(addr, path).unwrap()
 }
 
 /// Every one of 30 connections to the demo Service reaches backend 0.

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Node;
+use kube::api::ListParams;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client, Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
@@ -53,6 +54,9 @@ struct Shared {
 }
 
 const WATCHES: usize = 3;
+
+/// How often a failing watch's server is asked whether it answers again.
+const OUTAGE_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Objects from the Kubernetes API server.
 pub struct KubeSource {
@@ -173,6 +177,17 @@ where
     K: 'static,
 {
     let kind = K::kind(&()).into_owned();
+    // A watch resumed after an outage says nothing until its objects
+    // change (a Node may not for hours), so while it fails the server is
+    // asked directly, for one object of the same selection, whether it
+    // answers again.
+    let probe = ListParams {
+        label_selector: config.label_selector.clone(),
+        field_selector: config.field_selector.clone(),
+        limit: Some(1),
+        ..ListParams::default()
+    };
+    let probe_api = api.clone();
     let stream = watcher(api, config).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -183,7 +198,21 @@ where
         let mut relist: Option<HashSet<(String, String)>> = None;
         let mut listed_once = false;
         let name = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
-        while let Some(event) = stream.next().await {
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => match event {
+                    Some(event) => event,
+                    None => break,
+                },
+                () = tokio::time::sleep(OUTAGE_PROBE), if failing => {
+                    if probe_api.list(&probe).await.is_ok() {
+                        tracing::info!(%kind, "API server answers again");
+                        to.failing(&kind, None);
+                        failing = false;
+                    }
+                    continue;
+                }
+            };
             let event = match event {
                 Ok(event) => event,
                 Err(e) => {

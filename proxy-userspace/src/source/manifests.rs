@@ -427,6 +427,7 @@ impl Plain {
 /// one that leads nowhere (dangling, a loop) is a warning.
 fn manifest_files(dir: &Path, warnings: &mut Vec<SourceWarning>) -> io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
+    let first_warning = warnings.len();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
@@ -456,6 +457,8 @@ fn manifest_files(dir: &Path, warnings: &mut Vec<SourceWarning>) -> io::Result<V
         }
     }
     files.sort();
+    // In file name order, as the files' own warnings, not the directory's.
+    warnings[first_warning..].sort_by(|a, b| a.file.cmp(&b.file));
     Ok(files)
 }
 
@@ -1474,5 +1477,95 @@ metadata:
         assert_eq!(objects, Objects::default());
         assert_eq!(warnings.len(), 1);
         assert_eq!(warnings[0].file, gone);
+    }
+
+    /// Issue 17.12: a link that leads nowhere was skipped silently. Each
+    /// (dangling, a loop) is one warning naming the link, the same at every
+    /// re-read (the agent logs a warning when it first appears, so once),
+    /// and the other files load.
+    #[test]
+    fn dangling_and_looping_links_are_one_warning_each() {
+        let dir = TempDir::new();
+        dir.write("web.yaml", SERVICE);
+        let dangling = dir.0.join("dangling.yaml");
+        std::os::unix::fs::symlink(dir.0.join("absent.yaml"), &dangling).unwrap();
+        let looping = dir.0.join("loop.yaml");
+        std::os::unix::fs::symlink(&looping, &looping).unwrap();
+        let mut cache = DocCache::default();
+        let mut last = None;
+        for _ in 0..2 {
+            let reload = reload(&dir.0, &mut cache, Decode::Facts);
+            let files: Vec<&Path> = reload.warnings.iter().map(|w| &*w.file).collect();
+            assert_eq!(files, [&*dangling, &*looping], "{:?}", reload.warnings);
+            assert!(
+                reload.warnings[0].reason.contains("absent.yaml")
+                    && reload.warnings[0].reason.contains("cannot be read"),
+                "{}",
+                reload.warnings[0]
+            );
+            assert_eq!(reload.unavailable, None, "a bad link is not an outage");
+            if let Some(previous) = last.replace(reload.warnings.clone()) {
+                assert_eq!(previous, reload.warnings);
+            }
+        }
+        assert_eq!(last.unwrap(), load_dir(&dir.0).1);
+        assert_eq!(load_dir(&dir.0).0.services.len(), 1);
+    }
+
+    /// Issue 17.7 at the source: a directory that goes is reported
+    /// unavailable with nothing removed; back, it is read again and only
+    /// what changed meanwhile is handed over.
+    #[test]
+    fn a_directory_gone_removes_nothing_and_is_unavailable() {
+        let dir = TempDir::new();
+        dir.write("web.yaml", SERVICE);
+        dir.write("slice.yaml", SLICE);
+        let mut cache = DocCache::default();
+        let first = reload(&dir.0, &mut cache, Decode::Facts);
+        assert_eq!((first.deltas.len(), first.unavailable), (2, None));
+        let away = dir.0.with_extension("away");
+        fs::rename(&dir.0, &away).unwrap();
+        let gone = reload(&dir.0, &mut cache, Decode::Facts);
+        fs::rename(&away, &dir.0).unwrap();
+        assert!(gone.deltas.is_empty(), "{:?}", gone.deltas);
+        let why = gone.unavailable.expect("reported unavailable");
+        assert!(why.contains("cannot list directory"), "{why}");
+        let back = reload(&dir.0, &mut cache, Decode::Facts);
+        assert_eq!((back.deltas.len(), back.unavailable), (0, None));
+        assert_eq!(cache.parsed(), 0);
+    }
+
+    /// Issue 17.12: a manifest with an mtime in the future was re-read at
+    /// every 200 ms poll, forever (the poller read any file modified
+    /// "recently", and the future counts). With inotify nothing wakes the
+    /// source but a change: a second, five of those polls, passes without
+    /// a wake; a real edit then wakes it and parses one document.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_future_mtime_wakes_nothing() {
+        let dir = TempDir::new();
+        let file = dir.write("many.yaml", &many_services(50, None));
+        let future = SystemTime::now() + Duration::from_secs(24 * 3600);
+        let touch = |path: &Path| {
+            fs::File::open(path).unwrap().set_modified(future).unwrap();
+        };
+        touch(&file);
+        touch(&dir.0);
+        let mut source = ManifestSource::new(dir.0.clone(), Duration::from_millis(200));
+        source.changed().await;
+        assert_eq!(source.take_changes().deltas.len(), 50);
+        let quiet = tokio::time::timeout(Duration::from_secs(1), source.changed()).await;
+        assert!(quiet.is_err(), "woken with nothing changed");
+        let edited = many_services(50, Some(7));
+        let staging = dir.0.with_extension("staging");
+        fs::write(&staging, edited).unwrap();
+        touch(&staging);
+        fs::rename(&staging, &file).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), source.changed())
+            .await
+            .expect("an edit wakes the source");
+        let changes = source.take_changes();
+        assert_eq!(source.cache.parsed(), 1);
+        // The edited Service: its old copy gone, its new one in.
+        assert_eq!(changes.deltas.len(), 2, "{:?}", changes.deltas);
     }
 }
