@@ -317,6 +317,11 @@ impl Ipv4Cidr {
             .unwrap_or(0)
     }
 
+    /// The prefix as a mask, e.g. `255.240.0.0` for `/12`.
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(Self::mask(self.prefix_len))
+    }
+
     pub fn contains(&self, addr: Ipv4Addr) -> bool {
         u32::from(addr) & Self::mask(self.prefix_len) == u32::from(self.addr)
     }
