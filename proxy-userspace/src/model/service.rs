@@ -557,8 +557,8 @@ pub(super) fn is_ipv6_cidr(text: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::fixtures::from;
+mod cluster_ips {
+    use super::super::fixtures::{fe, from};
     use super::*;
     use serde_json::json;
 
@@ -590,14 +590,6 @@ mod tests {
                      "ports": [{"name": "dns", "port": 53, "protocol": "TCP", "nodePort": 30053}]},
             "status": {"loadBalancer": {"ingress": [{"ip": "10.96.0.10"}]}},
         }))
-    }
-
-    fn fe(addr: &str, port: u16, proto: Protocol) -> Frontend {
-        Frontend {
-            addr: addr.parse().unwrap(),
-            port,
-            proto,
-        }
     }
 
     /// Issue 17.4 (kube-proxy's CVE-2020-8554): an external or
@@ -681,5 +673,532 @@ mod tests {
         assert_eq!(state.frontends.len(), 1);
         let st = &state.frontends[&fe("10.96.0.20", 80, Protocol::Tcp)];
         assert_eq!(st.kind, FrontendKind::ClusterIp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! NodePort, LoadBalancer and external IPs, through [`compute`] as the
+    //! agent derives them.
+
+    use super::super::fixtures::*;
+    use super::*;
+    use serde_json::{Value, json};
+
+    const NODE_IP2: &str = "172.16.0.1";
+    const LB_IP: &str = "203.0.113.1";
+    const EXT_IP: &str = "198.51.100.7";
+
+    /// `web` (10.96.0.10, port http 80 -> nodePort 30080) with `spec`
+    /// fields overriding, and `status`.
+    fn exposed(spec: Value, status: Value) -> Service {
+        exposed_named("web", "10.96.0.10", spec, status)
+    }
+
+    fn exposed_named(name: &str, cluster_ip: &str, spec: Value, status: Value) -> Service {
+        let mut svc = json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": cluster_ip,
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]},
+            "status": status,
+        });
+        for (key, value) in spec.as_object().unwrap() {
+            svc["spec"][key] = value.clone();
+        }
+        from(svc)
+    }
+
+    fn lb_status(ips: &[&str]) -> Value {
+        let ingress: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+        json!({"loadBalancer": {"ingress": ingress}})
+    }
+
+    fn node_a() -> NodeInfo {
+        node("node-a", None).with_addresses([ip(NODE_IP), ip(NODE_IP2), ip(NODE_IP)])
+    }
+
+    /// Ready on node-a, ready on node-b, terminating on node-a.
+    fn mixed_slices() -> Vec<EndpointSlice> {
+        vec![web_slice(
+            "web-a",
+            &[
+                on("10.0.0.1", "node-a", READY),
+                on("10.0.0.2", "node-b", READY),
+                on("10.0.0.3", "node-a", TERMINATING),
+            ],
+        )]
+    }
+
+    fn kinds(state: &DesiredState) -> Vec<(Frontend, FrontendKind)> {
+        state.frontends.iter().map(|(f, s)| (*f, s.kind)).collect()
+    }
+
+    fn external(state: &DesiredState, frontend: Frontend) -> &ExternalTraffic {
+        state.frontends[&frontend]
+            .external
+            .as_ref()
+            .expect("external frontend")
+    }
+
+    #[test]
+    fn node_port_answers_on_every_node_address() {
+        let svc = exposed(json!({"type": "NodePort"}), Value::Null);
+        let (state, warnings) = compute(std::slice::from_ref(&svc), &mixed_slices(), &node_a());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            kinds(&state),
+            [
+                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
+                (fe(NODE_IP2, 30080, Protocol::Tcp), FrontendKind::NodePort),
+                (fe(NODE_IP, 30080, Protocol::Tcp), FrontendKind::NodePort),
+            ]
+        );
+        assert_eq!(
+            state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].external,
+            None
+        );
+        let np = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
+        assert_eq!(&*np.service, "default/web:http");
+        assert_eq!(np.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        assert_eq!(
+            np.external,
+            Some(ExternalTraffic {
+                endpoints: vec![ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)],
+                empty_action: EmptyAction::Reject,
+                masquerade: true,
+                source_ranges: vec![],
+                allow_node: false,
+            })
+        );
+        assert_eq!(np.lingering, [ep("10.0.0.3", 8080)]);
+        // A node without NodePort addresses serves none.
+        let (state, _) = compute(&[svc], &[], &node("node-a", None));
+        assert_eq!(state.frontends.len(), 1);
+        // nodePort on a ClusterIP Service (only a static manifest can say
+        // that): not served.
+        let cluster_ip = exposed(json!({}), Value::Null);
+        let (state, _) = compute(&[cluster_ip], &[], &node_a());
+        assert_eq!(
+            kinds(&state),
+            [(fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp)]
+        );
+    }
+
+    #[test]
+    fn node_port_out_of_range_warns_and_keeps_the_rest() {
+        let svc = exposed(
+            json!({"type": "NodePort",
+                   "ports": [{"name": "http", "port": 80, "nodePort": 70000}]}),
+            Value::Null,
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].reason.contains("nodePort 70000"),
+            "{}",
+            warnings[0]
+        );
+        assert_eq!(
+            kinds(&state),
+            [(fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp)]
+        );
+    }
+
+    #[test]
+    fn load_balancer_ingress_ips_in_vip_mode() {
+        let status = json!({"loadBalancer": {"ingress": [
+            {"ip": LB_IP},
+            {"ip": "203.0.113.2", "ipMode": "VIP"},
+            {"ip": "203.0.113.3", "ipMode": "Proxy"},
+            {"hostname": "lb.example.com"},
+            {"ip": "2001:db8::1"},
+        ]}});
+        let svc = exposed(json!({"type": "LoadBalancer"}), status);
+        let (state, warnings) = compute(&[svc], &mixed_slices(), &node_a());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            kinds(&state),
+            [
+                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
+                (fe(NODE_IP2, 30080, Protocol::Tcp), FrontendKind::NodePort),
+                (fe(NODE_IP, 30080, Protocol::Tcp), FrontendKind::NodePort),
+                (fe(LB_IP, 80, Protocol::Tcp), FrontendKind::LoadBalancer),
+                (
+                    fe("203.0.113.2", 80, Protocol::Tcp),
+                    FrontendKind::LoadBalancer
+                ),
+            ]
+        );
+        let lb = external(&state, fe(LB_IP, 80, Protocol::Tcp));
+        assert_eq!(lb.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        assert!(lb.masquerade);
+    }
+
+    #[test]
+    fn no_node_port_frontend_without_allocated_node_ports() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
+                   "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}),
+            lb_status(&[LB_IP]),
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            kinds(&state),
+            [
+                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
+                (fe(LB_IP, 80, Protocol::Tcp), FrontendKind::LoadBalancer),
+            ]
+        );
+    }
+
+    #[test]
+    fn external_ips_on_any_service_type_and_cluster_policy_on_cluster_ip() {
+        // externalTrafficPolicy only means something on NodePort and
+        // LoadBalancer Services, so Local is ignored here.
+        let svc = exposed(
+            json!({"externalIPs": [EXT_IP, "fd00::7"], "externalTrafficPolicy": "Local"}),
+            Value::Null,
+        );
+        let (state, warnings) = compute(&[svc], &mixed_slices(), &node("node-b", None));
+        assert_eq!(warnings, []);
+        assert_eq!(
+            kinds(&state),
+            [
+                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
+                (fe(EXT_IP, 80, Protocol::Tcp), FrontendKind::ExternalIp),
+            ]
+        );
+        let ext = external(&state, fe(EXT_IP, 80, Protocol::Tcp));
+        assert_eq!(ext.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        assert!(ext.masquerade);
+        assert_eq!(ext.empty_action, EmptyAction::Reject);
+    }
+
+    #[test]
+    fn external_traffic_policy_local_uses_local_endpoints_and_keeps_the_client() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                   "healthCheckNodePort": 32000, "externalIPs": [EXT_IP]}),
+            lb_status(&[LB_IP]),
+        );
+        let (state, warnings) = compute(std::slice::from_ref(&svc), &mixed_slices(), &node_a());
+        assert_eq!(warnings, []);
+        for frontend in [
+            fe(NODE_IP, 30080, Protocol::Tcp),
+            fe(LB_IP, 80, Protocol::Tcp),
+            fe(EXT_IP, 80, Protocol::Tcp),
+        ] {
+            let st = &state.frontends[&frontend];
+            // In-cluster traffic is not subject to the external policy.
+            assert_eq!(st.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+            assert_eq!(st.empty_action, EmptyAction::Reject);
+            let ext = st.external.as_ref().unwrap();
+            assert_eq!(ext.endpoints, [ep("10.0.0.1", 8080)], "{frontend}");
+            assert_eq!(ext.empty_action, EmptyAction::Drop);
+            assert!(!ext.masquerade);
+            assert_eq!(st.lingering, [ep("10.0.0.3", 8080)]);
+        }
+        // The cluster IP is untouched by the external policy.
+        let cip = &state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(cip.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+
+        // A node without local endpoints drops external traffic.
+        let c = node("node-c", None).with_addresses([ip(NODE_IP)]);
+        let (state, _) = compute(std::slice::from_ref(&svc), &mixed_slices(), &c);
+        let st = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
+        let ext = st.external.as_ref().unwrap();
+        assert_eq!(ext.endpoints, []);
+        assert_eq!(ext.empty_action, EmptyAction::Drop);
+        assert_eq!(st.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+
+        // No usable endpoint anywhere: rejected, whatever the policy.
+        let (state, _) = compute(std::slice::from_ref(&svc), &[], &node_a());
+        let ext = external(&state, fe(LB_IP, 80, Protocol::Tcp));
+        assert_eq!(ext.empty_action, EmptyAction::Reject);
+
+        // Only a terminating endpoint here: external traffic uses it while
+        // in-cluster traffic goes to the ready remote one; it is in the
+        // external set, so it is not lingering.
+        let draining = [web_slice(
+            "web-a",
+            &[
+                on("10.0.0.2", "node-b", READY),
+                on("10.0.0.3", "node-a", TERMINATING),
+            ],
+        )];
+        let (state, _) = compute(&[svc], &draining, &node_a());
+        let st = &state.frontends[&fe(LB_IP, 80, Protocol::Tcp)];
+        assert_eq!(st.endpoints, [ep("10.0.0.2", 8080)]);
+        assert_eq!(
+            st.external.as_ref().unwrap().endpoints,
+            [ep("10.0.0.3", 8080)]
+        );
+        assert_eq!(st.lingering, []);
+    }
+
+    #[test]
+    fn external_traffic_policy_cluster_uses_topology_like_cluster_ips() {
+        let svc = exposed(json!({"type": "NodePort"}), Value::Null);
+        let slices = [web_slice(
+            "web-a",
+            &[
+                with_hints("10.0.0.1", &["zone-a"], &[]),
+                with_hints("10.0.0.2", &["zone-b"], &[]),
+            ],
+        )];
+        let a = node("node-a", Some("zone-a")).with_addresses([ip(NODE_IP)]);
+        let (state, _) = compute(&[svc], &slices, &a);
+        let st = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
+        assert_eq!(st.endpoints, [ep("10.0.0.1", 8080)]);
+        assert_eq!(
+            st.external.as_ref().unwrap().endpoints,
+            [ep("10.0.0.1", 8080)]
+        );
+        assert_eq!(st.lingering, [ep("10.0.0.2", 8080)]);
+    }
+
+    #[test]
+    fn internal_local_and_external_cluster_combined() {
+        let svc = exposed(
+            json!({"type": "NodePort", "internalTrafficPolicy": "Local",
+                   "externalTrafficPolicy": "Cluster"}),
+            Value::Null,
+        );
+        let (state, warnings) = compute(
+            &[svc],
+            &mixed_slices(),
+            &node("node-b", None).with_addresses([ip(NODE_IP)]),
+        );
+        assert_eq!(warnings, []);
+        let cip = &state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(
+            cip.endpoints,
+            [ep("10.0.0.2", 8080)],
+            "iTP Local: this node's"
+        );
+        assert_eq!(cip.external, None);
+        let np = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
+        // iTP governs cluster IPs only.
+        assert_eq!(np.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        let ext = np.external.as_ref().unwrap();
+        assert_eq!(ext.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
+        assert!(ext.masquerade);
+        assert_eq!(ext.empty_action, EmptyAction::Reject);
+    }
+
+    #[test]
+    fn source_ranges_apply_to_load_balancer_frontends_only() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "externalIPs": [EXT_IP],
+                   "loadBalancerSourceRanges":
+                       [" 10.0.0.0/8 ", "192.168.1.7/24", "10.0.0.0/8", "2001:db8::/32", "bogus", "1.2.3.4/33"]}),
+            lb_status(&[LB_IP]),
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings.iter().all(|w| w.object == "Service default/web"));
+        assert!(
+            warnings.iter().any(|w| w.reason.contains("bogus")),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings.iter().any(|w| w.reason.contains("1.2.3.4/33")),
+            "{warnings:?}"
+        );
+        let cidr = |text: &str| text.parse::<Ipv4Cidr>().unwrap();
+        assert_eq!(
+            external(&state, fe(LB_IP, 80, Protocol::Tcp)).source_ranges,
+            [cidr("10.0.0.0/8"), cidr("192.168.1.0/24")]
+        );
+        assert_eq!(
+            external(&state, fe(NODE_IP, 30080, Protocol::Tcp)).source_ranges,
+            []
+        );
+        assert_eq!(
+            external(&state, fe(EXT_IP, 80, Protocol::Tcp)).source_ranges,
+            []
+        );
+    }
+
+    #[test]
+    fn source_ranges_with_a_node_address_let_in_the_node_and_the_lb_ips() {
+        let svc = |ranges: &str| {
+            exposed(
+                json!({"type": "LoadBalancer",
+                       "loadBalancerSourceRanges": [ranges]}),
+                lb_status(&[LB_IP]),
+            )
+        };
+        let cidr = |text: &str| text.parse::<Ipv4Cidr>().unwrap();
+        let (state, _) = compute(&[svc("203.0.113.0/24")], &[], &node_a());
+        let ext = external(&state, fe(LB_IP, 80, Protocol::Tcp));
+        assert_eq!(ext.source_ranges, [cidr("203.0.113.0/24")]);
+        assert!(!ext.allow_node);
+        // A range holding this node's address: kube-proxy also accepts the
+        // LB IP as a source (a node's own request looping back) and the node.
+        let (state, _) = compute(&[svc(&format!("{NODE_IP}/32"))], &[], &node_a());
+        let ext = external(&state, fe(LB_IP, 80, Protocol::Tcp));
+        assert_eq!(
+            ext.source_ranges,
+            [cidr(&format!("{NODE_IP}/32")), cidr(&format!("{LB_IP}/32"))]
+        );
+        assert!(ext.allow_node);
+        // NodePorts still bypass them.
+        let np = external(&state, fe(NODE_IP, 30080, Protocol::Tcp));
+        assert!(np.source_ranges.is_empty() && !np.allow_node);
+    }
+
+    #[test]
+    fn health_check_counts_local_ready_endpoint_addresses() {
+        let two_ports = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 32000,
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080},
+                      {"name": "https", "port": 443, "nodePort": 30443}]});
+        let svc = exposed(two_ports.clone(), lb_status(&[LB_IP]));
+        let slices: Vec<EndpointSlice> = vec![from(json!({
+            "metadata": {"name": "web-a", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}, {"name": "https", "port": 8443}],
+            "endpoints": [
+                on("10.0.0.1", "node-a", READY),
+                on("10.0.0.2", "node-a", READY),
+                on("10.0.0.3", "node-a", TERMINATING),
+                on("10.0.0.4", "node-b", READY),
+                on("10.0.0.5", "node-a", (false, false, false)),
+            ],
+        }))];
+        let (state, warnings) = compute(std::slice::from_ref(&svc), &slices, &node_a());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            state.health_checks,
+            BTreeMap::from([(
+                32000,
+                HealthCheck {
+                    namespace: "default".into(),
+                    name: "web".into(),
+                    local_endpoints: 2,
+                }
+            )])
+        );
+        let (state, _) = compute(std::slice::from_ref(&svc), &slices, &node("node-c", None));
+        assert_eq!(state.health_checks[&32000].local_endpoints, 0);
+        let (state, _) = compute(std::slice::from_ref(&svc), &[], &node_a());
+        assert_eq!(state.health_checks[&32000].local_endpoints, 0);
+
+        // Only eTP Local LoadBalancers have one.
+        for spec in [
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Cluster",
+                   "healthCheckNodePort": 32000}),
+            json!({"type": "NodePort", "externalTrafficPolicy": "Local",
+                   "healthCheckNodePort": 32000}),
+        ] {
+            let (state, warnings) = compute(&[exposed(spec, Value::Null)], &slices, &node_a());
+            assert_eq!(warnings, []);
+            assert!(state.health_checks.is_empty());
+        }
+        // Missing port: a warning, the Service still served.
+        let (state, warnings) = compute(
+            &[exposed(
+                json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local"}),
+                lb_status(&[LB_IP]),
+            )],
+            &slices,
+            &node_a(),
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(state.health_checks.is_empty());
+        assert!(state.frontends.contains_key(&fe(LB_IP, 80, Protocol::Tcp)));
+        // No usable port, no health check (kube-proxy keeps them per port).
+        let portless = exposed(
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                   "healthCheckNodePort": 32000, "ports": []}),
+            Value::Null,
+        );
+        let (state, _) = compute(&[portless], &slices, &node_a());
+        assert!(state.health_checks.is_empty());
+        // Two Services on one port: the first in name order keeps it.
+        let other = exposed_named("api", "10.96.0.11", two_ports, Value::Null);
+        let (state, warnings) = compute(&[svc, other], &slices, &node_a());
+        assert_eq!(state.health_checks[&32000].name, "api");
+        assert_eq!(
+            warnings.len(),
+            5,
+            "hc port, two nodePorts on two addresses: {warnings:?}"
+        );
+        assert!(warnings.iter().all(|w| w.object == "Service default/web"));
+    }
+
+    #[test]
+    fn external_ip_colliding_with_another_services_lb_ip_warns() {
+        let a = exposed_named(
+            "a",
+            "10.96.0.11",
+            json!({"externalIPs": [LB_IP]}),
+            Value::Null,
+        );
+        let b = exposed_named(
+            "b",
+            "10.96.0.12",
+            json!({"type": "LoadBalancer",
+                   "ports": [{"name": "http", "port": 80, "nodePort": 30081}]}),
+            lb_status(&[LB_IP]),
+        );
+        let one = compute(&[b.clone(), a.clone()], &[], &node_a());
+        assert_eq!(one, compute(&[a, b], &[], &node_a()));
+        let (state, warnings) = one;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].object, "Service default/b");
+        assert!(
+            warnings[0].reason.contains("default/a:http"),
+            "{}",
+            warnings[0]
+        );
+        let st = &state.frontends[&fe(LB_IP, 80, Protocol::Tcp)];
+        assert_eq!(
+            (&*st.service, st.kind),
+            ("default/a:http", FrontendKind::ExternalIp)
+        );
+        // b keeps its other frontends.
+        assert!(
+            state
+                .frontends
+                .contains_key(&fe(NODE_IP, 30081, Protocol::Tcp))
+        );
+    }
+
+    #[test]
+    fn external_ip_equal_to_own_lb_ip_is_one_lb_frontend() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "externalIPs": [LB_IP],
+                   "loadBalancerSourceRanges": ["10.0.0.0/8"]}),
+            lb_status(&[LB_IP]),
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings, []);
+        let st = &state.frontends[&fe(LB_IP, 80, Protocol::Tcp)];
+        assert_eq!(st.kind, FrontendKind::LoadBalancer);
+        assert_eq!(st.external.as_ref().unwrap().source_ranges.len(), 1);
+    }
+
+    #[test]
+    fn malformed_external_and_ingress_ips_warn_and_are_skipped() {
+        let svc = exposed(
+            json!({"type": "LoadBalancer", "externalIPs": ["300.1.1.1", EXT_IP]}),
+            lb_status(&["not-an-ip", LB_IP]),
+        );
+        let (state, warnings) = compute(&[svc], &[], &node_a());
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings.iter().all(|w| w.object == "Service default/web"));
+        assert!(warnings.iter().any(|w| w.reason.contains("300.1.1.1")));
+        assert!(warnings.iter().any(|w| w.reason.contains("not-an-ip")));
+        assert!(state.frontends.contains_key(&fe(EXT_IP, 80, Protocol::Tcp)));
+        assert!(state.frontends.contains_key(&fe(LB_IP, 80, Protocol::Tcp)));
+        assert!(
+            state
+                .frontends
+                .contains_key(&fe(NODE_IP, 30080, Protocol::Tcp))
+        );
     }
 }
