@@ -597,7 +597,9 @@ pub(crate) mod fixtures {
     //! ones a real API server or manifest would produce.
 
     use super::api::{EndpointSlice, Service};
-    use super::{DesiredState, Endpoint, Frontend, LABEL_TOPOLOGY_ZONE, NodeInfo, Protocol};
+    use super::{
+        DesiredState, Endpoint, Frontend, LABEL_TOPOLOGY_ZONE, NodeInfo, Protocol, compute,
+    };
     use serde_json::{Value, json};
     use std::net::Ipv4Addr;
 
@@ -677,6 +679,30 @@ pub(crate) mod fixtures {
         state.frontends[&frontend].endpoints.clone()
     }
 
+    /// Each bad input yields exactly one warning and leaves `web` intact.
+    pub fn assert_one_warning(
+        bad_services: &[Service],
+        bad_slices: &[EndpointSlice],
+        object: &str,
+    ) {
+        let mut services = bad_services.to_vec();
+        services.push(web());
+        let mut slices = bad_slices.to_vec();
+        slices.push(slice(
+            "web-a",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[("10.0.0.1", None)],
+        ));
+        let (state, warnings) = compute(&services, &slices, &NodeInfo::default());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].object, object);
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            [ep("10.0.0.1", 8080)]
+        );
+    }
+
     /// (ready, serving, terminating)
     pub type Conditions = (bool, bool, bool);
     pub const READY: Conditions = (true, true, false);
@@ -735,40 +761,12 @@ pub(crate) mod fixtures {
 
 #[cfg(test)]
 mod tests {
-    use super::api::ServiceSpec;
-    use super::fixtures::{NODE_IP, endpoints_of, ep, fe, from, ip, service, slice, web};
-    use super::*;
-    use serde_json::json;
+    //! Whole derivations (ports, conflicts between Services, order) and
+    //! the module's own types; each part's rules are tested beside it
+    //! (`service.rs`, `slices.rs`, `topology.rs`, `tracker.rs`).
 
-    #[test]
-    fn named_target_port_resolved_per_slice() {
-        // Pods behind one Service may name the same container port with
-        // different numbers; each slice carries its own resolution.
-        let slices = [
-            slice(
-                "web-a",
-                "web",
-                &[("http", 8080, "TCP")],
-                &[("10.0.0.1", None)],
-            ),
-            slice(
-                "web-b",
-                "web",
-                &[("http", 9090, "TCP")],
-                &[("10.0.0.2", None)],
-            ),
-        ];
-        let (state, warnings) = compute(&[web()], &slices, &NodeInfo::default());
-        assert_eq!(warnings, []);
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            [ep("10.0.0.1", 8080), ep("10.0.0.2", 9090)]
-        );
-        assert_eq!(
-            &*state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].service,
-            "default/web:http"
-        );
-    }
+    use super::fixtures::{NODE_IP, endpoints_of, ep, fe, ip, service, slice, web};
+    use super::*;
 
     #[test]
     fn two_ports_on_one_service() {
@@ -817,47 +815,6 @@ mod tests {
     }
 
     #[test]
-    fn session_affinity_client_ip_and_its_timeout() {
-        let with = |affinity: serde_json::Value| {
-            let mut svc = service("web", "10.96.0.10", &[("http", 80, "TCP")]);
-            let spec = svc.spec.as_mut().unwrap();
-            let patch: ServiceSpec = serde_json::from_value(affinity).unwrap();
-            spec.session_affinity = patch.session_affinity;
-            spec.session_affinity_config = patch.session_affinity_config;
-            let (state, warnings) = compute(&[svc], &[], &NodeInfo::default());
-            let timeout = state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].affinity_timeout_s;
-            (timeout, warnings.len())
-        };
-        assert_eq!(with(serde_json::json!({})), (None, 0));
-        assert_eq!(
-            with(serde_json::json!({"sessionAffinity": "None"})),
-            (None, 0)
-        );
-        assert_eq!(
-            with(serde_json::json!({"sessionAffinity": "ClientIP"})),
-            (Some(DEFAULT_AFFINITY_TIMEOUT_S), 0)
-        );
-        assert_eq!(
-            with(serde_json::json!({"sessionAffinity": "ClientIP",
-                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 2}}})),
-            (Some(2), 0)
-        );
-        // Invalid values: the Service is still served, without affinity.
-        for bad in [0, 86_401, -5] {
-            assert_eq!(
-                with(serde_json::json!({"sessionAffinity": "ClientIP",
-                    "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": bad}}})),
-                (None, 1),
-                "timeout {bad}"
-            );
-        }
-        assert_eq!(
-            with(serde_json::json!({"sessionAffinity": "Sticky"})),
-            (None, 1)
-        );
-    }
-
-    #[test]
     fn tcp_and_udp_on_the_same_port_are_two_frontends() {
         let svc = service(
             "dns",
@@ -883,88 +840,6 @@ mod tests {
     }
 
     #[test]
-    fn slice_port_protocol_must_match() {
-        let slices = [slice(
-            "web-a",
-            "web",
-            &[("http", 8080, "UDP")],
-            &[("10.0.0.1", None)],
-        )];
-        let (state, _) = compute(&[web()], &slices, &NodeInfo::default());
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            []
-        );
-    }
-
-    #[test]
-    fn unnamed_port_matches_unnamed_slice_port() {
-        let svc: Service = from(json!({
-            "metadata": {"name": "web", "namespace": "default"},
-            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
-        }));
-        let slc: EndpointSlice = from(json!({
-            "metadata": {"name": "web-a", "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4",
-            "ports": [{"port": 8080}],
-            "endpoints": [{"addresses": ["10.0.0.1"]}],
-        }));
-        let (state, warnings) = compute(&[svc], &[slc], &NodeInfo::default());
-        assert_eq!(warnings, []);
-        let frontend = fe("10.96.0.10", 80, Protocol::Tcp);
-        assert_eq!(endpoints_of(&state, frontend), [ep("10.0.0.1", 8080)]);
-        assert_eq!(&*state.frontends[&frontend].service, "default/web");
-    }
-
-    #[test]
-    fn unready_endpoint_excluded_and_unset_ready_counts() {
-        let slices = [slice(
-            "web-a",
-            "web",
-            &[("http", 8080, "TCP")],
-            &[
-                ("10.0.0.1", Some(false)),
-                ("10.0.0.2", None),
-                ("10.0.0.3", Some(true)),
-            ],
-        )];
-        let (state, warnings) = compute(&[web()], &slices, &NodeInfo::default());
-        assert_eq!(warnings, []);
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            [ep("10.0.0.2", 8080), ep("10.0.0.3", 8080)]
-        );
-    }
-
-    #[test]
-    fn endpoint_removed() {
-        let before = [slice(
-            "web-a",
-            "web",
-            &[("http", 8080, "TCP")],
-            &[("10.0.0.1", None), ("10.0.0.2", None)],
-        )];
-        let after = [slice(
-            "web-a",
-            "web",
-            &[("http", 8080, "TCP")],
-            &[("10.0.0.2", None)],
-        )];
-        let frontend = fe("10.96.0.10", 80, Protocol::Tcp);
-        assert_eq!(
-            endpoints_of(
-                &compute(&[web()], &before, &NodeInfo::default()).0,
-                frontend
-            )
-            .len(),
-            2
-        );
-        let (state, _) = compute(&[web()], &after, &NodeInfo::default());
-        assert_eq!(endpoints_of(&state, frontend), [ep("10.0.0.2", 8080)]);
-        assert_eq!(state.frontends[&frontend].empty_action, EmptyAction::Reject);
-    }
-
-    #[test]
     fn service_without_endpoints_rejects() {
         let (state, warnings) = compute(&[web()], &[], &NodeInfo::default());
         assert_eq!(warnings, []);
@@ -984,219 +859,6 @@ mod tests {
         let (state, warnings) = compute(&[], &slices, &NodeInfo::default());
         assert_eq!(warnings, []);
         assert!(state.frontends.is_empty());
-    }
-
-    #[test]
-    fn slices_of_other_services_or_namespaces_not_used() {
-        let other_ns: EndpointSlice = from(json!({
-            "metadata": {"name": "web-x", "namespace": "prod",
-                         "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080}],
-            "endpoints": [{"addresses": ["10.0.0.9"]}],
-        }));
-        let other_svc = slice(
-            "api-a",
-            "api",
-            &[("http", 8080, "TCP")],
-            &[("10.0.0.8", None)],
-        );
-        let (state, _) = compute(&[web()], &[other_ns, other_svc], &NodeInfo::default());
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            []
-        );
-    }
-
-    #[test]
-    fn non_ipv4_slices_ignored() {
-        let v6: EndpointSlice = from(json!({
-            "metadata": {"name": "web-6", "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv6",
-            "ports": [{"name": "http", "port": 8080}],
-            "endpoints": [{"addresses": ["fd00::1"]}],
-        }));
-        let (state, warnings) = compute(&[web()], &[v6], &NodeInfo::default());
-        assert_eq!(warnings, []);
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            []
-        );
-    }
-
-    #[test]
-    fn headless_and_external_name_ignored_silently() {
-        let headless = service("db", "None", &[("pg", 5432, "TCP")]);
-        let external: Service = from(json!({
-            "metadata": {"name": "ext", "namespace": "default"},
-            "spec": {"type": "ExternalName", "externalName": "example.com",
-                     "ports": [{"port": 80}]},
-        }));
-        let (state, warnings) = compute(&[headless, external], &[], &NodeInfo::default());
-        assert!(state.frontends.is_empty());
-        assert_eq!(warnings, []);
-    }
-
-    #[test]
-    fn service_proxy_name_ignored() {
-        let svc: Service = from(json!({
-            "metadata": {"name": "web", "namespace": "default",
-                         "labels": {"service.kubernetes.io/service-proxy-name": "other"}},
-            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
-        }));
-        let (state, warnings) = compute(&[svc], &[], &NodeInfo::default());
-        assert!(state.frontends.is_empty());
-        assert_eq!(warnings, []);
-    }
-
-    #[test]
-    fn cluster_ips_preferred_and_ipv6_ignored() {
-        let svc: Service = from(json!({
-            "metadata": {"name": "web", "namespace": "default"},
-            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
-                     "ports": [{"name": "http", "port": 80}]},
-        }));
-        let (state, warnings) = compute(&[svc], &[], &NodeInfo::default());
-        assert_eq!(warnings, []);
-        assert_eq!(
-            state.frontends.keys().copied().collect::<Vec<_>>(),
-            [fe("10.96.0.10", 80, Protocol::Tcp)]
-        );
-    }
-
-    #[test]
-    fn duplicate_endpoint_across_slices_counted_once() {
-        let slices = [
-            slice(
-                "web-a",
-                "web",
-                &[("http", 8080, "TCP")],
-                &[("10.0.0.1", None)],
-            ),
-            slice(
-                "web-b",
-                "web",
-                &[("http", 8080, "TCP")],
-                &[("10.0.0.1", Some(true)), ("10.0.0.2", None)],
-            ),
-        ];
-        let (state, _) = compute(&[web()], &slices, &NodeInfo::default());
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]
-        );
-    }
-
-    /// Each bad input yields exactly one warning and leaves `web` intact.
-    fn assert_one_warning(bad_services: &[Service], bad_slices: &[EndpointSlice], object: &str) {
-        let mut services = bad_services.to_vec();
-        services.push(web());
-        let mut slices = bad_slices.to_vec();
-        slices.push(slice(
-            "web-a",
-            "web",
-            &[("http", 8080, "TCP")],
-            &[("10.0.0.1", None)],
-        ));
-        let (state, warnings) = compute(&services, &slices, &NodeInfo::default());
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert_eq!(warnings[0].object, object);
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            [ep("10.0.0.1", 8080)]
-        );
-    }
-
-    #[test]
-    fn invalid_cluster_ip_warns_and_skips_service() {
-        let bad = service("bad", "10.96.0.300", &[("http", 80, "TCP")]);
-        assert_one_warning(&[bad], &[], "Service default/bad");
-    }
-
-    #[test]
-    fn missing_cluster_ip_warns() {
-        let bad: Service = from(json!({
-            "metadata": {"name": "bad"},
-            "spec": {"ports": [{"port": 80}]},
-        }));
-        assert_one_warning(&[bad], &[], "Service default/bad");
-    }
-
-    #[test]
-    fn port_zero_warns_and_keeps_other_ports() {
-        let bad = service(
-            "bad",
-            "10.96.0.11",
-            &[("zero", 0, "TCP"), ("ok", 81, "TCP")],
-        );
-        let mut services = vec![bad.clone()];
-        assert_one_warning(&services, &[], "Service default/bad");
-        services.push(web());
-        let (state, _) = compute(&services, &[], &NodeInfo::default());
-        assert!(
-            state
-                .frontends
-                .contains_key(&fe("10.96.0.11", 81, Protocol::Tcp))
-        );
-        assert_eq!(state.frontends.len(), 2);
-    }
-
-    #[test]
-    fn port_70000_warns() {
-        let bad = service("bad", "10.96.0.11", &[("big", 70000, "TCP")]);
-        assert_one_warning(&[bad], &[], "Service default/bad");
-    }
-
-    #[test]
-    fn unknown_protocol_warns() {
-        let bad = service("bad", "10.96.0.11", &[("foo", 80, "FOO")]);
-        assert_one_warning(&[bad], &[], "Service default/bad");
-        let (_, warnings) = compute(
-            &[service("bad", "10.96.0.11", &[("foo", 80, "FOO")])],
-            &[],
-            &NodeInfo::default(),
-        );
-        assert!(warnings[0].reason.contains("\"foo\""), "{}", warnings[0]);
-        assert!(warnings[0].reason.contains("FOO"), "{}", warnings[0]);
-    }
-
-    #[test]
-    fn bad_endpoint_address_warns_and_skips_endpoint() {
-        let bad = slice(
-            "bad-a",
-            "bad",
-            &[("http", 8080, "TCP")],
-            &[("10.0.0.999", None), ("10.0.0.7", None)],
-        );
-        let bad_svc = service(
-            "bad",
-            "10.96.0.11",
-            &[("http", 80, "TCP"), ("alt", 81, "TCP")],
-        );
-        assert_one_warning(
-            std::slice::from_ref(&bad_svc),
-            std::slice::from_ref(&bad),
-            "EndpointSlice default/bad-a",
-        );
-        let (state, _) = compute(&[bad_svc], &[bad], &NodeInfo::default());
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.11", 80, Protocol::Tcp)),
-            [ep("10.0.0.7", 8080)]
-        );
-    }
-
-    #[test]
-    fn bad_slice_port_warns() {
-        let missing: EndpointSlice = from(json!({
-            "metadata": {"name": "bad-a", "labels": {"kubernetes.io/service-name": "bad"}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http"}],
-            "endpoints": [{"addresses": ["10.0.0.1"]}],
-        }));
-        assert_one_warning(&[], &[missing], "EndpointSlice default/bad-a");
-        let zero = slice("bad-a", "bad", &[("http", 0, "TCP")], &[("10.0.0.1", None)]);
-        assert_one_warning(&[], &[zero], "EndpointSlice default/bad-a");
     }
 
     #[test]

@@ -681,6 +681,7 @@ mod tests {
     //! NodePort, LoadBalancer and external IPs, through [`compute`] as the
     //! agent derives them.
 
+    use super::super::api::ServiceSpec;
     use super::super::fixtures::*;
     use super::*;
     use serde_json::{Value, json};
@@ -1200,5 +1201,141 @@ mod tests {
                 .frontends
                 .contains_key(&fe(NODE_IP, 30080, Protocol::Tcp))
         );
+    }
+
+    // What a Service alone asks for, and its warnings.
+
+    #[test]
+    fn session_affinity_client_ip_and_its_timeout() {
+        let with = |affinity: serde_json::Value| {
+            let mut svc = service("web", "10.96.0.10", &[("http", 80, "TCP")]);
+            let spec = svc.spec.as_mut().unwrap();
+            let patch: ServiceSpec = serde_json::from_value(affinity).unwrap();
+            spec.session_affinity = patch.session_affinity;
+            spec.session_affinity_config = patch.session_affinity_config;
+            let (state, warnings) = compute(&[svc], &[], &NodeInfo::default());
+            let timeout = state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].affinity_timeout_s;
+            (timeout, warnings.len())
+        };
+        assert_eq!(with(serde_json::json!({})), (None, 0));
+        assert_eq!(
+            with(serde_json::json!({"sessionAffinity": "None"})),
+            (None, 0)
+        );
+        assert_eq!(
+            with(serde_json::json!({"sessionAffinity": "ClientIP"})),
+            (Some(DEFAULT_AFFINITY_TIMEOUT_S), 0)
+        );
+        assert_eq!(
+            with(serde_json::json!({"sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 2}}})),
+            (Some(2), 0)
+        );
+        // Invalid values: the Service is still served, without affinity.
+        for bad in [0, 86_401, -5] {
+            assert_eq!(
+                with(serde_json::json!({"sessionAffinity": "ClientIP",
+                    "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": bad}}})),
+                (None, 1),
+                "timeout {bad}"
+            );
+        }
+        assert_eq!(
+            with(serde_json::json!({"sessionAffinity": "Sticky"})),
+            (None, 1)
+        );
+    }
+
+    #[test]
+    fn headless_and_external_name_ignored_silently() {
+        let headless = service("db", "None", &[("pg", 5432, "TCP")]);
+        let external: Service = from(json!({
+            "metadata": {"name": "ext", "namespace": "default"},
+            "spec": {"type": "ExternalName", "externalName": "example.com",
+                     "ports": [{"port": 80}]},
+        }));
+        let (state, warnings) = compute(&[headless, external], &[], &NodeInfo::default());
+        assert!(state.frontends.is_empty());
+        assert_eq!(warnings, []);
+    }
+
+    #[test]
+    fn service_proxy_name_ignored() {
+        let svc: Service = from(json!({
+            "metadata": {"name": "web", "namespace": "default",
+                         "labels": {"service.kubernetes.io/service-proxy-name": "other"}},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
+        }));
+        let (state, warnings) = compute(&[svc], &[], &NodeInfo::default());
+        assert!(state.frontends.is_empty());
+        assert_eq!(warnings, []);
+    }
+
+    #[test]
+    fn cluster_ips_preferred_and_ipv6_ignored() {
+        let svc: Service = from(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+                     "ports": [{"name": "http", "port": 80}]},
+        }));
+        let (state, warnings) = compute(&[svc], &[], &NodeInfo::default());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            state.frontends.keys().copied().collect::<Vec<_>>(),
+            [fe("10.96.0.10", 80, Protocol::Tcp)]
+        );
+    }
+
+    #[test]
+    fn invalid_cluster_ip_warns_and_skips_service() {
+        let bad = service("bad", "10.96.0.300", &[("http", 80, "TCP")]);
+        assert_one_warning(&[bad], &[], "Service default/bad");
+    }
+
+    #[test]
+    fn missing_cluster_ip_warns() {
+        let bad: Service = from(json!({
+            "metadata": {"name": "bad"},
+            "spec": {"ports": [{"port": 80}]},
+        }));
+        assert_one_warning(&[bad], &[], "Service default/bad");
+    }
+
+    #[test]
+    fn port_zero_warns_and_keeps_other_ports() {
+        let bad = service(
+            "bad",
+            "10.96.0.11",
+            &[("zero", 0, "TCP"), ("ok", 81, "TCP")],
+        );
+        let mut services = vec![bad.clone()];
+        assert_one_warning(&services, &[], "Service default/bad");
+        services.push(web());
+        let (state, _) = compute(&services, &[], &NodeInfo::default());
+        assert!(
+            state
+                .frontends
+                .contains_key(&fe("10.96.0.11", 81, Protocol::Tcp))
+        );
+        assert_eq!(state.frontends.len(), 2);
+    }
+
+    #[test]
+    fn port_70000_warns() {
+        let bad = service("bad", "10.96.0.11", &[("big", 70000, "TCP")]);
+        assert_one_warning(&[bad], &[], "Service default/bad");
+    }
+
+    #[test]
+    fn unknown_protocol_warns() {
+        let bad = service("bad", "10.96.0.11", &[("foo", 80, "FOO")]);
+        assert_one_warning(&[bad], &[], "Service default/bad");
+        let (_, warnings) = compute(
+            &[service("bad", "10.96.0.11", &[("foo", 80, "FOO")])],
+            &[],
+            &NodeInfo::default(),
+        );
+        assert!(warnings[0].reason.contains("\"foo\""), "{}", warnings[0]);
+        assert!(warnings[0].reason.contains("FOO"), "{}", warnings[0]);
     }
 }

@@ -283,3 +283,225 @@ pub(super) fn candidates_for<'a>(
     }
     candidates
 }
+
+#[cfg(test)]
+mod tests {
+    //! Which endpoints of which slices a Service port gets, through
+    //! [`compute`] as the agent derives them.
+
+    use super::super::fixtures::*;
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn named_target_port_resolved_per_slice() {
+        // Pods behind one Service may name the same container port with
+        // different numbers; each slice carries its own resolution.
+        let slices = [
+            slice(
+                "web-a",
+                "web",
+                &[("http", 8080, "TCP")],
+                &[("10.0.0.1", None)],
+            ),
+            slice(
+                "web-b",
+                "web",
+                &[("http", 9090, "TCP")],
+                &[("10.0.0.2", None)],
+            ),
+        ];
+        let (state, warnings) = compute(&[web()], &slices, &NodeInfo::default());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            [ep("10.0.0.1", 8080), ep("10.0.0.2", 9090)]
+        );
+        assert_eq!(
+            &*state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].service,
+            "default/web:http"
+        );
+    }
+
+    #[test]
+    fn slice_port_protocol_must_match() {
+        let slices = [slice(
+            "web-a",
+            "web",
+            &[("http", 8080, "UDP")],
+            &[("10.0.0.1", None)],
+        )];
+        let (state, _) = compute(&[web()], &slices, &NodeInfo::default());
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            []
+        );
+    }
+
+    #[test]
+    fn unnamed_port_matches_unnamed_slice_port() {
+        let svc: Service = from(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
+        }));
+        let slc: EndpointSlice = from(json!({
+            "metadata": {"name": "web-a", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": ["10.0.0.1"]}],
+        }));
+        let (state, warnings) = compute(&[svc], &[slc], &NodeInfo::default());
+        assert_eq!(warnings, []);
+        let frontend = fe("10.96.0.10", 80, Protocol::Tcp);
+        assert_eq!(endpoints_of(&state, frontend), [ep("10.0.0.1", 8080)]);
+        assert_eq!(&*state.frontends[&frontend].service, "default/web");
+    }
+
+    #[test]
+    fn unready_endpoint_excluded_and_unset_ready_counts() {
+        let slices = [slice(
+            "web-a",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[
+                ("10.0.0.1", Some(false)),
+                ("10.0.0.2", None),
+                ("10.0.0.3", Some(true)),
+            ],
+        )];
+        let (state, warnings) = compute(&[web()], &slices, &NodeInfo::default());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            [ep("10.0.0.2", 8080), ep("10.0.0.3", 8080)]
+        );
+    }
+
+    #[test]
+    fn endpoint_removed() {
+        let before = [slice(
+            "web-a",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[("10.0.0.1", None), ("10.0.0.2", None)],
+        )];
+        let after = [slice(
+            "web-a",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[("10.0.0.2", None)],
+        )];
+        let frontend = fe("10.96.0.10", 80, Protocol::Tcp);
+        assert_eq!(
+            endpoints_of(
+                &compute(&[web()], &before, &NodeInfo::default()).0,
+                frontend
+            )
+            .len(),
+            2
+        );
+        let (state, _) = compute(&[web()], &after, &NodeInfo::default());
+        assert_eq!(endpoints_of(&state, frontend), [ep("10.0.0.2", 8080)]);
+        assert_eq!(state.frontends[&frontend].empty_action, EmptyAction::Reject);
+    }
+
+    #[test]
+    fn slices_of_other_services_or_namespaces_not_used() {
+        let other_ns: EndpointSlice = from(json!({
+            "metadata": {"name": "web-x", "namespace": "prod",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": ["10.0.0.9"]}],
+        }));
+        let other_svc = slice(
+            "api-a",
+            "api",
+            &[("http", 8080, "TCP")],
+            &[("10.0.0.8", None)],
+        );
+        let (state, _) = compute(&[web()], &[other_ns, other_svc], &NodeInfo::default());
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            []
+        );
+    }
+
+    #[test]
+    fn non_ipv4_slices_ignored() {
+        let v6: EndpointSlice = from(json!({
+            "metadata": {"name": "web-6", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv6",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": ["fd00::1"]}],
+        }));
+        let (state, warnings) = compute(&[web()], &[v6], &NodeInfo::default());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            []
+        );
+    }
+
+    #[test]
+    fn duplicate_endpoint_across_slices_counted_once() {
+        let slices = [
+            slice(
+                "web-a",
+                "web",
+                &[("http", 8080, "TCP")],
+                &[("10.0.0.1", None)],
+            ),
+            slice(
+                "web-b",
+                "web",
+                &[("http", 8080, "TCP")],
+                &[("10.0.0.1", Some(true)), ("10.0.0.2", None)],
+            ),
+        ];
+        let (state, _) = compute(&[web()], &slices, &NodeInfo::default());
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]
+        );
+    }
+
+    #[test]
+    fn bad_endpoint_address_warns_and_skips_endpoint() {
+        let bad = slice(
+            "bad-a",
+            "bad",
+            &[("http", 8080, "TCP")],
+            &[("10.0.0.999", None), ("10.0.0.7", None)],
+        );
+        let bad_svc = service(
+            "bad",
+            "10.96.0.11",
+            &[("http", 80, "TCP"), ("alt", 81, "TCP")],
+        );
+        assert_one_warning(
+            std::slice::from_ref(&bad_svc),
+            std::slice::from_ref(&bad),
+            "EndpointSlice default/bad-a",
+        );
+        let (state, _) = compute(&[bad_svc], &[bad], &NodeInfo::default());
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.11", 80, Protocol::Tcp)),
+            [ep("10.0.0.7", 8080)]
+        );
+    }
+
+    #[test]
+    fn bad_slice_port_warns() {
+        let missing: EndpointSlice = from(json!({
+            "metadata": {"name": "bad-a", "labels": {"kubernetes.io/service-name": "bad"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http"}],
+            "endpoints": [{"addresses": ["10.0.0.1"]}],
+        }));
+        assert_one_warning(&[], &[missing], "EndpointSlice default/bad-a");
+        let zero = slice("bad-a", "bad", &[("http", 0, "TCP")], &[("10.0.0.1", None)]);
+        assert_one_warning(&[], &[zero], "EndpointSlice default/bad-a");
+    }
+}
