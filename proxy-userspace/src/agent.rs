@@ -259,6 +259,7 @@ impl Syncer {
             full,
             skipped: self.reported.len(),
             incomplete: self.incomplete.len(),
+            refused: self.tracker.refused(),
         }
     }
 
@@ -518,6 +519,21 @@ fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400)
 }
 
+/// Logs a source outage as it starts and ends, and tells `/readyz`.
+fn source_outage(metrics: &metrics::Metrics, current: &mut Option<String>, now: Option<String>) {
+    if *current == now {
+        return;
+    }
+    match &now {
+        Some(why) => tracing::warn!(
+            "source unavailable: {why}; keeping what the maps hold, not ready until it is back"
+        ),
+        None => tracing::info!("source available again"),
+    }
+    metrics.set_source_unavailable(now.clone());
+    *current = now;
+}
+
 /// A sync this large (the first one, a relist) leaves megabytes of freed
 /// transient memory (decoded objects, ops) that glibc keeps mapped.
 const LARGE_SYNC_OPS: usize = 10_000;
@@ -609,6 +625,8 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
     // Services go).
     let mut retry_delay = RETRY_FIRST;
     let mut retry_at: Option<tokio::time::Instant> = None;
+    // Why the source cannot be read, during an outage.
+    let mut unavailable: Option<String> = None;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
@@ -618,6 +636,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             _ = source.changed() => {
                 let changes = source.take_changes();
                 noticed = Some(changes.since.unwrap_or_else(Instant::now));
+                source_outage(&metrics, &mut unavailable, changes.unavailable.clone());
                 syncer.take(changes);
                 false
             }

@@ -5,9 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use proxy_common::{Backend, ServiceKey, ServiceValue};
+use proxy_common::{Backend, Cidr, ServiceKey, ServiceValue};
 
 use crate::maglev::TableSpec;
+use crate::model::Ipv4Cidr;
 
 /// Map form of an IPv4 address: the `u32` whose in-memory bytes are the
 /// address's wire bytes, which is what the datapath compares against packets.
@@ -18,6 +19,14 @@ pub fn addr_to_map(addr: Ipv4Addr) -> u32 {
 /// Inverse of [`addr_to_map`].
 pub fn addr_from_map(addr: u32) -> Ipv4Addr {
     Ipv4Addr::from(addr.to_ne_bytes())
+}
+
+/// Map form of an IPv4 prefix: address and mask as [`addr_to_map`].
+pub fn cidr_to_map(cidr: Ipv4Cidr) -> Cidr {
+    Cidr {
+        addr: addr_to_map(cidr.addr),
+        mask: addr_to_map(cidr.netmask()),
+    }
 }
 
 /// Map form of an L4 port: network byte order, like [`addr_to_map`].
@@ -122,5 +131,35 @@ impl MapContents {
         self.source_ranges
             .range(first..)
             .take_while(move |r| r.svc_id == svc_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The datapath's check of a prefix agrees with the model's, on both
+    /// sides of each edge, whatever the host bits given.
+    #[test]
+    fn a_prefix_in_map_form_contains_what_the_model_says() {
+        for text in ["10.96.0.0/12", "10.1.2.3/8", "192.168.7.7/32", "0.0.0.0/0"] {
+            let cidr: Ipv4Cidr = text.parse().unwrap();
+            let map = cidr_to_map(cidr);
+            let first = u32::from(cidr.addr);
+            let last = first | !u32::from(cidr.netmask());
+            for addr in [first.wrapping_sub(1), first, last, last.wrapping_add(1)] {
+                let addr = Ipv4Addr::from(addr);
+                assert_eq!(
+                    map.contains(addr_to_map(addr)),
+                    cidr.contains(addr),
+                    "{text} {addr}"
+                );
+            }
+        }
+        let cidr: Ipv4Cidr = "10.96.0.0/12".parse().unwrap();
+        assert_eq!(
+            cidr_to_map(cidr).mask,
+            addr_to_map(Ipv4Addr::new(255, 240, 0, 0))
+        );
     }
 }

@@ -140,7 +140,7 @@ mod tests {
                 .iter()
                 .map(|(fe, lasts)| {
                     let state = FrontendState {
-                        service: format!("default/svc-{}", fe.addr),
+                        service: format!("default/svc-{}", fe.addr).into(),
                         kind: crate::model::FrontendKind::ClusterIp,
                         endpoints: endpoints(lasts),
                         empty_action: EmptyAction::Reject,

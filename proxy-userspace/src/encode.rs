@@ -187,17 +187,60 @@ impl<K: Ord + Clone> Ids<K> {
 }
 
 /// What one frontend put into the maps, so that a change to it can take
-/// exactly that back.
+/// exactly that back. Kept for every frontend, so it is kept small: its
+/// services-map keys follow from its entries' scopes and slot counts.
 #[derive(Debug, Default)]
 struct Written {
-    /// Its services-map entries (both scopes, slot 0 and slots).
-    keys: Vec<ServiceKey>,
-    /// Its svc ids by scope: Maglev tables and source ranges hang off them.
-    svc_ids: Vec<(u8, u32)>,
+    /// Its services-map entries (slot 0 and slots `1..=count`) by scope;
+    /// Maglev tables and source ranges hang off their svc ids.
+    entries: [Option<Entry>; 2],
     /// Backend ids it references (slots and lingering endpoints), once each.
-    backends: Vec<u32>,
-    /// The cluster IP whose port-less entry it needs.
-    cluster_ip: Option<Ipv4Addr>,
+    backends: Box<[u32]>,
+    /// A cluster IP: it needs its address's port-less entry.
+    cluster_ip: bool,
+}
+
+/// One services-map entry of a frontend, in one scope.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    scope: u8,
+    svc_id: u32,
+    count: u16,
+}
+
+impl Written {
+    fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter().flatten()
+    }
+
+    /// Its svc ids by scope.
+    fn svc_ids(&self) -> impl Iterator<Item = (u8, u32)> + '_ {
+        self.entries().map(|e| (e.scope, e.svc_id))
+    }
+
+    /// Its services-map keys (both scopes, slot 0 and slots).
+    fn keys(&self, frontend: Frontend) -> impl Iterator<Item = ServiceKey> + '_ {
+        let key = frontend_key(frontend);
+        self.entries().flat_map(move |e| {
+            (0..=e.count).map(move |slot| key.with_scope(e.scope).with_slot(slot))
+        })
+    }
+
+    fn add(&mut self, entry: Entry) {
+        if let Some(free) = self.entries.iter_mut().find(|e| e.is_none()) {
+            *free = Some(entry);
+        }
+    }
+}
+
+/// The slot-0 key of `frontend`'s entry for everyone (scope `ALL`).
+fn frontend_key(frontend: Frontend) -> ServiceKey {
+    ServiceKey::new(
+        addr_to_map(frontend.addr),
+        port_to_map(frontend.port),
+        frontend.proto.number(),
+        0,
+    )
 }
 
 /// One frontend's map contents, before they are merged.
@@ -331,7 +374,8 @@ impl Encoder {
                     }
                     let _ = key;
                 }
-                if let Some(addr) = new.written.cluster_ip {
+                if new.written.cluster_ip {
+                    let addr = frontend.addr;
                     let refs = self.cluster_ip_refs.entry(addr).or_default();
                     *refs += 1;
                     if *refs == 1 {
@@ -343,12 +387,12 @@ impl Encoder {
                     }
                 }
                 if let Some(old) = &old {
-                    for key in &old.keys {
-                        self.desired.services.remove(key);
-                        footprint.services.insert(*key);
+                    for key in old.keys(frontend) {
+                        self.desired.services.remove(&key);
+                        footprint.services.insert(key);
                     }
-                    for (_, id) in &old.svc_ids {
-                        self.forget_svc_id(*id, &mut footprint);
+                    for (_, id) in old.svc_ids() {
+                        self.forget_svc_id(id, &mut footprint);
                     }
                 }
                 for (key, value) in new.services {
@@ -361,7 +405,7 @@ impl Encoder {
                 self.desired.source_ranges.extend(new.ranges);
                 footprint
                     .svc_ids
-                    .extend(new.written.svc_ids.iter().map(|(_, id)| *id));
+                    .extend(new.written.svc_ids().map(|(_, id)| id));
                 if let Some(old) = old {
                     self.drop_references(
                         &old,
@@ -374,12 +418,12 @@ impl Encoder {
                 }
                 self.written.insert(frontend, new.written);
             } else if let Some(old) = old {
-                for key in &old.keys {
-                    self.desired.services.remove(key);
-                    footprint.services.insert(*key);
+                for key in old.keys(frontend) {
+                    self.desired.services.remove(&key);
+                    footprint.services.insert(key);
                 }
-                for (_, id) in &old.svc_ids {
-                    self.forget_svc_id(*id, &mut footprint);
+                for (_, id) in old.svc_ids() {
+                    self.forget_svc_id(id, &mut footprint);
                 }
                 self.drop_references(
                     &old,
@@ -395,7 +439,7 @@ impl Encoder {
             if !self
                 .written
                 .get(&key.0)
-                .is_some_and(|w| w.svc_ids.iter().any(|(scope, _)| *scope == key.1))
+                .is_some_and(|w| w.svc_ids().any(|(scope, _)| scope == key.1))
             {
                 self.svc_ids.release_key(&key);
             }
@@ -437,9 +481,9 @@ impl Encoder {
         dropped_frontends: &mut Vec<(Frontend, u8)>,
         dropped_backends: &mut Vec<BackendKey>,
     ) {
-        for (scope, _) in &old.svc_ids {
-            if !new.is_some_and(|n| n.svc_ids.iter().any(|(s, _)| s == scope)) {
-                dropped_frontends.push((frontend, *scope));
+        for (scope, _) in old.svc_ids() {
+            if !new.is_some_and(|n| n.svc_ids().any(|(s, _)| s == scope)) {
+                dropped_frontends.push((frontend, scope));
             }
         }
         for id in &old.backends {
@@ -461,7 +505,8 @@ impl Encoder {
                 footprint.backends.insert(*id);
             }
         }
-        if let Some(addr) = old.cluster_ip {
+        if old.cluster_ip {
+            let addr = frontend.addr;
             let refs = self.cluster_ip_refs.entry(addr).or_default();
             *refs = refs.saturating_sub(1);
             if *refs == 0 {
@@ -476,12 +521,7 @@ impl Encoder {
     /// One frontend's entries, with its ids.
     fn encode_frontend(&mut self, frontend: Frontend, state: &FrontendState) -> Encoded {
         let mut out = Encoded::default();
-        let key = ServiceKey::new(
-            addr_to_map(frontend.addr),
-            port_to_map(frontend.port),
-            frontend.proto.number(),
-            0,
-        );
+        let key = frontend_key(frontend);
         let Some(mut entry) = self.entry(
             &mut out,
             frontend,
@@ -532,14 +572,11 @@ impl Encoder {
             entry.flags |= SVC_FLAG_NODE_ADDRESS;
         }
         out.services.push((key, entry.with_affinity(affinity)));
-        out.written.keys = out.services.iter().map(|(k, _)| *k).collect();
         out.written.backends = out.backends.keys().copied().collect();
         // Every cluster IP also gets its port-less entry, so the datapath can
         // tell "a cluster IP, but no such port" (REJECT) from "no cluster IP
         // at all" (DROP inside the service CIDR).
-        if state.kind == FrontendKind::ClusterIp {
-            out.written.cluster_ip = Some(frontend.addr);
-        }
+        out.written.cluster_ip = state.kind == FrontendKind::ClusterIp;
         out
     }
 
@@ -559,7 +596,6 @@ impl Encoder {
             tracing::error!("{service}: no service id left, frontend {frontend} skipped");
             return None;
         };
-        out.written.svc_ids.push((key.scope, svc_id));
         if endpoints.len() > usize::from(u16::MAX) {
             tracing::warn!(
                 "{service}: {} endpoints, only the first {} are used",
@@ -599,6 +635,11 @@ impl Encoder {
                 .push((svc_id, TableSpec::new(table_size, table_backends)));
             flags |= SVC_FLAG_MAGLEV;
         }
+        out.written.add(Entry {
+            scope: key.scope,
+            svc_id,
+            count,
+        });
         Some(ServiceValue::service(svc_id, count, flags))
     }
 

@@ -108,8 +108,8 @@ struct RunArgs {
     /// Service CIDRs, comma separated (kube-apiserver's
     /// --service-cluster-ip-range): an address inside that is no cluster IP
     /// is dropped, as kube-proxy does.
-    #[arg(long, env = "KEP_SERVICE_CIDR", default_value = "10.96.0.0/12", value_parser = parse_cidrs)]
-    service_cidr: Cidrs,
+    #[arg(long, env = "KEP_SERVICE_CIDR", default_value = "10.96.0.0/12", value_parser = parse_cidr_list)]
+    service_cidr: CidrList,
     /// Source address for hairpin flows (a pod reaching itself through its
     /// Service). Link-local, so no pod or node owns it.
     #[arg(long, env = "KEP_HAIRPIN_SNAT_IP", default_value_t = datapath::DEFAULT_HAIRPIN_ADDR)]
@@ -404,17 +404,6 @@ fn hostname() -> std::io::Result<String> {
     }
     let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
     Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
-}
-
-/// `--service-cidr` values: IPv4 prefixes.
-#[derive(Clone, Debug)]
-struct Cidrs(Vec<(std::net::Ipv4Addr, u8)>);
-
-fn parse_cidrs(list: &str) -> Result<Cidrs, String> {
-    let cidrs = parse_cidr_list(list)?.0;
-    Ok(Cidrs(
-        cidrs.into_iter().map(|c| (c.addr, c.prefix_len)).collect(),
-    ))
 }
 
 /// Comma-separated IPv4 CIDRs.

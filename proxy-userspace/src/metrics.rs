@@ -50,6 +50,9 @@ pub struct SyncOutcome {
     /// Objects it could not program as desired (a map full, a failed
     /// write): retried, and `/readyz` says so meanwhile.
     pub incomplete: usize,
+    /// Load-balancer and external IPs refused as another Service's
+    /// cluster IP.
+    pub refused: usize,
 }
 
 /// One label, e.g. `map="kep_services"`.
@@ -77,6 +80,8 @@ pub struct Metrics {
     objects: Family<Label, Gauge>,
     objects_skipped: Gauge,
     incomplete: Gauge,
+    ips_refused: Gauge,
+    source_available: Gauge,
     map_entries: Family<Label, Gauge>,
     map_update_errors: Counter,
     map_full: Family<Label, Counter>,
@@ -102,6 +107,8 @@ struct Health {
     datapath_fault: Option<String>,
     /// Objects the last sync could not program: not ready while any.
     incomplete: usize,
+    /// Why the source cannot be read, during an outage.
+    source_unavailable: Option<String>,
 }
 
 /// What a health endpoint answers: the status code and a JSON body.
@@ -165,6 +172,23 @@ impl Metrics {
              what they had, are retried with backoff, and /readyz fails meanwhile",
             incomplete.clone(),
         );
+        let ips_refused = Gauge::default();
+        registry.register(
+            "kep_service_ips_refused",
+            "Load-balancer and external IPs not served because they are another \
+             Service's cluster IP (the cluster IP keeps the address; kube-proxy \
+             would let them take it, CVE-2020-8554), one per Service and address",
+            ips_refused.clone(),
+        );
+        let source_available = Gauge::default();
+        registry.register(
+            "kep_source_available",
+            "1 while the source (API server watches, manifest directory) can be \
+             read; 0 during an outage, while the maps keep what they had and \
+             /readyz answers 503",
+            source_available.clone(),
+        );
+        source_available.set(1);
         let map_entries = Family::<Label, Gauge>::default();
         registry.register(
             "kep_map_entries",
@@ -241,6 +265,8 @@ impl Metrics {
             objects,
             objects_skipped,
             incomplete,
+            ips_refused,
+            source_available,
             map_entries,
             map_update_errors,
             map_full,
@@ -255,6 +281,7 @@ impl Metrics {
                 node_eligible: true,
                 datapath_fault: None,
                 incomplete: 0,
+                source_unavailable: None,
             }),
         }
     }
@@ -286,6 +313,7 @@ impl Metrics {
         }
         self.objects_skipped.set(gauge(out.skipped));
         self.incomplete.set(gauge(out.incomplete));
+        self.ips_refused.set(gauge(out.refused));
         self.set_map_entries(map_names::SERVICES, live.services.len());
         self.set_map_entries(map_names::BACKENDS, live.backends.len());
         self.map_update_errors.inc_by(out.failed as u64);
@@ -390,28 +418,51 @@ impl Metrics {
         }
     }
 
-    /// `/readyz`: ready once the first sync wrote the datapath, and while
-    /// the last one programmed everything.
+    /// Records whether the source can be read (`None`) or why not.
+    pub fn set_source_unavailable(&self, why: Option<String>) {
+        self.source_available.set(i64::from(why.is_none()));
+        self.lock_health().source_unavailable = why;
+    }
+
+    /// `/readyz`: ready once the first sync wrote the datapath, while the
+    /// last one programmed everything, and while the source can be read
+    /// (during an outage the maps keep what they had, which may be stale).
     pub fn readyz(&self) -> Answer {
         let h = self.lock_health();
         let synced = h.last_sync.is_some();
-        let ready = synced && h.incomplete == 0;
         let reason = if !synced {
-            "not synced yet".to_string()
-        } else if !ready {
-            format!(
+            Some("not synced yet".to_string())
+        } else if h.incomplete > 0 {
+            Some(format!(
                 "programming incomplete: {} objects not programmed",
                 h.incomplete
-            )
+            ))
         } else {
-            String::new()
+            h.source_unavailable
+                .as_ref()
+                .map(|_| "source unavailable".to_string())
         };
-        Answer {
-            status: if ready { 200 } else { 503 },
-            body: if ready {
-                "{\"ready\": true}".into()
-            } else {
-                format!("{{\"ready\": false, \"reason\": \"{reason}\"}}")
+        let source = h
+            .source_unavailable
+            .as_ref()
+            .map(|why| {
+                format!(
+                    ", \"sourceUnavailable\": {}",
+                    serde_json::Value::from(why.as_str())
+                )
+            })
+            .unwrap_or_default();
+        match reason {
+            None => Answer {
+                status: 200,
+                body: "{\"ready\": true}".into(),
+            },
+            Some(reason) => Answer {
+                status: 503,
+                body: format!(
+                    "{{\"ready\": false, \"reason\": {}{source}}}",
+                    serde_json::Value::from(reason)
+                ),
             },
         }
     }
@@ -662,6 +713,7 @@ mod tests {
             full: [(map_names::SERVICES, failed)].into_iter().collect(),
             skipped: 0,
             incomplete: 0,
+            refused: failed,
         }
     }
 
@@ -706,6 +758,8 @@ mod tests {
             ("kep_network_programming_duration_seconds_count", 1.0),
             ("kep_objects{kind=\"service\"}", 0.0),
             ("kep_objects_skipped", 0.0),
+            ("kep_service_ips_refused", 1.0),
+            ("kep_source_available", 1.0),
             ("kep_map_entries{map=\"kep_backends\"}", 1.0),
             ("kep_map_entries{map=\"kep_conntrack\"}", 7.0),
             (
@@ -740,6 +794,16 @@ mod tests {
         );
         sync(&m, &Objects::default());
         assert_eq!(m.readyz().status, 200);
+        // A source outage: not ready (the maps are kept), then ready again.
+        m.set_source_unavailable(Some("cannot list \"/x\"".into()));
+        let a = m.readyz();
+        assert_eq!(a.status, 503);
+        let body: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+        assert_eq!(body["sourceUnavailable"], "cannot list \"/x\"");
+        assert!(m.render().contains("kep_source_available 0"));
+        m.set_source_unavailable(None);
+        assert_eq!(m.readyz().status, 200);
+        assert!(m.render().contains("kep_source_available 1"));
         let now = Instant::now();
         let a = m.healthz_at(now + Duration::from_secs(19), SystemTime::now());
         assert_eq!(a.status, 200);

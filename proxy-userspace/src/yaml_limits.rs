@@ -53,22 +53,33 @@ pub enum LimitError {
 }
 
 /// Reads `path` whole, or fails without reading it if it is larger than
-/// [`MAX_FILE_BYTES`] (the error wraps a [`LimitError::TooLarge`]).
-pub fn read_to_string(path: &Path) -> io::Result<String> {
-    let file = File::open(path)?;
-    let size = file.metadata()?.len();
-    let too_large =
-        |size| io::Error::new(io::ErrorKind::InvalidData, LimitError::TooLarge { size });
+/// [`MAX_FILE_BYTES`]. The bytes are not checked to be UTF-8: a caller
+/// that reads a file again validates only the parts it has not seen.
+pub fn read(path: &Path) -> Result<Vec<u8>, ReadError> {
+    let file = File::open(path).map_err(ReadError::Io)?;
+    let size = file.metadata().map_err(ReadError::Io)?.len();
+    let too_large = |size| ReadError::Limit(LimitError::TooLarge { size });
     if size > MAX_FILE_BYTES {
         return Err(too_large(size));
     }
-    let mut text = String::with_capacity(size as usize);
+    let mut bytes = Vec::with_capacity(size as usize);
     // The file may grow between the stat and the read.
-    file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
-    if text.len() as u64 > MAX_FILE_BYTES {
-        return Err(too_large(text.len() as u64));
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large(bytes.len() as u64));
     }
-    Ok(text)
+    Ok(bytes)
+}
+
+/// Why [`read`] failed: the file could not be read, or is too large.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    #[error("cannot read: {0}")]
+    Io(io::Error),
+    #[error("{0}")]
+    Limit(LimitError),
 }
 
 /// Every document of a YAML text (merge keys not applied), or the first
@@ -334,9 +345,9 @@ mod tests {
         let file = File::create(&path).unwrap();
         // Sparse: no disk is used.
         file.set_len(MAX_FILE_BYTES + 1).unwrap();
-        let err = read_to_string(&path).unwrap_err();
+        let err = read(&path).unwrap_err();
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(matches!(err, ReadError::Limit(_)), "{err}");
         assert!(
             err.to_string().contains("a manifest file may have"),
             "{err}"

@@ -447,6 +447,19 @@ impl Lab {
             .unwrap_or_default()
     }
 
+    /// (status, body) of one GET to the agent's `addr` (its metrics or
+    /// health server) from the node namespace, where the agent listens.
+    pub fn agent_get(&self, addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
+        let path = path.to_string();
+        let r = self
+            .node
+            .run(move || hostile::probe(None, addr, &path, std::time::Duration::from_secs(10)));
+        match r.status {
+            Some(status) => Ok((status, r.body)),
+            None => bail!("GET http://{addr}: {:?}", r.error),
+        }
+    }
+
     /// The lab's temp dir.
     pub fn dir(&self) -> &Path {
         &self.dir.0

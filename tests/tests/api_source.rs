@@ -19,6 +19,8 @@ const PER_REQUEST: Duration = Duration::from_secs(2);
 const BATCH_DEADLINE: Duration = Duration::from_secs(60);
 const PROGRAMMED: &str = "datapath programmed";
 const AGENT_READY: Duration = Duration::from_secs(30);
+/// The agent's health server, as the node's kubelet reaches it.
+const HEALTH: SocketAddrV4 = SocketAddrV4::new(lab::addr::CLIENT_GW, 10256);
 /// ClusterIP of the `extra` service the tests create.
 const EXTRA_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 
@@ -354,6 +356,10 @@ fn api_server_unreachable_keeps_serving() {
         "the outage is logged\n{}",
         agent.log_tail(40)
     );
+    // Serving what the maps hold, but not ready: they may be stale.
+    let (status, body) = lab.agent_get(HEALTH, "/readyz").unwrap();
+    assert_eq!(status, 503, "/readyz during the outage: {body}");
+    assert!(body.contains("watch failing"), "{body}");
 
     // And it catches up once the server is back.
     server.restart().unwrap();
@@ -364,5 +370,10 @@ fn api_server_unreachable_keeps_serving() {
         "no recovery after the outage\n{}",
         agent.log_tail(40)
     );
+    let ready = eventually(Duration::from_secs(15), || {
+        lab.agent_get(HEALTH, "/readyz")
+            .is_ok_and(|(status, _)| status == 200)
+    });
+    assert!(ready.is_some(), "not ready again\n{}", agent.log_tail(40));
     assert!(agent.is_running());
 }

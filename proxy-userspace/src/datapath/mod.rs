@@ -21,7 +21,7 @@ use aya::{
     programs::{CgroupSockAddr, SchedClassifier, Xdp, XdpMode},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CONFIG_FLAG_FAST_PATH, Cidr, Config, CtKey, CtValue,
+    AffinityKey, AffinityValue, Backend, CONFIG_FLAG_FAST_PATH, Config, CtKey, CtValue,
     MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, SourceRange, Traffic, defaults, map_names,
     program_names,
 };
@@ -29,9 +29,10 @@ use thiserror::Error;
 
 use crate::{
     capacity::Capacity,
-    contents::{MapContents, RangeEntry, addr_from_map, addr_to_map},
+    contents::{MapContents, RangeEntry, addr_from_map, addr_to_map, cidr_to_map},
     diff::MapOp,
     maglev::TableSpec,
+    model::Ipv4Cidr,
     tables::MaglevTables,
 };
 
@@ -58,9 +59,9 @@ pub struct DatapathConfig {
     pub maglev_max: u32,
     /// loadBalancerSourceRanges entries.
     pub source_ranges_max: u32,
-    /// Service CIDRs (address, prefix length): traffic to an address inside
-    /// that is no cluster IP is dropped; at most `MAX_SERVICE_CIDRS`.
-    pub service_cidrs: Vec<(Ipv4Addr, u8)>,
+    /// Service CIDRs: traffic to an address inside that is no cluster IP
+    /// is dropped; at most `MAX_SERVICE_CIDRS`.
+    pub service_cidrs: Vec<Ipv4Cidr>,
     /// Source address given to hairpin flows (a pod reaching itself through
     /// a Service); `None` leaves them untranslated, which breaks them.
     pub hairpin_addr: Option<Ipv4Addr>,
@@ -196,7 +197,10 @@ impl Default for CtTimeouts {
 }
 
 /// kubeadm's default service CIDR, also kube-apiserver's.
-pub const DEFAULT_SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 12);
+pub const DEFAULT_SERVICE_CIDR: Ipv4Cidr = Ipv4Cidr {
+    addr: Ipv4Addr::new(10, 96, 0, 0),
+    prefix_len: 12,
+};
 /// Link-local, so no pod or node can own it; Cilium uses the same.
 pub const DEFAULT_HAIRPIN_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 
@@ -228,19 +232,8 @@ impl DatapathConfig {
             )));
         }
         let mut cfg = Config::default();
-        for (slot, (addr, len)) in cfg.service_cidrs.iter_mut().zip(&self.service_cidrs) {
-            if *len > 32 {
-                return Err(DatapathError::Settings(format!(
-                    "service CIDR {addr}/{len}: prefix longer than 32"
-                )));
-            }
-            let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
-            let mask = Ipv4Addr::from(mask);
-            let net = Ipv4Addr::from(u32::from(*addr) & u32::from(mask));
-            *slot = Cidr {
-                addr: addr_to_map(net),
-                mask: addr_to_map(mask),
-            };
+        for (slot, cidr) in cfg.service_cidrs.iter_mut().zip(&self.service_cidrs) {
+            *slot = cidr_to_map(*cidr);
         }
         cfg.service_cidr_count = self.service_cidrs.len() as u32;
         cfg.hairpin_addr = self.hairpin_addr.map(addr_to_map).unwrap_or(0);

@@ -1,8 +1,10 @@
 //! Services + EndpointSlices -> the frontends the datapath must serve.
 //!
-//! - `service`: one Service's ports, exposure and affinity, and the
-//!   frontends it claims;
-//! - `slices`: EndpointSlices reduced to what is read of them;
+//! - `api`: Services and EndpointSlices as decoded: only the fields read;
+//! - `service`: one Service's ports, exposure and affinity, read once
+//!   ([`ServiceFacts`]), and the frontends it claims;
+//! - `slices`: EndpointSlices reduced to what is read of them
+//!   ([`SliceFacts`]);
 //! - `topology`: which endpoints each frontend uses (traffic policies,
 //!   the terminating fallback, hints);
 //! - `tracker`: the objects as they change, and which frontends a change
@@ -75,25 +77,29 @@
 //!   `service.kubernetes.io/topology-mode` annotation is the EndpointSlice
 //!   controller's business, not the proxy's.
 
+pub mod api;
+mod intern;
 mod service;
 mod slices;
 mod topology;
 mod tracker;
 
+pub use intern::intern;
+pub use service::ServiceFacts;
 use service::*;
 pub use slices::SliceFacts;
 use slices::*;
 use topology::*;
 
-pub use tracker::{Origin, ServiceName, Tracker};
+pub use tracker::{Origin, Tracker};
 
-use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::{Endpoint as ApiEndpoint, EndpointPort, EndpointSlice};
+use api::{EndpointSlice, Service};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use proxy_common::proto;
 use thiserror::Error;
@@ -225,8 +231,9 @@ pub enum FrontendKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendState {
     /// kube-proxy's service port name: `namespace/name:port`, or
-    /// `namespace/name` for an unnamed port, so logs read the same as its.
-    pub service: String,
+    /// `namespace/name` for an unnamed port, so logs read the same as its
+    /// (one string shared by the port's frontends).
+    pub service: Arc<str>,
     pub kind: FrontendKind,
     /// What traffic from inside the cluster (pods, the host) gets: the
     /// internalTrafficPolicy-filtered endpoints on a cluster IP; on the
@@ -308,6 +315,11 @@ impl Ipv4Cidr {
         u32::MAX
             .checked_shl(32 - u32::from(prefix_len))
             .unwrap_or(0)
+    }
+
+    /// The prefix as a mask, e.g. `255.240.0.0` for `/12`.
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(Self::mask(self.prefix_len))
     }
 
     pub fn contains(&self, addr: Ipv4Addr) -> bool {
@@ -443,6 +455,14 @@ pub(super) enum Problem {
         name: String,
         source: UnsupportedProtocol,
     },
+    #[error(
+        "{field}: {addr} is the cluster IP of Service {owner}; refused (a cluster IP belongs to the Service it was allocated to)"
+    )]
+    ClusterIpTaken {
+        field: &'static str,
+        addr: Ipv4Addr,
+        owner: String,
+    },
     #[error("port {name:?}: frontend {frontend} already belongs to {owner}")]
     FrontendTaken {
         name: String,
@@ -522,11 +542,45 @@ pub fn compute(
     (desired, tracker.warnings())
 }
 
+/// A Service's namespace and name: cheap to clone (both strings shared),
+/// ordered by namespace, then name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceName {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl ServiceName {
+    /// `namespace/name`; an empty namespace is the default one.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        let namespace = if namespace.is_empty() {
+            DEFAULT_NAMESPACE
+        } else {
+            namespace
+        };
+        Self {
+            namespace: intern(namespace),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 pub(crate) fn namespace_of(meta: &ObjectMeta) -> &str {
     match meta.namespace.as_deref() {
         None | Some("") => DEFAULT_NAMESPACE,
         Some(namespace) => namespace,
     }
+}
+
+/// An object's namespace (defaulted) and name (empty when it has none).
+pub(crate) fn identity(meta: &ObjectMeta) -> (&str, &str) {
+    (namespace_of(meta), meta.name.as_deref().unwrap_or(""))
 }
 
 /// Whether this proxy should handle the object; objects carrying
@@ -542,9 +596,12 @@ pub(crate) mod fixtures {
     //! Builders for API objects, going through JSON so the objects are the
     //! ones a real API server or manifest would produce.
 
-    use k8s_openapi::api::core::v1::Service;
-    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use super::api::{EndpointSlice, Service};
+    use super::{
+        DesiredState, Endpoint, Frontend, LABEL_TOPOLOGY_ZONE, NodeInfo, Protocol, compute,
+    };
     use serde_json::{Value, json};
+    use std::net::Ipv4Addr;
 
     /// A ClusterIP Service in `default`; `ports` is a list of
     /// (name, port, protocol).
@@ -597,15 +654,13 @@ pub(crate) mod fixtures {
     pub fn from<T: serde::de::DeserializeOwned>(value: Value) -> T {
         serde_json::from_value(value).expect("fixture is a valid object")
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::fixtures::{from, service, slice};
-    use super::*;
-    use serde_json::{Value, json};
+    /// `web` in `default`: 10.96.0.10, port `http` 80/TCP.
+    pub fn web() -> Service {
+        service("web", "10.96.0.10", &[("http", 80, "TCP")])
+    }
 
-    fn fe(addr: &str, port: u16, proto: Protocol) -> Frontend {
+    pub fn fe(addr: &str, port: u16, proto: Protocol) -> Frontend {
         Frontend {
             addr: addr.parse().unwrap(),
             port,
@@ -613,50 +668,105 @@ mod tests {
         }
     }
 
-    fn ep(addr: &str, port: u16) -> Endpoint {
+    pub fn ep(addr: &str, port: u16) -> Endpoint {
         Endpoint {
             addr: addr.parse().unwrap(),
             port,
         }
     }
 
-    fn endpoints_of(state: &DesiredState, frontend: Frontend) -> Vec<Endpoint> {
+    pub fn endpoints_of(state: &DesiredState, frontend: Frontend) -> Vec<Endpoint> {
         state.frontends[&frontend].endpoints.clone()
     }
 
-    fn web() -> Service {
-        service("web", "10.96.0.10", &[("http", 80, "TCP")])
-    }
-
-    #[test]
-    fn named_target_port_resolved_per_slice() {
-        // Pods behind one Service may name the same container port with
-        // different numbers; each slice carries its own resolution.
-        let slices = [
-            slice(
-                "web-a",
-                "web",
-                &[("http", 8080, "TCP")],
-                &[("10.0.0.1", None)],
-            ),
-            slice(
-                "web-b",
-                "web",
-                &[("http", 9090, "TCP")],
-                &[("10.0.0.2", None)],
-            ),
-        ];
-        let (state, warnings) = compute(&[web()], &slices, &NodeInfo::default());
-        assert_eq!(warnings, []);
+    /// Each bad input yields exactly one warning and leaves `web` intact.
+    pub fn assert_one_warning(
+        bad_services: &[Service],
+        bad_slices: &[EndpointSlice],
+        object: &str,
+    ) {
+        let mut services = bad_services.to_vec();
+        services.push(web());
+        let mut slices = bad_slices.to_vec();
+        slices.push(slice(
+            "web-a",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[("10.0.0.1", None)],
+        ));
+        let (state, warnings) = compute(&services, &slices, &NodeInfo::default());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].object, object);
         assert_eq!(
             endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            [ep("10.0.0.1", 8080), ep("10.0.0.2", 9090)]
-        );
-        assert_eq!(
-            state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].service,
-            "default/web:http"
+            [ep("10.0.0.1", 8080)]
         );
     }
+
+    /// (ready, serving, terminating)
+    pub type Conditions = (bool, bool, bool);
+    pub const READY: Conditions = (true, true, false);
+    pub const TERMINATING: Conditions = (false, true, true);
+    pub const GONE: Conditions = (false, false, true);
+
+    /// An endpoint on `node` with explicit conditions.
+    pub fn on(addr: &str, node: &str, (ready, serving, terminating): Conditions) -> Value {
+        json!({"addresses": [addr], "nodeName": node,
+               "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
+    }
+
+    /// A ready endpoint with `hints.forZones` and `hints.forNodes` (an empty
+    /// list leaves that hint out).
+    pub fn with_hints(addr: &str, zones: &[&str], nodes: &[&str]) -> Value {
+        let names =
+            |names: &[&str]| -> Value { names.iter().map(|name| json!({"name": name})).collect() };
+        let mut hints = json!({});
+        if !zones.is_empty() {
+            hints["forZones"] = names(zones);
+        }
+        if !nodes.is_empty() {
+            hints["forNodes"] = names(nodes);
+        }
+        json!({"addresses": [addr], "conditions": {"ready": true}, "hints": hints})
+    }
+
+    /// A slice of `web` (http -> 8080) with raw endpoint objects.
+    pub fn web_slice(name: &str, endpoints: &[Value]) -> EndpointSlice {
+        from(json!({
+            "metadata": {"name": name, "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }))
+    }
+
+    pub fn node(name: &str, zone: Option<&str>) -> NodeInfo {
+        NodeInfo {
+            name: name.to_string(),
+            labels: zone
+                .map(|zone| (LABEL_TOPOLOGY_ZONE.to_string(), zone.to_string()))
+                .into_iter()
+                .collect(),
+            addresses: Vec::new(),
+        }
+    }
+
+    pub const NODE_IP: &str = "192.168.0.1";
+
+    pub fn ip(addr: &str) -> Ipv4Addr {
+        addr.parse().unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Whole derivations (ports, conflicts between Services, order) and
+    //! the module's own types; each part's rules are tested beside it
+    //! (`service.rs`, `slices.rs`, `topology.rs`, `tracker.rs`).
+
+    use super::fixtures::{NODE_IP, endpoints_of, ep, fe, ip, service, slice, web};
+    use super::*;
 
     #[test]
     fn two_ports_on_one_service() {
@@ -705,47 +815,6 @@ mod tests {
     }
 
     #[test]
-    fn session_affinity_client_ip_and_its_timeout() {
-        let with = |affinity: serde_json::Value| {
-            let mut svc = service("web", "10.96.0.10", &[("http", 80, "TCP")]);
-            let spec = svc.spec.as_mut().unwrap();
-            let patch: ServiceSpec = serde_json::from_value(affinity).unwrap();
-            spec.session_affinity = patch.session_affinity;
-            spec.session_affinity_config = patch.session_affinity_config;
-            let (state, warnings) = compute(&[svc], &[], &NodeInfo::default());
-            let timeout = state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].affinity_timeout_s;
-            (timeout, warnings.len())
-        };
-        assert_eq!(with(serde_json::json!({})), (None, 0));
-        assert_eq!(
-            with(serde_json::json!({"sessionAffinity": "None"})),
-            (None, 0)
-        );
-        assert_eq!(
-            with(serde_json::json!({"sessionAffinity": "ClientIP"})),
-            (Some(DEFAULT_AFFINITY_TIMEOUT_S), 0)
-        );
-        assert_eq!(
-            with(serde_json::json!({"sessionAffinity": "ClientIP",
-                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 2}}})),
-            (Some(2), 0)
-        );
-        // Invalid values: the Service is still served, without affinity.
-        for bad in [0, 86_401, -5] {
-            assert_eq!(
-                with(serde_json::json!({"sessionAffinity": "ClientIP",
-                    "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": bad}}})),
-                (None, 1),
-                "timeout {bad}"
-            );
-        }
-        assert_eq!(
-            with(serde_json::json!({"sessionAffinity": "Sticky"})),
-            (None, 1)
-        );
-    }
-
-    #[test]
     fn tcp_and_udp_on_the_same_port_are_two_frontends() {
         let svc = service(
             "dns",
@@ -771,88 +840,6 @@ mod tests {
     }
 
     #[test]
-    fn slice_port_protocol_must_match() {
-        let slices = [slice(
-            "web-a",
-            "web",
-            &[("http", 8080, "UDP")],
-            &[("10.0.0.1", None)],
-        )];
-        let (state, _) = compute(&[web()], &slices, &NodeInfo::default());
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            []
-        );
-    }
-
-    #[test]
-    fn unnamed_port_matches_unnamed_slice_port() {
-        let svc: Service = from(json!({
-            "metadata": {"name": "web", "namespace": "default"},
-            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
-        }));
-        let slc: EndpointSlice = from(json!({
-            "metadata": {"name": "web-a", "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4",
-            "ports": [{"port": 8080}],
-            "endpoints": [{"addresses": ["10.0.0.1"]}],
-        }));
-        let (state, warnings) = compute(&[svc], &[slc], &NodeInfo::default());
-        assert_eq!(warnings, []);
-        let frontend = fe("10.96.0.10", 80, Protocol::Tcp);
-        assert_eq!(endpoints_of(&state, frontend), [ep("10.0.0.1", 8080)]);
-        assert_eq!(state.frontends[&frontend].service, "default/web");
-    }
-
-    #[test]
-    fn unready_endpoint_excluded_and_unset_ready_counts() {
-        let slices = [slice(
-            "web-a",
-            "web",
-            &[("http", 8080, "TCP")],
-            &[
-                ("10.0.0.1", Some(false)),
-                ("10.0.0.2", None),
-                ("10.0.0.3", Some(true)),
-            ],
-        )];
-        let (state, warnings) = compute(&[web()], &slices, &NodeInfo::default());
-        assert_eq!(warnings, []);
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            [ep("10.0.0.2", 8080), ep("10.0.0.3", 8080)]
-        );
-    }
-
-    #[test]
-    fn endpoint_removed() {
-        let before = [slice(
-            "web-a",
-            "web",
-            &[("http", 8080, "TCP")],
-            &[("10.0.0.1", None), ("10.0.0.2", None)],
-        )];
-        let after = [slice(
-            "web-a",
-            "web",
-            &[("http", 8080, "TCP")],
-            &[("10.0.0.2", None)],
-        )];
-        let frontend = fe("10.96.0.10", 80, Protocol::Tcp);
-        assert_eq!(
-            endpoints_of(
-                &compute(&[web()], &before, &NodeInfo::default()).0,
-                frontend
-            )
-            .len(),
-            2
-        );
-        let (state, _) = compute(&[web()], &after, &NodeInfo::default());
-        assert_eq!(endpoints_of(&state, frontend), [ep("10.0.0.2", 8080)]);
-        assert_eq!(state.frontends[&frontend].empty_action, EmptyAction::Reject);
-    }
-
-    #[test]
     fn service_without_endpoints_rejects() {
         let (state, warnings) = compute(&[web()], &[], &NodeInfo::default());
         assert_eq!(warnings, []);
@@ -875,219 +862,6 @@ mod tests {
     }
 
     #[test]
-    fn slices_of_other_services_or_namespaces_not_used() {
-        let other_ns: EndpointSlice = from(json!({
-            "metadata": {"name": "web-x", "namespace": "prod",
-                         "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080}],
-            "endpoints": [{"addresses": ["10.0.0.9"]}],
-        }));
-        let other_svc = slice(
-            "api-a",
-            "api",
-            &[("http", 8080, "TCP")],
-            &[("10.0.0.8", None)],
-        );
-        let (state, _) = compute(&[web()], &[other_ns, other_svc], &NodeInfo::default());
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            []
-        );
-    }
-
-    #[test]
-    fn non_ipv4_slices_ignored() {
-        let v6: EndpointSlice = from(json!({
-            "metadata": {"name": "web-6", "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv6",
-            "ports": [{"name": "http", "port": 8080}],
-            "endpoints": [{"addresses": ["fd00::1"]}],
-        }));
-        let (state, warnings) = compute(&[web()], &[v6], &NodeInfo::default());
-        assert_eq!(warnings, []);
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            []
-        );
-    }
-
-    #[test]
-    fn headless_and_external_name_ignored_silently() {
-        let headless = service("db", "None", &[("pg", 5432, "TCP")]);
-        let external: Service = from(json!({
-            "metadata": {"name": "ext", "namespace": "default"},
-            "spec": {"type": "ExternalName", "externalName": "example.com",
-                     "ports": [{"port": 80}]},
-        }));
-        let (state, warnings) = compute(&[headless, external], &[], &NodeInfo::default());
-        assert!(state.frontends.is_empty());
-        assert_eq!(warnings, []);
-    }
-
-    #[test]
-    fn service_proxy_name_ignored() {
-        let svc: Service = from(json!({
-            "metadata": {"name": "web", "namespace": "default",
-                         "labels": {"service.kubernetes.io/service-proxy-name": "other"}},
-            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
-        }));
-        let (state, warnings) = compute(&[svc], &[], &NodeInfo::default());
-        assert!(state.frontends.is_empty());
-        assert_eq!(warnings, []);
-    }
-
-    #[test]
-    fn cluster_ips_preferred_and_ipv6_ignored() {
-        let svc: Service = from(json!({
-            "metadata": {"name": "web", "namespace": "default"},
-            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
-                     "ports": [{"name": "http", "port": 80}]},
-        }));
-        let (state, warnings) = compute(&[svc], &[], &NodeInfo::default());
-        assert_eq!(warnings, []);
-        assert_eq!(
-            state.frontends.keys().copied().collect::<Vec<_>>(),
-            [fe("10.96.0.10", 80, Protocol::Tcp)]
-        );
-    }
-
-    #[test]
-    fn duplicate_endpoint_across_slices_counted_once() {
-        let slices = [
-            slice(
-                "web-a",
-                "web",
-                &[("http", 8080, "TCP")],
-                &[("10.0.0.1", None)],
-            ),
-            slice(
-                "web-b",
-                "web",
-                &[("http", 8080, "TCP")],
-                &[("10.0.0.1", Some(true)), ("10.0.0.2", None)],
-            ),
-        ];
-        let (state, _) = compute(&[web()], &slices, &NodeInfo::default());
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]
-        );
-    }
-
-    /// Each bad input yields exactly one warning and leaves `web` intact.
-    fn assert_one_warning(bad_services: &[Service], bad_slices: &[EndpointSlice], object: &str) {
-        let mut services = bad_services.to_vec();
-        services.push(web());
-        let mut slices = bad_slices.to_vec();
-        slices.push(slice(
-            "web-a",
-            "web",
-            &[("http", 8080, "TCP")],
-            &[("10.0.0.1", None)],
-        ));
-        let (state, warnings) = compute(&services, &slices, &NodeInfo::default());
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert_eq!(warnings[0].object, object);
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
-            [ep("10.0.0.1", 8080)]
-        );
-    }
-
-    #[test]
-    fn invalid_cluster_ip_warns_and_skips_service() {
-        let bad = service("bad", "10.96.0.300", &[("http", 80, "TCP")]);
-        assert_one_warning(&[bad], &[], "Service default/bad");
-    }
-
-    #[test]
-    fn missing_cluster_ip_warns() {
-        let bad: Service = from(json!({
-            "metadata": {"name": "bad"},
-            "spec": {"ports": [{"port": 80}]},
-        }));
-        assert_one_warning(&[bad], &[], "Service default/bad");
-    }
-
-    #[test]
-    fn port_zero_warns_and_keeps_other_ports() {
-        let bad = service(
-            "bad",
-            "10.96.0.11",
-            &[("zero", 0, "TCP"), ("ok", 81, "TCP")],
-        );
-        let mut services = vec![bad.clone()];
-        assert_one_warning(&services, &[], "Service default/bad");
-        services.push(web());
-        let (state, _) = compute(&services, &[], &NodeInfo::default());
-        assert!(
-            state
-                .frontends
-                .contains_key(&fe("10.96.0.11", 81, Protocol::Tcp))
-        );
-        assert_eq!(state.frontends.len(), 2);
-    }
-
-    #[test]
-    fn port_70000_warns() {
-        let bad = service("bad", "10.96.0.11", &[("big", 70000, "TCP")]);
-        assert_one_warning(&[bad], &[], "Service default/bad");
-    }
-
-    #[test]
-    fn unknown_protocol_warns() {
-        let bad = service("bad", "10.96.0.11", &[("foo", 80, "FOO")]);
-        assert_one_warning(&[bad], &[], "Service default/bad");
-        let (_, warnings) = compute(
-            &[service("bad", "10.96.0.11", &[("foo", 80, "FOO")])],
-            &[],
-            &NodeInfo::default(),
-        );
-        assert!(warnings[0].reason.contains("\"foo\""), "{}", warnings[0]);
-        assert!(warnings[0].reason.contains("FOO"), "{}", warnings[0]);
-    }
-
-    #[test]
-    fn bad_endpoint_address_warns_and_skips_endpoint() {
-        let bad = slice(
-            "bad-a",
-            "bad",
-            &[("http", 8080, "TCP")],
-            &[("10.0.0.999", None), ("10.0.0.7", None)],
-        );
-        let bad_svc = service(
-            "bad",
-            "10.96.0.11",
-            &[("http", 80, "TCP"), ("alt", 81, "TCP")],
-        );
-        assert_one_warning(
-            std::slice::from_ref(&bad_svc),
-            std::slice::from_ref(&bad),
-            "EndpointSlice default/bad-a",
-        );
-        let (state, _) = compute(&[bad_svc], &[bad], &NodeInfo::default());
-        assert_eq!(
-            endpoints_of(&state, fe("10.96.0.11", 80, Protocol::Tcp)),
-            [ep("10.0.0.7", 8080)]
-        );
-    }
-
-    #[test]
-    fn bad_slice_port_warns() {
-        let missing: EndpointSlice = from(json!({
-            "metadata": {"name": "bad-a", "labels": {"kubernetes.io/service-name": "bad"}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http"}],
-            "endpoints": [{"addresses": ["10.0.0.1"]}],
-        }));
-        assert_one_warning(&[], &[missing], "EndpointSlice default/bad-a");
-        let zero = slice("bad-a", "bad", &[("http", 0, "TCP")], &[("10.0.0.1", None)]);
-        assert_one_warning(&[], &[zero], "EndpointSlice default/bad-a");
-    }
-
-    #[test]
     fn conflicting_frontends_keep_first_in_name_order() {
         let a = service("a", "10.96.0.10", &[("http", 80, "TCP")]);
         let b = service("b", "10.96.0.10", &[("http", 80, "TCP")]);
@@ -1095,7 +869,7 @@ mod tests {
         assert_eq!(warnings.len(), 1);
         assert_eq!(warnings[0].object, "Service default/b");
         assert_eq!(
-            state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].service,
+            &*state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].service,
             "default/a:http"
         );
     }
@@ -1155,420 +929,6 @@ mod tests {
         assert_eq!(web_eps, sorted);
     }
 
-    // Endpoint selection: conditions, internalTrafficPolicy, topology.
-
-    /// (ready, serving, terminating)
-    type Conditions = (bool, bool, bool);
-    const READY: Conditions = (true, true, false);
-    const TERMINATING: Conditions = (false, true, true);
-    const GONE: Conditions = (false, false, true);
-
-    /// An endpoint on `node` with explicit conditions.
-    fn on(addr: &str, node: &str, (ready, serving, terminating): Conditions) -> Value {
-        json!({"addresses": [addr], "nodeName": node,
-               "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
-    }
-
-    /// A ready endpoint with `hints.forZones` and `hints.forNodes` (an empty
-    /// list leaves that hint out).
-    fn hinted(addr: &str, zones: &[&str], nodes: &[&str]) -> Value {
-        let names =
-            |names: &[&str]| -> Value { names.iter().map(|name| json!({"name": name})).collect() };
-        let mut hints = json!({});
-        if !zones.is_empty() {
-            hints["forZones"] = names(zones);
-        }
-        if !nodes.is_empty() {
-            hints["forNodes"] = names(nodes);
-        }
-        json!({"addresses": [addr], "conditions": {"ready": true}, "hints": hints})
-    }
-
-    /// A slice of `web` (http -> 8080) with raw endpoint objects.
-    fn web_slice(name: &str, endpoints: &[Value]) -> EndpointSlice {
-        from(json!({
-            "metadata": {"name": name, "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": endpoints,
-        }))
-    }
-
-    fn web_local() -> Service {
-        let mut svc = web();
-        svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
-        svc
-    }
-
-    fn web_prefer_same_node() -> Service {
-        let mut svc = web();
-        svc.spec.as_mut().unwrap().traffic_distribution = Some("PreferSameNode".into());
-        svc
-    }
-
-    fn node(name: &str, zone: Option<&str>) -> NodeInfo {
-        NodeInfo {
-            name: name.to_string(),
-            labels: zone
-                .map(|zone| (LABEL_TOPOLOGY_ZONE.to_string(), zone.to_string()))
-                .into_iter()
-                .collect(),
-            addresses: Vec::new(),
-        }
-    }
-
-    /// The addresses `web`'s frontend uses on `node`, and its empty action.
-    fn web_on(
-        service: Service,
-        slices: &[EndpointSlice],
-        node: &NodeInfo,
-    ) -> (Vec<String>, EmptyAction) {
-        let (state, warnings) = compute(&[service], slices, node);
-        assert_eq!(warnings, []);
-        let st = &state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)];
-        assert!(st.endpoints.iter().all(|e| e.port == 8080));
-        let addrs = st.endpoints.iter().map(|e| e.addr.to_string()).collect();
-        (addrs, st.empty_action)
-    }
-
-    #[test]
-    fn terminating_endpoints_used_only_when_none_is_ready() {
-        let a = node("node-a", None);
-        let mixed = web_slice(
-            "web-a",
-            &[
-                on("10.0.0.1", "node-b", READY),
-                on("10.0.0.2", "node-b", TERMINATING),
-            ],
-        );
-        assert_eq!(web_on(web(), &[mixed], &a).0, ["10.0.0.1"]);
-        // The ready endpoint may be in another slice: the fallback is per
-        // Service port, not per slice.
-        let draining = web_slice("web-a", &[on("10.0.0.2", "node-b", TERMINATING)]);
-        let ready = web_slice("web-b", &[on("10.0.0.1", "node-b", READY)]);
-        assert_eq!(
-            web_on(web(), &[draining.clone(), ready], &a).0,
-            ["10.0.0.1"]
-        );
-        assert_eq!(
-            web_on(web(), &[draining], &a),
-            (vec!["10.0.0.2".to_string()], EmptyAction::Reject)
-        );
-    }
-
-    #[test]
-    fn terminating_endpoints_that_are_not_serving_are_never_used() {
-        let slices = [web_slice(
-            "web-a",
-            &[
-                on("10.0.0.1", "node-a", GONE),
-                // serving unset defers to ready (false).
-                json!({"addresses": ["10.0.0.2"],
-                       "conditions": {"ready": false, "terminating": true}}),
-                // Not ready, not terminating: neither set.
-                on("10.0.0.3", "node-a", (false, true, false)),
-            ],
-        )];
-        assert_eq!(
-            web_on(web(), &slices, &node("node-a", None)),
-            (vec![], EmptyAction::Reject)
-        );
-        assert_eq!(
-            web_on(web_local(), &slices, &node("node-a", None)),
-            (vec![], EmptyAction::Reject),
-            "nothing usable anywhere rejects even under the Local policy"
-        );
-    }
-
-    #[test]
-    fn internal_traffic_policy_local_keeps_local_endpoints() {
-        let slices = [web_slice(
-            "web-a",
-            &[
-                on("10.0.0.1", "node-a", READY),
-                on("10.0.0.2", "node-b", READY),
-                on("10.0.0.3", "node-a", TERMINATING),
-                json!({"addresses": ["10.0.0.4"]}), // no nodeName
-            ],
-        )];
-        assert_eq!(
-            web_on(web_local(), &slices, &node("node-a", None)).0,
-            ["10.0.0.1"]
-        );
-        assert_eq!(
-            web_on(web_local(), &slices, &node("node-b", None)).0,
-            ["10.0.0.2"]
-        );
-        // Cluster (the default) uses every ready endpoint wherever it is.
-        assert_eq!(
-            web_on(web(), &slices, &node("node-a", None)).0,
-            ["10.0.0.1", "10.0.0.2", "10.0.0.4"]
-        );
-        // An agent that does not know its name has no local endpoints, even
-        // for endpoints that carry no nodeName either.
-        assert_eq!(
-            web_on(web_local(), &slices, &NodeInfo::default()),
-            (vec![], EmptyAction::Drop)
-        );
-    }
-
-    #[test]
-    fn internal_traffic_policy_local_without_local_endpoints_drops() {
-        let slices = [web_slice("web-a", &[on("10.0.0.2", "node-b", READY)])];
-        assert_eq!(
-            web_on(web_local(), &slices, &node("node-a", None)),
-            (vec![], EmptyAction::Drop)
-        );
-        // No endpoint anywhere: kube-proxy's "has no endpoints" REJECT.
-        assert_eq!(
-            web_on(web_local(), &[], &node("node-a", None)),
-            (vec![], EmptyAction::Reject)
-        );
-    }
-
-    #[test]
-    fn internal_traffic_policy_local_falls_back_to_local_terminating() {
-        // The only local endpoint is terminating; a remote one is ready, but
-        // Local never leaves the node.
-        let slices = [web_slice(
-            "web-a",
-            &[
-                on("10.0.0.1", "node-a", TERMINATING),
-                on("10.0.0.2", "node-b", READY),
-                on("10.0.0.3", "node-a", GONE),
-            ],
-        )];
-        assert_eq!(
-            web_on(web_local(), &slices, &node("node-a", None)).0,
-            ["10.0.0.1"]
-        );
-    }
-
-    #[test]
-    fn zone_hints_used_when_every_endpoint_has_one() {
-        let slices = [web_slice(
-            "web-a",
-            &[
-                hinted("10.0.0.1", &["zone-a"], &[]),
-                hinted("10.0.0.2", &["zone-b"], &[]),
-                hinted("10.0.0.3", &["zone-b", "zone-a"], &[]),
-            ],
-        )];
-        assert_eq!(
-            web_on(web(), &slices, &node("node-a", Some("zone-a"))).0,
-            ["10.0.0.1", "10.0.0.3"]
-        );
-        assert_eq!(
-            web_on(web(), &slices, &node("node-a", Some("zone-b"))).0,
-            ["10.0.0.2", "10.0.0.3"]
-        );
-    }
-
-    #[test]
-    fn zone_hints_ignored_when_one_endpoint_lacks_them() {
-        let slices = [
-            web_slice("web-a", &[hinted("10.0.0.1", &["zone-a"], &[])]),
-            web_slice("web-b", &[hinted("10.0.0.2", &[], &[])]),
-        ];
-        assert_eq!(
-            web_on(web(), &slices, &node("node-a", Some("zone-a"))).0,
-            ["10.0.0.1", "10.0.0.2"]
-        );
-        // Unready endpoints do not count, hinted or not.
-        let slices = [web_slice(
-            "web-a",
-            &[
-                hinted("10.0.0.1", &["zone-a"], &[]),
-                hinted("10.0.0.2", &["zone-b"], &[]),
-                on("10.0.0.3", "node-a", (false, false, false)),
-            ],
-        )];
-        assert_eq!(
-            web_on(web(), &slices, &node("node-a", Some("zone-a"))).0,
-            ["10.0.0.1"]
-        );
-    }
-
-    #[test]
-    fn zone_hints_ignored_without_a_zone_label() {
-        let slices = [web_slice(
-            "web-a",
-            &[
-                hinted("10.0.0.1", &["zone-a"], &[]),
-                hinted("10.0.0.2", &["zone-b"], &[]),
-            ],
-        )];
-        let all = ["10.0.0.1", "10.0.0.2"];
-        assert_eq!(web_on(web(), &slices, &node("node-a", None)).0, all);
-        assert_eq!(web_on(web(), &slices, &node("node-a", Some(""))).0, all);
-        assert_eq!(web_on(web(), &slices, &NodeInfo::default()).0, all);
-    }
-
-    #[test]
-    fn zone_hints_ignored_when_none_is_for_this_zone() {
-        let slices = [web_slice(
-            "web-a",
-            &[
-                hinted("10.0.0.1", &["zone-a"], &[]),
-                hinted("10.0.0.2", &["zone-b"], &[]),
-            ],
-        )];
-        assert_eq!(
-            web_on(web(), &slices, &node("node-a", Some("zone-c"))).0,
-            ["10.0.0.1", "10.0.0.2"]
-        );
-    }
-
-    #[test]
-    fn topology_ignored_under_local_policy_and_for_terminating_fallback() {
-        let mut local = hinted("10.0.0.1", &["zone-b"], &[]);
-        local["nodeName"] = json!("node-a");
-        let slices = [web_slice(
-            "web-a",
-            &[local, hinted("10.0.0.2", &["zone-a"], &[])],
-        )];
-        assert_eq!(
-            web_on(web_local(), &slices, &node("node-a", Some("zone-a"))).0,
-            ["10.0.0.1"]
-        );
-        let terminating = |addr: &str, zone: &str| {
-            let mut endpoint = hinted(addr, &[zone], &[]);
-            endpoint["conditions"] = json!({"ready": false, "serving": true, "terminating": true});
-            endpoint
-        };
-        let slices = [web_slice(
-            "web-a",
-            &[
-                terminating("10.0.0.1", "zone-a"),
-                terminating("10.0.0.2", "zone-b"),
-            ],
-        )];
-        assert_eq!(
-            web_on(web(), &slices, &node("node-a", Some("zone-a"))).0,
-            ["10.0.0.1", "10.0.0.2"]
-        );
-    }
-
-    #[test]
-    fn prefer_same_node_uses_node_hints() {
-        let slices = [web_slice(
-            "web-a",
-            &[
-                hinted("10.0.0.1", &["zone-a"], &["node-a"]),
-                hinted("10.0.0.2", &["zone-a"], &["node-b"]),
-                hinted("10.0.0.3", &["zone-b"], &["node-c"]),
-            ],
-        )];
-        let a = node("node-a", Some("zone-a"));
-        assert_eq!(web_on(web_prefer_same_node(), &slices, &a).0, ["10.0.0.1"]);
-        // Without PreferSameNode only the zone hints count.
-        assert_eq!(web_on(web(), &slices, &a).0, ["10.0.0.1", "10.0.0.2"]);
-        // No endpoint for this node: zone hints next.
-        let d = node("node-d", Some("zone-a"));
-        assert_eq!(
-            web_on(web_prefer_same_node(), &slices, &d).0,
-            ["10.0.0.1", "10.0.0.2"]
-        );
-        // An endpoint without a node hint: zone hints next.
-        let mut partial = slices.to_vec();
-        partial.push(web_slice("web-b", &[hinted("10.0.0.4", &["zone-a"], &[])]));
-        assert_eq!(
-            web_on(web_prefer_same_node(), &partial, &a).0,
-            ["10.0.0.1", "10.0.0.2", "10.0.0.4"]
-        );
-    }
-
-    #[test]
-    fn topology_mode_annotation_does_not_matter() {
-        let annotated = |mode: &str| {
-            let mut svc = web();
-            svc.metadata.annotations = Some(
-                [(
-                    "service.kubernetes.io/topology-mode".to_string(),
-                    mode.to_string(),
-                )]
-                .into(),
-            );
-            svc
-        };
-        let hinted_slices = [web_slice(
-            "web-a",
-            &[
-                hinted("10.0.0.1", &["zone-a"], &[]),
-                hinted("10.0.0.2", &["zone-b"], &[]),
-            ],
-        )];
-        let plain = [slice(
-            "web-a",
-            "web",
-            &[("http", 8080, "TCP")],
-            &[("10.0.0.1", None), ("10.0.0.2", None)],
-        )];
-        let a = node("node-a", Some("zone-a"));
-        for svc in [web(), annotated("Auto"), annotated("Disabled")] {
-            assert_eq!(web_on(svc.clone(), &hinted_slices, &a).0, ["10.0.0.1"]);
-            assert_eq!(web_on(svc, &plain, &a).0, ["10.0.0.1", "10.0.0.2"]);
-        }
-    }
-
-    #[test]
-    fn selection_independent_of_order_and_duplicates() {
-        // 10.0.0.2 appears in two slices, hinted in one only: the copy
-        // without hints turns zone hints off whichever slice comes first.
-        let slices = vec![
-            web_slice(
-                "web-a",
-                &[
-                    hinted("10.0.0.1", &["zone-a"], &[]),
-                    hinted("10.0.0.2", &["zone-b"], &[]),
-                ],
-            ),
-            web_slice(
-                "web-b",
-                &[
-                    on("10.0.0.2", "node-a", READY),
-                    on("10.0.0.3", "node-b", TERMINATING),
-                ],
-            ),
-        ];
-        let a = node("node-a", Some("zone-a"));
-        for service in [web(), web_local(), web_prefer_same_node()] {
-            let forward = compute(std::slice::from_ref(&service), &slices, &a);
-            let mut reversed: Vec<EndpointSlice> = slices.iter().rev().cloned().collect();
-            for slice in &mut reversed {
-                slice.endpoints.reverse();
-            }
-            assert_eq!(compute(&[service], &reversed, &a), forward);
-        }
-        assert_eq!(web_on(web(), &slices, &a).0, ["10.0.0.1", "10.0.0.2"]);
-        assert_eq!(web_on(web_local(), &slices, &a).0, ["10.0.0.2"]);
-    }
-
-    #[test]
-    fn node_info_from_objects() {
-        let nodes: Vec<Node> = vec![
-            from(json!({"metadata": {"name": "node-b",
-                                     "labels": {LABEL_TOPOLOGY_ZONE: "zone-b"}}})),
-            from(json!({"metadata": {"name": "node-a",
-                                     "labels": {LABEL_TOPOLOGY_ZONE: "zone-a"}}})),
-        ];
-        let a = NodeInfo::from_objects("node-a", &nodes);
-        assert_eq!(a, node("node-a", Some("zone-a")));
-        assert_eq!(a.zone(), Some("zone-a"));
-        assert_eq!(
-            NodeInfo::from_objects("node-c", &nodes),
-            node("node-c", None)
-        );
-        assert_eq!(NodeInfo::from_objects("", &nodes), NodeInfo::default());
-        // A duplicate (broken static source) resolves the same either way.
-        let mut dup = nodes.clone();
-        dup.push(from(json!({"metadata": {"name": "node-a"}})));
-        let one = NodeInfo::from_objects("node-a", &dup);
-        dup.reverse();
-        assert_eq!(NodeInfo::from_objects("node-a", &dup), one);
-    }
-
     #[test]
     fn protocol_numbers() {
         for p in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
@@ -1578,530 +938,6 @@ mod tests {
         assert_eq!(Protocol::Sctp.number(), 132);
         assert_eq!(Protocol::from_api(None), Ok(Protocol::Tcp));
         assert!(Protocol::from_api(Some("tcp")).is_err());
-    }
-
-    // NodePort, LoadBalancer and external IPs.
-
-    const NODE_IP: &str = "192.168.0.1";
-    const NODE_IP2: &str = "172.16.0.1";
-    const LB_IP: &str = "203.0.113.1";
-    const EXT_IP: &str = "198.51.100.7";
-
-    fn ip(addr: &str) -> Ipv4Addr {
-        addr.parse().unwrap()
-    }
-
-    /// `web` (10.96.0.10, port http 80 -> nodePort 30080) with `spec`
-    /// fields overriding, and `status`.
-    fn exposed(spec: Value, status: Value) -> Service {
-        exposed_named("web", "10.96.0.10", spec, status)
-    }
-
-    fn exposed_named(name: &str, cluster_ip: &str, spec: Value, status: Value) -> Service {
-        let mut svc = json!({
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {"clusterIP": cluster_ip,
-                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]},
-            "status": status,
-        });
-        for (key, value) in spec.as_object().unwrap() {
-            svc["spec"][key] = value.clone();
-        }
-        from(svc)
-    }
-
-    fn lb_status(ips: &[&str]) -> Value {
-        let ingress: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
-        json!({"loadBalancer": {"ingress": ingress}})
-    }
-
-    fn node_a() -> NodeInfo {
-        node("node-a", None).with_addresses([ip(NODE_IP), ip(NODE_IP2), ip(NODE_IP)])
-    }
-
-    /// Ready on node-a, ready on node-b, terminating on node-a.
-    fn mixed_slices() -> Vec<EndpointSlice> {
-        vec![web_slice(
-            "web-a",
-            &[
-                on("10.0.0.1", "node-a", READY),
-                on("10.0.0.2", "node-b", READY),
-                on("10.0.0.3", "node-a", TERMINATING),
-            ],
-        )]
-    }
-
-    fn kinds(state: &DesiredState) -> Vec<(Frontend, FrontendKind)> {
-        state.frontends.iter().map(|(f, s)| (*f, s.kind)).collect()
-    }
-
-    fn external(state: &DesiredState, frontend: Frontend) -> &ExternalTraffic {
-        state.frontends[&frontend]
-            .external
-            .as_ref()
-            .expect("external frontend")
-    }
-
-    #[test]
-    fn node_port_answers_on_every_node_address() {
-        let svc = exposed(json!({"type": "NodePort"}), Value::Null);
-        let (state, warnings) = compute(std::slice::from_ref(&svc), &mixed_slices(), &node_a());
-        assert_eq!(warnings, []);
-        assert_eq!(
-            kinds(&state),
-            [
-                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
-                (fe(NODE_IP2, 30080, Protocol::Tcp), FrontendKind::NodePort),
-                (fe(NODE_IP, 30080, Protocol::Tcp), FrontendKind::NodePort),
-            ]
-        );
-        assert_eq!(
-            state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].external,
-            None
-        );
-        let np = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
-        assert_eq!(np.service, "default/web:http");
-        assert_eq!(np.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
-        assert_eq!(
-            np.external,
-            Some(ExternalTraffic {
-                endpoints: vec![ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)],
-                empty_action: EmptyAction::Reject,
-                masquerade: true,
-                source_ranges: vec![],
-                allow_node: false,
-            })
-        );
-        assert_eq!(np.lingering, [ep("10.0.0.3", 8080)]);
-        // A node without NodePort addresses serves none.
-        let (state, _) = compute(&[svc], &[], &node("node-a", None));
-        assert_eq!(state.frontends.len(), 1);
-        // nodePort on a ClusterIP Service (only a static manifest can say
-        // that): not served.
-        let cluster_ip = exposed(json!({}), Value::Null);
-        let (state, _) = compute(&[cluster_ip], &[], &node_a());
-        assert_eq!(
-            kinds(&state),
-            [(fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp)]
-        );
-    }
-
-    #[test]
-    fn node_port_out_of_range_warns_and_keeps_the_rest() {
-        let svc = exposed(
-            json!({"type": "NodePort",
-                   "ports": [{"name": "http", "port": 80, "nodePort": 70000}]}),
-            Value::Null,
-        );
-        let (state, warnings) = compute(&[svc], &[], &node_a());
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(
-            warnings[0].reason.contains("nodePort 70000"),
-            "{}",
-            warnings[0]
-        );
-        assert_eq!(
-            kinds(&state),
-            [(fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp)]
-        );
-    }
-
-    #[test]
-    fn load_balancer_ingress_ips_in_vip_mode() {
-        let status = json!({"loadBalancer": {"ingress": [
-            {"ip": LB_IP},
-            {"ip": "203.0.113.2", "ipMode": "VIP"},
-            {"ip": "203.0.113.3", "ipMode": "Proxy"},
-            {"hostname": "lb.example.com"},
-            {"ip": "2001:db8::1"},
-        ]}});
-        let svc = exposed(json!({"type": "LoadBalancer"}), status);
-        let (state, warnings) = compute(&[svc], &mixed_slices(), &node_a());
-        assert_eq!(warnings, []);
-        assert_eq!(
-            kinds(&state),
-            [
-                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
-                (fe(NODE_IP2, 30080, Protocol::Tcp), FrontendKind::NodePort),
-                (fe(NODE_IP, 30080, Protocol::Tcp), FrontendKind::NodePort),
-                (fe(LB_IP, 80, Protocol::Tcp), FrontendKind::LoadBalancer),
-                (
-                    fe("203.0.113.2", 80, Protocol::Tcp),
-                    FrontendKind::LoadBalancer
-                ),
-            ]
-        );
-        let lb = external(&state, fe(LB_IP, 80, Protocol::Tcp));
-        assert_eq!(lb.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
-        assert!(lb.masquerade);
-    }
-
-    #[test]
-    fn no_node_port_frontend_without_allocated_node_ports() {
-        let svc = exposed(
-            json!({"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
-                   "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}),
-            lb_status(&[LB_IP]),
-        );
-        let (state, warnings) = compute(&[svc], &[], &node_a());
-        assert_eq!(warnings, []);
-        assert_eq!(
-            kinds(&state),
-            [
-                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
-                (fe(LB_IP, 80, Protocol::Tcp), FrontendKind::LoadBalancer),
-            ]
-        );
-    }
-
-    #[test]
-    fn external_ips_on_any_service_type_and_cluster_policy_on_cluster_ip() {
-        // externalTrafficPolicy only means something on NodePort and
-        // LoadBalancer Services, so Local is ignored here.
-        let svc = exposed(
-            json!({"externalIPs": [EXT_IP, "fd00::7"], "externalTrafficPolicy": "Local"}),
-            Value::Null,
-        );
-        let (state, warnings) = compute(&[svc], &mixed_slices(), &node("node-b", None));
-        assert_eq!(warnings, []);
-        assert_eq!(
-            kinds(&state),
-            [
-                (fe("10.96.0.10", 80, Protocol::Tcp), FrontendKind::ClusterIp),
-                (fe(EXT_IP, 80, Protocol::Tcp), FrontendKind::ExternalIp),
-            ]
-        );
-        let ext = external(&state, fe(EXT_IP, 80, Protocol::Tcp));
-        assert_eq!(ext.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
-        assert!(ext.masquerade);
-        assert_eq!(ext.empty_action, EmptyAction::Reject);
-    }
-
-    #[test]
-    fn external_traffic_policy_local_uses_local_endpoints_and_keeps_the_client() {
-        let svc = exposed(
-            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
-                   "healthCheckNodePort": 32000, "externalIPs": [EXT_IP]}),
-            lb_status(&[LB_IP]),
-        );
-        let (state, warnings) = compute(std::slice::from_ref(&svc), &mixed_slices(), &node_a());
-        assert_eq!(warnings, []);
-        for frontend in [
-            fe(NODE_IP, 30080, Protocol::Tcp),
-            fe(LB_IP, 80, Protocol::Tcp),
-            fe(EXT_IP, 80, Protocol::Tcp),
-        ] {
-            let st = &state.frontends[&frontend];
-            // In-cluster traffic is not subject to the external policy.
-            assert_eq!(st.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
-            assert_eq!(st.empty_action, EmptyAction::Reject);
-            let ext = st.external.as_ref().unwrap();
-            assert_eq!(ext.endpoints, [ep("10.0.0.1", 8080)], "{frontend}");
-            assert_eq!(ext.empty_action, EmptyAction::Drop);
-            assert!(!ext.masquerade);
-            assert_eq!(st.lingering, [ep("10.0.0.3", 8080)]);
-        }
-        // The cluster IP is untouched by the external policy.
-        let cip = &state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)];
-        assert_eq!(cip.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
-
-        // A node without local endpoints drops external traffic.
-        let c = node("node-c", None).with_addresses([ip(NODE_IP)]);
-        let (state, _) = compute(std::slice::from_ref(&svc), &mixed_slices(), &c);
-        let st = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
-        let ext = st.external.as_ref().unwrap();
-        assert_eq!(ext.endpoints, []);
-        assert_eq!(ext.empty_action, EmptyAction::Drop);
-        assert_eq!(st.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
-
-        // No usable endpoint anywhere: rejected, whatever the policy.
-        let (state, _) = compute(std::slice::from_ref(&svc), &[], &node_a());
-        let ext = external(&state, fe(LB_IP, 80, Protocol::Tcp));
-        assert_eq!(ext.empty_action, EmptyAction::Reject);
-
-        // Only a terminating endpoint here: external traffic uses it while
-        // in-cluster traffic goes to the ready remote one; it is in the
-        // external set, so it is not lingering.
-        let draining = [web_slice(
-            "web-a",
-            &[
-                on("10.0.0.2", "node-b", READY),
-                on("10.0.0.3", "node-a", TERMINATING),
-            ],
-        )];
-        let (state, _) = compute(&[svc], &draining, &node_a());
-        let st = &state.frontends[&fe(LB_IP, 80, Protocol::Tcp)];
-        assert_eq!(st.endpoints, [ep("10.0.0.2", 8080)]);
-        assert_eq!(
-            st.external.as_ref().unwrap().endpoints,
-            [ep("10.0.0.3", 8080)]
-        );
-        assert_eq!(st.lingering, []);
-    }
-
-    #[test]
-    fn external_traffic_policy_cluster_uses_topology_like_cluster_ips() {
-        let svc = exposed(json!({"type": "NodePort"}), Value::Null);
-        let slices = [web_slice(
-            "web-a",
-            &[
-                hinted("10.0.0.1", &["zone-a"], &[]),
-                hinted("10.0.0.2", &["zone-b"], &[]),
-            ],
-        )];
-        let a = node("node-a", Some("zone-a")).with_addresses([ip(NODE_IP)]);
-        let (state, _) = compute(&[svc], &slices, &a);
-        let st = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
-        assert_eq!(st.endpoints, [ep("10.0.0.1", 8080)]);
-        assert_eq!(
-            st.external.as_ref().unwrap().endpoints,
-            [ep("10.0.0.1", 8080)]
-        );
-        assert_eq!(st.lingering, [ep("10.0.0.2", 8080)]);
-    }
-
-    #[test]
-    fn internal_local_and_external_cluster_combined() {
-        let svc = exposed(
-            json!({"type": "NodePort", "internalTrafficPolicy": "Local",
-                   "externalTrafficPolicy": "Cluster"}),
-            Value::Null,
-        );
-        let (state, warnings) = compute(
-            &[svc],
-            &mixed_slices(),
-            &node("node-b", None).with_addresses([ip(NODE_IP)]),
-        );
-        assert_eq!(warnings, []);
-        let cip = &state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)];
-        assert_eq!(
-            cip.endpoints,
-            [ep("10.0.0.2", 8080)],
-            "iTP Local: this node's"
-        );
-        assert_eq!(cip.external, None);
-        let np = &state.frontends[&fe(NODE_IP, 30080, Protocol::Tcp)];
-        // iTP governs cluster IPs only.
-        assert_eq!(np.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
-        let ext = np.external.as_ref().unwrap();
-        assert_eq!(ext.endpoints, [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]);
-        assert!(ext.masquerade);
-        assert_eq!(ext.empty_action, EmptyAction::Reject);
-    }
-
-    #[test]
-    fn source_ranges_apply_to_load_balancer_frontends_only() {
-        let svc = exposed(
-            json!({"type": "LoadBalancer", "externalIPs": [EXT_IP],
-                   "loadBalancerSourceRanges":
-                       [" 10.0.0.0/8 ", "192.168.1.7/24", "10.0.0.0/8", "2001:db8::/32", "bogus", "1.2.3.4/33"]}),
-            lb_status(&[LB_IP]),
-        );
-        let (state, warnings) = compute(&[svc], &[], &node_a());
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert!(warnings.iter().all(|w| w.object == "Service default/web"));
-        assert!(
-            warnings.iter().any(|w| w.reason.contains("bogus")),
-            "{warnings:?}"
-        );
-        assert!(
-            warnings.iter().any(|w| w.reason.contains("1.2.3.4/33")),
-            "{warnings:?}"
-        );
-        let cidr = |text: &str| text.parse::<Ipv4Cidr>().unwrap();
-        assert_eq!(
-            external(&state, fe(LB_IP, 80, Protocol::Tcp)).source_ranges,
-            [cidr("10.0.0.0/8"), cidr("192.168.1.0/24")]
-        );
-        assert_eq!(
-            external(&state, fe(NODE_IP, 30080, Protocol::Tcp)).source_ranges,
-            []
-        );
-        assert_eq!(
-            external(&state, fe(EXT_IP, 80, Protocol::Tcp)).source_ranges,
-            []
-        );
-    }
-
-    #[test]
-    fn source_ranges_with_a_node_address_let_in_the_node_and_the_lb_ips() {
-        let svc = |ranges: &str| {
-            exposed(
-                json!({"type": "LoadBalancer",
-                       "loadBalancerSourceRanges": [ranges]}),
-                lb_status(&[LB_IP]),
-            )
-        };
-        let cidr = |text: &str| text.parse::<Ipv4Cidr>().unwrap();
-        let (state, _) = compute(&[svc("203.0.113.0/24")], &[], &node_a());
-        let ext = external(&state, fe(LB_IP, 80, Protocol::Tcp));
-        assert_eq!(ext.source_ranges, [cidr("203.0.113.0/24")]);
-        assert!(!ext.allow_node);
-        // A range holding this node's address: kube-proxy also accepts the
-        // LB IP as a source (a node's own request looping back) and the node.
-        let (state, _) = compute(&[svc(&format!("{NODE_IP}/32"))], &[], &node_a());
-        let ext = external(&state, fe(LB_IP, 80, Protocol::Tcp));
-        assert_eq!(
-            ext.source_ranges,
-            [cidr(&format!("{NODE_IP}/32")), cidr(&format!("{LB_IP}/32"))]
-        );
-        assert!(ext.allow_node);
-        // NodePorts still bypass them.
-        let np = external(&state, fe(NODE_IP, 30080, Protocol::Tcp));
-        assert!(np.source_ranges.is_empty() && !np.allow_node);
-    }
-
-    #[test]
-    fn health_check_counts_local_ready_endpoint_addresses() {
-        let two_ports = json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
-            "healthCheckNodePort": 32000,
-            "ports": [{"name": "http", "port": 80, "nodePort": 30080},
-                      {"name": "https", "port": 443, "nodePort": 30443}]});
-        let svc = exposed(two_ports.clone(), lb_status(&[LB_IP]));
-        let slices: Vec<EndpointSlice> = vec![from(json!({
-            "metadata": {"name": "web-a", "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080}, {"name": "https", "port": 8443}],
-            "endpoints": [
-                on("10.0.0.1", "node-a", READY),
-                on("10.0.0.2", "node-a", READY),
-                on("10.0.0.3", "node-a", TERMINATING),
-                on("10.0.0.4", "node-b", READY),
-                on("10.0.0.5", "node-a", (false, false, false)),
-            ],
-        }))];
-        let (state, warnings) = compute(std::slice::from_ref(&svc), &slices, &node_a());
-        assert_eq!(warnings, []);
-        assert_eq!(
-            state.health_checks,
-            BTreeMap::from([(
-                32000,
-                HealthCheck {
-                    namespace: "default".into(),
-                    name: "web".into(),
-                    local_endpoints: 2,
-                }
-            )])
-        );
-        let (state, _) = compute(std::slice::from_ref(&svc), &slices, &node("node-c", None));
-        assert_eq!(state.health_checks[&32000].local_endpoints, 0);
-        let (state, _) = compute(std::slice::from_ref(&svc), &[], &node_a());
-        assert_eq!(state.health_checks[&32000].local_endpoints, 0);
-
-        // Only eTP Local LoadBalancers have one.
-        for spec in [
-            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Cluster",
-                   "healthCheckNodePort": 32000}),
-            json!({"type": "NodePort", "externalTrafficPolicy": "Local",
-                   "healthCheckNodePort": 32000}),
-        ] {
-            let (state, warnings) = compute(&[exposed(spec, Value::Null)], &slices, &node_a());
-            assert_eq!(warnings, []);
-            assert!(state.health_checks.is_empty());
-        }
-        // Missing port: a warning, the Service still served.
-        let (state, warnings) = compute(
-            &[exposed(
-                json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local"}),
-                lb_status(&[LB_IP]),
-            )],
-            &slices,
-            &node_a(),
-        );
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(state.health_checks.is_empty());
-        assert!(state.frontends.contains_key(&fe(LB_IP, 80, Protocol::Tcp)));
-        // No usable port, no health check (kube-proxy keeps them per port).
-        let portless = exposed(
-            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
-                   "healthCheckNodePort": 32000, "ports": []}),
-            Value::Null,
-        );
-        let (state, _) = compute(&[portless], &slices, &node_a());
-        assert!(state.health_checks.is_empty());
-        // Two Services on one port: the first in name order keeps it.
-        let other = exposed_named("api", "10.96.0.11", two_ports, Value::Null);
-        let (state, warnings) = compute(&[svc, other], &slices, &node_a());
-        assert_eq!(state.health_checks[&32000].name, "api");
-        assert_eq!(
-            warnings.len(),
-            5,
-            "hc port, two nodePorts on two addresses: {warnings:?}"
-        );
-        assert!(warnings.iter().all(|w| w.object == "Service default/web"));
-    }
-
-    #[test]
-    fn external_ip_colliding_with_another_services_lb_ip_warns() {
-        let a = exposed_named(
-            "a",
-            "10.96.0.11",
-            json!({"externalIPs": [LB_IP]}),
-            Value::Null,
-        );
-        let b = exposed_named(
-            "b",
-            "10.96.0.12",
-            json!({"type": "LoadBalancer",
-                   "ports": [{"name": "http", "port": 80, "nodePort": 30081}]}),
-            lb_status(&[LB_IP]),
-        );
-        let one = compute(&[b.clone(), a.clone()], &[], &node_a());
-        assert_eq!(one, compute(&[a, b], &[], &node_a()));
-        let (state, warnings) = one;
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert_eq!(warnings[0].object, "Service default/b");
-        assert!(
-            warnings[0].reason.contains("default/a:http"),
-            "{}",
-            warnings[0]
-        );
-        let st = &state.frontends[&fe(LB_IP, 80, Protocol::Tcp)];
-        assert_eq!(
-            (st.service.as_str(), st.kind),
-            ("default/a:http", FrontendKind::ExternalIp)
-        );
-        // b keeps its other frontends.
-        assert!(
-            state
-                .frontends
-                .contains_key(&fe(NODE_IP, 30081, Protocol::Tcp))
-        );
-    }
-
-    #[test]
-    fn external_ip_equal_to_own_lb_ip_is_one_lb_frontend() {
-        let svc = exposed(
-            json!({"type": "LoadBalancer", "externalIPs": [LB_IP],
-                   "loadBalancerSourceRanges": ["10.0.0.0/8"]}),
-            lb_status(&[LB_IP]),
-        );
-        let (state, warnings) = compute(&[svc], &[], &node_a());
-        assert_eq!(warnings, []);
-        let st = &state.frontends[&fe(LB_IP, 80, Protocol::Tcp)];
-        assert_eq!(st.kind, FrontendKind::LoadBalancer);
-        assert_eq!(st.external.as_ref().unwrap().source_ranges.len(), 1);
-    }
-
-    #[test]
-    fn malformed_external_and_ingress_ips_warn_and_are_skipped() {
-        let svc = exposed(
-            json!({"type": "LoadBalancer", "externalIPs": ["300.1.1.1", EXT_IP]}),
-            lb_status(&["not-an-ip", LB_IP]),
-        );
-        let (state, warnings) = compute(&[svc], &[], &node_a());
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert!(warnings.iter().all(|w| w.object == "Service default/web"));
-        assert!(warnings.iter().any(|w| w.reason.contains("300.1.1.1")));
-        assert!(warnings.iter().any(|w| w.reason.contains("not-an-ip")));
-        assert!(state.frontends.contains_key(&fe(EXT_IP, 80, Protocol::Tcp)));
-        assert!(state.frontends.contains_key(&fe(LB_IP, 80, Protocol::Tcp)));
-        assert!(
-            state
-                .frontends
-                .contains_key(&fe(NODE_IP, 30080, Protocol::Tcp))
-        );
     }
 
     #[test]

@@ -25,11 +25,18 @@ pub(super) fn port_number(port: i32) -> Option<u16> {
 /// ports read it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SliceEndpoints {
-    /// (name, protocol, number)
-    pub(super) ports: Vec<(String, Protocol, u16)>,
+    pub(super) ports: Box<[SlicePort]>,
     /// The endpoints that may ever be used: ready, or serving and
     /// terminating.
-    pub(super) endpoints: Vec<EndpointInfo>,
+    pub(super) endpoints: Box<[EndpointInfo]>,
+}
+
+/// A port of a slice: its name, protocol and number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct SlicePort {
+    pub(super) name: Arc<str>,
+    pub(super) protocol: Protocol,
+    pub(super) number: u16,
 }
 
 /// What the endpoint selection needs to know of one endpoint.
@@ -40,36 +47,58 @@ pub(super) struct EndpointInfo {
     pub(super) ready: bool,
     pub(super) serving: bool,
     pub(super) terminating: bool,
-    pub(super) node_name: Option<String>,
-    /// `hints.forZones` names; empty when there is no hint.
-    pub(super) zone_hints: BTreeSet<String>,
-    /// `hints.forNodes` names; empty when there is no hint.
-    pub(super) node_hints: BTreeSet<String>,
+    pub(super) node_name: Option<Arc<str>>,
+    /// `None` when it carries no hint (most endpoints).
+    pub(super) hints: Option<Box<Hints>>,
+}
+
+/// An endpoint's topology hints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Hints {
+    /// `hints.forZones` names, sorted; empty when there is none.
+    pub(super) zones: Box<[Arc<str>]>,
+    /// `hints.forNodes` names, sorted; empty when there is none.
+    pub(super) nodes: Box<[Arc<str>]>,
+}
+
+impl Hints {
+    fn names(hints: Option<&Vec<api::Named>>) -> Box<[Arc<str>]> {
+        let names: BTreeSet<&str> = hints
+            .into_iter()
+            .flatten()
+            .map(|hint| hint.name.as_str())
+            .collect();
+        names.into_iter().map(intern).collect()
+    }
+}
+
+/// Hint names, sorted; the empty list for an endpoint without hints.
+pub(super) fn hinted(info: &EndpointInfo, names: fn(&Hints) -> &[Arc<str>]) -> &[Arc<str>] {
+    info.hints.as_deref().map_or(&[], names)
+}
+
+/// Whether sorted hint `names` hold `name`.
+pub(super) fn hints_name(names: &[Arc<str>], name: &str) -> bool {
+    names.binary_search_by(|n| (**n).cmp(name)).is_ok()
 }
 
 impl EndpointInfo {
-    pub(super) fn from_api(addr: Ipv4Addr, endpoint: &ApiEndpoint) -> Self {
+    pub(super) fn from_api(addr: Ipv4Addr, endpoint: &api::Endpoint) -> Self {
         let conditions = endpoint.conditions.as_ref();
         let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let hints = endpoint.hints.as_ref();
+        let hints = endpoint.hints.as_ref().map(|h| Hints {
+            zones: Hints::names(h.for_zones.as_ref()),
+            nodes: Hints::names(h.for_nodes.as_ref()),
+        });
         Self {
             addr,
             ready,
             serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: endpoint.node_name.clone(),
-            zone_hints: hints
-                .and_then(|h| h.for_zones.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|zone| zone.name.clone())
-                .collect(),
-            node_hints: hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|node| node.name.clone())
-                .collect(),
+            node_name: endpoint.node_name.as_deref().map(intern),
+            hints: hints
+                .filter(|h| !h.zones.is_empty() || !h.nodes.is_empty())
+                .map(Box::new),
         }
     }
 
@@ -89,46 +118,50 @@ impl EndpointInfo {
 /// objects themselves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceFacts {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// Its Service and what it contributes; `None` when no Service of ours
     /// reads it.
-    pub(crate) parsed: Option<((String, String), SliceEndpoints)>,
+    pub(crate) parsed: Option<(ServiceName, SliceEndpoints)>,
     pub(crate) warnings: Vec<Warning>,
 }
 
 impl SliceFacts {
-    pub fn of(slice: &EndpointSlice) -> Self {
+    pub fn of(slice: &api::EndpointSlice) -> Self {
         let mut warnings = Vec::new();
         let parsed = parse_slice(slice, &mut warnings);
+        let (namespace, name) = identity(&slice.metadata);
         Self {
-            namespace: namespace_of(&slice.metadata).to_string(),
-            name: slice.metadata.name.clone().unwrap_or_default(),
+            namespace: intern(namespace),
+            name: name.into(),
             parsed,
             warnings,
         }
     }
 }
 
-/// A slice's Service (namespace, name) and what it contributes; `None` for
-/// slices no Service of ours reads (another address family, no Service
-/// label, another proxy's, a headless Service's).
+/// A slice's Service and what it contributes; `None` for slices no Service
+/// of ours reads (another address family, no Service label, another
+/// proxy's, a headless Service's).
 pub(super) fn parse_slice(
-    slice: &EndpointSlice,
+    slice: &api::EndpointSlice,
     warnings: &mut Vec<Warning>,
-) -> Option<((String, String), SliceEndpoints)> {
-    let namespace = namespace_of(&slice.metadata);
-    let name = slice.metadata.name.as_deref().unwrap_or("");
-    let object = format!("EndpointSlice {namespace}/{name}");
+) -> Option<(ServiceName, SliceEndpoints)> {
+    let (namespace, name) = identity(&slice.metadata);
+    let object = || format!("EndpointSlice {namespace}/{name}");
     if slice.address_type != "IPv4" {
-        tracing::debug!("{object}: ignoring addressType {:?}", slice.address_type);
+        tracing::debug!(
+            "{}: ignoring addressType {:?}",
+            object(),
+            slice.address_type
+        );
         return None;
     }
     let labels = slice.metadata.labels.as_ref();
     let Some(service) = labels.and_then(|labels| labels.get(LABEL_SERVICE_NAME)) else {
         // Slices not managed for a Service are legal (custom controllers)
         // and simply unused.
-        tracing::debug!("{object}: no {LABEL_SERVICE_NAME} label, ignoring");
+        tracing::debug!("{}: no {LABEL_SERVICE_NAME} label, ignoring", object());
         return None;
     };
     if !is_ours(&slice.metadata) || labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
@@ -142,55 +175,62 @@ pub(super) fn parse_slice(
         ),
         endpoints: usable_endpoints(slice, &object, warnings),
     };
-    Some(((namespace.to_string(), service.clone()), parsed))
+    Some((ServiceName::new(namespace, service), parsed))
 }
 
 pub(super) fn slice_ports(
-    ports: &[EndpointPort],
-    object: &str,
+    ports: &[api::EndpointPort],
+    object: &dyn Fn() -> String,
     warnings: &mut Vec<Warning>,
-) -> Vec<(String, Protocol, u16)> {
+) -> Box<[SlicePort]> {
     let mut valid = Vec::new();
     for port in ports {
-        let name = port.name.clone().unwrap_or_default();
+        let name = port.name.as_deref().unwrap_or("");
         let protocol = match Protocol::from_api(port.protocol.as_deref()) {
             Ok(protocol) => protocol,
             Err(source) => {
+                let name = name.to_string();
                 warn(
                     warnings,
-                    object,
+                    &object(),
                     Problem::SlicePortProtocol { name, source },
                 );
                 continue;
             }
         };
         let number = match port.port {
-            None => Err(Problem::SlicePortMissing { name: name.clone() }),
+            None => Err(Problem::SlicePortMissing {
+                name: name.to_string(),
+            }),
             Some(port) => port_number(port).ok_or(Problem::SlicePortRange {
-                name: name.clone(),
+                name: name.to_string(),
                 port,
             }),
         };
         match number {
-            Ok(number) => valid.push((name, protocol, number)),
-            Err(problem) => warn(warnings, object, problem),
+            Ok(number) => valid.push(SlicePort {
+                name: intern(name),
+                protocol,
+                number,
+            }),
+            Err(problem) => warn(warnings, &object(), problem),
         }
     }
-    valid
+    valid.into()
 }
 
 /// Every endpoint of a slice with a parseable address. Selection
 /// (`select_endpoints`) decides which ones new flows may use; the others
 /// still exist, so flows they already serve are kept.
 pub(super) fn usable_endpoints(
-    slice: &EndpointSlice,
-    object: &str,
+    slice: &api::EndpointSlice,
+    object: &dyn Fn() -> String,
     warnings: &mut Vec<Warning>,
-) -> Vec<EndpointInfo> {
-    let mut usable = Vec::new();
+) -> Box<[EndpointInfo]> {
+    let mut usable = Vec::with_capacity(slice.endpoints.len());
     for (index, endpoint) in slice.endpoints.iter().enumerate() {
         let Some(first) = endpoint.addresses.first() else {
-            warn(warnings, object, Problem::NoAddress { index });
+            warn(warnings, &object(), Problem::NoAddress { index });
             continue;
         };
         let Ok(addr) = first.parse::<Ipv4Addr>() else {
@@ -198,12 +238,12 @@ pub(super) fn usable_endpoints(
                 index,
                 addr: first.clone(),
             };
-            warn(warnings, object, problem);
+            warn(warnings, &object(), problem);
             continue;
         };
         usable.push(EndpointInfo::from_api(addr, endpoint));
     }
-    usable
+    usable.into()
 }
 
 /// One endpoint of one Service port: the destination, and what decides
@@ -229,8 +269,8 @@ pub(super) fn candidates_for<'a>(
         let numbers = slice
             .ports
             .iter()
-            .filter(|(n, p, _)| n == name && *p == protocol)
-            .map(|(_, _, number)| *number);
+            .filter(|p| &*p.name == name && p.protocol == protocol)
+            .map(|p| p.number);
         for port in numbers {
             candidates.extend(slice.endpoints.iter().map(|info| Candidate {
                 endpoint: Endpoint {
@@ -242,4 +282,226 @@ pub(super) fn candidates_for<'a>(
         }
     }
     candidates
+}
+
+#[cfg(test)]
+mod tests {
+    //! Which endpoints of which slices a Service port gets, through
+    //! [`compute`] as the agent derives them.
+
+    use super::super::fixtures::*;
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn named_target_port_resolved_per_slice() {
+        // Pods behind one Service may name the same container port with
+        // different numbers; each slice carries its own resolution.
+        let slices = [
+            slice(
+                "web-a",
+                "web",
+                &[("http", 8080, "TCP")],
+                &[("10.0.0.1", None)],
+            ),
+            slice(
+                "web-b",
+                "web",
+                &[("http", 9090, "TCP")],
+                &[("10.0.0.2", None)],
+            ),
+        ];
+        let (state, warnings) = compute(&[web()], &slices, &NodeInfo::default());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            [ep("10.0.0.1", 8080), ep("10.0.0.2", 9090)]
+        );
+        assert_eq!(
+            &*state.frontends[&fe("10.96.0.10", 80, Protocol::Tcp)].service,
+            "default/web:http"
+        );
+    }
+
+    #[test]
+    fn slice_port_protocol_must_match() {
+        let slices = [slice(
+            "web-a",
+            "web",
+            &[("http", 8080, "UDP")],
+            &[("10.0.0.1", None)],
+        )];
+        let (state, _) = compute(&[web()], &slices, &NodeInfo::default());
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            []
+        );
+    }
+
+    #[test]
+    fn unnamed_port_matches_unnamed_slice_port() {
+        let svc: Service = from(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]},
+        }));
+        let slc: EndpointSlice = from(json!({
+            "metadata": {"name": "web-a", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": ["10.0.0.1"]}],
+        }));
+        let (state, warnings) = compute(&[svc], &[slc], &NodeInfo::default());
+        assert_eq!(warnings, []);
+        let frontend = fe("10.96.0.10", 80, Protocol::Tcp);
+        assert_eq!(endpoints_of(&state, frontend), [ep("10.0.0.1", 8080)]);
+        assert_eq!(&*state.frontends[&frontend].service, "default/web");
+    }
+
+    #[test]
+    fn unready_endpoint_excluded_and_unset_ready_counts() {
+        let slices = [slice(
+            "web-a",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[
+                ("10.0.0.1", Some(false)),
+                ("10.0.0.2", None),
+                ("10.0.0.3", Some(true)),
+            ],
+        )];
+        let (state, warnings) = compute(&[web()], &slices, &NodeInfo::default());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            [ep("10.0.0.2", 8080), ep("10.0.0.3", 8080)]
+        );
+    }
+
+    #[test]
+    fn endpoint_removed() {
+        let before = [slice(
+            "web-a",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[("10.0.0.1", None), ("10.0.0.2", None)],
+        )];
+        let after = [slice(
+            "web-a",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[("10.0.0.2", None)],
+        )];
+        let frontend = fe("10.96.0.10", 80, Protocol::Tcp);
+        assert_eq!(
+            endpoints_of(
+                &compute(&[web()], &before, &NodeInfo::default()).0,
+                frontend
+            )
+            .len(),
+            2
+        );
+        let (state, _) = compute(&[web()], &after, &NodeInfo::default());
+        assert_eq!(endpoints_of(&state, frontend), [ep("10.0.0.2", 8080)]);
+        assert_eq!(state.frontends[&frontend].empty_action, EmptyAction::Reject);
+    }
+
+    #[test]
+    fn slices_of_other_services_or_namespaces_not_used() {
+        let other_ns: EndpointSlice = from(json!({
+            "metadata": {"name": "web-x", "namespace": "prod",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": ["10.0.0.9"]}],
+        }));
+        let other_svc = slice(
+            "api-a",
+            "api",
+            &[("http", 8080, "TCP")],
+            &[("10.0.0.8", None)],
+        );
+        let (state, _) = compute(&[web()], &[other_ns, other_svc], &NodeInfo::default());
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            []
+        );
+    }
+
+    #[test]
+    fn non_ipv4_slices_ignored() {
+        let v6: EndpointSlice = from(json!({
+            "metadata": {"name": "web-6", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv6",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": ["fd00::1"]}],
+        }));
+        let (state, warnings) = compute(&[web()], &[v6], &NodeInfo::default());
+        assert_eq!(warnings, []);
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            []
+        );
+    }
+
+    #[test]
+    fn duplicate_endpoint_across_slices_counted_once() {
+        let slices = [
+            slice(
+                "web-a",
+                "web",
+                &[("http", 8080, "TCP")],
+                &[("10.0.0.1", None)],
+            ),
+            slice(
+                "web-b",
+                "web",
+                &[("http", 8080, "TCP")],
+                &[("10.0.0.1", Some(true)), ("10.0.0.2", None)],
+            ),
+        ];
+        let (state, _) = compute(&[web()], &slices, &NodeInfo::default());
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.10", 80, Protocol::Tcp)),
+            [ep("10.0.0.1", 8080), ep("10.0.0.2", 8080)]
+        );
+    }
+
+    #[test]
+    fn bad_endpoint_address_warns_and_skips_endpoint() {
+        let bad = slice(
+            "bad-a",
+            "bad",
+            &[("http", 8080, "TCP")],
+            &[("10.0.0.999", None), ("10.0.0.7", None)],
+        );
+        let bad_svc = service(
+            "bad",
+            "10.96.0.11",
+            &[("http", 80, "TCP"), ("alt", 81, "TCP")],
+        );
+        assert_one_warning(
+            std::slice::from_ref(&bad_svc),
+            std::slice::from_ref(&bad),
+            "EndpointSlice default/bad-a",
+        );
+        let (state, _) = compute(&[bad_svc], &[bad], &NodeInfo::default());
+        assert_eq!(
+            endpoints_of(&state, fe("10.96.0.11", 80, Protocol::Tcp)),
+            [ep("10.0.0.7", 8080)]
+        );
+    }
+
+    #[test]
+    fn bad_slice_port_warns() {
+        let missing: EndpointSlice = from(json!({
+            "metadata": {"name": "bad-a", "labels": {"kubernetes.io/service-name": "bad"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http"}],
+            "endpoints": [{"addresses": ["10.0.0.1"]}],
+        }));
+        assert_one_warning(&[], &[missing], "EndpointSlice default/bad-a");
+        let zero = slice("bad-a", "bad", &[("http", 0, "TCP")], &[("10.0.0.1", None)]);
+        assert_one_warning(&[], &[zero], "EndpointSlice default/bad-a");
+    }
 }

@@ -8,40 +8,52 @@
 //! input or a stale view of a reused IP does that) or one health check port.
 //! Claims are kept per frontend in (namespace, name) order, so the first
 //! Service keeps it exactly as a derivation from scratch would decide, and a
-//! change to either claimant re-decides only that frontend.
+//! change to either claimant re-decides only that frontend. A load-balancer
+//! or external IP that is another Service's cluster IP is refused whatever
+//! the order: the tracker indexes cluster IPs, and derives again the
+//! Services asking for an address whose cluster-IP owner changed.
+//!
+//! What is kept per Service is its [`ServiceFacts`] and its slices' facts
+//! (names shared, no API object), what it claimed, and its frontends'
+//! states.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{Node, NodeSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{
-    Derived, Frontend, FrontendState, HealthCheck, NodeInfo, SliceEndpoints, SliceFacts, Warning,
-    by_content, derive_service, duplicate, frontend_taken, health_check_taken, identity,
+    Derived, Frontend, FrontendState, HealthCheck, NodeInfo, ServiceFacts, ServiceName,
+    SliceEndpoints, SliceFacts, Warning, api, derive_service, duplicate, frontend_taken,
+    health_check_taken,
 };
-
-/// (namespace, name) of a Service.
-pub type ServiceName = (String, String);
 
 /// Tells apart copies of one object name: a directory of manifests may hold
 /// two (a broken one, but it must not depend on file order); the API
 /// server never does, so its objects all have origin 0.
 pub type Origin = u64;
 
-/// (namespace, name, origin) of an EndpointSlice.
-type SliceName = (String, String, Origin);
+/// An EndpointSlice's namespace, name and origin.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct SliceName {
+    namespace: Arc<str>,
+    name: Arc<str>,
+    origin: Origin,
+}
 
 /// A sorted map that is nearly always of one entry (a Service's copies and
-/// slices, a frontend's claimants): a vector, because a `BTreeMap` of one
-/// entry allocates room for eleven, which for 30,000 Services is hundreds
-/// of megabytes.
+/// slices, a frontend's claimants): a boxed slice of exactly its entries,
+/// because a `BTreeMap` of one entry allocates room for eleven and a
+/// vector's first push room for four, which for 30,000 Services is tens of
+/// megabytes.
 #[derive(Debug)]
-struct Few<K, V>(Vec<(K, V)>);
+struct Few<K, V>(Box<[(K, V)]>);
 
 impl<K, V> Default for Few<K, V> {
     fn default() -> Self {
-        Self(Vec::new())
+        Self(Box::new([]))
     }
 }
 
@@ -57,13 +69,20 @@ impl<K: Ord, V> Few<K, V> {
     fn insert(&mut self, key: K, value: V) {
         match self.find(&key) {
             Ok(i) => self.0[i].1 = value,
-            Err(i) => self.0.insert(i, (key, value)),
+            Err(i) => {
+                let mut entries = std::mem::take(&mut self.0).into_vec();
+                entries.reserve_exact(1);
+                entries.insert(i, (key, value));
+                self.0 = entries.into_boxed_slice();
+            }
         }
     }
 
     fn remove(&mut self, key: &K) {
         if let Ok(i) = self.find(key) {
-            self.0.remove(i);
+            let mut entries = std::mem::take(&mut self.0).into_vec();
+            entries.remove(i);
+            self.0 = entries.into_boxed_slice();
         }
     }
 
@@ -93,21 +112,58 @@ struct Slice {
     /// The Service it belongs to and what it contributes; `None` when no
     /// Service of ours reads it.
     parsed: Option<(ServiceName, SliceEndpoints)>,
-    warnings: Vec<Warning>,
+    warnings: Box<[Warning]>,
 }
 
-/// What a Service's last derivation claimed (the states themselves are in
-/// [`Tracker::claims`]).
+/// Everything held under one Service name.
+#[derive(Default)]
+struct Entry {
+    /// The Service by origin: one copy, unless a broken static source.
+    copies: Few<Origin, ServiceFacts>,
+    /// The slices naming it.
+    slices: Few<SliceName, ()>,
+    /// What its last derivation claimed (the states themselves are in
+    /// [`Tracker::claims`]).
+    claimed: Claimed,
+}
+
+impl Entry {
+    /// The copy that counts: the smallest, so the outcome does not depend
+    /// on file or list order.
+    fn chosen(&self) -> Option<&ServiceFacts> {
+        self.copies.values().min()
+    }
+
+    /// Its cluster IPs and the load-balancer and external IPs it asks for.
+    fn addresses(&self) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
+        self.chosen()
+            .and_then(|facts| facts.spec.as_deref())
+            .map(|spec| {
+                (
+                    spec.cluster_ips.to_vec(),
+                    spec.exposure.addresses().collect(),
+                )
+            })
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Default)]
 struct Claimed {
-    frontends: Vec<Frontend>,
+    frontends: Box<[Frontend]>,
     health_check: Option<u16>,
-    warnings: Vec<Warning>,
+    /// Addresses refused as another Service's cluster IP.
+    refused: u16,
+    /// The Service's own warnings and those of its derivation.
+    warnings: Box<[Warning]>,
 }
 
 /// One claim of a frontend: the Service port's name and the state it asks
 /// for.
-type Claim = (String, FrontendState);
+type Claim = (Arc<str>, FrontendState);
+
+/// Services by address, for the cluster-IP rule.
+type AddressIndex = HashMap<Ipv4Addr, Few<ServiceName, ()>>;
 
 /// Objects by name, what each Service claims, and the frontends whose state
 /// may have changed since the last [`Tracker::settle`].
@@ -117,12 +173,15 @@ pub struct Tracker {
     /// gives its topology labels (and, to the health server, whether it is
     /// being deleted).
     nodes: BTreeMap<(String, Origin), Node>,
-    services: HashMap<ServiceName, Few<Origin, Box<Service>>>,
+    services: HashMap<ServiceName, Entry>,
     slices: HashMap<SliceName, Slice>,
-    slices_of: HashMap<ServiceName, Few<SliceName, ()>>,
-    claimed: HashMap<ServiceName, Claimed>,
     /// Every claim of each frontend, first in (namespace, name) order wins.
     claims: HashMap<Frontend, Few<ServiceName, Claim>>,
+    /// The Services whose cluster IP each address is.
+    cluster_ips: AddressIndex,
+    /// The Services asking for each address as a load-balancer or external
+    /// IP: derived again when the address's cluster-IP owners change.
+    wanted_ips: AddressIndex,
     /// Frontends with more than one claimant, for the warnings.
     contested: BTreeSet<Frontend>,
     health_claims: BTreeMap<u16, Few<ServiceName, HealthCheck>>,
@@ -135,6 +194,9 @@ pub struct Tracker {
     /// Something a warning is made of changed since the last
     /// [`Tracker::warnings_changed`].
     warnings_changed: bool,
+    /// Addresses refused as another Service's cluster IP, over all
+    /// Services.
+    refused: usize,
 }
 
 impl Tracker {
@@ -147,45 +209,90 @@ impl Tracker {
             nodes: BTreeMap::new(),
             services: HashMap::new(),
             slices: HashMap::new(),
-            slices_of: HashMap::new(),
-            claimed: HashMap::new(),
             claims: HashMap::new(),
+            cluster_ips: HashMap::new(),
+            wanted_ips: HashMap::new(),
             contested: BTreeSet::new(),
             health_claims: BTreeMap::new(),
             health_checks: BTreeMap::new(),
             dirty: BTreeSet::new(),
             touched: BTreeSet::new(),
             warnings_changed: false,
+            refused: 0,
         }
     }
 
     /// Adds or replaces the copy `origin` of a Service.
-    pub fn put_service(&mut self, origin: Origin, mut service: Service) {
-        crate::source::trim::service(&mut service);
-        let name = service_name(&service);
-        let copies = self.services.entry(name.clone()).or_default();
+    pub fn put_service(&mut self, origin: Origin, service: api::Service) {
+        self.put_service_facts(origin, ServiceFacts::of(&service));
+    }
+
+    /// [`Tracker::put_service`] of a Service already read into its facts.
+    pub fn put_service_facts(&mut self, origin: Origin, mut facts: ServiceFacts) {
+        facts.name = self.canonical(&facts.name);
+        let name = facts.name.clone();
+        let entry = self.services.get_mut(&name).expect("made by canonical");
         // A relist sends every object again: the same one changes nothing.
-        if copies.get(&origin).is_some_and(|old| **old == service) {
+        if entry.copies.get(&origin) == Some(&facts) {
             return;
         }
-        copies.insert(origin, Box::new(service));
+        let before = entry.addresses();
+        entry.copies.insert(origin, facts);
+        let after = entry.addresses();
+        self.reindex(&name, before, after);
         self.dirty.insert(name);
     }
 
     /// Removes the copy `origin` of Service `namespace/name`, if present.
     pub fn delete_service(&mut self, origin: Origin, namespace: &str, name: &str) {
-        let key = (ns_or_default(namespace), name.to_string());
-        if let Some(copies) = self.services.get_mut(&key) {
-            copies.remove(&origin);
-            if copies.is_empty() {
-                self.services.remove(&key);
+        let key = ServiceName::new(namespace, name);
+        let Some(entry) = self.services.get_mut(&key) else {
+            return;
+        };
+        if entry.copies.get(&origin).is_none() {
+            return;
+        }
+        let before = entry.addresses();
+        entry.copies.remove(&origin);
+        let after = entry.addresses();
+        self.reindex(&key, before, after);
+        self.dirty.insert(key);
+    }
+
+    /// The tracker's own copy of `name` (so every map shares one), making
+    /// an empty entry for it if there is none.
+    fn canonical(&mut self, name: &ServiceName) -> ServiceName {
+        if let Some((key, _)) = self.services.get_key_value(name) {
+            return key.clone();
+        }
+        self.services.insert(name.clone(), Entry::default());
+        name.clone()
+    }
+
+    /// Keeps the address indexes up to date with `name`'s addresses
+    /// (cluster IPs, wanted IPs) going from `before` to `after`; a cluster
+    /// IP coming or going re-derives the Services that want its address.
+    fn reindex(
+        &mut self,
+        name: &ServiceName,
+        before: (Vec<Ipv4Addr>, Vec<Ipv4Addr>),
+        after: (Vec<Ipv4Addr>, Vec<Ipv4Addr>),
+    ) {
+        if before == after {
+            return;
+        }
+        let changed = update_index(&mut self.cluster_ips, name, &before.0, &after.0);
+        update_index(&mut self.wanted_ips, name, &before.1, &after.1);
+        for addr in changed {
+            if let Some(wanting) = self.wanted_ips.get(&addr) {
+                self.dirty
+                    .extend(wanting.keys().filter(|k| *k != name).cloned());
             }
-            self.dirty.insert(key);
         }
     }
 
     /// Adds or replaces the copy `origin` of an EndpointSlice.
-    pub fn put_slice(&mut self, origin: Origin, slice: EndpointSlice) {
+    pub fn put_slice(&mut self, origin: Origin, slice: api::EndpointSlice) {
         self.put_slice_facts(origin, SliceFacts::of(&slice));
     }
 
@@ -197,28 +304,43 @@ impl Tracker {
             parsed,
             warnings,
         } = facts;
-        let key = (namespace, name, origin);
+        let key = SliceName {
+            namespace,
+            name,
+            origin,
+        };
         if let Some(old) = self.slices.get(&key)
             && old.parsed == parsed
-            && old.warnings == warnings
+            && *old.warnings == *warnings
         {
             return;
         }
         self.remove_slice(&key);
         self.warnings_changed |= !warnings.is_empty();
-        if let Some((service, _)) = &parsed {
+        let parsed = parsed.map(|(service, endpoints)| {
+            let service = self.canonical(&service);
+            let entry = self.services.get_mut(&service).expect("made by canonical");
+            entry.slices.insert(key.clone(), ());
             self.dirty.insert(service.clone());
-            self.slices_of
-                .entry(service.clone())
-                .or_default()
-                .insert(key.clone(), ());
-        }
-        self.slices.insert(key, Slice { parsed, warnings });
+            (service, endpoints)
+        });
+        self.slices.insert(
+            key,
+            Slice {
+                parsed,
+                warnings: warnings.into(),
+            },
+        );
     }
 
     /// Removes the copy `origin` of EndpointSlice `namespace/name`.
     pub fn delete_slice(&mut self, origin: Origin, namespace: &str, name: &str) {
-        self.remove_slice(&(ns_or_default(namespace), name.to_string(), origin));
+        let service = ServiceName::new(namespace, name);
+        self.remove_slice(&SliceName {
+            namespace: service.namespace,
+            name: service.name,
+            origin,
+        });
     }
 
     fn remove_slice(&mut self, key: &SliceName) {
@@ -227,11 +349,8 @@ impl Tracker {
         };
         self.warnings_changed |= !old.warnings.is_empty();
         if let Some((service, _)) = old.parsed {
-            if let Some(of) = self.slices_of.get_mut(&service) {
-                of.remove(key);
-                if of.is_empty() {
-                    self.slices_of.remove(&service);
-                }
+            if let Some(entry) = self.services.get_mut(&service) {
+                entry.slices.remove(key);
             }
             self.dirty.insert(service);
         }
@@ -239,7 +358,7 @@ impl Tracker {
 
     /// Adds or replaces the copy `origin` of a Node.
     pub fn put_node(&mut self, origin: Origin, mut node: Node) {
-        crate::source::trim::node(&mut node);
+        trim_node(&mut node);
         let name = node.metadata.name.clone().unwrap_or_default();
         self.nodes.insert((name, origin), node);
         self.node_changed();
@@ -294,43 +413,60 @@ impl Tracker {
 
     fn all_dirty(&mut self) {
         self.dirty.extend(self.services.keys().cloned());
-        self.dirty.extend(self.claimed.keys().cloned());
     }
 
     /// Derives every changed Service again and returns the frontends whose
     /// state may differ from before (added, removed or changed).
     pub fn settle(&mut self) -> BTreeSet<Frontend> {
+        let mut emptied = false;
         for name in std::mem::take(&mut self.dirty) {
             self.unclaim(&name);
-            let Some(copies) = self.services.get(&name) else {
+            let Some(entry) = self.services.get(&name) else {
                 continue;
             };
-            let service = copies
-                .values()
-                .min_by(|a, b| by_content(a, b))
-                .expect("a Service entry holds at least one copy");
-            let slices: Vec<&SliceEndpoints> = self
-                .slices_of
-                .get(&name)
-                .into_iter()
-                .flat_map(Few::keys)
-                .filter_map(|key| self.slices.get(key))
-                .filter_map(|slice| slice.parsed.as_ref().map(|(_, parsed)| parsed))
-                .collect();
-            let derived = derive_service(service, &slices, &self.node);
-            let extra_copies = copies.len() - 1;
-            self.claim(name, derived, extra_copies);
+            let Some(facts) = entry.chosen() else {
+                if entry.slices.is_empty() {
+                    self.services.remove(&name);
+                    emptied = true;
+                }
+                continue;
+            };
+            let derived = match facts.spec.as_deref() {
+                Some(spec) => {
+                    let slices: Vec<&SliceEndpoints> = entry
+                        .slices
+                        .keys()
+                        .filter_map(|key| self.slices.get(key))
+                        .filter_map(|slice| slice.parsed.as_ref().map(|(_, parsed)| parsed))
+                        .collect();
+                    let owner = |addr: Ipv4Addr| {
+                        self.cluster_ips
+                            .get(&addr)
+                            .and_then(|owners| owners.keys().find(|k| **k != name).cloned())
+                    };
+                    derive_service(&name, spec, &slices, &self.node, &owner)
+                }
+                None => Derived::default(),
+            };
+            let mut warnings = facts.warnings.clone();
+            warnings.extend((1..entry.copies.len()).map(|_| duplicate(&name)));
+            self.claim(name, derived, warnings);
+        }
+        if emptied {
+            super::intern::prune();
         }
         std::mem::take(&mut self.touched)
     }
 
     /// Withdraws every claim of `name`.
     fn unclaim(&mut self, name: &ServiceName) {
-        let Some(old) = self.claimed.remove(name) else {
+        let Some(entry) = self.services.get_mut(name) else {
             return;
         };
+        let old = std::mem::take(&mut entry.claimed);
         self.warnings_changed |= !old.warnings.is_empty() || old.health_check.is_some();
-        for frontend in old.frontends {
+        self.refused -= usize::from(old.refused);
+        for frontend in old.frontends.into_vec() {
             if let Some(claims) = self.claims.get_mut(&frontend) {
                 claims.remove(name);
                 match claims.len() {
@@ -357,19 +493,24 @@ impl Tracker {
         }
     }
 
-    fn claim(&mut self, name: ServiceName, derived: Derived, extra_copies: usize) {
+    /// Records what `name`'s derivation claims; `own` are the Service's
+    /// own warnings (its facts', its copies').
+    fn claim(&mut self, name: ServiceName, derived: Derived, mut own: Vec<Warning>) {
         let Derived {
             claims,
             health_check,
-            mut warnings,
-        } = derived;
-        let label = format!("{}/{}", name.0, name.1);
-        warnings.extend((0..extra_copies).map(|_| duplicate(&label)));
-        self.warnings_changed |= !warnings.is_empty() || health_check.is_some();
-        let mut claimed = Claimed {
-            frontends: Vec::with_capacity(claims.len()),
-            health_check: None,
             warnings,
+            refused,
+        } = derived;
+        own.extend(warnings);
+        self.warnings_changed |= !own.is_empty() || health_check.is_some();
+        let refused = u16::try_from(refused).unwrap_or(u16::MAX);
+        self.refused += usize::from(refused);
+        let mut claimed = Claimed {
+            frontends: claims.iter().map(|(frontend, _, _)| *frontend).collect(),
+            health_check: None,
+            refused,
+            warnings: own.into(),
         };
         for (frontend, port, state) in claims {
             let all = self.claims.entry(frontend).or_default();
@@ -379,7 +520,6 @@ impl Tracker {
                 self.warnings_changed = true;
             }
             self.touched.insert(frontend);
-            claimed.frontends.push(frontend);
         }
         if let Some((port, check)) = health_check {
             self.health_claims
@@ -389,7 +529,9 @@ impl Tracker {
             claimed.health_check = Some(port);
             self.decide_health_check(port);
         }
-        self.claimed.insert(name, claimed);
+        if let Some(entry) = self.services.get_mut(&name) {
+            entry.claimed = claimed;
+        }
     }
 
     fn decide_health_check(&mut self, port: u16) {
@@ -434,10 +576,16 @@ impl Tracker {
     /// Services, EndpointSlices and Nodes held (copies counted).
     pub fn object_counts(&self) -> (usize, usize, usize) {
         (
-            self.services.values().map(Few::len).sum(),
+            self.services.values().map(|e| e.copies.len()).sum(),
             self.slices.len(),
             self.nodes.len(),
         )
+    }
+
+    /// Load-balancer and external IPs refused because they are another
+    /// Service's cluster IP (one per Service and address).
+    pub fn refused(&self) -> usize {
+        self.refused
     }
 
     /// Whether [`Tracker::warnings`] may differ from when this was last
@@ -450,9 +598,9 @@ impl Tracker {
     /// claims lost to another Service.
     pub fn warnings(&self) -> Vec<Warning> {
         let mut out: Vec<Warning> = self
-            .claimed
+            .services
             .values()
-            .flat_map(|c| c.warnings.iter().cloned())
+            .flat_map(|e| e.claimed.warnings.iter().cloned())
             .chain(
                 self.slices
                     .values()
@@ -464,9 +612,8 @@ impl Tracker {
             let Some((_, (_, winner))) = claims.next() else {
                 continue;
             };
-            for ((namespace, name), (port, _)) in claims {
-                let service = format!("{namespace}/{name}");
-                out.push(frontend_taken(&service, port, *frontend, &winner.service));
+            for (service, (port, _)) in claims {
+                out.push(frontend_taken(service, port, *frontend, &winner.service));
             }
         }
         for (port, claims) in &self.health_claims {
@@ -474,9 +621,8 @@ impl Tracker {
             let Some((_, winner)) = claims.next() else {
                 continue;
             };
-            for ((namespace, name), _) in claims {
-                let service = format!("{namespace}/{name}");
-                out.push(health_check_taken(&service, *port, winner));
+            for (service, _) in claims {
+                out.push(health_check_taken(service, *port, winner));
             }
         }
         out.sort();
@@ -484,17 +630,47 @@ impl Tracker {
     }
 }
 
-fn ns_or_default(namespace: &str) -> String {
-    if namespace.is_empty() {
-        super::DEFAULT_NAMESPACE.to_string()
-    } else {
-        namespace.to_string()
+/// Moves `name` in `index` from the addresses `before` to `after` (both
+/// sorted); the addresses that changed.
+fn update_index(
+    index: &mut AddressIndex,
+    name: &ServiceName,
+    before: &[Ipv4Addr],
+    after: &[Ipv4Addr],
+) -> Vec<Ipv4Addr> {
+    let mut changed = Vec::new();
+    for addr in before.iter().filter(|a| after.binary_search(a).is_err()) {
+        if let Some(names) = index.get_mut(addr) {
+            names.remove(name);
+            if names.is_empty() {
+                index.remove(addr);
+            }
+        }
+        changed.push(*addr);
     }
+    for addr in after.iter().filter(|a| before.binary_search(a).is_err()) {
+        index.entry(*addr).or_default().insert(name.clone(), ());
+        changed.push(*addr);
+    }
+    changed
 }
 
-fn service_name(service: &Service) -> ServiceName {
-    let (namespace, name) = identity(service);
-    (namespace.to_string(), name.to_string())
+/// Keeps, of a Node, what is read: its name and labels (topology), and
+/// what tells whether the node may take traffic: its deletion timestamp
+/// and taints. Its status (images, conditions, addresses) goes.
+fn trim_node(node: &mut Node) {
+    let meta = &mut node.metadata;
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        labels: meta.labels.take(),
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        ..ObjectMeta::default()
+    };
+    node.spec = node.spec.take().map(|spec| NodeSpec {
+        taints: spec.taints,
+        ..NodeSpec::default()
+    });
+    node.status = None;
 }
 
 #[cfg(test)]
@@ -548,12 +724,60 @@ mod tests {
         t.put_service(0, service("b", "10.96.0.1", &[("", 80, "TCP")]));
         t.settle();
         let fe = *t.frontends().next().unwrap().0;
-        assert_eq!(t.frontend(&fe).unwrap().service, "default/a");
+        assert_eq!(&*t.frontend(&fe).unwrap().service, "default/a");
         assert_eq!(t.warnings().len(), 1);
         t.delete_service(0, "default", "a");
         assert!(t.settle().contains(&fe));
-        assert_eq!(t.frontend(&fe).unwrap().service, "default/b");
+        assert_eq!(&*t.frontend(&fe).unwrap().service, "default/b");
         assert!(t.warnings().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod cluster_ips {
+    use super::super::fixtures::from;
+    use super::*;
+    use serde_json::json;
+
+    /// The Service asking for 10.96.0.10 as an external IP arrives first
+    /// and gets it; once the cluster IP's owner arrives it is taken back
+    /// (the first Service derived again), and given back when the owner
+    /// goes.
+    #[test]
+    fn a_cluster_ip_takes_its_address_back_whatever_came_first() {
+        let mut t = Tracker::new(NodeInfo::default());
+        t.put_service(
+            0,
+            from(json!({
+                "metadata": {"name": "x", "namespace": "aaa"},
+                "spec": {"clusterIP": "10.96.5.5", "externalIPs": ["10.96.0.10"],
+                         "ports": [{"port": 53, "protocol": "UDP"}]},
+            })),
+        );
+        t.settle();
+        let dns = Frontend {
+            addr: "10.96.0.10".parse().unwrap(),
+            port: 53,
+            proto: super::super::Protocol::Udp,
+        };
+        assert_eq!(&*t.frontend(&dns).unwrap().service, "aaa/x");
+        t.put_service(
+            0,
+            from(json!({
+                "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+                "spec": {"clusterIP": "10.96.0.10",
+                         "ports": [{"port": 53, "protocol": "UDP"}]},
+            })),
+        );
+        assert!(t.settle().contains(&dns));
+        assert_eq!(&*t.frontend(&dns).unwrap().service, "kube-system/kube-dns");
+        assert_eq!(t.refused(), 1);
+        assert!(t.warnings_changed());
+        assert_eq!(t.warnings().len(), 1, "{:?}", t.warnings());
+        t.delete_service(0, "kube-system", "kube-dns");
+        assert!(t.settle().contains(&dns));
+        assert_eq!(&*t.frontend(&dns).unwrap().service, "aaa/x");
+        assert_eq!((t.refused(), t.warnings().len()), (0, 0));
     }
 }
 
@@ -562,14 +786,17 @@ mod properties {
     //! Any sequence of changes leaves the tracker where a derivation from
     //! scratch of the final objects lands.
 
+    use super::super::api::{EndpointSlice, Service};
     use super::super::fixtures::{service, slice};
     use super::super::{DesiredState, compute};
     use super::*;
     use proptest::prelude::*;
 
+    /// A Service `s` with (cluster IP, port, external IP) from small
+    /// pools, so Services collide on frontends and addresses.
     #[derive(Clone, Debug)]
     enum Step {
-        Service(u8, Option<(u8, u16)>),
+        Service(u8, Option<(u8, u16, Option<u8>)>),
         Slice(u8, u8, Option<Vec<(u8, bool)>>),
     }
 
@@ -577,7 +804,11 @@ mod properties {
         prop_oneof![
             (
                 0u8..4,
-                prop::option::of((0u8..3, prop::sample::select(vec![80u16, 53])))
+                prop::option::of((
+                    0u8..3,
+                    prop::sample::select(vec![80u16, 53]),
+                    prop::option::of(0u8..4)
+                ))
             )
                 .prop_map(|(s, spec)| Step::Service(s, spec)),
             (
@@ -604,9 +835,11 @@ mod properties {
             let mut slices: BTreeMap<(u8, u8), EndpointSlice> = BTreeMap::new();
             for step in steps {
                 match step {
-                    Step::Service(s, Some((ip, port))) => {
-                        // Few cluster IPs, so Services collide on frontends.
-                        let svc = service(&format!("s{s}"), &format!("10.96.0.{ip}"), &[("", i32::from(port), "TCP")]);
+                    Step::Service(s, Some((ip, port, external))) => {
+                        let mut svc = service(&format!("s{s}"), &format!("10.96.0.{ip}"), &[("", i32::from(port), "TCP")]);
+                        if let (Some(spec), Some(e)) = (svc.spec.as_mut(), external) {
+                            spec.external_ips = Some(vec![format!("10.96.0.{e}")]);
+                        }
                         services.insert(s, svc.clone());
                         t.put_service(0, svc);
                     }
@@ -640,6 +873,15 @@ mod properties {
             };
             prop_assert_eq!(got, expected);
             prop_assert_eq!(t.warnings(), warnings);
+            let mut fresh = Tracker::new(node);
+            for service in services {
+                fresh.put_service(0, service);
+            }
+            for slice in slices {
+                fresh.put_slice(0, slice);
+            }
+            fresh.settle();
+            prop_assert_eq!(t.refused(), fresh.refused());
         }
     }
 }

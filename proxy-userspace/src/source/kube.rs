@@ -3,28 +3,33 @@
 //!
 //! One watcher per resource, each with the default backoff, so a refused or
 //! dropped connection is retried forever and the agent keeps serving what
-//! the maps hold meanwhile. Events become [`Delta`]s at once, trimmed to
-//! what the model reads (no managedFields, annotations, owner references,
-//! targetRefs or Node status), and the agent's tracker is the only store:
-//! no reflector keeps a second copy of every object. A relist (after a 410
+//! the maps hold meanwhile. Services and EndpointSlices are decoded
+//! straight into [`crate::model::api`]'s types, which skip what the model
+//! does not read (managedFields, annotations, owner references, targetRefs)
+//! without allocating it, and every event becomes a [`Delta`] at once; the
+//! agent's tracker is the only store: no reflector keeps a second copy of
+//! every object. A relist (after a 410
 //! Gone, a restart of the API server) re-sends every object; the names it
 //! did not mention are then removed, so an object deleted while the watch
-//! was down cannot linger.
+//! was down cannot linger. While a watch fails the source reports itself
+//! unavailable (the agent is then not ready) and the maps keep what they
+//! have.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::ListParams;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client, Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::{Changes, Delta, Source, trim};
-use crate::model::SliceFacts;
+use super::{Changes, Delta, Source};
+use crate::model::api::{EndpointSlice, Service};
+use crate::model::{ServiceFacts, SliceFacts};
 
 /// Label selector for Services, as kube-proxy's: services handled by another
 /// proxy are not ours.
@@ -42,9 +47,16 @@ struct Shared {
     since: Option<std::time::Instant>,
     /// Watches whose initial list completed.
     ready: usize,
+    /// The failing watches and their last error, by kind.
+    failing: std::collections::BTreeMap<String, String>,
+    /// `failing` changed since the agent last took the changes.
+    outage_changed: bool,
 }
 
 const WATCHES: usize = 3;
+
+/// How often a failing watch's server is asked whether it answers again.
+const OUTAGE_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Objects from the Kubernetes API server.
 pub struct KubeSource {
@@ -70,10 +82,7 @@ impl KubeSource {
                 Api::<Service>::all(client.clone()),
                 watcher::Config::default().labels(SERVICE_LABEL_SELECTOR),
                 to.clone(),
-                |mut service: Service| {
-                    trim::service(&mut service);
-                    Delta::Service(0, Box::new(service))
-                },
+                |service: Service| Delta::Service(0, Box::new(ServiceFacts::of(&service))),
                 |namespace, name| Delta::ServiceGone {
                     origin: 0,
                     namespace,
@@ -84,7 +93,7 @@ impl KubeSource {
                 Api::<EndpointSlice>::all(client.clone()),
                 watcher::Config::default().labels(SLICE_LABEL_SELECTOR),
                 to.clone(),
-                |slice: EndpointSlice| Delta::SliceFacts(0, Box::new(SliceFacts::of(&slice))),
+                |slice: EndpointSlice| Delta::Slice(0, Box::new(SliceFacts::of(&slice))),
                 |namespace, name| Delta::SliceGone {
                     origin: 0,
                     namespace,
@@ -95,10 +104,7 @@ impl KubeSource {
                 Api::<Node>::all(client),
                 watcher::Config::default().fields(&format!("metadata.name={node_name}")),
                 to,
-                |mut node: Node| {
-                    trim::node(&mut node);
-                    Delta::Node(0, Box::new(node))
-                },
+                |node: Node| Delta::Node(0, Box::new(node)),
                 |_, name| Delta::NodeGone { origin: 0, name },
             ),
         ];
@@ -131,6 +137,21 @@ struct Handoff {
 }
 
 impl Handoff {
+    /// Records whether the watch of `kind` fails (with `error`) and wakes
+    /// the agent when that changes.
+    fn failing(&self, kind: &str, error: Option<String>) {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = match error {
+            Some(error) => shared.failing.insert(kind.to_string(), error).is_none(),
+            None => shared.failing.remove(kind).is_some(),
+        };
+        shared.outage_changed |= changed;
+        drop(shared);
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+
     fn send(&self, deltas: impl IntoIterator<Item = Delta>, ready: bool) {
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         shared.since.get_or_insert_with(std::time::Instant::now);
@@ -156,6 +177,17 @@ where
     K: 'static,
 {
     let kind = K::kind(&()).into_owned();
+    // A watch resumed after an outage says nothing until its objects
+    // change (a Node may not for hours), so while it fails the server is
+    // asked directly, for one object of the same selection, whether it
+    // answers again.
+    let probe = ListParams {
+        label_selector: config.label_selector.clone(),
+        field_selector: config.field_selector.clone(),
+        limit: Some(1),
+        ..ListParams::default()
+    };
+    let probe_api = api.clone();
     let stream = watcher(api, config).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -166,7 +198,21 @@ where
         let mut relist: Option<HashSet<(String, String)>> = None;
         let mut listed_once = false;
         let name = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
-        while let Some(event) = stream.next().await {
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => match event {
+                    Some(event) => event,
+                    None => break,
+                },
+                () = tokio::time::sleep(OUTAGE_PROBE), if failing => {
+                    if probe_api.list(&probe).await.is_ok() {
+                        tracing::info!(%kind, "API server answers again");
+                        to.failing(&kind, None);
+                        failing = false;
+                    }
+                    continue;
+                }
+            };
             let event = match event {
                 Ok(event) => event,
                 Err(e) => {
@@ -174,6 +220,7 @@ where
                         tracing::debug!(%kind, error = %e, "watch still failing; retrying");
                     } else {
                         tracing::warn!(%kind, error = %e, "watch failed; retrying with backoff");
+                        to.failing(&kind, Some(e.to_string()));
                         failing = true;
                     }
                     continue;
@@ -181,6 +228,7 @@ where
             };
             if failing {
                 tracing::info!(%kind, "watch re-established");
+                to.failing(&kind, None);
                 failing = false;
             }
             match event {
@@ -227,7 +275,7 @@ impl Source for KubeSource {
                     self.ready = true;
                     return;
                 }
-                if self.ready && !shared.deltas.is_empty() {
+                if self.ready && (!shared.deltas.is_empty() || shared.outage_changed) {
                     return;
                 }
             }
@@ -238,10 +286,20 @@ impl Source for KubeSource {
 
     fn take_changes(&mut self) -> Changes {
         let mut shared = self.lock();
+        shared.outage_changed = false;
+        let unavailable = (!shared.failing.is_empty()).then(|| {
+            let watches: Vec<String> = shared
+                .failing
+                .iter()
+                .map(|(kind, error)| format!("{kind} watch failing: {error}"))
+                .collect();
+            watches.join("; ")
+        });
         Changes {
             deltas: std::mem::take(&mut shared.deltas),
             warnings: None,
             since: shared.since.take(),
+            unavailable,
         }
     }
 }

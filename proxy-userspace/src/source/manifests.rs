@@ -3,37 +3,43 @@
 //! gives its node topology labels with a Node manifest.)
 //!
 //! Only syntax and shape are checked here. A value that parses but is
-//! invalid (a bad IP, port 0) is passed on, so that [`crate::model::compute`]
+//! invalid (a bad IP, port 0) is passed on, so that [`crate::model`]
 //! reports it the same way whichever source the object came from.
 //!
 //! A file that does not parse contributes nothing at all rather than the
-//! documents before the error: half a file is more surprising than none.
+//! documents before the error: half a file is more surprising than none. A
+//! directory or file that cannot be read (missing, no permission, an I/O
+//! error) is another matter: that says nothing about what it defines, so
+//! what was last read of it stays, and the source reports itself
+//! unavailable until it can be read again (the agent is then not ready).
 //!
-//! Parsing is the expensive part of a re-read (about 40 µs per object with
-//! serde_yaml: 2.4 s for 30,000 Services and their slices), and an edit
-//! usually touches one document of a big file. So a [`DocCache`] keeps what
-//! each document produced, keyed by its file and text: a re-read parses
-//! only the documents whose text changed.
+//! Parsing is the expensive part of a re-read (tens of µs per object), and
+//! an edit usually touches one document of a big file. So a [`DocCache`]
+//! keeps, per file, what each document defined, keyed by a hash of its
+//! text: a re-read splits the file at its `---` lines (memchr), hashes
+//! each document (foldhash, no copy, no UTF-8 validation of what is
+//! unchanged) and parses only the documents whose text changed.
 
-use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::ops::Range;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use k8s_openapi::Metadata;
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_yaml::Value;
 use thiserror::Error;
 
 use super::inotify::{DirNotify, Woken};
 use super::{Changes, Delta, Objects, Source};
-use crate::model::{DEFAULT_NAMESPACE, Origin, SliceFacts};
-use crate::yaml_limits;
+use crate::model::api::{EndpointSlice, Service};
+use crate::model::{DEFAULT_NAMESPACE, Origin, ServiceFacts, SliceFacts};
+use crate::yaml_limits::{self, ReadError};
 
 /// Something in a file that was skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,9 +64,13 @@ impl fmt::Display for SourceWarning {
 #[derive(Debug, Error)]
 enum Problem {
     #[error("cannot list directory: {0}")]
-    ListDir(std::io::Error),
-    #[error("cannot read: {0}")]
-    Read(std::io::Error),
+    ListDir(io::Error),
+    #[error("{0}")]
+    Read(yaml_limits::ReadError),
+    #[error("symbolic link to {target:?}, which cannot be read: {source}; skipped")]
+    Link { target: PathBuf, source: io::Error },
+    #[error("not UTF-8: {0}")]
+    Utf8(std::str::Utf8Error),
     #[error("invalid YAML: {0}")]
     Yaml(serde_yaml::Error),
     #[error("{0}")]
@@ -94,85 +104,101 @@ const SLICE_API_VERSION: &str = "discovery.k8s.io/v1";
 /// returned as warnings; whatever could be read is returned regardless.
 pub fn load_dir(dir: &Path) -> (Objects, Vec<SourceWarning>) {
     let reload = reload(dir, &mut DocCache::default(), Decode::Objects);
-    let mut objects = Objects::default();
-    for delta in reload.deltas {
-        match delta {
-            Delta::Service(_, service) => objects.services.push(*service),
-            Delta::Slice(_, slice) => objects.slices.push(*slice),
-            Delta::Node(_, node) => objects.nodes.push(*node),
-            // A fresh cache has nothing to take back.
-            _ => {}
-        }
-    }
-    (objects, reload.warnings)
+    (reload.objects, reload.warnings)
 }
 
 /// What changed in a directory since the load that filled the cache.
 #[derive(Debug, Default)]
 pub struct Reload {
     /// Objects of documents not seen before (each document's text is its
-    /// own origin), and removals of the objects of documents gone.
+    /// own origin), and removals of the objects of documents gone
+    /// ([`Decode::Facts`]).
     pub deltas: Vec<Delta>,
+    /// The objects of documents not seen before ([`Decode::Objects`]).
+    pub objects: Objects,
     /// Every current warning, in file and document order.
     pub warnings: Vec<SourceWarning>,
+    /// Why part of the directory could not be read; what was last read of
+    /// it is kept meanwhile.
+    pub unavailable: Option<String>,
 }
 
 /// What a reload hands over for each object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decode {
-    /// The objects as decoded.
+    /// The objects as decoded, in [`Reload::objects`] (for tests).
     Objects,
-    /// What the model reads: Services trimmed, EndpointSlices reduced to
-    /// their facts as each document is decoded, so a large file never has
-    /// all its objects in memory at once.
+    /// Deltas of what the model keeps: Services and EndpointSlices read
+    /// into their facts as each document is decoded, so a large file never
+    /// has all its objects in memory at once.
     Facts,
 }
 
 /// Reads `dir` again, parsing only documents `cache` has not seen (in that
 /// file, with that text), and returns the difference; the cache then holds
 /// this load's documents. It keeps the names each document defined, never
-/// the objects (the tracker holds those once).
+/// the objects (the tracker holds those once). A directory that cannot be
+/// listed changes nothing.
 pub fn reload(dir: &Path, cache: &mut DocCache, decode: Decode) -> Reload {
     let mut out = Reload::default();
-    let mut next = DocCache::default();
-    match manifest_files(dir) {
-        Ok(files) => {
-            for file in files {
-                load_file(&file, cache, &mut next, &mut out, decode);
-            }
+    cache.parsed = 0;
+    let files = match manifest_files(dir, &mut out.warnings) {
+        Ok(files) => files,
+        Err(e) => {
+            let warning = warning(dir, None, Problem::ListDir(e));
+            out.unavailable = Some(warning.to_string());
+            out.warnings.push(warning);
+            return out;
         }
-        Err(e) => out.warnings.push(warning(dir, None, Problem::ListDir(e))),
+    };
+    let mut previous = std::mem::take(&mut cache.files);
+    for file in files {
+        let old = previous.remove(&file).unwrap_or_default();
+        let docs = load_file(&file, old, cache, &mut out, decode);
+        if !docs.is_empty() {
+            cache.files.insert(file, docs);
+        }
     }
-    for (origin, doc) in cache.documents.drain() {
-        out.deltas
-            .extend(doc.names.into_iter().map(|name| name.gone(origin)));
+    for doc in previous.into_values().flatten() {
+        out.deltas.extend(doc.gone());
     }
-    *cache = next;
     out
 }
 
-/// What each document of the last load defined, by a 64-bit hash of its
-/// file's path and its text (two different documents colliding is a
-/// 2^-64 chance per pair; the files are the operator's own).
+/// What each document of the last load defined, per file in document
+/// order, by a 64-bit hash of its file's path and its text (foldhash with
+/// a per-process random seed: two different documents colliding is a
+/// 2^-64 chance per pair, and the files are the operator's own).
 #[derive(Default)]
 pub struct DocCache {
-    documents: HashMap<u64, Doc>,
-    /// Documents parsed (not found in the cache) by the load that made this.
+    files: HashMap<PathBuf, Vec<Doc>>,
+    hasher: foldhash::quality::RandomState,
+    /// Documents parsed (not found in the cache) by the last load.
     parsed: usize,
 }
 
 impl DocCache {
-    /// How many documents the load that filled this cache had to parse.
+    /// How many documents the last load had to parse.
     pub fn parsed(&self) -> usize {
         self.parsed
     }
 }
 
 /// One document's objects (by name) and warnings.
-#[derive(Default)]
 struct Doc {
-    names: Vec<Named>,
-    warnings: Vec<SourceWarning>,
+    /// Its origin: the hash of its file's path and its text.
+    key: Origin,
+    /// The length of its text.
+    len: usize,
+    names: Box<[Named]>,
+    warnings: Box<[SourceWarning]>,
+}
+
+impl Doc {
+    fn gone(self) -> impl Iterator<Item = Delta> {
+        let origin = self.key;
+        self.names.into_iter().map(move |name| name.gone(origin))
+    }
 }
 
 /// An object a document defined.
@@ -207,10 +233,14 @@ pub struct ManifestSource {
     /// `None` while the directory does not exist (it is then looked for
     /// every `missing_poll`).
     notify: Option<DirNotify>,
-    /// The initial read is due.
+    /// The first complete read is still due: nothing is reported before
+    /// the directory can be read, so an agent started while it is missing
+    /// never writes an empty state over what the maps hold.
     initial: bool,
     missing_poll: Duration,
     cache: DocCache,
+    /// When the change being reported was noticed.
+    woken: Option<Instant>,
 }
 
 impl ManifestSource {
@@ -223,14 +253,39 @@ impl ManifestSource {
             initial: true,
             missing_poll,
             cache: DocCache::default(),
+            woken: None,
             dir,
+        }
+    }
+
+    /// Waits until the directory exists and can be listed, saying once
+    /// why it cannot.
+    async fn until_readable(&mut self) {
+        let mut said = false;
+        loop {
+            match fs::read_dir(&self.dir) {
+                Ok(_) => return,
+                Err(e) if !said => {
+                    tracing::warn!(dir = %self.dir.display(), error = %e,
+                        "manifest directory cannot be read; nothing is programmed until it can");
+                    said = true;
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(self.missing_poll).await;
+            if self.notify.is_none() {
+                self.notify = DirNotify::new(&self.dir).ok();
+            }
         }
     }
 }
 
 impl Source for ManifestSource {
     async fn changed(&mut self) {
-        if std::mem::take(&mut self.initial) {
+        if self.initial {
+            self.until_readable().await;
+            self.initial = false;
+            self.woken = Some(Instant::now());
             return;
         }
         loop {
@@ -239,70 +294,143 @@ impl Source for ManifestSource {
                 self.notify = DirNotify::new(&self.dir).ok();
                 if self.notify.is_some() {
                     tracing::info!(dir = %self.dir.display(), "manifest directory is back");
-                    return;
+                    break;
                 }
                 continue;
             };
             match notify.wait().await {
-                Ok(Woken::Changed) => return,
+                Ok(Woken::Changed) => break,
                 Ok(Woken::DirectoryGone) => {
                     self.notify = None;
-                    return;
+                    break;
                 }
                 Err(e) => {
                     tracing::warn!(dir = %self.dir.display(), error = %e, "inotify failed; watching afresh");
                     self.notify = None;
-                    return;
+                    break;
                 }
             }
         }
+        self.woken = Some(Instant::now());
     }
 
     fn take_changes(&mut self) -> Changes {
+        let t = Instant::now();
         let reload = reload(&self.dir, &mut self.cache, Decode::Facts);
-        tracing::debug!(parsed = self.cache.parsed(), "manifests read");
+        tracing::debug!(
+            parsed = self.cache.parsed(),
+            took_us = t.elapsed().as_micros(),
+            "manifests read"
+        );
         Changes {
             deltas: reload.deltas,
             warnings: Some(reload.warnings.iter().map(ToString::to_string).collect()),
-            since: None,
+            since: self.woken.take(),
+            unavailable: reload.unavailable,
         }
     }
 }
 
-/// The documents of a YAML file, each with its own text, split at the
-/// `---` lines that start one; `None` where the text uses what a plain
-/// split could get wrong (directives, `...` end markers), so the file is
-/// parsed whole. Anchors and merge keys never cross documents, so a
-/// document parses the same alone.
-fn split_documents(text: &str) -> Option<Vec<&str>> {
-    let mut documents = Vec::new();
+/// Where the documents of a YAML file start and end, split at the `---`
+/// lines that start one, on the bytes (so a large file is split without
+/// being validated or copied), and each one's hash. Anchors and merge keys
+/// never cross documents, so a document parses the same alone. A split is
+/// only right where the text has neither directives nor `...` end markers,
+/// which [`Plain`] checks of each part.
+///
+/// The split follows the previous load's documents (`old`): where a part
+/// as long as the next old document hashes as it did, the text is that
+/// document's, which held no marker but at its start, so its end needs no
+/// search; elsewhere (the edited document) the next `---` line is searched
+/// for (memchr). An edit of one document of a large file thus costs one
+/// hash of the file, not a search through it as well.
+fn split_documents(
+    text: &[u8],
+    old: &[Doc],
+    hash: impl Fn(&[u8]) -> u64,
+) -> (Vec<Range<usize>>, Vec<u64>) {
+    let marker = |at: usize| {
+        text[at..].starts_with(b"---")
+            && matches!(text.get(at + 3), None | Some(b'\n' | b'\r' | b' ' | b'\t'))
+            && (at == 0 || text[at - 1] == b'\n')
+    };
+    let finder = memchr::memmem::Finder::new(b"\n---");
+    // The end of the document starting at `start`: the next marker line.
+    let end_of = |start: usize| {
+        let mut from = start;
+        while let Some(at) = finder.find(&text[from..]) {
+            let line = from + at + 1;
+            if marker(line) {
+                return line;
+            }
+            from = line;
+        }
+        text.len()
+    };
+    let mut parts = Vec::with_capacity(old.len());
+    let mut hashes = Vec::with_capacity(old.len());
     let mut start = 0;
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
-        let bare = line.trim_end_matches(['\n', '\r']);
-        if bare.starts_with('%') || bare == "..." || bare.starts_with("... ") {
-            return None;
+    // Guesses from the old documents stop after a few misses in a row
+    // (documents inserted or moved): searching is then cheaper.
+    let mut misses = 0;
+    let mut next_old = old.iter();
+    while start < text.len() {
+        let guess = next_old.next().filter(|_| misses < 8).and_then(|doc| {
+            let end = start + doc.len;
+            let fits = end <= text.len() && (end == text.len() || marker(end));
+            let hashed = fits.then(|| hash(&text[start..end]))?;
+            (hashed == doc.key).then_some((end, hashed))
+        });
+        let (end, hashed) = guess.unwrap_or_else(|| {
+            misses += 1;
+            let end = end_of(start);
+            (end, hash(&text[start..end]))
+        });
+        if guess.is_some() {
+            misses = 0;
         }
-        let marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
-        if marker && offset > start {
-            documents.push(&text[start..offset]);
-            start = offset;
+        parts.push(start..end);
+        hashes.push(hashed);
+        start = end;
+    }
+    (parts, hashes)
+}
+
+/// Tells whether a part of a split (which starts at a line start) has
+/// neither a directive line (`%...`) nor a `...` end marker, what a plain
+/// split at `---` lines could get wrong: where one has, the file is parsed
+/// whole.
+struct Plain {
+    directive: memchr::memmem::Finder<'static>,
+    end: memchr::memmem::Finder<'static>,
+}
+
+impl Plain {
+    fn new() -> Self {
+        Self {
+            directive: memchr::memmem::Finder::new(b"\n%"),
+            end: memchr::memmem::Finder::new(b"\n..."),
         }
-        offset += line.len();
     }
-    if offset > start {
-        documents.push(&text[start..offset]);
+
+    fn check(&self, part: &[u8]) -> bool {
+        let ends_marker = |at: usize| matches!(part.get(at + 3), None | Some(b'\n' | b'\r' | b' '));
+        let ends = part.starts_with(b"...").then_some(0).into_iter();
+        let mut ends = ends.chain(self.end.find_iter(part).map(|at| at + 1));
+        !part.starts_with(b"%") && self.directive.find(part).is_none() && !ends.any(ends_marker)
     }
-    Some(documents)
 }
 
 /// Manifest files in `dir`, sorted. Hidden files are skipped: editors'
 /// temporaries and the `..data` links of a mounted ConfigMap start with a
-/// dot. Symlinks are followed, since a mounted ConfigMap's files are links.
-fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// dot. Symlinks are followed, since a mounted ConfigMap's files are links;
+/// one that leads nowhere (dangling, a loop) is a warning.
+fn manifest_files(dir: &Path, warnings: &mut Vec<SourceWarning>) -> io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
+    let first_warning = warnings.len();
     for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
+        let entry = entry?;
+        let path = entry.path();
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
@@ -314,12 +442,23 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
                     .iter()
                     .any(|m| e.eq_ignore_ascii_case(m))
             });
-        if name.starts_with('.') || !is_manifest || !path.is_file() {
+        if name.starts_with('.') || !is_manifest {
             continue;
         }
-        files.push(path);
+        match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => files.push(path),
+            Ok(_) => {}
+            Err(source) if entry.file_type().is_ok_and(|t| t.is_symlink()) => {
+                let target = fs::read_link(&path).unwrap_or_default();
+                warnings.push(warning(&path, None, Problem::Link { target, source }));
+            }
+            // Gone since it was listed: the next event says so.
+            Err(_) => {}
+        }
     }
     files.sort();
+    // In file name order, as the files' own warnings, not the directory's.
+    warnings[first_warning..].sort_by(|a, b| a.file.cmp(&b.file));
     Ok(files)
 }
 
@@ -338,65 +477,203 @@ fn warning(file: &Path, object: Option<String>, problem: Problem) -> SourceWarni
     }
 }
 
-/// Reads one file into `out`: the objects of its documents `cache` does not
-/// hold, and every current warning.
+/// Reads one file into `out` given what `old` (its documents at the last
+/// load) defined: the objects of its documents not seen before, removals of
+/// those gone, and every current warning. Returns its documents now.
 fn load_file(
     file: &Path,
+    old: Vec<Doc>,
     cache: &mut DocCache,
-    next: &mut DocCache,
     out: &mut Reload,
     decode: Decode,
-) {
-    let text = match yaml_limits::read_to_string(file) {
-        Ok(text) => text,
-        Err(e) => return out.warnings.push(warning(file, None, Problem::Read(e))),
+) -> Vec<Doc> {
+    let bytes = match yaml_limits::read(file) {
+        Ok(bytes) => bytes,
+        // Removed since it was listed: as if it had not been listed.
+        Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
+            out.deltas.extend(old.into_iter().flat_map(Doc::gone));
+            return Vec::new();
+        }
+        // Unreadable says nothing about its contents: keep what it had.
+        Err(e @ ReadError::Io(_)) => {
+            let warning = warning(file, None, Problem::Read(e));
+            out.unavailable.get_or_insert_with(|| warning.to_string());
+            out.warnings.push(warning);
+            out.warnings
+                .extend(old.iter().flat_map(|d| d.warnings.iter().cloned()));
+            return old;
+        }
+        // Too large: what it holds is refused, as a file that does not
+        // parse.
+        Err(e @ ReadError::Limit(_)) => {
+            out.warnings.push(warning(file, None, Problem::Read(e)));
+            out.deltas.extend(old.into_iter().flat_map(Doc::gone));
+            return Vec::new();
+        }
     };
     let json = is_json(file);
-    let chunks = if json { None } else { split_documents(&text) };
-    let chunks = chunks.unwrap_or_else(|| vec![text.as_str()]);
-    let mut loaded: Vec<(u64, Loader)> = Vec::with_capacity(chunks.len());
-    let mut in_file = DefaultHasher::new();
-    file.hash(&mut in_file);
-    // A document repeated in one file is another copy: its n-th repetition
-    // gets an origin of its own.
-    let mut repeats: HashMap<u64, u64> = HashMap::new();
-    for chunk in chunks {
+    let mut in_file = cache.hasher.build_hasher();
+    in_file.write(file.as_os_str().as_bytes());
+    let key_of = |chunk: &[u8], repeat: u64| {
         let mut hasher = in_file.clone();
-        chunk.hash(&mut hasher);
-        let mut key = hasher.finish();
-        let n = repeats.entry(key).or_default();
-        *n += 1;
-        if *n > 1 {
-            (key, *n).hash(&mut hasher);
-            key = hasher.finish();
+        hasher.write(chunk);
+        hasher.write_u64(repeat);
+        hasher.finish()
+    };
+    // The whole file as one part.
+    let whole = || {
+        (
+            std::iter::once(0..bytes.len()).collect(),
+            vec![key_of(&bytes, 0)],
+        )
+    };
+    let (mut chunks, mut keys) = if json {
+        whole()
+    } else {
+        split_documents(&bytes, &old, |chunk| key_of(chunk, 0))
+    };
+    // A part seen before was checked then: only the others (nearly always
+    // the edited one) need to be.
+    let plain = Plain::new();
+    let unseen = |i: usize| old.get(i).is_none_or(|d| d.key != keys[i]);
+    if chunks.len() > 1
+        && (0..chunks.len()).any(|i| unseen(i) && !plain.check(&bytes[chunks[i].clone()]))
+    {
+        (chunks, keys) = whole();
+    }
+    // A document repeated in one file is another copy: its n-th
+    // repetition gets an origin of its own. (Keys are hashes already: no
+    // need to hash them again.)
+    let mut seen: HashSet<u64, std::hash::BuildHasherDefault<Identity>> =
+        HashSet::with_capacity_and_hasher(keys.len(), Default::default());
+    for (key, range) in keys.iter_mut().zip(&chunks) {
+        let mut repeat = 0;
+        while !seen.insert(*key) {
+            repeat += 1;
+            *key = key_of(&bytes[range.clone()], repeat);
         }
-        if let Some(doc) = cache.documents.remove(&key) {
-            loaded.push((key, Loader::unchanged(key, doc, decode)));
+    }
+    // An edit keeps the other documents where they were, so the old
+    // document at the same position is nearly always the one; the rest
+    // (moved, or new) are looked for among the few old ones left.
+    let mut old: Vec<Option<Doc>> = old.into_iter().map(Some).collect();
+    let mut docs: Vec<Option<Doc>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| match old.get_mut(i) {
+            Some(slot) if slot.as_ref().is_some_and(|d| d.key == *key) => slot.take(),
+            _ => None,
+        })
+        .collect();
+    let mut left: HashMap<u64, Doc> = old.into_iter().flatten().map(|d| (d.key, d)).collect();
+    let mut todo = Vec::new();
+    for (i, slot) in docs.iter_mut().enumerate() {
+        if slot.is_none() {
+            *slot = left.remove(&keys[i]);
+            if slot.is_none() {
+                todo.push((keys[i], &bytes[chunks[i].clone()]));
+            }
+        }
+    }
+    cache.parsed += todo.len();
+    let mut parsed = parse_all(file, json, decode, todo).into_iter();
+    let mut deltas = Vec::new();
+    let mut objects = Objects::default();
+    // The documents found unchanged (their objects are out already).
+    let reused: Vec<bool> = docs.iter().map(Option::is_some).collect();
+    for ((slot, unchanged), range) in docs.iter_mut().zip(&reused).zip(&chunks) {
+        if *unchanged {
             continue;
         }
-        next.parsed += 1;
-        let mut part = Loader::unchanged(key, Doc::default(), decode);
-        match parse_documents(chunk, json) {
-            Ok(documents) => {
-                for document in documents {
-                    part.load_document(file, document, false);
-                }
+        match parsed.next().expect("one result per document parsed") {
+            Ok(mut part) => {
+                deltas.append(&mut part.deltas);
+                objects.append(&mut part.objects);
+                *slot = Some(part.doc(range.len()));
             }
             // The whole file is skipped (module doc): what it defined
             // before goes, and comes back whole once it parses.
             Err(problem) => {
-                for (key, part) in loaded {
-                    cache.documents.insert(key, part.doc);
-                }
-                return out.warnings.push(warning(file, None, problem));
+                out.warnings.push(warning(file, None, problem));
+                let before = docs.into_iter().zip(reused).filter(|(_, r)| *r);
+                let gone = before.filter_map(|(d, _)| d).chain(left.into_values());
+                out.deltas.extend(gone.flat_map(Doc::gone));
+                return Vec::new();
             }
         }
-        loaded.push((key, part));
     }
-    for (key, part) in loaded {
-        out.warnings.extend(part.doc.warnings.iter().cloned());
-        out.deltas.extend(part.deltas);
-        next.documents.insert(key, part.doc);
+    out.deltas.extend(left.into_values().flat_map(Doc::gone));
+    out.deltas.append(&mut deltas);
+    out.objects.append(&mut objects);
+    let docs: Vec<Doc> = docs.into_iter().flatten().collect();
+    out.warnings
+        .extend(docs.iter().flat_map(|d| d.warnings.iter().cloned()));
+    docs
+}
+
+/// Below this many documents to parse, one thread does it.
+const PARALLEL_PARSE: usize = 256;
+
+/// Parses `documents` (origin, text), in order; on as many threads as
+/// there are cores when there are many (the initial load of a large
+/// directory), since documents parse independently.
+fn parse_all(
+    file: &Path,
+    json: bool,
+    decode: Decode,
+    documents: Vec<(Origin, &[u8])>,
+) -> Vec<Result<Loader, Problem>> {
+    let parse = |(origin, chunk): (Origin, &[u8])| {
+        let text = std::str::from_utf8(chunk).map_err(Problem::Utf8)?;
+        let mut part = Loader::new(origin, decode);
+        for value in parse_documents(text, json)? {
+            part.load_document(file, value, false);
+        }
+        Ok(part)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    if documents.len() < PARALLEL_PARSE || threads < 2 {
+        return documents.into_iter().map(parse).collect();
+    }
+    let per_thread = documents.len().div_ceil(threads);
+    let parse = &parse;
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = documents
+            .chunks(per_thread)
+            .map(|part| scope.spawn(move || part.iter().copied().map(parse).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|part| part.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
+/// A hasher for keys that are hashes already.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl Objects {
+    fn append(&mut self, other: &mut Objects) {
+        self.services.append(&mut other.services);
+        self.slices.append(&mut other.slices);
+        self.nodes.append(&mut other.nodes);
     }
 }
 
@@ -404,31 +681,36 @@ fn load_file(
 struct Loader {
     origin: Origin,
     decode: Decode,
-    doc: Doc,
-    /// The objects decoded (none for a document found in the cache).
+    names: Vec<Named>,
+    warnings: Vec<SourceWarning>,
+    /// The objects decoded, as deltas ([`Decode::Facts`]) or as themselves.
     deltas: Vec<Delta>,
+    objects: Objects,
 }
 
 impl Loader {
-    fn unchanged(origin: Origin, doc: Doc, decode: Decode) -> Self {
+    fn new(origin: Origin, decode: Decode) -> Self {
         Self {
             origin,
             decode,
-            doc,
+            names: Vec::new(),
+            warnings: Vec::new(),
             deltas: Vec::new(),
+            objects: Objects::default(),
+        }
+    }
+
+    fn doc(self, len: usize) -> Doc {
+        Doc {
+            key: self.origin,
+            len,
+            names: self.names.into(),
+            warnings: self.warnings.into(),
         }
     }
 
     fn warn(&mut self, file: &Path, object: Option<String>, problem: Problem) {
-        self.doc.warnings.push(warning(file, object, problem));
-    }
-
-    /// `service` as this load hands it over.
-    fn kept(&self, mut service: Service) -> Service {
-        if self.decode == Decode::Facts {
-            super::trim::service(&mut service);
-        }
-        service
+        self.warnings.push(warning(file, object, problem));
     }
 
     /// `in_list` bounds recursion: a List's items are objects, not Lists.
@@ -447,37 +729,40 @@ impl Loader {
         };
         match kind.as_str() {
             "Service" => {
-                if let Some(service) = self.decode::<Service>(
+                if let Some(mut service) = self.decode::<Service>(
                     file,
                     object,
                     document,
                     &api_version,
                     SERVICE_API_VERSION,
                 ) {
-                    let service = with_default_namespace(service);
-                    let (namespace, name) = names_of(&service.metadata);
-                    self.doc.names.push(Named::Service(namespace, name));
-                    self.deltas
-                        .push(Delta::Service(self.origin, Box::new(self.kept(service))));
+                    let (namespace, name) = default_namespace(&mut service.metadata);
+                    self.names.push(Named::Service(namespace, name));
+                    match self.decode {
+                        Decode::Objects => self.objects.services.push(service),
+                        Decode::Facts => self.deltas.push(Delta::Service(
+                            self.origin,
+                            Box::new(ServiceFacts::of(&service)),
+                        )),
+                    }
                 }
             }
             "EndpointSlice" => {
-                if let Some(slice) = self.decode::<EndpointSlice>(
+                if let Some(mut slice) = self.decode::<EndpointSlice>(
                     file,
                     object,
                     document,
                     &api_version,
                     SLICE_API_VERSION,
                 ) {
-                    let slice = with_default_namespace(slice);
-                    let (namespace, name) = names_of(&slice.metadata);
-                    self.doc.names.push(Named::Slice(namespace, name));
-                    self.deltas.push(match self.decode {
-                        Decode::Objects => Delta::Slice(self.origin, Box::new(slice)),
-                        Decode::Facts => {
-                            Delta::SliceFacts(self.origin, Box::new(SliceFacts::of(&slice)))
-                        }
-                    });
+                    let (namespace, name) = default_namespace(&mut slice.metadata);
+                    self.names.push(Named::Slice(namespace, name));
+                    match self.decode {
+                        Decode::Objects => self.objects.slices.push(slice),
+                        Decode::Facts => self
+                            .deltas
+                            .push(Delta::Slice(self.origin, Box::new(SliceFacts::of(&slice)))),
+                    }
                 }
             }
             "Node" => {
@@ -486,8 +771,11 @@ impl Loader {
                 {
                     // Cluster-scoped: no namespace to default.
                     let name = node.metadata.name.clone().unwrap_or_default();
-                    self.doc.names.push(Named::Node(name));
-                    self.deltas.push(Delta::Node(self.origin, Box::new(node)));
+                    self.names.push(Named::Node(name));
+                    match self.decode {
+                        Decode::Objects => self.objects.nodes.push(node),
+                        Decode::Facts => self.deltas.push(Delta::Node(self.origin, Box::new(node))),
+                    }
                 }
             }
             "List" | "ServiceList" | "EndpointSliceList" | "NodeList" if in_list => {
@@ -592,19 +880,16 @@ fn describe(document: &Value, kind: Option<&str>) -> String {
     }
 }
 
-fn names_of(meta: &ObjectMeta) -> (String, String) {
+/// Gives `meta` the default namespace if it names none; its (namespace,
+/// name).
+fn default_namespace(meta: &mut ObjectMeta) -> (String, String) {
+    if meta.namespace.as_deref().is_none_or(str::is_empty) {
+        meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
+    }
     (
         meta.namespace.clone().unwrap_or_default(),
         meta.name.clone().unwrap_or_default(),
     )
-}
-
-fn with_default_namespace<T: Metadata<Ty = ObjectMeta>>(mut object: T) -> T {
-    let meta = object.metadata_mut();
-    if meta.namespace.as_deref().is_none_or(str::is_empty) {
-        meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
-    }
-    object
 }
 
 #[cfg(test)]
@@ -718,9 +1003,8 @@ endpoints:
             .collect()
     }
 
-    /// A source's view through reloads: the objects every reload so far
-    /// added and did not take back, in a canonical order (the tracker does
-    /// not care about order).
+    /// A source's view through reloads: what the deltas of every reload so
+    /// far add up to.
     #[derive(Default)]
     struct Cached {
         cache: DocCache,
@@ -731,66 +1015,62 @@ endpoints:
         fn parsed(&self) -> usize {
             self.cache.parsed()
         }
+
+        /// Each object's facts by (kind, namespace, name), origins aside
+        /// (a cold load hashes with other keys).
+        fn view(&self) -> View {
+            let mut view: Vec<_> = self
+                .held
+                .iter()
+                .map(|((kind, _, ns, name), delta)| {
+                    let facts = match delta {
+                        Delta::Service(_, f) => format!("{f:?}"),
+                        Delta::Slice(_, f) => format!("{f:?}"),
+                        Delta::Node(_, n) => format!("{n:?}"),
+                        _ => unreachable!("only additions are held"),
+                    };
+                    (*kind, ns.clone(), name.clone(), facts)
+                })
+                .collect();
+            view.sort();
+            view
+        }
+
+        /// The frontends the view programs.
+        fn frontends(&self) -> std::collections::BTreeSet<crate::model::Frontend> {
+            let mut tracker = crate::model::Tracker::new(Default::default());
+            for delta in self.held.values() {
+                delta.clone().apply_to(&mut tracker);
+            }
+            tracker.settle();
+            tracker.frontends().map(|(f, _)| *f).collect()
+        }
     }
 
-    fn canonical(mut objects: Objects) -> Objects {
-        let key = |m: &ObjectMeta| (m.namespace.clone(), m.name.clone());
-        objects.services.sort_by_key(|o| key(&o.metadata));
-        objects.slices.sort_by_key(|o| key(&o.metadata));
-        objects.nodes.sort_by_key(|o| key(&o.metadata));
-        objects
-    }
+    /// Each object's (kind, namespace, name, facts).
+    type View = Vec<(u8, String, String, String)>;
 
-    fn load_dir_cached(dir: &Path, cached: &mut Cached) -> (Objects, Vec<SourceWarning>) {
-        let reload = reload(dir, &mut cached.cache, Decode::Objects);
+    /// Reloads `dir` into `cached`; the view and the warnings.
+    fn load_dir_cached(dir: &Path, cached: &mut Cached) -> (View, Vec<SourceWarning>) {
+        let reload = reload(dir, &mut cached.cache, Decode::Facts);
         for delta in reload.deltas {
             let (kind, origin, ns, name, put) = match &delta {
-                Delta::Service(o, s) => (
-                    0,
-                    *o,
-                    s.metadata.namespace.clone(),
-                    s.metadata.name.clone(),
-                    true,
-                ),
+                Delta::Service(o, f) => (0, *o, &*f.name.namespace, &*f.name.name, true),
                 Delta::ServiceGone {
                     origin,
                     namespace,
                     name,
-                } => (
-                    0,
-                    *origin,
-                    Some(namespace.clone()),
-                    Some(name.clone()),
-                    false,
-                ),
-                Delta::Slice(o, s) => (
-                    1,
-                    *o,
-                    s.metadata.namespace.clone(),
-                    s.metadata.name.clone(),
-                    true,
-                ),
+                } => (0, *origin, namespace.as_str(), name.as_str(), false),
+                Delta::Slice(o, f) => (1, *o, &*f.namespace, &*f.name, true),
                 Delta::SliceGone {
                     origin,
                     namespace,
                     name,
-                } => (
-                    1,
-                    *origin,
-                    Some(namespace.clone()),
-                    Some(name.clone()),
-                    false,
-                ),
-                Delta::Node(o, n) => (2, *o, None, n.metadata.name.clone(), true),
-                Delta::NodeGone { origin, name } => (2, *origin, None, Some(name.clone()), false),
-                Delta::SliceFacts(..) => unreachable!("decoded as objects"),
+                } => (1, *origin, namespace.as_str(), name.as_str(), false),
+                Delta::Node(o, n) => (2, *o, "", n.metadata.name.as_deref().unwrap_or(""), true),
+                Delta::NodeGone { origin, name } => (2, *origin, "", name.as_str(), false),
             };
-            let key = (
-                kind,
-                origin,
-                ns.unwrap_or_default(),
-                name.unwrap_or_default(),
-            );
+            let key = (kind, origin, ns.to_string(), name.to_string());
             if put {
                 cached.held.insert(key, delta);
             } else {
@@ -800,16 +1080,12 @@ endpoints:
                 );
             }
         }
-        let mut objects = Objects::default();
-        for delta in cached.held.values() {
-            match delta {
-                Delta::Service(_, s) => objects.services.push((**s).clone()),
-                Delta::Slice(_, s) => objects.slices.push((**s).clone()),
-                Delta::Node(_, n) => objects.nodes.push((**n).clone()),
-                _ => unreachable!("only additions are held"),
-            }
-        }
-        (canonical(objects), reload.warnings)
+        (cached.view(), reload.warnings)
+    }
+
+    /// A cold load's view.
+    fn cold(dir: &Path) -> (View, Vec<SourceWarning>) {
+        load_dir_cached(dir, &mut Cached::default())
     }
 
     #[test]
@@ -820,23 +1096,21 @@ endpoints:
         dir.write("other.yaml", &format!("{SERVICE}---\n{SLICE}"));
         let (first, warnings) = load_dir_cached(&dir.0, &mut cache);
         assert_eq!(warnings, []);
-        assert_eq!(first.services.len(), 101);
+        assert_eq!(first.iter().filter(|o| o.0 == 0).count(), 101);
         assert_eq!(cache.parsed(), 102);
         // One document edited: one parse, and exactly what a cold load gives.
         dir.write("many.yaml", &many_services(100, Some(42)));
         let (second, _) = load_dir_cached(&dir.0, &mut cache);
         assert_eq!(cache.parsed(), 1);
-        assert_eq!(second, canonical(load_dir(&dir.0).0));
-        let port = |objects: &Objects, name: &str| {
-            let svc = objects
-                .services
+        assert_eq!(second, cold(&dir.0).0);
+        let frontends = cache.frontends();
+        let has = |addr: &str, port: u16| {
+            frontends
                 .iter()
-                .find(|s| s.metadata.name.as_deref() == Some(name))
-                .unwrap();
-            svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port
+                .any(|f| f.addr.to_string() == addr && f.port == port)
         };
-        assert_eq!(port(&second, "s42"), 81);
-        assert_eq!(port(&second, "s41"), 80);
+        assert!(has("10.96.1.42", 81) && !has("10.96.1.42", 80));
+        assert!(has("10.96.1.41", 80));
         // Unchanged: nothing parsed.
         let (third, _) = load_dir_cached(&dir.0, &mut cache);
         assert_eq!((cache.parsed(), &third), (0, &second));
@@ -847,28 +1121,120 @@ endpoints:
         let dir = TempDir::new();
         let mut cache = Cached::default();
         dir.write("many.yaml", &many_services(10, None));
-        assert_eq!(load_dir_cached(&dir.0, &mut cache).0.services.len(), 10);
+        assert_eq!(load_dir_cached(&dir.0, &mut cache).0.len(), 10);
         let broken = many_services(10, None).replace("name: s5\n", "name: [s5\n");
         dir.write("many.yaml", &broken);
         let (objects, warnings) = load_dir_cached(&dir.0, &mut cache);
-        assert_eq!(objects.services.len(), 0, "half a file is never used");
+        assert_eq!(objects.len(), 0, "half a file is never used");
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        let (cold, cold_warnings) = load_dir(&dir.0);
-        assert_eq!((objects, warnings), (canonical(cold), cold_warnings));
+        assert_eq!((objects, warnings), cold(&dir.0));
         dir.write("many.yaml", &many_services(10, None));
         let (objects, warnings) = load_dir_cached(&dir.0, &mut cache);
-        assert_eq!((objects.services.len(), warnings.len()), (10, 0));
+        assert_eq!((objects.len(), warnings.len()), (10, 0));
     }
 
     #[test]
     fn split_documents_follows_markers_and_declines_directives() {
+        // The parts, or `None` where the file is parsed whole.
+        let split = |text: &str| {
+            let parts = split_documents(text.as_bytes(), &[], |_| 0).0;
+            let plain = Plain::new();
+            parts
+                .iter()
+                .all(|r| plain.check(&text.as_bytes()[r.clone()]))
+                .then(|| {
+                    parts
+                        .into_iter()
+                        .map(|r| text[r].to_string())
+                        .collect::<Vec<_>>()
+                })
+        };
         let text = "a: 1\n---\nb: 2\n--- # c\nc: |\n  ---x\n---\n";
         assert_eq!(
-            split_documents(text).unwrap(),
+            split(text).unwrap(),
             ["a: 1\n", "---\nb: 2\n", "--- # c\nc: |\n  ---x\n", "---\n"]
         );
-        assert_eq!(split_documents("%YAML 1.2\n---\na: 1\n"), None);
-        assert_eq!(split_documents("a: 1\n...\n---\nb: 2\n"), None);
+        // Markers at the very start, CRLF line ends, a `---` that only
+        // starts a longer token.
+        assert_eq!(
+            split("---\r\na: 1\r\n---\r\nb: ---x\r\n----\r\n").unwrap(),
+            ["---\r\na: 1\r\n", "---\r\nb: ---x\r\n----\r\n"]
+        );
+        assert_eq!(split("%YAML 1.2\n---\na: 1\n"), None);
+        assert_eq!(split("a: 1\n...\n---\nb: 2\n"), None);
+        assert_eq!(split("...\n"), None);
+        assert_eq!(split("a: 1\n...x\n").unwrap(), ["a: 1\n...x\n"]);
+    }
+
+    /// Following the previous load's documents splits exactly as a fresh
+    /// search does, whatever the edit.
+    mod follow {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn hash(text: &[u8]) -> u64 {
+            use std::hash::{DefaultHasher, Hasher};
+            let mut h = DefaultHasher::new();
+            h.write(text);
+            h.finish()
+        }
+
+        fn docs_of(text: &[u8]) -> Vec<Doc> {
+            let (parts, keys) = split_documents(text, &[], hash);
+            parts
+                .into_iter()
+                .zip(keys)
+                .map(|(range, key)| Doc {
+                    key,
+                    len: range.len(),
+                    names: Box::new([]),
+                    warnings: Box::new([]),
+                })
+                .collect()
+        }
+
+        fn line() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(vec![
+                "a: 1\n",
+                "- b\n",
+                "--- # x\n",
+                "---\n",
+                "----\n",
+                "  ---\n",
+                "c: ---\n",
+                "\n",
+            ])
+        }
+
+        fn text() -> impl Strategy<Value = Vec<&'static str>> {
+            prop::collection::vec(line(), 0..24)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 500,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn same_split(
+                before in text(),
+                at in 0usize..24,
+                removed in 0usize..4,
+                inserted in text(),
+            ) {
+                let at = at.min(before.len());
+                let removed = removed.min(before.len() - at);
+                let mut after = before.clone();
+                after.splice(at..at + removed, inserted.iter().take(4).copied());
+                let (before, after) = (before.concat(), after.concat());
+                let old = docs_of(before.as_bytes());
+                let followed = split_documents(after.as_bytes(), &old, hash);
+                let fresh = split_documents(after.as_bytes(), &[], hash);
+                prop_assert_eq!(followed, fresh);
+            }
+        }
     }
 
     #[test]
@@ -1000,10 +1366,7 @@ endpoints:
         let mut tracker = crate::model::Tracker::new(node.clone());
         let facts = reload(&dir.0, &mut DocCache::default(), Decode::Facts);
         assert!(
-            facts
-                .deltas
-                .iter()
-                .any(|d| matches!(d, Delta::SliceFacts(..))),
+            facts.deltas.iter().any(|d| matches!(d, Delta::Slice(..))),
             "slices arrive as facts"
         );
         for delta in facts.deltas {
@@ -1114,5 +1477,95 @@ metadata:
         assert_eq!(objects, Objects::default());
         assert_eq!(warnings.len(), 1);
         assert_eq!(warnings[0].file, gone);
+    }
+
+    /// Issue 17.12: a link that leads nowhere was skipped silently. Each
+    /// (dangling, a loop) is one warning naming the link, the same at every
+    /// re-read (the agent logs a warning when it first appears, so once),
+    /// and the other files load.
+    #[test]
+    fn dangling_and_looping_links_are_one_warning_each() {
+        let dir = TempDir::new();
+        dir.write("web.yaml", SERVICE);
+        let dangling = dir.0.join("dangling.yaml");
+        std::os::unix::fs::symlink(dir.0.join("absent.yaml"), &dangling).unwrap();
+        let looping = dir.0.join("loop.yaml");
+        std::os::unix::fs::symlink(&looping, &looping).unwrap();
+        let mut cache = DocCache::default();
+        let mut last = None;
+        for _ in 0..2 {
+            let reload = reload(&dir.0, &mut cache, Decode::Facts);
+            let files: Vec<&Path> = reload.warnings.iter().map(|w| &*w.file).collect();
+            assert_eq!(files, [&*dangling, &*looping], "{:?}", reload.warnings);
+            assert!(
+                reload.warnings[0].reason.contains("absent.yaml")
+                    && reload.warnings[0].reason.contains("cannot be read"),
+                "{}",
+                reload.warnings[0]
+            );
+            assert_eq!(reload.unavailable, None, "a bad link is not an outage");
+            if let Some(previous) = last.replace(reload.warnings.clone()) {
+                assert_eq!(previous, reload.warnings);
+            }
+        }
+        assert_eq!(last.unwrap(), load_dir(&dir.0).1);
+        assert_eq!(load_dir(&dir.0).0.services.len(), 1);
+    }
+
+    /// Issue 17.7 at the source: a directory that goes is reported
+    /// unavailable with nothing removed; back, it is read again and only
+    /// what changed meanwhile is handed over.
+    #[test]
+    fn a_directory_gone_removes_nothing_and_is_unavailable() {
+        let dir = TempDir::new();
+        dir.write("web.yaml", SERVICE);
+        dir.write("slice.yaml", SLICE);
+        let mut cache = DocCache::default();
+        let first = reload(&dir.0, &mut cache, Decode::Facts);
+        assert_eq!((first.deltas.len(), first.unavailable), (2, None));
+        let away = dir.0.with_extension("away");
+        fs::rename(&dir.0, &away).unwrap();
+        let gone = reload(&dir.0, &mut cache, Decode::Facts);
+        fs::rename(&away, &dir.0).unwrap();
+        assert!(gone.deltas.is_empty(), "{:?}", gone.deltas);
+        let why = gone.unavailable.expect("reported unavailable");
+        assert!(why.contains("cannot list directory"), "{why}");
+        let back = reload(&dir.0, &mut cache, Decode::Facts);
+        assert_eq!((back.deltas.len(), back.unavailable), (0, None));
+        assert_eq!(cache.parsed(), 0);
+    }
+
+    /// Issue 17.12: a manifest with an mtime in the future was re-read at
+    /// every 200 ms poll, forever (the poller read any file modified
+    /// "recently", and the future counts). With inotify nothing wakes the
+    /// source but a change: a second, five of those polls, passes without
+    /// a wake; a real edit then wakes it and parses one document.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_future_mtime_wakes_nothing() {
+        let dir = TempDir::new();
+        let file = dir.write("many.yaml", &many_services(50, None));
+        let future = SystemTime::now() + Duration::from_secs(24 * 3600);
+        let touch = |path: &Path| {
+            fs::File::open(path).unwrap().set_modified(future).unwrap();
+        };
+        touch(&file);
+        touch(&dir.0);
+        let mut source = ManifestSource::new(dir.0.clone(), Duration::from_millis(200));
+        source.changed().await;
+        assert_eq!(source.take_changes().deltas.len(), 50);
+        let quiet = tokio::time::timeout(Duration::from_secs(1), source.changed()).await;
+        assert!(quiet.is_err(), "woken with nothing changed");
+        let edited = many_services(50, Some(7));
+        let staging = dir.0.with_extension("staging");
+        fs::write(&staging, edited).unwrap();
+        touch(&staging);
+        fs::rename(&staging, &file).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), source.changed())
+            .await
+            .expect("an edit wakes the source");
+        let changes = source.take_changes();
+        assert_eq!(source.cache.parsed(), 1);
+        // The edited Service: its old copy gone, its new one in.
+        assert_eq!(changes.deltas.len(), 2, "{:?}", changes.deltas);
     }
 }

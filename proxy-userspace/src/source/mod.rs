@@ -6,16 +6,16 @@
 mod inotify;
 pub mod kube;
 pub mod manifests;
-pub mod trim;
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::Node;
 
-use crate::model::{Origin, SliceFacts, Tracker};
+use crate::model::api::{EndpointSlice, Service};
+use crate::model::{Origin, ServiceFacts, SliceFacts, Tracker};
 
 pub use manifests::ManifestSource;
 
-/// The objects a source holds, for tests and tools that want them whole.
+/// The objects of a source as decoded (the fields the model reads), for
+/// tests that want them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Objects {
     pub services: Vec<Service>,
@@ -25,19 +25,18 @@ pub struct Objects {
 }
 
 /// One object added, replaced or removed. `origin` tells copies of one name
-/// apart (see [`Origin`]).
+/// apart (see [`Origin`]). Services and slices arrive already read into
+/// what the model keeps of them, so a large initial load never holds the
+/// objects themselves.
 #[derive(Clone, Debug)]
 pub enum Delta {
-    Service(Origin, Box<Service>),
+    Service(Origin, Box<ServiceFacts>),
     ServiceGone {
         origin: Origin,
         namespace: String,
         name: String,
     },
-    Slice(Origin, Box<EndpointSlice>),
-    /// A slice already reduced to what the model reads (what sources send:
-    /// a large initial load never holds the objects themselves).
-    SliceFacts(Origin, Box<SliceFacts>),
+    Slice(Origin, Box<SliceFacts>),
     SliceGone {
         origin: Origin,
         namespace: String,
@@ -54,14 +53,13 @@ impl Delta {
     /// Hands the change to the tracker.
     pub fn apply_to(self, tracker: &mut Tracker) {
         match self {
-            Delta::Service(origin, service) => tracker.put_service(origin, *service),
+            Delta::Service(origin, facts) => tracker.put_service_facts(origin, *facts),
             Delta::ServiceGone {
                 origin,
                 namespace,
                 name,
             } => tracker.delete_service(origin, &namespace, &name),
-            Delta::Slice(origin, slice) => tracker.put_slice(origin, *slice),
-            Delta::SliceFacts(origin, facts) => tracker.put_slice_facts(origin, *facts),
+            Delta::Slice(origin, facts) => tracker.put_slice_facts(origin, *facts),
             Delta::SliceGone {
                 origin,
                 namespace,
@@ -83,6 +81,10 @@ pub struct Changes {
     /// When the first of these changes reached the source, if it knows
     /// better than the moment it reported them.
     pub since: Option<std::time::Instant>,
+    /// Why the source cannot be read (completely) right now; `None` when
+    /// it can. What it said before stays meanwhile: an outage is never
+    /// taken for the objects being deleted.
+    pub unavailable: Option<String>,
 }
 
 /// A source of Services, EndpointSlices and Nodes.
