@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
-use proxy_common::{Backend, CtKey, CtValue, Traffic, map_names, stat};
+use proxy_common::{Backend, CtKey, CtValue, Traffic, map_names, proto, stat};
 
 use super::{Datapath, DatapathError, ignore_missing, map_err, monotonic_ns};
 
@@ -30,45 +30,53 @@ impl Datapath {
         )
     }
 
-    /// Every conntrack entry (for inspection and tests).
+    /// Every conntrack entry, of both maps (for inspection and tests).
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
-        self.conntrack
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map_names::CONNTRACK))
+        let mut all = Vec::new();
+        for (name, map) in &self.conntrack {
+            for entry in map.iter() {
+                all.push(entry.map_err(map_err(name))?);
+            }
+        }
+        Ok(all)
     }
 
     /// Deletes the flows idle past their timeout (the datapath already
     /// ignores them; this frees their space): both entries of a flow go
     /// together, once neither is in use (a one-way stream refreshes only
-    /// one), and so does an entry whose other one is gone. Says how full
-    /// the table is after.
-    pub fn collect_conntrack(&mut self) -> Result<CtSweep, DatapathError> {
+    /// one), and so does an entry whose other one is gone (a flow's
+    /// entries are in the same map). Says how full each map is after.
+    pub fn collect_conntrack(&mut self) -> Vec<CtSweep> {
         let now = monotonic_ns();
         let settings = self.settings;
-        let entries: std::collections::HashMap<CtKey, CtValue> =
-            self.conntrack.iter().filter_map(Result::ok).collect();
-        let doomed: Vec<CtKey> = entries
-            .iter()
-            .filter(|(k, v)| {
-                v.expired(k, &settings, now) && {
-                    let twin = v.twin_key(k);
-                    entries
-                        .get(&twin)
-                        .is_none_or(|t| t.expired(&twin, &settings, now))
-                }
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        let deleted = doomed
-            .iter()
-            .filter(|key| ignore_missing(self.conntrack.remove(key)).is_ok())
-            .count();
-        Ok(CtSweep {
-            deleted,
-            remaining: entries.len() - deleted,
-            capacity: self.conntrack_max as usize,
-        })
+        let mut sweeps = Vec::new();
+        for (name, map) in &mut self.conntrack {
+            let entries: std::collections::HashMap<CtKey, CtValue> =
+                map.iter().filter_map(Result::ok).collect();
+            let doomed: Vec<CtKey> = entries
+                .iter()
+                .filter(|(k, v)| {
+                    v.expired(k, &settings, now) && {
+                        let twin = v.twin_key(k);
+                        entries
+                            .get(&twin)
+                            .is_none_or(|t| t.expired(&twin, &settings, now))
+                    }
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            let deleted = doomed
+                .iter()
+                .filter(|key| ignore_missing(map.remove(key)).is_ok())
+                .count();
+            sweeps.push(CtSweep {
+                map: name,
+                deleted,
+                remaining: entries.len() - deleted,
+                capacity: self.max_entries.get(name).map_or(0, |&n| n as usize),
+            });
+        }
+        sweeps
     }
 
     /// Deletes at once the UDP flows of backends that were removed, so a
@@ -76,14 +84,11 @@ impl Datapath {
     /// UDP stale-flow cleanup; stale UDP state is what black-holes DNS).
     /// TCP flows are left to end or expire. Returns how many entries.
     pub fn forget_udp_backends(&mut self, gone: &[Backend]) -> Result<usize, DatapathError> {
-        let gone: Vec<&Backend> = gone
-            .iter()
-            .filter(|b| b.proto == proxy_common::proto::UDP)
-            .collect();
+        let gone: Vec<&Backend> = gone.iter().filter(|b| b.proto == proto::UDP).collect();
         if gone.is_empty() {
             return Ok(0);
         }
-        self.delete_conntrack(|k, v| {
+        self.delete_conntrack(&[map_names::conntrack_of(proto::UDP)], |k, v| {
             gone.iter().any(|b| {
                 k.proto == b.proto
                     && if v.is_reply() {
@@ -125,20 +130,28 @@ impl Datapath {
     /// Deletes every conntrack entry: established flows are chosen anew at
     /// their next packet (for tests and benchmarks that need a clean table).
     pub fn flush_conntrack(&mut self) -> Result<usize, DatapathError> {
-        self.delete_conntrack(|_, _| true)
+        self.delete_conntrack(&map_names::CONNTRACK, |_, _| true)
     }
 
+    /// Deletes the entries `doomed` picks in the conntrack maps named.
     fn delete_conntrack(
         &mut self,
+        maps: &[&str],
         doomed: impl Fn(&CtKey, &CtValue) -> bool,
     ) -> Result<usize, DatapathError> {
-        Ok(delete_where(&mut self.conntrack, doomed))
+        Ok(self
+            .conntrack
+            .iter_mut()
+            .filter(|(name, _)| maps.contains(name))
+            .map(|(_, map)| delete_where(map, &doomed))
+            .sum())
     }
 }
 
-/// What a conntrack garbage collection left.
+/// What a conntrack garbage collection left in one conntrack map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CtSweep {
+    pub map: &'static str,
     pub deleted: usize,
     pub remaining: usize,
     pub capacity: usize,
@@ -146,7 +159,7 @@ pub struct CtSweep {
 
 impl CtSweep {
     /// At 90 % the LRU map is about to evict live flows (each new flow
-    /// takes two entries): time to raise `--conntrack-max`.
+    /// takes two entries): time to raise its capacity flag.
     pub fn near_full(&self) -> bool {
         self.remaining * 10 >= self.capacity * 9
     }
