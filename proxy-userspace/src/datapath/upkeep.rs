@@ -157,11 +157,27 @@ pub struct CtSweep {
     pub capacity: usize,
 }
 
+/// Free nodes the kernel's LRU hash map keeps per CPU (`LOCAL_FREE_TARGET`
+/// in `kernel/bpf/bpf_lru_list.c`): when a CPU's run out it takes this many
+/// more, evicting as many of the least recently used entries if the map
+/// has no free ones. A full map can so show up to this many entries per
+/// CPU fewer than its capacity.
+const LRU_FREE_BATCH: usize = 128;
+
 impl CtSweep {
-    /// At 90 % the LRU map is about to evict live flows (each new flow
-    /// takes two entries): time to raise its capacity flag.
+    /// Within 10 % of its capacity (or of the LRU's free batches, in a
+    /// small map on many CPUs) the LRU map is about to evict, or evicting,
+    /// live flows (each new flow takes two entries): time to raise its
+    /// capacity flag. A flood kept a 1,024-entry map on 2 CPUs under 90 %
+    /// at every collection: the kernel had evicted a batch ahead.
     pub fn near_full(&self) -> bool {
-        self.remaining * 10 >= self.capacity * 9
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n);
+        self.remaining + self.slack(cpus) >= self.capacity
+    }
+
+    /// Entries a map this full may show free, on `cpus` CPUs.
+    fn slack(&self, cpus: usize) -> usize {
+        (LRU_FREE_BATCH * cpus).clamp(self.capacity / 10, self.capacity / 2)
     }
 }
 
@@ -221,4 +237,32 @@ fn sum_stats(
         *slot = per_cpu.iter().sum();
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sweep(remaining: usize, capacity: usize) -> CtSweep {
+        CtSweep {
+            map: map_names::CONNTRACK_OTHER,
+            deleted: 0,
+            remaining,
+            capacity,
+        }
+    }
+
+    #[test]
+    fn a_big_map_is_near_full_at_90_percent() {
+        assert_eq!(sweep(235_930, 262_144).slack(2), 26_214);
+        assert_eq!(sweep(0, 262_144).slack(64), 26_214);
+    }
+
+    #[test]
+    fn a_small_map_allows_for_the_lru_free_batches() {
+        // 1,024 entries on 2 CPUs: a full map may read 768.
+        assert_eq!(sweep(0, 1024).slack(2), 256);
+        // Never more than half: an empty map is not near full.
+        assert_eq!(sweep(0, 1024).slack(64), 512);
+    }
 }
