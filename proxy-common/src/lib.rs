@@ -26,14 +26,32 @@
 /// maps beside the old one and switches the attached programs over, instead
 /// of reading old bytes with new types. A new map needs no bump (it is
 /// simply created beside the pinned ones).
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Names of the maps as declared by the eBPF object and pinned under the
 /// agent's bpffs directory. Kernel map names are limited to 15 bytes.
 pub mod map_names {
     pub const SERVICES: &str = "kep_services";
     pub const BACKENDS: &str = "kep_backends";
-    pub const CONNTRACK: &str = "kep_conntrack";
+    /// TCP flows' conntrack entries ([`crate::CtKey`] -> [`crate::CtValue`]).
+    pub const CONNTRACK_TCP: &str = "kep_ct_tcp";
+    /// Every other protocol's (UDP, SCTP, ICMP...): a flood of short
+    /// flows (every DNS query is one) fills this LRU map and evicts only
+    /// its own kind, never an idle established TCP connection (Cilium's
+    /// `CT_MAP_TCP4` / `CT_MAP_ANY4` split).
+    pub const CONNTRACK_OTHER: &str = "kep_ct_other";
+    /// Both conntrack maps; a flow's two entries are in the one its
+    /// protocol picks ([`conntrack_of`]).
+    pub const CONNTRACK: [&str; 2] = [CONNTRACK_TCP, CONNTRACK_OTHER];
+
+    /// The conntrack map that holds flows of IP protocol `ip_proto`.
+    pub const fn conntrack_of(ip_proto: u8) -> &'static str {
+        if crate::CtKey::new(0, 0, 0, 0, ip_proto).in_tcp_map() {
+            CONNTRACK_TCP
+        } else {
+            CONNTRACK_OTHER
+        }
+    }
     pub const STATS: &str = "kep_stats";
     pub const CONFIG: &str = "kep_config";
     pub const SOCK_REVNAT: &str = "kep_sock_rnat";
@@ -60,10 +78,11 @@ pub mod map_names {
     /// REJECT answers' rate, per client address ([`crate::RejectBucket`]).
     pub const REJECT_RATE: &str = "kep_reject_rate";
     /// Every map the agent pins, in creation order.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         BACKENDS,
-        CONNTRACK,
+        CONNTRACK_TCP,
+        CONNTRACK_OTHER,
         STATS,
         CONFIG,
         SOCK_REVNAT,
@@ -106,7 +125,12 @@ pub mod program_names {
 pub mod defaults {
     pub const SERVICES_MAX: u32 = 262_144;
     pub const BACKENDS_MAX: u32 = 131_072;
+    /// TCP conntrack entries (two per flow).
     pub const CONNTRACK_MAX: u32 = 262_144;
+    /// Conntrack entries of every other protocol (two per flow): a UDP
+    /// flow lives the UDP timeout (30 s) after its last datagram, so this
+    /// holds ~2,000 new flows a second (DNS queries, mostly) sustained.
+    pub const CONNTRACK_OTHER_MAX: u32 = 131_072;
     pub const SOCK_REVNAT_MAX: u32 = 65_536;
     pub const AFFINITY_MAX: u32 = 65_536;
     pub const TRAFFIC_MAX: u32 = 65_536;
@@ -347,6 +371,14 @@ pub struct CtKey {
 }
 
 impl CtKey {
+    /// Whether this flow's entries are in the TCP conntrack map
+    /// ([`map_names::CONNTRACK_TCP`]); every other protocol's are in
+    /// [`map_names::CONNTRACK_OTHER`]. A flow's two entries share their
+    /// protocol, so they are always in the same map.
+    pub const fn in_tcp_map(&self) -> bool {
+        self.proto == proto::TCP
+    }
+
     pub const fn new(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self {
         Self {
             saddr,

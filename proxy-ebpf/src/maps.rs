@@ -2,6 +2,8 @@
 //! only defaults, the agent sets the real ones at load time.
 #![allow(non_upper_case_globals)]
 
+use core::borrow::Borrow;
+
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
@@ -23,9 +25,60 @@ pub static kep_services: HashMap<ServiceKey, ServiceValue, { defaults::SERVICES_
 pub static kep_backends: HashMap<u32, Backend, { defaults::BACKENDS_MAX as usize }> =
     HashMap::new();
 
+/// TCP flows' conntrack entries. Reached only through [`CONNTRACK`].
 #[btf_map]
-pub static kep_conntrack: LruHashMap<CtKey, CtValue, { defaults::CONNTRACK_MAX as usize }> =
+pub static kep_ct_tcp: LruHashMap<CtKey, CtValue, { defaults::CONNTRACK_MAX as usize }> =
     LruHashMap::new();
+
+/// Every other protocol's conntrack entries: its own LRU, so a flood of
+/// short UDP flows evicts only its kind. Reached only through
+/// [`CONNTRACK`].
+#[btf_map]
+pub static kep_ct_other: LruHashMap<CtKey, CtValue, { defaults::CONNTRACK_OTHER_MAX as usize }> =
+    LruHashMap::new();
+
+/// The conntrack table: the map an entry is in is chosen by its key's
+/// protocol ([`CtKey::in_tcp_map`]), here and nowhere else. Each branch
+/// calls the helper with one constant map, so the verifier still inlines
+/// each lookup (one call site fed two maps would not be).
+pub struct Conntrack;
+
+pub static CONNTRACK: Conntrack = Conntrack;
+
+impl Conntrack {
+    #[inline(always)]
+    pub fn get_ptr_mut(&self, key: impl Borrow<CtKey>) -> Option<*mut CtValue> {
+        let key = key.borrow();
+        if key.in_tcp_map() {
+            kep_ct_tcp.get_ptr_mut(key)
+        } else {
+            kep_ct_other.get_ptr_mut(key)
+        }
+    }
+
+    /// # Safety
+    /// As [`LruHashMap::get`]: the entry may be changed or deleted
+    /// concurrently.
+    #[inline(always)]
+    pub unsafe fn get(&self, key: impl Borrow<CtKey>) -> Option<&CtValue> {
+        self.get_ptr_mut(key).map(|p| unsafe { &*p })
+    }
+
+    #[inline(always)]
+    pub fn insert(
+        &self,
+        key: impl Borrow<CtKey>,
+        value: impl Borrow<CtValue>,
+        flags: u64,
+    ) -> Result<(), i32> {
+        let (key, value) = (key.borrow(), value.borrow());
+        if key.in_tcp_map() {
+            kep_ct_tcp.insert(key, value, flags)
+        } else {
+            kep_ct_other.insert(key, value, flags)
+        }
+    }
+}
 
 #[btf_map]
 pub static kep_stats: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
@@ -115,7 +168,6 @@ pub static kep_ct_scratch: PerCpuArray<(CtKey, CtValue), 1> = PerCpuArray::new()
 
 pub use kep_affinity as AFFINITY;
 pub use kep_backends as BACKENDS;
-pub use kep_conntrack as CONNTRACK;
 pub use kep_ct_scratch as CT_SCRATCH;
 pub use kep_frag_buf as FRAG_BUF;
 pub use kep_frag_stash as FRAG_STASH;

@@ -676,20 +676,19 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
                 false
             }
             _ = conntrack_gc.tick() => {
-                match syncer.datapath_mut().collect_conntrack() {
-                    Ok(sweep) => {
-                        tracing::debug!(deleted = sweep.deleted, "conntrack garbage collected");
-                        metrics.set_map_entries(proxy_common::map_names::CONNTRACK, sweep.remaining);
-                        if sweep.near_full() {
-                            metrics.record_conntrack_near_full();
-                            tracing::warn!(
-                                entries = sweep.remaining,
-                                capacity = sweep.capacity,
-                                "conntrack table nearly full: new flows evict idle ones; raise --conntrack-max"
-                            );
-                        }
+                for sweep in syncer.datapath_mut().collect_conntrack() {
+                    tracing::debug!(map = sweep.map, deleted = sweep.deleted, "conntrack garbage collected");
+                    metrics.set_map_entries(sweep.map, sweep.remaining);
+                    if sweep.near_full() {
+                        metrics.record_conntrack_near_full(sweep.map);
+                        tracing::warn!(
+                            map = sweep.map,
+                            entries = sweep.remaining,
+                            capacity = sweep.capacity,
+                            "conntrack map nearly full: new flows evict idle ones of its kind; raise {}",
+                            crate::datapath::capacity_flag(sweep.map).unwrap_or("its capacity")
+                        );
                     }
-                    Err(e) => tracing::error!(error = %e, "conntrack garbage collection"),
                 }
                 continue;
             }

@@ -66,7 +66,13 @@ impl Pinned {
             read_hash(bpffs, map_names::SERVICES, false)?;
         let (backends, be_max): (Vec<(u32, Backend)>, _) =
             read_hash(bpffs, map_names::BACKENDS, false)?;
-        let (conntrack, ct_max) = read_hash(bpffs, map_names::CONNTRACK, true)?;
+        let mut conntrack = Vec::new();
+        let mut ct_fill = Vec::new();
+        for name in map_names::CONNTRACK {
+            let (entries, max): (Vec<(CtKey, CtValue)>, _) = read_hash(bpffs, name, true)?;
+            ct_fill.push((name, (entries.len(), max)));
+            conntrack.extend(entries);
+        }
         let (affinity, aff_max) = read_hash(bpffs, map_names::AFFINITY, true)?;
         let stats_map: PerCpuArray<MapData, u64> = Map::PerCpuArray(open(bpffs, map_names::STATS)?)
             .try_into()
@@ -102,12 +108,12 @@ impl Pinned {
                 *slot = per_cpu.iter().sum();
             }
         }
-        let capacity = BTreeMap::from([
+        let mut capacity = BTreeMap::from([
             (map_names::SERVICES, (services.len(), svc_max)),
             (map_names::BACKENDS, (backends.len(), be_max)),
-            (map_names::CONNTRACK, (conntrack.len(), ct_max)),
             (map_names::AFFINITY, (affinity.len(), aff_max)),
         ]);
+        capacity.extend(ct_fill);
         Ok(Self {
             services,
             backends,

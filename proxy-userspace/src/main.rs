@@ -154,9 +154,13 @@ struct RunArgs {
     /// Capacity of the backends map.
     #[arg(long, env = "KEP_BACKENDS_MAX", default_value_t = defaults::BACKENDS_MAX)]
     backends_max: u32,
-    /// Capacity of the conntrack map (two entries per flow).
+    /// Capacity of the TCP conntrack map (two entries per flow).
     #[arg(long, env = "KEP_CONNTRACK_MAX", default_value_t = defaults::CONNTRACK_MAX)]
     conntrack_max: u32,
+    /// Capacity of the conntrack map of every other protocol (UDP, SCTP,
+    /// ICMP; two entries per flow): a flood of them never evicts a TCP flow.
+    #[arg(long, env = "KEP_CONNTRACK_OTHER_MAX", default_value_t = defaults::CONNTRACK_OTHER_MAX)]
+    conntrack_other_max: u32,
     /// How new flows from outside the cluster (NodePorts, load-balancer IPs
     /// and external IPs reached through a node interface) pick an endpoint:
     /// `maglev` (consistent hashing: a flow reaches the same endpoint
@@ -258,6 +262,7 @@ fn main() -> anyhow::Result<()> {
                     services_max: args.services_max,
                     backends_max: args.backends_max,
                     conntrack_max: args.conntrack_max,
+                    conntrack_other_max: args.conntrack_other_max,
                     maglev_max: args.maglev_max,
                     source_ranges_max: args.source_ranges_max,
                     service_cidrs: args.service_cidr.0,

@@ -85,7 +85,7 @@ pub struct Metrics {
     map_entries: Family<Label, Gauge>,
     map_update_errors: Counter,
     map_full: Family<Label, Counter>,
-    conntrack_near_full: Counter,
+    conntrack_near_full: Family<Label, Counter>,
     datapath_packets: Family<Label, Counter>,
     connections_shed: Family<Label, Counter>,
     /// This node's name, to find its Node object.
@@ -193,8 +193,8 @@ impl Metrics {
         registry.register(
             "kep_map_entries",
             "Entries in a datapath map. kep_services and kep_backends are \
-             updated at each sync; kep_conntrack at each conntrack garbage \
-             collection",
+             updated at each sync; kep_ct_tcp and kep_ct_other at each \
+             conntrack garbage collection",
             map_entries.clone(),
         );
         let map_capacity = Family::<Label, Gauge>::default();
@@ -206,7 +206,8 @@ impl Metrics {
         for name in [
             map_names::SERVICES,
             map_names::BACKENDS,
-            map_names::CONNTRACK,
+            map_names::CONNTRACK_TCP,
+            map_names::CONNTRACK_OTHER,
             map_names::MAGLEV,
             map_names::SOURCE_RANGES,
         ] {
@@ -229,14 +230,20 @@ impl Metrics {
              --source-ranges-max); the entries that fit stay programmed",
             map_full.clone(),
         );
-        let conntrack_near_full = Counter::default();
+        let conntrack_near_full = Family::<Label, Counter>::default();
         registry.register(
             "kep_conntrack_near_full",
-            "Conntrack garbage collections that found the table at least 90 % \
-             full (the LRU map then evicts idle flows to make room): raise \
-             --conntrack-max",
+            "Conntrack garbage collections that found a conntrack map at least \
+             90 % full (the LRU map then evicts idle flows of its kind to make \
+             room), by map: raise --conntrack-max (kep_ct_tcp) or \
+             --conntrack-other-max (kep_ct_other)",
             conntrack_near_full.clone(),
         );
+        for name in map_names::CONNTRACK {
+            // Present at 0 from the start, so an alert can tell "never" from
+            // "no agent".
+            let _ = conntrack_near_full.get_or_create(&[("map", name)]);
+        }
         let datapath_packets = Family::<Label, Counter>::default();
         registry.register(
             "kep_datapath_packets",
@@ -329,9 +336,12 @@ impl Metrics {
         health.incomplete = out.incomplete;
     }
 
-    /// A conntrack garbage collection found the table nearly full.
-    pub fn record_conntrack_near_full(&self) {
-        self.conntrack_near_full.inc();
+    /// A conntrack garbage collection found conntrack map `name` nearly
+    /// full.
+    pub fn record_conntrack_near_full(&self, name: &'static str) {
+        self.conntrack_near_full
+            .get_or_create(&[("map", name)])
+            .inc();
     }
 
     /// Sets the entry count of map `name` (e.g. after counting conntrack).
@@ -751,7 +761,7 @@ mod tests {
         let mut stats = [0u64; stat::COUNT as usize];
         stats[stat::NEW_FLOWS as usize] = 42;
         m.observe_datapath(&stats);
-        m.set_map_entries(map_names::CONNTRACK, 7);
+        m.set_map_entries(map_names::CONNTRACK_OTHER, 7);
         let text = m.render();
         let expect = [
             ("kep_sync_duration_seconds_count", 2.0),
@@ -761,7 +771,7 @@ mod tests {
             ("kep_service_ips_refused", 1.0),
             ("kep_source_available", 1.0),
             ("kep_map_entries{map=\"kep_backends\"}", 1.0),
-            ("kep_map_entries{map=\"kep_conntrack\"}", 7.0),
+            ("kep_map_entries{map=\"kep_ct_other\"}", 7.0),
             (
                 "kep_map_capacity{map=\"kep_services\"}",
                 f64::from(proxy_common::defaults::SERVICES_MAX),

@@ -14,8 +14,8 @@ use aya::programs::{TestRun, TestRunOptions};
 use lab::fib_node::{EXT_CLIENT, EXT_CLIENT_MAC, FibNode, NODE, OTHER_NODE, OTHER_NODE_MAC};
 use proxy_common::{
     Backend, CtKey, SVC_FLAG_DROP, SVC_FLAG_EXTERNAL_SCOPE, SVC_FLAG_MAGLEV, SVC_FLAG_MASQUERADE,
-    SVC_FLAG_NODE_ADDRESS, SVC_FLAG_REJECT, ServiceKey, ServiceValue, maglev::flow_hash, proto,
-    scope, stat,
+    SVC_FLAG_NODE_ADDRESS, SVC_FLAG_REJECT, ServiceKey, ServiceValue, maglev::flow_hash, map_names,
+    proto, scope, stat,
 };
 use proxy_userspace::{
     contents::{addr_to_map, port_to_map},
@@ -936,7 +936,7 @@ fn a_half_closed_connection_outlives_the_closing_timeout() {
     let (_, ack) = fx.run(&tcp(CLIENT, VIP, 48100, SVC_PORT, ACK));
     assert_eq!(ip_dst(&ack), backend);
     assert_eq!(fx.dp.stats().unwrap()[stat::NEW_FLOWS as usize], 1);
-    assert_eq!(fx.dp.collect_conntrack().unwrap().deleted, 0);
+    assert_eq!(collect(&mut fx), 0);
 }
 
 /// A connection that never got an answer goes after netfilter's SYN-sent
@@ -951,8 +951,7 @@ fn an_unanswered_syn_expires_after_the_syn_sent_timeout() {
     let (_, out) = fx.run(&tcp(CLIENT, VIP, 48201, SVC_PORT, SYN));
     fx.run(&tcp(ip_dst(&out), CLIENT, BACKEND_PORT, 48201, SYN | ACK));
     std::thread::sleep(std::time::Duration::from_millis(10));
-    let sweep = fx.dp.collect_conntrack().unwrap();
-    assert_eq!(sweep.deleted, 2, "the unanswered flow's two entries");
+    assert_eq!(collect(&mut fx), 2, "the unanswered flow's two entries");
     let left = ct_entries(&fx);
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(
@@ -961,14 +960,91 @@ fn an_unanswered_syn_expires_after_the_syn_sent_timeout() {
     );
 }
 
+/// The pinned conntrack map `name`, opened as the datapath sees it.
+fn pinned_ct(
+    fx: &Fixture,
+    name: &str,
+) -> aya::maps::HashMap<aya::maps::MapData, CtKey, proxy_common::CtValue> {
+    let pin = maps_dir(&fx.pin_dir).join(name);
+    let data = aya::maps::MapData::from_pin(&pin).expect("open the pinned conntrack map");
+    aya::maps::Map::LruHashMap(data).try_into().unwrap()
+}
+
+/// The keys in the pinned conntrack map `name`.
+fn pinned_ct_keys(fx: &Fixture, name: &str) -> Vec<CtKey> {
+    let mut keys: Vec<CtKey> = pinned_ct(fx, name)
+        .keys()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    keys.sort_by_key(|k| (k.saddr, k.daddr, k.sport, k.dport));
+    keys
+}
+
 /// Deletes one conntrack entry behind the datapath's back, as the LRU
 /// evicts one from a full table.
 fn evict(fx: &Fixture, key: &CtKey) {
-    let pin = maps_dir(&fx.pin_dir).join(proxy_common::map_names::CONNTRACK);
-    let data = aya::maps::MapData::from_pin(&pin).expect("open the pinned conntrack map");
-    let mut map: aya::maps::HashMap<_, CtKey, proxy_common::CtValue> =
-        aya::maps::Map::LruHashMap(data).try_into().unwrap();
-    map.remove(key).expect("the entry was there");
+    pinned_ct(fx, map_names::conntrack_of(key.proto))
+        .remove(key)
+        .expect("the entry was there");
+}
+
+/// A garbage collection of both conntrack maps: how many entries went.
+fn collect(fx: &mut Fixture) -> usize {
+    fx.dp.collect_conntrack().iter().map(|s| s.deleted).sum()
+}
+
+/// TCP flows are tracked in one LRU map and every other protocol in
+/// another (issue 17.10): a flood of new UDP flows many times the other
+/// map's size evicts only UDP entries, and an idle TCP connection keeps
+/// both its entries and its endpoint.
+#[test]
+fn a_udp_flood_evicts_no_tcp_flow() {
+    let mut fx = Fixture::with_settings(|cfg| {
+        cfg.conntrack_max = 256;
+        cfg.conntrack_other_max = 256;
+    });
+    let (_, out) = fx.run(&tcp(CLIENT, VIP, 51000, SVC_PORT, SYN));
+    let backend = ip_dst(&out);
+    fx.run(&tcp(backend, CLIENT, BACKEND_PORT, 51000, SYN | ACK));
+    fx.run(&udp(CLIENT, VIP, 51000, SVC_PORT));
+    let tcp_keys = pinned_ct_keys(&fx, map_names::CONNTRACK_TCP);
+    let other_keys = pinned_ct_keys(&fx, map_names::CONNTRACK_OTHER);
+    assert_eq!(
+        tcp_keys.len(),
+        2,
+        "the TCP flow's two entries: {tcp_keys:?}"
+    );
+    assert!(tcp_keys.iter().all(|k| k.proto == proto::TCP));
+    assert_eq!(other_keys.len(), 2, "the UDP flow's two: {other_keys:?}");
+    assert!(other_keys.iter().all(|k| k.proto == proto::UDP));
+
+    // Each datagram from a new port is a new flow, answered and asked
+    // again (as a resolver's retry), so the LRU sees its entries used as
+    // much as the TCP flow's: 4,000 entries for a map of 256.
+    for port in 0..2000u16 {
+        let (_, out) = fx.run(&udp(CLIENT, VIP, 20_000 + port, SVC_PORT));
+        fx.run(&udp(ip_dst(&out), CLIENT, BACKEND_PORT, 20_000 + port));
+        fx.run(&udp(CLIENT, VIP, 20_000 + port, SVC_PORT));
+    }
+    let other_keys = pinned_ct_keys(&fx, map_names::CONNTRACK_OTHER);
+    assert!(other_keys.len() <= 256, "{}", other_keys.len());
+    assert!(other_keys.iter().all(|k| k.proto == proto::UDP));
+    assert_eq!(
+        pinned_ct_keys(&fx, map_names::CONNTRACK_TCP),
+        tcp_keys,
+        "the flood touched the TCP map"
+    );
+    let (_, fwd) = fx.run(&tcp(CLIENT, VIP, 51000, SVC_PORT, ACK));
+    assert_eq!(ip_dst(&fwd), backend, "the connection keeps its endpoint");
+    let (_, reply) = fx.run(&tcp(backend, CLIENT, BACKEND_PORT, 51000, ACK));
+    assert_eq!(ip_src(&reply), VIP, "its answers are still translated");
+    let stats = fx.dp.stats().unwrap();
+    assert_eq!(stats[stat::CT_RESTORED as usize], 0, "nothing was lost");
+    assert_eq!(
+        stats[stat::NEW_FLOWS as usize],
+        1 + 1 + 2000,
+        "the TCP flow was not chosen anew"
+    );
 }
 
 /// A flow that lost its reply entry (evicted from a full table) gets it
@@ -1072,7 +1148,7 @@ fn expired_flows_are_chosen_anew_and_collected() {
         .filter(|(k, _)| k.proto == proto::UDP)
         .count();
     assert!(udp_entries >= 2);
-    let deleted = fx.dp.collect_conntrack().unwrap().deleted;
+    let deleted = collect(&mut fx);
     assert_eq!(deleted, udp_entries, "every expired UDP entry");
     let left = ct_entries(&fx);
     assert_eq!(left.len(), 2, "{left:?}");

@@ -27,6 +27,8 @@ fn start<'l>(lab: &'l Lab, services: u32, backends: u32, conntrack: u32) -> Agen
         backends.to_string().into(),
         "--conntrack-max".into(),
         conntrack.to_string().into(),
+        "--conntrack-other-max".into(),
+        conntrack.to_string().into(),
     ];
     lab.start_agent_programmed(&args)
         .expect("agent programs the datapath")
@@ -79,7 +81,8 @@ fn new_map_sizes_are_migrated_into_keeping_flows() {
         for (map, want) in [
             ("kep_services", services),
             ("kep_backends", backends),
-            ("kep_conntrack", conntrack),
+            ("kep_ct_tcp", conntrack),
+            ("kep_ct_other", conntrack),
         ] {
             assert!(
                 agent.log_contains(&format!("map=\"{map}\"")),

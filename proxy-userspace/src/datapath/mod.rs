@@ -11,6 +11,7 @@ mod upkeep;
 pub use bpffs::{BPFFS_MOUNT, DirError, DirLock, ensure_dir};
 pub use hooks::{Hook, PINS, Pin};
 pub use pins::{cleanup, links_dir, maps_dir, pinned_links, unpin_all};
+pub use resize::capacity_flag;
 pub use upkeep::{CtSweep, sum_traffic};
 
 use std::{collections::BTreeMap, io, net::Ipv4Addr, path::PathBuf, time::Duration};
@@ -54,7 +55,10 @@ pub struct DatapathConfig {
     pub bpffs: PathBuf,
     pub services_max: u32,
     pub backends_max: u32,
+    /// TCP conntrack entries (two per flow).
     pub conntrack_max: u32,
+    /// Conntrack entries of every other protocol (two per flow).
+    pub conntrack_other_max: u32,
     /// Frontends that can have a Maglev table.
     pub maglev_max: u32,
     /// loadBalancerSourceRanges entries.
@@ -211,6 +215,7 @@ impl DatapathConfig {
             services_max: defaults::SERVICES_MAX,
             backends_max: defaults::BACKENDS_MAX,
             conntrack_max: defaults::CONNTRACK_MAX,
+            conntrack_other_max: defaults::CONNTRACK_OTHER_MAX,
             maglev_max: defaults::MAGLEV_MAX,
             source_ranges_max: defaults::SOURCE_RANGES_MAX,
             service_cidrs: vec![DEFAULT_SERVICE_CIDR],
@@ -347,9 +352,9 @@ pub struct Datapath {
     ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
-    conntrack: HashMap<MapData, CtKey, CtValue>,
-    /// The conntrack map's capacity, for its near-full warning.
-    conntrack_max: u32,
+    /// The conntrack maps by name, as in `map_names::CONNTRACK` (TCP,
+    /// every other protocol).
+    conntrack: [(&'static str, HashMap<MapData, CtKey, CtValue>); 2],
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     svc_traffic: PerCpuArray<MapData, Traffic>,
     backend_traffic: PerCpuArray<MapData, Traffic>,
@@ -381,9 +386,9 @@ pub struct Datapath {
     /// Every map's real `max_entries`, by name (an adopted map keeps the
     /// size it was made with).
     max_entries: BTreeMap<&'static str, u32>,
-    /// The conntrack map replaced by a resize, until the old programs are
-    /// switched off it.
-    old_conntrack: Option<HashMap<MapData, CtKey, CtValue>>,
+    /// The conntrack maps replaced by a resize (by name), until the old
+    /// programs are switched off them.
+    old_conntrack: Vec<(&'static str, HashMap<MapData, CtKey, CtValue>)>,
     config: Array<MapData, Config>,
     bpffs: PathBuf,
     /// This agent's hold on `bpffs`.
@@ -428,7 +433,8 @@ impl Datapath {
         loader
             .map_max_entries(map_names::SERVICES, cfg.services_max)
             .map_max_entries(map_names::BACKENDS, cfg.backends_max)
-            .map_max_entries(map_names::CONNTRACK, cfg.conntrack_max)
+            .map_max_entries(map_names::CONNTRACK_TCP, cfg.conntrack_max)
+            .map_max_entries(map_names::CONNTRACK_OTHER, cfg.conntrack_other_max)
             .map_max_entries(map_names::MAGLEV, cfg.maglev_max)
             .map_max_entries(map_names::SOURCE_RANGES, cfg.source_ranges_max);
         for (name, path) in &pins {
@@ -453,7 +459,16 @@ impl Datapath {
         }
         let services = take_map(&mut ebpf, map_names::SERVICES)?;
         let backends = take_map(&mut ebpf, map_names::BACKENDS)?;
-        let conntrack = take_map(&mut ebpf, map_names::CONNTRACK)?;
+        let conntrack = [
+            (
+                map_names::CONNTRACK_TCP,
+                take_map(&mut ebpf, map_names::CONNTRACK_TCP)?,
+            ),
+            (
+                map_names::CONNTRACK_OTHER,
+                take_map(&mut ebpf, map_names::CONNTRACK_OTHER)?,
+            ),
+        ];
         let affinity = take_map(&mut ebpf, map_names::AFFINITY)?;
         let svc_traffic = take_traffic(&mut ebpf, map_names::SVC_TRAFFIC)?;
         let backend_traffic = take_traffic(&mut ebpf, map_names::BACKEND_TRAFFIC)?;
@@ -497,7 +512,6 @@ impl Datapath {
             services,
             backends,
             conntrack,
-            conntrack_max: cfg.conntrack_max,
             affinity,
             svc_traffic,
             backend_traffic,
@@ -513,7 +527,7 @@ impl Datapath {
             link_names: Default::default(),
             pinned,
             max_entries,
-            old_conntrack: None,
+            old_conntrack: Vec::new(),
             config,
             bpffs: cfg.bpffs.clone(),
             lock,

@@ -27,10 +27,11 @@ use crate::capacity;
 const STAGING: &str = "_resize";
 
 /// The maps a flag sizes, with that flag.
-const SIZED: [(&str, &str); 5] = [
+const SIZED: [(&str, &str); 6] = [
     (map_names::SERVICES, "--services-max"),
     (map_names::BACKENDS, "--backends-max"),
-    (map_names::CONNTRACK, "--conntrack-max"),
+    (map_names::CONNTRACK_TCP, "--conntrack-max"),
+    (map_names::CONNTRACK_OTHER, "--conntrack-other-max"),
     (map_names::MAGLEV, "--maglev-max"),
     (map_names::SOURCE_RANGES, "--source-ranges-max"),
 ];
@@ -46,12 +47,21 @@ pub(super) struct Resize {
     to: u32,
 }
 
+/// The flag that sizes map `name`, if one does.
+pub fn capacity_flag(name: &str) -> Option<&'static str> {
+    SIZED
+        .iter()
+        .find(|(map, _)| *map == name)
+        .map(|(_, flag)| *flag)
+}
+
 impl DatapathConfig {
     fn max_entries_of(&self, name: &str) -> u32 {
         match name {
             map_names::SERVICES => self.services_max,
             map_names::BACKENDS => self.backends_max,
-            map_names::CONNTRACK => self.conntrack_max,
+            map_names::CONNTRACK_TCP => self.conntrack_max,
+            map_names::CONNTRACK_OTHER => self.conntrack_other_max,
             map_names::MAGLEV => self.maglev_max,
             _ => self.source_ranges_max,
         }
@@ -126,11 +136,11 @@ impl Datapath {
                         })
                         .count()
                 }
-                map_names::CONNTRACK => {
+                map_names::CONNTRACK_TCP | map_names::CONNTRACK_OTHER => {
                     let old: HashMap<MapData, CtKey, CtValue> =
                         Map::LruHashMap(old).try_into().map_err(map_err(name))?;
-                    let n = copy_conntrack(&old, &mut self.conntrack);
-                    self.old_conntrack = Some(old);
+                    let n = self.copy_conntrack(name, &old);
+                    self.old_conntrack.push((name, old));
                     n
                 }
                 _ => {
@@ -205,24 +215,25 @@ impl Datapath {
 
     /// Once every link runs this process's programs: copies the conntrack
     /// entries the old programs made while this agent started into the
-    /// resized conntrack map, and lets the old map go. Returns how many.
+    /// resized conntrack maps, and lets the old maps go. Returns how many.
     pub fn finish_resize(&mut self) -> usize {
-        match self.old_conntrack.take() {
-            Some(old) => copy_conntrack(&old, &mut self.conntrack),
-            None => 0,
-        }
+        std::mem::take(&mut self.old_conntrack)
+            .into_iter()
+            .map(|(name, old)| self.copy_conntrack(name, &old))
+            .sum()
     }
-}
 
-/// Copies `old`'s entries into `new` where `new` has none for the key (up
-/// to its capacity: an LRU map evicts, it never refuses).
-fn copy_conntrack(
-    old: &HashMap<MapData, CtKey, CtValue>,
-    new: &mut HashMap<MapData, CtKey, CtValue>,
-) -> usize {
-    let entries = read_hash(old).unwrap_or_default();
-    entries
-        .iter()
-        .filter(|(k, v)| new.insert(k, v, NOEXIST).is_ok())
-        .count()
+    /// Copies `old`'s entries into this agent's conntrack map `name` where
+    /// it has none for the key (up to its capacity: an LRU map evicts, it
+    /// never refuses).
+    fn copy_conntrack(&mut self, name: &str, old: &HashMap<MapData, CtKey, CtValue>) -> usize {
+        let Some((_, new)) = self.conntrack.iter_mut().find(|(n, _)| *n == name) else {
+            return 0;
+        };
+        let entries = read_hash(old).unwrap_or_default();
+        entries
+            .iter()
+            .filter(|(k, v)| new.insert(k, v, NOEXIST).is_ok())
+            .count()
+    }
 }

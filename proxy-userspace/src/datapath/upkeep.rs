@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
-use proxy_common::{Backend, CtKey, CtValue, Traffic, map_names, stat};
+use proxy_common::{Backend, CtKey, CtValue, Traffic, map_names, proto, stat};
 
 use super::{Datapath, DatapathError, ignore_missing, map_err, monotonic_ns};
 
@@ -30,45 +30,53 @@ impl Datapath {
         )
     }
 
-    /// Every conntrack entry (for inspection and tests).
+    /// Every conntrack entry, of both maps (for inspection and tests).
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
-        self.conntrack
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map_names::CONNTRACK))
+        let mut all = Vec::new();
+        for (name, map) in &self.conntrack {
+            for entry in map.iter() {
+                all.push(entry.map_err(map_err(name))?);
+            }
+        }
+        Ok(all)
     }
 
     /// Deletes the flows idle past their timeout (the datapath already
     /// ignores them; this frees their space): both entries of a flow go
     /// together, once neither is in use (a one-way stream refreshes only
-    /// one), and so does an entry whose other one is gone. Says how full
-    /// the table is after.
-    pub fn collect_conntrack(&mut self) -> Result<CtSweep, DatapathError> {
+    /// one), and so does an entry whose other one is gone (a flow's
+    /// entries are in the same map). Says how full each map is after.
+    pub fn collect_conntrack(&mut self) -> Vec<CtSweep> {
         let now = monotonic_ns();
         let settings = self.settings;
-        let entries: std::collections::HashMap<CtKey, CtValue> =
-            self.conntrack.iter().filter_map(Result::ok).collect();
-        let doomed: Vec<CtKey> = entries
-            .iter()
-            .filter(|(k, v)| {
-                v.expired(k, &settings, now) && {
-                    let twin = v.twin_key(k);
-                    entries
-                        .get(&twin)
-                        .is_none_or(|t| t.expired(&twin, &settings, now))
-                }
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        let deleted = doomed
-            .iter()
-            .filter(|key| ignore_missing(self.conntrack.remove(key)).is_ok())
-            .count();
-        Ok(CtSweep {
-            deleted,
-            remaining: entries.len() - deleted,
-            capacity: self.conntrack_max as usize,
-        })
+        let mut sweeps = Vec::new();
+        for (name, map) in &mut self.conntrack {
+            let entries: std::collections::HashMap<CtKey, CtValue> =
+                map.iter().filter_map(Result::ok).collect();
+            let doomed: Vec<CtKey> = entries
+                .iter()
+                .filter(|(k, v)| {
+                    v.expired(k, &settings, now) && {
+                        let twin = v.twin_key(k);
+                        entries
+                            .get(&twin)
+                            .is_none_or(|t| t.expired(&twin, &settings, now))
+                    }
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            let deleted = doomed
+                .iter()
+                .filter(|key| ignore_missing(map.remove(key)).is_ok())
+                .count();
+            sweeps.push(CtSweep {
+                map: name,
+                deleted,
+                remaining: entries.len() - deleted,
+                capacity: self.max_entries.get(name).map_or(0, |&n| n as usize),
+            });
+        }
+        sweeps
     }
 
     /// Deletes at once the UDP flows of backends that were removed, so a
@@ -76,14 +84,11 @@ impl Datapath {
     /// UDP stale-flow cleanup; stale UDP state is what black-holes DNS).
     /// TCP flows are left to end or expire. Returns how many entries.
     pub fn forget_udp_backends(&mut self, gone: &[Backend]) -> Result<usize, DatapathError> {
-        let gone: Vec<&Backend> = gone
-            .iter()
-            .filter(|b| b.proto == proxy_common::proto::UDP)
-            .collect();
+        let gone: Vec<&Backend> = gone.iter().filter(|b| b.proto == proto::UDP).collect();
         if gone.is_empty() {
             return Ok(0);
         }
-        self.delete_conntrack(|k, v| {
+        self.delete_conntrack(&[map_names::conntrack_of(proto::UDP)], |k, v| {
             gone.iter().any(|b| {
                 k.proto == b.proto
                     && if v.is_reply() {
@@ -125,30 +130,54 @@ impl Datapath {
     /// Deletes every conntrack entry: established flows are chosen anew at
     /// their next packet (for tests and benchmarks that need a clean table).
     pub fn flush_conntrack(&mut self) -> Result<usize, DatapathError> {
-        self.delete_conntrack(|_, _| true)
+        self.delete_conntrack(&map_names::CONNTRACK, |_, _| true)
     }
 
+    /// Deletes the entries `doomed` picks in the conntrack maps named.
     fn delete_conntrack(
         &mut self,
+        maps: &[&str],
         doomed: impl Fn(&CtKey, &CtValue) -> bool,
     ) -> Result<usize, DatapathError> {
-        Ok(delete_where(&mut self.conntrack, doomed))
+        Ok(self
+            .conntrack
+            .iter_mut()
+            .filter(|(name, _)| maps.contains(name))
+            .map(|(_, map)| delete_where(map, &doomed))
+            .sum())
     }
 }
 
-/// What a conntrack garbage collection left.
+/// What a conntrack garbage collection left in one conntrack map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CtSweep {
+    pub map: &'static str,
     pub deleted: usize,
     pub remaining: usize,
     pub capacity: usize,
 }
 
+/// Free nodes the kernel's LRU hash map keeps per CPU (`LOCAL_FREE_TARGET`
+/// in `kernel/bpf/bpf_lru_list.c`): when a CPU's run out it takes this many
+/// more, evicting as many of the least recently used entries if the map
+/// has no free ones. A full map can so show up to this many entries per
+/// CPU fewer than its capacity.
+const LRU_FREE_BATCH: usize = 128;
+
 impl CtSweep {
-    /// At 90 % the LRU map is about to evict live flows (each new flow
-    /// takes two entries): time to raise `--conntrack-max`.
+    /// Within 10 % of its capacity (or of the LRU's free batches, in a
+    /// small map on many CPUs) the LRU map is about to evict, or evicting,
+    /// live flows (each new flow takes two entries): time to raise its
+    /// capacity flag. A flood kept a 1,024-entry map on 2 CPUs under 90 %
+    /// at every collection: the kernel had evicted a batch ahead.
     pub fn near_full(&self) -> bool {
-        self.remaining * 10 >= self.capacity * 9
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n);
+        self.remaining + self.slack(cpus) >= self.capacity
+    }
+
+    /// Entries a map this full may show free, on `cpus` CPUs.
+    fn slack(&self, cpus: usize) -> usize {
+        (LRU_FREE_BATCH * cpus).clamp(self.capacity / 10, self.capacity / 2)
     }
 }
 
@@ -208,4 +237,32 @@ fn sum_stats(
         *slot = per_cpu.iter().sum();
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sweep(remaining: usize, capacity: usize) -> CtSweep {
+        CtSweep {
+            map: map_names::CONNTRACK_OTHER,
+            deleted: 0,
+            remaining,
+            capacity,
+        }
+    }
+
+    #[test]
+    fn a_big_map_is_near_full_at_90_percent() {
+        assert_eq!(sweep(235_930, 262_144).slack(2), 26_214);
+        assert_eq!(sweep(0, 262_144).slack(64), 26_214);
+    }
+
+    #[test]
+    fn a_small_map_allows_for_the_lru_free_batches() {
+        // 1,024 entries on 2 CPUs: a full map may read 768.
+        assert_eq!(sweep(0, 1024).slack(2), 256);
+        // Never more than half: an empty map is not near full.
+        assert_eq!(sweep(0, 1024).slack(64), 512);
+    }
 }
