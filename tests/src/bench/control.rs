@@ -83,7 +83,19 @@ pub struct ControlRun {
     pub error: Option<String>,
 }
 
-const MANIFEST: &str = "control-plane.yaml";
+/// Services per manifest file. The agent refuses a file over 64 MiB (its
+/// bound on hostile input) and a benchmark Service takes ~0.9 KiB, so up to
+/// 50,000 Services are one file (the shape every N up to 30,000 always had)
+/// and above that the directory is split, as an operator would split it.
+const FILE_SERVICES: usize = 50_000;
+
+/// The manifest files holding `services`: (file name, its Services).
+fn manifest_files(services: &[BenchService]) -> impl Iterator<Item = (String, &[BenchService])> {
+    services
+        .chunks(FILE_SERVICES)
+        .enumerate()
+        .map(|(i, chunk)| (format!("control-plane-{i}.yaml"), chunk))
+}
 /// Services-map entries of one benchmark Service.
 const SERVICE_ENTRIES: usize = 5;
 const PROGRAMMED: &str = "datapath programmed";
@@ -132,7 +144,8 @@ fn ms(v: Option<f64>) -> String {
 /// The source's side of a run: how the agent is started and how the last
 /// Service's endpoints are changed.
 enum Feed {
-    Manifests,
+    /// The manifest files written.
+    Manifests(Vec<String>),
     Api {
         server: FakeApiServer,
         kubeconfig: std::path::PathBuf,
@@ -143,8 +156,12 @@ impl Feed {
     fn new(lab: &Lab, source: CpSource, services: &[BenchService]) -> Result<Feed> {
         match source {
             CpSource::Manifests => {
-                lab.write_manifest(MANIFEST, &rules::manifest(services))?;
-                Ok(Feed::Manifests)
+                let mut files = Vec::new();
+                for (name, chunk) in manifest_files(services) {
+                    lab.write_manifest(&name, &rules::manifest(chunk))?;
+                    files.push(name);
+                }
+                Ok(Feed::Manifests(files))
             }
             CpSource::Api => {
                 let server = FakeApiServer::start_in_netns(lab.node().path())?;
@@ -161,7 +178,7 @@ impl Feed {
 
     fn agent_args(&self, lab: &Lab, services: usize) -> Vec<std::ffi::OsString> {
         let mut args: Vec<std::ffi::OsString> = match self {
-            Feed::Manifests => vec!["--manifests".into(), lab.manifest_dir().into()],
+            Feed::Manifests(_) => vec!["--manifests".into(), lab.manifest_dir().into()],
             Feed::Api { kubeconfig, .. } => vec!["--kubeconfig".into(), kubeconfig.into()],
         };
         // Five services-map entries per Service here (slot 0, three slots,
@@ -183,12 +200,14 @@ impl Feed {
     /// [`Change::publish`], which is what the measurements start from.
     fn prepare(&self, lab: &Lab, services: &[BenchService]) -> Result<Change<'_>> {
         match self {
-            Feed::Manifests => {
-                let staging = lab.dir().join(format!(".staging-{MANIFEST}"));
-                std::fs::write(&staging, rules::manifest(services))?;
+            Feed::Manifests(_) => {
+                // Only the file holding the last Service changes.
+                let (name, chunk) = manifest_files(services).last().context("no service")?;
+                let staging = lab.dir().join(format!(".staging-{name}"));
+                std::fs::write(&staging, rules::manifest(chunk))?;
                 Ok(Change::Rename {
                     from: staging,
-                    to: lab.manifest_dir().join(MANIFEST),
+                    to: lab.manifest_dir().join(name),
                 })
             }
             Feed::Api { server, .. } => {
@@ -203,8 +222,10 @@ impl Feed {
     }
 
     fn remove(&self, lab: &Lab) {
-        if let Feed::Manifests = self {
-            let _ = lab.remove_manifest(MANIFEST);
+        if let Feed::Manifests(files) = self {
+            for name in files {
+                let _ = lab.remove_manifest(name);
+            }
         }
     }
 }
