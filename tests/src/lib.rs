@@ -520,7 +520,16 @@ impl Lab {
 
     /// [`Lab::start_agent_programmed`] with the lab's manifest directory.
     pub fn start_manifest_agent(&self) -> Result<Agent<'_>> {
-        self.start_agent_programmed(&["--manifests".into(), self.manifest_dir().into()])
+        self.start_manifest_agent_with(&[])
+    }
+
+    /// [`Lab::start_manifest_agent`] with `extra` arguments after
+    /// `--manifests DIR` (capacities, timeouts, modes).
+    pub fn start_manifest_agent_with(&self, extra: &[&str]) -> Result<Agent<'_>> {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["--manifests".into(), self.manifest_dir().into()];
+        args.extend(extra.iter().map(std::ffi::OsString::from));
+        self.start_agent_programmed(&args)
     }
 
     /// [`Lab::start_agent`] with an explicit binary.

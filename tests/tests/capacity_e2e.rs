@@ -7,7 +7,6 @@
 //!
 //! Needs root and the agent binary; fails loudly without them.
 
-use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
@@ -64,12 +63,7 @@ fn endpoints_are_replaced_without_an_outage_in_a_nearly_full_backends_map() {
         .unwrap();
     // demo: three endpoints on two ports, 6 backends of 8.
     let agent = lab
-        .start_agent_programmed(&[
-            "--manifests".into(),
-            lab.manifest_dir().into(),
-            "--backends-max".into(),
-            "8".into(),
-        ])
+        .start_manifest_agent_with(&["--backends-max", "8"])
         .expect("agent programs the datapath");
 
     let prober = loadgen::Prober::start(
@@ -125,14 +119,8 @@ fn a_service_too_big_for_the_map_is_held_and_reported_once() {
         yaml::endpoint_slice("big-1", "big", &[("http", 8080, "TCP")], &big_eps)
     );
     lab.write_manifest("big.yaml", &big).unwrap();
-    let args: Vec<OsString> = vec![
-        "--manifests".into(),
-        lab.manifest_dir().into(),
-        "--services-max".into(),
-        "64".into(),
-    ];
     let agent = lab
-        .start_agent_programmed(&args)
+        .start_manifest_agent_with(&["--services-max", "64"])
         .expect("agent programs the datapath");
     let r = answers(&lab, DEMO_VIP);
     assert_eq!(r.error_count(), 0, "demo is programmed: {r}");

@@ -5,7 +5,6 @@
 //!
 //! Needs root and the agent binary; fails loudly without them.
 
-use std::ffi::OsString;
 use std::net::{SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -18,9 +17,7 @@ use proxy_userspace::inspect::Pinned;
 fn start<'l>(lab: &'l Lab, extra: &[&str]) -> Agent<'l> {
     lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
         .unwrap();
-    let mut args: Vec<OsString> = vec!["--manifests".into(), lab.manifest_dir().into()];
-    args.extend(extra.iter().map(OsString::from));
-    lab.start_agent_programmed(&args)
+    lab.start_manifest_agent_with(extra)
         .expect("agent programs the datapath")
 }
 

@@ -37,15 +37,13 @@ fn idle_established_connections_survive_a_udp_flood_past_conntrack_max() {
     lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
         .unwrap();
     let agent = lab
-        .start_agent_programmed(&[
-            "--manifests".into(),
-            lab.manifest_dir().into(),
-            "--conntrack-max".into(),
-            "1024".into(),
-            "--conntrack-other-max".into(),
-            "1024".into(),
-            "--conntrack-gc-interval".into(),
-            "1s".into(),
+        .start_manifest_agent_with(&[
+            "--conntrack-max",
+            "1024",
+            "--conntrack-other-max",
+            "1024",
+            "--conntrack-gc-interval",
+            "1s",
         ])
         .expect("agent programs the datapath");
     let http = SocketAddrV4::new(DEMO_VIP, HTTP_PORT);

@@ -52,12 +52,7 @@ fn pod_to_service_to_pod_skips_the_node_stack_unless_turned_off() {
     let mut seen = Vec::new();
     for fast in ["on", "off"] {
         let agent = lab
-            .start_agent_programmed(&[
-                "--manifests".into(),
-                lab.manifest_dir().into(),
-                "--fast-path".into(),
-                fast.into(),
-            ])
+            .start_manifest_agent_with(&["--fast-path", fast])
             .expect("agent programs");
         let before = (forwarded_to(&lab, backend), forwarded_to(&lab, client));
         let target = std::net::SocketAddrV4::new(DEMO_VIP, HTTP_PORT);

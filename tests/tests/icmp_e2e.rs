@@ -161,12 +161,7 @@ fn path_mtu_discovery_works_through_a_cluster_ip() {
     )
     .unwrap();
     let agent = lab
-        .start_agent_programmed(&[
-            "--manifests".into(),
-            lab.manifest_dir().into(),
-            "--fast-path".into(),
-            "off".into(),
-        ])
+        .start_manifest_agent_with(&["--fast-path", "off"])
         .expect("agent programs");
     let subnet = format!("{}/24", Ipv4Addr::from(u32::from(backend_ip(0)) & !0xff));
     lab.node()

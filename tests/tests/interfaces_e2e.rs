@@ -146,12 +146,7 @@ fn a_new_interface_is_attached_on_its_netlink_event() {
     lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
         .unwrap();
     let agent = lab
-        .start_agent_programmed(&[
-            "--manifests".into(),
-            lab.manifest_dir().into(),
-            "--poll-interval-ms".into(),
-            "60000".into(),
-        ])
+        .start_manifest_agent_with(&["--poll-interval-ms", "60000"])
         .expect("agent programs the datapath");
     let mark = agent.log_mark();
     let pod = new_pod(&lab, 8);
