@@ -12,7 +12,7 @@
 //! clients that keep one source port, as Kubernetes' conntrack tests do).
 //! ADDR is of either family (`[fd00::1]:80` for IPv6).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
@@ -43,8 +43,16 @@ fn tcp(target: SocketAddr, ask: Ask) -> std::io::Result<(String, SocketAddr)> {
     s.set_read_timeout(Some(TIMEOUT))?;
     let peer = s.peer_addr()?;
     s.write_all(ask.request)?;
+    let mut reader = BufReader::new(&s);
     let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line)?;
+    reader.read_line(&mut line)?;
+    // Close in order and wait for the server's FIN: a socket dropped here
+    // would sit in FIN_WAIT2 until it came, and the next request from the
+    // same fixed source port would fail with EADDRNOTAVAIL (a TIME_WAIT
+    // socket, with timestamps, may be reused by a bound connect).
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest)?;
     Ok((line.trim().to_string(), peer))
 }
 
