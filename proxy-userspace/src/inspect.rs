@@ -3,18 +3,23 @@
 //! JSON. Reading is in [`Pinned`]; the views are pure functions of what was
 //! read, so they are tested without root.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::Path,
+};
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceValue, Traffic,
-    map_names, proto, stat,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceValue, SourceRange,
+    Traffic, map_names, proto, scope, stat,
 };
 use serde::Serialize;
 
 use crate::{
-    contents::{addr_from_map, port_from_map},
-    datapath::{DatapathError, maps_dir, monotonic_ns, sum_traffic},
+    contents::{MapContents, RangeEntry, addr_from_map, port_from_map},
+    datapath::{DatapathError, maps_dir, monotonic_ns, read_ranges, sum_traffic},
 };
 
 /// Everything read from the pinned maps at one moment.
@@ -23,6 +28,8 @@ pub struct Pinned {
     pub backends: Vec<(u32, Backend)>,
     pub conntrack: Vec<(CtKey, CtValue)>,
     pub affinity: Vec<(AffinityKey, AffinityValue)>,
+    /// loadBalancerSourceRanges, by svc id.
+    pub source_ranges: BTreeSet<RangeEntry>,
     /// Per frontend (svc id) and per backend id.
     pub svc_traffic: BTreeMap<u32, Traffic>,
     pub backend_traffic: BTreeMap<u32, Traffic>,
@@ -74,6 +81,15 @@ impl Pinned {
             conntrack.extend(entries);
         }
         let (affinity, aff_max) = read_hash(bpffs, map_names::AFFINITY, true)?;
+        let ranges_err = |source| DatapathError::Map {
+            name: map_names::SOURCE_RANGES,
+            source: Box::new(source),
+        };
+        let ranges: LpmTrie<MapData, SourceRange, u8> =
+            Map::LpmTrie(open(bpffs, map_names::SOURCE_RANGES)?)
+                .try_into()
+                .map_err(ranges_err)?;
+        let source_ranges = read_ranges(&ranges).map_err(ranges_err)?;
         let stats_map: PerCpuArray<MapData, u64> = Map::PerCpuArray(open(bpffs, map_names::STATS)?)
             .try_into()
             .map_err(|source| DatapathError::Map {
@@ -119,12 +135,31 @@ impl Pinned {
             backends,
             conntrack,
             affinity,
+            source_ranges,
             svc_traffic,
             backend_traffic,
             stats,
             capacity,
             now_ns: monotonic_ns(),
         })
+    }
+
+    /// What the agent would have written for `contents`, as if read back
+    /// from the maps (no flows, no traffic yet): the views of what the
+    /// encoder produced, without a kernel.
+    pub fn of_contents(contents: &MapContents) -> Self {
+        Self {
+            services: contents.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: contents.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            conntrack: Vec::new(),
+            affinity: Vec::new(),
+            source_ranges: contents.source_ranges.clone(),
+            svc_traffic: BTreeMap::new(),
+            backend_traffic: BTreeMap::new(),
+            stats: [0; stat::COUNT as usize],
+            capacity: BTreeMap::new(),
+            now_ns: 0,
+        }
     }
 }
 
@@ -145,16 +180,38 @@ fn endpoint(addr: u32, port: u16) -> String {
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct ServiceView {
     pub frontend: String,
+    /// Which traffic the entry serves: `all`, or `external` (from outside
+    /// the node, to a frontend whose external traffic is handled apart).
+    pub scope: String,
     pub svc_id: u32,
     /// `reject`/`drop` when it has no endpoint; empty otherwise.
     pub empty: String,
     /// How new flows pick a backend: `maglev` (its table) or `random`.
     pub selection: String,
+    /// The entry's other `SVC_FLAG_*` bits, by name.
+    pub flags: Vec<String>,
     pub affinity_timeout_s: u32,
+    /// Client prefixes let in (loadBalancerSourceRanges); `0.0.0.0/32` is
+    /// the node's own sockets.
+    pub source_ranges: Vec<String>,
     pub backends: Vec<String>,
     /// Both directions of its translated flows.
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// Names of the flags not shown in their own column.
+fn flag_names(v: &ServiceValue) -> Vec<String> {
+    [
+        (v.has_external_scope(), "external-scope"),
+        (v.masquerades(), "masquerade"),
+        (v.checks_source_ranges(), "source-ranges"),
+        (v.on_node_address(), "node-address"),
+    ]
+    .into_iter()
+    .filter(|(set, _)| *set)
+    .map(|(_, name)| name.to_string())
+    .collect()
 }
 
 pub fn services(p: &Pinned) -> Vec<ServiceView> {
@@ -165,12 +222,29 @@ pub fn services(p: &Pinned) -> Vec<ServiceView> {
         .map(|(k, v)| (*k, v.backend_id))
         .collect();
     let backends: BTreeMap<u32, Backend> = p.backends.iter().copied().collect();
-    let mut out: Vec<ServiceView> = p
+    let mut entries: Vec<&(ServiceKey, ServiceValue)> = p
         .services
         .iter()
         .filter(|(k, _)| k.slot == 0 && k.port != 0)
+        .collect();
+    // By address, port and protocol as numbers, as an operator reads them.
+    entries.sort_by_key(|(k, _)| {
+        (
+            addr_from_map(k.addr),
+            port_from_map(k.port),
+            k.proto,
+            k.scope,
+        )
+    });
+    entries
+        .into_iter()
         .map(|(k, v)| ServiceView {
             frontend: format!("{}/{}", endpoint(k.addr, k.port), proto_name(k.proto)),
+            scope: match k.scope {
+                scope::ALL => "all".into(),
+                scope::EXTERNAL => "external".into(),
+                other => other.to_string(),
+            },
             svc_id: v.svc_id,
             empty: if v.count > 0 {
                 String::new()
@@ -180,7 +254,14 @@ pub fn services(p: &Pinned) -> Vec<ServiceView> {
                 "reject".into()
             },
             selection: if v.uses_maglev() { "maglev" } else { "random" }.into(),
+            flags: flag_names(v),
             affinity_timeout_s: v.affinity_timeout_s,
+            source_ranges: p
+                .source_ranges
+                .iter()
+                .filter(|r| r.svc_id == v.svc_id)
+                .map(|r| format!("{}/{}", r.addr, r.prefix_len))
+                .collect(),
             backends: (1..=v.count)
                 .map(|slot| {
                     match slots
@@ -195,8 +276,57 @@ pub fn services(p: &Pinned) -> Vec<ServiceView> {
             packets: p.svc_traffic.get(&v.svc_id).map_or(0, |t| t.packets),
             bytes: p.svc_traffic.get(&v.svc_id).map_or(0, |t| t.bytes),
         })
+        .collect()
+}
+
+/// The services view as table rows (header first); `traffic` adds the
+/// packet and byte counters.
+pub fn services_rows(views: &[ServiceView], traffic: bool) -> Vec<Vec<String>> {
+    let mut header = vec![
+        "frontend",
+        "scope",
+        "svc",
+        "selection",
+        "affinity_s",
+        "no endpoints",
+        "flags",
+        "source ranges",
+    ];
+    if traffic {
+        header.extend(["packets", "bytes"]);
+    }
+    header.push("backends");
+    let mut rows = vec![header.into_iter().map(String::from).collect()];
+    rows.extend(views.iter().map(|x| {
+        let mut row = vec![
+            x.frontend.clone(),
+            x.scope.clone(),
+            x.svc_id.to_string(),
+            x.selection.clone(),
+            x.affinity_timeout_s.to_string(),
+            x.empty.clone(),
+            x.flags.join(","),
+            x.source_ranges.join(","),
+        ];
+        if traffic {
+            row.extend([x.packets.to_string(), x.bytes.to_string()]);
+        }
+        row.push(x.backends.join(","));
+        row
+    }));
+    rows
+}
+
+/// Cluster IPs, each with its port-less entry: traffic to one on a port or
+/// protocol no Service serves is rejected.
+pub fn cluster_ips(p: &Pinned) -> Vec<Ipv4Addr> {
+    let mut out: Vec<Ipv4Addr> = p
+        .services
+        .iter()
+        .filter(|(k, _)| k.port == 0 && k.slot == 0)
+        .map(|(k, _)| addr_from_map(k.addr))
         .collect();
-    out.sort_by(|a, b| a.frontend.cmp(&b.frontend));
+    out.sort();
     out
 }
 
@@ -223,6 +353,24 @@ pub fn backends(p: &Pinned) -> Vec<BackendView> {
         .collect();
     out.sort_by_key(|b| b.id);
     out
+}
+
+/// The backends view as table rows (header first); `traffic` adds the
+/// packet and byte counters.
+pub fn backends_rows(views: &[BackendView], traffic: bool) -> Vec<Vec<String>> {
+    let mut header = vec!["id", "endpoint", "proto"];
+    if traffic {
+        header.extend(["packets", "bytes"]);
+    }
+    let mut rows = vec![header.into_iter().map(String::from).collect()];
+    rows.extend(views.iter().map(|x| {
+        let mut row = vec![x.id.to_string(), x.endpoint.clone(), x.proto.clone()];
+        if traffic {
+            row.extend([x.packets.to_string(), x.bytes.to_string()]);
+        }
+        row
+    }));
+    rows
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -400,6 +548,7 @@ mod tests {
                     last_used_ns: 1_000_000_000,
                 },
             )],
+            source_ranges: BTreeSet::new(),
             svc_traffic: BTreeMap::from([(
                 7,
                 Traffic {
@@ -422,20 +571,26 @@ mod tests {
             [
                 ServiceView {
                     frontend: "10.96.0.10:53/UDP".into(),
+                    scope: "all".into(),
                     svc_id: 8,
                     empty: "reject".into(),
                     selection: "random".into(),
+                    flags: vec![],
                     affinity_timeout_s: 0,
+                    source_ranges: vec![],
                     backends: vec![],
                     packets: 0,
                     bytes: 0,
                 },
                 ServiceView {
                     frontend: "10.96.0.10:80/TCP".into(),
+                    scope: "all".into(),
                     svc_id: 7,
                     empty: String::new(),
                     selection: "random".into(),
+                    flags: vec![],
                     affinity_timeout_s: 30,
+                    source_ranges: vec![],
                     backends: vec!["10.244.10.2:8080".into()],
                     packets: 10,
                     bytes: 1000,

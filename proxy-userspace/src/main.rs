@@ -511,51 +511,11 @@ fn dump(pinned: &inspect::Pinned, what: DumpWhat, json: bool) -> anyhow::Result<
     let (value, rows): (serde_json::Value, Vec<Vec<String>>) = match what {
         DumpWhat::Services => {
             let v = inspect::services(pinned);
-            let mut rows = vec![
-                [
-                    "frontend",
-                    "svc",
-                    "selection",
-                    "affinity_s",
-                    "no endpoints",
-                    "packets",
-                    "bytes",
-                    "backends",
-                ]
-                .map(String::from)
-                .to_vec(),
-            ];
-            rows.extend(v.iter().map(|x| {
-                vec![
-                    x.frontend.clone(),
-                    s(&x.svc_id),
-                    x.selection.clone(),
-                    s(&x.affinity_timeout_s),
-                    x.empty.clone(),
-                    s(&x.packets),
-                    s(&x.bytes),
-                    x.backends.join(","),
-                ]
-            }));
-            (serde_json::to_value(&v)?, rows)
+            (serde_json::to_value(&v)?, inspect::services_rows(&v, true))
         }
         DumpWhat::Backends => {
             let v = inspect::backends(pinned);
-            let mut rows = vec![
-                ["id", "endpoint", "proto", "packets", "bytes"]
-                    .map(String::from)
-                    .to_vec(),
-            ];
-            rows.extend(v.iter().map(|x| {
-                vec![
-                    s(&x.id),
-                    x.endpoint.clone(),
-                    x.proto.clone(),
-                    s(&x.packets),
-                    s(&x.bytes),
-                ]
-            }));
-            (serde_json::to_value(&v)?, rows)
+            (serde_json::to_value(&v)?, inspect::backends_rows(&v, true))
         }
         DumpWhat::Conntrack => {
             let v = inspect::conntrack(pinned);

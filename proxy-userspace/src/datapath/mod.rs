@@ -964,7 +964,7 @@ fn lookup_batch<K: aya::Pod + Default, V: aya::Pod + Default>(
 }
 
 /// Every allowed prefix in a source-ranges trie.
-fn read_ranges(
+pub(crate) fn read_ranges(
     trie: &LpmTrie<MapData, SourceRange, u8>,
 ) -> Result<std::collections::BTreeSet<RangeEntry>, MapError> {
     trie.keys()
