@@ -748,7 +748,8 @@ mod tests {
         let m = metrics(Duration::from_secs(60));
         let objects = (0, 0, 0);
         let mut live = MapContents::default();
-        live.backends.insert(1, proxy_common::Backend::default());
+        live.backends
+            .insert(1, crate::contents::AnyBackend::default());
         m.record_sync(
             objects,
             [],
