@@ -733,6 +733,54 @@ mod tests {
         (ip_from_map(b.addr), port_from_map(b.port))
     }
 
+    /// Both families in one encoding: IPv6 frontends get IPv6 keys (their
+    /// own port-less cluster-IP entry too) and IPv6 backends, ids come from
+    /// one allocator (a Maglev table or a counter never mixes two
+    /// endpoints), and a restart adopts the IPv6 ids as the IPv4 ones.
+    #[test]
+    fn dual_stack_frontends_encode_into_their_family_with_shared_ids() {
+        let v4 = frontend("10.96.0.10", 80);
+        let v6 = frontend("fd00:96::10", 80);
+        let want = desired(&[
+            (v4, state(&[("10.0.0.1", 8080), ("10.0.0.2", 8080)])),
+            (v6, state(&[("fd00::1", 8080), ("fd00::2", 8080)])),
+        ]);
+        let maglev = LbAlgorithms::everywhere(LbAlgorithm::Maglev { table_size: 251 });
+        let out = Encoder::with_algorithms(maglev).encode(&want);
+        let v6_entry = out.services[&key(v6, 0)];
+        assert_eq!(v6_entry.count, 2);
+        assert!(v6_entry.uses_maglev());
+        assert_ne!(v6_entry.svc_id, out.services[&key(v4, 0)].svc_id);
+        assert!(matches!(key(v6, 0).addr, crate::contents::MapAddr::V6(_)));
+        let cluster_ip6 = SvcKey::cluster_ip(ip_to_map(v6.addr));
+        assert!(out.services[&cluster_ip6].rejects());
+        let v6_backends: Vec<(IpAddr, u16)> = (1..=2)
+            .map(|s| backend_of(&out, slot_id(&out, v6, s)))
+            .collect();
+        assert_eq!(
+            v6_backends,
+            [
+                ("fd00::1".parse().unwrap(), 8080),
+                ("fd00::2".parse().unwrap(), 8080)
+            ]
+        );
+        let ids: BTreeSet<u32> = out.backends.keys().copied().collect();
+        assert_eq!(ids.len(), 4, "one id space for both families");
+        let table = &out.tables[&v6_entry.svc_id];
+        assert!(
+            table
+                .backends()
+                .iter()
+                .all(|b| b.addr.is_ipv6() && out.backends[&b.id].addr == ip_to_map(b.addr))
+        );
+
+        let mut restarted = Encoder::with_algorithms(maglev);
+        restarted.seed_from(&out);
+        let again = restarted.encode(&want);
+        assert_eq!(again.services, out.services, "same ids after a restart");
+        assert_eq!(again.backends, out.backends);
+    }
+
     #[test]
     fn byte_order_is_wire_order() {
         let addr: IpAddr = "10.1.2.3".parse().unwrap();
