@@ -405,13 +405,18 @@ impl std::str::FromStr for Ipv4Cidr {
         let addr: Ipv4Addr = addr
             .parse()
             .map_err(|_| CidrError::Address(text.to_string()))?;
-        // Digits only: `u8::from_str` would take a leading `+`.
-        let len = Some(len)
-            .filter(|len| !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|len| len.parse::<u8>().ok())
-            .ok_or_else(|| CidrError::PrefixLen(text.to_string()))?;
+        let len = prefix_len(len, text)?;
         Self::new(addr, len).ok_or_else(|| CidrError::PrefixLen(text.to_string()))
     }
+}
+
+/// The prefix length after the `/` of `text`.
+fn prefix_len(len: &str, text: &str) -> Result<u8, CidrError> {
+    // Digits only: `u8::from_str` would take a leading `+`.
+    Some(len)
+        .filter(|len| !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|len| len.parse::<u8>().ok())
+        .ok_or_else(|| CidrError::PrefixLen(text.to_string()))
 }
 
 impl fmt::Display for Ipv4Cidr {
@@ -499,10 +504,7 @@ impl std::str::FromStr for IpCidr {
             }
             Err(_) => return Err(CidrError::Address(text.to_string())),
         };
-        let len = Some(len)
-            .filter(|len| !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|len| len.parse::<u8>().ok())
-            .ok_or_else(|| CidrError::PrefixLen(text.to_string()))?;
+        let len = prefix_len(len, text)?;
         Self::new(IpAddr::V6(addr), len).ok_or_else(|| CidrError::PrefixLen(text.to_string()))
     }
 }

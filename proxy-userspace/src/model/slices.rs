@@ -246,30 +246,24 @@ pub(super) fn usable_endpoints(
             warn(warnings, &object(), Problem::NoAddress { index });
             continue;
         };
-        let addr = match parse_ip(first) {
-            Ok(addr) if Family::of(addr) == family => addr,
-            Err(source @ IpError::Ipv4Mapped) => {
-                let addr = first.clone();
-                let problem = Problem::MappedAddress {
-                    index,
-                    addr,
-                    source,
-                };
-                warn(warnings, &object(), problem);
+        let addr = first.clone();
+        let problem = match parse_ip(first) {
+            Ok(ip) if Family::of(ip) == family => {
+                usable.push(EndpointInfo::from_api(ip, endpoint));
                 continue;
             }
-            Ok(_) | Err(IpError::NotAnAddress) => {
-                let addr = first.clone();
-                let problem = Problem::BadAddress {
-                    index,
-                    addr,
-                    family,
-                };
-                warn(warnings, &object(), problem);
-                continue;
-            }
+            Err(source @ IpError::Ipv4Mapped) => Problem::MappedAddress {
+                index,
+                addr,
+                source,
+            },
+            Ok(_) | Err(IpError::NotAnAddress) => Problem::BadAddress {
+                index,
+                addr,
+                family,
+            },
         };
-        usable.push(EndpointInfo::from_api(addr, endpoint));
+        warn(warnings, &object(), problem);
     }
     usable.into()
 }
