@@ -230,6 +230,46 @@ fn status_and_dump_show_both_halves_of_a_dual_stack_service() {
     assert_eq!(status["maps"]["kep_services"]["entries"], 3, "{status:#}");
     assert_eq!(status["maps"]["kep_backends"]["entries"], 1, "{status:#}");
 
+    // The node's own IPv6 addresses (the pod veths' gateways) and every
+    // IPv6 endpoint are in their maps, for host endpoints and direct flows.
+    let pinned = |name: &str| {
+        let path = proxy_userspace::datapath::maps_dir(&lab.bpffs_dir()).join(name);
+        aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let node_addrs: aya::maps::HashMap<_, proxy_common::Addr6, u8> =
+        aya::maps::Map::HashMap(pinned("kep_node_addrs6"))
+            .try_into()
+            .unwrap();
+    let node_addrs: Vec<std::net::Ipv6Addr> = node_addrs
+        .keys()
+        .map(|k| proxy_userspace::contents::addr6_from_map(k.unwrap()))
+        .collect();
+    assert!(
+        node_addrs.contains(&lab::addr::backend_gw6(0))
+            && node_addrs.contains(&lab::addr::CLIENT_GW6),
+        "{node_addrs:?}"
+    );
+    let endpoints: aya::maps::HashMap<_, proxy_common::Backend6, u8> =
+        aya::maps::Map::HashMap(pinned("kep_endpoints6"))
+            .try_into()
+            .unwrap();
+    let mut endpoints: Vec<String> = endpoints
+        .keys()
+        .map(|k| {
+            let b = k.unwrap();
+            let addr = proxy_userspace::contents::addr6_from_map(b.addr);
+            format!("[{addr}]:{}", u16::from_be(b.port))
+        })
+        .collect();
+    endpoints.sort();
+    assert_eq!(
+        endpoints,
+        [
+            format!("[{}]:8080", backend_ip6(0)),
+            format!("[{}]:8080", backend_ip6(1))
+        ]
+    );
+
     // bpftool prints the IPv6 maps' fields by name too.
     for (map, fields) in [
         ("kep_services6", &["\"addr\"", "\"slot\"", "\"svc_id\""][..]),
