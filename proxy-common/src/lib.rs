@@ -19,6 +19,18 @@
 //! SERVICES  (vip, port, proto, slot i)  -> { backend_id }        1 <= i <= count
 //! BACKENDS  backend_id                  -> { addr, port, proto }
 //! ```
+//!
+//! IPv6: every map keyed or valued by an address has a second, IPv6 map
+//! beside the IPv4 one (`kep_services6` beside `kep_services`, ...), as
+//! Cilium's `lb6_*` beside `lb4_*`. The IPv4 maps, their entries and the
+//! IPv4 programs' memory and lookups stay exactly as they were; an
+//! IPv4-only node pays nothing for IPv6 (the IPv6 maps are created without
+//! preallocation). Each concept is still defined once: the key and value
+//! types are generic over the address ([`ServiceKeyOf`], [`BackendOf`],
+//! [`SourceRangeOf`]), instantiated with `u32` for IPv4 and [`Addr6`] for
+//! IPv6. Ids are shared: svc ids and backend ids come from one allocator
+//! whatever the family, so Maglev tables, traffic counters and conntrack
+//! values (`backend_id`, `svc_id`) need no IPv6 twin.
 #![no_std]
 
 /// Version of every layout in this crate. Bump it with any change to an
@@ -27,6 +39,12 @@
 /// of reading old bytes with new types. A new map needs no bump (it is
 /// simply created beside the pinned ones).
 pub const LAYOUT_VERSION: u32 = 6;
+
+/// An IPv6 address in map form: its 16 wire bytes, as four `u32` whose
+/// in-memory bytes are the address's (network byte order, like every
+/// IPv4 address here). `[u32; 4]` rather than `[u8; 16]` keeps keys 4-byte
+/// aligned, so the datapath compares them word by word.
+pub type Addr6 = [u32; 4];
 
 /// Names of the maps as declared by the eBPF object and pinned under the
 /// agent's bpffs directory. Kernel map names are limited to 15 bytes.
@@ -77,8 +95,28 @@ pub mod map_names {
     pub const FRAG_BUF: &str = "kep_frag_buf";
     /// REJECT answers' rate, per client address ([`crate::RejectBucket`]).
     pub const REJECT_RATE: &str = "kep_reject_rate";
+    /// IPv6 frontends ([`crate::ServiceKey6`] -> [`crate::ServiceValue`]).
+    pub const SERVICES6: &str = "kep_services6";
+    /// IPv6 backends (backend id -> [`crate::Backend6`]); ids are shared
+    /// with [`BACKENDS`], so one id is in exactly one of the two.
+    pub const BACKENDS6: &str = "kep_backends6";
+    /// Every IPv6 endpoint ([`crate::Backend6`] with flags 0 -> 1).
+    pub const ENDPOINTS6: &str = "kep_endpoints6";
+    /// The node's own IPv6 addresses ([`crate::Addr6`] -> 1).
+    pub const NODE_ADDRS6: &str = "kep_node_addrs6";
+    /// `loadBalancerSourceRanges` of IPv6 frontends
+    /// ([`crate::SourceRange6`] LPM trie).
+    pub const SOURCE_RANGES6: &str = "kep_src_ranges6";
+    /// The IPv6 maps, as [`ALL`] lists them.
+    pub const FAMILY6: [&str; 5] = [
+        SERVICES6,
+        BACKENDS6,
+        ENDPOINTS6,
+        NODE_ADDRS6,
+        SOURCE_RANGES6,
+    ];
     /// Every map the agent pins, in creation order.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 23] = [
         SERVICES,
         BACKENDS,
         CONNTRACK_TCP,
@@ -97,6 +135,11 @@ pub mod map_names {
         FRAG_STASH,
         FRAG_BUF,
         REJECT_RATE,
+        SERVICES6,
+        BACKENDS6,
+        ENDPOINTS6,
+        NODE_ADDRS6,
+        SOURCE_RANGES6,
     ];
 }
 
@@ -148,6 +191,13 @@ pub mod defaults {
     /// Clients whose REJECT answers are rate-limited at once (an LRU: the
     /// least recently answered is forgotten, and starts afresh).
     pub const REJECT_RATE_MAX: u32 = 16_384;
+    /// IPv6 frontends' entries and backends: created without
+    /// preallocation, so memory follows the IPv6 entries written (about
+    /// 100 bytes each), not these bounds.
+    pub const SERVICES6_MAX: u32 = SERVICES_MAX;
+    pub const BACKENDS6_MAX: u32 = BACKENDS_MAX;
+    /// The node's own IPv6 addresses.
+    pub const NODE_ADDRS6_MAX: u32 = NODE_ADDRS_MAX;
 }
 
 /// IANA protocol numbers as carried in the IPv4 header.
@@ -169,13 +219,13 @@ pub mod scope {
     pub const EXTERNAL: u8 = 1;
 }
 
-/// Key of the services map: one frontend `(vip, port, proto)` in one
-/// scope, and a slot.
+/// Key of the services maps: one frontend `(vip, port, proto)` in one
+/// scope, and a slot; [`ServiceKey`] for IPv4, [`ServiceKey6`] for IPv6.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ServiceKey {
-    /// Frontend IPv4 address, network byte order.
-    pub addr: u32,
+pub struct ServiceKeyOf<A> {
+    /// Frontend address, network byte order (`u32` or [`Addr6`]).
+    pub addr: A,
     /// Frontend L4 port, network byte order.
     pub port: u16,
     /// Host byte order. 0 is the service entry itself; 1..=count are the
@@ -188,8 +238,13 @@ pub struct ServiceKey {
     pub _pad: [u8; 2],
 }
 
-impl ServiceKey {
-    pub const fn new(addr: u32, port: u16, proto: u8, slot: u16) -> Self {
+/// Key of `kep_services`.
+pub type ServiceKey = ServiceKeyOf<u32>;
+/// Key of `kep_services6`.
+pub type ServiceKey6 = ServiceKeyOf<Addr6>;
+
+impl<A: Copy> ServiceKeyOf<A> {
+    pub const fn new(addr: A, port: u16, proto: u8, slot: u16) -> Self {
         Self {
             addr,
             port,
@@ -209,13 +264,27 @@ impl ServiceKey {
     /// so traffic to it on a port or protocol no Service serves is rejected
     /// (kube-proxy REJECTs it) instead of leaving the node. Real frontends
     /// never have port 0.
-    pub const fn cluster_ip(addr: u32) -> Self {
+    pub const fn cluster_ip(addr: A) -> Self {
         Self::new(addr, 0, 0, 0)
     }
 
     /// The same frontend at another slot.
     pub const fn with_slot(self, slot: u16) -> Self {
         Self { slot, ..self }
+    }
+
+    /// The same key with its address in another form (the agent keeps
+    /// both families' keys in one ordered map, and writes each into its
+    /// family's map).
+    pub const fn with_addr<B: Copy>(self, addr: B) -> ServiceKeyOf<B> {
+        ServiceKeyOf {
+            addr,
+            port: self.port,
+            slot: self.slot,
+            proto: self.proto,
+            scope: self.scope,
+            _pad: [0; 2],
+        }
     }
 }
 
@@ -324,12 +393,13 @@ impl ServiceValue {
     }
 }
 
-/// Value of the backends map (key: backend id, `u32`, host byte order).
+/// Value of the backends maps (key: backend id, `u32`, host byte order);
+/// [`Backend`] for IPv4, [`Backend6`] for IPv6.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Backend {
-    /// Endpoint IPv4 address, network byte order.
-    pub addr: u32,
+pub struct BackendOf<A> {
+    /// Endpoint address, network byte order (`u32` or [`Addr6`]).
+    pub addr: A,
     /// Endpoint L4 port, network byte order.
     pub port: u16,
     /// IP protocol number.
@@ -338,13 +408,29 @@ pub struct Backend {
     pub flags: u8,
 }
 
-impl Backend {
-    pub const fn new(addr: u32, port: u16, proto: u8) -> Self {
+/// Value of `kep_backends`, key of `kep_endpoints`.
+pub type Backend = BackendOf<u32>;
+/// Value of `kep_backends6`, key of `kep_endpoints6`.
+pub type Backend6 = BackendOf<Addr6>;
+
+impl<A: Copy> BackendOf<A> {
+    pub const fn new(addr: A, port: u16, proto: u8) -> Self {
         Self {
             addr,
             port,
             proto,
             flags: 0,
+        }
+    }
+
+    /// The same backend with its address in another form (see
+    /// [`ServiceKeyOf::with_addr`]).
+    pub const fn with_addr<B: Copy>(self, addr: B) -> BackendOf<B> {
+        BackendOf {
+            addr,
+            port: self.port,
+            proto: self.proto,
+            flags: self.flags,
         }
     }
 }
@@ -671,16 +757,24 @@ pub const CONFIG_FLAG_FAST_PATH: u32 = 1 << 0;
 /// prefix. The trie matches `prefix_len` leading bits of `svc_id_be` then
 /// `addr`, so ranges are written with `prefix_len` = 32 + their length and
 /// looked up with 64.
+///
+/// [`SourceRange6`] is the same for IPv6 frontends: `prefix_len` = 32 +
+/// the range's length, looked up with 160.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SourceRange {
+pub struct SourceRangeOf<A> {
     /// The svc id, big-endian (the trie compares bytes in order).
     pub svc_id_be: u32,
-    /// Client address or prefix, network byte order.
-    pub addr: u32,
+    /// Client address or prefix, network byte order (`u32` or [`Addr6`]).
+    pub addr: A,
 }
 
-impl SourceRange {
+/// Key data of `kep_src_ranges`.
+pub type SourceRange = SourceRangeOf<u32>;
+/// Key data of `kep_src_ranges6`.
+pub type SourceRange6 = SourceRangeOf<Addr6>;
+
+impl<A> SourceRangeOf<A> {
     /// Bits of `svc_id_be`, always matched whole.
     pub const SVC_BITS: u32 = 32;
 }
@@ -1030,6 +1124,9 @@ const _: () = {
     assert!(core::mem::size_of::<FragValue>() == 24);
     assert!(core::mem::size_of::<StashKey>() == 20);
     assert!(core::mem::size_of::<FragmentBytes>() == 4 + FRAG_STASH_BYTES);
+    assert!(core::mem::size_of::<ServiceKey6>() == 24);
+    assert!(core::mem::size_of::<Backend6>() == 20);
+    assert!(core::mem::size_of::<SourceRange6>() == 20);
 };
 
 #[cfg(feature = "user")]
@@ -1037,8 +1134,11 @@ mod pod {
     // SAFETY: every type is repr(C), made only of integers, with all padding
     // spelled out as named fields, so any byte pattern is a valid value.
     unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceKey6 {}
     unsafe impl aya::Pod for super::ServiceValue {}
     unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::Backend6 {}
+    unsafe impl aya::Pod for super::SourceRange6 {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::Config {}

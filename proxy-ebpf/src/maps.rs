@@ -10,8 +10,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, FragKey, FragValue, FragmentBytes,
-    RejectBucket, ServiceKey, ServiceValue, SockRevNat, SockRevNatKey, SourceRange, StashKey,
+    Addr6, AffinityKey, AffinityValue, Backend, Backend6, Config, CtKey, CtValue, FragKey, FragValue, FragmentBytes,
+    RejectBucket, ServiceKey, ServiceKey6, ServiceValue, SockRevNat, SockRevNatKey, SourceRange,
+    SourceRange6, StashKey,
     Traffic, defaults, maglev, stat,
 };
 
@@ -165,6 +166,46 @@ pub static kep_reject_rate: LruHashMap<u32, RejectBucket, { defaults::REJECT_RAT
 /// stack.
 #[btf_map]
 pub static kep_ct_scratch: PerCpuArray<(CtKey, CtValue), 1> = PerCpuArray::new();
+
+// The IPv6 twins of the frontend maps (layouts: `proxy_common`'s generic
+// types at `Addr6`). Without preallocation: an IPv4-only node pays nothing
+// for them, a dual-stack one for the entries it writes.
+
+#[btf_map]
+pub static kep_services6: HashMap<
+    ServiceKey6,
+    ServiceValue,
+    { defaults::SERVICES6_MAX as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+#[btf_map]
+pub static kep_backends6: HashMap<
+    u32,
+    Backend6,
+    { defaults::BACKENDS6_MAX as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+#[btf_map]
+pub static kep_endpoints6: HashMap<
+    Backend6,
+    u8,
+    { defaults::BACKENDS6_MAX as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+#[btf_map]
+pub static kep_node_addrs6: HashMap<
+    Addr6,
+    u8,
+    { defaults::NODE_ADDRS6_MAX as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+#[btf_map]
+pub static kep_src_ranges6: LpmTrie<SourceRange6, u8, { defaults::SOURCE_RANGES_MAX as usize }> =
+    LpmTrie::new();
 
 pub use kep_affinity as AFFINITY;
 pub use kep_backends as BACKENDS;

@@ -12,11 +12,11 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-use proxy_common::{Backend, ServiceKey};
+use proxy_common::Backend;
 
 use crate::{
     capacity,
-    contents::Footprint,
+    contents::{Footprint, MapAddr, SvcKey},
     datapath::{Datapath, DatapathConfig, Hook},
     diff::MapOp,
     encode::{Encoder, LbAlgorithms},
@@ -24,7 +24,7 @@ use crate::{
     interfaces, metrics,
     metrics::SyncOutcome,
     model,
-    model::{HealthCheck, Ipv4Cidr, Tracker},
+    model::{HealthCheck, IpCidr, Tracker},
     source::{Changes, Source},
 };
 
@@ -39,7 +39,7 @@ pub struct RunConfig {
     pub node_interfaces: Vec<String>,
     /// NodePorts answer only on node addresses inside these; empty: on all
     /// of them (kube-proxy's `--nodeport-addresses`).
-    pub nodeport_addresses: Vec<Ipv4Cidr>,
+    pub nodeport_addresses: Vec<IpCidr>,
     pub datapath: DatapathConfig,
     /// How new flows choose among a frontend's endpoints, per scope.
     pub lb_algorithms: LbAlgorithms,
@@ -107,12 +107,12 @@ impl Syncer {
 
     /// Sets the node addresses NodePorts answer on; whether they changed
     /// (a sync is then due).
-    pub fn set_nodeport_addresses(&mut self, addresses: Vec<Ipv4Addr>) -> bool {
+    pub fn set_nodeport_addresses(&mut self, addresses: Vec<IpAddr>) -> bool {
         self.tracker.set_node_addresses(addresses)
     }
 
     /// The node addresses NodePorts answer on.
-    pub fn nodeport_addresses(&self) -> &[Ipv4Addr] {
+    pub fn nodeport_addresses(&self) -> &[IpAddr] {
         self.tracker.node_addresses()
     }
 
@@ -196,15 +196,20 @@ impl Syncer {
         );
         let ops = plan.ops;
         let live = self.datapath.live();
+        // Conntrack is IPv4's only (the IPv6 datapath keeps none yet).
         let removed: Vec<Backend> = ops
             .iter()
             .filter_map(|op| match op {
                 MapOp::DeleteBackend(id) => live.backends.get(id).copied(),
                 _ => None,
             })
+            .filter_map(|b| match b.addr {
+                MapAddr::V4(a) => Some(b.with_addr(a)),
+                MapAddr::V6(_) => None,
+            })
             .collect();
         let desired = self.encoder.desired();
-        let sticky = |key: &ServiceKey| {
+        let sticky = |key: &SvcKey| {
             [live, desired].iter().any(|c| {
                 c.services
                     .get(&key.with_slot(0))
@@ -270,14 +275,14 @@ impl Syncer {
 
     /// The object a services-map entry belongs to, for a log line: its
     /// Service port (`namespace/name:port`) and frontend.
-    fn object_of(&self, key: &ServiceKey) -> String {
-        let addr = crate::contents::addr_from_map(key.addr);
+    fn object_of(&self, key: &SvcKey) -> String {
+        let addr = crate::contents::ip_from_map(key.addr);
         let port = crate::contents::port_from_map(key.port);
         let Some(proto) = model::Protocol::from_number(key.proto) else {
             return format!("cluster IP {addr}");
         };
         let frontend = model::Frontend { addr, port, proto };
-        let at = format!("{addr}:{port}/{}", format!("{proto:?}").to_uppercase());
+        let at = frontend.to_string();
         match self.tracker.frontend(&frontend) {
             Some(state) => format!("Service {} ({at})", state.service),
             None => format!("frontend {at}"),
@@ -453,7 +458,7 @@ async fn link_event(events: &Option<interfaces::LinkEvents>) -> std::io::Result<
 /// of external flows, those inside `cfg.nodeport_addresses` carry NodePorts.
 /// Whether the NodePort addresses changed.
 fn refresh_node_addresses(syncer: &mut Syncer, cfg: &RunConfig) -> bool {
-    let every = match interfaces::ipv4_addresses() {
+    let every = match interfaces::ip_addresses() {
         Ok(list) => list,
         Err(e) => {
             tracing::error!(error = %e, "listing node addresses");
@@ -461,21 +466,29 @@ fn refresh_node_addresses(syncer: &mut Syncer, cfg: &RunConfig) -> bool {
         }
     };
     // Every address of the node, for endpoints that are the node itself.
-    let own: Vec<Ipv4Addr> = every.iter().map(|(_, addr)| *addr).collect();
+    let own: Vec<IpAddr> = every.iter().map(|(_, addr)| *addr).collect();
     match syncer.datapath_mut().set_node_addresses(&own) {
         Ok(0) => {}
         Ok(_) => tracing::info!(addresses = ?own, "node's own addresses"),
         Err(e) => tracing::error!(error = %e, "writing the node's own addresses"),
     }
-    let all: Vec<Ipv4Addr> = every
+    // IPv6 link-local addresses (fe80::/10) need an interface to mean
+    // anything: no NodePort on them (kube-proxy's NodePort addresses are
+    // the node's routable ones).
+    let all: Vec<IpAddr> = every
         .into_iter()
         .filter(|(name, _)| interfaces::matches_any(&cfg.node_interfaces, name))
         .map(|(_, addr)| addr)
+        .filter(|addr| !matches!(addr, IpAddr::V6(v6) if v6.is_unicast_link_local()))
         .collect();
-    if let Err(e) = syncer.datapath_mut().set_node_addr(all.first().copied()) {
+    let masquerade = all.iter().find_map(|a| match a {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    });
+    if let Err(e) = syncer.datapath_mut().set_node_addr(masquerade) {
         tracing::error!(error = %e, "setting the masquerade address");
     }
-    let mut nodeports: Vec<Ipv4Addr> = all
+    let mut nodeports: Vec<IpAddr> = all
         .into_iter()
         .filter(|a| {
             cfg.nodeport_addresses.is_empty()
@@ -498,11 +511,7 @@ fn health_addresses(cfg: &RunConfig, syncer: &Syncer) -> Vec<IpAddr> {
     if cfg.nodeport_addresses.is_empty() {
         return vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
     }
-    syncer
-        .nodeport_addresses()
-        .iter()
-        .map(|a| IpAddr::V4(*a))
-        .collect()
+    syncer.nodeport_addresses().to_vec()
 }
 
 /// Interfaces and addresses are listed again this often even without a

@@ -25,9 +25,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use proxy_common::{ServiceKey, ServiceValue, map_names};
+use proxy_common::{ServiceValue, map_names};
 
-use crate::contents::{Footprint, MapContents, RangeEntry};
+use crate::contents::{Footprint, MapContents, RangeEntry, SvcKey};
 use crate::diff::{MapOp, diff};
 
 /// Entries each map the agent writes can still take.
@@ -66,7 +66,7 @@ impl Capacity {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Held {
     /// Its services-map entry (slot 0).
-    pub frontend: ServiceKey,
+    pub frontend: SvcKey,
     /// The map that is short, and its capacity flag.
     pub map: &'static str,
     pub flag: &'static str,
@@ -212,8 +212,8 @@ impl<'a> Sim<'a> {
     }
 
     /// Frontends (slot-0 keys) whose desired entries differ from the state.
-    fn changed_frontends(&self) -> Vec<ServiceKey> {
-        let differs = |key: &ServiceKey, value: &ServiceValue| {
+    fn changed_frontends(&self) -> Vec<SvcKey> {
+        let differs = |key: &SvcKey, value: &ServiceValue| {
             if self.state.services.get(key) != Some(value) {
                 return true;
             }
@@ -245,7 +245,7 @@ impl<'a> Sim<'a> {
     /// frontends (slot 0 first, so the datapath stops reading the rest),
     /// their slots, tables and ranges, stray slots, and unused backends.
     fn free_unused(&mut self) {
-        let removed: Vec<(ServiceKey, u32)> = self
+        let removed: Vec<(SvcKey, u32)> = self
             .state
             .services
             .iter()
@@ -255,7 +255,7 @@ impl<'a> Sim<'a> {
         for (key, _) in &removed {
             self.delete_service(*key);
         }
-        let stray: Vec<ServiceKey> = self
+        let stray: Vec<SvcKey> = self
             .state
             .services
             .keys()
@@ -319,10 +319,10 @@ impl<'a> Sim<'a> {
 
     /// Changes one frontend to its desired entries, if all it needs fits;
     /// otherwise changes nothing and says what is short.
-    fn change(&mut self, frontend: ServiceKey) -> Result<(), Held> {
+    fn change(&mut self, frontend: SvcKey) -> Result<(), Held> {
         let want = self.desired.services[&frontend];
         let have = self.state.services.get(&frontend).copied();
-        let slots: Vec<(ServiceKey, ServiceValue)> = (1..=want.count)
+        let slots: Vec<(SvcKey, ServiceValue)> = (1..=want.count)
             .map(|s| {
                 let k = frontend.with_slot(s);
                 (k, self.desired.services[&k])
@@ -442,7 +442,7 @@ impl<'a> Sim<'a> {
         }
         // Slots whose backend exists first (they free old ones), then one
         // new backend at a time.
-        let mut pending: Vec<(ServiceKey, ServiceValue)> = slots
+        let mut pending: Vec<(SvcKey, ServiceValue)> = slots
             .into_iter()
             .filter(|(k, v)| self.state.services.get(k) != Some(v))
             .collect();
@@ -548,7 +548,7 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) {
+    fn put_service(&mut self, key: SvcKey, value: ServiceValue) {
         let old = self.state.services.insert(key, value);
         if old.is_none() {
             self.room.services -= 1;
@@ -562,7 +562,7 @@ impl<'a> Sim<'a> {
         self.emit(MapOp::PutService(key, value));
     }
 
-    fn delete_service(&mut self, key: ServiceKey) {
+    fn delete_service(&mut self, key: SvcKey) {
         if let Some(old) = self.state.services.remove(&key) {
             self.room.services += 1;
             if key.slot != 0 {

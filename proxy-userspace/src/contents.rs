@@ -3,9 +3,11 @@
 //! and the byte-order helpers every reader of the maps shares.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use proxy_common::{Backend, Cidr, ServiceKey, ServiceValue};
+use proxy_common::{
+    Addr6, Backend, Backend6, BackendOf, Cidr, ServiceKey, ServiceKey6, ServiceKeyOf, ServiceValue,
+};
 
 use crate::maglev::TableSpec;
 use crate::model::Ipv4Cidr;
@@ -19,6 +21,80 @@ pub fn addr_to_map(addr: Ipv4Addr) -> u32 {
 /// Inverse of [`addr_to_map`].
 pub fn addr_from_map(addr: u32) -> Ipv4Addr {
     Ipv4Addr::from(addr.to_ne_bytes())
+}
+
+/// Map form of an IPv6 address: its wire bytes, as [`Addr6`] holds them.
+pub fn addr6_to_map(addr: Ipv6Addr) -> Addr6 {
+    let b = addr.octets();
+    core::array::from_fn(|i| {
+        u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+    })
+}
+
+/// Inverse of [`addr6_to_map`].
+pub fn addr6_from_map(addr: Addr6) -> Ipv6Addr {
+    let mut b = [0u8; 16];
+    for (i, word) in addr.iter().enumerate() {
+        b[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    Ipv6Addr::from(b)
+}
+
+/// A map address of either family. The agent keeps both families' entries
+/// in one ordered collection (IPv4 first), so the encoder, the diff and its
+/// ordering rules are written once; each entry is written into its
+/// family's map ([`SvcKey`] into `kep_services` or `kep_services6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MapAddr {
+    V4(u32),
+    V6(Addr6),
+}
+
+impl Default for MapAddr {
+    fn default() -> Self {
+        MapAddr::V4(0)
+    }
+}
+
+/// A services-map key of either family.
+pub type SvcKey = ServiceKeyOf<MapAddr>;
+/// A backend of either family.
+pub type AnyBackend = BackendOf<MapAddr>;
+
+/// The agent's form of a `kep_services` key.
+pub fn svc_key4(key: ServiceKey) -> SvcKey {
+    key.with_addr(MapAddr::V4(key.addr))
+}
+
+/// The agent's form of a `kep_services6` key.
+pub fn svc_key6(key: ServiceKey6) -> SvcKey {
+    key.with_addr(MapAddr::V6(key.addr))
+}
+
+/// The agent's form of a `kep_backends` value.
+pub fn backend4(backend: Backend) -> AnyBackend {
+    backend.with_addr(MapAddr::V4(backend.addr))
+}
+
+/// The agent's form of a `kep_backends6` value.
+pub fn backend6(backend: Backend6) -> AnyBackend {
+    backend.with_addr(MapAddr::V6(backend.addr))
+}
+
+/// Map form of an address of either family.
+pub fn ip_to_map(addr: IpAddr) -> MapAddr {
+    match addr {
+        IpAddr::V4(v4) => MapAddr::V4(addr_to_map(v4)),
+        IpAddr::V6(v6) => MapAddr::V6(addr6_to_map(v6)),
+    }
+}
+
+/// Inverse of [`ip_to_map`].
+pub fn ip_from_map(addr: MapAddr) -> IpAddr {
+    match addr {
+        MapAddr::V4(v4) => IpAddr::V4(addr_from_map(v4)),
+        MapAddr::V6(v6) => IpAddr::V6(addr6_from_map(v6)),
+    }
 }
 
 /// Map form of an IPv4 prefix: address and mask as [`addr_to_map`].
@@ -42,8 +118,10 @@ pub fn port_from_map(port: u16) -> u16 {
 /// Everything the agent writes into the services, backends and maglev maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
-    pub backends: BTreeMap<u32, Backend>,
+    /// Both families' entries (`kep_services`, `kep_services6`).
+    pub services: BTreeMap<SvcKey, ServiceValue>,
+    /// Both families' (`kep_backends`, `kep_backends6`): an id is in one.
+    pub backends: BTreeMap<u32, AnyBackend>,
     /// Maglev tables by svc id.
     pub tables: BTreeMap<u32, TableSpec>,
     /// loadBalancerSourceRanges of load-balancer frontends (both entries).
@@ -54,7 +132,8 @@ pub struct MapContents {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RangeEntry {
     pub svc_id: u32,
-    pub addr: Ipv4Addr,
+    /// Its family is its frontend's (`kep_src_ranges` or `kep_src_ranges6`).
+    pub addr: IpAddr,
     pub prefix_len: u8,
 }
 
@@ -62,7 +141,7 @@ pub struct RangeEntry {
 /// them ([`MapContents::restricted`]) touches nothing else.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Footprint {
-    pub services: BTreeSet<ServiceKey>,
+    pub services: BTreeSet<SvcKey>,
     pub backends: BTreeSet<u32>,
     /// Maglev tables and source ranges of these svc ids.
     pub svc_ids: BTreeSet<u32>,
@@ -125,7 +204,7 @@ impl MapContents {
     pub fn ranges_of(&self, svc_id: u32) -> impl Iterator<Item = &RangeEntry> {
         let first = RangeEntry {
             svc_id,
-            addr: Ipv4Addr::UNSPECIFIED,
+            addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             prefix_len: 0,
         };
         self.source_ranges
@@ -161,5 +240,19 @@ mod tests {
             cidr_to_map(cidr).mask,
             addr_to_map(Ipv4Addr::new(255, 240, 0, 0))
         );
+    }
+
+    /// An IPv6 address in map form is its 16 wire bytes in order, and
+    /// reads back; both families' keys order IPv4 first.
+    #[test]
+    fn an_ipv6_address_in_map_form_is_its_wire_bytes() {
+        let addr: Ipv6Addr = "2001:db8::a:1".parse().unwrap();
+        let map = addr6_to_map(addr);
+        let bytes: Vec<u8> = map.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes, addr.octets());
+        assert_eq!(addr6_from_map(map), addr);
+        let v6 = ip_to_map(IpAddr::V6(addr));
+        assert_eq!(ip_from_map(v6), IpAddr::V6(addr));
+        assert!(ip_to_map(IpAddr::V4(Ipv4Addr::BROADCAST)) < v6);
     }
 }

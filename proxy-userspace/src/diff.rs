@@ -25,17 +25,17 @@
 //! If applying stops part way, the maps are still consistent, and the next
 //! diff against the re-read live contents finishes the job.
 
-use proxy_common::{Backend, ServiceKey, ServiceValue};
+use proxy_common::ServiceValue;
 
-use crate::contents::{MapContents, RangeEntry};
+use crate::contents::{AnyBackend, MapContents, RangeEntry, SvcKey};
 use crate::maglev::TableSpec;
 
 /// One map update.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
-    PutBackend(u32, Backend),
-    PutService(ServiceKey, ServiceValue),
-    DeleteService(ServiceKey),
+    PutBackend(u32, AnyBackend),
+    PutService(SvcKey, ServiceValue),
+    DeleteService(SvcKey),
     DeleteBackend(u32),
     /// Build the Maglev table of this svc id and swap it in.
     PutTable(u32, TableSpec),
@@ -83,7 +83,7 @@ pub fn diff(live: &MapContents, desired: &MapContents) -> Vec<MapOp> {
         .services
         .keys()
         .filter(|key| !desired.services.contains_key(key));
-    let (slot0_deletes, slot_deletes): (Vec<&ServiceKey>, Vec<&ServiceKey>) =
+    let (slot0_deletes, slot_deletes): (Vec<&SvcKey>, Vec<&SvcKey>) =
         removed_services.partition(|key| key.slot == 0);
     ops.extend(slot0_deletes.into_iter().map(|k| MapOp::DeleteService(*k)));
     for svc_id in live.tables.keys() {
@@ -108,14 +108,14 @@ pub fn diff(live: &MapContents, desired: &MapContents) -> Vec<MapOp> {
 mod tests {
     use super::*;
     use crate::capacity::Capacity;
-    use crate::contents::{addr_to_map, port_to_map};
+    use crate::contents::{ip_to_map, port_to_map};
     use crate::encode::{Encoder, LbAlgorithm, LbAlgorithms};
     use crate::model::{DesiredState, EmptyAction, Endpoint, Frontend, FrontendState, Protocol};
     use std::net::Ipv4Addr;
 
     fn frontend(last: u8, port: u16) -> Frontend {
         Frontend {
-            addr: Ipv4Addr::new(10, 96, 0, last),
+            addr: Ipv4Addr::new(10, 96, 0, last).into(),
             port,
             proto: Protocol::Tcp,
         }
@@ -125,7 +125,7 @@ mod tests {
         let mut eps: Vec<Endpoint> = lasts
             .iter()
             .map(|last| Endpoint {
-                addr: Ipv4Addr::new(10, 0, 0, *last),
+                addr: Ipv4Addr::new(10, 0, 0, *last).into(),
                 port: 8080,
             })
             .collect();
@@ -155,9 +155,9 @@ mod tests {
         }
     }
 
-    fn key(fe: Frontend, slot: u16) -> ServiceKey {
-        ServiceKey::new(
-            addr_to_map(fe.addr),
+    fn key(fe: Frontend, slot: u16) -> SvcKey {
+        SvcKey::new(
+            ip_to_map(fe.addr),
             port_to_map(fe.port),
             fe.proto.number(),
             slot,
@@ -350,8 +350,8 @@ mod tests {
         let live = encoder.encode(&desired(&[(web, &[1]), (api, &[5])]));
         let next = encoder.encode(&desired(&[(web, &[1, 2]), (api, &[5])]));
         let svc_id = live.services[&key(web, 0)].svc_id;
-        let new_backend = Backend::new(
-            addr_to_map(Ipv4Addr::new(10, 0, 0, 2)),
+        let new_backend = AnyBackend::new(
+            ip_to_map(Ipv4Addr::new(10, 0, 0, 2).into()),
             port_to_map(8080),
             6,
         );
@@ -403,7 +403,7 @@ mod tests {
         assert!(matches!(ops[0], MapOp::PutService(k, v) if k == key(api, 0) && v.rejects()));
         // web's slot 0 and its cluster IP's port-less entry go before its
         // slots and backends.
-        let cluster_ip = ServiceKey::cluster_ip(addr_to_map(web.addr));
+        let cluster_ip = SvcKey::cluster_ip(ip_to_map(web.addr));
         assert!(ops[1..3].contains(&MapOp::DeleteService(key(web, 0))));
         assert!(ops[1..3].contains(&MapOp::DeleteService(cluster_ip)));
         assert_eq!(ops.len(), 3 + 4 + 3);

@@ -7,16 +7,16 @@
 //! not every entry after it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proxy_common::{
-    Backend, SVC_FLAG_DROP, SVC_FLAG_EXTERNAL_SCOPE, SVC_FLAG_MAGLEV, SVC_FLAG_MASQUERADE,
-    SVC_FLAG_NODE_ADDRESS, SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
-    scope,
+    SVC_FLAG_DROP, SVC_FLAG_EXTERNAL_SCOPE, SVC_FLAG_MAGLEV, SVC_FLAG_MASQUERADE,
+    SVC_FLAG_NODE_ADDRESS, SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, ServiceValue, scope,
 };
 
 use crate::contents::{
-    Footprint, MapContents, RangeEntry, addr_from_map, addr_to_map, port_from_map, port_to_map,
+    AnyBackend, Footprint, MapContents, RangeEntry, SvcKey, ip_from_map, ip_to_map, port_from_map,
+    port_to_map,
 };
 use crate::maglev::{TableBackend, TableSpec};
 use crate::model::{
@@ -25,19 +25,27 @@ use crate::model::{
 };
 
 /// The range entries of one services-map entry.
-fn source_ranges(svc_id: u32, external: &ExternalTraffic) -> impl Iterator<Item = RangeEntry> + '_ {
+fn source_ranges(
+    svc_id: u32,
+    frontend: Frontend,
+    external: &ExternalTraffic,
+) -> impl Iterator<Item = RangeEntry> + '_ {
     let ranges = external.source_ranges.iter().map(move |cidr| RangeEntry {
         svc_id,
         addr: cidr.addr,
         prefix_len: cidr.prefix_len,
     });
     // Socket-level translation of the node's own processes asks with
-    // client 0.0.0.0 (a socket has no source yet): the node is let in
-    // exactly when this entry exists.
+    // client 0.0.0.0 (`::` for IPv6; a socket has no source yet): the node
+    // is let in exactly when this entry exists.
+    let (unspecified, len) = match frontend.addr {
+        IpAddr::V4(_) => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 32),
+        IpAddr::V6(_) => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 128),
+    };
     let node = external.allow_node.then_some(RangeEntry {
         svc_id,
-        addr: Ipv4Addr::UNSPECIFIED,
-        prefix_len: 32,
+        addr: unspecified,
+        prefix_len: len,
     });
     ranges.chain(node)
 }
@@ -89,7 +97,7 @@ impl LbAlgorithms {
 
 /// What a backend id stands for: the frontend's protocol is part of it
 /// because the datapath's backend entry carries one.
-type BackendKey = (Ipv4Addr, u16, Protocol);
+type BackendKey = (IpAddr, u16, Protocol);
 
 /// Hands out the lowest free id >= 1 (0 means "none" in the maps) per key.
 #[derive(Debug)]
@@ -219,7 +227,7 @@ impl Written {
     }
 
     /// Its services-map keys (both scopes, slot 0 and slots).
-    fn keys(&self, frontend: Frontend) -> impl Iterator<Item = ServiceKey> + '_ {
+    fn keys(&self, frontend: Frontend) -> impl Iterator<Item = SvcKey> + '_ {
         let key = frontend_key(frontend);
         self.entries().flat_map(move |e| {
             (0..=e.count).map(move |slot| key.with_scope(e.scope).with_slot(slot))
@@ -234,9 +242,9 @@ impl Written {
 }
 
 /// The slot-0 key of `frontend`'s entry for everyone (scope `ALL`).
-fn frontend_key(frontend: Frontend) -> ServiceKey {
-    ServiceKey::new(
-        addr_to_map(frontend.addr),
+fn frontend_key(frontend: Frontend) -> SvcKey {
+    SvcKey::new(
+        ip_to_map(frontend.addr),
         port_to_map(frontend.port),
         frontend.proto.number(),
         0,
@@ -247,10 +255,10 @@ fn frontend_key(frontend: Frontend) -> ServiceKey {
 #[derive(Default)]
 struct Encoded {
     written: Written,
-    services: Vec<(ServiceKey, ServiceValue)>,
+    services: Vec<(SvcKey, ServiceValue)>,
     tables: Vec<(u32, TableSpec)>,
     ranges: Vec<RangeEntry>,
-    backends: BTreeMap<u32, (BackendKey, Backend)>,
+    backends: BTreeMap<u32, (BackendKey, AnyBackend)>,
 }
 
 /// Turns frontends into map contents with ids stable across calls, keeping
@@ -267,7 +275,7 @@ pub struct Encoder {
     /// Frontends referencing each backend id.
     backend_refs: std::collections::HashMap<u32, u32>,
     /// Cluster-IP frontends on each address (its port-less entry).
-    cluster_ip_refs: std::collections::HashMap<Ipv4Addr, u32>,
+    cluster_ip_refs: std::collections::HashMap<IpAddr, u32>,
 }
 
 impl Default for Encoder {
@@ -304,7 +312,7 @@ impl Encoder {
         for (id, backend) in &live.backends {
             let key = Protocol::from_number(backend.proto).map(|proto| {
                 (
-                    addr_from_map(backend.addr),
+                    ip_from_map(backend.addr),
                     port_from_map(backend.port),
                     proto,
                 )
@@ -314,7 +322,7 @@ impl Encoder {
         for (key, value) in live.services.iter().filter(|(key, _)| key.slot == 0) {
             let frontend = Protocol::from_number(key.proto).map(|proto| {
                 let frontend = Frontend {
-                    addr: addr_from_map(key.addr),
+                    addr: ip_from_map(key.addr),
                     port: port_from_map(key.port),
                     proto,
                 };
@@ -379,7 +387,7 @@ impl Encoder {
                     let refs = self.cluster_ip_refs.entry(addr).or_default();
                     *refs += 1;
                     if *refs == 1 {
-                        let key = ServiceKey::cluster_ip(addr_to_map(addr));
+                        let key = SvcKey::cluster_ip(ip_to_map(addr));
                         self.desired
                             .services
                             .insert(key, ServiceValue::service(0, 0, SVC_FLAG_REJECT));
@@ -497,7 +505,7 @@ impl Encoder {
                     && let Some(proto) = Protocol::from_number(backend.proto)
                 {
                     dropped_backends.push((
-                        addr_from_map(backend.addr),
+                        ip_from_map(backend.addr),
                         port_from_map(backend.port),
                         proto,
                     ));
@@ -511,7 +519,7 @@ impl Encoder {
             *refs = refs.saturating_sub(1);
             if *refs == 0 {
                 self.cluster_ip_refs.remove(&addr);
-                let key = ServiceKey::cluster_ip(addr_to_map(addr));
+                let key = SvcKey::cluster_ip(ip_to_map(addr));
                 self.desired.services.remove(&key);
                 footprint.services.insert(key);
             }
@@ -558,7 +566,8 @@ impl Encoder {
                     // the same list under their own id.
                     for value in [&mut ext, &mut entry] {
                         value.flags |= SVC_FLAG_SOURCE_RANGES;
-                        out.ranges.extend(source_ranges(value.svc_id, external));
+                        out.ranges
+                            .extend(source_ranges(value.svc_id, frontend, external));
                     }
                 }
                 if state.kind == FrontendKind::NodePort {
@@ -587,7 +596,7 @@ impl Encoder {
         &mut self,
         out: &mut Encoded,
         frontend: Frontend,
-        key: ServiceKey,
+        key: SvcKey,
         service: &str,
         endpoints: &[Endpoint],
         empty_action: EmptyAction,
@@ -656,8 +665,8 @@ impl Encoder {
             id,
             (
                 backend_key,
-                Backend::new(
-                    addr_to_map(endpoint.addr),
+                AnyBackend::new(
+                    ip_to_map(endpoint.addr),
                     port_to_map(endpoint.port),
                     frontend.proto.number(),
                 ),
@@ -705,9 +714,9 @@ mod tests {
         }
     }
 
-    fn key(frontend: Frontend, slot: u16) -> ServiceKey {
-        ServiceKey::new(
-            addr_to_map(frontend.addr),
+    fn key(frontend: Frontend, slot: u16) -> SvcKey {
+        SvcKey::new(
+            ip_to_map(frontend.addr),
             port_to_map(frontend.port),
             frontend.proto.number(),
             slot,
@@ -719,16 +728,67 @@ mod tests {
         contents.services[&key(frontend, slot)].backend_id
     }
 
-    fn backend_of(contents: &MapContents, id: u32) -> (Ipv4Addr, u16) {
+    fn backend_of(contents: &MapContents, id: u32) -> (IpAddr, u16) {
         let b = contents.backends[&id];
-        (addr_from_map(b.addr), port_from_map(b.port))
+        (ip_from_map(b.addr), port_from_map(b.port))
+    }
+
+    /// Both families in one encoding: IPv6 frontends get IPv6 keys (their
+    /// own port-less cluster-IP entry too) and IPv6 backends, ids come from
+    /// one allocator (a Maglev table or a counter never mixes two
+    /// endpoints), and a restart adopts the IPv6 ids as the IPv4 ones.
+    #[test]
+    fn dual_stack_frontends_encode_into_their_family_with_shared_ids() {
+        let v4 = frontend("10.96.0.10", 80);
+        let v6 = frontend("fd00:96::10", 80);
+        let want = desired(&[
+            (v4, state(&[("10.0.0.1", 8080), ("10.0.0.2", 8080)])),
+            (v6, state(&[("fd00::1", 8080), ("fd00::2", 8080)])),
+        ]);
+        let maglev = LbAlgorithms::everywhere(LbAlgorithm::Maglev { table_size: 251 });
+        let out = Encoder::with_algorithms(maglev).encode(&want);
+        let v6_entry = out.services[&key(v6, 0)];
+        assert_eq!(v6_entry.count, 2);
+        assert!(v6_entry.uses_maglev());
+        assert_ne!(v6_entry.svc_id, out.services[&key(v4, 0)].svc_id);
+        assert!(matches!(key(v6, 0).addr, crate::contents::MapAddr::V6(_)));
+        let cluster_ip6 = SvcKey::cluster_ip(ip_to_map(v6.addr));
+        assert!(out.services[&cluster_ip6].rejects());
+        let v6_backends: Vec<(IpAddr, u16)> = (1..=2)
+            .map(|s| backend_of(&out, slot_id(&out, v6, s)))
+            .collect();
+        assert_eq!(
+            v6_backends,
+            [
+                ("fd00::1".parse().unwrap(), 8080),
+                ("fd00::2".parse().unwrap(), 8080)
+            ]
+        );
+        let ids: BTreeSet<u32> = out.backends.keys().copied().collect();
+        assert_eq!(ids.len(), 4, "one id space for both families");
+        let table = &out.tables[&v6_entry.svc_id];
+        assert!(
+            table
+                .backends()
+                .iter()
+                .all(|b| b.addr.is_ipv6() && out.backends[&b.id].addr == ip_to_map(b.addr))
+        );
+
+        let mut restarted = Encoder::with_algorithms(maglev);
+        restarted.seed_from(&out);
+        let again = restarted.encode(&want);
+        assert_eq!(again.services, out.services, "same ids after a restart");
+        assert_eq!(again.backends, out.backends);
     }
 
     #[test]
     fn byte_order_is_wire_order() {
-        let addr: Ipv4Addr = "10.1.2.3".parse().unwrap();
-        assert_eq!(addr_to_map(addr).to_ne_bytes(), [10, 1, 2, 3]);
-        assert_eq!(addr_from_map(addr_to_map(addr)), addr);
+        let addr: IpAddr = "10.1.2.3".parse().unwrap();
+        let crate::contents::MapAddr::V4(v4) = ip_to_map(addr) else {
+            panic!("IPv4 in the IPv4 map form")
+        };
+        assert_eq!(v4.to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(ip_from_map(ip_to_map(addr)), addr);
         assert_eq!(port_to_map(0x1f90).to_ne_bytes(), [0x1f, 0x90]);
         assert_eq!(port_from_map(port_to_map(8080)), 8080);
     }
@@ -743,7 +803,7 @@ mod tests {
         // Slot 0, two slots, and the cluster IP's port-less entry.
         assert_eq!(out.services.len(), 4);
         assert_eq!(out.services[&key(web, 0)], ServiceValue::service(1, 2, 0));
-        let cluster_ip = ServiceKey::cluster_ip(addr_to_map(web.addr));
+        let cluster_ip = SvcKey::cluster_ip(ip_to_map(web.addr));
         assert_eq!(
             out.services[&cluster_ip],
             ServiceValue::service(0, 0, SVC_FLAG_REJECT)
@@ -788,11 +848,11 @@ mod tests {
         assert_eq!(
             out.backends
                 .iter()
-                .find(|(_, b)| b.addr == addr_to_map("10.0.0.2".parse().unwrap()))
+                .find(|(_, b)| b.addr == ip_to_map("10.0.0.2".parse().unwrap()))
                 .map(|(id, _)| *id),
             both.backends
                 .iter()
-                .find(|(_, b)| b.addr == addr_to_map("10.0.0.2".parse().unwrap()))
+                .find(|(_, b)| b.addr == ip_to_map("10.0.0.2".parse().unwrap()))
                 .map(|(id, _)| *id)
         );
     }
@@ -969,7 +1029,7 @@ mod tests {
     #[test]
     fn seed_from_does_not_reuse_live_orphans_at_once() {
         let web = frontend("10.96.0.10", 80);
-        let dup = Backend::new(addr_to_map("10.0.0.1".parse().unwrap()), port_to_map(80), 6);
+        let dup = AnyBackend::new(ip_to_map("10.0.0.1".parse().unwrap()), port_to_map(80), 6);
         let live = MapContents {
             services: [
                 (key(web, 0), ServiceValue::service(1, 2, 0)),
@@ -1032,7 +1092,7 @@ mod tests {
     #[test]
     fn source_ranges_guard_both_entries_and_let_the_node_in_only_when_allowed() {
         let lb = frontend("192.168.60.10", 80);
-        let cidr = |text: &str| text.parse::<crate::model::Ipv4Cidr>().unwrap();
+        let cidr = |text: &str| text.parse::<crate::model::IpCidr>().unwrap();
         let with = |allow_node: bool| {
             let mut st = state(&[("10.0.0.1", 8080)]);
             st.kind = FrontendKind::LoadBalancer;
@@ -1051,7 +1111,7 @@ mod tests {
         for value in [all, ext] {
             assert!(value.checks_source_ranges(), "{value:?}");
         }
-        let entries = |id: u32| -> Vec<(Ipv4Addr, u8)> {
+        let entries = |id: u32| -> Vec<(IpAddr, u8)> {
             out.source_ranges
                 .iter()
                 .filter(|r| r.svc_id == id)
@@ -1064,7 +1124,7 @@ mod tests {
         assert_eq!(out.source_ranges.len(), 2);
 
         let out = Encoder::new().encode(&with(true));
-        let node = (Ipv4Addr::UNSPECIFIED, 32);
+        let node = (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 32);
         for value in [
             out.services[&key(lb, 0)],
             out.services[&key(lb, 0).with_scope(scope::EXTERNAL)],

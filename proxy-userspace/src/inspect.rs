@@ -6,26 +6,31 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
 };
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceValue, SourceRange,
-    Traffic, map_names, proto, scope, stat,
+    AffinityKey, AffinityValue, Backend, Backend6, CtKey, CtValue, ServiceKey, ServiceKey6,
+    ServiceValue, SourceRange, SourceRange6, Traffic, map_names, proto, scope, stat,
 };
 use serde::Serialize;
 
 use crate::{
-    contents::{MapContents, RangeEntry, addr_from_map, port_from_map},
+    contents::{
+        AnyBackend, MapAddr, MapContents, RangeEntry, SvcKey, addr_from_map, backend4, backend6,
+        ip_from_map, port_from_map, svc_key4, svc_key6,
+    },
     datapath::{DatapathError, maps_dir, monotonic_ns, read_ranges, sum_traffic},
 };
 
 /// Everything read from the pinned maps at one moment.
 pub struct Pinned {
-    pub services: Vec<(ServiceKey, ServiceValue)>,
-    pub backends: Vec<(u32, Backend)>,
+    /// Both families' (`kep_services`, `kep_services6`).
+    pub services: Vec<(SvcKey, ServiceValue)>,
+    /// Both families' (`kep_backends`, `kep_backends6`).
+    pub backends: Vec<(u32, AnyBackend)>,
     pub conntrack: Vec<(CtKey, CtValue)>,
     pub affinity: Vec<(AffinityKey, AffinityValue)>,
     /// loadBalancerSourceRanges, by svc id.
@@ -69,10 +74,30 @@ fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
 
 impl Pinned {
     pub fn read(bpffs: &Path) -> Result<Self, DatapathError> {
-        let (services, svc_max): (Vec<(ServiceKey, ServiceValue)>, _) =
+        let (services4, svc_max): (Vec<(ServiceKey, ServiceValue)>, _) =
             read_hash(bpffs, map_names::SERVICES, false)?;
-        let (backends, be_max): (Vec<(u32, Backend)>, _) =
+        let (services6, svc6_max): (Vec<(ServiceKey6, ServiceValue)>, _) =
+            read_hash(bpffs, map_names::SERVICES6, false)?;
+        let (backends4, be_max): (Vec<(u32, Backend)>, _) =
             read_hash(bpffs, map_names::BACKENDS, false)?;
+        let (backends6, be6_max): (Vec<(u32, Backend6)>, _) =
+            read_hash(bpffs, map_names::BACKENDS6, false)?;
+        let fills = [
+            (map_names::SERVICES, (services4.len(), svc_max)),
+            (map_names::SERVICES6, (services6.len(), svc6_max)),
+            (map_names::BACKENDS, (backends4.len(), be_max)),
+            (map_names::BACKENDS6, (backends6.len(), be6_max)),
+        ];
+        let services: Vec<(SvcKey, ServiceValue)> = services4
+            .into_iter()
+            .map(|(k, v)| (svc_key4(k), v))
+            .chain(services6.into_iter().map(|(k, v)| (svc_key6(k), v)))
+            .collect();
+        let backends: Vec<(u32, AnyBackend)> = backends4
+            .into_iter()
+            .map(|(id, b)| (id, backend4(b)))
+            .chain(backends6.into_iter().map(|(id, b)| (id, backend6(b))))
+            .collect();
         let mut conntrack = Vec::new();
         let mut ct_fill = Vec::new();
         for name in map_names::CONNTRACK {
@@ -89,7 +114,16 @@ impl Pinned {
             Map::LpmTrie(open(bpffs, map_names::SOURCE_RANGES)?)
                 .try_into()
                 .map_err(ranges_err)?;
-        let source_ranges = read_ranges(&ranges).map_err(ranges_err)?;
+        let mut source_ranges = read_ranges(&ranges, MapAddr::V4).map_err(ranges_err)?;
+        let ranges6_err = |source| DatapathError::Map {
+            name: map_names::SOURCE_RANGES6,
+            source: Box::new(source),
+        };
+        let ranges6: LpmTrie<MapData, SourceRange6, u8> =
+            Map::LpmTrie(open(bpffs, map_names::SOURCE_RANGES6)?)
+                .try_into()
+                .map_err(ranges6_err)?;
+        source_ranges.extend(read_ranges(&ranges6, MapAddr::V6).map_err(ranges6_err)?);
         let stats_map: PerCpuArray<MapData, u64> = Map::PerCpuArray(open(bpffs, map_names::STATS)?)
             .try_into()
             .map_err(|source| DatapathError::Map {
@@ -124,11 +158,8 @@ impl Pinned {
                 *slot = per_cpu.iter().sum();
             }
         }
-        let mut capacity = BTreeMap::from([
-            (map_names::SERVICES, (services.len(), svc_max)),
-            (map_names::BACKENDS, (backends.len(), be_max)),
-            (map_names::AFFINITY, (affinity.len(), aff_max)),
-        ]);
+        let mut capacity = BTreeMap::from(fills);
+        capacity.insert(map_names::AFFINITY, (affinity.len(), aff_max));
         capacity.extend(ct_fill);
         Ok(Self {
             services,
@@ -176,6 +207,11 @@ fn endpoint(addr: u32, port: u16) -> String {
     format!("{}:{}", addr_from_map(addr), port_from_map(port))
 }
 
+/// `10.0.0.1:80` or `[fd00::1]:80`.
+fn endpoint_of(addr: MapAddr, port: u16) -> String {
+    SocketAddr::new(ip_from_map(addr), port_from_map(port)).to_string()
+}
+
 /// One frontend as operators think of it: VIP:port/proto -> backends.
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct ServiceView {
@@ -215,31 +251,24 @@ fn flag_names(v: &ServiceValue) -> Vec<String> {
 }
 
 pub fn services(p: &Pinned) -> Vec<ServiceView> {
-    let slots: BTreeMap<ServiceKey, u32> = p
+    let slots: BTreeMap<SvcKey, u32> = p
         .services
         .iter()
         .filter(|(k, _)| k.slot != 0)
         .map(|(k, v)| (*k, v.backend_id))
         .collect();
-    let backends: BTreeMap<u32, Backend> = p.backends.iter().copied().collect();
-    let mut entries: Vec<&(ServiceKey, ServiceValue)> = p
+    let backends: BTreeMap<u32, AnyBackend> = p.backends.iter().copied().collect();
+    let mut entries: Vec<&(SvcKey, ServiceValue)> = p
         .services
         .iter()
         .filter(|(k, _)| k.slot == 0 && k.port != 0)
         .collect();
     // By address, port and protocol as numbers, as an operator reads them.
-    entries.sort_by_key(|(k, _)| {
-        (
-            addr_from_map(k.addr),
-            port_from_map(k.port),
-            k.proto,
-            k.scope,
-        )
-    });
+    entries.sort_by_key(|(k, _)| (ip_from_map(k.addr), port_from_map(k.port), k.proto, k.scope));
     entries
         .into_iter()
         .map(|(k, v)| ServiceView {
-            frontend: format!("{}/{}", endpoint(k.addr, k.port), proto_name(k.proto)),
+            frontend: format!("{}/{}", endpoint_of(k.addr, k.port), proto_name(k.proto)),
             scope: match k.scope {
                 scope::ALL => "all".into(),
                 scope::EXTERNAL => "external".into(),
@@ -268,7 +297,7 @@ pub fn services(p: &Pinned) -> Vec<ServiceView> {
                         .get(&k.with_slot(slot))
                         .and_then(|id| backends.get(id))
                     {
-                        Some(b) => endpoint(b.addr, b.port),
+                        Some(b) => endpoint_of(b.addr, b.port),
                         None => format!("<slot {slot} missing>"),
                     }
                 })
@@ -319,12 +348,12 @@ pub fn services_rows(views: &[ServiceView], traffic: bool) -> Vec<Vec<String>> {
 
 /// Cluster IPs, each with its port-less entry: traffic to one on a port or
 /// protocol no Service serves is rejected.
-pub fn cluster_ips(p: &Pinned) -> Vec<Ipv4Addr> {
-    let mut out: Vec<Ipv4Addr> = p
+pub fn cluster_ips(p: &Pinned) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = p
         .services
         .iter()
         .filter(|(k, _)| k.port == 0 && k.slot == 0)
-        .map(|(k, _)| addr_from_map(k.addr))
+        .map(|(k, _)| ip_from_map(k.addr))
         .collect();
     out.sort();
     out
@@ -345,7 +374,7 @@ pub fn backends(p: &Pinned) -> Vec<BackendView> {
         .iter()
         .map(|(id, b)| BackendView {
             id: *id,
-            endpoint: endpoint(b.addr, b.port),
+            endpoint: endpoint_of(b.addr, b.port),
             proto: proto_name(b.proto),
             packets: p.backend_traffic.get(id).map_or(0, |t| t.packets),
             bytes: p.backend_traffic.get(id).map_or(0, |t| t.bytes),
@@ -512,7 +541,7 @@ pub fn table(rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contents::{addr_to_map, port_to_map};
+    use crate::contents::{addr_to_map, addr6_to_map, port_to_map};
 
     fn pinned() -> Pinned {
         let vip = addr_to_map("10.96.0.10".parse().unwrap());
@@ -522,20 +551,40 @@ mod tests {
             port_to_map(8080),
             proto::TCP,
         );
+        let vip6 = addr6_to_map("fd00:96::10".parse().unwrap());
+        let key6 = ServiceKey6::new(vip6, port_to_map(80), proto::TCP, 0);
+        let be6 = Backend6::new(
+            addr6_to_map("fd00:244::2".parse().unwrap()),
+            port_to_map(8080),
+            proto::TCP,
+        );
+        let services4 = [
+            (key, ServiceValue::service(7, 1, 0).with_affinity(30)),
+            (key.with_slot(1), ServiceValue::slot(3)),
+            (
+                ServiceKey::cluster_ip(vip),
+                ServiceValue::service(0, 0, proxy_common::SVC_FLAG_REJECT),
+            ),
+            (
+                ServiceKey::new(vip, port_to_map(53), proto::UDP, 0),
+                ServiceValue::service(8, 0, proxy_common::SVC_FLAG_REJECT),
+            ),
+        ];
+        let services6 = [
+            (key6, ServiceValue::service(9, 1, 0)),
+            (key6.with_slot(1), ServiceValue::slot(4)),
+            (
+                ServiceKey6::cluster_ip(vip6),
+                ServiceValue::service(0, 0, proxy_common::SVC_FLAG_REJECT),
+            ),
+        ];
         Pinned {
-            services: vec![
-                (key, ServiceValue::service(7, 1, 0).with_affinity(30)),
-                (key.with_slot(1), ServiceValue::slot(3)),
-                (
-                    ServiceKey::cluster_ip(vip),
-                    ServiceValue::service(0, 0, proxy_common::SVC_FLAG_REJECT),
-                ),
-                (
-                    ServiceKey::new(vip, port_to_map(53), proto::UDP, 0),
-                    ServiceValue::service(8, 0, proxy_common::SVC_FLAG_REJECT),
-                ),
-            ],
-            backends: vec![(3, be)],
+            services: services4
+                .into_iter()
+                .map(|(k, v)| (svc_key4(k), v))
+                .chain(services6.into_iter().map(|(k, v)| (svc_key6(k), v)))
+                .collect(),
+            backends: vec![(3, backend4(be)), (4, backend6(be6))],
             conntrack: vec![],
             affinity: vec![(
                 AffinityKey {
@@ -595,6 +644,19 @@ mod tests {
                     packets: 10,
                     bytes: 1000,
                 },
+                ServiceView {
+                    frontend: "[fd00:96::10]:80/TCP".into(),
+                    scope: "all".into(),
+                    svc_id: 9,
+                    empty: String::new(),
+                    selection: "random".into(),
+                    flags: vec![],
+                    affinity_timeout_s: 0,
+                    source_ranges: vec![],
+                    backends: vec!["[fd00:244::2]:8080".into()],
+                    packets: 0,
+                    bytes: 0,
+                },
             ]
         );
     }
@@ -612,6 +674,7 @@ mod tests {
             }]
         );
         assert_eq!(backends(&p)[0].endpoint, "10.244.10.2:8080");
+        assert_eq!(backends(&p)[1].endpoint, "[fd00:244::2]:8080");
     }
 
     #[test]

@@ -66,9 +66,9 @@ pub fn list() -> io::Result<Vec<(String, u32)>> {
     Ok(names)
 }
 
-/// IPv4 addresses of this network namespace's interfaces, as
+/// Addresses of both families of this network namespace's interfaces, as
 /// (interface name, address), in the kernel's order.
-pub fn ipv4_addresses() -> io::Result<Vec<(String, std::net::Ipv4Addr)>> {
+pub fn ip_addresses() -> io::Result<Vec<(String, std::net::IpAddr)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
         return Err(io::Error::last_os_error());
@@ -78,12 +78,24 @@ pub fn ipv4_addresses() -> io::Result<Vec<(String, std::net::Ipv4Addr)>> {
     while !cur.is_null() {
         // SAFETY: getifaddrs returned a valid list, freed below.
         let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null()
-            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
-        {
-            // SAFETY: AF_INET addresses are sockaddr_in.
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            let addr = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        let family = match ifa.ifa_addr.is_null() {
+            true => None,
+            false => Some(i32::from(unsafe { (*ifa.ifa_addr).sa_family })),
+        };
+        let addr = match family {
+            Some(libc::AF_INET) => {
+                // SAFETY: AF_INET addresses are sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into())
+            }
+            Some(libc::AF_INET6) => {
+                // SAFETY: AF_INET6 addresses are sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                Some(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into())
+            }
+            _ => None,
+        };
+        if let Some(addr) = addr {
             let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
                 .to_string_lossy()
                 .into_owned();
@@ -162,6 +174,7 @@ pub fn driver_info(iface: &str) -> io::Result<(String, String)> {
 /// links appearing, going or changing, and IPv4 addresses.
 const RTMGRP_LINK: u32 = 1;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 
 /// The kernel's word that interfaces or addresses changed in this network
 /// namespace (rtnetlink's link and IPv4 address groups), so they are read
@@ -191,7 +204,7 @@ impl LinkEvents {
         // SAFETY: all-zero is a valid sockaddr_nl.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        addr.nl_groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR;
+        addr.nl_groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
         let rc = unsafe {
             libc::bind(
                 raw,

@@ -14,7 +14,7 @@
 //! so every node builds the same table and sends a flow to the same
 //! endpoint.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 pub use proxy_common::maglev::DEFAULT_SIZE;
 
@@ -28,7 +28,7 @@ pub use proxy_common::maglev::MAX_SIZE;
 /// the backend id this node's datapath knows it by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TableBackend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub id: u32,
 }
@@ -190,8 +190,17 @@ fn is_prime(n: u32) -> bool {
 const OFFSET_SEED: u64 = 0x6a09_e667_f3bc_c908;
 const SKIP_SEED: u64 = 0xbb67_ae85_84ca_a73b;
 
-fn endpoint_key(addr: Ipv4Addr, port: u16) -> u64 {
-    (u64::from(u32::from(addr)) << 16) | u64::from(port)
+fn endpoint_key(addr: IpAddr, port: u16) -> u64 {
+    match addr {
+        IpAddr::V4(v4) => (u64::from(u32::from(v4)) << 16) | u64::from(port),
+        // Folded to 48 bits through the fixed mixer, so every node (and
+        // every agent version) still agrees; IPv4 keys are as they were.
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let folded = splitmix64((bits >> 64) as u64 ^ splitmix64(bits as u64));
+            (folded << 16) | u64::from(port)
+        }
+    }
 }
 
 /// SplitMix64's output function: a fixed, well-mixed 64-bit hash, the same
@@ -208,13 +217,14 @@ mod tests {
     use super::*;
     use proxy_common::maglev::flow_hash;
     use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
 
     const FLOWS: usize = 100_000;
 
     fn backends(n: usize) -> Vec<TableBackend> {
         (0..n)
             .map(|i| TableBackend {
-                addr: Ipv4Addr::new(10, 244, (i / 250) as u8, (i % 250) as u8 + 2),
+                addr: Ipv4Addr::new(10, 244, (i / 250) as u8, (i % 250) as u8 + 2).into(),
                 port: 8080,
                 id: i as u32 + 1,
             })
@@ -241,9 +251,9 @@ mod tests {
     }
 
     /// Which endpoint each flow reaches.
-    fn assign(spec: &TableSpec, hashes: &[u32]) -> Vec<(Ipv4Addr, u16)> {
+    fn assign(spec: &TableSpec, hashes: &[u32]) -> Vec<(IpAddr, u16)> {
         let table = spec.build();
-        let by_id: BTreeMap<u32, (Ipv4Addr, u16)> = spec
+        let by_id: BTreeMap<u32, (IpAddr, u16)> = spec
             .backends()
             .iter()
             .map(|b| (b.id, (b.addr, b.port)))
@@ -396,7 +406,7 @@ mod tests {
         let hashes = flow_hashes();
         for n in [2, 3, 5, 10, 20] {
             let spec = TableSpec::new(DEFAULT_SIZE, backends(n));
-            let mut per: BTreeMap<(Ipv4Addr, u16), usize> = BTreeMap::new();
+            let mut per: BTreeMap<(IpAddr, u16), usize> = BTreeMap::new();
             for ep in assign(&spec, &hashes) {
                 *per.entry(ep).or_default() += 1;
             }

@@ -10,7 +10,7 @@ use proxy_userspace::{
     datapath::{self, DatapathConfig},
     encode::{LbAlgorithm, LbAlgorithms},
     inspect, interfaces, maglev,
-    model::Ipv4Cidr,
+    model::IpCidr,
     source::{ManifestSource, kube::KubeSource},
 };
 
@@ -265,7 +265,7 @@ fn main() -> anyhow::Result<()> {
                     conntrack_other_max: args.conntrack_other_max,
                     maglev_max: args.maglev_max,
                     source_ranges_max: args.source_ranges_max,
-                    service_cidrs: args.service_cidr.0,
+                    service_cidrs: service_cidrs(&args.service_cidr.0),
                     hairpin_addr: Some(args.hairpin_snat_ip),
                     timeouts: datapath::CtTimeouts {
                         tcp_established: args.conntrack_tcp_timeout_established,
@@ -413,13 +413,26 @@ fn hostname() -> std::io::Result<String> {
 
 /// Comma-separated IPv4 CIDRs.
 #[derive(Debug, Clone)]
-struct CidrList(Vec<Ipv4Cidr>);
+struct CidrList(Vec<IpCidr>);
+
+/// The IPv4 service CIDRs, which the datapath drops unallocated addresses
+/// of; IPv6 ones are accepted (a dual-stack cluster's flags stay valid)
+/// and said to be unenforced: the IPv6 datapath has no such check yet.
+fn service_cidrs(cidrs: &[IpCidr]) -> Vec<proxy_userspace::model::Ipv4Cidr> {
+    for cidr in cidrs.iter().filter(|c| c.v4().is_none()) {
+        tracing::warn!(
+            "--service-cidr {cidr}: IPv6; unallocated addresses in it are not dropped yet \
+             (IPv6 Services are encoded, the IPv6 datapath is not in this build)"
+        );
+    }
+    cidrs.iter().filter_map(IpCidr::v4).collect()
+}
 
 fn parse_cidr_list(list: &str) -> Result<CidrList, String> {
     list.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|cidr| cidr.parse::<Ipv4Cidr>().map_err(|e| format!("{cidr}: {e}")))
+        .map(|cidr| cidr.parse::<IpCidr>().map_err(|e| format!("{cidr}: {e}")))
         .collect::<Result<Vec<_>, _>>()
         .map(CidrList)
 }

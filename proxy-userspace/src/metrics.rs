@@ -321,8 +321,13 @@ impl Metrics {
         self.objects_skipped.set(gauge(out.skipped));
         self.incomplete.set(gauge(out.incomplete));
         self.ips_refused.set(gauge(out.refused));
-        self.set_map_entries(map_names::SERVICES, live.services.len());
-        self.set_map_entries(map_names::BACKENDS, live.backends.len());
+        let v6 = |addr: &crate::contents::MapAddr| matches!(addr, crate::contents::MapAddr::V6(_));
+        let services6 = live.services.keys().filter(|k| v6(&k.addr)).count();
+        let backends6 = live.backends.values().filter(|b| v6(&b.addr)).count();
+        self.set_map_entries(map_names::SERVICES, live.services.len() - services6);
+        self.set_map_entries(map_names::BACKENDS, live.backends.len() - backends6);
+        self.set_map_entries(map_names::SERVICES6, services6);
+        self.set_map_entries(map_names::BACKENDS6, backends6);
         self.map_update_errors.inc_by(out.failed as u64);
         for (map, n) in &out.full {
             self.map_full
@@ -748,7 +753,8 @@ mod tests {
         let m = metrics(Duration::from_secs(60));
         let objects = (0, 0, 0);
         let mut live = MapContents::default();
-        live.backends.insert(1, proxy_common::Backend::default());
+        live.backends
+            .insert(1, crate::contents::AnyBackend::default());
         m.record_sync(
             objects,
             [],

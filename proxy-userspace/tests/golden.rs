@@ -17,7 +17,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use proxy_userspace::encode::{Encoder, LbAlgorithm, LbAlgorithms};
@@ -29,7 +29,7 @@ use proxy_userspace::source::manifests::{Decode, DocCache, reload};
 /// A case's settings: what the agent takes from its flags and node.
 struct Args {
     node_name: String,
-    node_addresses: Vec<Ipv4Addr>,
+    node_addresses: Vec<IpAddr>,
     algorithms: LbAlgorithms,
 }
 

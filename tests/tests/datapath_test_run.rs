@@ -18,7 +18,7 @@ use proxy_common::{
     proto, scope, stat,
 };
 use proxy_userspace::{
-    contents::{addr_to_map, port_to_map},
+    contents::{MapAddr, addr_to_map, backend4, port_to_map, svc_key4},
     datapath::{CtTimeouts, Datapath, DatapathConfig, Hook, maps_dir, unpin_all},
     diff::MapOp,
     maglev::{TableBackend, TableSpec},
@@ -110,7 +110,11 @@ impl Fixture {
                 let id = (i * 2 + j + 1) as u32;
                 ops.push(MapOp::PutBackend(
                     id,
-                    Backend::new(addr_to_map(*addr), port_to_map(BACKEND_PORT), p),
+                    backend4(Backend::new(
+                        addr_to_map(*addr),
+                        port_to_map(BACKEND_PORT),
+                        p,
+                    )),
                 ));
             }
         }
@@ -122,17 +126,17 @@ impl Fixture {
         );
         for i in 0..BACKENDS.len() {
             ops.push(MapOp::PutService(
-                sticky.with_slot(i as u16 + 1),
+                svc_key4(sticky.with_slot(i as u16 + 1)),
                 ServiceValue::slot((i * 2 + 1) as u32),
             ));
         }
         ops.push(MapOp::PutService(
-            sticky,
+            svc_key4(sticky),
             ServiceValue::service(30, BACKENDS.len() as u16, 0).with_affinity(1),
         ));
         for vip in [VIP, VIP_EMPTY, VIP_DROP, VIP_STICKY] {
             ops.push(MapOp::PutService(
-                ServiceKey::cluster_ip(addr_to_map(vip)),
+                svc_key4(ServiceKey::cluster_ip(addr_to_map(vip))),
                 ServiceValue::service(0, 0, SVC_FLAG_REJECT),
             ));
         }
@@ -141,20 +145,30 @@ impl Fixture {
             for i in 0..BACKENDS.len() {
                 let id = (i * 2 + j + 1) as u32;
                 ops.push(MapOp::PutService(
-                    key.with_slot(i as u16 + 1),
+                    svc_key4(key.with_slot(i as u16 + 1)),
                     ServiceValue::slot(id),
                 ));
             }
             ops.push(MapOp::PutService(
-                key,
+                svc_key4(key),
                 ServiceValue::service(j as u32 + 1, BACKENDS.len() as u16, 0),
             ));
             ops.push(MapOp::PutService(
-                ServiceKey::new(addr_to_map(VIP_EMPTY), port_to_map(SVC_PORT), p, 0),
+                svc_key4(ServiceKey::new(
+                    addr_to_map(VIP_EMPTY),
+                    port_to_map(SVC_PORT),
+                    p,
+                    0,
+                )),
                 ServiceValue::service(10 + j as u32, 0, SVC_FLAG_REJECT),
             ));
             ops.push(MapOp::PutService(
-                ServiceKey::new(addr_to_map(VIP_DROP), port_to_map(SVC_PORT), p, 0),
+                svc_key4(ServiceKey::new(
+                    addr_to_map(VIP_DROP),
+                    port_to_map(SVC_PORT),
+                    p,
+                    0,
+                )),
                 ServiceValue::service(20 + j as u32, 0, SVC_FLAG_DROP),
             ));
         }
@@ -226,19 +240,19 @@ impl Fixture {
             let backend = ids[j];
             let id = svc_id + 2 * j as u32;
             ops.push(MapOp::PutService(
-                key.with_slot(1),
+                svc_key4(key.with_slot(1)),
                 ServiceValue::slot(backend),
             ));
             ops.push(MapOp::PutService(
-                ext.with_slot(1),
+                svc_key4(ext.with_slot(1)),
                 ServiceValue::slot(backend),
             ));
             ops.push(MapOp::PutService(
-                ext,
+                svc_key4(ext),
                 ServiceValue::service(id + 1, 1, SVC_FLAG_MASQUERADE | SVC_FLAG_NODE_ADDRESS),
             ));
             ops.push(MapOp::PutService(
-                key,
+                svc_key4(key),
                 ServiceValue::service(id, 1, SVC_FLAG_EXTERNAL_SCOPE | SVC_FLAG_NODE_ADDRESS),
             ));
         }
@@ -472,9 +486,12 @@ fn maps_read_back_as_written() {
     for i in 0..5_000u32 {
         let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i);
         let key = ServiceKey::new(addr_to_map(vip), port_to_map(SVC_PORT), proto::TCP, 0);
-        ops.push(MapOp::PutService(key.with_slot(1), ServiceValue::slot(1)));
         ops.push(MapOp::PutService(
-            key,
+            svc_key4(key.with_slot(1)),
+            ServiceValue::slot(1),
+        ));
+        ops.push(MapOp::PutService(
+            svc_key4(key),
             ServiceValue::service(1_000 + i, 1, 0),
         ));
     }
@@ -808,15 +825,15 @@ fn removed_backend_is_not_reused_by_an_old_flow() {
     let key = ServiceKey::new(addr_to_map(VIP), port_to_map(SVC_PORT), proto::TCP, 0);
     let live = fx.dp.live().clone();
     let remaining: Vec<u32> = (1..=3u16)
-        .map(|s| live.services[&key.with_slot(s)].backend_id)
-        .filter(|id| live.backends[id].addr != addr_to_map(chosen))
+        .map(|s| live.services[&svc_key4(key.with_slot(s))].backend_id)
+        .filter(|id| live.backends[id].addr != MapAddr::V4(addr_to_map(chosen)))
         .collect();
     let removed_id = (idx * 2 + 1) as u32;
     let ops = vec![
-        MapOp::PutService(key.with_slot(1), ServiceValue::slot(remaining[0])),
-        MapOp::PutService(key.with_slot(2), ServiceValue::slot(remaining[1])),
-        MapOp::PutService(key, ServiceValue::service(1, 2, 0)),
-        MapOp::DeleteService(key.with_slot(3)),
+        MapOp::PutService(svc_key4(key.with_slot(1)), ServiceValue::slot(remaining[0])),
+        MapOp::PutService(svc_key4(key.with_slot(2)), ServiceValue::slot(remaining[1])),
+        MapOp::PutService(svc_key4(key), ServiceValue::service(1, 2, 0)),
+        MapOp::DeleteService(svc_key4(key.with_slot(3))),
         MapOp::DeleteBackend(removed_id),
     ];
     assert!(fx.dp.apply(&ops).is_empty());
@@ -849,8 +866,8 @@ fn syn_on_a_closing_tuple_starts_a_new_flow() {
     let new_id = (BACKENDS.iter().position(|b| *b == new).unwrap() * 2 + 1) as u32;
     let key = ServiceKey::new(addr_to_map(VIP), port_to_map(SVC_PORT), proto::TCP, 0);
     let ops = [
-        MapOp::PutService(key.with_slot(1), ServiceValue::slot(new_id)),
-        MapOp::PutService(key, ServiceValue::service(1, 1, 0)),
+        MapOp::PutService(svc_key4(key.with_slot(1)), ServiceValue::slot(new_id)),
+        MapOp::PutService(svc_key4(key), ServiceValue::service(1, 1, 0)),
     ];
     assert!(fx.dp.apply(&ops).is_empty());
     let (_, out) = fx.run(&tcp(CLIENT, VIP, port, SVC_PORT, ACK));
@@ -1242,10 +1259,19 @@ fn client_ip_affinity_keeps_a_client_until_idle_timeout() {
         .map(|i| (i * 2 + 1) as u32)
         .collect();
     let ops = [
-        MapOp::PutService(sticky.with_slot(1), ServiceValue::slot(remaining[0])),
-        MapOp::PutService(sticky.with_slot(2), ServiceValue::slot(remaining[1])),
-        MapOp::PutService(sticky, ServiceValue::service(30, 2, 0).with_affinity(1)),
-        MapOp::DeleteService(sticky.with_slot(3)),
+        MapOp::PutService(
+            svc_key4(sticky.with_slot(1)),
+            ServiceValue::slot(remaining[0]),
+        ),
+        MapOp::PutService(
+            svc_key4(sticky.with_slot(2)),
+            ServiceValue::slot(remaining[1]),
+        ),
+        MapOp::PutService(
+            svc_key4(sticky),
+            ServiceValue::service(30, 2, 0).with_affinity(1),
+        ),
+        MapOp::DeleteService(svc_key4(sticky.with_slot(3))),
         MapOp::DeleteBackend((gone * 2 + 1) as u32),
     ];
     assert!(fx.dp.apply(&ops).is_empty());
@@ -1726,17 +1752,17 @@ const VIP_ONE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
 
 fn add_vip_one(fx: &mut Fixture) {
     let mut ops = vec![MapOp::PutService(
-        ServiceKey::cluster_ip(addr_to_map(VIP_ONE)),
+        svc_key4(ServiceKey::cluster_ip(addr_to_map(VIP_ONE))),
         ServiceValue::service(0, 0, SVC_FLAG_REJECT),
     )];
     for (j, p) in [proto::TCP, proto::UDP].into_iter().enumerate() {
         let key = ServiceKey::new(addr_to_map(VIP_ONE), port_to_map(SVC_PORT), p, 0);
         ops.push(MapOp::PutService(
-            key.with_slot(1),
+            svc_key4(key.with_slot(1)),
             ServiceValue::slot(j as u32 + 1),
         ));
         ops.push(MapOp::PutService(
-            key,
+            svc_key4(key),
             ServiceValue::service(40 + j as u32, 1, 0),
         ));
     }
@@ -1907,7 +1933,12 @@ fn nodeport_to_the_node_itself_is_delivered_locally_with_the_client_kept() {
     let ops: Vec<MapOp> = [proto::TCP, proto::UDP]
         .into_iter()
         .zip(ids)
-        .map(|(p, id)| MapOp::PutBackend(id, Backend::new(addr_to_map(NODE), port_to_map(9090), p)))
+        .map(|(p, id)| {
+            MapOp::PutBackend(
+                id,
+                backend4(Backend::new(addr_to_map(NODE), port_to_map(9090), p)),
+            )
+        })
         .collect();
     assert!(fx.dp.apply(&ops).is_empty());
     fx.add_nodeport_to(NODE, 30090, ids, 300);
@@ -1920,7 +1951,12 @@ fn nodeport_to_the_node_itself_is_delivered_locally_with_the_client_kept() {
     let (_, out) = node.ns.run(|| fx.run_hook_on(Hook::Node, &syn, node.eth0));
     assert_eq!((ip_src(&out), ip_dst(&out)), (NODE, NODE));
 
-    assert_eq!(fx.dp.set_node_addresses(&[NODE, GATEWAY]).unwrap(), 2);
+    assert_eq!(
+        fx.dp
+            .set_node_addresses(&[NODE.into(), GATEWAY.into()])
+            .unwrap(),
+        2
+    );
     let makers: [(u8, MakePacket); 2] = [(proto::TCP, tcp_syn), (proto::UDP, udp)];
     for (l4, make) in makers {
         let port = 44001 + u16::from(l4);
@@ -1958,7 +1994,7 @@ fn nodeport_to_the_node_itself_is_delivered_locally_with_the_client_kept() {
         "{own:?}"
     );
     // Addresses that go are forgotten.
-    assert_eq!(fx.dp.set_node_addresses(&[GATEWAY]).unwrap(), 1);
+    assert_eq!(fx.dp.set_node_addresses(&[GATEWAY.into()]).unwrap(), 1);
     let syn = tcp(EXT_CLIENT, NODE, 44100, 30090, SYN);
     let (_, out) = node.ns.run(|| fx.run_hook_on(Hook::Node, &syn, node.eth0));
     assert_eq!(ip_src(&out), NODE);
@@ -2206,7 +2242,7 @@ fn vip_table(size: u32, indexes: &[usize]) -> TableSpec {
     let backends = indexes
         .iter()
         .map(|i| TableBackend {
-            addr: BACKENDS[*i],
+            addr: BACKENDS[*i].into(),
             port: BACKEND_PORT,
             id: (*i * 2 + 1) as u32,
         })
@@ -2232,7 +2268,7 @@ fn use_table(fx: &mut Fixture, spec: &TableSpec) {
     let key = ServiceKey::new(addr_to_map(VIP), port_to_map(SVC_PORT), proto::TCP, 0);
     let ops = [
         MapOp::PutTable(1, spec.clone()),
-        MapOp::PutService(key, ServiceValue::service(1, 3, SVC_FLAG_MAGLEV)),
+        MapOp::PutService(svc_key4(key), ServiceValue::service(1, 3, SVC_FLAG_MAGLEV)),
     ];
     let failed = fx.dp.apply(&ops);
     assert!(failed.is_empty(), "{failed:?}");
@@ -2930,14 +2966,21 @@ fn sctp_flows_are_translated_with_their_crc32c() {
         let id = 100 + i as u32;
         ops.push(MapOp::PutBackend(
             id,
-            Backend::new(addr_to_map(*addr), port_to_map(BACKEND_PORT), proto::SCTP),
+            backend4(Backend::new(
+                addr_to_map(*addr),
+                port_to_map(BACKEND_PORT),
+                proto::SCTP,
+            )),
         ));
         ops.push(MapOp::PutService(
-            key.with_slot(i as u16 + 1),
+            svc_key4(key.with_slot(i as u16 + 1)),
             ServiceValue::slot(id),
         ));
     }
-    ops.push(MapOp::PutService(key, ServiceValue::service(40, 3, 0)));
+    ops.push(MapOp::PutService(
+        svc_key4(key),
+        ServiceValue::service(40, 3, 0),
+    ));
     assert!(fx.dp.apply(&ops).is_empty());
     let payload = [0x11u8; 97];
     for (port, crc) in [(36412u16, true), (36413, false)] {

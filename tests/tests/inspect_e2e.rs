@@ -145,3 +145,148 @@ fn status_and_dump_show_the_known_services() {
         );
     }
 }
+
+/// Issue 15: a dual-stack Service's IPv6 half is written into the IPv6
+/// maps (`kep_services6`, `kep_backends6`), beside its IPv4 half in the
+/// IPv4 ones, and `status`, `dump` and bpftool show both.
+#[test]
+fn status_and_dump_show_both_halves_of_a_dual_stack_service() {
+    use lab::addr::{DEMO_VIP6, backend_ip6};
+    use lab::backend_name;
+    use lab::yaml::{IpFamilyPolicy, Svc, SvcPort, endpoint_slice};
+
+    let lab = Lab::new().unwrap();
+    let svc = Svc::cluster_ip(
+        "web",
+        DEMO_VIP,
+        vec![SvcPort::new("http", HTTP_PORT, "TCP", "http")],
+    )
+    .dual_stack(DEMO_VIP6.into(), IpFamilyPolicy::PreferDualStack);
+    let ports = [("http", 8080, "TCP")];
+    let v4 = endpoint_slice(
+        "web-v4",
+        "web",
+        &ports,
+        &[(backend_ip(0), backend_name(0), true)],
+    );
+    let v6 = endpoint_slice(
+        "web-v6",
+        "web",
+        &ports,
+        &[
+            (backend_ip6(0), backend_name(0), true),
+            (backend_ip6(1), backend_name(1), true),
+        ],
+    );
+    lab.write_manifest("web.yaml", &format!("{}---\n{v4}---\n{v6}", svc.render()))
+        .unwrap();
+    let _agent = lab
+        .start_manifest_agent()
+        .expect("agent programs the datapath");
+
+    let services = json(&lab, &["dump", "services"]);
+    let backends_of = |f: &str| -> Vec<String> {
+        let svc = services
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["frontend"] == f)
+            .unwrap_or_else(|| panic!("{f} missing from {services:#}"));
+        let mut list: Vec<String> = svc["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_str().unwrap().to_string())
+            .collect();
+        list.sort();
+        list
+    };
+    assert_eq!(
+        backends_of(&format!("[{DEMO_VIP6}]:80/TCP")),
+        [
+            format!("[{}]:8080", backend_ip6(0)),
+            format!("[{}]:8080", backend_ip6(1))
+        ]
+    );
+    assert_eq!(
+        backends_of(&format!("{DEMO_VIP}:80/TCP")),
+        [format!("{}:8080", backend_ip(0))]
+    );
+    let listed = json(&lab, &["dump", "backends"]);
+    let endpoints: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["endpoint"].as_str().unwrap())
+        .collect();
+    assert_eq!(endpoints.len(), 3, "{listed:#}");
+
+    let status = json(&lab, &["status"]);
+    assert_eq!(status["frontends"], 2, "{status:#}");
+    // Slot 0, two slots and the cluster IP's port-less entry; the IPv4
+    // maps hold only the IPv4 half.
+    assert_eq!(status["maps"]["kep_services6"]["entries"], 4, "{status:#}");
+    assert_eq!(status["maps"]["kep_backends6"]["entries"], 2, "{status:#}");
+    assert_eq!(status["maps"]["kep_services"]["entries"], 3, "{status:#}");
+    assert_eq!(status["maps"]["kep_backends"]["entries"], 1, "{status:#}");
+
+    // The node's own IPv6 addresses (the pod veths' gateways) and every
+    // IPv6 endpoint are in their maps, for host endpoints and direct flows.
+    let pinned = |name: &str| {
+        let path = proxy_userspace::datapath::maps_dir(&lab.bpffs_dir()).join(name);
+        aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let node_addrs: aya::maps::HashMap<_, proxy_common::Addr6, u8> =
+        aya::maps::Map::HashMap(pinned("kep_node_addrs6"))
+            .try_into()
+            .unwrap();
+    let node_addrs: Vec<std::net::Ipv6Addr> = node_addrs
+        .keys()
+        .map(|k| proxy_userspace::contents::addr6_from_map(k.unwrap()))
+        .collect();
+    assert!(
+        node_addrs.contains(&lab::addr::backend_gw6(0))
+            && node_addrs.contains(&lab::addr::CLIENT_GW6),
+        "{node_addrs:?}"
+    );
+    let endpoints: aya::maps::HashMap<_, proxy_common::Backend6, u8> =
+        aya::maps::Map::HashMap(pinned("kep_endpoints6"))
+            .try_into()
+            .unwrap();
+    let mut endpoints: Vec<String> = endpoints
+        .keys()
+        .map(|k| {
+            let b = k.unwrap();
+            let addr = proxy_userspace::contents::addr6_from_map(b.addr);
+            format!("[{addr}]:{}", u16::from_be(b.port))
+        })
+        .collect();
+    endpoints.sort();
+    assert_eq!(
+        endpoints,
+        [
+            format!("[{}]:8080", backend_ip6(0)),
+            format!("[{}]:8080", backend_ip6(1))
+        ]
+    );
+
+    // bpftool prints the IPv6 maps' fields by name too.
+    for (map, fields) in [
+        ("kep_services6", &["\"addr\"", "\"slot\"", "\"svc_id\""][..]),
+        ("kep_backends6", &["\"addr\"", "\"port\"", "\"proto\""][..]),
+    ] {
+        let out = Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(proxy_userspace::datapath::maps_dir(&lab.bpffs_dir()).join(map))
+            .output()
+            .expect("run bpftool");
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for field in fields {
+            assert!(
+                text.contains(field),
+                "{map}: bpftool lacks {field}:\n{text}"
+            );
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! objects; everything it writes comes from `diff::MapOp`s.
 
 mod bpffs;
+mod family6;
 mod hooks;
 mod pins;
 mod resize;
@@ -14,11 +15,17 @@ pub use pins::{cleanup, links_dir, maps_dir, pinned_links, unpin_all};
 pub use resize::capacity_flag;
 pub use upkeep::{CtSweep, sum_traffic};
 
-use std::{collections::BTreeMap, io, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    io,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
     programs::{CgroupSockAddr, SchedClassifier, Xdp, XdpMode},
 };
 use proxy_common::{
@@ -30,7 +37,10 @@ use thiserror::Error;
 
 use crate::{
     capacity::Capacity,
-    contents::{MapContents, RangeEntry, addr_from_map, addr_to_map, cidr_to_map},
+    contents::{
+        MapAddr, MapContents, RangeEntry, addr_to_map, addr6_to_map, backend4, cidr_to_map,
+        svc_key4,
+    },
     diff::MapOp,
     maglev::TableSpec,
     model::Ipv4Cidr,
@@ -365,6 +375,8 @@ pub struct Datapath {
     node_addrs: HashMap<MapData, u32, u8>,
     /// Every endpoint's (address, port, protocol): the backends' values.
     endpoints: HashMap<MapData, Backend, u8>,
+    /// The IPv6 twins of the frontend maps.
+    v6: family6::Maps6,
     /// The settings written to the config map, for conntrack expiry.
     settings: Config,
     /// What the maps hold, as last read or written by this process.
@@ -485,6 +497,7 @@ impl Datapath {
             .map_err(map_err(map_names::SOURCE_RANGES))?;
         let node_addrs = take_map(&mut ebpf, map_names::NODE_ADDRS)?;
         let endpoints = take_map(&mut ebpf, map_names::ENDPOINTS)?;
+        let v6 = family6::Maps6::take(&mut ebpf)?;
         let stats = ebpf
             .take_map(map_names::STATS)
             .ok_or(DatapathError::MissingMap(map_names::STATS))?
@@ -520,6 +533,7 @@ impl Datapath {
             source_ranges,
             node_addrs,
             endpoints,
+            v6,
             live: MapContents::default(),
             attached: BTreeMap::new(),
             cgroup: None,
@@ -546,23 +560,19 @@ impl Datapath {
     /// protocol). A write that fails is logged: only the tracking of
     /// connections straight to that endpoint suffers.
     fn sync_endpoints(&mut self) {
-        let want: std::collections::BTreeSet<Backend> = self
-            .live
-            .backends
-            .values()
-            .map(|b| Backend::new(b.addr, b.port, b.proto))
-            .collect();
-        let have: std::collections::BTreeSet<Backend> =
-            self.endpoints.keys().filter_map(Result::ok).collect();
-        for gone in have.difference(&want) {
-            if let Err(e) = ignore_missing(self.endpoints.remove(gone)) {
-                tracing::warn!(error = %e, endpoint = ?gone, "removing an endpoint from kep_endpoints");
-            }
+        let mut want4 = std::collections::BTreeSet::new();
+        let mut want6 = std::collections::BTreeSet::new();
+        for b in self.live.backends.values() {
+            match b.addr {
+                MapAddr::V4(a) => want4.insert(Backend::new(a, b.port, b.proto)),
+                MapAddr::V6(a) => want6.insert(proxy_common::Backend6::new(a, b.port, b.proto)),
+            };
         }
-        for new in want.difference(&have) {
-            if let Err(e) = self.endpoints.insert(new, 1, 0) {
-                tracing::warn!(error = %e, endpoint = ?new, "kep_endpoints: direct connections to this endpoint are not tracked");
-            }
+        if let Err(e) = family6::sync_set(&mut self.endpoints, &want4) {
+            tracing::warn!(error = %e, "kep_endpoints: direct connections to some endpoints are not tracked");
+        }
+        if let Err(e) = family6::sync_set(&mut self.v6.endpoints, &want6) {
+            tracing::warn!(error = %e, "kep_endpoints6: direct connections to some endpoints are not tracked");
         }
     }
 
@@ -592,23 +602,20 @@ impl Datapath {
     /// interface's, loopback's aside): an endpoint at one of them is the
     /// node itself, whose NodePort traffic is delivered locally without
     /// masquerade. Returns how many entries changed.
-    pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<usize, DatapathError> {
-        let want: std::collections::BTreeSet<u32> = addrs
-            .iter()
-            .filter(|a| !a.is_loopback())
-            .map(|a| addr_to_map(*a))
-            .collect();
-        let have: std::collections::BTreeSet<u32> =
-            self.node_addrs.keys().filter_map(Result::ok).collect();
-        for gone in have.difference(&want) {
-            ignore_missing(self.node_addrs.remove(gone)).map_err(map_err(map_names::NODE_ADDRS))?;
+    pub fn set_node_addresses(&mut self, addrs: &[IpAddr]) -> Result<usize, DatapathError> {
+        let mut want4 = std::collections::BTreeSet::new();
+        let mut want6 = std::collections::BTreeSet::new();
+        for addr in addrs.iter().filter(|a| !a.is_loopback()) {
+            match addr {
+                IpAddr::V4(a) => want4.insert(addr_to_map(*a)),
+                IpAddr::V6(a) => want6.insert(addr6_to_map(*a)),
+            };
         }
-        for new in want.difference(&have) {
-            self.node_addrs
-                .insert(new, 1, 0)
-                .map_err(map_err(map_names::NODE_ADDRS))?;
-        }
-        Ok(have.symmetric_difference(&want).count())
+        let changed = family6::sync_set(&mut self.node_addrs, &want4)
+            .map_err(map_err(map_names::NODE_ADDRS))?;
+        let changed6 = family6::sync_set(&mut self.v6.node_addrs, &want6)
+            .map_err(map_err(map_names::NODE_ADDRS6))?;
+        Ok(changed + changed6)
     }
 
     /// Sets the source address masqueraded external flows get (the node's
@@ -668,14 +675,19 @@ impl Datapath {
 
     /// Reads the service and backend maps back from the kernel.
     pub fn read_contents(&self) -> Result<MapContents, DatapathError> {
+        let (services6, backends6) = self.v6.read()?;
         let mut contents = MapContents {
             services: read_hash(&self.services)
                 .map_err(map_err(map_names::SERVICES))?
                 .into_iter()
+                .map(|(k, v)| (svc_key4(k), v))
+                .chain(services6)
                 .collect(),
             backends: read_hash(&self.backends)
                 .map_err(map_err(map_names::BACKENDS))?
                 .into_iter()
+                .map(|(id, b)| (id, backend4(b)))
+                .chain(backends6)
                 .collect(),
             ..MapContents::default()
         };
@@ -683,8 +695,9 @@ impl Datapath {
             .tables
             .read_all(&self.live.tables)
             .map_err(map_err(map_names::MAGLEV))?;
-        contents.source_ranges =
-            read_ranges(&self.source_ranges).map_err(map_err(map_names::SOURCE_RANGES))?;
+        contents.source_ranges = read_ranges(&self.source_ranges, MapAddr::V4)
+            .map_err(map_err(map_names::SOURCE_RANGES))?;
+        contents.source_ranges.extend(self.v6.read_ranges()?);
         Ok(contents)
     }
 
@@ -729,13 +742,25 @@ impl Datapath {
                 continue;
             }
             let result = match op {
-                MapOp::PutBackend(id, b) => self.backends.insert(id, b, 0).map(|()| {
+                MapOp::PutBackend(id, b) => match b.addr {
+                    MapAddr::V4(a) => self.backends.insert(id, b.with_addr(a), 0),
+                    MapAddr::V6(a) => self.v6.backends.insert(id, b.with_addr(a), 0),
+                }
+                .map(|()| {
                     self.live.backends.insert(*id, *b);
                 }),
-                MapOp::PutService(k, v) => self.services.insert(k, v, 0).map(|()| {
+                MapOp::PutService(k, v) => match k.addr {
+                    MapAddr::V4(a) => self.services.insert(k.with_addr(a), v, 0),
+                    MapAddr::V6(a) => self.v6.services.insert(k.with_addr(a), v, 0),
+                }
+                .map(|()| {
                     self.live.services.insert(*k, *v);
                 }),
-                MapOp::DeleteService(k) => ignore_missing(self.services.remove(k)).map(|()| {
+                MapOp::DeleteService(k) => ignore_missing(match k.addr {
+                    MapAddr::V4(a) => self.services.remove(&k.with_addr(a)),
+                    MapAddr::V6(a) => self.v6.services.remove(&k.with_addr(a)),
+                })
+                .map(|()| {
                     if let Some(gone) = self.live.services.remove(k)
                         && k.slot == 0
                         && gone.svc_id != 0
@@ -745,10 +770,16 @@ impl Datapath {
                         upkeep::clear_traffic(&mut self.svc_traffic, gone.svc_id);
                     }
                 }),
-                MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(id)).map(|()| {
-                    self.live.backends.remove(id);
-                    upkeep::clear_traffic(&mut self.backend_traffic, *id);
-                }),
+                MapOp::DeleteBackend(id) => {
+                    ignore_missing(match self.live.backends.get(id).map(|b| b.addr) {
+                        Some(MapAddr::V6(_)) => self.v6.backends.remove(id),
+                        _ => self.backends.remove(id),
+                    })
+                    .map(|()| {
+                        self.live.backends.remove(id);
+                        upkeep::clear_traffic(&mut self.backend_traffic, *id);
+                    })
+                }
                 MapOp::PutTable(svc_id, spec) => {
                     let table = built.pop_front().unwrap_or_else(|| spec.build());
                     self.tables.put(*svc_id, spec, &table).map(|()| {
@@ -760,16 +791,20 @@ impl Datapath {
                         self.live.tables.remove(svc_id);
                     })
                 }
-                MapOp::PutSourceRange(r) => {
-                    self.source_ranges.insert(&range_key(r), 1, 0).map(|()| {
-                        self.live.source_ranges.insert(*r);
-                    })
+                MapOp::PutSourceRange(r) => match family6::range_addr(r) {
+                    MapAddr::V4(a) => self.source_ranges.insert(&range_key(r, a), 1, 0),
+                    MapAddr::V6(a) => self.v6.put_range(r, a),
                 }
-                MapOp::DeleteSourceRange(r) => {
-                    ignore_missing(self.source_ranges.remove(&range_key(r))).map(|()| {
-                        self.live.source_ranges.remove(r);
-                    })
+                .map(|()| {
+                    self.live.source_ranges.insert(*r);
+                }),
+                MapOp::DeleteSourceRange(r) => match family6::range_addr(r) {
+                    MapAddr::V4(a) => ignore_missing(self.source_ranges.remove(&range_key(r, a))),
+                    MapAddr::V6(a) => self.v6.delete_range(r, a),
                 }
+                .map(|()| {
+                    self.live.source_ranges.remove(r);
+                }),
             };
             if let Err(error) = result {
                 guard.fail(op, &self.live);
@@ -798,7 +833,7 @@ impl Datapath {
 #[derive(Default)]
 struct Guard {
     /// Frontends (slot-0 keys) left as they are.
-    frontends: std::collections::BTreeSet<ServiceKey>,
+    frontends: std::collections::BTreeSet<crate::contents::SvcKey>,
     /// Their svc ids, and those of failed table or range writes.
     svc_ids: std::collections::BTreeSet<u32>,
     /// Backends something may still point at.
@@ -963,34 +998,8 @@ fn lookup_batch<K: aya::Pod + Default, V: aya::Pod + Default>(
     }
 }
 
-/// Every allowed prefix in a source-ranges trie.
-pub(crate) fn read_ranges(
-    trie: &LpmTrie<MapData, SourceRange, u8>,
-) -> Result<std::collections::BTreeSet<RangeEntry>, MapError> {
-    trie.keys()
-        .map(|key| {
-            let key = key?;
-            let data = key.data();
-            Ok(RangeEntry {
-                svc_id: u32::from_be(data.svc_id_be),
-                addr: addr_from_map(data.addr),
-                prefix_len: key.prefix_len().saturating_sub(SourceRange::SVC_BITS) as u8,
-            })
-        })
-        .collect()
-}
-
-/// The trie key of one allowed prefix: the svc id matched whole, then the
-/// prefix's own length of the address.
-fn range_key(r: &RangeEntry) -> lpm_trie::Key<SourceRange> {
-    lpm_trie::Key::new(
-        SourceRange::SVC_BITS + u32::from(r.prefix_len),
-        SourceRange {
-            svc_id_be: r.svc_id.to_be(),
-            addr: addr_to_map(r.addr),
-        },
-    )
-}
+use family6::range_key;
+pub(crate) use family6::read_ranges;
 
 fn take_traffic(
     ebpf: &mut Ebpf,

@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 use aya::maps::{HashMap, LpmTrie, Map, MapData};
 use proxy_common::{CtKey, CtValue, ServiceKey, maglev::MaglevTable, map_names};
 
+use crate::contents::{MapAddr, SvcKey, backend4, svc_key4};
+
 use super::{Datapath, DatapathConfig, DatapathError, map_err, read_hash, read_ranges};
 use crate::capacity;
 
@@ -173,28 +175,37 @@ impl Datapath {
     fn copy_services(&mut self, olds: Vec<(&'static str, MapData)>) -> Result<(), DatapathError> {
         self.live = self.read_contents()?;
         let mut old = self.live.clone();
+        // Only IPv4 maps are resized: the IPv6 entries stay as they are.
         for (name, map) in olds {
             match name {
                 map_names::SERVICES => {
                     let m: HashMap<MapData, ServiceKey, _> =
                         Map::HashMap(map).try_into().map_err(map_err(name))?;
-                    old.services = read_hash(&m).map_err(map_err(name))?.into_iter().collect();
+                    old.services.retain(|k, _| matches!(k.addr, MapAddr::V6(_)));
+                    let v4 = read_hash(&m).map_err(map_err(name))?;
+                    old.services
+                        .extend(v4.into_iter().map(|(k, v)| (svc_key4(k), v)));
                 }
                 map_names::BACKENDS => {
                     let m: HashMap<MapData, u32, _> =
                         Map::HashMap(map).try_into().map_err(map_err(name))?;
-                    old.backends = read_hash(&m).map_err(map_err(name))?.into_iter().collect();
+                    old.backends.retain(|_, b| matches!(b.addr, MapAddr::V6(_)));
+                    let v4 = read_hash(&m).map_err(map_err(name))?;
+                    old.backends
+                        .extend(v4.into_iter().map(|(id, b)| (id, backend4(b))));
                 }
                 _ => {
                     let m: LpmTrie<MapData, _, u8> =
                         Map::LpmTrie(map).try_into().map_err(map_err(name))?;
-                    old.source_ranges = read_ranges(&m).map_err(map_err(name))?;
+                    old.source_ranges.retain(|r| r.addr.is_ipv6());
+                    old.source_ranges
+                        .extend(read_ranges(&m, MapAddr::V4).map_err(map_err(name))?);
                 }
             }
         }
         // A frontend whose Maglev table did not fit in a smaller map waits
         // for the first sync, which writes both.
-        let tableless: Vec<ServiceKey> = old
+        let tableless: Vec<SvcKey> = old
             .services
             .iter()
             .filter(|(k, v)| k.slot == 0 && v.uses_maglev() && !old.tables.contains_key(&v.svc_id))

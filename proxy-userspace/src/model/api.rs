@@ -41,6 +41,10 @@ pub struct ServiceSpec {
     #[serde(default, rename = "clusterIPs")]
     pub cluster_ips: Option<Vec<String>>,
     #[serde(default)]
+    pub ip_families: Option<Vec<String>>,
+    #[serde(default)]
+    pub ip_family_policy: Option<String>,
+    #[serde(default)]
     pub ports: Option<Vec<ServicePort>>,
     #[serde(default, rename = "externalIPs")]
     pub external_ips: Option<Vec<String>>,

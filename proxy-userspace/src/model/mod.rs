@@ -78,6 +78,8 @@
 //!   controller's business, not the proxy's.
 
 pub mod api;
+#[cfg(test)]
+mod dual_stack_tests;
 mod intern;
 mod service;
 mod slices;
@@ -95,7 +97,7 @@ pub use tracker::{Origin, Tracker};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use api::{EndpointSlice, Service};
@@ -178,16 +180,23 @@ impl fmt::Display for Protocol {
 pub struct UnsupportedProtocol(pub String);
 
 /// One address the datapath answers on: a cluster IP, port and protocol.
+/// Either family: an IPv6 frontend only ever gets IPv6 endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Protocol,
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        // `[2001:db8::1]:80/TCP`, as a socket address is written.
+        write!(
+            f,
+            "{}/{}",
+            std::net::SocketAddr::new(self.addr, self.port),
+            self.proto
+        )
     }
 }
 
@@ -195,8 +204,67 @@ impl fmt::Display for Frontend {
 /// frontend's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
+}
+
+/// An IP family, as Services (`ipFamilies`) and EndpointSlices
+/// (`addressType`) name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// The API spelling (`IPv4`, `IPv6`).
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    fn from_api(value: &str) -> Option<Self> {
+        match value {
+            "IPv4" => Some(Family::V4),
+            "IPv6" => Some(Family::V6),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Parses an address of either family, refusing IPv4-mapped IPv6
+/// addresses (`::ffff:10.0.0.1`): on the wire such a destination is IPv4,
+/// so a rule for it would never match, and the API server refuses them in
+/// new objects (older ones may still hold them).
+pub(crate) fn parse_ip(text: &str) -> Result<IpAddr, IpError> {
+    let addr: IpAddr = text.parse().map_err(|_| IpError::NotAnAddress)?;
+    match addr {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => Err(IpError::Ipv4Mapped),
+        addr => Ok(addr),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub(crate) enum IpError {
+    #[error("not an IP address")]
+    NotAnAddress,
+    #[error("an IPv4-mapped IPv6 address, which no packet carries as its destination")]
+    Ipv4Mapped,
 }
 
 /// What new flows get when a frontend has no usable endpoint.
@@ -272,13 +340,13 @@ pub struct ExternalTraffic {
     /// `externalTrafficPolicy: Cluster`: SNAT to the node IP, since the
     /// endpoint may be on another node. `Local`: the client IP is kept.
     pub masquerade: bool,
-    /// `loadBalancerSourceRanges` (IPv4 ones), on load-balancer frontends
-    /// only: NodePorts and external IPs bypass them, as kube-proxy's. They
+    /// `loadBalancerSourceRanges` of the frontend's family, on load-balancer
+    /// frontends only: NodePorts and external IPs bypass them, as kube-proxy's. They
     /// guard every client of the frontend, pods included. When one contains
     /// a node address, the Service's LB IPs are added (a node reaching its
     /// own LB IP may come back with that as source), as kube-proxy does.
     /// Empty allows everyone. Sorted and deduplicated.
-    pub source_ranges: Vec<Ipv4Cidr>,
+    pub source_ranges: Vec<IpCidr>,
     /// A range contains a node address: the node's own sockets (socket-level
     /// translation, which knows no source address yet) may use the frontend.
     pub allow_node: bool,
@@ -296,9 +364,9 @@ pub struct Ipv4Cidr {
 pub enum CidrError {
     #[error("{0:?}: expected ADDRESS/PREFIX")]
     NoPrefix(String),
-    #[error("{0:?}: not an IPv4 address")]
+    #[error("{0:?}: not an IP address")]
     Address(String),
-    #[error("{0:?}: prefix length is not a number in 0..=32")]
+    #[error("{0:?}: prefix length is not a number in 0..=32 (IPv4) or 0..=128 (IPv6)")]
     PrefixLen(String),
 }
 
@@ -337,16 +405,111 @@ impl std::str::FromStr for Ipv4Cidr {
         let addr: Ipv4Addr = addr
             .parse()
             .map_err(|_| CidrError::Address(text.to_string()))?;
-        // Digits only: `u8::from_str` would take a leading `+`.
-        let len = Some(len)
-            .filter(|len| !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|len| len.parse::<u8>().ok())
-            .ok_or_else(|| CidrError::PrefixLen(text.to_string()))?;
+        let len = prefix_len(len, text)?;
         Self::new(addr, len).ok_or_else(|| CidrError::PrefixLen(text.to_string()))
     }
 }
 
+/// The prefix length after the `/` of `text`.
+fn prefix_len(len: &str, text: &str) -> Result<u8, CidrError> {
+    // Digits only: `u8::from_str` would take a leading `+`.
+    Some(len)
+        .filter(|len| !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|len| len.parse::<u8>().ok())
+        .ok_or_else(|| CidrError::PrefixLen(text.to_string()))
+}
+
 impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// A prefix of either family (`loadBalancerSourceRanges`,
+/// `--nodeport-addresses`), host bits cleared as [`Ipv4Cidr`]'s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IpCidr {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl IpCidr {
+    /// `addr/prefix_len`, host bits cleared; `None` past the family's
+    /// length.
+    pub fn new(addr: IpAddr, prefix_len: u8) -> Option<Self> {
+        let addr = match addr {
+            IpAddr::V4(v4) => IpAddr::V4(Ipv4Cidr::new(v4, prefix_len)?.addr),
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX
+                    .checked_shl(128u32.checked_sub(u32::from(prefix_len))?)
+                    .unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        };
+        Some(Self { addr, prefix_len })
+    }
+
+    /// The whole address, as a prefix.
+    pub fn host(addr: IpAddr) -> Self {
+        let len = if addr.is_ipv4() { 32 } else { 128 };
+        Self {
+            addr,
+            prefix_len: len,
+        }
+    }
+
+    pub fn family(&self) -> Family {
+        Family::of(self.addr)
+    }
+
+    /// Whether `addr` (of either family) is inside; never across families.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        Family::of(addr) == self.family()
+            && Self::new(addr, self.prefix_len).is_some_and(|net| net.addr == self.addr)
+    }
+
+    /// The IPv4 prefix, for the IPv4 datapath's settings.
+    pub fn v4(&self) -> Option<Ipv4Cidr> {
+        match self.addr {
+            IpAddr::V4(v4) => Ipv4Cidr::new(v4, self.prefix_len),
+            IpAddr::V6(_) => None,
+        }
+    }
+}
+
+impl From<Ipv4Cidr> for IpCidr {
+    fn from(cidr: Ipv4Cidr) -> Self {
+        Self {
+            addr: IpAddr::V4(cidr.addr),
+            prefix_len: cidr.prefix_len,
+        }
+    }
+}
+
+impl std::str::FromStr for IpCidr {
+    type Err = CidrError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if let Ok(v4) = text.parse::<Ipv4Cidr>() {
+            return Ok(v4.into());
+        }
+        let (addr, len) = text
+            .split_once('/')
+            .ok_or_else(|| CidrError::NoPrefix(text.to_string()))?;
+        let addr: Ipv6Addr = match addr.parse() {
+            Ok(addr) => addr,
+            // An IPv4 address with a bad length: say so, as before.
+            Err(_) if addr.parse::<Ipv4Addr>().is_ok() => {
+                return Err(CidrError::PrefixLen(text.to_string()));
+            }
+            Err(_) => return Err(CidrError::Address(text.to_string())),
+        };
+        let len = prefix_len(len, text)?;
+        Self::new(IpAddr::V6(addr), len).ok_or_else(|| CidrError::PrefixLen(text.to_string()))
+    }
+}
+
+impl fmt::Display for IpCidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
     }
@@ -386,7 +549,7 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
     /// The node IPs NodePorts answer on, already filtered by
     /// `--nodeport-addresses`. Order and duplicates do not matter.
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
 }
 
 impl NodeInfo {
@@ -409,8 +572,11 @@ impl NodeInfo {
     }
 
     /// The same node, with NodePorts answering on `addresses`.
-    pub fn with_addresses(mut self, addresses: impl IntoIterator<Item = Ipv4Addr>) -> Self {
-        self.addresses = addresses.into_iter().collect();
+    pub fn with_addresses<A: Into<IpAddr>>(
+        mut self,
+        addresses: impl IntoIterator<Item = A>,
+    ) -> Self {
+        self.addresses = addresses.into_iter().map(Into::into).collect();
         self
     }
 
@@ -460,7 +626,7 @@ pub(super) enum Problem {
     )]
     ClusterIpTaken {
         field: &'static str,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         owner: String,
     },
     #[error("port {name:?}: frontend {frontend} already belongs to {owner}")]
@@ -502,8 +668,37 @@ pub(super) enum Problem {
     AffinityTimeout(i32),
     #[error("endpoint {index}: no address")]
     NoAddress { index: usize },
-    #[error("endpoint {index}: address {addr:?} is not an IPv4 address")]
-    BadAddress { index: usize, addr: String },
+    #[error("endpoint {index}: address {addr:?} is not an {family} address; endpoint skipped")]
+    BadAddress {
+        index: usize,
+        addr: String,
+        family: Family,
+    },
+    #[error("endpoint {index}: address {addr:?} is {source}; endpoint skipped")]
+    MappedAddress {
+        index: usize,
+        addr: String,
+        source: IpError,
+    },
+    #[error("addressType {0:?} is not IPv4 or IPv6; slice ignored")]
+    AddressType(String),
+    #[error("{field}: {addr:?} is {source}; ignored")]
+    BadFamilyAddress {
+        field: &'static str,
+        addr: String,
+        source: IpError,
+    },
+    #[error(
+        "{field}: {addr} is {family} but the Service has no {family} cluster IP (ipFamilies {families}); ignored"
+    )]
+    FamilyNotServed {
+        field: &'static str,
+        addr: String,
+        family: Family,
+        families: String,
+    },
+    #[error("clusterIPs: a second {family} address {addr}; only the first of a family is served")]
+    SecondClusterIp { family: Family, addr: IpAddr },
 }
 
 pub(super) fn warn(warnings: &mut Vec<Warning>, object: &str, problem: Problem) {
@@ -1217,7 +1412,7 @@ mod properties {
                     .map(|zone| (LABEL_TOPOLOGY_ZONE.to_string(), zone.to_string()))
                     .into_iter()
                     .collect(),
-                addresses: vec![Ipv4Addr::new(192, 168, 0, 1)],
+                addresses: vec![Ipv4Addr::new(192, 168, 0, 1).into()],
             })
     }
 

@@ -22,8 +22,11 @@ pub struct ServiceFacts {
 /// The valid part of a Service's spec (and status).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Spec {
-    /// The IPv4 cluster IPs, sorted (none for an IPv6-only Service).
-    pub(crate) cluster_ips: Box<[Ipv4Addr]>,
+    /// The cluster IPs, at most one per family, sorted (IPv4 first).
+    pub(crate) cluster_ips: Box<[IpAddr]>,
+    /// The family of its primary cluster IP (`ipFamilies[0]`): the one
+    /// its health check counts endpoints of.
+    pub(crate) primary: Family,
     /// The valid ports, in spec order.
     pub(super) ports: Box<[Port]>,
     pub(super) policy: TrafficPolicy,
@@ -63,7 +66,7 @@ impl ServiceFacts {
             warn(warnings, &object, Problem::NoClusterIp);
             return out;
         };
-        let cluster_ips = match cluster_ips(spec, &object) {
+        let cluster_ips = match cluster_ips(spec, &mut |problem| warn(warnings, &object, problem)) {
             Ok(Some(addrs)) => addrs,
             Ok(None) => return out,
             Err(problem) => {
@@ -80,7 +83,8 @@ impl ServiceFacts {
                 None
             }
         };
-        let exposure = Exposure::of(service, spec, &mut |problem| {
+        let families: BTreeSet<Family> = cluster_ips.1.iter().map(|a| Family::of(*a)).collect();
+        let exposure = Exposure::of(service, spec, &families, &mut |problem| {
             warn(warnings, &object, problem)
         });
         let mut ports = Vec::new();
@@ -107,8 +111,10 @@ impl ServiceFacts {
                 node_port,
             });
         }
+        let (primary, cluster_ips) = cluster_ips;
         out.spec = Some(Box::new(Spec {
             cluster_ips: cluster_ips.into_iter().collect(),
+            primary,
             ports: ports.into(),
             policy: TrafficPolicy::of(spec),
             affinity_timeout_s,
@@ -143,15 +149,23 @@ pub(crate) fn derive_service(
     spec: &Spec,
     service_slices: &[&SliceEndpoints],
     node: &NodeInfo,
-    cluster_ip_owner: &dyn Fn(Ipv4Addr) -> Option<ServiceName>,
+    cluster_ip_owner: &dyn Fn(IpAddr) -> Option<ServiceName>,
 ) -> Derived {
     let mut out = Derived::default();
     let (namespace, service_name) = (&*name.namespace, &*name.name);
     let exposure = spec.exposure.clone().allowing_node(&node.addresses);
-    let node_addresses: BTreeSet<Ipv4Addr> = node.addresses.iter().copied().collect();
+    let families: BTreeSet<Family> = spec.cluster_ips.iter().map(|a| Family::of(*a)).collect();
+    // NodePorts answer on the node's addresses of the Service's families
+    // (kube-proxy's per-family proxiers each use their family's).
+    let node_addresses: BTreeSet<IpAddr> = node
+        .addresses
+        .iter()
+        .copied()
+        .filter(|a| families.contains(&Family::of(*a)))
+        .collect();
     // Addresses of another Service's cluster IP, refused once each.
-    let mut taken: BTreeMap<Ipv4Addr, Option<ServiceName>> = BTreeMap::new();
-    let mut refuse = |addr: Ipv4Addr, kind: FrontendKind, out: &mut Derived| {
+    let mut taken: BTreeMap<IpAddr, Option<ServiceName>> = BTreeMap::new();
+    let mut refuse = |addr: IpAddr, kind: FrontendKind, out: &mut Derived| {
         let owner = taken.entry(addr).or_insert_with(|| {
             let owner = cluster_ip_owner(addr).filter(|owner| owner != name);
             if let Some(owner) = &owner {
@@ -165,14 +179,22 @@ pub(crate) fn derive_service(
     // Frontends this Service claimed, by the port that claimed them.
     let mut own: BTreeMap<Frontend, Arc<str>> = BTreeMap::new();
     for port in &spec.ports {
-        let candidates = candidates_for(service_slices, &port.name, port.protocol);
-        let sets = categorize(&candidates, spec.policy, node);
+        // Endpoints are chosen per family, from that family's slices only,
+        // as kube-proxy's proxier of each family does.
+        let sets: BTreeMap<Family, _> = families
+            .iter()
+            .map(|family| {
+                let candidates = candidates_for(service_slices, &port.name, port.protocol, *family);
+                (*family, categorize(&candidates, spec.policy, node))
+            })
+            .collect();
         let label: Arc<str> = service_port_name(namespace, service_name, &port.name).into();
-        let state = |kind: FrontendKind| {
-            sets.state(label.clone(), kind, &exposure, spec.affinity_timeout_s)
+        let state = |kind: FrontendKind, family: Family| {
+            let exposure = exposure.for_family(family);
+            sets[&family].state(label.clone(), kind, &exposure, spec.affinity_timeout_s)
         };
         let mut claims: Vec<(Frontend, FrontendKind)> = Vec::new();
-        let on = |addr: Ipv4Addr, number: u16| Frontend {
+        let on = |addr: IpAddr, number: u16| Frontend {
             addr,
             port: number,
             proto: port.protocol,
@@ -229,7 +251,8 @@ pub(crate) fn derive_service(
                 continue;
             }
             own.insert(frontend, port.name.clone());
-            out.claims.push((frontend, port.name.clone(), state(kind)));
+            let state = state(kind, Family::of(frontend.addr));
+            out.claims.push((frontend, port.name.clone(), state));
         }
     }
     // kube-proxy keeps health checks per service port, so a Service
@@ -241,7 +264,7 @@ pub(crate) fn derive_service(
         let check = HealthCheck {
             namespace: namespace.to_string(),
             name: service_name.to_string(),
-            local_endpoints: local_ready_addresses(service_slices, node),
+            local_endpoints: local_ready_addresses(service_slices, node, spec.primary),
         };
         out.health_check = Some((port, check));
     }
@@ -253,7 +276,7 @@ pub(crate) fn derive_service(
 fn cluster_ip_taken(
     service: &ServiceName,
     kind: FrontendKind,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     owner: &ServiceName,
 ) -> Warning {
     let field = match kind {
@@ -340,11 +363,21 @@ pub(super) fn session_affinity(spec: &api::ServiceSpec) -> Result<Option<u32>, P
     }
 }
 
-/// The IPv4 cluster IPs, `None` for Services kube-proxy does not proxy.
+/// The cluster IPs to serve, at most one per family, and the primary
+/// family; `None` for Services kube-proxy does not proxy.
+///
+/// Families as the API server allocates them: `ipFamilies` (when given)
+/// lists the families served, primary first, and `ipFamilyPolicy:
+/// SingleStack` keeps only the primary one; without them, every family
+/// `clusterIPs` lists is served (a static manifest may leave both out). An
+/// address of another family, a second one of a family or an IPv4-mapped
+/// IPv6 address is warned about (through `warn`) and skipped; the rest is
+/// served. An unparseable address makes the whole Service unusable, as
+/// before: nothing says which family it meant.
 pub(super) fn cluster_ips(
     spec: &api::ServiceSpec,
-    object: &str,
-) -> Result<Option<BTreeSet<Ipv4Addr>>, Problem> {
+    warn: &mut dyn FnMut(Problem),
+) -> Result<Option<(Family, BTreeSet<IpAddr>)>, Problem> {
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(None);
     }
@@ -358,19 +391,70 @@ pub(super) fn cluster_ips(
     if listed.iter().all(|ip| ip.is_empty()) {
         return Err(Problem::NoClusterIp);
     }
-    let mut addrs = BTreeSet::new();
-    for ip in listed {
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(addr)) => {
-                addrs.insert(addr);
-            }
-            // This proxy programs IPv4 only; the IPv6 family of a dual-stack
-            // Service is expected, not an error.
-            Ok(IpAddr::V6(addr)) => tracing::debug!("{object}: ignoring IPv6 clusterIP {addr}"),
-            Err(_) => return Err(Problem::BadClusterIp(ip.to_string())),
+    let declared: Vec<Family> = spec
+        .ip_families
+        .iter()
+        .flatten()
+        .filter_map(|f| Family::from_api(f))
+        .collect();
+    let single = spec.ip_family_policy.as_deref() == Some("SingleStack");
+    let mut parsed = Vec::new();
+    for ip in listed.iter().filter(|ip| !ip.is_empty()) {
+        match parse_ip(ip) {
+            Ok(addr) => parsed.push(addr),
+            Err(source @ IpError::Ipv4Mapped) => warn(Problem::BadFamilyAddress {
+                field: "clusterIPs",
+                addr: ip.to_string(),
+                source,
+            }),
+            Err(IpError::NotAnAddress) => return Err(Problem::BadClusterIp(ip.to_string())),
         }
     }
-    Ok(Some(addrs))
+    let Some(first) = parsed.first() else {
+        return Err(Problem::NoClusterIp);
+    };
+    let primary = declared.first().copied().unwrap_or(Family::of(*first));
+    let allowed = |family: Family| {
+        if single {
+            family == primary
+        } else {
+            declared.is_empty() || declared.contains(&family)
+        }
+    };
+    let families_text = || {
+        let names: Vec<&str> = if declared.is_empty() {
+            vec![primary.as_str()]
+        } else {
+            declared.iter().map(Family::as_str).collect()
+        };
+        let policy = spec.ip_family_policy.as_deref().unwrap_or("unset");
+        format!("[{}], ipFamilyPolicy {policy}", names.join(", "))
+    };
+    let mut addrs: BTreeMap<Family, IpAddr> = BTreeMap::new();
+    for addr in parsed {
+        let family = Family::of(addr);
+        if !allowed(family) {
+            warn(Problem::FamilyNotServed {
+                field: "clusterIPs",
+                addr: addr.to_string(),
+                family,
+                families: families_text(),
+            });
+        } else if let std::collections::btree_map::Entry::Vacant(free) = addrs.entry(family) {
+            free.insert(addr);
+        } else {
+            warn(Problem::SecondClusterIp { family, addr });
+        }
+    }
+    if addrs.is_empty() {
+        return Err(Problem::NoClusterIp);
+    }
+    let primary = if addrs.contains_key(&primary) {
+        primary
+    } else {
+        *addrs.keys().next().expect("not empty")
+    };
+    Ok(Some((primary, addrs.into_values().collect())))
 }
 
 pub(super) fn service_port(port: &api::ServicePort) -> Result<(u16, Protocol), Problem> {
@@ -414,11 +498,13 @@ pub(crate) struct Exposure {
     /// NodePort and LoadBalancer types (kube-proxy's `ExternalPolicyLocal`):
     /// the external IPs of a ClusterIP Service always use Cluster.
     pub(super) external_local: bool,
-    /// VIP-mode IPv4 ingress IPs, whatever the type, as kube-proxy. Sorted.
-    pub(crate) load_balancer_ips: Vec<Ipv4Addr>,
-    /// Sorted.
-    pub(crate) external_ips: Vec<Ipv4Addr>,
-    pub(super) source_ranges: Vec<Ipv4Cidr>,
+    /// VIP-mode ingress IPs of the Service's families, whatever the type,
+    /// as kube-proxy. Sorted.
+    pub(crate) load_balancer_ips: Vec<IpAddr>,
+    /// Of the Service's families. Sorted.
+    pub(crate) external_ips: Vec<IpAddr>,
+    /// Both families'; [`Exposure::for_family`] keeps one.
+    pub(super) source_ranges: Vec<IpCidr>,
     /// See [`ExternalTraffic::allow_node`]; set per node by
     /// [`Exposure::allowing_node`].
     pub(super) allow_node: bool,
@@ -428,27 +514,31 @@ pub(crate) struct Exposure {
 impl Exposure {
     /// kube-proxy's "allow from node": source ranges that contain a node
     /// address also let in the Service's LB IPs and the node itself.
-    pub(super) fn allowing_node(mut self, node_addresses: &[Ipv4Addr]) -> Self {
+    pub(super) fn allowing_node(mut self, node_addresses: &[IpAddr]) -> Self {
         self.allow_node = self
             .source_ranges
             .iter()
             .any(|range| node_addresses.iter().any(|a| range.contains(*a)));
         if self.allow_node {
-            let mut ranges: BTreeSet<Ipv4Cidr> = self.source_ranges.drain(..).collect();
-            ranges.extend(
-                self.load_balancer_ips
-                    .iter()
-                    .filter_map(|ip| Ipv4Cidr::new(*ip, 32)),
-            );
+            let mut ranges: BTreeSet<IpCidr> = self.source_ranges.drain(..).collect();
+            ranges.extend(self.load_balancer_ips.iter().map(|ip| IpCidr::host(*ip)));
             self.source_ranges = ranges.into_iter().collect();
         }
         self
     }
 
+    /// What the frontends of one family see: that family's source ranges
+    /// only (kube-proxy's proxier of each family filters them so).
+    pub(super) fn for_family(&self, family: Family) -> Self {
+        let mut out = self.clone();
+        out.source_ranges.retain(|range| range.family() == family);
+        out
+    }
+
     /// The addresses this Service asks for beyond its cluster IPs (and
     /// node ports), sorted.
-    pub(crate) fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        let mut all: Vec<Ipv4Addr> = self
+    pub(crate) fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let mut all: Vec<IpAddr> = self
             .load_balancer_ips
             .iter()
             .chain(&self.external_ips)
@@ -462,22 +552,44 @@ impl Exposure {
     pub(super) fn of(
         service: &api::Service,
         spec: &api::ServiceSpec,
+        families: &BTreeSet<Family>,
         warn: &mut dyn FnMut(Problem),
     ) -> Self {
+        // An address of a family the Service has no cluster IP of is not
+        // served (kube-proxy's proxier of that family skips the Service).
+        let mut of_family =
+            |field: &'static str, text: &str, bad: fn(String) -> Problem| match parse_ip(text) {
+                Ok(addr) if families.contains(&Family::of(addr)) => Some(addr),
+                Ok(addr) => {
+                    let names: Vec<&str> = families.iter().map(Family::as_str).collect();
+                    warn(Problem::FamilyNotServed {
+                        field,
+                        addr: addr.to_string(),
+                        family: Family::of(addr),
+                        families: format!("[{}]", names.join(", ")),
+                    });
+                    None
+                }
+                Err(source @ IpError::Ipv4Mapped) => {
+                    warn(Problem::BadFamilyAddress {
+                        field,
+                        addr: text.to_string(),
+                        source,
+                    });
+                    None
+                }
+                Err(IpError::NotAnAddress) => {
+                    warn(bad(text.to_string()));
+                    None
+                }
+            };
         let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
         let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
         let external_local = node_ports && spec.external_traffic_policy.as_deref() == Some("Local");
 
         let mut external_ips = BTreeSet::new();
         for ip in spec.external_ips.iter().flatten() {
-            match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(addr)) => {
-                    external_ips.insert(addr);
-                }
-                // The other family of a dual-stack Service.
-                Ok(IpAddr::V6(_)) => {}
-                Err(_) => warn(Problem::BadExternalIp(ip.clone())),
-            }
+            external_ips.extend(of_family("externalIPs", ip, Problem::BadExternalIp));
         }
 
         let mut load_balancer_ips = BTreeSet::new();
@@ -497,13 +609,11 @@ impl Exposure {
             let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
                 continue;
             };
-            match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(addr)) => {
-                    load_balancer_ips.insert(addr);
-                }
-                Ok(IpAddr::V6(_)) => {}
-                Err(_) => warn(Problem::BadIngressIp(ip.to_string())),
-            }
+            load_balancer_ips.extend(of_family(
+                "status.loadBalancer.ingress",
+                ip,
+                Problem::BadIngressIp,
+            ));
         }
 
         let mut source_ranges = BTreeSet::new();
@@ -511,11 +621,10 @@ impl Exposure {
             // API validation lets whitespace padding through; kube-proxy
             // trims it.
             let range = range.trim();
-            match range.parse::<Ipv4Cidr>() {
+            match range.parse::<IpCidr>() {
                 Ok(cidr) => {
                     source_ranges.insert(cidr);
                 }
-                Err(_) if is_ipv6_cidr(range) => {}
                 Err(e) => warn(Problem::BadSourceRange(e)),
             }
         }
@@ -548,12 +657,6 @@ impl Exposure {
             health_check_port,
         }
     }
-}
-
-pub(super) fn is_ipv6_cidr(text: &str) -> bool {
-    text.split_once('/').is_some_and(|(addr, len)| {
-        addr.parse::<std::net::Ipv6Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 128)
-    })
 }
 
 #[cfg(test)]
@@ -603,7 +706,7 @@ mod cluster_ips {
             name: "node-a".into(),
             ..NodeInfo::default()
         }
-        .with_addresses(["192.168.0.2".parse().unwrap()]);
+        .with_addresses(["192.168.0.2".parse::<IpAddr>().unwrap()]);
         for order in [[0, 1, 2], [2, 1, 0], [1, 0, 2]] {
             let services: Vec<Service> = order.iter().map(|i| services[*i].clone()).collect();
             let (state, warnings) = compute(&services, &[], &node);
@@ -816,7 +919,17 @@ mod tests {
         ]}});
         let svc = exposed(json!({"type": "LoadBalancer"}), status);
         let (state, warnings) = compute(&[svc], &mixed_slices(), &node_a());
-        assert_eq!(warnings, []);
+        // An IPv6 ingress IP on a Service without an IPv6 cluster IP is
+        // not served (kube-proxy's IPv6 proxier skips the Service), and
+        // said so.
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0]
+                .reason
+                .contains("2001:db8::1 is IPv6 but the Service has no IPv6"),
+            "{}",
+            warnings[0]
+        );
         assert_eq!(
             kinds(&state),
             [
@@ -862,7 +975,8 @@ mod tests {
             Value::Null,
         );
         let (state, warnings) = compute(&[svc], &mixed_slices(), &node("node-b", None));
-        assert_eq!(warnings, []);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].reason.contains("externalIPs: fd00::7 is IPv6"));
         assert_eq!(
             kinds(&state),
             [
@@ -1007,7 +1121,7 @@ mod tests {
             warnings.iter().any(|w| w.reason.contains("1.2.3.4/33")),
             "{warnings:?}"
         );
-        let cidr = |text: &str| text.parse::<Ipv4Cidr>().unwrap();
+        let cidr = |text: &str| text.parse::<IpCidr>().unwrap();
         assert_eq!(
             external(&state, fe(LB_IP, 80, Protocol::Tcp)).source_ranges,
             [cidr("10.0.0.0/8"), cidr("192.168.1.0/24")]
@@ -1031,7 +1145,7 @@ mod tests {
                 lb_status(&[LB_IP]),
             )
         };
-        let cidr = |text: &str| text.parse::<Ipv4Cidr>().unwrap();
+        let cidr = |text: &str| text.parse::<IpCidr>().unwrap();
         let (state, _) = compute(&[svc("203.0.113.0/24")], &[], &node_a());
         let ext = external(&state, fe(LB_IP, 80, Protocol::Tcp));
         assert_eq!(ext.source_ranges, [cidr("203.0.113.0/24")]);
@@ -1272,7 +1386,7 @@ mod tests {
     }
 
     #[test]
-    fn cluster_ips_preferred_and_ipv6_ignored() {
+    fn cluster_ips_preferred_and_both_families_served() {
         let svc: Service = from(json!({
             "metadata": {"name": "web", "namespace": "default"},
             "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
@@ -1282,7 +1396,10 @@ mod tests {
         assert_eq!(warnings, []);
         assert_eq!(
             state.frontends.keys().copied().collect::<Vec<_>>(),
-            [fe("10.96.0.10", 80, Protocol::Tcp)]
+            [
+                fe("10.96.0.10", 80, Protocol::Tcp),
+                fe("fd00::10", 80, Protocol::Tcp)
+            ]
         );
     }
 

@@ -6,10 +6,16 @@ use super::*;
 
 /// kube-proxy's health check count: distinct addresses of this node's ready
 /// endpoints over every port of the Service's slices.
-pub(super) fn local_ready_addresses(slices: &[&SliceEndpoints], node: &NodeInfo) -> usize {
+/// The addresses of `family` count: kube-proxy's proxier of each family
+/// counts its own, and the Service's primary family's answers.
+pub(super) fn local_ready_addresses(
+    slices: &[&SliceEndpoints],
+    node: &NodeInfo,
+    family: Family,
+) -> usize {
     slices
         .iter()
-        .filter(|slice| !slice.ports.is_empty())
+        .filter(|slice| !slice.ports.is_empty() && slice.family == family)
         .flat_map(|slice| &slice.endpoints)
         .filter(|info| info.ready && info.is_on(node))
         .map(|info| info.addr)
@@ -25,6 +31,8 @@ pub(super) fn port_number(port: i32) -> Option<u16> {
 /// ports read it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SliceEndpoints {
+    /// `addressType`: every endpoint's address is of it.
+    pub(super) family: Family,
     pub(super) ports: Box<[SlicePort]>,
     /// The endpoints that may ever be used: ready, or serving and
     /// terminating.
@@ -43,7 +51,7 @@ pub(super) struct SlicePort {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct EndpointInfo {
     /// The first address.
-    pub(super) addr: Ipv4Addr,
+    pub(super) addr: IpAddr,
     pub(super) ready: bool,
     pub(super) serving: bool,
     pub(super) terminating: bool,
@@ -83,7 +91,7 @@ pub(super) fn hints_name(names: &[Arc<str>], name: &str) -> bool {
 }
 
 impl EndpointInfo {
-    pub(super) fn from_api(addr: Ipv4Addr, endpoint: &api::Endpoint) -> Self {
+    pub(super) fn from_api(addr: IpAddr, endpoint: &api::Endpoint) -> Self {
         let conditions = endpoint.conditions.as_ref();
         let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
         let hints = endpoint.hints.as_ref().map(|h| Hints {
@@ -149,14 +157,15 @@ pub(super) fn parse_slice(
 ) -> Option<(ServiceName, SliceEndpoints)> {
     let (namespace, name) = identity(&slice.metadata);
     let object = || format!("EndpointSlice {namespace}/{name}");
-    if slice.address_type != "IPv4" {
-        tracing::debug!(
-            "{}: ignoring addressType {:?}",
-            object(),
-            slice.address_type
-        );
+    let Some(family) = Family::from_api(&slice.address_type) else {
+        // FQDN slices are legal and for someone else (kube-proxy skips
+        // them too); anything else is a broken object.
+        if slice.address_type != "FQDN" {
+            let problem = Problem::AddressType(slice.address_type.clone());
+            warn(warnings, &object(), problem);
+        }
         return None;
-    }
+    };
     let labels = slice.metadata.labels.as_ref();
     let Some(service) = labels.and_then(|labels| labels.get(LABEL_SERVICE_NAME)) else {
         // Slices not managed for a Service are legal (custom controllers)
@@ -168,12 +177,13 @@ pub(super) fn parse_slice(
         return None;
     }
     let parsed = SliceEndpoints {
+        family,
         ports: slice_ports(
             slice.ports.as_deref().unwrap_or_default(),
             &object,
             warnings,
         ),
-        endpoints: usable_endpoints(slice, &object, warnings),
+        endpoints: usable_endpoints(slice, family, &object, warnings),
     };
     Some((ServiceName::new(namespace, service), parsed))
 }
@@ -219,11 +229,14 @@ pub(super) fn slice_ports(
     valid.into()
 }
 
-/// Every endpoint of a slice with a parseable address. Selection
+/// Every endpoint of a slice with an address of its `addressType` (an
+/// address of the other family, or an IPv4-mapped IPv6 one, is warned
+/// about and skipped: the slice is broken, not the Service). Selection
 /// (`select_endpoints`) decides which ones new flows may use; the others
 /// still exist, so flows they already serve are kept.
 pub(super) fn usable_endpoints(
     slice: &api::EndpointSlice,
+    family: Family,
     object: &dyn Fn() -> String,
     warnings: &mut Vec<Warning>,
 ) -> Box<[EndpointInfo]> {
@@ -233,15 +246,24 @@ pub(super) fn usable_endpoints(
             warn(warnings, &object(), Problem::NoAddress { index });
             continue;
         };
-        let Ok(addr) = first.parse::<Ipv4Addr>() else {
-            let problem = Problem::BadAddress {
+        let addr = first.clone();
+        let problem = match parse_ip(first) {
+            Ok(ip) if Family::of(ip) == family => {
+                usable.push(EndpointInfo::from_api(ip, endpoint));
+                continue;
+            }
+            Err(source @ IpError::Ipv4Mapped) => Problem::MappedAddress {
                 index,
-                addr: first.clone(),
-            };
-            warn(warnings, &object(), problem);
-            continue;
+                addr,
+                source,
+            },
+            Ok(_) | Err(IpError::NotAnAddress) => Problem::BadAddress {
+                index,
+                addr,
+                family,
+            },
         };
-        usable.push(EndpointInfo::from_api(addr, endpoint));
+        warn(warnings, &object(), problem);
     }
     usable.into()
 }
@@ -263,9 +285,10 @@ pub(super) fn candidates_for<'a>(
     slices: &[&'a SliceEndpoints],
     name: &str,
     protocol: Protocol,
+    family: Family,
 ) -> Vec<Candidate<'a>> {
     let mut candidates = Vec::new();
-    for slice in slices {
+    for slice in slices.iter().filter(|slice| slice.family == family) {
         let numbers = slice
             .ports
             .iter()

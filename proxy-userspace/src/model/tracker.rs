@@ -18,7 +18,7 @@
 //! states.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, NodeSpec};
@@ -135,7 +135,7 @@ impl Entry {
     }
 
     /// Its cluster IPs and the load-balancer and external IPs it asks for.
-    fn addresses(&self) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
+    fn addresses(&self) -> (Vec<IpAddr>, Vec<IpAddr>) {
         self.chosen()
             .and_then(|facts| facts.spec.as_deref())
             .map(|spec| {
@@ -163,7 +163,7 @@ struct Claimed {
 type Claim = (Arc<str>, FrontendState);
 
 /// Services by address, for the cluster-IP rule.
-type AddressIndex = HashMap<Ipv4Addr, Few<ServiceName, ()>>;
+type AddressIndex = HashMap<IpAddr, Few<ServiceName, ()>>;
 
 /// Objects by name, what each Service claims, and the frontends whose state
 /// may have changed since the last [`Tracker::settle`].
@@ -275,8 +275,8 @@ impl Tracker {
     fn reindex(
         &mut self,
         name: &ServiceName,
-        before: (Vec<Ipv4Addr>, Vec<Ipv4Addr>),
-        after: (Vec<Ipv4Addr>, Vec<Ipv4Addr>),
+        before: (Vec<IpAddr>, Vec<IpAddr>),
+        after: (Vec<IpAddr>, Vec<IpAddr>),
     ) {
         if before == after {
             return;
@@ -377,7 +377,7 @@ impl Tracker {
 
     /// Sets the node addresses NodePorts answer on; every Service is
     /// derived again when they changed. Whether they did.
-    pub fn set_node_addresses(&mut self, mut addresses: Vec<Ipv4Addr>) -> bool {
+    pub fn set_node_addresses(&mut self, mut addresses: Vec<IpAddr>) -> bool {
         addresses.sort();
         addresses.dedup();
         if self.node.addresses == addresses {
@@ -389,7 +389,7 @@ impl Tracker {
     }
 
     /// The node addresses NodePorts answer on, sorted.
-    pub fn node_addresses(&self) -> &[Ipv4Addr] {
+    pub fn node_addresses(&self) -> &[IpAddr] {
         &self.node.addresses
     }
 
@@ -439,7 +439,7 @@ impl Tracker {
                         .filter_map(|key| self.slices.get(key))
                         .filter_map(|slice| slice.parsed.as_ref().map(|(_, parsed)| parsed))
                         .collect();
-                    let owner = |addr: Ipv4Addr| {
+                    let owner = |addr: IpAddr| {
                         self.cluster_ips
                             .get(&addr)
                             .and_then(|owners| owners.keys().find(|k| **k != name).cloned())
@@ -635,9 +635,9 @@ impl Tracker {
 fn update_index(
     index: &mut AddressIndex,
     name: &ServiceName,
-    before: &[Ipv4Addr],
-    after: &[Ipv4Addr],
-) -> Vec<Ipv4Addr> {
+    before: &[IpAddr],
+    after: &[IpAddr],
+) -> Vec<IpAddr> {
     let mut changed = Vec::new();
     for addr in before.iter().filter(|a| after.binary_search(a).is_err()) {
         if let Some(names) = index.get_mut(addr) {
@@ -712,7 +712,7 @@ mod tests {
         let touched = t.settle();
         assert_eq!(
             touched.into_iter().map(|f| f.addr).collect::<Vec<_>>(),
-            ["10.96.0.3".parse::<Ipv4Addr>().unwrap()]
+            ["10.96.0.3".parse::<IpAddr>().unwrap()]
         );
         assert!(t.settle().is_empty(), "nothing left to do");
     }

@@ -138,7 +138,7 @@ fn load(services: &[BenchService], tag: usize) -> Result<Fixture> {
         );
     }
     let node = model::NodeInfo {
-        addresses: vec![fib_node::NODE],
+        addresses: vec![fib_node::NODE.into()],
         ..model::NodeInfo::default()
     };
     let (desired, _) = model::compute(&objects.services, &objects.slices, &node);

@@ -2,7 +2,7 @@
 
 use super::Case;
 
-const IPV6: &str = "IPv6 and dual-stack Services are ignored by the agent (IPv4 only)";
+const IPV6: &str = "IPv6 Services are modelled and written into the kep_*6 maps, but no eBPF program translates IPv6 yet";
 const SCTP: &str = "this kernel has no sctp module (socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP) fails with \
      EPROTONOSUPPORT), so no association can be made; the datapath translates SCTP (tested with \
      BPF_PROG_TEST_RUN on packets with real CRC32c)";
