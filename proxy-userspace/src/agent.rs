@@ -17,7 +17,7 @@ use proxy_common::{Backend, ServiceKey};
 use crate::{
     capacity,
     contents::Footprint,
-    datapath::{Datapath, DatapathConfig, Hook},
+    datapath::{Datapath, DatapathConfig, DatapathError, Hook, Hooks},
     diff::MapOp,
     encode::{Encoder, LbAlgorithms},
     healthcheck::HealthServers,
@@ -332,9 +332,12 @@ impl Syncer {
 /// Puts back pins removed behind the agent's back and re-attaches socket
 /// hooks someone detached; a datapath that cannot be restored makes the
 /// agent unhealthy (logged once, when it starts and when it ends).
-fn keep_pins(datapath: &mut Datapath, metrics: &metrics::Metrics) {
+fn keep_pins(datapath: &mut Datapath, hooks: Option<&mut Hooks>, metrics: &metrics::Metrics) {
     let restored = datapath.restore_pins().and_then(|restored| {
-        let hooks = datapath.check_cgroup()?;
+        let hooks = match hooks {
+            Some(hooks) => hooks.check_cgroup()?,
+            None => Vec::new(),
+        };
         Ok((restored, hooks))
     });
     let fault = match restored {
@@ -370,7 +373,7 @@ fn keep_pins(datapath: &mut Datapath, metrics: &metrics::Metrics) {
 /// yet, and forgets interfaces that went. A failure is logged once (again
 /// only when it changes) and retried on the next scan.
 fn attach_matching(
-    datapath: &mut Datapath,
+    hooks: &mut Hooks,
     pods: &[String],
     nodes: &[String],
     failing: &mut BTreeMap<String, String>,
@@ -382,7 +385,7 @@ fn attach_matching(
             return;
         }
     };
-    for gone in datapath.forget_missing(&names) {
+    for gone in hooks.forget_missing(&names) {
         tracing::info!(iface = %gone, "interface gone or replaced");
     }
     failing.retain(|name, _| names.iter().any(|(n, _)| n == name));
@@ -394,10 +397,10 @@ fn attach_matching(
         } else {
             continue;
         };
-        if datapath.is_attached(&name, index, hook) {
+        if hooks.is_attached(&name, index, hook) {
             continue;
         }
-        match datapath.attach(&name, index, hook) {
+        match hooks.attach(&name, index, hook) {
             Ok(()) => {
                 failing.remove(&name);
                 tracing::info!(iface = %name, ?hook, "attached TC ingress");
@@ -416,28 +419,72 @@ fn attach_matching(
 /// Forgets interfaces whose links were detached behind the agent's back;
 /// whether there were any (a scan then attaches them again). No netlink
 /// event says a link was detached, so this runs at the poll interval.
-fn check_links(datapath: &mut Datapath) -> bool {
-    let detached = datapath.forget_detached();
+fn check_links(hooks: &mut Hooks) -> bool {
+    let detached = hooks.forget_detached();
     for iface in &detached {
         tracing::warn!(iface = %iface, "TC program was detached by someone else; re-attaching");
     }
     !detached.is_empty()
 }
 
-/// Attaches to new interfaces, forgets gone ones and reads the node's
+/// Attaches to new interfaces, forgets gone ones (once the programs are
+/// verified: then every interface is scanned) and reads the node's
 /// addresses again; whether the NodePort addresses changed.
 fn rescan_interfaces(
     syncer: &mut Syncer,
+    hooks: Option<&mut Hooks>,
     cfg: &RunConfig,
     failing: &mut BTreeMap<String, String>,
 ) -> bool {
-    attach_matching(
-        syncer.datapath_mut(),
-        &cfg.interfaces,
-        &cfg.node_interfaces,
-        failing,
-    );
+    if let Some(hooks) = hooks {
+        attach_matching(hooks, &cfg.interfaces, &cfg.node_interfaces, failing);
+    }
     refresh_node_addresses(syncer, cfg)
+}
+
+/// The programs as the verifier left them, from its thread.
+type Verified = Result<Result<Hooks, DatapathError>, tokio::task::JoinError>;
+
+/// Attaches the verified programs everywhere (socket hooks, every matching
+/// interface, adopting an earlier agent's pinned links), then retires what
+/// only the programs they replaced read.
+fn start_hooks(
+    verified: Verified,
+    syncer: &mut Syncer,
+    cfg: &RunConfig,
+    failing: &mut BTreeMap<String, String>,
+) -> anyhow::Result<Hooks> {
+    let mut hooks = verified
+        .context("verifying the programs")?
+        .context("loading the datapath")?;
+    tracing::info!("programs verified");
+    if let Some(cgroup) = &cfg.socket_lb_cgroup {
+        hooks
+            .attach_cgroup(cgroup)
+            .context("socket-level load balancing")?;
+        tracing::info!(cgroup = %cgroup.display(), "attached socket hooks");
+    }
+    attach_matching(&mut hooks, &cfg.interfaces, &cfg.node_interfaces, failing);
+    // Every attached program now runs on this agent's maps: conntrack
+    // entries the old programs made in a resized map's place meanwhile are
+    // carried over.
+    match syncer.datapath_mut().finish_resize() {
+        0 => {}
+        n => tracing::info!(
+            entries = n,
+            "copied the last conntrack entries into the resized map"
+        ),
+    }
+    // Every attached program now reads this layout's maps; older layouts
+    // (an agent of an earlier version) can go.
+    match syncer.datapath_mut().retire_old_layouts() {
+        Ok(retired) if !retired.is_empty() => {
+            tracing::info!(?retired, "removed maps of older layouts");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "removing maps of older layouts"),
+    }
+    Ok(hooks)
 }
 
 /// Waits for the next interface or address change, forever without a
@@ -540,18 +587,21 @@ const LARGE_SYNC_OPS: usize = 10_000;
 
 /// Runs the agent on `source` until SIGTERM or SIGINT.
 pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> {
-    let mut datapath = Datapath::load(&cfg.datapath).context("loading the datapath")?;
+    let (datapath, programs) =
+        Datapath::load_maps(&cfg.datapath).context("loading the datapath")?;
     tracing::info!(
         bpffs = %cfg.datapath.bpffs.display(),
         adopted_entries = datapath.live().services.len(),
-        "datapath loaded"
+        "maps loaded; verifying the programs meanwhile"
     );
-    if let Some(cgroup) = &cfg.socket_lb_cgroup {
-        datapath
-            .attach_cgroup(cgroup)
-            .context("socket-level load balancing")?;
-        tracing::info!(cgroup = %cgroup.display(), "attached socket hooks");
-    }
+    // The verifier is most of agent start (about a second per TC ingress
+    // program) and only attaching needs it done: the source is read and
+    // the maps written meanwhile. Until the programs are attached, an
+    // earlier agent's keep running from their pinned links (same layout:
+    // on the maps written here; an older one: on its own maps, which stay
+    // until the new programs replace them).
+    let mut verifying = Some(tokio::task::spawn_blocking(move || programs.verify()));
+    let mut hooks: Option<Hooks> = None;
     let mut syncer = Syncer::new(datapath, cfg.node_name.clone(), cfg.lb_algorithms);
     // Subscribed before the first scan, so nothing that changes after it
     // is missed.
@@ -563,32 +613,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         }
     };
     let mut attach_failing = BTreeMap::new();
-    attach_matching(
-        syncer.datapath_mut(),
-        &cfg.interfaces,
-        &cfg.node_interfaces,
-        &mut attach_failing,
-    );
     refresh_node_addresses(&mut syncer, &cfg);
-    // Every attached program now runs on this agent's maps: conntrack
-    // entries the old programs made in a resized map's place meanwhile are
-    // carried over.
-    match syncer.datapath_mut().finish_resize() {
-        0 => {}
-        n => tracing::info!(
-            entries = n,
-            "copied the last conntrack entries into the resized map"
-        ),
-    }
-    // Every attached program now reads this layout's maps; older layouts
-    // (an agent of an earlier version) can go.
-    match syncer.datapath_mut().retire_old_layouts() {
-        Ok(retired) if !retired.is_empty() => {
-            tracing::info!(?retired, "removed maps of older layouts");
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "removing maps of older layouts"),
-    }
 
     let metrics = {
         let datapath = syncer.datapath_mut();
@@ -633,6 +658,13 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         let full = tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            // Before any sync when the source is slow or down: the hooks
+            // go on as soon as they can, as they always did.
+            verified = async { verifying.as_mut().expect("guarded").await }, if verifying.is_some() => {
+                verifying = None;
+                hooks = Some(start_hooks(verified, &mut syncer, &cfg, &mut attach_failing)?);
+                continue;
+            }
             _ = source.changed() => {
                 let changes = source.take_changes();
                 noticed = Some(changes.since.unwrap_or_else(Instant::now));
@@ -644,13 +676,13 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             // A sync follows, which sets the next retry if one is due.
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(far_future)), if retry_at.is_some() => false,
             _ = link_check.tick() => {
-                keep_pins(syncer.datapath_mut(), &metrics);
-                if !check_links(syncer.datapath_mut()) && link_events.is_some() {
+                keep_pins(syncer.datapath_mut(), hooks.as_mut(), &metrics);
+                if !hooks.as_mut().is_some_and(check_links) && link_events.is_some() {
                     continue;
                 }
                 // New node addresses change the NodePort frontends; before
                 // the first sync they are simply used by it.
-                if !(rescan_interfaces(&mut syncer, &cfg, &mut attach_failing) && synced) {
+                if !(rescan_interfaces(&mut syncer, hooks.as_mut(), &cfg, &mut attach_failing) && synced) {
                     continue;
                 }
                 false
@@ -662,7 +694,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
                 }
                 // New node addresses change the NodePort frontends; before
                 // the first sync they are simply used by it.
-                if !(rescan_interfaces(&mut syncer, &cfg, &mut attach_failing) && synced) {
+                if !(rescan_interfaces(&mut syncer, hooks.as_mut(), &cfg, &mut attach_failing) && synced) {
                     continue;
                 }
                 false
@@ -670,7 +702,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             _ = rescan.tick() => {
                 // New node addresses change the NodePort frontends; before
                 // the first sync they are simply used by it.
-                if !(rescan_interfaces(&mut syncer, &cfg, &mut attach_failing) && synced) {
+                if !(rescan_interfaces(&mut syncer, hooks.as_mut(), &cfg, &mut attach_failing) && synced) {
                     continue;
                 }
                 false
@@ -710,6 +742,16 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         let written = Instant::now();
         if out.ops >= LARGE_SYNC_OPS {
             crate::yaml_limits::release_freed_memory();
+        }
+        // Programmed means served: a sync that beat the verifier waits for
+        // the programs and attaches them before it says so.
+        if let Some(pending) = verifying.take() {
+            hooks = Some(start_hooks(
+                pending.await,
+                &mut syncer,
+                &cfg,
+                &mut attach_failing,
+            )?);
         }
         let noticed = noticed.take().filter(|_| !full);
         metrics.record_sync(

@@ -19,7 +19,7 @@ use proxy_common::{
 };
 use proxy_userspace::{
     contents::{addr_to_map, port_to_map},
-    datapath::{CtTimeouts, Datapath, DatapathConfig, Hook, maps_dir, unpin_all},
+    datapath::{CtTimeouts, Datapath, DatapathConfig, Hook, Hooks, maps_dir, unpin_all},
     diff::MapOp,
     maglev::{TableBackend, TableSpec},
     tables::MaglevTables,
@@ -54,6 +54,7 @@ const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbb];
 /// A loaded datapath pinned under a directory of its own, unpinned on drop.
 struct Fixture {
     dp: Datapath,
+    hooks: Hooks,
     _pins: PinDir,
     pin_dir: PathBuf,
 }
@@ -96,11 +97,12 @@ impl Fixture {
         };
         change(&mut cfg);
         let pins = PinDir(pin_dir.clone());
-        let dp = Datapath::load(&cfg).unwrap_or_else(|e| {
+        let (dp, hooks) = Datapath::load(&cfg).unwrap_or_else(|e| {
             panic!("cannot load the eBPF datapath (this test needs root and bpffs): {e:#}")
         });
         let mut fx = Self {
             dp,
+            hooks,
             _pins: pins,
             pin_dir,
         };
@@ -174,13 +176,13 @@ impl Fixture {
     /// The TC program of `hook` on `packet` as if it arrived on interface
     /// `ifindex` of the calling thread's network namespace (0: none).
     fn run_hook_on(&mut self, hook: Hook, packet: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
-        test_run_tc(self.dp.hook_program(hook), packet, ifindex, ifindex)
+        test_run_tc(self.hooks.hook_program(hook), packet, ifindex, ifindex)
     }
 
     /// The egress program on `packet` leaving the node: sent by the node
     /// itself (`ingress_ifindex` 0) or forwarded from that interface.
     fn run_egress(&mut self, packet: &[u8], ingress_ifindex: u32) -> (u32, Vec<u8>) {
-        test_run_tc(self.dp.egress_program(), packet, ingress_ifindex, 0)
+        test_run_tc(self.hooks.egress_program(), packet, ingress_ifindex, 0)
     }
 
     /// The XDP program on `packet` as if it arrived on interface `ifindex`
@@ -198,7 +200,7 @@ impl Fixture {
             ..TestRunOptions::new()
         };
         let res =
-            self.dp.xdp_program().test_run(opts).unwrap_or_else(|e| {
+            self.hooks.xdp_program().test_run(opts).unwrap_or_else(|e| {
                 panic!("XDP BPF_PROG_TEST_RUN failed for {packet:02x?}: {e:?}")
             });
         out.truncate(res.data_size_out as usize);

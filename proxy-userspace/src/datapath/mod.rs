@@ -9,7 +9,7 @@ mod resize;
 mod upkeep;
 
 pub use bpffs::{BPFFS_MOUNT, DirError, DirLock, ensure_dir};
-pub use hooks::{Hook, PINS, Pin};
+pub use hooks::{Hook, Hooks, PINS, Pin, Unverified};
 pub use pins::{cleanup, links_dir, maps_dir, pinned_links, unpin_all};
 pub use resize::capacity_flag;
 pub use upkeep::{CtSweep, sum_traffic};
@@ -19,7 +19,7 @@ use std::{collections::BTreeMap, io, net::Ipv4Addr, path::PathBuf, time::Duratio
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie},
-    programs::{CgroupSockAddr, SchedClassifier, Xdp, XdpMode},
+    programs::XdpMode,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CONFIG_FLAG_FAST_PATH, Config, CtKey, CtValue,
@@ -348,8 +348,10 @@ impl FailedOp {
     }
 }
 
+/// The maps, and what this process knows they hold: everything the
+/// control plane writes and the upkeep reads. The programs that read them
+/// are [`Hooks`].
 pub struct Datapath {
-    ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     /// The conntrack maps by name, as in `map_names::CONNTRACK` (TCP,
@@ -369,18 +371,6 @@ pub struct Datapath {
     settings: Config,
     /// What the maps hold, as last read or written by this process.
     live: MapContents,
-    /// Interfaces (name -> ifindex, hook) whose pinned TC link runs this
-    /// process's program.
-    attached: BTreeMap<String, (u32, Hook)>,
-    /// The cgroup the socket hooks are attached to.
-    cgroup: Option<PathBuf>,
-    /// The links checked so far, open, by pin name (see `link_alive`).
-    links: BTreeMap<String, std::os::fd::OwnedFd>,
-    /// The pin names under `links/`, and the directory's mtime then.
-    link_names: (
-        Option<std::time::SystemTime>,
-        std::collections::BTreeSet<String>,
-    ),
     /// Every pinned map by name, to pin again if its pin is removed.
     pinned: Vec<(&'static str, MapData)>,
     /// Every map's real `max_entries`, by name (an adopted map keeps the
@@ -393,14 +383,23 @@ pub struct Datapath {
     bpffs: PathBuf,
     /// This agent's hold on `bpffs`.
     lock: DirLock,
-    xdp: XdpSetting,
 }
 
 impl Datapath {
+    /// Loads the embedded object: its maps ([`Datapath::load_maps`]) and
+    /// its programs, verified.
+    pub fn load(cfg: &DatapathConfig) -> Result<(Self, Hooks), DatapathError> {
+        let (datapath, programs) = Self::load_maps(cfg)?;
+        Ok((datapath, programs.verify()?))
+    }
+
     /// Loads the embedded object, creating the maps under `cfg.bpffs` or
     /// adopting the ones already pinned there (a restarted agent keeps the
-    /// previous contents, so it only rewrites what differs).
-    pub fn load(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+    /// previous contents, so it only rewrites what differs). The programs
+    /// are not verified yet ([`Unverified::verify`]): the verifier is most
+    /// of the agent's start, and nothing but attaching needs it done, so
+    /// the agent runs it while it reads its source and writes the maps.
+    pub fn load_maps(cfg: &DatapathConfig) -> Result<(Self, Unverified), DatapathError> {
         if BPF_OBJECT.is_empty() {
             return Err(DatapathError::Settings(
                 "this agent was built without its eBPF object (run `cargo xtask build-ebpf`, \
@@ -446,17 +445,6 @@ impl Datapath {
                 path: cfg.bpffs.clone(),
                 source: Box::new(source),
             })?;
-        for name in [
-            program_names::TC_POD_INGRESS,
-            program_names::TC_NODE_INGRESS,
-            program_names::TC_EGRESS,
-        ] {
-            load_program(&mut ebpf, name, SchedClassifier::load)?;
-        }
-        load_program(&mut ebpf, program_names::XDP_NODE, Xdp::load)?;
-        for name in SOCK_PROGRAMS {
-            load_program(&mut ebpf, name, CgroupSockAddr::load)?;
-        }
         let services = take_map(&mut ebpf, map_names::SERVICES)?;
         let backends = take_map(&mut ebpf, map_names::BACKENDS)?;
         let conntrack = [
@@ -508,7 +496,6 @@ impl Datapath {
             .collect::<Result<_, DatapathError>>()?;
         let mut dp = Self {
             settings,
-            ebpf,
             services,
             backends,
             conntrack,
@@ -521,17 +508,12 @@ impl Datapath {
             node_addrs,
             endpoints,
             live: MapContents::default(),
-            attached: BTreeMap::new(),
-            cgroup: None,
-            links: BTreeMap::new(),
-            link_names: Default::default(),
             pinned,
             max_entries,
             old_conntrack: Vec::new(),
             config,
             bpffs: cfg.bpffs.clone(),
             lock,
-            xdp: cfg.xdp,
         };
         dp.live = dp.read_contents()?;
         if !resized.is_empty() {
@@ -539,7 +521,7 @@ impl Datapath {
             dp.live = dp.read_contents()?;
         }
         dp.sync_endpoints();
-        Ok(dp)
+        Ok((dp, Unverified::new(ebpf, cfg)))
     }
 
     /// Makes the endpoints map the set of the backends' (address, port,
@@ -564,28 +546,6 @@ impl Datapath {
                 tracing::warn!(error = %e, endpoint = ?new, "kep_endpoints: direct connections to this endpoint are not tracked");
             }
         }
-    }
-
-    /// The pod-side TC program, for attaching elsewhere or `test_run`.
-    pub fn classifier(&mut self) -> &mut SchedClassifier {
-        self.hook_program(Hook::Pod)
-    }
-
-    /// The TC program of `hook`.
-    pub fn hook_program(&mut self, hook: Hook) -> &mut SchedClassifier {
-        self.tc_program(hook.program())
-    }
-
-    /// The egress program (what the node itself sends), for `test_run`.
-    pub fn egress_program(&mut self) -> &mut SchedClassifier {
-        self.tc_program(program_names::TC_EGRESS)
-    }
-
-    pub(super) fn tc_program(&mut self, name: &str) -> &mut SchedClassifier {
-        self.ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .expect("checked in load")
     }
 
     /// Makes the datapath's set of the node's own addresses `addrs` (every
@@ -627,15 +587,6 @@ impl Datapath {
             .map_err(map_err(map_names::CONFIG))?;
         self.settings = settings;
         Ok(())
-    }
-
-    /// The node interfaces' XDP program, for attaching elsewhere or
-    /// `test_run`.
-    pub fn xdp_program(&mut self) -> &mut Xdp {
-        self.ebpf
-            .program_mut(program_names::XDP_NODE)
-            .and_then(|p| p.try_into().ok())
-            .expect("loaded in Datapath::load")
     }
 
     /// `svc_id`'s Maglev table as the datapath has it (backend id by
@@ -1002,28 +953,10 @@ fn take_traffic(
         .map_err(map_err(name))
 }
 
-/// Loads program `name` of type `P` into the kernel (aya gives the types'
-/// `load` no common trait, hence the function argument).
-fn load_program<P>(
-    ebpf: &mut Ebpf,
+pub(super) fn program_err(
     name: &'static str,
-    load: fn(&mut P) -> Result<(), aya::programs::ProgramError>,
-) -> Result<(), DatapathError>
-where
-    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    let prog: &mut P = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::Program {
-            name,
-            source: Box::new(aya::programs::ProgramError::NotLoaded),
-        })?
-        .try_into()
-        .map_err(|e| program_err(name, e))?;
-    load(prog).map_err(|e| program_err(name, e))
-}
-
-fn program_err(name: &'static str, source: aya::programs::ProgramError) -> DatapathError {
+    source: aya::programs::ProgramError,
+) -> DatapathError {
     DatapathError::Program {
         name,
         source: Box::new(source),
