@@ -17,7 +17,7 @@ use proxy_common::{Backend, ServiceKey};
 use crate::{
     capacity,
     contents::Footprint,
-    datapath::{Datapath, DatapathConfig, DatapathError, Hook, Hooks},
+    datapath::{Datapath, DatapathConfig, DatapathError, Hook, Hooks, Upkeep},
     diff::MapOp,
     encode::{Encoder, LbAlgorithms},
     healthcheck::HealthServers,
@@ -60,8 +60,10 @@ pub struct RunConfig {
     pub healthz_addr: Option<SocketAddr>,
 }
 
-/// Owns the datapath, the tracker of what the source said, and the id
-/// allocation; turns changes into map writes.
+/// Owns the maps the control plane writes ([`Datapath`]), the tracker of
+/// what the source said, and the encoder (ids, desired contents); turns
+/// changes into map writes. The programs ([`Hooks`]) and the maps the
+/// programs write ([`Upkeep`]) are [`run`]'s.
 pub struct Syncer {
     datapath: Datapath,
     encoder: Encoder,
@@ -121,6 +123,7 @@ impl Syncer {
         self.tracker.health_checks()
     }
 
+    /// The maps, for the node's addresses, pins and layouts.
     pub fn datapath_mut(&mut self) -> &mut Datapath {
         &mut self.datapath
     }
@@ -171,7 +174,7 @@ impl Syncer {
     /// Derives what changed since the last sync and applies the difference.
     /// Bad objects are skipped with one warning each; a failed map write is
     /// logged and the rest still applies.
-    pub fn sync(&mut self) -> SyncOutcome {
+    pub fn sync(&mut self) -> (SyncOutcome, AfterSync) {
         let touched = self.tracker.settle();
         let tracker_warnings = self.tracker.warnings_changed();
         if tracker_warnings || self.whole || std::mem::take(&mut self.warnings_changed) {
@@ -243,15 +246,7 @@ impl Syncer {
             self.retry.add(&f.op);
         }
         self.report_incomplete(incomplete);
-        if affinity_touched && let Err(e) = self.datapath.prune_affinity() {
-            tracing::error!(error = %e, "pruning session affinity");
-        }
-        match self.datapath.forget_udp_backends(&removed) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(entries = n, "deleted UDP flows of removed endpoints"),
-            Err(e) => tracing::error!(error = %e, "deleting UDP flows of removed endpoints"),
-        }
-        SyncOutcome {
+        let outcome = SyncOutcome {
             frontends: self.tracker.frontend_count(),
             backends: self.encoder.desired().backends.len(),
             ops: ops.len(),
@@ -260,7 +255,12 @@ impl Syncer {
             skipped: self.reported.len(),
             incomplete: self.incomplete.len(),
             refused: self.tracker.refused(),
-        }
+        };
+        let after = AfterSync {
+            removed,
+            affinity_touched,
+        };
+        (outcome, after)
     }
 
     /// Whether some writes failed or did not fit and wait to be retried.
@@ -326,6 +326,32 @@ impl Syncer {
             tracing::warn!("skipped: {w}");
         }
         self.reported = warnings;
+    }
+}
+
+/// What a sync leaves to the upkeep: the flows and affinities it made
+/// stale.
+pub struct AfterSync {
+    /// Backends deleted: their UDP flows go at once.
+    removed: Vec<Backend>,
+    /// A frontend with session affinity changed (or every one may have).
+    affinity_touched: bool,
+}
+
+impl AfterSync {
+    /// Deletes the UDP flows of removed endpoints and the session
+    /// affinities that no longer hold (`live`: the services map now).
+    fn tidy(self, upkeep: &mut Upkeep, live: &crate::contents::MapContents) {
+        if self.affinity_touched
+            && let Err(e) = upkeep.prune_affinity(live)
+        {
+            tracing::error!(error = %e, "pruning session affinity");
+        }
+        match upkeep.forget_udp_backends(&self.removed) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(entries = n, "deleted UDP flows of removed endpoints"),
+            Err(e) => tracing::error!(error = %e, "deleting UDP flows of removed endpoints"),
+        }
     }
 }
 
@@ -451,6 +477,7 @@ type Verified = Result<Result<Hooks, DatapathError>, tokio::task::JoinError>;
 fn start_hooks(
     verified: Verified,
     syncer: &mut Syncer,
+    upkeep: &mut Upkeep,
     cfg: &RunConfig,
     failing: &mut BTreeMap<String, String>,
 ) -> anyhow::Result<Hooks> {
@@ -468,7 +495,7 @@ fn start_hooks(
     // Every attached program now runs on this agent's maps: conntrack
     // entries the old programs made in a resized map's place meanwhile are
     // carried over.
-    match syncer.datapath_mut().finish_resize() {
+    match upkeep.finish_resize() {
         0 => {}
         n => tracing::info!(
             entries = n,
@@ -587,7 +614,7 @@ const LARGE_SYNC_OPS: usize = 10_000;
 
 /// Runs the agent on `source` until SIGTERM or SIGINT.
 pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> {
-    let (datapath, programs) =
+    let (datapath, mut upkeep, programs) =
         Datapath::load_maps(&cfg.datapath).context("loading the datapath")?;
     tracing::info!(
         bpffs = %cfg.datapath.bpffs.display(),
@@ -662,7 +689,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             // go on as soon as they can, as they always did.
             verified = async { verifying.as_mut().expect("guarded").await }, if verifying.is_some() => {
                 verifying = None;
-                hooks = Some(start_hooks(verified, &mut syncer, &cfg, &mut attach_failing)?);
+                hooks = Some(start_hooks(verified, &mut syncer, &mut upkeep, &cfg, &mut attach_failing)?);
                 continue;
             }
             _ = source.changed() => {
@@ -708,7 +735,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
                 false
             }
             _ = conntrack_gc.tick() => {
-                for sweep in syncer.datapath_mut().collect_conntrack() {
+                for sweep in upkeep.collect_conntrack() {
                     tracing::debug!(map = sweep.map, deleted = sweep.deleted, "conntrack garbage collected");
                     metrics.set_map_entries(sweep.map, sweep.remaining);
                     if sweep.near_full() {
@@ -725,7 +752,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
                 continue;
             }
             _ = metrics_tick.tick() => {
-                match syncer.datapath_mut().stats() {
+                match upkeep.stats() {
                     Ok(stats) => metrics.observe_datapath(&stats),
                     Err(e) => tracing::debug!(error = %e, "reading datapath counters"),
                 }
@@ -738,7 +765,8 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             // kernel really holds, not against memory.
             syncer.prepare_resync();
         }
-        let out = syncer.sync();
+        let (out, after) = syncer.sync();
+        after.tidy(&mut upkeep, syncer.live());
         let written = Instant::now();
         if out.ops >= LARGE_SYNC_OPS {
             crate::yaml_limits::release_freed_memory();
@@ -749,6 +777,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             hooks = Some(start_hooks(
                 pending.await,
                 &mut syncer,
+                &mut upkeep,
                 &cfg,
                 &mut attach_failing,
             )?);

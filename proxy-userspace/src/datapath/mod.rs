@@ -12,7 +12,7 @@ pub use bpffs::{BPFFS_MOUNT, DirError, DirLock, ensure_dir};
 pub use hooks::{Hook, Hooks, PINS, Pin, Unverified};
 pub use pins::{cleanup, links_dir, maps_dir, pinned_links, unpin_all};
 pub use resize::capacity_flag;
-pub use upkeep::{CtSweep, sum_traffic};
+pub use upkeep::{CtSweep, Upkeep, sum_traffic};
 
 use std::{collections::BTreeMap, io, net::Ipv4Addr, path::PathBuf, time::Duration};
 
@@ -22,9 +22,8 @@ use aya::{
     programs::XdpMode,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CONFIG_FLAG_FAST_PATH, Config, CtKey, CtValue,
-    MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, SourceRange, Traffic, defaults, map_names,
-    program_names,
+    Backend, CONFIG_FLAG_FAST_PATH, Config, MAX_SERVICE_CIDRS, ServiceKey, ServiceValue,
+    SourceRange, Traffic, defaults, map_names, program_names,
 };
 use thiserror::Error;
 
@@ -348,19 +347,16 @@ impl FailedOp {
     }
 }
 
-/// The maps, and what this process knows they hold: everything the
-/// control plane writes and the upkeep reads. The programs that read them
-/// are [`Hooks`].
+/// The maps the control plane writes, and what this process knows they
+/// hold; with the pins and the directory's lock. The programs that read
+/// them are [`Hooks`]; the maps the programs write are [`Upkeep`]'s.
 pub struct Datapath {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
-    /// The conntrack maps by name, as in `map_names::CONNTRACK` (TCP,
-    /// every other protocol).
-    conntrack: [(&'static str, HashMap<MapData, CtKey, CtValue>); 2],
-    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    /// Per-id counters, cleared when an id is freed (it may be handed to
+    /// another frontend or endpoint).
     svc_traffic: PerCpuArray<MapData, Traffic>,
     backend_traffic: PerCpuArray<MapData, Traffic>,
-    stats: PerCpuArray<MapData, u64>,
     tables: MaglevTables,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
     /// The node's own addresses as the datapath has them.
@@ -376,9 +372,6 @@ pub struct Datapath {
     /// Every map's real `max_entries`, by name (an adopted map keeps the
     /// size it was made with).
     max_entries: BTreeMap<&'static str, u32>,
-    /// The conntrack maps replaced by a resize (by name), until the old
-    /// programs are switched off them.
-    old_conntrack: Vec<(&'static str, HashMap<MapData, CtKey, CtValue>)>,
     config: Array<MapData, Config>,
     bpffs: PathBuf,
     /// This agent's hold on `bpffs`.
@@ -388,9 +381,9 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the embedded object: its maps ([`Datapath::load_maps`]) and
     /// its programs, verified.
-    pub fn load(cfg: &DatapathConfig) -> Result<(Self, Hooks), DatapathError> {
-        let (datapath, programs) = Self::load_maps(cfg)?;
-        Ok((datapath, programs.verify()?))
+    pub fn load(cfg: &DatapathConfig) -> Result<(Self, Upkeep, Hooks), DatapathError> {
+        let (datapath, upkeep, programs) = Self::load_maps(cfg)?;
+        Ok((datapath, upkeep, programs.verify()?))
     }
 
     /// Loads the embedded object, creating the maps under `cfg.bpffs` or
@@ -399,7 +392,7 @@ impl Datapath {
     /// are not verified yet ([`Unverified::verify`]): the verifier is most
     /// of the agent's start, and nothing but attaching needs it done, so
     /// the agent runs it while it reads its source and writes the maps.
-    pub fn load_maps(cfg: &DatapathConfig) -> Result<(Self, Unverified), DatapathError> {
+    pub fn load_maps(cfg: &DatapathConfig) -> Result<(Self, Upkeep, Unverified), DatapathError> {
         if BPF_OBJECT.is_empty() {
             return Err(DatapathError::Settings(
                 "this agent was built without its eBPF object (run `cargo xtask build-ebpf`, \
@@ -447,16 +440,8 @@ impl Datapath {
             })?;
         let services = take_map(&mut ebpf, map_names::SERVICES)?;
         let backends = take_map(&mut ebpf, map_names::BACKENDS)?;
-        let conntrack = [
-            (
-                map_names::CONNTRACK_TCP,
-                take_map(&mut ebpf, map_names::CONNTRACK_TCP)?,
-            ),
-            (
-                map_names::CONNTRACK_OTHER,
-                take_map(&mut ebpf, map_names::CONNTRACK_OTHER)?,
-            ),
-        ];
+        let conntrack_tcp = take_map(&mut ebpf, map_names::CONNTRACK_TCP)?;
+        let conntrack_other = take_map(&mut ebpf, map_names::CONNTRACK_OTHER)?;
         let affinity = take_map(&mut ebpf, map_names::AFFINITY)?;
         let svc_traffic = take_traffic(&mut ebpf, map_names::SVC_TRAFFIC)?;
         let backend_traffic = take_traffic(&mut ebpf, map_names::BACKEND_TRAFFIC)?;
@@ -490,19 +475,35 @@ impl Datapath {
             .iter()
             .map(|(name, path)| Ok((*name, MapData::from_pin(path).map_err(map_err(name))?)))
             .collect::<Result<_, DatapathError>>()?;
-        let max_entries = pinned
+        let max_entries: BTreeMap<&'static str, u32> = pinned
             .iter()
             .map(|(name, map)| Ok((*name, map.info().map_err(map_err(name))?.max_entries())))
             .collect::<Result<_, DatapathError>>()?;
+        let capacity = |name| max_entries.get(name).copied().unwrap_or(0);
+        let mut upkeep = Upkeep {
+            conntrack: [
+                (
+                    map_names::CONNTRACK_TCP,
+                    conntrack_tcp,
+                    capacity(map_names::CONNTRACK_TCP),
+                ),
+                (
+                    map_names::CONNTRACK_OTHER,
+                    conntrack_other,
+                    capacity(map_names::CONNTRACK_OTHER),
+                ),
+            ],
+            old_conntrack: Vec::new(),
+            affinity,
+            stats,
+            settings,
+        };
         let mut dp = Self {
             settings,
             services,
             backends,
-            conntrack,
-            affinity,
             svc_traffic,
             backend_traffic,
-            stats,
             tables,
             source_ranges,
             node_addrs,
@@ -510,18 +511,17 @@ impl Datapath {
             live: MapContents::default(),
             pinned,
             max_entries,
-            old_conntrack: Vec::new(),
             config,
             bpffs: cfg.bpffs.clone(),
             lock,
         };
         dp.live = dp.read_contents()?;
         if !resized.is_empty() {
-            dp.migrate(resized)?;
+            dp.migrate(resized, &mut upkeep)?;
             dp.live = dp.read_contents()?;
         }
         dp.sync_endpoints();
-        Ok((dp, Unverified::new(ebpf, cfg)))
+        Ok((dp, upkeep, Unverified::new(ebpf, cfg)))
     }
 
     /// Makes the endpoints map the set of the backends' (address, port,

@@ -99,7 +99,7 @@ fn load(services: &[BenchService], tag: usize) -> Result<Fixture> {
         std::process::id()
     ));
     let _ = unpin_all(&pin_dir);
-    let (dp, hooks) =
+    let (dp, _, hooks) =
         Datapath::load(&DatapathConfig::new(&pin_dir)).context("load the eBPF datapath")?;
     let mut fx = Fixture { dp, hooks, pin_dir };
 
