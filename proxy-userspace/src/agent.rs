@@ -17,7 +17,7 @@ use proxy_common::Backend;
 use crate::{
     capacity,
     contents::{Footprint, MapAddr, SvcKey},
-    datapath::{Datapath, DatapathConfig, Hook},
+    datapath::{Datapath, DatapathConfig, DatapathError, Hook, Hooks, Upkeep},
     diff::MapOp,
     encode::{Encoder, LbAlgorithms},
     healthcheck::HealthServers,
@@ -60,8 +60,10 @@ pub struct RunConfig {
     pub healthz_addr: Option<SocketAddr>,
 }
 
-/// Owns the datapath, the tracker of what the source said, and the id
-/// allocation; turns changes into map writes.
+/// Owns the maps the control plane writes ([`Datapath`]), the tracker of
+/// what the source said, and the encoder (ids, desired contents); turns
+/// changes into map writes. The programs ([`Hooks`]) and the maps the
+/// programs write ([`Upkeep`]) are [`run`]'s.
 pub struct Syncer {
     datapath: Datapath,
     encoder: Encoder,
@@ -121,6 +123,7 @@ impl Syncer {
         self.tracker.health_checks()
     }
 
+    /// The maps, for the node's addresses, pins and layouts.
     pub fn datapath_mut(&mut self) -> &mut Datapath {
         &mut self.datapath
     }
@@ -171,7 +174,7 @@ impl Syncer {
     /// Derives what changed since the last sync and applies the difference.
     /// Bad objects are skipped with one warning each; a failed map write is
     /// logged and the rest still applies.
-    pub fn sync(&mut self) -> SyncOutcome {
+    pub fn sync(&mut self) -> (SyncOutcome, AfterSync) {
         let touched = self.tracker.settle();
         let tracker_warnings = self.tracker.warnings_changed();
         if tracker_warnings || self.whole || std::mem::take(&mut self.warnings_changed) {
@@ -248,15 +251,7 @@ impl Syncer {
             self.retry.add(&f.op);
         }
         self.report_incomplete(incomplete);
-        if affinity_touched && let Err(e) = self.datapath.prune_affinity() {
-            tracing::error!(error = %e, "pruning session affinity");
-        }
-        match self.datapath.forget_udp_backends(&removed) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(entries = n, "deleted UDP flows of removed endpoints"),
-            Err(e) => tracing::error!(error = %e, "deleting UDP flows of removed endpoints"),
-        }
-        SyncOutcome {
+        let outcome = SyncOutcome {
             frontends: self.tracker.frontend_count(),
             backends: self.encoder.desired().backends.len(),
             ops: ops.len(),
@@ -265,7 +260,12 @@ impl Syncer {
             skipped: self.reported.len(),
             incomplete: self.incomplete.len(),
             refused: self.tracker.refused(),
-        }
+        };
+        let after = AfterSync {
+            removed,
+            affinity_touched,
+        };
+        (outcome, after)
     }
 
     /// Whether some writes failed or did not fit and wait to be retried.
@@ -334,12 +334,41 @@ impl Syncer {
     }
 }
 
+/// What a sync leaves to the upkeep: the flows and affinities it made
+/// stale.
+pub struct AfterSync {
+    /// Backends deleted: their UDP flows go at once.
+    removed: Vec<Backend>,
+    /// A frontend with session affinity changed (or every one may have).
+    affinity_touched: bool,
+}
+
+impl AfterSync {
+    /// Deletes the UDP flows of removed endpoints and the session
+    /// affinities that no longer hold (`live`: the services map now).
+    fn tidy(self, upkeep: &mut Upkeep, live: &crate::contents::MapContents) {
+        if self.affinity_touched
+            && let Err(e) = upkeep.prune_affinity(live)
+        {
+            tracing::error!(error = %e, "pruning session affinity");
+        }
+        match upkeep.forget_udp_backends(&self.removed) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(entries = n, "deleted UDP flows of removed endpoints"),
+            Err(e) => tracing::error!(error = %e, "deleting UDP flows of removed endpoints"),
+        }
+    }
+}
+
 /// Puts back pins removed behind the agent's back and re-attaches socket
 /// hooks someone detached; a datapath that cannot be restored makes the
 /// agent unhealthy (logged once, when it starts and when it ends).
-fn keep_pins(datapath: &mut Datapath, metrics: &metrics::Metrics) {
+fn keep_pins(datapath: &mut Datapath, hooks: Option<&mut Hooks>, metrics: &metrics::Metrics) {
     let restored = datapath.restore_pins().and_then(|restored| {
-        let hooks = datapath.check_cgroup()?;
+        let hooks = match hooks {
+            Some(hooks) => hooks.check_cgroup()?,
+            None => Vec::new(),
+        };
         Ok((restored, hooks))
     });
     let fault = match restored {
@@ -375,7 +404,7 @@ fn keep_pins(datapath: &mut Datapath, metrics: &metrics::Metrics) {
 /// yet, and forgets interfaces that went. A failure is logged once (again
 /// only when it changes) and retried on the next scan.
 fn attach_matching(
-    datapath: &mut Datapath,
+    hooks: &mut Hooks,
     pods: &[String],
     nodes: &[String],
     failing: &mut BTreeMap<String, String>,
@@ -387,7 +416,7 @@ fn attach_matching(
             return;
         }
     };
-    for gone in datapath.forget_missing(&names) {
+    for gone in hooks.forget_missing(&names) {
         tracing::info!(iface = %gone, "interface gone or replaced");
     }
     failing.retain(|name, _| names.iter().any(|(n, _)| n == name));
@@ -399,10 +428,10 @@ fn attach_matching(
         } else {
             continue;
         };
-        if datapath.is_attached(&name, index, hook) {
+        if hooks.is_attached(&name, index, hook) {
             continue;
         }
-        match datapath.attach(&name, index, hook) {
+        match hooks.attach(&name, index, hook) {
             Ok(()) => {
                 failing.remove(&name);
                 tracing::info!(iface = %name, ?hook, "attached TC ingress");
@@ -421,28 +450,73 @@ fn attach_matching(
 /// Forgets interfaces whose links were detached behind the agent's back;
 /// whether there were any (a scan then attaches them again). No netlink
 /// event says a link was detached, so this runs at the poll interval.
-fn check_links(datapath: &mut Datapath) -> bool {
-    let detached = datapath.forget_detached();
+fn check_links(hooks: &mut Hooks) -> bool {
+    let detached = hooks.forget_detached();
     for iface in &detached {
         tracing::warn!(iface = %iface, "TC program was detached by someone else; re-attaching");
     }
     !detached.is_empty()
 }
 
-/// Attaches to new interfaces, forgets gone ones and reads the node's
+/// Attaches to new interfaces, forgets gone ones (once the programs are
+/// verified: then every interface is scanned) and reads the node's
 /// addresses again; whether the NodePort addresses changed.
 fn rescan_interfaces(
     syncer: &mut Syncer,
+    hooks: Option<&mut Hooks>,
     cfg: &RunConfig,
     failing: &mut BTreeMap<String, String>,
 ) -> bool {
-    attach_matching(
-        syncer.datapath_mut(),
-        &cfg.interfaces,
-        &cfg.node_interfaces,
-        failing,
-    );
+    if let Some(hooks) = hooks {
+        attach_matching(hooks, &cfg.interfaces, &cfg.node_interfaces, failing);
+    }
     refresh_node_addresses(syncer, cfg)
+}
+
+/// The programs as the verifier left them, from its thread.
+type Verified = Result<Result<Hooks, DatapathError>, tokio::task::JoinError>;
+
+/// Attaches the verified programs everywhere (socket hooks, every matching
+/// interface, adopting an earlier agent's pinned links), then retires what
+/// only the programs they replaced read.
+fn start_hooks(
+    verified: Verified,
+    syncer: &mut Syncer,
+    upkeep: &mut Upkeep,
+    cfg: &RunConfig,
+    failing: &mut BTreeMap<String, String>,
+) -> anyhow::Result<Hooks> {
+    let mut hooks = verified
+        .context("verifying the programs")?
+        .context("loading the datapath")?;
+    tracing::info!("programs verified");
+    if let Some(cgroup) = &cfg.socket_lb_cgroup {
+        hooks
+            .attach_cgroup(cgroup)
+            .context("socket-level load balancing")?;
+        tracing::info!(cgroup = %cgroup.display(), "attached socket hooks");
+    }
+    attach_matching(&mut hooks, &cfg.interfaces, &cfg.node_interfaces, failing);
+    // Every attached program now runs on this agent's maps: conntrack
+    // entries the old programs made in a resized map's place meanwhile are
+    // carried over.
+    match upkeep.finish_resize() {
+        0 => {}
+        n => tracing::info!(
+            entries = n,
+            "copied the last conntrack entries into the resized map"
+        ),
+    }
+    // Every attached program now reads this layout's maps; older layouts
+    // (an agent of an earlier version) can go.
+    match syncer.datapath_mut().retire_old_layouts() {
+        Ok(retired) if !retired.is_empty() => {
+            tracing::info!(?retired, "removed maps of older layouts");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "removing maps of older layouts"),
+    }
+    Ok(hooks)
 }
 
 /// Waits for the next interface or address change, forever without a
@@ -549,18 +623,21 @@ const LARGE_SYNC_OPS: usize = 10_000;
 
 /// Runs the agent on `source` until SIGTERM or SIGINT.
 pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> {
-    let mut datapath = Datapath::load(&cfg.datapath).context("loading the datapath")?;
+    let (datapath, mut upkeep, programs) =
+        Datapath::load_maps(&cfg.datapath).context("loading the datapath")?;
     tracing::info!(
         bpffs = %cfg.datapath.bpffs.display(),
         adopted_entries = datapath.live().services.len(),
-        "datapath loaded"
+        "maps loaded; verifying the programs meanwhile"
     );
-    if let Some(cgroup) = &cfg.socket_lb_cgroup {
-        datapath
-            .attach_cgroup(cgroup)
-            .context("socket-level load balancing")?;
-        tracing::info!(cgroup = %cgroup.display(), "attached socket hooks");
-    }
+    // The verifier is most of agent start (about a second per TC ingress
+    // program) and only attaching needs it done: the source is read and
+    // the maps written meanwhile. Until the programs are attached, an
+    // earlier agent's keep running from their pinned links (same layout:
+    // on the maps written here; an older one: on its own maps, which stay
+    // until the new programs replace them).
+    let mut verifying = Some(tokio::task::spawn_blocking(move || programs.verify()));
+    let mut hooks: Option<Hooks> = None;
     let mut syncer = Syncer::new(datapath, cfg.node_name.clone(), cfg.lb_algorithms);
     // Subscribed before the first scan, so nothing that changes after it
     // is missed.
@@ -572,32 +649,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         }
     };
     let mut attach_failing = BTreeMap::new();
-    attach_matching(
-        syncer.datapath_mut(),
-        &cfg.interfaces,
-        &cfg.node_interfaces,
-        &mut attach_failing,
-    );
     refresh_node_addresses(&mut syncer, &cfg);
-    // Every attached program now runs on this agent's maps: conntrack
-    // entries the old programs made in a resized map's place meanwhile are
-    // carried over.
-    match syncer.datapath_mut().finish_resize() {
-        0 => {}
-        n => tracing::info!(
-            entries = n,
-            "copied the last conntrack entries into the resized map"
-        ),
-    }
-    // Every attached program now reads this layout's maps; older layouts
-    // (an agent of an earlier version) can go.
-    match syncer.datapath_mut().retire_old_layouts() {
-        Ok(retired) if !retired.is_empty() => {
-            tracing::info!(?retired, "removed maps of older layouts");
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "removing maps of older layouts"),
-    }
 
     let metrics = {
         let datapath = syncer.datapath_mut();
@@ -642,6 +694,13 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
         let full = tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            // Before any sync when the source is slow or down: the hooks
+            // go on as soon as they can, as they always did.
+            verified = async { verifying.as_mut().expect("guarded").await }, if verifying.is_some() => {
+                verifying = None;
+                hooks = Some(start_hooks(verified, &mut syncer, &mut upkeep, &cfg, &mut attach_failing)?);
+                continue;
+            }
             _ = source.changed() => {
                 let changes = source.take_changes();
                 noticed = Some(changes.since.unwrap_or_else(Instant::now));
@@ -653,13 +712,13 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             // A sync follows, which sets the next retry if one is due.
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(far_future)), if retry_at.is_some() => false,
             _ = link_check.tick() => {
-                keep_pins(syncer.datapath_mut(), &metrics);
-                if !check_links(syncer.datapath_mut()) && link_events.is_some() {
+                keep_pins(syncer.datapath_mut(), hooks.as_mut(), &metrics);
+                if !hooks.as_mut().is_some_and(check_links) && link_events.is_some() {
                     continue;
                 }
                 // New node addresses change the NodePort frontends; before
                 // the first sync they are simply used by it.
-                if !(rescan_interfaces(&mut syncer, &cfg, &mut attach_failing) && synced) {
+                if !(rescan_interfaces(&mut syncer, hooks.as_mut(), &cfg, &mut attach_failing) && synced) {
                     continue;
                 }
                 false
@@ -671,7 +730,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
                 }
                 // New node addresses change the NodePort frontends; before
                 // the first sync they are simply used by it.
-                if !(rescan_interfaces(&mut syncer, &cfg, &mut attach_failing) && synced) {
+                if !(rescan_interfaces(&mut syncer, hooks.as_mut(), &cfg, &mut attach_failing) && synced) {
                     continue;
                 }
                 false
@@ -679,13 +738,13 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             _ = rescan.tick() => {
                 // New node addresses change the NodePort frontends; before
                 // the first sync they are simply used by it.
-                if !(rescan_interfaces(&mut syncer, &cfg, &mut attach_failing) && synced) {
+                if !(rescan_interfaces(&mut syncer, hooks.as_mut(), &cfg, &mut attach_failing) && synced) {
                     continue;
                 }
                 false
             }
             _ = conntrack_gc.tick() => {
-                for sweep in syncer.datapath_mut().collect_conntrack() {
+                for sweep in upkeep.collect_conntrack() {
                     tracing::debug!(map = sweep.map, deleted = sweep.deleted, "conntrack garbage collected");
                     metrics.set_map_entries(sweep.map, sweep.remaining);
                     if sweep.near_full() {
@@ -702,7 +761,7 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
                 continue;
             }
             _ = metrics_tick.tick() => {
-                match syncer.datapath_mut().stats() {
+                match upkeep.stats() {
                     Ok(stats) => metrics.observe_datapath(&stats),
                     Err(e) => tracing::debug!(error = %e, "reading datapath counters"),
                 }
@@ -715,10 +774,22 @@ pub async fn run(cfg: RunConfig, mut source: impl Source) -> anyhow::Result<()> 
             // kernel really holds, not against memory.
             syncer.prepare_resync();
         }
-        let out = syncer.sync();
+        let (out, after) = syncer.sync();
+        after.tidy(&mut upkeep, syncer.live());
         let written = Instant::now();
         if out.ops >= LARGE_SYNC_OPS {
             crate::yaml_limits::release_freed_memory();
+        }
+        // Programmed means served: a sync that beat the verifier waits for
+        // the programs and attaches them before it says so.
+        if let Some(pending) = verifying.take() {
+            hooks = Some(start_hooks(
+                pending.await,
+                &mut syncer,
+                &mut upkeep,
+                &cfg,
+                &mut attach_failing,
+            )?);
         }
         let noticed = noticed.take().filter(|_| !full);
         metrics.record_sync(

@@ -19,7 +19,7 @@ use proxy_common::{
 };
 use proxy_userspace::{
     contents::{MapAddr, addr_to_map, backend4, port_to_map, svc_key4},
-    datapath::{CtTimeouts, Datapath, DatapathConfig, Hook, maps_dir, unpin_all},
+    datapath::{CtTimeouts, Datapath, DatapathConfig, Hook, Hooks, Upkeep, maps_dir, unpin_all},
     diff::MapOp,
     maglev::{TableBackend, TableSpec},
     tables::MaglevTables,
@@ -54,6 +54,8 @@ const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbb];
 /// A loaded datapath pinned under a directory of its own, unpinned on drop.
 struct Fixture {
     dp: Datapath,
+    upkeep: Upkeep,
+    hooks: Hooks,
     _pins: PinDir,
     pin_dir: PathBuf,
 }
@@ -96,11 +98,13 @@ impl Fixture {
         };
         change(&mut cfg);
         let pins = PinDir(pin_dir.clone());
-        let dp = Datapath::load(&cfg).unwrap_or_else(|e| {
+        let (dp, upkeep, hooks) = Datapath::load(&cfg).unwrap_or_else(|e| {
             panic!("cannot load the eBPF datapath (this test needs root and bpffs): {e:#}")
         });
         let mut fx = Self {
             dp,
+            upkeep,
+            hooks,
             _pins: pins,
             pin_dir,
         };
@@ -188,13 +192,13 @@ impl Fixture {
     /// The TC program of `hook` on `packet` as if it arrived on interface
     /// `ifindex` of the calling thread's network namespace (0: none).
     fn run_hook_on(&mut self, hook: Hook, packet: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
-        test_run_tc(self.dp.hook_program(hook), packet, ifindex, ifindex)
+        test_run_tc(self.hooks.hook_program(hook), packet, ifindex, ifindex)
     }
 
     /// The egress program on `packet` leaving the node: sent by the node
     /// itself (`ingress_ifindex` 0) or forwarded from that interface.
     fn run_egress(&mut self, packet: &[u8], ingress_ifindex: u32) -> (u32, Vec<u8>) {
-        test_run_tc(self.dp.egress_program(), packet, ingress_ifindex, 0)
+        test_run_tc(self.hooks.egress_program(), packet, ingress_ifindex, 0)
     }
 
     /// The XDP program on `packet` as if it arrived on interface `ifindex`
@@ -212,7 +216,7 @@ impl Fixture {
             ..TestRunOptions::new()
         };
         let res =
-            self.dp.xdp_program().test_run(opts).unwrap_or_else(|e| {
+            self.hooks.xdp_program().test_run(opts).unwrap_or_else(|e| {
                 panic!("XDP BPF_PROG_TEST_RUN failed for {packet:02x?}: {e:?}")
             });
         out.truncate(res.data_size_out as usize);
@@ -472,7 +476,7 @@ fn changed(a: &[u8], b: &[u8]) -> Vec<usize> {
 }
 
 fn ct_entries(fx: &Fixture) -> Vec<(CtKey, proxy_common::CtValue)> {
-    fx.dp.conntrack().expect("reading conntrack")
+    fx.upkeep.conntrack().expect("reading conntrack")
 }
 
 // ---- tests ---------------------------------------------------------------------------------
@@ -541,7 +545,7 @@ fn tcp_dnat_rewrites_destination_and_checksums() {
         assert_eq!(ip_dst(&again), ip_dst(&out));
         assert_checksums(&again);
     }
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(stats[stat::NEW_FLOWS as usize], 1);
     assert_eq!(stats[stat::FORWARD_HITS as usize], 20);
 
@@ -585,7 +589,7 @@ fn reply_is_reverse_translated_to_the_vip() {
     for i in changed(&reply, &rout) {
         assert!(allowed.contains(&i), "byte {i} changed");
     }
-    assert_eq!(fx.dp.stats().unwrap()[stat::REPLY_HITS as usize], 1);
+    assert_eq!(fx.upkeep.stats().unwrap()[stat::REPLY_HITS as usize], 1);
 }
 
 #[test]
@@ -650,7 +654,7 @@ fn non_service_packets_are_unchanged() {
         ct.iter().all(|(_, v)| v.is_direct() && !v.is_snat()),
         "{ct:?}"
     );
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(stats[stat::DIRECT_FLOWS as usize], 1);
     assert_eq!(stats[stat::NEW_FLOWS as usize], 0);
 }
@@ -748,7 +752,7 @@ fn no_endpoints_reject_with_icmp_port_unreachable() {
         );
         assert_port_unreachable(&input, &out);
     }
-    assert_eq!(fx.dp.stats().unwrap()[stat::REJECTS as usize], 2);
+    assert_eq!(fx.upkeep.stats().unwrap()[stat::REJECTS as usize], 2);
     assert!(
         ct_entries(&fx).is_empty(),
         "a rejected flow leaves no state"
@@ -776,7 +780,7 @@ fn cluster_ip_without_such_port_rejects_and_unallocated_drops() {
         let (ret, _) = fx.run(&input);
         assert_eq!(ret, TC_ACT_SHOT);
     }
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(stats[stat::REJECTS as usize], 3);
     assert_eq!(stats[stat::UNALLOCATED_DROPS as usize], 2);
     assert!(ct_entries(&fx).is_empty());
@@ -812,7 +816,7 @@ fn drop_flag_drops_silently() {
     let mut fx = Fixture::new();
     let (ret, _) = fx.run(&tcp(CLIENT, VIP_DROP, 44000, SVC_PORT, SYN));
     assert_eq!(ret, TC_ACT_SHOT);
-    assert_eq!(fx.dp.stats().unwrap()[stat::DROPS as usize], 1);
+    assert_eq!(fx.upkeep.stats().unwrap()[stat::DROPS as usize], 1);
 }
 
 #[test]
@@ -952,7 +956,7 @@ fn a_half_closed_connection_outlives_the_closing_timeout() {
     assert_checksums(&reply);
     let (_, ack) = fx.run(&tcp(CLIENT, VIP, 48100, SVC_PORT, ACK));
     assert_eq!(ip_dst(&ack), backend);
-    assert_eq!(fx.dp.stats().unwrap()[stat::NEW_FLOWS as usize], 1);
+    assert_eq!(fx.upkeep.stats().unwrap()[stat::NEW_FLOWS as usize], 1);
     assert_eq!(collect(&mut fx), 0);
 }
 
@@ -1007,7 +1011,11 @@ fn evict(fx: &Fixture, key: &CtKey) {
 
 /// A garbage collection of both conntrack maps: how many entries went.
 fn collect(fx: &mut Fixture) -> usize {
-    fx.dp.collect_conntrack().iter().map(|s| s.deleted).sum()
+    fx.upkeep
+        .collect_conntrack()
+        .iter()
+        .map(|s| s.deleted)
+        .sum()
 }
 
 /// TCP flows are tracked in one LRU map and every other protocol in
@@ -1055,7 +1063,7 @@ fn a_udp_flood_evicts_no_tcp_flow() {
     assert_eq!(ip_dst(&fwd), backend, "the connection keeps its endpoint");
     let (_, reply) = fx.run(&tcp(backend, CLIENT, BACKEND_PORT, 51000, ACK));
     assert_eq!(ip_src(&reply), VIP, "its answers are still translated");
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(stats[stat::CT_RESTORED as usize], 0, "nothing was lost");
     assert_eq!(
         stats[stat::NEW_FLOWS as usize],
@@ -1104,7 +1112,7 @@ fn a_flow_whose_entry_was_evicted_gets_it_back() {
             "{back:?}"
         );
     }
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(stats[stat::CT_RESTORED as usize], 2);
     assert_eq!(stats[stat::NEW_FLOWS as usize], 2);
 }
@@ -1128,7 +1136,7 @@ fn reject_answers_are_rate_limited_per_client() {
     let (ret, out) = fx.run(&tcp(other, VIP_EMPTY, 47100, SVC_PORT, SYN));
     assert_eq!(ret, TC_ACT_REDIRECT, "another client has its own share");
     assert_eq!(ip_dst(&out), other);
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(stats[stat::REJECTS as usize], 7);
     assert_eq!(stats[stat::REJECT_RATE_LIMITED as usize], 4);
     // A second later the client has one more answer.
@@ -1150,7 +1158,7 @@ fn expired_flows_are_chosen_anew_and_collected() {
     fx.run(&udp(CLIENT, VIP, 49000, SVC_PORT));
     fx.run(&tcp(CLIENT, VIP, 49001, SVC_PORT, SYN));
     fx.run(&tcp(CLIENT, VIP, 49001, SVC_PORT, ACK));
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(
         stats[stat::NEW_FLOWS as usize],
         3,
@@ -1186,7 +1194,7 @@ fn removed_udp_backend_loses_its_flows_at_once() {
     assert!(on_victim > 0);
     let before = ct_entries(&fx).len();
     let udp_backend = Backend::new(addr_to_map(victim), port_to_map(BACKEND_PORT), proto::UDP);
-    let deleted = fx.dp.forget_udp_backends(&[udp_backend]).unwrap();
+    let deleted = fx.upkeep.forget_udp_backends(&[udp_backend]).unwrap();
     assert_eq!(
         deleted,
         on_victim * 2,
@@ -1201,7 +1209,7 @@ fn removed_udp_backend_loses_its_flows_at_once() {
     );
     // TCP flows to it are left alone (they end or expire on their own).
     let tcp_backend = Backend::new(addr_to_map(victim), port_to_map(BACKEND_PORT), proto::TCP);
-    assert_eq!(fx.dp.forget_udp_backends(&[tcp_backend]).unwrap(), 0);
+    assert_eq!(fx.upkeep.forget_udp_backends(&[tcp_backend]).unwrap(), 0);
 }
 
 #[test]
@@ -1543,7 +1551,7 @@ fn fragment_trains_are_translated_in_every_order() {
             held += h;
         }
     }
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(stats[stat::FRAG_STASHED as usize], held as u64);
     assert_eq!(stats[stat::FRAG_REPLAYED as usize], held as u64);
     assert_eq!(stats[stat::FRAG_UNTRANSLATED as usize], 0);
@@ -1676,7 +1684,7 @@ fn fragments_follow_their_first_on_every_path() {
         0x5009,
     );
     assert!(train.len() > proxy_common::FRAG_STASH_PER_DATAGRAM as usize + 1);
-    let before = fx.dp.stats().unwrap()[stat::FRAG_UNTRANSLATED as usize];
+    let before = fx.upkeep.stats().unwrap()[stat::FRAG_UNTRANSLATED as usize];
     let capture = replay.capture();
     for (i, f) in train
         .iter()
@@ -1692,7 +1700,7 @@ fn fragments_follow_their_first_on_every_path() {
         }
     }
     assert_eq!(
-        fx.dp.stats().unwrap()[stat::FRAG_UNTRANSLATED as usize],
+        fx.upkeep.stats().unwrap()[stat::FRAG_UNTRANSLATED as usize],
         before + 1
     );
     let (ret, _) = on(&mut fx, Hook::Pod, &train[0]);
@@ -1803,7 +1811,7 @@ fn a_direct_connection_on_a_closed_service_flows_tuple_is_not_translated() {
             "{flags} must be untouched"
         );
     }
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(stats[stat::DIRECT_FLOWS as usize], 1);
     assert_eq!(stats[stat::PORT_REMAPS as usize], 0);
     // UDP: a Service flow idle past its timeout is over as well.
@@ -1819,7 +1827,7 @@ fn a_direct_connection_on_a_closed_service_flows_tuple_is_not_translated() {
     assert_eq!(fx.run(&direct).1, direct);
     let answer = udp(b, CLIENT, BACKEND_PORT, port);
     assert_eq!(fx.run(&answer).1, answer);
-    assert_eq!(fx.dp.stats().unwrap()[stat::PORT_REMAPS as usize], 0);
+    assert_eq!(fx.upkeep.stats().unwrap()[stat::PORT_REMAPS as usize], 0);
 }
 
 /// Two live connections whose tuples towards the endpoint clash, in both
@@ -1879,7 +1887,7 @@ fn a_clash_with_a_live_flow_remaps_the_later_ones_source_port() {
             assert_eq!(tuple(&fx.run(&next(second)).1), tuple(&out2), "{what}");
         }
     }
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(stats[stat::PORT_REMAPS as usize], remaps);
     assert_eq!(stats[stat::DIRECT_FLOWS as usize], remaps);
 }
@@ -1916,7 +1924,7 @@ fn a_shared_source_never_takes_another_clients_closing_flow() {
         &tcp(BACKENDS[0], NODE, BACKEND_PORT, 45000, FIN | ACK),
     );
     assert_eq!((ip_dst(&late), dport(&late)), (EXT_CLIENT, 45000));
-    assert_eq!(fx.dp.stats().unwrap()[stat::PORT_REMAPS as usize], 0);
+    assert_eq!(fx.upkeep.stats().unwrap()[stat::PORT_REMAPS as usize], 0);
 }
 
 // ---- the node itself as an endpoint ----------------------------------------------------------
@@ -2083,7 +2091,7 @@ fn icmp_errors_about_a_translated_flow_are_translated_both_ways() {
         }
     }
     assert_eq!(
-        fx.dp.stats().unwrap()[stat::ICMP_ERRORS as usize],
+        fx.upkeep.stats().unwrap()[stat::ICMP_ERRORS as usize],
         translated
     );
 }
@@ -2156,7 +2164,7 @@ fn other_icmp_passes_untouched() {
         let (ret, out) = fx.run_egress(&input, 0);
         assert_eq!((ret, out), (TC_ACT_OK, input));
     }
-    assert_eq!(fx.dp.stats().unwrap()[stat::ICMP_ERRORS as usize], 0);
+    assert_eq!(fx.upkeep.stats().unwrap()[stat::ICMP_ERRORS as usize], 0);
 }
 
 /// An error about a masqueraded NodePort flow, from its endpoint on another
@@ -2214,7 +2222,7 @@ fn egress_translates_what_the_node_itself_sends() {
     assert_eq!(ret, TC_ACT_OK);
     assert_eq!((ip_src(&out), sport(&out)), (VIP, SVC_PORT));
     assert_checksums(&out);
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(stats[stat::REPLY_HITS as usize], 1);
 
     // Forwarded: untouched, whatever it is.
@@ -2232,7 +2240,7 @@ fn egress_translates_what_the_node_itself_sends() {
         assert_eq!((ret, out), (TC_ACT_OK, input));
     }
     assert_eq!(ct_entries(&fx).len(), before);
-    assert_eq!(fx.dp.stats().unwrap()[stat::ICMP_ERRORS as usize], 1);
+    assert_eq!(fx.upkeep.stats().unwrap()[stat::ICMP_ERRORS as usize], 1);
 }
 
 // ---- Maglev ---------------------------------------------------------------------------------
@@ -2292,7 +2300,7 @@ fn maglev_table_decides_the_backend_of_each_new_flow() {
     assert_eq!(seen.len(), 3, "every backend owns part of the table");
     // Conntrack gone (agent restart across a layout change, another node):
     // the same flow still reaches the same backend.
-    assert!(fx.dp.flush_conntrack().unwrap() > 0);
+    assert!(fx.upkeep.flush_conntrack().unwrap() > 0);
     for sport in 40_000..40_050 {
         let (_, out) = fx.run(&tcp(CLIENT, VIP, sport, SVC_PORT, SYN));
         assert_eq!(ip_dst(&out), table_choice(&table, sport));
@@ -2749,7 +2757,7 @@ fn fuzz_every_output_is_unchanged_or_a_correct_translation() {
     // The generator must really exercise the translation paths.
     assert!(translated > iterations / 10, "only {translated} translated");
     assert!(rejected > iterations / 50, "only {rejected} rejected");
-    let icmp = fx.dp.stats().unwrap()[stat::ICMP_ERRORS as usize];
+    let icmp = fx.upkeep.stats().unwrap()[stat::ICMP_ERRORS as usize];
     assert!(
         icmp > iterations as u64 / 100,
         "only {icmp} ICMP errors translated"
@@ -2821,7 +2829,7 @@ fn xdp_sends_a_nodeport_flow_to_another_node_back_out_translated() {
     let (_, tc_out) = node.ns.run(|| fx.run_hook_on(Hook::Node, &fin, node.eth0));
     assert_eq!((ip_src(&tc_out), ip_dst(&tc_out)), (NODE, BACKENDS[0]));
     assert_checksums(&tc_out);
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(stats[stat::XDP_TX as usize], 4);
     assert_eq!(stats[stat::NEW_FLOWS as usize], 2);
     assert_eq!(stats[stat::REPLY_HITS as usize], 2);
@@ -2861,7 +2869,7 @@ fn xdp_leaves_local_endpoints_to_tc_with_the_flow_already_chosen() {
         "redirected past the stack, TTL counted"
     );
     assert_checksums(&out);
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(stats[stat::NEW_FLOWS as usize], 1, "one choice, made once");
     assert_eq!(stats[stat::FORWARD_HITS as usize], 1);
     assert_eq!(stats[stat::XDP_TX as usize], 0);
@@ -3004,7 +3012,7 @@ fn sctp_flows_are_translated_with_their_crc32c() {
         let (stored, right) = sctp_crcs(&back);
         assert_eq!(stored, if crc { right } else { 0 });
     }
-    let stats = fx.dp.stats().unwrap();
+    let stats = fx.upkeep.stats().unwrap();
     assert_eq!(stats[stat::NEW_FLOWS as usize], 2);
     assert_eq!(stats[stat::REPLY_HITS as usize], 2);
 }
@@ -3042,7 +3050,7 @@ fn the_fast_path_is_learnt_from_each_directions_first_packet() {
         if !fast {
             assert_eq!((ret, ret2), (TC_ACT_OK, TC_ACT_OK), "fast path off");
             assert_eq!((ttl_of(&back), ttl_of(&fwd)), (64, 64));
-            assert_eq!(fx.dp.stats().unwrap()[stat::FAST_PATH_PEER as usize], 0);
+            assert_eq!(fx.upkeep.stats().unwrap()[stat::FAST_PATH_PEER as usize], 0);
             continue;
         }
         assert_eq!((ret, ret2), (TC_ACT_REDIRECT, TC_ACT_REDIRECT));
@@ -3053,7 +3061,7 @@ fn the_fast_path_is_learnt_from_each_directions_first_packet() {
         assert_eq!(&fwd[..6], &[0x02, 0, 0, 0, 0, 0xdd]);
         assert_eq!(&fwd[6..12], &[0x02, 0, 0, 0, 0, 0xcc]);
         assert_eq!((ttl_of(&back), ttl_of(&fwd)), (63, 63));
-        assert_eq!(fx.dp.stats().unwrap()[stat::FAST_PATH_PEER as usize], 2);
+        assert_eq!(fx.upkeep.stats().unwrap()[stat::FAST_PATH_PEER as usize], 2);
 
         // A pod reaching itself (its Service's one endpoint) keeps the
         // stack.

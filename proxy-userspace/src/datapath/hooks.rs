@@ -5,18 +5,28 @@
 //! [`Pin::pin_name`] and [`Pin::parse`], so a new kind of hook is one more
 //! row of that table and every one of them knows it at once.
 
-use std::{os::fd::AsFd, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
 
-use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, TcAttachType, tc::SchedClassifierLink, xdp::XdpLink,
+use aya::{
+    Ebpf,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, Program, SchedClassifier, TcAttachType, Xdp,
+        tc::SchedClassifierLink, xdp::XdpLink,
+    },
 };
 use proxy_common::program_names;
 
 use super::{
-    Datapath, DatapathError, SOCK_PROGRAMS,
+    DatapathConfig, DatapathError, SOCK_PROGRAMS, XdpSetting,
     pins::{
         adopt_link, adopt_pinned, link_target, links_dir, open_pinned_link, pin_link, unpin_link,
     },
+    program_err,
 };
 
 /// One kind of pinned link: what it attaches and how its pin is named
@@ -103,7 +113,147 @@ impl Hook {
     }
 }
 
-impl Datapath {
+/// The object's programs as loaded with its maps, before the verifier has
+/// seen them (see [`super::Datapath::load_maps`]).
+pub struct Unverified {
+    ebpf: Ebpf,
+    bpffs: PathBuf,
+    xdp: XdpSetting,
+}
+
+impl Unverified {
+    pub(super) fn new(ebpf: Ebpf, cfg: &DatapathConfig) -> Self {
+        Self {
+            ebpf,
+            bpffs: cfg.bpffs.clone(),
+            xdp: cfg.xdp,
+        }
+    }
+
+    /// Loads every program the agent attaches into the kernel, all at once:
+    /// the verifier walks one program on one CPU, and the two TC ingress
+    /// programs take about a second each, so one thread per program makes
+    /// agent start the longest program's, not their sum, where there are
+    /// cores for it.
+    pub fn verify(mut self) -> Result<Hooks, DatapathError> {
+        std::thread::scope(|scope| {
+            let running: Vec<_> = self
+                .ebpf
+                .programs_mut()
+                .filter_map(|(name, prog)| {
+                    let (name, load) = PROGRAMS.iter().find(|(n, _)| *n == name)?;
+                    Some(scope.spawn(move || load(name, prog)))
+                })
+                .collect();
+            running
+                .into_iter()
+                .try_for_each(|thread| thread.join().expect("a program's load does not panic"))
+        })?;
+        for (name, _) in PROGRAMS {
+            if self.ebpf.program(name).is_none() {
+                return Err(program_err(name, aya::programs::ProgramError::NotLoaded));
+            }
+        }
+        Ok(Hooks {
+            ebpf: self.ebpf,
+            attached: BTreeMap::new(),
+            cgroup: None,
+            links: BTreeMap::new(),
+            link_names: Default::default(),
+            bpffs: self.bpffs,
+            xdp: self.xdp,
+        })
+    }
+}
+
+/// Every program the agent attaches, and how it is loaded.
+type LoadFn = fn(&'static str, &mut Program) -> Result<(), DatapathError>;
+const PROGRAMS: [(&str, LoadFn); 8] = [
+    (program_names::TC_POD_INGRESS, load_tc),
+    (program_names::TC_NODE_INGRESS, load_tc),
+    (program_names::TC_EGRESS, load_tc),
+    (program_names::XDP_NODE, load_xdp),
+    (SOCK_PROGRAMS[0], load_sock),
+    (SOCK_PROGRAMS[1], load_sock),
+    (SOCK_PROGRAMS[2], load_sock),
+    (SOCK_PROGRAMS[3], load_sock),
+];
+
+fn load_tc(name: &'static str, prog: &mut Program) -> Result<(), DatapathError> {
+    load_program(name, prog, SchedClassifier::load)
+}
+
+fn load_xdp(name: &'static str, prog: &mut Program) -> Result<(), DatapathError> {
+    load_program(name, prog, Xdp::load)
+}
+
+fn load_sock(name: &'static str, prog: &mut Program) -> Result<(), DatapathError> {
+    load_program(name, prog, CgroupSockAddr::load)
+}
+
+/// Loads (verifies) program `name` as type `P` (aya gives the types'
+/// `load` no common trait, hence the function argument).
+fn load_program<P>(
+    name: &'static str,
+    prog: &mut Program,
+    load: fn(&mut P) -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), DatapathError>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut Program, Error = aya::programs::ProgramError>,
+{
+    let prog: &mut P = prog.try_into().map_err(|e| program_err(name, e))?;
+    load(prog).map_err(|e| program_err(name, e))
+}
+
+/// The verified programs and where they run: interfaces and the cgroup,
+/// through pinned links. The maps they read are [`super::Datapath`]'s.
+pub struct Hooks {
+    ebpf: Ebpf,
+    /// Interfaces (name -> ifindex, hook) whose pinned TC link runs this
+    /// process's program.
+    attached: BTreeMap<String, (u32, Hook)>,
+    /// The cgroup the socket hooks are attached to.
+    cgroup: Option<PathBuf>,
+    /// The links checked so far, open, by pin name (see `link_alive`).
+    links: BTreeMap<String, OwnedFd>,
+    /// The pin names under `links/`, and the directory's mtime then.
+    link_names: (Option<SystemTime>, BTreeSet<String>),
+    bpffs: PathBuf,
+    xdp: XdpSetting,
+}
+
+impl Hooks {
+    /// The pod-side TC program, for attaching elsewhere or `test_run`.
+    pub fn classifier(&mut self) -> &mut SchedClassifier {
+        self.hook_program(Hook::Pod)
+    }
+
+    /// The TC program of `hook`.
+    pub fn hook_program(&mut self, hook: Hook) -> &mut SchedClassifier {
+        self.tc_program(hook.program())
+    }
+
+    /// The egress program (what the node itself sends), for `test_run`.
+    pub fn egress_program(&mut self) -> &mut SchedClassifier {
+        self.tc_program(program_names::TC_EGRESS)
+    }
+
+    fn tc_program(&mut self, name: &str) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked in verify")
+    }
+
+    /// The node interfaces' XDP program, for attaching elsewhere or
+    /// `test_run`.
+    pub fn xdp_program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(program_names::XDP_NODE)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked in verify")
+    }
+
     /// Attaches the TC program of `hook` at ingress of `iface` (index
     /// `ifindex`), and the egress program at its egress, each through a
     /// pinned TCX link. A link pinned by an earlier agent is adopted: its
@@ -210,7 +360,7 @@ impl Datapath {
 
     /// Attaches the socket hooks to the cgroup v2 directory `path`: every
     /// process below it, in this network namespace, reaches Services by
-    /// socket-level translation. [`Datapath::check_cgroup`] keeps them
+    /// socket-level translation. [`Hooks::check_cgroup`] keeps them
     /// attached from then on.
     pub fn attach_cgroup(&mut self, path: &Path) -> Result<(), DatapathError> {
         for name in SOCK_PROGRAMS {
@@ -269,7 +419,7 @@ impl Datapath {
             .ebpf
             .program_mut(name)
             .and_then(|p| p.try_into().ok())
-            .expect("checked in load");
+            .expect("checked in verify");
         // aya has no attach_to_link for cgroup programs: the pinned link is
         // updated with BPF_LINK_UPDATE directly.
         if adopt_link(&pin, prog.fd().map_err(|e| err(Box::new(e)))?.as_fd()) {
@@ -338,12 +488,7 @@ impl Datapath {
     /// Taken out of the cache while in use (for borrowing's sake: an early
     /// return leaves the cache empty, to be read again) and put back with
     /// `self.link_names = ...`.
-    fn link_pins(
-        &mut self,
-    ) -> (
-        Option<std::time::SystemTime>,
-        std::collections::BTreeSet<String>,
-    ) {
+    fn link_pins(&mut self) -> (Option<SystemTime>, BTreeSet<String>) {
         let dir = links_dir(&self.bpffs);
         let changed = dir.metadata().and_then(|m| m.modified()).ok();
         if changed.is_none() || changed != self.link_names.0 {
@@ -364,7 +509,7 @@ impl Datapath {
     /// is kept open from the first check on, so each later one is a single
     /// syscall (a node with 300 pods has 600 links, checked every poll
     /// interval).
-    fn link_alive(&mut self, name: &str, present: &std::collections::BTreeSet<String>) -> bool {
+    fn link_alive(&mut self, name: &str, present: &BTreeSet<String>) -> bool {
         if !present.contains(name) {
             self.links.remove(name);
             return false;

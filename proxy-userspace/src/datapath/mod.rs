@@ -10,10 +10,10 @@ mod resize;
 mod upkeep;
 
 pub use bpffs::{BPFFS_MOUNT, DirError, DirLock, ensure_dir};
-pub use hooks::{Hook, PINS, Pin};
+pub use hooks::{Hook, Hooks, PINS, Pin, Unverified};
 pub use pins::{cleanup, links_dir, maps_dir, pinned_links, unpin_all};
 pub use resize::capacity_flag;
-pub use upkeep::{CtSweep, sum_traffic};
+pub use upkeep::{CtSweep, Upkeep, sum_traffic};
 
 use std::{
     collections::BTreeMap,
@@ -26,12 +26,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
-    programs::{CgroupSockAddr, SchedClassifier, Xdp, XdpMode},
+    programs::XdpMode,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CONFIG_FLAG_FAST_PATH, Config, CtKey, CtValue,
-    MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, SourceRange, Traffic, defaults, map_names,
-    program_names,
+    Backend, CONFIG_FLAG_FAST_PATH, Config, MAX_SERVICE_CIDRS, ServiceKey, ServiceValue,
+    SourceRange, Traffic, defaults, map_names, program_names,
 };
 use thiserror::Error;
 
@@ -358,17 +357,16 @@ impl FailedOp {
     }
 }
 
+/// The maps the control plane writes, and what this process knows they
+/// hold; with the pins and the directory's lock. The programs that read
+/// them are [`Hooks`]; the maps the programs write are [`Upkeep`]'s.
 pub struct Datapath {
-    ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
-    /// The conntrack maps by name, as in `map_names::CONNTRACK` (TCP,
-    /// every other protocol).
-    conntrack: [(&'static str, HashMap<MapData, CtKey, CtValue>); 2],
-    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    /// Per-id counters, cleared when an id is freed (it may be handed to
+    /// another frontend or endpoint).
     svc_traffic: PerCpuArray<MapData, Traffic>,
     backend_traffic: PerCpuArray<MapData, Traffic>,
-    stats: PerCpuArray<MapData, u64>,
     tables: MaglevTables,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
     /// The node's own addresses as the datapath has them.
@@ -381,38 +379,32 @@ pub struct Datapath {
     settings: Config,
     /// What the maps hold, as last read or written by this process.
     live: MapContents,
-    /// Interfaces (name -> ifindex, hook) whose pinned TC link runs this
-    /// process's program.
-    attached: BTreeMap<String, (u32, Hook)>,
-    /// The cgroup the socket hooks are attached to.
-    cgroup: Option<PathBuf>,
-    /// The links checked so far, open, by pin name (see `link_alive`).
-    links: BTreeMap<String, std::os::fd::OwnedFd>,
-    /// The pin names under `links/`, and the directory's mtime then.
-    link_names: (
-        Option<std::time::SystemTime>,
-        std::collections::BTreeSet<String>,
-    ),
     /// Every pinned map by name, to pin again if its pin is removed.
     pinned: Vec<(&'static str, MapData)>,
     /// Every map's real `max_entries`, by name (an adopted map keeps the
     /// size it was made with).
     max_entries: BTreeMap<&'static str, u32>,
-    /// The conntrack maps replaced by a resize (by name), until the old
-    /// programs are switched off them.
-    old_conntrack: Vec<(&'static str, HashMap<MapData, CtKey, CtValue>)>,
     config: Array<MapData, Config>,
     bpffs: PathBuf,
     /// This agent's hold on `bpffs`.
     lock: DirLock,
-    xdp: XdpSetting,
 }
 
 impl Datapath {
+    /// Loads the embedded object: its maps ([`Datapath::load_maps`]) and
+    /// its programs, verified.
+    pub fn load(cfg: &DatapathConfig) -> Result<(Self, Upkeep, Hooks), DatapathError> {
+        let (datapath, upkeep, programs) = Self::load_maps(cfg)?;
+        Ok((datapath, upkeep, programs.verify()?))
+    }
+
     /// Loads the embedded object, creating the maps under `cfg.bpffs` or
     /// adopting the ones already pinned there (a restarted agent keeps the
-    /// previous contents, so it only rewrites what differs).
-    pub fn load(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+    /// previous contents, so it only rewrites what differs). The programs
+    /// are not verified yet ([`Unverified::verify`]): the verifier is most
+    /// of the agent's start, and nothing but attaching needs it done, so
+    /// the agent runs it while it reads its source and writes the maps.
+    pub fn load_maps(cfg: &DatapathConfig) -> Result<(Self, Upkeep, Unverified), DatapathError> {
         if BPF_OBJECT.is_empty() {
             return Err(DatapathError::Settings(
                 "this agent was built without its eBPF object (run `cargo xtask build-ebpf`, \
@@ -458,29 +450,10 @@ impl Datapath {
                 path: cfg.bpffs.clone(),
                 source: Box::new(source),
             })?;
-        for name in [
-            program_names::TC_POD_INGRESS,
-            program_names::TC_NODE_INGRESS,
-            program_names::TC_EGRESS,
-        ] {
-            load_program(&mut ebpf, name, SchedClassifier::load)?;
-        }
-        load_program(&mut ebpf, program_names::XDP_NODE, Xdp::load)?;
-        for name in SOCK_PROGRAMS {
-            load_program(&mut ebpf, name, CgroupSockAddr::load)?;
-        }
         let services = take_map(&mut ebpf, map_names::SERVICES)?;
         let backends = take_map(&mut ebpf, map_names::BACKENDS)?;
-        let conntrack = [
-            (
-                map_names::CONNTRACK_TCP,
-                take_map(&mut ebpf, map_names::CONNTRACK_TCP)?,
-            ),
-            (
-                map_names::CONNTRACK_OTHER,
-                take_map(&mut ebpf, map_names::CONNTRACK_OTHER)?,
-            ),
-        ];
+        let conntrack_tcp = take_map(&mut ebpf, map_names::CONNTRACK_TCP)?;
+        let conntrack_other = take_map(&mut ebpf, map_names::CONNTRACK_OTHER)?;
         let affinity = take_map(&mut ebpf, map_names::AFFINITY)?;
         let svc_traffic = take_traffic(&mut ebpf, map_names::SVC_TRAFFIC)?;
         let backend_traffic = take_traffic(&mut ebpf, map_names::BACKEND_TRAFFIC)?;
@@ -515,45 +488,54 @@ impl Datapath {
             .iter()
             .map(|(name, path)| Ok((*name, MapData::from_pin(path).map_err(map_err(name))?)))
             .collect::<Result<_, DatapathError>>()?;
-        let max_entries = pinned
+        let max_entries: BTreeMap<&'static str, u32> = pinned
             .iter()
             .map(|(name, map)| Ok((*name, map.info().map_err(map_err(name))?.max_entries())))
             .collect::<Result<_, DatapathError>>()?;
+        let capacity = |name| max_entries.get(name).copied().unwrap_or(0);
+        let mut upkeep = Upkeep {
+            conntrack: [
+                (
+                    map_names::CONNTRACK_TCP,
+                    conntrack_tcp,
+                    capacity(map_names::CONNTRACK_TCP),
+                ),
+                (
+                    map_names::CONNTRACK_OTHER,
+                    conntrack_other,
+                    capacity(map_names::CONNTRACK_OTHER),
+                ),
+            ],
+            old_conntrack: Vec::new(),
+            affinity,
+            stats,
+            settings,
+        };
         let mut dp = Self {
             settings,
-            ebpf,
             services,
             backends,
-            conntrack,
-            affinity,
             svc_traffic,
             backend_traffic,
-            stats,
             tables,
             source_ranges,
             node_addrs,
             endpoints,
             v6,
             live: MapContents::default(),
-            attached: BTreeMap::new(),
-            cgroup: None,
-            links: BTreeMap::new(),
-            link_names: Default::default(),
             pinned,
             max_entries,
-            old_conntrack: Vec::new(),
             config,
             bpffs: cfg.bpffs.clone(),
             lock,
-            xdp: cfg.xdp,
         };
         dp.live = dp.read_contents()?;
         if !resized.is_empty() {
-            dp.migrate(resized)?;
+            dp.migrate(resized, &mut upkeep)?;
             dp.live = dp.read_contents()?;
         }
         dp.sync_endpoints();
-        Ok(dp)
+        Ok((dp, upkeep, Unverified::new(ebpf, cfg)))
     }
 
     /// Makes the endpoints map the set of the backends' (address, port,
@@ -574,28 +556,6 @@ impl Datapath {
         if let Err(e) = family6::sync_set(&mut self.v6.endpoints, &want6) {
             tracing::warn!(error = %e, "kep_endpoints6: direct connections to some endpoints are not tracked");
         }
-    }
-
-    /// The pod-side TC program, for attaching elsewhere or `test_run`.
-    pub fn classifier(&mut self) -> &mut SchedClassifier {
-        self.hook_program(Hook::Pod)
-    }
-
-    /// The TC program of `hook`.
-    pub fn hook_program(&mut self, hook: Hook) -> &mut SchedClassifier {
-        self.tc_program(hook.program())
-    }
-
-    /// The egress program (what the node itself sends), for `test_run`.
-    pub fn egress_program(&mut self) -> &mut SchedClassifier {
-        self.tc_program(program_names::TC_EGRESS)
-    }
-
-    pub(super) fn tc_program(&mut self, name: &str) -> &mut SchedClassifier {
-        self.ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .expect("checked in load")
     }
 
     /// Makes the datapath's set of the node's own addresses `addrs` (every
@@ -634,15 +594,6 @@ impl Datapath {
             .map_err(map_err(map_names::CONFIG))?;
         self.settings = settings;
         Ok(())
-    }
-
-    /// The node interfaces' XDP program, for attaching elsewhere or
-    /// `test_run`.
-    pub fn xdp_program(&mut self) -> &mut Xdp {
-        self.ebpf
-            .program_mut(program_names::XDP_NODE)
-            .and_then(|p| p.try_into().ok())
-            .expect("loaded in Datapath::load")
     }
 
     /// `svc_id`'s Maglev table as the datapath has it (backend id by
@@ -1011,28 +962,10 @@ fn take_traffic(
         .map_err(map_err(name))
 }
 
-/// Loads program `name` of type `P` into the kernel (aya gives the types'
-/// `load` no common trait, hence the function argument).
-fn load_program<P>(
-    ebpf: &mut Ebpf,
+pub(super) fn program_err(
     name: &'static str,
-    load: fn(&mut P) -> Result<(), aya::programs::ProgramError>,
-) -> Result<(), DatapathError>
-where
-    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    let prog: &mut P = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::Program {
-            name,
-            source: Box::new(aya::programs::ProgramError::NotLoaded),
-        })?
-        .try_into()
-        .map_err(|e| program_err(name, e))?;
-    load(prog).map_err(|e| program_err(name, e))
-}
-
-fn program_err(name: &'static str, source: aya::programs::ProgramError) -> DatapathError {
+    source: aya::programs::ProgramError,
+) -> DatapathError {
     DatapathError::Program {
         name,
         source: Box::new(source),

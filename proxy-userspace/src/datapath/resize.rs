@@ -11,7 +11,7 @@
 //! old one's pin. The programs of this agent use the new maps from the
 //! start; the old programs keep the old maps until their links are switched
 //! to the new programs (at attach), after which the conntrack entries they
-//! made meanwhile are copied too ([`Datapath::finish_resize`]), so
+//! made meanwhile are copied too ([`Upkeep::finish_resize`]), so
 //! established flows keep their endpoint.
 
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ use proxy_common::{CtKey, CtValue, ServiceKey, maglev::MaglevTable, map_names};
 
 use crate::contents::{MapAddr, SvcKey, backend4, svc_key4};
 
-use super::{Datapath, DatapathConfig, DatapathError, map_err, read_hash, read_ranges};
+use super::{Datapath, DatapathConfig, DatapathError, Upkeep, map_err, read_hash, read_ranges};
 use crate::capacity;
 
 /// Suffix of a new map's pin while it is being filled.
@@ -109,7 +109,11 @@ pub(super) fn find(maps: &Path, cfg: &DatapathConfig) -> Result<Vec<Resize>, Dat
 impl Datapath {
     /// Fills the new maps of `resized` from the old ones and pins them in
     /// their place.
-    pub(super) fn migrate(&mut self, resized: Vec<Resize>) -> Result<(), DatapathError> {
+    pub(super) fn migrate(
+        &mut self,
+        resized: Vec<Resize>,
+        upkeep: &mut Upkeep,
+    ) -> Result<(), DatapathError> {
         let maps = super::maps_dir(&self.bpffs);
         let mut old_contents = None;
         let mut done = Vec::new();
@@ -141,8 +145,8 @@ impl Datapath {
                 map_names::CONNTRACK_TCP | map_names::CONNTRACK_OTHER => {
                     let old: HashMap<MapData, CtKey, CtValue> =
                         Map::LruHashMap(old).try_into().map_err(map_err(name))?;
-                    let n = self.copy_conntrack(name, &old);
-                    self.old_conntrack.push((name, old));
+                    let n = upkeep.copy_conntrack(name, &old);
+                    upkeep.old_conntrack.push((name, old));
                     n
                 }
                 _ => {
@@ -223,7 +227,9 @@ impl Datapath {
         );
         Ok(())
     }
+}
 
+impl Upkeep {
     /// Once every link runs this process's programs: copies the conntrack
     /// entries the old programs made while this agent started into the
     /// resized conntrack maps, and lets the old maps go. Returns how many.
@@ -238,7 +244,7 @@ impl Datapath {
     /// it has none for the key (up to its capacity: an LRU map evicts, it
     /// never refuses).
     fn copy_conntrack(&mut self, name: &str, old: &HashMap<MapData, CtKey, CtValue>) -> usize {
-        let Some((_, new)) = self.conntrack.iter_mut().find(|(n, _)| *n == name) else {
+        let Some((_, new, _)) = self.conntrack.iter_mut().find(|(n, _, _)| *n == name) else {
             return 0;
         };
         let entries = read_hash(old).unwrap_or_default();

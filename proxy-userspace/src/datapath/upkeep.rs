@@ -5,16 +5,30 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
-use proxy_common::{Backend, CtKey, CtValue, Traffic, map_names, proto, stat};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, Traffic, map_names, proto, stat,
+};
 
 use super::{Datapath, DatapathError, ignore_missing, map_err, monotonic_ns};
+use crate::contents::MapContents;
+
+/// The maps the datapath writes itself and the agent only tidies or
+/// reads: conntrack, session affinity and the counters. The agent's loop
+/// owns this, beside the [`super::Hooks`]; the control plane never needs it.
+pub struct Upkeep {
+    /// The conntrack maps by name, as in `map_names::CONNTRACK` (TCP,
+    /// every other protocol), and their real capacity.
+    pub(super) conntrack: [(&'static str, HashMap<MapData, CtKey, CtValue>, u32); 2],
+    /// The conntrack maps replaced by a resize (by name), until the old
+    /// programs are switched off them.
+    pub(super) old_conntrack: Vec<(&'static str, HashMap<MapData, CtKey, CtValue>)>,
+    pub(super) affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub(super) stats: PerCpuArray<MapData, u64>,
+    /// The settings the programs run with (conntrack timeouts).
+    pub(super) settings: Config,
+}
 
 impl Datapath {
-    /// Datapath counters summed over CPUs, indexed by `proxy_common::stat`.
-    pub fn stats(&self) -> Result<[u64; stat::COUNT as usize], DatapathError> {
-        sum_stats(&self.stats)
-    }
-
     /// Packets and bytes per frontend (svc id) and per backend id, summed
     /// over CPUs; ids without traffic are left out.
     pub fn traffic(&self) -> (BTreeMap<u32, Traffic>, BTreeMap<u32, Traffic>) {
@@ -29,11 +43,18 @@ impl Datapath {
             sum_traffic(&self.backend_traffic, self.live.backends.keys().copied()),
         )
     }
+}
+
+impl Upkeep {
+    /// Datapath counters summed over CPUs, indexed by `proxy_common::stat`.
+    pub fn stats(&self) -> Result<[u64; stat::COUNT as usize], DatapathError> {
+        sum_stats(&self.stats)
+    }
 
     /// Every conntrack entry, of both maps (for inspection and tests).
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
         let mut all = Vec::new();
-        for (name, map) in &self.conntrack {
+        for (name, map, _) in &self.conntrack {
             for entry in map.iter() {
                 all.push(entry.map_err(map_err(name))?);
             }
@@ -50,7 +71,7 @@ impl Datapath {
         let now = monotonic_ns();
         let settings = self.settings;
         let mut sweeps = Vec::new();
-        for (name, map) in &mut self.conntrack {
+        for (name, map, capacity) in &mut self.conntrack {
             let entries: std::collections::HashMap<CtKey, CtValue> =
                 map.iter().filter_map(Result::ok).collect();
             let doomed: Vec<CtKey> = entries
@@ -73,7 +94,7 @@ impl Datapath {
                 map: name,
                 deleted,
                 remaining: entries.len() - deleted,
-                capacity: self.max_entries.get(name).map_or(0, |&n| n as usize),
+                capacity: *capacity as usize,
             });
         }
         sweeps
@@ -107,14 +128,14 @@ impl Datapath {
     /// Deletes session-affinity entries that no longer hold: the frontend
     /// is gone or lost its affinity, or the endpoint left it (the datapath
     /// only checks that the backend still exists somewhere). Returns how
-    /// many.
-    pub fn prune_affinity(&mut self) -> Result<usize, DatapathError> {
+    /// many. `live`: what the services map holds.
+    pub fn prune_affinity(&mut self, live: &MapContents) -> Result<usize, DatapathError> {
         let mut valid: std::collections::HashMap<u32, std::collections::HashSet<u32>> =
             std::collections::HashMap::new();
-        for (key, value) in &self.live.services {
+        for (key, value) in &live.services {
             if key.slot == 0 && value.affinity_timeout_s != 0 {
                 let backends = (1..=value.count)
-                    .filter_map(|slot| self.live.services.get(&key.with_slot(slot)))
+                    .filter_map(|slot| live.services.get(&key.with_slot(slot)))
                     .map(|v| v.backend_id)
                     .collect();
                 valid.insert(value.svc_id, backends);
@@ -142,8 +163,8 @@ impl Datapath {
         Ok(self
             .conntrack
             .iter_mut()
-            .filter(|(name, _)| maps.contains(name))
-            .map(|(_, map)| delete_where(map, &doomed))
+            .filter(|(name, _, _)| maps.contains(name))
+            .map(|(_, map, _)| delete_where(map, &doomed))
             .sum())
     }
 }

@@ -18,7 +18,9 @@
 //! keeps, per file, what each document defined, keyed by a hash of its
 //! text: a re-read splits the file at its `---` lines (memchr), hashes
 //! each document (foldhash, no copy, no UTF-8 validation of what is
-//! unchanged) and parses only the documents whose text changed.
+//! unchanged) and parses only the documents whose text changed. A file
+//! whose [`Stamp`] (inode, size, times) is as at its last read is not read
+//! at all.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -36,6 +38,7 @@ use serde_yaml::Value;
 use thiserror::Error;
 
 use super::inotify::{DirNotify, Woken};
+use super::stamp::Stamp;
 use super::{Changes, Delta, Objects, Source};
 use crate::model::api::{EndpointSlice, Service};
 use crate::model::{DEFAULT_NAMESPACE, Origin, ServiceFacts, SliceFacts};
@@ -151,6 +154,7 @@ pub fn reload(dir: &Path, cache: &mut DocCache, decode: Decode) -> Reload {
             return out;
         }
     };
+    cache.read = 0;
     let mut previous = std::mem::take(&mut cache.files);
     for file in files {
         let old = previous.remove(&file).unwrap_or_default();
@@ -162,6 +166,8 @@ pub fn reload(dir: &Path, cache: &mut DocCache, decode: Decode) -> Reload {
     for doc in previous.into_values().flatten() {
         out.deltas.extend(doc.gone());
     }
+    let DocCache { files, stamps, .. } = cache;
+    stamps.retain(|file, _| files.contains_key(file));
     out
 }
 
@@ -172,15 +178,25 @@ pub fn reload(dir: &Path, cache: &mut DocCache, decode: Decode) -> Reload {
 #[derive(Default)]
 pub struct DocCache {
     files: HashMap<PathBuf, Vec<Doc>>,
+    /// Each file's stamp as it was before its last complete read, where
+    /// it can be trusted to change with the file ([`Stamp::settled`]).
+    stamps: HashMap<PathBuf, Stamp>,
     hasher: foldhash::quality::RandomState,
     /// Documents parsed (not found in the cache) by the last load.
     parsed: usize,
+    /// Files read by the last load.
+    read: usize,
 }
 
 impl DocCache {
     /// How many documents the last load had to parse.
     pub fn parsed(&self) -> usize {
         self.parsed
+    }
+
+    /// How many files the last load had to read.
+    pub fn read(&self) -> usize {
+        self.read
     }
 }
 
@@ -318,6 +334,7 @@ impl Source for ManifestSource {
         let t = Instant::now();
         let reload = reload(&self.dir, &mut self.cache, Decode::Facts);
         tracing::debug!(
+            files_read = self.cache.read(),
             parsed = self.cache.parsed(),
             took_us = t.elapsed().as_micros(),
             "manifests read"
@@ -487,6 +504,15 @@ fn load_file(
     out: &mut Reload,
     decode: Decode,
 ) -> Vec<Doc> {
+    let stat_at = std::time::SystemTime::now();
+    let stamp = Stamp::of(file);
+    if !old.is_empty() && stamp.is_some() && cache.stamps.get(file) == stamp.as_ref() {
+        out.warnings
+            .extend(old.iter().flat_map(|d| d.warnings.iter().cloned()));
+        return old;
+    }
+    cache.stamps.remove(file);
+    cache.read += 1;
     let bytes = match yaml_limits::read(file) {
         Ok(bytes) => bytes,
         // Removed since it was listed: as if it had not been listed.
@@ -608,6 +634,11 @@ fn load_file(
     let docs: Vec<Doc> = docs.into_iter().flatten().collect();
     out.warnings
         .extend(docs.iter().flat_map(|d| d.warnings.iter().cloned()));
+    // Taken before the read: a write during it changes the stamp, so the
+    // next load reads the file again.
+    if let Some(stamp) = stamp.filter(|s| s.settled(stat_at)) {
+        cache.stamps.insert(file.to_path_buf(), stamp);
+    }
     docs
 }
 
@@ -1114,6 +1145,53 @@ endpoints:
         // Unchanged: nothing parsed.
         let (third, _) = load_dir_cached(&dir.0, &mut cache);
         assert_eq!((cache.parsed(), &third), (0, &second));
+    }
+
+    #[test]
+    fn a_reload_reads_only_the_files_changed_since_their_last_read() {
+        let dir = TempDir::new();
+        let mut cache = Cached::default();
+        let a = dir.write("a.yaml", &many_services(10, None));
+        let b = dir.write(
+            "b.yaml",
+            &format!(
+                "{SERVICE}---\n{}",
+                SLICE.replace("discovery.k8s.io/v1", "v9")
+            ),
+        );
+        let (first, warnings) = load_dir_cached(&dir.0, &mut cache);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(cache.cache.read(), 2);
+        // Just written: a rewrite in the same clock tick could leave the
+        // stamps as they are, so they are not trusted yet.
+        load_dir_cached(&dir.0, &mut cache);
+        assert_eq!(cache.cache.read(), 2);
+        let settled = || {
+            let now = SystemTime::now();
+            [&a, &b]
+                .iter()
+                .all(|f| Stamp::of(f).is_some_and(|s| s.settled(now)))
+        };
+        for _ in 0..40 {
+            if settled() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(settled(), "the files' stamps never settled");
+        // Read once more now that the stamps are old enough to trust...
+        load_dir_cached(&dir.0, &mut cache);
+        assert_eq!(cache.cache.read(), 2);
+        // ...then neither is read, and nothing changes, warnings included.
+        let (same, again) = load_dir_cached(&dir.0, &mut cache);
+        assert_eq!(cache.cache.read(), 0);
+        assert_eq!((same, again), (first, warnings));
+        // A same-size edit of one file: that file alone is read.
+        dir.write("a.yaml", &many_services(10, Some(3)));
+        let (edited, _) = load_dir_cached(&dir.0, &mut cache);
+        assert_eq!(cache.cache.read(), 1);
+        assert_eq!(cache.parsed(), 1);
+        assert_eq!(edited, cold(&dir.0).0);
     }
 
     #[test]

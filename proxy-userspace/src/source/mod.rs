@@ -6,6 +6,7 @@
 mod inotify;
 pub mod kube;
 pub mod manifests;
+mod stamp;
 
 use k8s_openapi::api::core::v1::Node;
 

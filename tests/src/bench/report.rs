@@ -740,8 +740,8 @@ fn control_table(r: &Results) -> String {
     }
     let _ = writeln!(
         out,
-        "\nThe agent alone in the lab with N Services (port 80/TCP, 3 endpoints each) from one \
-         manifest file (`manifests`) or from the fake API server (`api`: list in pages of 500 and \
+        "\nThe agent alone in the lab with N Services (port 80/TCP, 3 endpoints each) from \
+         manifest files of 500 Services (`manifests`) or from the fake API server (`api`: list in pages of 500 and \
          watch, objects as an API server stores them: uid, timestamps, managedFields, the \
          last-applied annotation, the slices' ownerReferences and targetRefs). `programmed`: \
          agent start until its first `datapath programmed` line; `last Service answers`: until a \

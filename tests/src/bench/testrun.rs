@@ -40,7 +40,7 @@ use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions};
 use proxy_common::proto;
 use proxy_userspace::contents::MapContents;
-use proxy_userspace::datapath::{Datapath, DatapathConfig, unpin_all};
+use proxy_userspace::datapath::{Datapath, DatapathConfig, Hooks, unpin_all};
 use proxy_userspace::encode::Encoder;
 use proxy_userspace::{diff, model, source::manifests};
 use serde::Serialize;
@@ -80,6 +80,7 @@ pub struct PacketCost {
 /// A datapath pinned under `/sys/fs/bpf/kep-bench-<pid>-<n>`, unpinned on drop.
 struct Fixture {
     dp: Datapath,
+    hooks: Hooks,
     pin_dir: PathBuf,
 }
 
@@ -98,8 +99,9 @@ fn load(services: &[BenchService], tag: usize) -> Result<Fixture> {
         std::process::id()
     ));
     let _ = unpin_all(&pin_dir);
-    let dp = Datapath::load(&DatapathConfig::new(&pin_dir)).context("load the eBPF datapath")?;
-    let mut fx = Fixture { dp, pin_dir };
+    let (dp, _, hooks) =
+        Datapath::load(&DatapathConfig::new(&pin_dir)).context("load the eBPF datapath")?;
+    let mut fx = Fixture { dp, hooks, pin_dir };
 
     let dir = std::env::temp_dir().join(format!("kep-bench-{}-testrun-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -206,13 +208,13 @@ impl Fixture {
             ..TestRunOptions::new()
         };
         let res = match hook {
-            Hook::Pod => self.dp.classifier().test_run(opts),
+            Hook::Pod => self.hooks.classifier().test_run(opts),
             Hook::TcNode { .. } => self
-                .dp
+                .hooks
                 .hook_program(proxy_userspace::datapath::Hook::Node)
                 .test_run(opts),
-            Hook::Xdp { .. } => self.dp.xdp_program().test_run(opts),
-            Hook::Egress { .. } => self.dp.egress_program().test_run(opts),
+            Hook::Xdp { .. } => self.hooks.xdp_program().test_run(opts),
+            Hook::Egress { .. } => self.hooks.egress_program().test_run(opts),
         }
         .map_err(|e| anyhow::anyhow!("BPF_PROG_TEST_RUN: {e:?}"))?;
         out.truncate(res.data_size_out as usize);
