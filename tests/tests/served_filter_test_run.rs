@@ -19,11 +19,12 @@ use aya::{
     maps::{Array, Map, MapData},
     programs::{TestRun, TestRunOptions},
 };
+use lab::PinDir;
 use lab::bench::testrun::tcp_packet;
 use proxy_common::{Backend, ServiceKey, ServiceValue, map_names, proto, served};
 use proxy_userspace::{
     contents::{addr_to_map, port_to_map},
-    datapath::{Datapath, DatapathConfig, maps_dir, unpin_all},
+    datapath::{Datapath, DatapathConfig, maps_dir},
     diff::MapOp,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -38,17 +39,6 @@ struct Fixture {
     dp: Datapath,
     _pins: PinDir,
     pin_dir: PathBuf,
-}
-
-/// Unpins on drop, also when loading failed half way.
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = unpin_all(&self.0) {
-            eprintln!("unpinning {}: {e}", self.0.display());
-        }
-    }
 }
 
 fn load(pin_dir: &std::path::Path) -> Datapath {
@@ -226,19 +216,12 @@ fn the_filter_follows_every_apply_and_never_hides_a_frontend_or_endpoint() {
 
         let bits = fx.bits();
         let mut expected: BTreeSet<u32> = BTreeSet::new();
-        for &i in &present {
-            let (a, p) = frontend(i);
+        let frontends = present.iter().map(|&i| ("frontend", frontend(i)));
+        let endpoints_at = endpoints.iter().map(|&j| ("endpoint", endpoint(j)));
+        for (what, (a, p)) in frontends.chain(endpoints_at) {
             assert!(
                 is_set(&bits, a, p),
-                "round {round}: frontend {a}:{p} has no bit"
-            );
-            expected.insert(bit_index(a, p));
-        }
-        for &j in &endpoints {
-            let (a, p) = endpoint(j);
-            assert!(
-                is_set(&bits, a, p),
-                "round {round}: endpoint {a}:{p} has no bit"
+                "round {round}: {what} {a}:{p} has no bit"
             );
             expected.insert(bit_index(a, p));
         }
