@@ -529,7 +529,7 @@ impl Datapath {
             source_ranges,
             node_addrs,
             endpoints,
-            served: served::ServedFilter::of(&MapContents::default(), &served_map),
+            served: served::ServedFilter::adopt(&served_map),
             served_map,
             live: MapContents::default(),
             attached: BTreeMap::new(),

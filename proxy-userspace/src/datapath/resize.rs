@@ -172,7 +172,6 @@ impl Datapath {
     /// maps hold (the maps not resized are adopted as they are).
     fn copy_services(&mut self, olds: Vec<(&'static str, MapData)>) -> Result<(), DatapathError> {
         self.live = self.read_contents()?;
-        self.rebuild_served();
         let mut old = self.live.clone();
         for (name, map) in olds {
             match name {

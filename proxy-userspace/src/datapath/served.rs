@@ -68,6 +68,24 @@ impl ServedFilter {
         f
     }
 
+    /// The bits `map` holds now, kept as they are (no entry counted yet):
+    /// until [`ServedFilter::of`] makes them from the maps, nothing is
+    /// cleared, so programs still reading other maps (an agent that
+    /// resizes them starts beside its predecessor's) keep every bit they
+    /// had.
+    pub(super) fn adopt(map: &Array<MapData, served::Chunk>) -> Self {
+        let chunks: Vec<served::Chunk> = (0..served::CHUNKS)
+            // Unreadable: every bit set, which only costs lookups.
+            .map(|i| map.get(&i, 0).unwrap_or([u64::MAX; served::CHUNK_WORDS]))
+            .collect();
+        Self {
+            refs: HashMap::new(),
+            want: chunks.clone(),
+            written: chunks,
+            dirty: BTreeSet::new(),
+        }
+    }
+
     fn add(&mut self, (index, (chunk, word, mask)): (u32, (u32, usize, u64))) {
         let n = self.refs.entry(index).or_insert(0);
         *n += 1;
