@@ -115,8 +115,11 @@ pub mod map_names {
         NODE_ADDRS6,
         SOURCE_RANGES6,
     ];
+    /// Bits set for every frontend's and endpoint's (address, port,
+    /// protocol) ([`crate::served`]).
+    pub const SERVED: &str = "kep_served";
     /// Every map the agent pins, in creation order.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         SERVICES,
         BACKENDS,
         CONNTRACK_TCP,
@@ -140,6 +143,7 @@ pub mod map_names {
         ENDPOINTS6,
         NODE_ADDRS6,
         SOURCE_RANGES6,
+        SERVED,
     ];
 }
 
@@ -949,6 +953,51 @@ pub struct FragmentBytes {
 /// the whole old or the whole new table, never a mix. (A map of maps would
 /// give the same guarantee, but the kernel waits for an RCU grace period on
 /// every update of one — milliseconds per frontend.)
+/// A filter in front of the two lookups a packet without a conntrack entry
+/// makes (services, then endpoints): one bit per hash of every frontend's
+/// and every endpoint's (address, port, protocol), whatever its slot or
+/// scope. A clear bit proves neither map has that destination, so a packet
+/// outside the service CIDRs to it is passed after one array load instead
+/// of two hash misses; a set bit (a destination of ours, or a collision)
+/// only means the lookups run as before. The agent keeps it a superset of
+/// the maps at every instant: bits are set before the entries they cover
+/// are written and cleared after those are deleted. Only the opening of a
+/// flow is filtered, never a conntrack lookup, so flows outlive the
+/// frontends and endpoints they were opened to, as before.
+pub mod served {
+    /// Bits per chunk (one array value: a 512-byte line of 64 words).
+    pub const CHUNK_BITS: u32 = 4096;
+    pub const CHUNK_WORDS: usize = (CHUNK_BITS / 64) as usize;
+    /// Chunks in the map; 2^20 bits (128 KiB): at 100,000 frontends and
+    /// endpoints about one destination in ten is a false positive.
+    pub const CHUNKS: u32 = 256;
+    pub const BITS: u32 = CHUNK_BITS * CHUNKS;
+
+    /// One array value.
+    pub type Chunk = [u64; CHUNK_WORDS];
+
+    /// An IPv6 address (map byte order) folded to the 32 bits [`bit`]
+    /// hashes: both families share the one bitmap.
+    #[inline(always)]
+    pub const fn fold6(addr: crate::Addr6) -> u32 {
+        addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24)
+    }
+
+    /// Where `(addr, port, proto)` (map byte order, as packets carry them)
+    /// has its bit: (chunk, word in the chunk, mask).
+    #[inline(always)]
+    pub const fn bit(addr: u32, port: u16, proto: u8) -> (u32, usize, u64) {
+        let h = crate::maglev::mix32(
+            crate::maglev::mix32(addr ^ 0x2545_f491) ^ ((port as u32) << 8 | proto as u32),
+        ) % BITS;
+        (
+            h / CHUNK_BITS,
+            ((h % CHUNK_BITS) / 64) as usize,
+            1 << (h % 64),
+        )
+    }
+}
+
 pub mod maglev {
     pub const SIZE: usize = 0;
     pub const FINGERPRINT_LO: usize = 1;

@@ -9,7 +9,9 @@ use proxy_common::{
 };
 
 use crate::lb;
-use crate::maps::{BACKENDS, CONNTRACK, CT_SCRATCH, config, count, is_endpoint, is_node_address};
+use crate::maps::{
+    BACKENDS, CONNTRACK, CT_SCRATCH, config, count, is_endpoint, is_node_address, may_be_served,
+};
 use crate::packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// A flow idle this long has its other entry looked at on its next
@@ -93,6 +95,12 @@ use opened::{DROP, PASS, REJECT};
 /// `out`. Returns an [`opened`] code.
 #[inline(always)]
 pub fn open_flow(flow: &Flow, origin: Origin, now: u64, out: &mut CtValue) -> u32 {
+    // Neither a frontend nor an endpoint: passed without the services and
+    // endpoints lookups. Inside the service CIDRs the services map also
+    // tells REJECT from DROP, so it is always asked there.
+    if !may_be_ours(flow.daddr, flow.dport, flow.proto) {
+        return PASS;
+    }
     let cfg = config();
     let hash = maglev::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     let (backend_id, backend, svc_id, mut masquerade, mut node_address) = match lb::choose(
@@ -233,6 +241,16 @@ pub fn open_flow(flow: &Flow, origin: Origin, now: u64, out: &mut CtValue) -> u3
         stat::NEW_FLOWS
     });
     opened::FLOW
+}
+
+/// Whether a new flow to `(daddr, dport, proto)` may be translated or
+/// tracked: the address is inside a service CIDR, or the served filter
+/// does not rule out a frontend or endpoint there. (A frame of its own:
+/// inlined, it took the XDP program's frames past the verifier's 512
+/// bytes.)
+#[inline(never)]
+pub fn may_be_ours(daddr: u32, dport: u16, proto: u8) -> bool {
+    lb::in_service_cidr(config(), daddr) || may_be_served(daddr, dport, proto)
 }
 
 /// The key of a UDP host endpoint's reply entry with the source address

@@ -6,8 +6,8 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, MAX_SERVICE_CIDRS, ServiceKey, ServiceValue, SourceRange,
-    scope, stat,
+    AffinityKey, AffinityValue, Backend, Config, MAX_SERVICE_CIDRS, ServiceKey, ServiceValue,
+    SourceRange, scope, stat,
 };
 
 use crate::maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES, config, count};
@@ -181,8 +181,22 @@ fn maglev_entry(svc_id: u32, hash: u32) -> Option<u32> {
 /// Service has; everything else is not ours.
 #[inline(always)]
 fn not_a_frontend(addr: u32) -> Choice {
-    let Some(cfg) = config() else {
-        return Choice::Pass;
+    if !in_service_cidr(config(), addr) {
+        Choice::Pass
+    } else if unsafe { SERVICES.get(ServiceKey::cluster_ip(addr)) }.is_some() {
+        Choice::Reject
+    } else {
+        count(stat::UNALLOCATED_DROPS);
+        Choice::Drop
+    }
+}
+
+/// Whether `addr` is inside one of the service CIDRs (none until the agent
+/// writes its settings).
+#[inline(always)]
+pub fn in_service_cidr(cfg: Option<&Config>, addr: u32) -> bool {
+    let Some(cfg) = cfg else {
+        return false;
     };
     let mut inside = false;
     let mut i = 0;
@@ -192,12 +206,5 @@ fn not_a_frontend(addr: u32) -> Choice {
         }
         i += 1;
     }
-    if !inside {
-        Choice::Pass
-    } else if unsafe { SERVICES.get(ServiceKey::cluster_ip(addr)) }.is_some() {
-        Choice::Reject
-    } else {
-        count(stat::UNALLOCATED_DROPS);
-        Choice::Drop
-    }
+    inside
 }

@@ -10,10 +10,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Addr6, AffinityKey, AffinityValue, Backend, Backend6, Config, CtKey, CtValue, FragKey, FragValue, FragmentBytes,
-    RejectBucket, ServiceKey, ServiceKey6, ServiceValue, SockRevNat, SockRevNatKey, SourceRange,
-    SourceRange6, StashKey,
-    Traffic, defaults, maglev, stat,
+    Addr6, AffinityKey, AffinityValue, Backend, Backend6, Config, CtKey, CtValue, FragKey,
+    FragValue, FragmentBytes, RejectBucket, ServiceKey, ServiceKey6, ServiceValue, SockRevNat,
+    SockRevNatKey, SourceRange, SourceRange6, StashKey, Traffic, defaults, maglev, served, stat,
 };
 
 // Static names are the pinned map names (`proxy_common::map_names`), which
@@ -207,6 +206,10 @@ pub static kep_node_addrs6: HashMap<
 pub static kep_src_ranges6: LpmTrie<SourceRange6, u8, { defaults::SOURCE_RANGES_MAX as usize }> =
     LpmTrie::new();
 
+/// Written by the agent: see [`proxy_common::served`].
+#[btf_map]
+pub static kep_served: Array<served::Chunk, { served::CHUNKS as usize }> = Array::new();
+
 pub use kep_affinity as AFFINITY;
 pub use kep_backends as BACKENDS;
 pub use kep_ct_scratch as CT_SCRATCH;
@@ -231,6 +234,19 @@ pub fn count(index: u32) {
 #[inline(always)]
 pub fn is_endpoint(to: &Backend) -> bool {
     unsafe { kep_endpoints.get(to) }.is_some()
+}
+
+/// Whether `(addr, port, proto)` may be a frontend or an endpoint: false
+/// proves it is neither (an array load, where each map's answer is a hash
+/// lookup).
+#[inline(always)]
+pub fn may_be_served(addr: u32, port: u16, proto: u8) -> bool {
+    let (chunk, word, mask) = served::bit(addr, port, proto);
+    match kep_served.get(chunk) {
+        Some(c) => c.get(word).is_some_and(|w| w & mask != 0),
+        // Unreachable (the chunk is always inside the array): look it up.
+        None => true,
+    }
 }
 
 /// Whether `addr` (network byte order) is one of this node's own.

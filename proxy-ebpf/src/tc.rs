@@ -33,7 +33,8 @@ use crate::csum;
 use crate::fast;
 use crate::fib::fib_redirect;
 use crate::flow::{
-    Origin, Tuple, any_node_address, live_entry, open_flow, opened, touch, translated, usable,
+    Origin, Tuple, any_node_address, live_entry, may_be_ours, open_flow, opened, touch, translated,
+    usable,
 };
 use crate::frag::{self, First};
 use crate::icmp;
@@ -163,6 +164,11 @@ fn try_ingress(ctx: &TcContext, origin: Origin) -> Result<Verdict, ()> {
         }
         // The backend this flow used is gone: choose again below, as a new
         // flow, instead of sending it to an address that no longer serves.
+    }
+    // No flow can open to it (see `open_flow`): passed without
+    // `try_open`'s second parse.
+    if !may_be_ours(flow.daddr, flow.dport, flow.proto) {
+        return Ok(Verdict::Act(TC_ACT_OK));
     }
     Ok(Verdict::Open)
 }

@@ -298,6 +298,19 @@ impl Drop for TempDir {
     }
 }
 
+/// A bpffs directory of a test's pins, unpinned on drop: also when a check
+/// fails, and when loading failed half way (maps pinned, a program refused
+/// by the verifier).
+pub struct PinDir(pub PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = proxy_userspace::datapath::unpin_all(&self.0) {
+            eprintln!("unpinning {}: {e}", self.0.display());
+        }
+    }
+}
+
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 /// A lab. Fields drop in declaration order, which is the teardown order:

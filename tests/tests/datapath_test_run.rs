@@ -11,6 +11,7 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
+use lab::PinDir;
 use lab::fib_node::{EXT_CLIENT, EXT_CLIENT_MAC, FibNode, NODE, OTHER_NODE, OTHER_NODE_MAC};
 use proxy_common::{
     Backend, CtKey, SVC_FLAG_DROP, SVC_FLAG_EXTERNAL_SCOPE, SVC_FLAG_MAGLEV, SVC_FLAG_MASQUERADE,
@@ -19,7 +20,7 @@ use proxy_common::{
 };
 use proxy_userspace::{
     contents::{MapAddr, addr_to_map, backend4, port_to_map, svc_key4},
-    datapath::{CtTimeouts, Datapath, DatapathConfig, Hook, Hooks, Upkeep, maps_dir, unpin_all},
+    datapath::{CtTimeouts, Datapath, DatapathConfig, Hook, Hooks, Upkeep, maps_dir},
     diff::MapOp,
     maglev::{TableBackend, TableSpec},
     tables::MaglevTables,
@@ -58,18 +59,6 @@ struct Fixture {
     hooks: Hooks,
     _pins: PinDir,
     pin_dir: PathBuf,
-}
-
-/// Unpins on drop, also when loading failed half way (maps pinned, program
-/// refused by the verifier).
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = unpin_all(&self.0) {
-            eprintln!("unpinning {}: {e}", self.0.display());
-        }
-    }
 }
 
 impl Fixture {

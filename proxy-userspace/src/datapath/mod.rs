@@ -7,6 +7,7 @@ mod family6;
 mod hooks;
 mod pins;
 mod resize;
+mod served;
 mod upkeep;
 
 pub use bpffs::{BPFFS_MOUNT, DirError, DirLock, ensure_dir};
@@ -375,6 +376,9 @@ pub struct Datapath {
     endpoints: HashMap<MapData, Backend, u8>,
     /// The IPv6 twins of the frontend maps.
     v6: family6::Maps6,
+    /// The served filter's map, and its bits' counts.
+    served_map: Array<MapData, proxy_common::served::Chunk>,
+    served: served::ServedFilter,
     /// The settings written to the config map, for conntrack expiry.
     settings: Config,
     /// What the maps hold, as last read or written by this process.
@@ -471,6 +475,11 @@ impl Datapath {
         let node_addrs = take_map(&mut ebpf, map_names::NODE_ADDRS)?;
         let endpoints = take_map(&mut ebpf, map_names::ENDPOINTS)?;
         let v6 = family6::Maps6::take(&mut ebpf)?;
+        let served_map = ebpf
+            .take_map(map_names::SERVED)
+            .ok_or(DatapathError::MissingMap(map_names::SERVED))?
+            .try_into()
+            .map_err(map_err(map_names::SERVED))?;
         let stats = ebpf
             .take_map(map_names::STATS)
             .ok_or(DatapathError::MissingMap(map_names::STATS))?
@@ -522,6 +531,8 @@ impl Datapath {
             node_addrs,
             endpoints,
             v6,
+            served: served::ServedFilter::adopt(&served_map),
+            served_map,
             live: MapContents::default(),
             pinned,
             max_entries,
@@ -535,7 +546,15 @@ impl Datapath {
             dp.live = dp.read_contents()?;
         }
         dp.sync_endpoints();
+        dp.rebuild_served();
         Ok((dp, upkeep, Unverified::new(ebpf, cfg)))
+    }
+
+    /// The served filter made from `live` again, and written whole (after
+    /// `live` was read from the maps rather than kept op by op).
+    fn rebuild_served(&mut self) {
+        self.served = served::ServedFilter::of(&self.live, &self.served_map);
+        self.served.flush(&mut self.served_map);
     }
 
     /// Makes the endpoints map the set of the backends' (address, port,
@@ -657,6 +676,7 @@ impl Datapath {
     /// this process wrote is only checked to still be there).
     pub fn refresh_live(&mut self) -> Result<(), DatapathError> {
         self.live = self.read_contents()?;
+        self.rebuild_served();
         Ok(())
     }
 
@@ -672,6 +692,7 @@ impl Datapath {
         // cores; a chunk bounds the memory they take (64 KiB each).
         const TABLE_CHUNK: usize = 64;
         let mut built: std::collections::VecDeque<Vec<u32>> = Default::default();
+        self.served.preset(&mut self.served_map, ops);
         for (i, op) in ops.iter().enumerate() {
             if matches!(op, MapOp::PutTable(..)) && built.is_empty() {
                 let specs: Vec<&TableSpec> = ops[i..]
@@ -698,24 +719,28 @@ impl Datapath {
                     MapAddr::V6(a) => self.v6.backends.insert(id, b.with_addr(a), 0),
                 }
                 .map(|()| {
-                    self.live.backends.insert(*id, *b);
+                    let old = self.live.backends.insert(*id, *b);
+                    self.served.backend_put(old.as_ref(), b);
                 }),
                 MapOp::PutService(k, v) => match k.addr {
                     MapAddr::V4(a) => self.services.insert(k.with_addr(a), v, 0),
                     MapAddr::V6(a) => self.v6.services.insert(k.with_addr(a), v, 0),
                 }
                 .map(|()| {
-                    self.live.services.insert(*k, *v);
+                    if self.live.services.insert(*k, *v).is_none() {
+                        self.served.service_added(k);
+                    }
                 }),
                 MapOp::DeleteService(k) => ignore_missing(match k.addr {
                     MapAddr::V4(a) => self.services.remove(&k.with_addr(a)),
                     MapAddr::V6(a) => self.v6.services.remove(&k.with_addr(a)),
                 })
                 .map(|()| {
-                    if let Some(gone) = self.live.services.remove(k)
-                        && k.slot == 0
-                        && gone.svc_id != 0
-                    {
+                    let Some(gone) = self.live.services.remove(k) else {
+                        return;
+                    };
+                    self.served.service_removed(k);
+                    if k.slot == 0 && gone.svc_id != 0 {
                         // Its id may be handed to another frontend: its
                         // counters must not carry over.
                         upkeep::clear_traffic(&mut self.svc_traffic, gone.svc_id);
@@ -727,7 +752,9 @@ impl Datapath {
                         _ => self.backends.remove(id),
                     })
                     .map(|()| {
-                        self.live.backends.remove(id);
+                        if let Some(gone) = self.live.backends.remove(id) {
+                            self.served.backend_removed(&gone);
+                        }
                         upkeep::clear_traffic(&mut self.backend_traffic, *id);
                     })
                 }
@@ -771,6 +798,8 @@ impl Datapath {
         {
             self.sync_endpoints();
         }
+        // Last: a bit goes only once nothing it stands for is left.
+        self.served.flush(&mut self.served_map);
         failed
     }
 }
