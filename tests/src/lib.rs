@@ -311,6 +311,59 @@ impl Drop for PinDir {
     }
 }
 
+/// A datapath loaded (maps, upkeep, verified programs) and pinned under a
+/// bpffs directory of its own, `/sys/fs/bpf/<prefix>-<pid>-<n>`, unpinned
+/// on drop: the test_run tests' fixture. Fields drop in order, so the
+/// datapath lets go of its pins before they are removed.
+pub struct LoadedDatapath {
+    pub dp: proxy_userspace::datapath::Datapath,
+    pub upkeep: proxy_userspace::datapath::Upkeep,
+    pub hooks: proxy_userspace::datapath::Hooks,
+    pub pins: PinDir,
+}
+
+impl LoadedDatapath {
+    /// Loads with `DatapathConfig::new(dir)` changed by `change`; panics
+    /// (the test fails loudly) when BPF cannot be loaded.
+    pub fn load(
+        prefix: &str,
+        change: impl FnOnce(&mut proxy_userspace::datapath::DatapathConfig),
+    ) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/{prefix}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let pins = PinDir(dir);
+        Self::load_in(pins, change)
+    }
+
+    /// Loads again into `pins`' directory (an agent's restart adopting
+    /// what its predecessor pinned).
+    pub fn load_in(
+        pins: PinDir,
+        change: impl FnOnce(&mut proxy_userspace::datapath::DatapathConfig),
+    ) -> Self {
+        let mut cfg = proxy_userspace::datapath::DatapathConfig::new(&pins.0);
+        change(&mut cfg);
+        let (dp, upkeep, hooks) =
+            proxy_userspace::datapath::Datapath::load(&cfg).unwrap_or_else(|e| {
+                panic!("cannot load the eBPF datapath (this test needs root and bpffs): {e:#}")
+            });
+        Self {
+            dp,
+            upkeep,
+            hooks,
+            pins,
+        }
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pins.0
+    }
+}
+
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 /// A lab. Fields drop in declaration order, which is the teardown order:

@@ -6,12 +6,11 @@
 
 use std::{
     net::Ipv4Addr,
-    path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use lab::PinDir;
+use lab::LoadedDatapath;
 use lab::fib_node::{EXT_CLIENT, EXT_CLIENT_MAC, FibNode, NODE, OTHER_NODE, OTHER_NODE_MAC};
 use proxy_common::{
     Backend, CtKey, SVC_FLAG_DROP, SVC_FLAG_EXTERNAL_SCOPE, SVC_FLAG_MAGLEV, SVC_FLAG_MASQUERADE,
@@ -20,7 +19,7 @@ use proxy_common::{
 };
 use proxy_userspace::{
     contents::{MapAddr, addr_to_map, backend4, port_to_map, svc_key4},
-    datapath::{CtTimeouts, Datapath, DatapathConfig, Hook, Hooks, Upkeep, maps_dir},
+    datapath::{CtTimeouts, DatapathConfig, Hook, maps_dir},
     diff::MapOp,
     maglev::{TableBackend, TableSpec},
     tables::MaglevTables,
@@ -53,12 +52,19 @@ const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbb];
 
 /// A loaded datapath pinned under a directory of its own, unpinned on drop.
-struct Fixture {
-    dp: Datapath,
-    upkeep: Upkeep,
-    hooks: Hooks,
-    _pins: PinDir,
-    pin_dir: PathBuf,
+struct Fixture(LoadedDatapath);
+
+impl std::ops::Deref for Fixture {
+    type Target = LoadedDatapath;
+    fn deref(&self) -> &LoadedDatapath {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Fixture {
+    fn deref_mut(&mut self) -> &mut LoadedDatapath {
+        &mut self.0
+    }
 }
 
 impl Fixture {
@@ -75,28 +81,10 @@ impl Fixture {
 
     /// The fixture with its datapath settings changed by `change`.
     fn with_settings(change: impl FnOnce(&mut DatapathConfig)) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let pin_dir = PathBuf::from(format!(
-            "/sys/fs/bpf/kep-testrun-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut cfg = DatapathConfig {
-            conntrack_max: 4096,
-            ..DatapathConfig::new(&pin_dir)
-        };
-        change(&mut cfg);
-        let pins = PinDir(pin_dir.clone());
-        let (dp, upkeep, hooks) = Datapath::load(&cfg).unwrap_or_else(|e| {
-            panic!("cannot load the eBPF datapath (this test needs root and bpffs): {e:#}")
-        });
-        let mut fx = Self {
-            dp,
-            upkeep,
-            hooks,
-            _pins: pins,
-            pin_dir,
-        };
+        let mut fx = Self(LoadedDatapath::load("kep-testrun", |cfg| {
+            cfg.conntrack_max = 4096;
+            change(cfg);
+        }));
         let mut ops = Vec::new();
         for (i, addr) in BACKENDS.iter().enumerate() {
             for (j, p) in [proto::TCP, proto::UDP].into_iter().enumerate() {
@@ -975,7 +963,7 @@ fn pinned_ct(
     fx: &Fixture,
     name: &str,
 ) -> aya::maps::HashMap<aya::maps::MapData, CtKey, proxy_common::CtValue> {
-    let pin = maps_dir(&fx.pin_dir).join(name);
+    let pin = maps_dir(fx.pin_dir()).join(name);
     let data = aya::maps::MapData::from_pin(&pin).expect("open the pinned conntrack map");
     aya::maps::Map::LruHashMap(data).try_into().unwrap()
 }
@@ -2313,7 +2301,7 @@ fn maglev_table_swaps_atomically_under_traffic() {
     let b = vip_table(509, &[1, 2]);
     use_table(&mut fx, &a);
     let (table_a, table_b) = (a.build(), b.build());
-    let pin = maps_dir(&fx._pins.0).join(proxy_common::map_names::MAGLEV);
+    let pin = maps_dir(fx.pin_dir()).join(proxy_common::map_names::MAGLEV);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let swapped = std::sync::Arc::new(AtomicU32::new(0));
     let swapper = {

@@ -11,20 +11,18 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::{
     maps::{Array, Map, MapData},
     programs::{TestRun, TestRunOptions},
 };
-use lab::PinDir;
+use lab::LoadedDatapath;
 use lab::bench::testrun::tcp_packet;
 use proxy_common::{Backend, ServiceKey, ServiceValue, map_names, proto, served};
 use proxy_userspace::{
     contents::{addr_to_map, backend4, port_to_map, svc_key4},
-    datapath::{Datapath, DatapathConfig, Hook, Hooks, Upkeep, maps_dir},
+    datapath::{DatapathConfig, Hook, maps_dir},
     diff::MapOp,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -35,51 +33,25 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 
 /// A datapath pinned under a directory of its own, unpinned on drop (also
 /// when a check fails).
-struct Fixture {
-    dp: Datapath,
-    upkeep: Upkeep,
-    hooks: Hooks,
-    _pins: PinDir,
-    pin_dir: PathBuf,
-}
+struct Fixture(LoadedDatapath);
 
-fn load(pin_dir: &std::path::Path) -> (Datapath, Upkeep, Hooks) {
-    let cfg = DatapathConfig {
-        conntrack_max: 16_384,
-        ..DatapathConfig::new(pin_dir)
-    };
-    Datapath::load(&cfg).unwrap_or_else(|e| {
-        panic!("cannot load the eBPF datapath (this test needs root and bpffs): {e:#}")
-    })
+fn settings(cfg: &mut DatapathConfig) {
+    cfg.conntrack_max = 16_384;
 }
 
 impl Fixture {
     fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let pin_dir = PathBuf::from(format!(
-            "/sys/fs/bpf/kep-served-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let pins = PinDir(pin_dir.clone());
-        let (dp, upkeep, hooks) = load(&pin_dir);
-        Self {
-            dp,
-            upkeep,
-            hooks,
-            _pins: pins,
-            pin_dir,
-        }
+        Self(LoadedDatapath::load("kep-served", settings))
     }
 
     fn apply(&mut self, ops: &[MapOp]) {
-        let failed = self.dp.apply(ops);
+        let failed = self.0.dp.apply(ops);
         assert!(failed.is_empty(), "map writes failed: {failed:?}");
     }
 
     /// The bitmap as the datapath reads it.
     fn bits(&self) -> Vec<served::Chunk> {
-        let pin = maps_dir(&self.pin_dir).join(map_names::SERVED);
+        let pin = maps_dir(self.0.pin_dir()).join(map_names::SERVED);
         let data = MapData::from_pin(&pin).expect("open the pinned served map");
         let map: Array<MapData, served::Chunk> = Map::Array(data).try_into().unwrap();
         (0..served::CHUNKS)
@@ -97,6 +69,7 @@ impl Fixture {
             ..TestRunOptions::new()
         };
         let res = self
+            .0
             .hooks
             .hook_program(Hook::Pod)
             .test_run(opts)
@@ -114,7 +87,8 @@ impl Fixture {
             port_to_map(dport),
             proto::TCP,
         );
-        self.upkeep
+        self.0
+            .upkeep
             .conntrack()
             .expect("reading conntrack")
             .iter()
@@ -354,7 +328,7 @@ fn a_restarted_agent_rewrites_the_bits_of_what_the_maps_hold() {
     fx.apply(&transition(&BTreeSet::new(), &all));
     let before = fx.bits();
     {
-        let pin = maps_dir(&fx.pin_dir).join(map_names::SERVED);
+        let pin = maps_dir(fx.0.pin_dir()).join(map_names::SERVED);
         let mut map: Array<MapData, served::Chunk> = Map::Array(MapData::from_pin(&pin).unwrap())
             .try_into()
             .unwrap();
@@ -364,22 +338,14 @@ fn a_restarted_agent_rewrites_the_bits_of_what_the_maps_hold() {
     }
     // The agent restarts: the old datapath lets go of the directory
     // (its lock) and a new one adopts the pinned maps.
-    let Fixture {
+    let Fixture(LoadedDatapath {
         dp,
         upkeep,
         hooks,
-        _pins,
-        pin_dir,
-    } = fx;
+        pins,
+    }) = fx;
     drop((dp, upkeep, hooks));
-    let (dp, upkeep, hooks) = load(&pin_dir);
-    let mut fx = Fixture {
-        dp,
-        upkeep,
-        hooks,
-        _pins,
-        pin_dir,
-    };
+    let mut fx = Fixture(LoadedDatapath::load_in(pins, settings));
     assert_eq!(fx.bits(), before);
     let (a, p) = frontend(3);
     let (input, _, out) = fx.syn(3_000, a, p);
