@@ -12,8 +12,8 @@ use std::{
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Backend6, CtKey, CtValue, ServiceKey, ServiceKey6,
-    ServiceValue, SourceRange, SourceRange6, Traffic, map_names, proto, scope, stat,
+    Addr6, AffinityKey, AffinityValue, Backend, Backend6, CtKey, CtValue, ServiceKey, ServiceKey6,
+    ServiceValue, SourceRangeOf, Traffic, map_names, proto, scope, stat,
 };
 use serde::Serialize;
 
@@ -49,6 +49,25 @@ fn open(bpffs: &Path, name: &'static str) -> Result<MapData, DatapathError> {
         name,
         source: Box::new(source),
     })
+}
+
+/// The allowed prefixes of a pinned source-ranges trie of either family
+/// (read as the agent reads its own, by [`read_ranges`]).
+fn read_pinned_ranges<A: Copy>(
+    bpffs: &Path,
+    name: &'static str,
+    family: fn(A) -> MapAddr,
+) -> Result<BTreeSet<RangeEntry>, DatapathError>
+where
+    SourceRangeOf<A>: aya::Pod,
+{
+    let err = |source| DatapathError::Map {
+        name,
+        source: Box::new(source),
+    };
+    let trie: LpmTrie<MapData, SourceRangeOf<A>, u8> =
+        Map::LpmTrie(open(bpffs, name)?).try_into().map_err(err)?;
+    read_ranges(&trie, family).map_err(err)
 }
 
 fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
@@ -106,24 +125,13 @@ impl Pinned {
             conntrack.extend(entries);
         }
         let (affinity, aff_max) = read_hash(bpffs, map_names::AFFINITY, true)?;
-        let ranges_err = |source| DatapathError::Map {
-            name: map_names::SOURCE_RANGES,
-            source: Box::new(source),
-        };
-        let ranges: LpmTrie<MapData, SourceRange, u8> =
-            Map::LpmTrie(open(bpffs, map_names::SOURCE_RANGES)?)
-                .try_into()
-                .map_err(ranges_err)?;
-        let mut source_ranges = read_ranges(&ranges, MapAddr::V4).map_err(ranges_err)?;
-        let ranges6_err = |source| DatapathError::Map {
-            name: map_names::SOURCE_RANGES6,
-            source: Box::new(source),
-        };
-        let ranges6: LpmTrie<MapData, SourceRange6, u8> =
-            Map::LpmTrie(open(bpffs, map_names::SOURCE_RANGES6)?)
-                .try_into()
-                .map_err(ranges6_err)?;
-        source_ranges.extend(read_ranges(&ranges6, MapAddr::V6).map_err(ranges6_err)?);
+        let mut source_ranges =
+            read_pinned_ranges::<u32>(bpffs, map_names::SOURCE_RANGES, MapAddr::V4)?;
+        source_ranges.extend(read_pinned_ranges::<Addr6>(
+            bpffs,
+            map_names::SOURCE_RANGES6,
+            MapAddr::V6,
+        )?);
         let stats_map: PerCpuArray<MapData, u64> = Map::PerCpuArray(open(bpffs, map_names::STATS)?)
             .try_into()
             .map_err(|source| DatapathError::Map {
