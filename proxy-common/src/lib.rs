@@ -107,6 +107,11 @@ pub mod map_names {
     /// `loadBalancerSourceRanges` of IPv6 frontends
     /// ([`crate::SourceRange6`] LPM trie).
     pub const SOURCE_RANGES6: &str = "kep_src_ranges6";
+    /// IPv6 datapath settings (the single [`crate::Config6`] entry).
+    pub const CONFIG6: &str = "kep_config6";
+    /// Socket reverse NAT of IPv6 sockets ([`crate::SockRevNatKey6`] ->
+    /// [`crate::SockRevNat6`]).
+    pub const SOCK_REVNAT6: &str = "kep_sock_rnat6";
     /// The IPv6 maps, as [`ALL`] lists them.
     pub const FAMILY6: [&str; 5] = [
         SERVICES6,
@@ -119,7 +124,7 @@ pub mod map_names {
     /// protocol) ([`crate::served`]).
     pub const SERVED: &str = "kep_served";
     /// Every map the agent pins, in creation order.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 26] = [
         SERVICES,
         BACKENDS,
         CONNTRACK_TCP,
@@ -144,6 +149,8 @@ pub mod map_names {
         NODE_ADDRS6,
         SOURCE_RANGES6,
         SERVED,
+        CONFIG6,
+        SOCK_REVNAT6,
     ];
 }
 
@@ -166,6 +173,11 @@ pub mod program_names {
     pub const SOCK_SENDMSG4: &str = "kep_sendmsg4";
     pub const SOCK_RECVMSG4: &str = "kep_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "kep_getpeername4";
+    /// Their IPv6 twins (IPv6 sockets, IPv4-mapped addresses included).
+    pub const SOCK_CONNECT6: &str = "kep_connect6";
+    pub const SOCK_SENDMSG6: &str = "kep_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "kep_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "kep_getpeername6";
 }
 
 /// Default capacities; the agent can override each with a flag.
@@ -756,6 +768,37 @@ pub struct Config {
 /// (`CT_FLAG_PEER`, `CT_FLAG_NEIGH`).
 pub const CONFIG_FLAG_FAST_PATH: u32 = 1 << 0;
 
+/// An IPv6 prefix: `addr` and `mask` in map form ([`Addr6`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr6 {
+    pub addr: Addr6,
+    pub mask: Addr6,
+}
+
+impl Cidr6 {
+    pub const fn contains(&self, addr: &Addr6) -> bool {
+        addr[0] & self.mask[0] == self.addr[0]
+            && addr[1] & self.mask[1] == self.addr[1]
+            && addr[2] & self.mask[2] == self.addr[2]
+            && addr[3] & self.mask[3] == self.addr[3]
+    }
+}
+
+/// The IPv6 datapath's settings, the single entry of `kep_config6`,
+/// written by the agent beside [`Config`] (which keeps what both families
+/// share: timeouts, the network namespace of the socket hooks, flags).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config6 {
+    /// IPv6 service CIDRs; the first `service_cidr_count` are used, as
+    /// [`Config::service_cidrs`].
+    pub service_cidrs: [Cidr6; MAX_SERVICE_CIDRS],
+    /// Host byte order.
+    pub service_cidr_count: u32,
+    pub _pad: u32,
+}
+
 /// Data of a source-ranges LPM trie key (the trie's key is this behind a
 /// `prefix_len`): a frontend (svc id of its external entry) and a client
 /// prefix. The trie matches `prefix_len` leading bits of `svc_id_be` then
@@ -849,6 +892,29 @@ pub struct SockRevNat {
     /// Frontend IPv4 address, network byte order.
     pub addr: u32,
     /// Frontend port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// [`SockRevNatKey`] of an IPv6 socket: the backend it was sent to (an
+/// IPv4-mapped address when it reached an IPv4 frontend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SockRevNatKey6 {
+    /// Host byte order. `bpf_get_socket_cookie` of the socket.
+    pub cookie: u64,
+    pub addr: Addr6,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+
+/// [`SockRevNat`] of an IPv6 socket: the frontend it addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SockRevNat6 {
+    pub addr: Addr6,
+    /// Network byte order.
     pub port: u16,
     pub _pad: u16,
 }
@@ -1176,6 +1242,9 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceKey6>() == 24);
     assert!(core::mem::size_of::<Backend6>() == 20);
     assert!(core::mem::size_of::<SourceRange6>() == 20);
+    assert!(core::mem::size_of::<Config6>() == 32 * MAX_SERVICE_CIDRS + 8);
+    assert!(core::mem::size_of::<SockRevNatKey6>() == 32);
+    assert!(core::mem::size_of::<SockRevNat6>() == 20);
 };
 
 #[cfg(feature = "user")]
@@ -1193,6 +1262,9 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::SockRevNatKey {}
     unsafe impl aya::Pod for super::SockRevNat {}
+    unsafe impl aya::Pod for super::Config6 {}
+    unsafe impl aya::Pod for super::SockRevNatKey6 {}
+    unsafe impl aya::Pod for super::SockRevNat6 {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::Traffic {}

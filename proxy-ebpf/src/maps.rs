@@ -10,9 +10,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Addr6, AffinityKey, AffinityValue, Backend, Backend6, Config, CtKey, CtValue, FragKey,
+    Addr6, AffinityKey, AffinityValue, Backend, Backend6, Config, Config6, CtKey, CtValue, FragKey,
     FragValue, FragmentBytes, RejectBucket, ServiceKey, ServiceKey6, ServiceValue, SockRevNat,
-    SockRevNatKey, SourceRange, SourceRange6, StashKey, Traffic, defaults, maglev, served, stat,
+    SockRevNat6, SockRevNatKey, SockRevNatKey6, SourceRange, SourceRange6, StashKey, Traffic,
+    defaults, maglev, served, stat,
 };
 
 // Static names are the pinned map names (`proxy_common::map_names`), which
@@ -206,6 +207,16 @@ pub static kep_node_addrs6: HashMap<
 pub static kep_src_ranges6: LpmTrie<SourceRange6, u8, { defaults::SOURCE_RANGES_MAX as usize }> =
     LpmTrie::new();
 
+#[btf_map]
+pub static kep_config6: Array<Config6, 1> = Array::new();
+
+#[btf_map]
+pub static kep_sock_rnat6: LruHashMap<
+    SockRevNatKey6,
+    SockRevNat6,
+    { defaults::SOCK_REVNAT_MAX as usize },
+> = LruHashMap::new();
+
 /// Written by the agent: see [`proxy_common::served`].
 #[btf_map]
 pub static kep_served: Array<served::Chunk, { served::CHUNKS as usize }> = Array::new();
@@ -260,6 +271,12 @@ pub fn is_node_address(addr: u32) -> bool {
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {
     kep_config.get(0)
+}
+
+/// The agent's IPv6 settings, likewise.
+#[inline(always)]
+pub fn config6() -> Option<&'static Config6> {
+    kep_config6.get(0)
 }
 
 /// Counts one translated packet of `bytes` for its frontend and backend.

@@ -6,11 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proxy_common::{
-    Addr6, Backend, Backend6, BackendOf, Cidr, ServiceKey, ServiceKey6, ServiceKeyOf, ServiceValue,
+    Addr6, Backend, Backend6, BackendOf, Cidr, Cidr6, ServiceKey, ServiceKey6, ServiceKeyOf,
+    ServiceValue,
 };
 
 use crate::maglev::TableSpec;
-use crate::model::Ipv4Cidr;
+use crate::model::{IpCidr, Ipv4Cidr};
 
 /// Map form of an IPv4 address: the `u32` whose in-memory bytes are the
 /// address's wire bytes, which is what the datapath compares against packets.
@@ -103,6 +104,20 @@ pub fn cidr_to_map(cidr: Ipv4Cidr) -> Cidr {
         addr: addr_to_map(cidr.addr),
         mask: addr_to_map(cidr.netmask()),
     }
+}
+
+/// Map form of an IPv6 prefix (`None` for an IPv4 one).
+pub fn cidr6_to_map(cidr: &IpCidr) -> Option<Cidr6> {
+    let IpAddr::V6(addr) = cidr.addr else {
+        return None;
+    };
+    let mask = u128::MAX
+        .checked_shl(128 - u32::from(cidr.prefix_len.min(128)))
+        .unwrap_or(0);
+    Some(Cidr6 {
+        addr: addr6_to_map(Ipv6Addr::from(u128::from(addr) & mask)),
+        mask: addr6_to_map(Ipv6Addr::from(mask)),
+    })
 }
 
 /// Map form of an L4 port: network byte order, like [`addr_to_map`].
@@ -216,6 +231,36 @@ impl MapContents {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Likewise for IPv6 prefixes (`Cidr6::contains`, what the socket
+    /// hooks drop unallocated service addresses by); an IPv4 one has no
+    /// IPv6 map form.
+    #[test]
+    fn an_ipv6_prefix_in_map_form_contains_exactly_its_addresses() {
+        for text in [
+            "fd00:10:96::/108",
+            "fd00::1:2:3/64",
+            "2001:db8::7/128",
+            "::/0",
+            "fd00::/7",
+        ] {
+            let cidr: IpCidr = text.parse().unwrap();
+            let map = cidr6_to_map(&cidr).unwrap();
+            let IpAddr::V6(addr) = cidr.addr else {
+                panic!("{text}")
+            };
+            let len = u32::from(cidr.prefix_len);
+            let host = u128::MAX.checked_shr(len).unwrap_or(0);
+            let first = u128::from(addr) & !host;
+            let last = first | host;
+            let inside = |a: u128| (a & !host) == first;
+            for a in [first.wrapping_sub(1), first, last, last.wrapping_add(1)] {
+                let ip = Ipv6Addr::from(a);
+                assert_eq!(map.contains(&addr6_to_map(ip)), inside(a), "{text} {ip}");
+            }
+        }
+        assert_eq!(cidr6_to_map(&"10.96.0.0/12".parse().unwrap()), None);
+    }
 
     /// The datapath's check of a prefix agrees with the model's, on both
     /// sides of each edge, whatever the host bits given.

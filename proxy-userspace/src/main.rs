@@ -266,6 +266,7 @@ fn main() -> anyhow::Result<()> {
                     maglev_max: args.maglev_max,
                     source_ranges_max: args.source_ranges_max,
                     service_cidrs: service_cidrs(&args.service_cidr.0),
+                    service_cidrs6: service_cidrs6(&args.service_cidr.0),
                     hairpin_addr: Some(args.hairpin_snat_ip),
                     timeouts: datapath::CtTimeouts {
                         tcp_established: args.conntrack_tcp_timeout_established,
@@ -415,17 +416,14 @@ fn hostname() -> std::io::Result<String> {
 #[derive(Debug, Clone)]
 struct CidrList(Vec<IpCidr>);
 
-/// The IPv4 service CIDRs, which the datapath drops unallocated addresses
-/// of; IPv6 ones are accepted (a dual-stack cluster's flags stay valid)
-/// and said to be unenforced: the IPv6 datapath has no such check yet.
+/// The service CIDRs of one family, which the datapath drops unallocated
+/// addresses of (and rejects unserved ports of cluster IPs in).
 fn service_cidrs(cidrs: &[IpCidr]) -> Vec<proxy_userspace::model::Ipv4Cidr> {
-    for cidr in cidrs.iter().filter(|c| c.v4().is_none()) {
-        tracing::warn!(
-            "--service-cidr {cidr}: IPv6; unallocated addresses in it are not dropped yet \
-             (IPv6 Services are encoded, the IPv6 datapath is not in this build)"
-        );
-    }
     cidrs.iter().filter_map(IpCidr::v4).collect()
+}
+
+fn service_cidrs6(cidrs: &[IpCidr]) -> Vec<IpCidr> {
+    cidrs.iter().filter(|c| c.v4().is_none()).copied().collect()
 }
 
 fn parse_cidr_list(list: &str) -> Result<CidrList, String> {

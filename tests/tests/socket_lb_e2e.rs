@@ -98,12 +98,18 @@ fn start<'l>(lab: &'l Lab, cgroup: &TestCgroup) -> Agent<'l> {
 /// The agent on the lab's manifests as they are, with the socket hooks on
 /// `cgroup`.
 fn start_with_socket_lb<'l>(lab: &'l Lab, cgroup: &TestCgroup) -> Agent<'l> {
-    let args: Vec<OsString> = vec![
+    start_with_args(lab, cgroup, &[])
+}
+
+/// [`start_with_socket_lb`] with `extra` arguments.
+fn start_with_args<'l>(lab: &'l Lab, cgroup: &TestCgroup, extra: &[&str]) -> Agent<'l> {
+    let mut args: Vec<OsString> = vec![
         "--manifests".into(),
         lab.manifest_dir().into(),
         "--socket-lb-cgroup".into(),
         cgroup.path().into(),
     ];
+    args.extend(extra.iter().map(OsString::from));
     let agent = lab
         .start_agent_programmed(&args)
         .expect("agent programs the datapath");
@@ -290,7 +296,8 @@ fn detached_socket_hooks_are_attached_again() {
                 .starts_with("cgroup-")
         })
         .collect();
-    assert_eq!(pins.len(), 4, "{pins:?}");
+    // connect, sendmsg, recvmsg and getpeername, of each family.
+    assert_eq!(pins.len(), 8, "{pins:?}");
     // Every id first: the agent may re-pin under the same name at once.
     let ids: Vec<String> = pins
         .iter()
@@ -319,4 +326,94 @@ fn detached_socket_hooks_are_attached_again() {
     let http = format!("{DEMO_VIP}:{HTTP_PORT}");
     let o = host_process(&lab, Some(&cgroup), "tcp", &http, 30);
     assert_spread(&o, 30, &http, &agent);
+}
+
+/// The lab's demo Service as an IPv6-only one (its endpoints' IPv6
+/// addresses, the same servers), and `empty6` without endpoints.
+fn write_ipv6_services(lab: &Lab) {
+    use lab::addr::{DEMO_VIP6, EMPTY_VIP6, backend_ip6};
+    use lab::yaml::{Svc, SvcPort, endpoint_slice};
+    let ports = || {
+        vec![
+            SvcPort::new("http", HTTP_PORT, "TCP", "http"),
+            SvcPort::new("dns", DNS_PORT, "UDP", "dns"),
+        ]
+    };
+    let eps: Vec<_> = (0..3)
+        .map(|i| (backend_ip6(i), lab::backend_name(i), true))
+        .collect();
+    let slice = endpoint_slice(
+        "demo6-lab",
+        "demo6",
+        &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+        &eps,
+    );
+    let demo6 = Svc::cluster_ip6("demo6", DEMO_VIP6, ports()).render();
+    let empty6 = Svc::cluster_ip6("empty6", EMPTY_VIP6, ports()).render();
+    lab.write_manifest("demo6.yaml", &format!("{demo6}---\n{slice}"))
+        .unwrap();
+    lab.write_manifest("empty6.yaml", &empty6).unwrap();
+}
+
+/// IPv6 sockets of host processes: an IPv6 cluster IP is spread over its
+/// IPv6 endpoints over TCP and UDP (both send styles), the application
+/// sees the cluster IP as its peer and reply source; a Service without
+/// endpoints refuses at once; an unallocated address inside the IPv6
+/// service CIDR is dropped (the socket learns it at once); and an IPv6
+/// socket addressing an IPv4 cluster IP by its IPv4-mapped address (how
+/// dual-stack applications reach IPv4 Services) is sent to the IPv4
+/// endpoints and sees the mapped cluster IP.
+#[test]
+fn host_process_reaches_ipv6_cluster_ips_and_ipv4_ones_through_mapped_addresses() {
+    let lab = Lab::new().unwrap();
+    let cgroup = TestCgroup::new().unwrap();
+    lab.write_manifest("demo.yaml", &yaml::demo(&[0, 1, 2]))
+        .unwrap();
+    write_ipv6_services(&lab);
+    let (cidr6, len6) = lab::addr::SERVICE_CIDR6;
+    let cidrs = format!("10.96.0.0/16,{cidr6}/{len6}");
+    let agent = start_with_args(&lab, &cgroup, &["--service-cidr", &cidrs]);
+
+    let vip6 = lab::addr::DEMO_VIP6;
+    let http = format!("[{vip6}]:{HTTP_PORT}");
+    let dns = format!("[{vip6}]:{DNS_PORT}");
+    let o = host_process(&lab, Some(&cgroup), "tcp", &http, 150);
+    assert_spread(&o, 150, &http, &agent);
+    let o = host_process(&lab, Some(&cgroup), "udp-sendto", &dns, 150);
+    assert_spread(&o, 150, &dns, &agent);
+    let o = host_process(&lab, Some(&cgroup), "udp-connect", &dns, 150);
+    assert_spread(&o, 150, &dns, &agent);
+
+    let empty = lab::addr::EMPTY_VIP6;
+    for (mode, port) in [("tcp", HTTP_PORT), ("udp-connect", DNS_PORT)] {
+        let o = host_process(&lab, Some(&cgroup), mode, &format!("[{empty}]:{port}"), 10);
+        assert_eq!(o.errors.len(), 10, "{mode}: {:?}", o.per_backend);
+        assert!(
+            o.errors.iter().all(|e| e.starts_with("err refused")),
+            "{mode}: {:?}",
+            o.errors
+        );
+    }
+    let unallocated = lab::addr::service_ip6(0x7777);
+    let o = host_process(
+        &lab,
+        Some(&cgroup),
+        "tcp",
+        &format!("[{unallocated}]:{HTTP_PORT}"),
+        5,
+    );
+    assert_eq!(o.errors.len(), 5, "{:?}", o.per_backend);
+    assert!(
+        o.errors.iter().all(|e| e.starts_with("err timeout")),
+        "{:?}",
+        o.errors
+    );
+    assert!(o.elapsed < Duration::from_secs(1), "{:?}", o.elapsed);
+
+    let mapped = format!("[::ffff:{DEMO_VIP}]:{HTTP_PORT}");
+    let o = host_process(&lab, Some(&cgroup), "tcp", &mapped, 150);
+    assert_spread(&o, 150, &mapped, &agent);
+    let mapped_dns = format!("[::ffff:{DEMO_VIP}]:{DNS_PORT}");
+    let o = host_process(&lab, Some(&cgroup), "udp-sendto", &mapped_dns, 150);
+    assert_spread(&o, 150, &mapped_dns, &agent);
 }

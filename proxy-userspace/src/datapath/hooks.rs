@@ -141,7 +141,7 @@ impl Unverified {
                 .ebpf
                 .programs_mut()
                 .filter_map(|(name, prog)| {
-                    let (name, load) = PROGRAMS.iter().find(|(n, _)| *n == name)?;
+                    let (name, load) = loader(name)?;
                     Some(scope.spawn(move || load(name, prog)))
                 })
                 .collect();
@@ -149,7 +149,7 @@ impl Unverified {
                 .into_iter()
                 .try_for_each(|thread| thread.join().expect("a program's load does not panic"))
         })?;
-        for (name, _) in PROGRAMS {
+        for name in PACKET_PROGRAMS.into_iter().chain(SOCK_PROGRAMS) {
             if self.ebpf.program(name).is_none() {
                 return Err(program_err(name, aya::programs::ProgramError::NotLoaded));
             }
@@ -166,18 +166,29 @@ impl Unverified {
     }
 }
 
-/// Every program the agent attaches, and how it is loaded.
-type LoadFn = fn(&'static str, &mut Program) -> Result<(), DatapathError>;
-const PROGRAMS: [(&str, LoadFn); 8] = [
-    (program_names::TC_POD_INGRESS, load_tc),
-    (program_names::TC_NODE_INGRESS, load_tc),
-    (program_names::TC_EGRESS, load_tc),
-    (program_names::XDP_NODE, load_xdp),
-    (SOCK_PROGRAMS[0], load_sock),
-    (SOCK_PROGRAMS[1], load_sock),
-    (SOCK_PROGRAMS[2], load_sock),
-    (SOCK_PROGRAMS[3], load_sock),
+/// Every program the agent attaches beside the socket hooks.
+const PACKET_PROGRAMS: [&str; 4] = [
+    program_names::TC_POD_INGRESS,
+    program_names::TC_NODE_INGRESS,
+    program_names::TC_EGRESS,
+    program_names::XDP_NODE,
 ];
+
+/// How a program the agent attaches is loaded, under its `'static` name
+/// (`None`: the object's other programs, never loaded).
+type LoadFn = fn(&'static str, &mut Program) -> Result<(), DatapathError>;
+fn loader(name: &str) -> Option<(&'static str, LoadFn)> {
+    let found = |names: &[&'static str]| names.iter().copied().find(|n| *n == name);
+    if let Some(name) = found(&SOCK_PROGRAMS) {
+        return Some((name, load_sock));
+    }
+    let name = found(&PACKET_PROGRAMS)?;
+    Some(if name == program_names::XDP_NODE {
+        (name, load_xdp)
+    } else {
+        (name, load_tc)
+    })
+}
 
 fn load_tc(name: &'static str, prog: &mut Program) -> Result<(), DatapathError> {
     load_program(name, prog, SchedClassifier::load)

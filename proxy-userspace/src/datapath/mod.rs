@@ -30,8 +30,8 @@ use aya::{
     programs::XdpMode,
 };
 use proxy_common::{
-    Backend, CONFIG_FLAG_FAST_PATH, Config, MAX_SERVICE_CIDRS, ServiceKey, ServiceValue,
-    SourceRange, Traffic, defaults, map_names, program_names,
+    Backend, CONFIG_FLAG_FAST_PATH, Cidr6, Config, Config6, MAX_SERVICE_CIDRS, ServiceKey,
+    ServiceValue, SourceRange, Traffic, defaults, map_names, program_names,
 };
 use thiserror::Error;
 
@@ -39,11 +39,11 @@ use crate::{
     capacity::Capacity,
     contents::{
         MapAddr, MapContents, RangeEntry, addr_to_map, addr6_to_map, backend4, cidr_to_map,
-        svc_key4,
+        cidr6_to_map, svc_key4,
     },
     diff::MapOp,
     maglev::TableSpec,
-    model::Ipv4Cidr,
+    model::{IpCidr, Ipv4Cidr},
     tables::MaglevTables,
 };
 
@@ -52,11 +52,15 @@ use crate::{
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KEP_BPF_OBJECT"));
 
 /// The cgroup socket hooks, all loaded with the object.
-pub(super) const SOCK_PROGRAMS: [&str; 4] = [
+pub(super) const SOCK_PROGRAMS: [&str; 8] = [
     program_names::SOCK_CONNECT4,
     program_names::SOCK_SENDMSG4,
     program_names::SOCK_RECVMSG4,
     program_names::SOCK_GETPEERNAME4,
+    program_names::SOCK_CONNECT6,
+    program_names::SOCK_SENDMSG6,
+    program_names::SOCK_RECVMSG6,
+    program_names::SOCK_GETPEERNAME6,
 ];
 
 #[derive(Debug, Clone)]
@@ -76,6 +80,8 @@ pub struct DatapathConfig {
     /// Service CIDRs: traffic to an address inside that is no cluster IP
     /// is dropped; at most `MAX_SERVICE_CIDRS`.
     pub service_cidrs: Vec<Ipv4Cidr>,
+    /// The IPv6 service CIDRs, likewise (IPv4 ones here are ignored).
+    pub service_cidrs6: Vec<IpCidr>,
     /// Source address given to hairpin flows (a pod reaching itself through
     /// a Service); `None` leaves them untranslated, which breaks them.
     pub hairpin_addr: Option<Ipv4Addr>,
@@ -229,6 +235,7 @@ impl DatapathConfig {
             maglev_max: defaults::MAGLEV_MAX,
             source_ranges_max: defaults::SOURCE_RANGES_MAX,
             service_cidrs: vec![DEFAULT_SERVICE_CIDR],
+            service_cidrs6: Vec::new(),
             hairpin_addr: Some(DEFAULT_HAIRPIN_ADDR),
             timeouts: CtTimeouts::default(),
             xdp: XdpSetting::Auto,
@@ -268,6 +275,27 @@ impl DatapathConfig {
             cfg.reject_interval_ns = ns(limit.interval).clamp(1, 3_600_000_000_000);
             cfg.reject_burst = limit.burst.clamp(1, 1_000);
         }
+        Ok(cfg)
+    }
+
+    /// The IPv6 config map entry for these settings.
+    pub fn to_map6(&self) -> Result<Config6, DatapathError> {
+        let cidrs: Vec<Cidr6> = self
+            .service_cidrs6
+            .iter()
+            .filter_map(cidr6_to_map)
+            .collect();
+        if cidrs.len() > MAX_SERVICE_CIDRS {
+            return Err(DatapathError::Settings(format!(
+                "{} IPv6 service CIDRs given, at most {MAX_SERVICE_CIDRS} are supported",
+                cidrs.len()
+            )));
+        }
+        let mut cfg = Config6::default();
+        for (slot, cidr) in cfg.service_cidrs.iter_mut().zip(&cidrs) {
+            *slot = *cidr;
+        }
+        cfg.service_cidr_count = cidrs.len() as u32;
         Ok(cfg)
     }
 }
@@ -420,6 +448,7 @@ impl Datapath {
             DatapathError::Settings(format!("reading this network namespace's cookie: {source}"))
         })?;
         let settings = cfg.to_map(netns_cookie)?;
+        let settings6 = cfg.to_map6()?;
         ensure_dir(&cfg.bpffs)?;
         // Before anything is pinned or attached: a second agent here
         // would undo this one's writes at every sync.
@@ -493,6 +522,15 @@ impl Datapath {
         config
             .set(0, settings, 0)
             .map_err(map_err(map_names::CONFIG))?;
+        // Left in the object (the programs' loads need its fd open).
+        let mut config6: Array<&mut MapData, Config6> = ebpf
+            .map_mut(map_names::CONFIG6)
+            .ok_or(DatapathError::MissingMap(map_names::CONFIG6))?
+            .try_into()
+            .map_err(map_err(map_names::CONFIG6))?;
+        config6
+            .set(0, settings6, 0)
+            .map_err(map_err(map_names::CONFIG6))?;
         let pinned: Vec<(&'static str, MapData)> = pins
             .iter()
             .map(|(name, path)| Ok((*name, MapData::from_pin(path).map_err(map_err(name))?)))
