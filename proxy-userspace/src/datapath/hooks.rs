@@ -142,7 +142,10 @@ impl Unverified {
                 .programs_mut()
                 .filter_map(|(name, prog)| {
                     let (name, load) = loader(name)?;
-                    Some(scope.spawn(move || load(name, prog)))
+                    Some(scope.spawn(move || {
+                        lower_priority();
+                        load(name, prog)
+                    }))
                 })
                 .collect();
             running
@@ -164,6 +167,22 @@ impl Unverified {
             xdp: self.xdp,
         })
     }
+}
+
+/// Niceness of the verifier threads. At start they run beside the
+/// source's read, which the first sync waits for: on 2 cores at 30,000
+/// Services, favouring the read brought `datapath programmed` from 1.99 s
+/// to 1.90 s (medians of 6 starts each; nice 5: 1.95 s, nice 19: 1.86 s).
+/// Not lower: on a node busy with other work the verifier still gets a
+/// fair share (about a tenth of a core against each competing thread at
+/// nice 0), so start-up never waits on the node's load alone.
+const VERIFIER_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's priority to [`VERIFIER_NICE`] (Linux keeps
+/// a nice value per thread). Failing leaves it as it is, which is fine.
+fn lower_priority() {
+    // SAFETY: setpriority only reads its arguments; who = 0 is the caller.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, VERIFIER_NICE) };
 }
 
 /// Every program the agent attaches beside the socket hooks.
