@@ -8,7 +8,7 @@ use proxy_common::{
     stat,
 };
 
-use crate::lb;
+use crate::lb::{self, Family};
 use crate::maps::{
     BACKENDS, CONNTRACK, CT_SCRATCH, config, count, is_endpoint, is_node_address, may_be_served,
 };
@@ -250,7 +250,7 @@ pub fn open_flow(flow: &Flow, origin: Origin, now: u64, out: &mut CtValue) -> u3
 /// bytes.)
 #[inline(never)]
 pub fn may_be_ours(daddr: u32, dport: u16, proto: u8) -> bool {
-    lb::in_service_cidr(config(), daddr) || may_be_served(daddr, dport, proto)
+    u32::in_service_cidr(&daddr) || may_be_served(daddr, dport, proto)
 }
 
 /// The key of a UDP host endpoint's reply entry with the source address

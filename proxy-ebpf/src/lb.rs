@@ -8,8 +8,8 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use proxy_common::{
-    Addr6, AffinityKey, AffinityValue, BackendOf, Config, MAX_SERVICE_CIDRS, ServiceKeyOf,
-    ServiceValue, SourceRange, SourceRange6, scope, stat,
+    Addr6, AffinityKey, AffinityValue, BackendOf, MAX_SERVICE_CIDRS, ServiceKeyOf, ServiceValue,
+    SourceRange, SourceRange6, scope, stat,
 };
 
 use crate::maps::{
@@ -61,7 +61,11 @@ impl Family for u32 {
 
     #[inline(always)]
     fn in_service_cidr(addr: &u32) -> bool {
-        in_service_cidr(config(), *addr)
+        config().is_some_and(|c| {
+            any_cidr(&c.service_cidrs, c.service_cidr_count, |r| {
+                r.contains(*addr)
+            })
+        })
     }
 }
 
@@ -99,18 +103,8 @@ impl Family for Addr6 {
 
     #[inline(always)]
     fn in_service_cidr(addr: &Addr6) -> bool {
-        let Some(cfg) = config6() else {
-            return false;
-        };
-        let mut inside = false;
-        let mut i = 0;
-        while i < MAX_SERVICE_CIDRS {
-            if (i as u32) < cfg.service_cidr_count && cfg.service_cidrs[i].contains(addr) {
-                inside = true;
-            }
-            i += 1;
-        }
-        inside
+        config6()
+            .is_some_and(|c| any_cidr(&c.service_cidrs, c.service_cidr_count, |r| r.contains(addr)))
     }
 }
 
@@ -281,17 +275,15 @@ fn not_a_frontend<A: Family>(addr: A) -> Choice<A> {
     }
 }
 
-/// Whether `addr` is inside one of the service CIDRs (none until the agent
-/// writes its settings).
+/// Whether one of the first `count` prefixes `contains` the address (none
+/// until the agent writes its settings). Every slot is looked at: one
+/// bounded loop, whatever the count.
 #[inline(always)]
-pub fn in_service_cidr(cfg: Option<&Config>, addr: u32) -> bool {
-    let Some(cfg) = cfg else {
-        return false;
-    };
+fn any_cidr<C>(cidrs: &[C; MAX_SERVICE_CIDRS], count: u32, contains: impl Fn(&C) -> bool) -> bool {
     let mut inside = false;
     let mut i = 0;
     while i < MAX_SERVICE_CIDRS {
-        if (i as u32) < cfg.service_cidr_count && cfg.service_cidrs[i].contains(addr) {
+        if (i as u32) < count && contains(&cidrs[i]) {
             inside = true;
         }
         i += 1;
