@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
@@ -35,9 +35,10 @@ pub fn all_answer(
     env: &Env<'_>,
     from: Client,
     proto: Proto,
-    target: SocketAddrV4,
+    target: impl Into<SocketAddr>,
     expected: &[String],
 ) -> Result<()> {
+    let target: SocketAddr = target.into();
     let want: BTreeSet<&str> = expected.iter().map(String::as_str).collect();
     let mut got = Vec::new();
     let mut errors = Vec::new();

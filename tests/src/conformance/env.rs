@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -226,6 +226,10 @@ impl<'c> Env<'c> {
         self.cluster.node_ip(k)
     }
 
+    pub fn node_ip6(&self, k: usize) -> Ipv6Addr {
+        self.cluster.node_ip6(k)
+    }
+
     pub fn node_name(&self, k: usize) -> String {
         cluster::node_name(k)
     }
@@ -253,6 +257,15 @@ impl<'c> Env<'c> {
             ready: c.0,
             serving: c.1,
             terminating: c.2,
+        }
+    }
+
+    /// A ready endpoint for backend pod j of node k's IPv6 address (a
+    /// dual-stack pod's second family).
+    pub fn endpoint6(&self, k: usize, j: usize) -> SliceEndpoint {
+        SliceEndpoint {
+            ip: self.cluster.backend(k, j).ip6.into(),
+            ..self.endpoint(k, j)
         }
     }
 
@@ -299,7 +312,12 @@ impl<'c> Env<'c> {
 
     /// One `whoami` request over a new connection (TCP) or a new socket
     /// (UDP).
-    pub fn whoami(&self, from: Client, proto: Proto, target: SocketAddrV4) -> io::Result<Whoami> {
+    pub fn whoami(
+        &self,
+        from: Client,
+        proto: Proto,
+        target: impl Into<SocketAddr>,
+    ) -> io::Result<Whoami> {
         self.requests(from, proto, target, 1, 0)
             .pop()
             .unwrap_or_else(|| Err(io::Error::other("no request made")))
@@ -311,10 +329,11 @@ impl<'c> Env<'c> {
         &self,
         from: Client,
         proto: Proto,
-        target: SocketAddrV4,
+        target: impl Into<SocketAddr>,
         count: usize,
         src_port: u16,
     ) -> Vec<io::Result<Whoami>> {
+        let target: SocketAddr = target.into();
         match from {
             Client::Host(k) => self.host_requests(k, proto, target, count, src_port),
             _ if src_port != 0 => {
@@ -342,7 +361,7 @@ impl<'c> Env<'c> {
         &self,
         k: usize,
         proto: Proto,
-        target: SocketAddrV4,
+        target: SocketAddr,
         count: usize,
         src_port: u16,
     ) -> Vec<io::Result<Whoami>> {
@@ -386,7 +405,10 @@ impl<'c> Env<'c> {
             Ok(s) => s,
             Err(e) => return vec![Err(io::Error::other(format!("{e:#}")))],
         };
-        let local = SocketAddr::new(IpAddr::V4(self.node_ip(k)), 0);
+        let local = match target {
+            SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(self.node_ip(k)), 0),
+            SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(self.node_ip6(k)), 0),
+        };
         stdout.lines().map(|l| parse_sockclient(l, local)).collect()
     }
 
@@ -427,9 +449,13 @@ fn parse_sockclient(line: &str, local: SocketAddr) -> io::Result<Whoami> {
 
 /// A UDP `whoami` from a fixed local port (Kubernetes' conntrack tests send
 /// from port 12345 every time, so every datagram is one conntrack flow).
-fn udp_whoami_from_port(ns: &Netns, target: SocketAddrV4, port: u16) -> io::Result<Whoami> {
+fn udp_whoami_from_port(ns: &Netns, target: SocketAddr, port: u16) -> io::Result<Whoami> {
     ns.try_run(move || -> io::Result<Whoami> {
-        let sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+        let any: IpAddr = match target {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let sock = std::net::UdpSocket::bind((any, port))?;
         sock.set_read_timeout(Some(REQUEST_TIMEOUT))?;
         sock.connect(target)?;
         sock.send(crate::servers::WHOAMI.as_bytes())?;

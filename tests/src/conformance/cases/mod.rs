@@ -8,7 +8,7 @@ mod networking;
 mod service;
 mod unsupported;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
 use anyhow::Result;
 
@@ -36,6 +36,8 @@ pub(super) fn all() -> Vec<Case> {
 const CIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 100);
 const CIP2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 101);
 const CIP3: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 102);
+/// The second (IPv6) cluster IP of the dual-stack rows' Service.
+const CIP6: Ipv6Addr = crate::addr::service_ip6(100);
 /// NodePorts and the health-check port rows allocate.
 const NODE_PORT: u16 = 30080;
 const NODE_PORT_UDP: u16 = 30081;

@@ -4,11 +4,14 @@
 //! udp), a test pod, a hostNetwork test pod, and a ClientIP Service; the
 //! lab's is the same with one backend pod per node.
 
+use std::net::SocketAddr;
+
 use anyhow::{Result, bail, ensure};
 
 use super::*;
 use crate::conformance::check::{all_answer, fails};
 use crate::conformance::env::{Client, Proto};
+use crate::yaml::IpFamilyPolicy;
 
 pub(super) fn cases() -> Vec<Case> {
     macro_rules! row {
@@ -94,6 +97,14 @@ pub(super) fn cases() -> Vec<Case> {
             host_network_endpoints
         ),
         Case::run(
+            "[sig-network] [Feature:IPv6DualStack] Granular Checks: Services Secondary IP Family [LinuxOnly] should function for node-Service: http",
+            |env| secondary_family_from_node(env, Proto::Tcp),
+        ),
+        Case::run(
+            "[sig-network] [Feature:IPv6DualStack] Granular Checks: Services Secondary IP Family [LinuxOnly] should function for node-Service: udp",
+            |env| secondary_family_from_node(env, Proto::Udp),
+        ),
+        Case::run(
             "[sig-network] Networking should recreate its iptables rules if they are deleted [Disruptive]",
             recreate_rules,
         ),
@@ -143,6 +154,42 @@ fn config(env: &Env<'_>, endpoints: &[SliceEndpoint]) -> Result<()> {
 }
 
 const ENDPOINT_PODS: [(usize, usize); 2] = [(0, 0), (1, 0)];
+
+/// Upstream's dual-stack test config (`EnableDualStack`): the NodePort
+/// Service with a cluster IP of each family (IPv4 primary) and a slice of
+/// each family on the same pods.
+fn config_dual_stack(env: &Env<'_>, pods: &[(usize, usize)]) -> Result<()> {
+    let ports = vec![
+        tcp("http", HTTP, &POD_TCP.to_string()).node_port(NODE_PORT),
+        udp("udp", UDP, &POD_UDP.to_string()).node_port(NODE_PORT_UDP),
+    ];
+    let slice_ports = [("http", POD_TCP, "TCP"), ("udp", POD_UDP, "UDP")];
+    let np = Svc::cluster_ip("node-port-service", CIP, ports)
+        .dual_stack(CIP6.into(), IpFamilyPolicy::RequireDualStack)
+        .of_type("NodePort");
+    let v6: Vec<SliceEndpoint> = pods.iter().map(|&(k, j)| env.endpoint6(k, j)).collect();
+    publish(
+        env,
+        &np,
+        &[
+            slice(&np.name, 1, &slice_ports, endpoints(env, pods)),
+            slice(&np.name, 2, &slice_ports, v6),
+        ],
+    )
+}
+
+/// The Secondary IP Family's node-Service rows: a hostNetwork client
+/// dials the IPv6 cluster IP and the NodePort on the node's IPv6 address
+/// (served by the agent's IPv6 socket hooks); every endpoint answers.
+fn secondary_family_from_node(env: &Env<'_>, proto: Proto) -> Result<()> {
+    config_dual_stack(env, &ENDPOINT_PODS)?;
+    let (port, node_port) = port_of(proto);
+    let want = names(env, &ENDPOINT_PODS);
+    let from = Client::Host(0);
+    all_answer(env, from, proto, SocketAddr::new(CIP6.into(), port), &want)?;
+    let node = SocketAddr::new(env.node_ip6(0).into(), node_port);
+    all_answer(env, from, proto, node, &want)
+}
 
 fn port_of(proto: Proto) -> (u16, u16) {
     match proto {

@@ -3,8 +3,6 @@
 use super::Case;
 
 const IPV6: &str = "IPv6 Services are written into the kep_*6 maps and the node's own IPv6 sockets are translated (cgroup hooks), but no TC/XDP program translates IPv6 packets yet (pods, external clients)";
-/// The two rows the socket hooks alone would serve (a hostNetwork client).
-const IPV6_NODE: &str = "not run yet: the node's IPv6 sockets are translated (socket_lb_e2e tests an IPv6 cluster IP, refusal and DROP from a host process), but this harness's clients, endpoints and targets are IPv4-only so far";
 const SCTP: &str = "this kernel has no sctp module (socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP) fails with \
      EPROTONOSUPPORT), so no association can be made; the datapath translates SCTP (tested with \
      BPF_PROG_TEST_RUN on packets with real CRC32c)";
@@ -37,14 +35,6 @@ pub(super) fn cases() -> Vec<Case> {
         ),
         dual(
             "[sig-network] [Feature:IPv6DualStack] Granular Checks: Services Secondary IP Family [LinuxOnly] should function for pod-Service: udp",
-        ),
-        Case::unsupported(
-            "[sig-network] [Feature:IPv6DualStack] Granular Checks: Services Secondary IP Family [LinuxOnly] should function for node-Service: http",
-            IPV6_NODE,
-        ),
-        Case::unsupported(
-            "[sig-network] [Feature:IPv6DualStack] Granular Checks: Services Secondary IP Family [LinuxOnly] should function for node-Service: udp",
-            IPV6_NODE,
         ),
         dual(
             "[sig-network] [Feature:IPv6DualStack] Granular Checks: Services Secondary IP Family [LinuxOnly] should function for endpoint-Service: http",
